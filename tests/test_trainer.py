@@ -1,0 +1,446 @@
+"""The Trainer core: hook order, stopping, exceptions, weighted logs, steps, precision."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.conftest import make_classification, make_regression
+from trainer import HOOKS, Callback, NonFiniteLossError, StepOutput, Trainer
+
+
+class Recorder(Callback):
+    """Records every hook call by name."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name):
+        if name in HOOKS:
+            calls = object.__getattribute__(self, "calls")
+
+            def record(trainer, *args):
+                calls.append(name)
+
+            return record
+        return object.__getattribute__(self, name)
+
+
+# Recorder overrides every hook (the class attribute must differ from Callback's).
+for _hook in HOOKS:
+    setattr(Recorder, _hook, lambda self, *a: None)
+
+
+def make_trainer(model, callbacks=(), **kwargs):
+    kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("device", "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return Trainer(model, opt, nn.MSELoss(), callbacks=callbacks, **kwargs)
+
+
+def expected_calls(epochs, train_batches, val_batches):
+    calls = ["on_fit_start"]
+    for _ in range(epochs):
+        calls.append("on_epoch_start")
+        calls += ["on_batch_start", "on_batch_end"] * train_batches
+        if val_batches is not None:
+            calls.append("on_validation_start")
+            calls += ["on_validation_batch_end"] * val_batches
+            calls.append("on_validation_end")
+        calls.append("on_epoch_end")
+    return calls + ["on_fit_end"]
+
+
+def test_hook_order_with_validation(linear_model, regression_loaders):
+    rec = Recorder()
+    train, val = regression_loaders
+    history = make_trainer(linear_model, [rec]).fit(train, val)
+    assert rec.calls == expected_calls(2, train_batches=3, val_batches=3)
+    assert len(history) == 2 and set(history[0]) == {"loss", "val_loss", "lr"}
+
+
+def test_hook_order_without_validation(linear_model, regression_loaders):
+    rec = Recorder()
+    history = make_trainer(linear_model, [rec]).fit(regression_loaders[0])
+    assert rec.calls == expected_calls(2, train_batches=3, val_batches=None)
+    assert set(history[0]) == {"loss", "lr"}
+
+
+def test_only_overridden_hooks_are_dispatched(linear_model, regression_loaders):
+    class EpochOnly(Callback):
+        def on_epoch_end(self, trainer, logs):
+            pass
+
+    trainer = make_trainer(linear_model, [EpochOnly()])
+    trainer.fit(regression_loaders[0])
+    assert len(trainer._hooks["on_epoch_end"]) == 1
+    assert trainer._hooks["on_batch_end"] == [] and trainer._hooks["on_batch_start"] == []
+
+
+def test_callbacks_run_in_given_order(linear_model, regression_loaders):
+    order = []
+
+    class Named(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_epoch_end(self, trainer, logs):
+            order.append(self.name)
+
+    make_trainer(linear_model, [Named("a"), Named("b")], max_epochs=1).fit(regression_loaders[0])
+    assert order == ["a", "b"]
+
+
+def test_should_stop_after_epoch(linear_model, regression_loaders):
+    class StopAtOne(Callback):
+        def on_epoch_end(self, trainer, logs):
+            if trainer.epoch == 1:
+                trainer.should_stop = True
+
+    history = make_trainer(linear_model, [StopAtOne()], max_epochs=5).fit(*regression_loaders)
+    assert len(history) == 2
+
+
+def test_should_stop_after_batch(linear_model, regression_loaders):
+    rec = Recorder()
+
+    class StopAfterFirstBatch(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            trainer.should_stop = True
+
+    trainer = make_trainer(linear_model, [StopAfterFirstBatch(), rec], max_epochs=3)
+    history = trainer.fit(regression_loaders[0])
+    assert rec.calls.count("on_batch_end") == 1
+    assert len(history) == 1 and trainer.global_step == 1
+    assert rec.calls[-2:] == ["on_epoch_end", "on_fit_end"]
+
+
+def test_exception_in_hook_fires_on_exception_then_fit_end(linear_model, regression_loaders):
+    rec, seen = Recorder(), []
+
+    class Boom(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            if trainer.batch_idx == 1:
+                raise RuntimeError("boom")
+
+        def on_exception(self, trainer, exception):
+            seen.append(exception)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(linear_model, [Boom(), rec]).fit(regression_loaders[0])
+    assert rec.calls[-2:] == ["on_exception", "on_fit_end"]
+    assert len(seen) == 1 and str(seen[0]) == "boom"
+
+
+def test_exception_in_loss_fires_on_exception_then_fit_end(linear_model, regression_loaders):
+    rec = Recorder()
+
+    def bad_loss(pred, target):
+        raise ValueError("bad loss")
+
+    opt = torch.optim.SGD(linear_model.parameters(), lr=0.1)
+    trainer = Trainer(linear_model, opt, bad_loss, callbacks=[rec], device="cpu")
+    with pytest.raises(ValueError, match="bad loss"):
+        trainer.fit(regression_loaders[0])
+    assert rec.calls == ["on_fit_start", "on_epoch_start", "on_batch_start", "on_exception", "on_fit_end"]
+
+
+def test_logs_are_batch_size_weighted_means(regression_loaders):
+    """Uneven batches (4, 4, 2 and 3, 3, 1): logs equal a hand computation over all samples."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    train, val = regression_loaders
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the hand computation is exact
+    mae = lambda p, t: (p - t).abs().mean()  # noqa: E731
+    trainer = Trainer(model, opt, nn.MSELoss(), max_epochs=1, device="cpu", metrics={"mae": mae})
+    logs = trainer.fit(train, val)[0]
+    with torch.no_grad():
+        xt, yt = train.dataset.tensors
+        xv, yv = val.dataset.tensors
+        assert logs["loss"] == pytest.approx(((model(xt) - yt) ** 2).mean().item(), rel=1e-5)
+        assert logs["val_loss"] == pytest.approx(((model(xv) - yv) ** 2).mean().item(), rel=1e-5)
+        assert logs["val_mae"] == pytest.approx((model(xv) - yv).abs().mean().item(), rel=1e-5)
+    # The unweighted mean of batch means differs: the weighting matters on these batches.
+    with torch.no_grad():
+        batch_means = [((model(x) - y).abs().mean()).item() for x, y in val]
+    assert sum(batch_means) / len(batch_means) != pytest.approx(logs["val_mae"], rel=1e-4)
+
+
+def test_validate_returns_val_logs(linear_model, regression_loaders):
+    rec = Recorder()
+    trainer = make_trainer(linear_model, [rec])
+    logs = trainer.validate(regression_loaders[1])
+    assert set(logs) == {"val_loss"} and logs["val_loss"] > 0
+    assert rec.calls == ["on_validation_start"] + ["on_validation_batch_end"] * 3 + ["on_validation_end"]
+    assert linear_model.training  # back to the mode it was in
+
+
+class TwoHeads(nn.Module):
+    """Returns a list of predictions, like a deep-supervision network."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return [self.a(x), self.b(x)]
+
+
+def test_list_outputs_go_to_loss_whole_and_metrics_use_the_last():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    seen_by_loss = []
+
+    def loss_fn(preds, target):
+        seen_by_loss.append(len(preds))
+        return sum(nn.functional.cross_entropy(p, target) for p in preds) / len(preds)
+
+    def accuracy(pred, target):
+        assert isinstance(pred, torch.Tensor)
+        return (pred.argmax(1) == target).float().mean()
+
+    data = DataLoader(make_classification(), batch_size=8)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, max_epochs=1,
+                      device="cpu", metrics={"acc": accuracy})
+    logs = trainer.fit(data, data)[0]
+    assert set(seen_by_loss) == {2}
+    with torch.no_grad():
+        x, y = data.dataset.tensors
+        expected = (model.b(x).argmax(1) == y).float().mean().item()
+    assert logs["val_acc"] == pytest.approx(expected)
+
+
+def test_nested_batches_are_moved_and_passed_whole():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, inputs):
+            return self.lin(inputs["x"]) + inputs["extra"][0]
+
+    ds = make_regression(8)
+    batches = [{"inputs": {"x": ds.tensors[0][i:i + 4], "extra": (torch.zeros(4, 1),)},
+                "targets": ds.tensors[1][i:i + 4]} for i in (0, 4)]
+    seen = []
+
+    class Spy(Callback):
+        def on_batch_start(self, trainer, batch):
+            seen.append(batch["inputs"]["extra"][0].device)
+
+    model = DictModel()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
+                      callbacks=[Spy()], device="cpu")
+    logs = trainer.fit(batches, batches)[0]
+    assert math.isfinite(logs["val_loss"]) and seen == [torch.device("cpu")] * 2
+
+
+def test_unknown_batch_layout_has_clear_error(linear_model):
+    trainer = make_trainer(linear_model)
+    with pytest.raises(TypeError, match="override Trainer.train_step"):
+        trainer.fit([(torch.zeros(2, 3), torch.zeros(2, 1), torch.zeros(2))])
+
+
+def test_custom_train_step_by_subclassing():
+    class TripleBatch(Trainer):
+        def train_step(self, batch):
+            x, y, w = batch
+            pred = self.model(x)
+            return StepOutput((w * (pred - y) ** 2).mean(), pred, y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ds = make_regression(8)
+    batches = [(ds.tensors[0], ds.tensors[1], torch.ones(8, 1))]
+    trainer = TripleBatch(model, torch.optim.SGD(model.parameters(), lr=0.1), None, max_epochs=3, device="cpu")
+    history = trainer.fit(batches)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def _one_update(model_seed, batches, **kwargs):
+    torch.manual_seed(model_seed)
+    model = nn.Linear(3, 1)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
+                      max_epochs=1, device="cpu", **kwargs)
+    trainer.fit(batches)
+    return model, trainer
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    ds = make_regression(8)
+    x, y = ds.tensors
+    small = [(x[:4], y[:4]), (x[4:], y[4:])]
+    accumulated, t_acc = _one_update(0, small, accumulate_grad_batches=2)
+    big, t_big = _one_update(0, [(x, y)])
+    plain, _ = _one_update(0, small)
+    assert t_acc.global_step == 1 and t_big.global_step == 1
+    assert torch.allclose(accumulated.weight, big.weight, atol=1e-6)
+    assert not torch.allclose(plain.weight, big.weight, atol=1e-4)
+
+
+def test_accumulation_steps_on_leftover_batches():
+    ds = make_regression(12)
+    x, y = ds.tensors
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
+    _, trainer = _one_update(0, batches, accumulate_grad_batches=2)
+    assert trainer.global_step == 2
+
+
+def test_gradient_clipping_bounds_the_update():
+    ds = make_regression(8)
+    batches = [tuple(t * 100 for t in ds.tensors)]  # huge gradients
+    torch.manual_seed(0)
+    before = [p.detach().clone() for p in nn.Linear(3, 1).parameters()]
+    clipped, _ = _one_update(0, batches, grad_clip_norm=0.5)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(clipped.parameters(), before)])
+    assert update.norm().item() == pytest.approx(0.1 * 0.5, rel=1e-4)  # lr x max norm
+    free, _ = _one_update(0, batches)
+    update_free = torch.cat([(p.detach() - b).flatten() for p, b in zip(free.parameters(), before)])
+    assert update_free.norm().item() > 1.0
+
+
+def test_epoch_scheduler_and_logged_lr(linear_model, regression_loaders):
+    opt = torch.optim.SGD(linear_model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = Trainer(linear_model, opt, nn.MSELoss(), max_epochs=3, device="cpu", scheduler=sched)
+    history = trainer.fit(regression_loaders[0])
+    assert [h["lr"] for h in history] == [0.5, 0.25, 0.125]
+
+
+def test_step_scheduler(linear_model, regression_loaders):
+    opt = torch.optim.SGD(linear_model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = Trainer(linear_model, opt, nn.MSELoss(), max_epochs=1, device="cpu", scheduler=sched,
+                      scheduler_interval="step")
+    history = trainer.fit(regression_loaders[0])
+    assert history[0]["lr"] == 0.5 ** 3
+
+
+def test_plateau_scheduler_is_fed_val_loss(linear_model, regression_loaders, mocker):
+    opt = torch.optim.SGD(linear_model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    spy = mocker.spy(sched, "step")
+    trainer = Trainer(linear_model, opt, nn.MSELoss(), max_epochs=2, device="cpu", scheduler=sched)
+    history = trainer.fit(*regression_loaders)
+    assert [c.args[0] for c in spy.call_args_list] == [h["val_loss"] for h in history]
+
+
+def test_no_device_sync_per_batch(mocker):
+    """`.item()`/`.tolist()` calls grow with epochs and log points, not with batches."""
+    from trainer.callbacks import ProgressBar
+
+    def count_syncs(num_batches, callbacks=()):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        x, y = make_regression(num_batches * 2).tensors
+        batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, len(x), 2)]
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
+                          callbacks=callbacks, max_epochs=2, device="cpu")
+        count = {"n": 0}
+        real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+
+        def counted(real):
+            def wrapper(self, *args):
+                count["n"] += 1
+                return real(self, *args)
+            return wrapper
+
+        mocker.patch.object(torch.Tensor, "item", counted(real_item))
+        mocker.patch.object(torch.Tensor, "tolist", counted(real_tolist))
+        trainer.fit(batches, batches)
+        mocker.stopall()
+        return count["n"]
+
+    assert count_syncs(5) == count_syncs(50) == 4  # per epoch: training loss, validation values
+    with open("/dev/null", "w") as sink:
+        few = count_syncs(50, [ProgressBar(log_every=25, file=sink)])
+        many = count_syncs(50, [ProgressBar(log_every=5, file=sink)])
+    assert few == 4 + 2 * 2 and many == 4 + 2 * 10
+
+
+def test_non_finite_loss_raises_clear_error(linear_model):
+    x = torch.full((4, 3), float("nan"))
+    trainer = make_trainer(linear_model)
+    with pytest.raises(NonFiniteLossError, match="epoch 0"):
+        trainer.fit([(x, torch.zeros(4, 1))])
+
+
+def test_seed_makes_runs_repeatable(regression_loaders):
+    def run(noise):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 1))
+        torch.randn(noise)  # the seed resets the generators at fit start, whatever came before
+        train = DataLoader(make_regression(16), batch_size=4, shuffle=True)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
+                          max_epochs=2, device="cpu", seed=123)
+        return trainer.fit(train)
+
+    assert run(1) == run(5)
+
+
+def test_bf16_autocast_on_cpu_trains(regression_loaders):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    dtypes = []
+
+    class Spy(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            dtypes.append(outputs.predictions.dtype)
+
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.MSELoss(), max_epochs=5,
+                      device="cpu", precision="bf16", callbacks=[Spy()])
+    history = trainer.fit(*regression_loaders)
+    assert set(dtypes) == {torch.bfloat16}
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_channels_last_model_and_inputs():
+    model = nn.Conv2d(3, 4, 3)
+    seen = []
+
+    class Spy(Callback):
+        def on_batch_start(self, trainer, batch):
+            seen.append(batch[0].is_contiguous(memory_format=torch.channels_last))
+
+    x = torch.randn(2, 3, 8, 8)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                      lambda p, t: p.mean(), device="cpu", channels_last=True, callbacks=[Spy()])
+    trainer.fit([(x, torch.zeros(2))])
+    assert model.weight.is_contiguous(memory_format=torch.channels_last) and seen == [True]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_epochs": 0}, "max_epochs must be a positive integer"),
+    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+    ({"grad_clip_norm": -1.0}, "grad_clip_norm must be positive"),
+    ({"precision": "int8"}, "unknown precision 'int8'"),
+    ({"precision": "16-mixed"}, "needs a CUDA device"),
+    ({"scheduler_interval": "week"}, "'epoch' or 'step'"),
+    ({"device": "tpu9"}, "unknown device"),
+])
+def test_bad_options_have_clear_errors(linear_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(linear_model, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_cuda_without_gpu_is_refused(linear_model):
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        make_trainer(linear_model, device="cuda")
+
+
+def test_device_auto_resolves(linear_model):
+    trainer = make_trainer(linear_model, device="auto")
+    assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_fit_continues_after_done_epochs(linear_model, regression_loaders):
+    trainer = make_trainer(linear_model, max_epochs=2)
+    trainer.fit(regression_loaders[0])
+    trainer.max_epochs = 3
+    assert len(trainer.fit(regression_loaders[0])) == 3 and trainer.epoch == 2

@@ -1,0 +1,19 @@
+"""A small PyTorch training framework: a `Trainer` that fires hooks into pluggable callbacks."""
+
+from trainer.batch import move_to_device
+from trainer.callback import HOOKS, Callback
+from trainer.core import NonFiniteLossError, StepOutput, Trainer, resolve_device, seed_everything
+from trainer.running import RunningLoss
+
+__all__ = [
+    "HOOKS",
+    "Callback",
+    "NonFiniteLossError",
+    "RunningLoss",
+    "StepOutput",
+    "Trainer",
+    "move_to_device",
+    "resolve_device",
+    "seed_everything",
+]
+__version__ = "0.1.0"

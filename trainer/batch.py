@@ -1,0 +1,87 @@
+"""Helpers for batches: nested tuples, lists and dicts of tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Return `batch` with every tensor moved to `device` (``non_blocking=True``).
+
+    Tuples, lists and dicts are walked recursively; other values pass through. With
+    `channels_last`, 4-D tensors also take the channels-last memory format.
+    """
+    if isinstance(batch, torch.Tensor):
+        if channels_last and batch.dim() == 4:
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device, channels_last) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        moved = [move_to_device(value, device, channels_last) for value in batch]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*moved)
+        return type(batch)(moved)
+    return batch
+
+
+def detach(value: Any) -> Any:
+    """Return `value` with every tensor detached from the autograd graph."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {key: detach(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(detach(item) for item in value)
+    return value
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor found in a nested batch (depth first), or None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(inputs: Any) -> int:
+    """Number of samples in `inputs`: the first dimension of its first tensor."""
+    tensor = first_tensor(inputs)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError(
+            f"cannot tell the batch size: no tensor with a batch dimension in {type(inputs).__name__}"
+        )
+    return tensor.shape[0]
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Split a default batch into ``(inputs, targets)``.
+
+    Accepted: a 2-tuple/list ``(inputs, targets)`` or a dict with ``"inputs"`` and
+    ``"targets"`` keys. For anything else, override `Trainer.train_step`/`eval_step`.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "inputs" in batch and "targets" in batch:
+        return batch["inputs"], batch["targets"]
+    shape = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else (
+        f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else f"a {type(batch).__name__}"
+    )
+    raise TypeError(
+        f"the default train/eval step expects (inputs, targets) or a dict with 'inputs' and "
+        f"'targets' keys, but the loader yielded {shape}; override Trainer.train_step and "
+        f"Trainer.eval_step for other batch layouts"
+    )
+
+
+def last_output(predictions: Any) -> Any:
+    """The final prediction of a model: the last element when it returns a list (deep supervision)."""
+    if isinstance(predictions, (list, tuple)) and predictions:
+        return predictions[-1]
+    return predictions

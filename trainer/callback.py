@@ -1,0 +1,72 @@
+"""The `Callback` base class: one no-op method per hook the `Trainer` fires."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.core import StepOutput, Trainer
+
+#: Every hook, in the order a two-epoch run with validation first meets them.
+HOOKS: tuple[str, ...] = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_batch_start",
+    "on_batch_end",
+    "on_validation_start",
+    "on_validation_batch_end",
+    "on_validation_end",
+    "on_epoch_end",
+    "on_exception",
+    "on_fit_end",
+)
+
+
+class Callback:
+    """Base class of all callbacks: override only the hooks you need.
+
+    Hooks that a subclass does not override are never called, so they cost nothing in the
+    training loop. Training state lives on the trainer (``trainer.epoch``,
+    ``trainer.global_step``, ``trainer.model``...): read it there. Set
+    ``trainer.should_stop = True`` to stop after the current batch or epoch.
+
+    ``logs`` (in ``on_validation_end`` and ``on_epoch_end``) hold Python floats: ``loss``, the
+    epoch's mean training loss weighted by batch size; ``val_loss`` and ``val_<metric>`` when
+    there is validation data; ``lr``, the optimizer's learning rate after the scheduler's step.
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Called once when `fit` begins, before the first epoch."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Called once when `fit` ends, also after an exception (after `on_exception`)."""
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Called at the start of each training epoch; `trainer.epoch` is 0-based."""
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        """Called after each epoch's training and validation with that epoch's `logs`."""
+
+    def on_batch_start(self, trainer: Trainer, batch: Any) -> None:
+        """Called before each training step, with the batch already on the device."""
+
+    def on_batch_end(self, trainer: Trainer, batch: Any, outputs: StepOutput) -> None:
+        """Called after each training step. `outputs.loss` is detached and still on the device."""
+
+    def on_validation_start(self, trainer: Trainer) -> None:
+        """Called before the first validation batch of an epoch (or of `trainer.validate`)."""
+
+    def on_validation_batch_end(self, trainer: Trainer, batch: Any, outputs: StepOutput) -> None:
+        """Called after each validation step (eval mode, no grad)."""
+
+    def on_validation_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        """Called after the last validation batch with ``val_loss`` and ``val_<metric>``."""
+
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        """Called when `fit` is interrupted by an exception, before `on_fit_end`."""
+
+
+def overridden_hooks(callbacks: list[Callback], hook: str) -> list:
+    """The bound `hook` methods of those `callbacks` whose class overrides it, in order."""
+    base = getattr(Callback, hook)
+    return [getattr(cb, hook) for cb in callbacks if getattr(type(cb), hook, base) is not base]

@@ -1,0 +1,71 @@
+"""`EarlyStopping`: stop training when a monitored value stops improving."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trainer.callback import Callback
+
+
+def check_monitor(owner: str, monitor: str, logs: dict[str, float]) -> float:
+    """The monitored value from `logs`, or a clear KeyError naming the keys there are."""
+    if monitor not in logs:
+        raise KeyError(
+            f"{owner} monitors {monitor!r}, but the epoch logs hold {sorted(logs)}; "
+            f"pass validation data or monitor one of those"
+        )
+    return logs[monitor]
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+    Args:
+        monitor: a key of the epoch logs, e.g. ``"val_loss"`` or ``"val_iou"``.
+        mode: ``"min"`` when lower is better, ``"max"`` when higher is better.
+        patience: epochs without improvement tolerated before stopping.
+        min_delta: the smallest change that counts as an improvement.
+
+    Its state (`state_dict`) travels in checkpoints, so a resumed run keeps counting.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
+                 min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def improved(self, value: float) -> bool:
+        """Whether `value` beats the best so far by more than `min_delta`."""
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        value = check_monitor("EarlyStopping", self.monitor, logs)
+        if self.improved(value):
+            self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = trainer.epoch
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters needed to continue after a resume."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters saved by `state_dict`."""
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]

@@ -1,0 +1,69 @@
+"""`ProgressBar`: a tqdm bar per epoch with the running loss, refreshed at log points only."""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from trainer.callback import Callback
+from trainer.running import RunningLoss
+
+
+def format_logs(logs: dict[str, float]) -> dict[str, str]:
+    """Short, aligned strings for a progress bar's postfix."""
+    return {key: f"{value:.3g}" if key == "lr" else f"{value:.4f}" for key, value in logs.items()}
+
+
+class ProgressBar(Callback):
+    """Show a tqdm progress bar per epoch.
+
+    The bar moves and shows the running training loss every `log_every` batches (one device
+    sync there, none in between); at the end of the epoch it shows the epoch's logs (loss,
+    validation loss and metrics, learning rate).
+    """
+
+    def __init__(self, log_every: int = 20, leave: bool = True, file: IO[str] | None = None) -> None:
+        if not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+        self.log_every = log_every
+        self.leave = leave
+        self.file = file
+        self._bar: Any = None
+        self._shown = 0
+        self._running = RunningLoss()
+
+    def on_epoch_start(self, trainer) -> None:
+        self._bar = tqdm(
+            total=trainer.num_batches,
+            desc=f"epoch {trainer.epoch + 1}/{trainer.max_epochs}",
+            leave=self.leave,
+            file=self.file,
+            dynamic_ncols=True,
+            unit="batch",
+        )
+        self._shown = 0
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        done = trainer.batch_idx + 1
+        if done - self._shown >= self.log_every:
+            self._bar.update(done - self._shown)
+            self._shown = done
+            loss = self._running.pop(trainer)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(trainer.batch_idx + 1 - self._shown)
+        self._bar.set_postfix(format_logs(logs))
+        self._close()
+
+    def on_exception(self, trainer, exception) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

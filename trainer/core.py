@@ -1,0 +1,329 @@
+"""The `Trainer`: runs the training loop and fires hooks into callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.batch import batch_size, detach, last_output, move_to_device, split_batch
+from trainer.callback import HOOKS, Callback, overridden_hooks
+
+Metric = Callable[[Any, Any], torch.Tensor]
+
+_PRECISIONS = {
+    "32": "32", "32-true": "32", "fp32": "32",
+    "bf16": "bf16", "bf16-mixed": "bf16",
+    "16-mixed": "16-mixed", "16": "16-mixed", "fp16": "16-mixed",
+}
+
+
+class StepOutput(NamedTuple):
+    """What a train or eval step returns: the batch `loss`, the model's `predictions` and the
+    `targets` that metrics compare them with (None when there are none)."""
+
+    loss: torch.Tensor
+    predictions: Any
+    targets: Any = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn ``"auto"`` into CUDA when available (else CPU) and check that CUDA exists if asked."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r} was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
+        )
+    return resolved
+
+
+class Trainer:
+    """Runs the training loop and fires hooks into callbacks.
+
+    Args:
+        model: the network; moved to `device` (and to channels-last with `channels_last`).
+        optimizer: a `torch.optim.Optimizer` over the model's parameters.
+        loss_fn: ``loss_fn(predictions, targets) -> scalar tensor``. A model that returns a
+            list (deep supervision) passes the whole list.
+        callbacks: `Callback` objects, run in the order given.
+        max_epochs: number of epochs `fit` runs.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
+        metrics: ``{name: metric(predictions, targets) -> 0-dim tensor}`` evaluated on
+            validation batches; each returns its batch mean and is averaged weighted by batch
+            size into ``logs["val_<name>"]``. With list outputs, metrics see the last one.
+        scheduler: an optional LR scheduler, stepped once per epoch (`ReduceLROnPlateau` is fed
+            ``val_loss``, or ``loss`` without validation data) or per optimizer step with
+            ``scheduler_interval="step"``.
+        grad_clip_norm: clip the gradients' global 2-norm to this value before each step.
+        accumulate_grad_batches: sum gradients over this many batches per optimizer step.
+        precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA) or ``"16-mixed"`` (float16
+            autocast with a gradient scaler, CUDA only).
+        seed: seeds Python, NumPy and torch at the start of `fit`.
+        channels_last: use the channels-last memory format for the model and 4-D inputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        callbacks: Iterable[Callback] = (),
+        max_epochs: int = 1,
+        device: str | torch.device = "auto",
+        metrics: Mapping[str, Metric] | None = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
+        grad_clip_norm: float | None = None,
+        accumulate_grad_batches: int = 1,
+        precision: str = "32",
+        seed: int | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if not isinstance(max_epochs, int) or max_epochs < 1:
+            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(
+                f"accumulate_grad_batches must be a positive integer, got {accumulate_grad_batches!r}"
+            )
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be positive, got {grad_clip_norm!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if str(precision) not in _PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of '32', 'bf16', '16-mixed'")
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
+
+        self.device = resolve_device(device)
+        self.precision = _PRECISIONS[str(precision)]
+        if self.precision == "16-mixed" and self.device.type != "cuda":
+            raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' on the CPU")
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.metrics = dict(metrics or {})
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.grad_clip_norm = grad_clip_norm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.seed = seed
+        self.max_epochs = max_epochs
+        self.callbacks: list[Callback] = callbacks
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
+
+        self.epoch = 0
+        self.global_step = 0
+        self.batch_idx = 0
+        self.history: list[dict[str, float]] = []
+        self.should_stop = False
+        self.train_loader: Iterable | None = None
+        self.val_loader: Iterable | None = None
+        self.num_batches: int | None = None
+        #: Sum of (batch loss x batch size) over this epoch so far: a tensor on the device.
+        self.train_loss_sum = torch.zeros((), device=self.device)
+        #: Number of training samples seen this epoch so far.
+        self.train_samples = 0
+        self._hooks: dict[str, list] = {}
+
+    # ----------------------------------------------------------------------------- hooks
+    def _fire(self, hook: str, *args: Any) -> None:
+        for fn in self._hooks[hook]:
+            fn(self, *args)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------- steps
+    def train_step(self, batch: Any) -> StepOutput:
+        """Forward pass and loss of one training batch; override for other batch layouts.
+
+        Runs under autocast when mixed precision is on; the trainer does the backward pass.
+        """
+        inputs, targets = split_batch(batch)
+        predictions = self.model(inputs)
+        return StepOutput(self.loss_fn(predictions, targets), predictions, targets)
+
+    def eval_step(self, batch: Any) -> StepOutput:
+        """Forward pass and loss of one validation batch (eval mode, no grad); override as needed."""
+        return self.train_step(batch)
+
+    # ----------------------------------------------------------------------------- loop
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict[str, float]]:
+        """Train for `max_epochs` epochs (or until a callback sets `should_stop`).
+
+        Returns `history`: one logs dict per epoch. After an exception, callbacks get
+        `on_exception` then `on_fit_end`, and the exception propagates.
+        """
+        self.train_loader, self.val_loader = train_loader, val_loader
+        try:
+            self.num_batches = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            self.num_batches = None
+        self._hooks = {hook: overridden_hooks(self.callbacks, hook) for hook in HOOKS}
+        self.should_stop = False
+        if self.seed is not None:
+            seed_everything(self.seed)
+        try:
+            self._fire("on_fit_start")
+            for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
+                self.epoch = epoch
+                self._fire("on_epoch_start")
+                logs = self._train_epoch(train_loader)
+                if val_loader is not None:
+                    logs.update(self._validate(val_loader))
+                self._step_scheduler_on_epoch(logs)
+                logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                self.history.append(logs)
+                self._fire("on_epoch_end", logs)
+                if self.should_stop:
+                    break
+        except BaseException as exc:
+            self._fire("on_exception", exc)
+            raise
+        finally:
+            self._fire("on_fit_end")
+        return self.history
+
+    def _train_epoch(self, loader: Iterable) -> dict[str, float]:
+        model, optimizer, accumulate = self.model, self.optimizer, self.accumulate_grad_batches
+        batch_start, batch_end = self._hooks["on_batch_start"], self._hooks["on_batch_end"]
+        model.train()
+        self.train_loss_sum = loss_sum = torch.zeros((), device=self.device)
+        self.train_samples = 0
+        pending = 0  # batches whose gradients wait for an optimizer step
+        optimizer.zero_grad(set_to_none=True)
+        for batch_idx, batch in enumerate(loader):
+            self.batch_idx = batch_idx
+            batch = move_to_device(batch, self.device, self.channels_last)
+            for fn in batch_start:
+                fn(self, batch)
+            with self._autocast():
+                out = self.train_step(batch)
+            loss = out.loss
+            if accumulate > 1:
+                loss = loss / accumulate
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            pending += 1
+            if pending == accumulate:
+                self._optimizer_step()
+                pending = 0
+            n = batch_size(out.predictions if out.targets is None else out.targets)
+            detached = out.loss.detach()
+            loss_sum.add_(detached, alpha=n)
+            self.train_samples += n
+            if batch_end:
+                outputs = StepOutput(detached, detach(out.predictions), out.targets)
+                for fn in batch_end:
+                    fn(self, batch, outputs)
+            if self.should_stop:
+                break
+        if pending:
+            self._optimizer_step()
+        if self.train_samples == 0:
+            raise ValueError("the training loader yielded no batches")
+        mean_loss = loss_sum.item() / self.train_samples
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"training loss is {mean_loss} in epoch {self.epoch} (by global step "
+                f"{self.global_step}); lower the learning rate, clip gradients or check the data"
+            )
+        return {"loss": mean_loss}
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            if self.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+
+    def _step_scheduler_on_epoch(self, logs: dict[str, float]) -> None:
+        if self.scheduler is None or self.scheduler_interval != "epoch":
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(logs.get("val_loss", logs["loss"]))
+        else:
+            self.scheduler.step()
+
+    def validate(self, loader: Iterable) -> dict[str, float]:
+        """Evaluate on `loader` (eval mode, no grad) and return ``val_loss`` and ``val_<metric>``.
+
+        Fires `on_validation_start`, `on_validation_batch_end` and `on_validation_end`.
+        """
+        if not self._hooks:
+            self._hooks = {hook: overridden_hooks(self.callbacks, hook) for hook in HOOKS}
+        return self._validate(loader)
+
+    def _validate(self, loader: Iterable) -> dict[str, float]:
+        model = self.model
+        batch_end = self._hooks["on_validation_batch_end"]
+        was_training = model.training
+        model.eval()
+        self._fire("on_validation_start")
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums = {name: torch.zeros((), device=self.device) for name in self.metrics}
+        samples = 0
+        with torch.no_grad():
+            for batch in loader:
+                batch = move_to_device(batch, self.device, self.channels_last)
+                with self._autocast():
+                    out = self.eval_step(batch)
+                n = batch_size(out.predictions if out.targets is None else out.targets)
+                loss_sum.add_(out.loss.detach().float(), alpha=n)
+                if metric_sums:
+                    if out.targets is None:
+                        raise ValueError(
+                            "metrics need targets, but eval_step returned StepOutput.targets=None"
+                        )
+                    final = last_output(out.predictions)
+                    for name, fn in self.metrics.items():
+                        metric_sums[name].add_(fn(final, out.targets).detach().float(), alpha=n)
+                samples += n
+                for fn in batch_end:
+                    fn(self, batch, out)
+        model.train(was_training)
+        if samples == 0:
+            raise ValueError("the validation loader yielded no batches")
+        # One device sync for all values of the epoch.
+        values = torch.stack([loss_sum, *metric_sums.values()]).tolist()
+        logs = {"val_loss": values[0] / samples}
+        logs.update({f"val_{name}": v / samples for name, v in zip(metric_sums, values[1:])})
+        self._fire("on_validation_end", logs)
+        return logs
