@@ -156,7 +156,8 @@ class Trainer:
         for fn in self._hooks[hook]:
             fn(self, *args)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the chosen precision (a no-op context for "32")."""
         if self.precision == "32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -226,7 +227,7 @@ class Trainer:
             batch = move_to_device(batch, self.device, self.channels_last)
             for fn in batch_start:
                 fn(self, batch)
-            with self._autocast():
+            with self.autocast():
                 out = self.train_step(batch)
             loss = out.loss
             if accumulate > 1:
@@ -303,7 +304,7 @@ class Trainer:
         with torch.no_grad():
             for batch in loader:
                 batch = move_to_device(batch, self.device, self.channels_last)
-                with self._autocast():
+                with self.autocast():
                     out = self.eval_step(batch)
                 n = batch_size(out.predictions if out.targets is None else out.targets)
                 loss_sum.add_(out.loss.detach().float(), alpha=n)

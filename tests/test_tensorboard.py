@@ -1,0 +1,314 @@
+"""TensorBoard callbacks, checked by reading the event files back with TensorBoard's reader."""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer import Callback, Trainer
+from trainer.callbacks import (
+    GraphCallback,
+    ImageGridCallback,
+    PredictionFigureCallback,
+    TensorBoardCallback,
+)
+from trainer.callbacks import tensorboard as tb
+
+
+class TinyNet(nn.Module):
+    """A classifier of 1x8x8 images with named layers."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class TinySegNet(nn.Module):
+    """Returns two outputs, like a deep-supervision network."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 1, 1)
+        self.aux = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.encoder(x))
+        return [self.aux(h), self.head(h)]
+
+
+def image_data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    x[:, 0, 0, :] += y[:, None].float()  # learnable
+    return TensorDataset(x, y)
+
+
+def seg_data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(n, 1, 16, 16, generator=g) > 0.6).float()
+    images = masks.expand(-1, 3, -1, -1) * 0.8 + 0.1 * torch.rand(n, 3, 16, 16, generator=g)
+    return TensorDataset(images, masks)
+
+
+def accuracy(pred, target):
+    return (pred.argmax(1) == target).float().mean()
+
+
+def fit(callbacks, epochs=2, batch_size=4, model=None, data=None, loss=None, metrics=None):
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    data = data or image_data()
+    train = DataLoader(data, batch_size=batch_size)
+    val = DataLoader(data, batch_size=batch_size * 2)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), loss or nn.CrossEntropyLoss(),
+                      callbacks=callbacks, max_epochs=epochs, device="cpu",
+                      metrics=metrics if metrics is not None else {"acc": accuracy})
+    return trainer, trainer.fit(train, val)
+
+
+def read(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def event_files(run_dir):
+    return glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
+
+
+def test_scalars_equal_history(tmp_path):
+    trainer, history = fit([TensorBoardCallback(tmp_path, log_every=2)])
+    acc = read(tmp_path)
+    steps_per_epoch = 6
+    for key in ("loss", "val_loss", "val_acc", "lr"):
+        events = acc.Scalars(f"epoch/{key}")
+        assert [e.step for e in events] == [steps_per_epoch * (i + 1) for i in range(len(history))]
+        assert [e.value for e in events] == pytest.approx([h[key] for h in history], rel=1e-6)
+    running = acc.Scalars("train/running_loss")
+    assert [e.step for e in running] == [2, 4, 6, 8, 10, 12]
+    assert len(event_files(tmp_path)) == 1
+
+
+def test_running_loss_is_mean_over_window(tmp_path):
+    losses = []
+
+    class Keep(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            losses.append(outputs.loss.item())
+
+    fit([Keep(), TensorBoardCallback(tmp_path, log_every=3)], epochs=1)
+    running = read(tmp_path).Scalars("train/running_loss")
+    assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
+
+
+def test_custom_tags_overlay_chart_and_hparams(tmp_path):
+    callback = TensorBoardCallback(tmp_path, log_every=2, running_loss_tag="training loss",
+                                   tags={"loss": "training loss/epoch", "val_loss": "validation loss"},
+                                   hparams={"lr": 0.05, "batch_size": 4, "model": TinyNet}, monitor="val_acc",
+                                   mode="max")
+    _, history = fit([callback])
+    acc = read(tmp_path)
+    assert {"training loss", "training loss/epoch", "validation loss", "epoch/val_acc"} <= set(acc.Tags()["scalars"])
+    raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    (chart,) = layout_pb2.Layout.FromString(raw).category[0].chart
+    assert list(chart.multiline.tag) == ["training loss/epoch", "validation loss"]
+    hparams = acc.PluginTagToContent("hparams")
+    assert b"batch_size" in hparams["_hparams_/session_start_info"]
+    assert acc.Scalars("hparams/best_val_acc")[0].value == pytest.approx(max(h["val_acc"] for h in history))
+    assert acc.Scalars("hparams/final_val_loss")[0].value == pytest.approx(history[-1]["val_loss"])
+
+
+def test_all_callbacks_share_one_event_stream(tmp_path):
+    callbacks = [TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), GraphCallback(tmp_path),
+                 PredictionFigureCallback(tmp_path, classes=["a", "b", "c"])]
+    fit(callbacks)
+    assert len(event_files(tmp_path)) == 1
+    assert tb._open_writers == {}  # closed at the end of fit
+    tags = read(tmp_path).Tags()
+    assert "images" in tags["images"] and "predictions vs. actuals" in tags["images"] and tags["graph"]
+
+
+def test_writer_closed_and_flushed_after_exception(tmp_path):
+    class Boom(Callback):
+        def on_epoch_end(self, trainer, logs):
+            if trainer.epoch == 1:
+                raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError):
+        fit([TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), Boom()], epochs=3)
+    assert tb._open_writers == {}
+    assert [e.step for e in read(tmp_path).Scalars("epoch/loss")] == [6, 12]
+
+
+def test_writer_flushed_every_epoch_end(tmp_path):
+    seen = []
+
+    class ReadBack(Callback):
+        def on_epoch_end(self, trainer, logs):
+            seen.append(len(read(tmp_path).Scalars("epoch/loss")))
+
+    fit([TensorBoardCallback(tmp_path), ReadBack()], epochs=2)
+    assert seen == [1, 2]
+
+
+def test_image_grid_size_denormalised_and_masks(tmp_path):
+    data = seg_data()
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    normalised = TensorDataset((data.tensors[0] - 0.5) / 0.25, data.tensors[1])
+    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1)
+    fit([callback], model=TinySegNet(), data=normalised, loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
+    acc = read(tmp_path)
+    images, masks = acc.Images("images"), acc.Images("masks")
+    assert [e.step for e in images] == [0, 2, 4]
+    padding = 2
+    assert (images[0].width, images[0].height) == (2 * 16 + 3 * padding, 2 * 16 + 3 * padding)
+    assert len(masks) == 3
+    grid = callback._grids["images"]
+    assert torch.allclose(grid[:, 2:18, 2:18], data.tensors[0][0], atol=1e-5)  # shown as the user sees it
+
+
+def test_graph_has_layer_names_for_list_outputs_and_no_deprecation_noise(tmp_path, recwarn):
+    fit([GraphCallback(tmp_path)], model=TinySegNet(), data=seg_data(),
+        loss=lambda p, t: sum(nn.functional.binary_cross_entropy_with_logits(o, t) for o in p), metrics={}, epochs=1)
+    assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    graph = read(tmp_path).Graph()
+    names = " ".join(node.name for node in graph.node)
+    assert "encoder" in names and "head" in names and "aux" in names
+
+
+def test_graph_keeps_batchnorm_statistics(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1))
+    callback = GraphCallback(tmp_path, example=torch.randn(2, 3, 16, 16) * 5)
+    torch.manual_seed(0)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda p, t: p.mean() * 0,
+                      callbacks=[callback], device="cpu")
+    callback.on_fit_start(trainer)
+    callback.on_fit_end(trainer)
+    assert torch.equal(model[1].running_mean, torch.zeros(2)) and model.training
+
+
+def test_graph_failure_warns_once_and_training_goes_on(tmp_path, capsys):
+    class Untraceable(TinyNet):
+        def forward(self, x):
+            if torch.jit.is_tracing():
+                raise RuntimeError("cannot trace this")
+            return super().forward(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, history = fit([GraphCallback(tmp_path)], model=Untraceable(), epochs=1)
+    ours = [w for w in caught if "GraphCallback" in str(w.message)]
+    assert len(ours) == 1 and "cannot trace this" in str(ours[0].message)
+    assert len(history) == 1 and "Error occurs" not in capsys.readouterr().out
+
+
+def test_classification_figures_at_requested_steps(tmp_path):
+    callback = PredictionFigureCallback(tmp_path, every_n_steps=4, classes=["a", "b", "c"])
+    fit([callback])
+    figures = read(tmp_path).Images("predictions vs. actuals")
+    assert [e.step for e in figures] == [4, 8, 12]
+    assert plt.get_fignums() == []  # no pyplot state
+
+
+def test_segmentation_figures_every_epoch(tmp_path):
+    callback = PredictionFigureCallback(tmp_path, kind="segmentation", num_images=3)
+    fit([callback], model=TinySegNet(), data=seg_data(),
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
+    figures = read(tmp_path).Images("predictions vs. actuals")
+    assert [e.step for e in figures] == [2, 4]
+    assert (figures[0].width, figures[0].height) == (720, int(3 * 2.8 * 72))  # one row per sample
+
+
+def test_segmentation_figure_titles_hold_iou():
+    from trainer.callbacks.figures import mask_iou, segmentation_figure
+
+    truth = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    truth[..., :4, :] = True
+    predicted = torch.zeros_like(truth)
+    predicted[..., :2, :] = True
+    fig = segmentation_figure(torch.rand(1, 3, 8, 8), truth, predicted)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[-1] == "overlay, IoU 0.500" and mask_iou(predicted, truth) == 0.5
+
+
+def test_classification_figure_colours():
+    from trainer.callbacks.figures import classification_figure
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    fig = classification_figure(torch.rand(2, 1, 8, 8), probs, torch.tensor([0, 0]), ["cat", "dog"])
+    first, second = fig.axes
+    assert first.get_title() == "cat, 90.0%\n(label: cat)" and first.title.get_color() == "green"
+    assert second.get_title() == "dog, 80.0%\n(label: cat)" and second.title.get_color() == "red"
+
+
+def test_visual_callbacks_do_not_change_training(tmp_path):
+    plain_trainer, plain = fit([], epochs=2)
+    shuffled = DataLoader(image_data(), batch_size=4, shuffle=True)
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = TinyNet()
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(),
+                          callbacks=callbacks, max_epochs=2, device="cpu", seed=1)
+        return trainer.fit(shuffled, shuffled)
+
+    base = run([])
+    visual = run([ImageGridCallback(tmp_path / "a"), GraphCallback(tmp_path / "a"),
+                  PredictionFigureCallback(tmp_path / "a")])
+    assert base == visual
+
+
+def test_contract_with_mocked_writer(tmp_path, mocker):
+    """Which tags at which steps, how often, and nothing between log points."""
+    writer = mocker.MagicMock()
+    mocker.patch.object(tb, "SummaryWriter", return_value=writer)
+    calls_per_batch = []
+
+    class Watch(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            calls_per_batch.append((trainer.global_step, len(writer.method_calls)))
+
+    fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
+    scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
+    assert [(tag, step) for tag, _, step in scalar_calls if tag == "train/running_loss"] == [
+        ("train/running_loss", 4)]
+    epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag.startswith("epoch/")]
+    assert epoch_tags == [("epoch/loss", 6), ("epoch/val_loss", 6), ("epoch/val_acc", 6), ("epoch/lr", 6)]
+    # Writer activity changes only at the log point (step 4), not on other batches.
+    counts = dict(calls_per_batch)
+    assert counts[1] == counts[2] == counts[3] and counts[4] > counts[3] and counts[5] == counts[4]
+    writer.flush.assert_called()
+    writer.close.assert_called_once()
+
+
+def test_unwritable_log_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="cannot create the TensorBoard log directory"):
+        fit([TensorBoardCallback(blocker / "run")])
+
+
+@pytest.mark.parametrize("factory", [
+    lambda p: TensorBoardCallback(p, log_every=0),
+    lambda p: ImageGridCallback(p, every_n_epochs=0),
+    lambda p: PredictionFigureCallback(p, kind="regression"),
+    lambda p: PredictionFigureCallback(p, every_n_steps=-2),
+])
+def test_bad_options(tmp_path, factory):
+    with pytest.raises(ValueError):
+        factory(tmp_path)

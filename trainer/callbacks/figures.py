@@ -1,0 +1,169 @@
+"""`PredictionFigureCallback`: matplotlib figures of predictions vs. ground truth in TensorBoard.
+
+Figures are built with `matplotlib.figure.Figure` on the Agg canvas, never with pyplot's global
+state, and cleared after use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trainer.batch import last_output, move_to_device, split_batch
+from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
+
+KINDS = ("classification", "segmentation")
+
+
+def _show(ax, image: torch.Tensor) -> None:
+    """Draw a (C, H, W) image in [0, 1] on `ax` without ticks."""
+    array = image.numpy()
+    if array.shape[0] == 1:
+        ax.imshow(array[0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(np.transpose(array[:3], (1, 2, 0)))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def classification_figure(
+    images: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None
+) -> Figure:
+    """The PyTorch TensorBoard tutorial's "predictions vs. actuals": each image titled with its
+    predicted class and probability and the true label, green when right and red when wrong.
+
+    `images` are (N, C, H, W) in [0, 1]; `probabilities` (N, num_classes); `labels` (N,).
+    """
+    names = (lambda i: classes[i]) if classes else str
+    confidence, predicted = probabilities.max(dim=1)
+    count = images.shape[0]
+    fig = Figure(figsize=(3 * count, 3.6), dpi=72)
+    FigureCanvasAgg(fig)
+    for i in range(count):
+        ax = fig.add_subplot(1, count, i + 1)
+        _show(ax, images[i])
+        right = int(predicted[i]) == int(labels[i])
+        ax.set_title(
+            f"{names(int(predicted[i]))}, {100.0 * float(confidence[i]):.1f}%\n(label: {names(int(labels[i]))})",
+            color="green" if right else "red",
+        )
+    fig.tight_layout()
+    return fig
+
+
+def mask_iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """IoU of two binary masks of one image (1.0 when both are empty)."""
+    predicted, truth = predicted.bool(), truth.bool()
+    union = (predicted | truth).sum().item()
+    return 1.0 if union == 0 else (predicted & truth).sum().item() / union
+
+
+def segmentation_figure(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor) -> Figure:
+    """Per sample, one row: image, ground-truth mask, predicted mask and an overlay (truth in
+    green, prediction in red, both in yellow), with the sample's IoU in the row's title.
+
+    `images` (N, C, H, W) in [0, 1]; `truth` and `predicted` binary (N, K, H, W) masks (the
+    classes are merged for display).
+    """
+    count = images.shape[0]
+    fig = Figure(figsize=(10, 2.8 * count), dpi=72)
+    FigureCanvasAgg(fig)
+    for i in range(count):
+        true_mask, pred_mask = truth[i].amax(0), predicted[i].amax(0)
+        iou = mask_iou(pred_mask, true_mask)
+        image = images[i] if images.shape[1] >= 3 else images[i].expand(3, -1, -1)
+        overlay = 0.6 * image.clone()
+        overlay[0] = torch.maximum(overlay[0], pred_mask.float())
+        overlay[1] = torch.maximum(overlay[1], true_mask.float())
+        panels = [(image, "image"), (true_mask[None].float(), "ground truth"),
+                  (pred_mask[None].float(), "prediction"), (overlay, f"overlay, IoU {iou:.3f}")]
+        for j, (panel, title) in enumerate(panels):
+            ax = fig.add_subplot(count, 4, 4 * i + j + 1)
+            _show(ax, panel)
+            ax.set_title(f"#{i} {title}" if j == 0 else title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class PredictionFigureCallback(TensorBoardWriterCallback):
+    """Log a figure of the model's predictions on a fixed batch (`SummaryWriter.add_figure`).
+
+    Args:
+        log_dir: the run directory (shared with the run's other TensorBoard callbacks).
+        kind: ``"classification"`` (the tutorial's "predictions vs. actuals") or
+            ``"segmentation"`` (image, truth, prediction, overlay and IoU per sample).
+        batch: ``(inputs, targets)``; default: the first validation (or training) batch.
+        num_images: samples shown.
+        every_n_steps: log every N optimizer steps; when None, every `every_n_epochs` epochs.
+        classes: class names for classification titles.
+        mean, std: the inputs' normalisation, undone for display.
+        threshold: probability above which a pixel is foreground (segmentation).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        kind: str = "classification",
+        batch: Any = None,
+        num_images: int = 4,
+        every_n_steps: int | None = None,
+        every_n_epochs: int = 1,
+        classes: Sequence[str] | None = None,
+        mean: Any = None,
+        std: Any = None,
+        threshold: float = 0.5,
+        tag: str = "predictions vs. actuals",
+    ) -> None:
+        super().__init__(log_dir)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.kind, self.batch, self.num_images = kind, batch, num_images
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.classes, self.mean, self.std, self.threshold, self.tag = classes, mean, std, threshold, tag
+        self._fixed: tuple[Any, Any] | None = None
+        self._last_step = 0
+
+    def on_fit_start(self, trainer) -> None:
+        super().on_fit_start(trainer)
+        self._fixed = split_batch(take_batch(trainer, self.batch, self.num_images))
+        self._last_step = trainer.global_step
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        if self.every_n_steps is not None and trainer.global_step - self._last_step >= self.every_n_steps:
+            self._last_step = trainer.global_step
+            self.log_figure(trainer)
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if self.every_n_steps is None and (trainer.epoch + 1) % self.every_n_epochs == 0:
+            self.log_figure(trainer)
+        super().on_epoch_end(trainer, logs)
+
+    def log_figure(self, trainer) -> None:
+        """Predict on the fixed batch and add the figure at the current global step."""
+        inputs, targets = self._fixed
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), trainer.autocast():
+                output = last_output(model(move_to_device(inputs, trainer.device, trainer.channels_last)))
+        finally:
+            model.train(was_training)
+        output = output.float().cpu()
+        images = denormalize(inputs, self.mean, self.std)
+        if self.kind == "classification":
+            fig = classification_figure(images, output.softmax(dim=1), targets, self.classes)
+        else:
+            predicted = output.sigmoid() > self.threshold
+            fig = segmentation_figure(images, targets > 0.5, predicted)
+        self.writer.add_figure(self.tag, fig, trainer.global_step, close=False)
+        fig.clear()
