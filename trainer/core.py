@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -14,6 +15,7 @@ from torch import nn
 
 from trainer.batch import batch_size, detach, last_output, move_to_device, split_batch
 from trainer.callback import HOOKS, Callback, overridden_hooks
+from trainer.checkpoint import load_checkpoint, rng_state, set_rng_state
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -178,12 +180,22 @@ class Trainer:
         return self.train_step(batch)
 
     # ----------------------------------------------------------------------------- loop
-    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None) -> list[dict[str, float]]:
+    def fit(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        resume_from: str | os.PathLike | None = None,
+    ) -> list[dict[str, float]]:
         """Train for `max_epochs` epochs (or until a callback sets `should_stop`).
 
-        Returns `history`: one logs dict per epoch. After an exception, callbacks get
-        `on_exception` then `on_fit_end`, and the exception propagates.
+        With `resume_from` (a checkpoint written by `ModelCheckpoint`), training continues at
+        the epoch after the saved one, with the saved weights, optimizer, scheduler, random
+        generators, history and callback states. Returns `history`: one logs dict per epoch.
+        After an exception, callbacks get `on_exception` then `on_fit_end`, and the exception
+        propagates.
         """
+        if resume_from is not None:
+            self.load_state_dict(load_checkpoint(resume_from))
         self.train_loader, self.val_loader = train_loader, val_loader
         try:
             self.num_batches = len(train_loader)  # type: ignore[arg-type]
@@ -191,7 +203,7 @@ class Trainer:
             self.num_batches = None
         self._hooks = {hook: overridden_hooks(self.callbacks, hook) for hook in HOOKS}
         self.should_stop = False
-        if self.seed is not None:
+        if self.seed is not None and resume_from is None:
             seed_everything(self.seed)
         try:
             self._fire("on_fit_start")
@@ -282,6 +294,52 @@ class Trainer:
             self.scheduler.step(logs.get("val_loss", logs["loss"]))
         else:
             self.scheduler.step()
+
+    # ----------------------------------------------------------------------------- state
+    def stateful_callbacks(self) -> dict[str, Callback]:
+        """Callbacks with `state_dict`/`load_state_dict`, keyed by class name (suffixed with
+        ``#N`` for the N-th further callback of the same class)."""
+        found, seen = {}, {}
+        for cb in self.callbacks:
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+                name = type(cb).__qualname__
+                seen[name] = seen.get(name, -1) + 1
+                found[f"{name}#{seen[name]}" if seen[name] else name] = cb
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: model, optimizer, scheduler, grad
+        scaler, epochs done, global step, history, random generators and callback states."""
+        model = getattr(self.model, "module", self.model)
+        return {
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epochs_done": len(self.history),
+            "global_step": self.global_step,
+            "history": [dict(logs) for logs in self.history],
+            "rng": rng_state(),
+            "callbacks": {key: cb.state_dict() for key, cb in self.stateful_callbacks().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from `state_dict` (see `fit(resume_from=...)`)."""
+        model = getattr(self.model, "module", self.model)
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = [dict(logs) for logs in state["history"]]
+        self.global_step = state["global_step"]
+        self.epoch = max(len(self.history) - 1, 0)
+        set_rng_state(state["rng"])
+        saved = state.get("callbacks", {})
+        for key, cb in self.stateful_callbacks().items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on `loader` (eval mode, no grad) and return ``val_loss`` and ``val_<metric>``.

@@ -1,5 +1,6 @@
 """Ready-made callbacks."""
 
+from trainer.callbacks.checkpoint import ModelCheckpoint
 from trainer.callbacks.early_stopping import EarlyStopping
 from trainer.callbacks.figures import PredictionFigureCallback
 from trainer.callbacks.graph import GraphCallback
@@ -11,6 +12,7 @@ __all__ = [
     "EarlyStopping",
     "GraphCallback",
     "ImageGridCallback",
+    "ModelCheckpoint",
     "PredictionFigureCallback",
     "ProgressBar",
     "TensorBoardCallback",

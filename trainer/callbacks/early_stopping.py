@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from trainer.callback import Callback
-
-
-def check_monitor(owner: str, monitor: str, logs: dict[str, float]) -> float:
-    """The monitored value from `logs`, or a clear KeyError naming the keys there are."""
-    if monitor not in logs:
-        raise KeyError(
-            f"{owner} monitors {monitor!r}, but the epoch logs hold {sorted(logs)}; "
-            f"pass validation data or monitor one of those"
-        )
-    return logs[monitor]
+from trainer.callbacks.monitor import check_mode, check_monitor, improves, worst
 
 
 class EarlyStopping(Callback):
@@ -32,27 +22,20 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
                  min_delta: float = 0.0) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        check_mode(mode)
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.best = math.inf if mode == "min" else -math.inf
+        self.best = worst(mode)
         self.best_epoch: int | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
 
-    def improved(self, value: float) -> bool:
-        """Whether `value` beats the best so far by more than `min_delta`."""
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
     def on_epoch_end(self, trainer, logs) -> None:
         value = check_monitor("EarlyStopping", self.monitor, logs)
-        if self.improved(value):
+        if improves(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
             return
         self.wait += 1

@@ -34,6 +34,8 @@ class GraphCallback(TensorBoardWriterCallback):
 
     def on_fit_start(self, trainer) -> None:
         super().on_fit_start(trainer)
+        if self.resumed:
+            return
         example = take_batch(trainer, self.example, self.num_samples)
         if self.example is None or isinstance(example, (tuple, list, dict)):
             example = split_batch(example)[0]

@@ -56,7 +56,8 @@ class ImageGridCallback(TensorBoardWriterCallback):
         self._grids = {self.tag: make_grid(denormalize(images, self.mean, self.std), nrow=self.nrow)}
         if is_mask_batch(targets, images):
             self._grids[self.mask_tag] = make_grid(targets.float().clamp(0, 1), nrow=self.nrow)
-        self._write(trainer)
+        if not self.resumed:
+            self._write(trainer)
 
     def on_epoch_end(self, trainer, logs) -> None:
         if self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0:

@@ -19,7 +19,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from trainer.batch import move_to_device
 from trainer.callback import Callback
-from trainer.callbacks.early_stopping import check_monitor
+from trainer.callbacks.monitor import check_mode, check_monitor
 from trainer.running import RunningLoss
 
 _open_writers: dict[str, list] = {}  # real path -> [SummaryWriter, number of users]
@@ -61,17 +61,20 @@ class TensorBoardWriterCallback(Callback):
     """Base of the TensorBoard callbacks: holds the run's shared writer during `fit`.
 
     Subclasses write with ``self.writer``. A resumed run (``trainer.global_step > 0`` at fit
-    start) opens the writer with ``purge_step=global_step`` so that curves continue without
-    duplicated or orphaned points.
+    start; `resumed` is then True) opens the writer with ``purge_step=global_step + 1``: points
+    that the interrupted process wrote after its last checkpoint are dropped, so curves continue
+    without duplicated or orphaned steps. One-time writes (graph, first image grid, chart
+    layout) are not repeated on resume.
     """
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
         self.log_dir = os.fspath(log_dir)
         self.writer: SummaryWriter | None = None
+        self.resumed = False
 
     def on_fit_start(self, trainer) -> None:
-        purge = trainer.global_step if trainer.global_step > 0 else None
-        self.writer = acquire_writer(self.log_dir, purge_step=purge)
+        self.resumed = trainer.global_step > 0
+        self.writer = acquire_writer(self.log_dir, purge_step=trainer.global_step + 1 if self.resumed else None)
 
     def on_epoch_end(self, trainer, logs) -> None:
         self.writer.flush()
@@ -146,8 +149,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         super().__init__(log_dir)
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        check_mode(mode)
         self.log_every = log_every
         self.running_loss_tag = running_loss_tag
         self.tags = dict(tags or {})
@@ -163,9 +165,10 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     def on_fit_start(self, trainer) -> None:
         super().on_fit_start(trainer)
         self._last_logged_step = trainer.global_step
-        self.writer.add_custom_scalars(
-            {"losses": {"training and validation loss": ["Multiline", [self.tag("loss"), self.tag("val_loss")]]}}
-        )
+        if not self.resumed:
+            self.writer.add_custom_scalars(
+                {"losses": {"training and validation loss": ["Multiline", [self.tag("loss"), self.tag("val_loss")]]}}
+            )
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         step = trainer.global_step

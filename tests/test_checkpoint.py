@@ -1,0 +1,106 @@
+"""ModelCheckpoint and exact resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tests.conftest import make_classification
+from trainer import Trainer
+from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
+from trainer.checkpoint import atomic_save, load_checkpoint
+
+
+def build(callbacks, epochs, init_seed=0):
+    torch.manual_seed(init_seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    data = make_classification(40)
+    train = DataLoader(data, batch_size=8, shuffle=True)
+    val = DataLoader(data, batch_size=16)
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs,
+                      device="cpu", scheduler=scheduler, seed=7,
+                      metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()})
+    return trainer, train, val
+
+
+def test_resume_is_bit_identical_to_uninterrupted_run(tmp_path):
+    full, train, val = build([ModelCheckpoint(tmp_path / "full")], epochs=4)
+    full_history = full.fit(train, val)
+
+    first, train, val = build([ModelCheckpoint(tmp_path / "cut")], epochs=2)
+    first.fit(train, val)
+    stopper = EarlyStopping("val_loss", patience=10)
+    resumed, train, val = build([stopper, ModelCheckpoint(tmp_path / "cut")], epochs=4, init_seed=99)
+    history = resumed.fit(train, val, resume_from=tmp_path / "cut" / "last.pt")
+
+    assert history == full_history
+    assert resumed.global_step == full.global_step == 20
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epochs_done"] == 4
+
+
+def test_checkpoint_contents_and_best(tmp_path):
+    checkpoint = ModelCheckpoint(tmp_path, monitor="val_acc", mode="max", config={"lr": 0.01})
+    trainer, train, val = build([checkpoint], epochs=3)
+    history = trainer.fit(train, val)
+    last, best = load_checkpoint(checkpoint.last_path), load_checkpoint(checkpoint.best_path)
+    assert set(last) >= {"model", "optimizer", "scheduler", "epochs_done", "global_step", "history", "rng",
+                         "callbacks", "config"}
+    assert last["config"] == {"lr": 0.01} and last["epochs_done"] == 3
+    best_epoch = max(range(3), key=lambda e: (history[e]["val_acc"], -e))
+    assert best["epochs_done"] == best_epoch + 1 == checkpoint.best_epoch + 1
+    assert last["callbacks"]["ModelCheckpoint"]["best"] == history[best_epoch]["val_acc"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary files left
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "state.pt"
+    atomic_save({"v": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Unpicklable()}, path)
+    assert load_checkpoint(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_bad_checkpoint_paths_have_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(broken)
+
+
+def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
+    run = tmp_path / "run"
+    first, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=2)
+    first.fit(train, val)
+    # An interrupted process logged past its last checkpoint: these points must disappear.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(run) as orphan:
+        for step in (12, 14):
+            orphan.add_scalar("train/running_loss", 99.0, step)
+    resumed, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=4)
+    history = resumed.fit(train, val, resume_from=run / "last.pt")
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
+    assert 99.0 not in [e.value for e in acc.Scalars("train/running_loss")]
+    assert [e.step for e in acc.Scalars("epoch/loss")] == [5, 10, 15, 20]
+    assert [e.value for e in acc.Scalars("epoch/loss")] == pytest.approx([h["loss"] for h in history])
