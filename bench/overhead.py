@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bench.common import interleaved, print_ratios
-from models import FashionCNN
+from models.cnn import FashionCNN
 from trainer import Trainer
 from trainer.callbacks import (
     GraphCallback,

@@ -312,3 +312,45 @@ def test_unwritable_log_dir_is_a_clear_error(tmp_path):
 def test_bad_options(tmp_path, factory):
     with pytest.raises(ValueError):
         factory(tmp_path)
+
+
+def test_pr_curves_per_class_at_fit_end(tmp_path):
+    from trainer.callbacks import PRCurveCallback
+
+    trainer, _ = fit([PRCurveCallback(tmp_path, classes=["a", "b", "c"])])
+    acc = read(tmp_path)
+    assert set(acc.PluginTagToContent("pr_curves")) == {"pr/a", "pr/b", "pr/c"}
+    events = acc.Tensors("pr/b")
+    assert [e.step for e in events] == [trainer.global_step]
+    counts = torch.tensor(events[0].tensor_proto.float_val).reshape(6, -1)
+    true_positives_at_zero, false_positives_at_zero = counts[0, 0], counts[1, 0]
+    labels = image_data().tensors[1]
+    assert true_positives_at_zero == (labels == 1).sum() and false_positives_at_zero == (labels != 1).sum()
+
+
+def test_pr_curves_skipped_after_exception(tmp_path, mocker):
+    from trainer.callbacks import PRCurveCallback
+
+    callback = PRCurveCallback(tmp_path, classes=["a", "b", "c"])
+    predict = mocker.spy(PRCurveCallback, "predict")
+
+    class Boom(Callback):
+        def on_epoch_end(self, trainer, logs):
+            raise RuntimeError("x")
+
+    with pytest.raises(RuntimeError):
+        fit([callback, Boom()])
+    predict.assert_not_called()
+
+
+def test_embedding_projector_files(tmp_path):
+    from trainer.callbacks import EmbeddingCallback
+
+    images = torch.randint(0, 256, (30, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(30) % 3
+    fit([EmbeddingCallback(tmp_path, images, labels, ["a", "b", "c"], num_samples=10)], epochs=1)
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    assert "metadata.tsv" in config and "sprite.png" in config
+    (metadata,) = list(tmp_path.glob("*/images/metadata.tsv")) or list(tmp_path.glob("*/*/metadata.tsv"))
+    rows = metadata.read_text().split()
+    assert len(rows) == 10 and set(rows) <= {"a", "b", "c"}

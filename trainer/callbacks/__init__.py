@@ -6,13 +6,16 @@ from trainer.callbacks.figures import PredictionFigureCallback
 from trainer.callbacks.graph import GraphCallback
 from trainer.callbacks.images import ImageGridCallback
 from trainer.callbacks.progress import ProgressBar
+from trainer.callbacks.projector import EmbeddingCallback, PRCurveCallback
 from trainer.callbacks.tensorboard import TensorBoardCallback, TensorBoardWriterCallback
 
 __all__ = [
     "EarlyStopping",
+    "EmbeddingCallback",
     "GraphCallback",
     "ImageGridCallback",
     "ModelCheckpoint",
+    "PRCurveCallback",
     "PredictionFigureCallback",
     "ProgressBar",
     "TensorBoardCallback",

@@ -1,0 +1,96 @@
+"""Classification extras of the PyTorch TensorBoard tutorial: PR curves and the embedding projector."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainer.batch import last_output, move_to_device, split_batch
+from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize
+
+
+class PRCurveCallback(TensorBoardWriterCallback):
+    """At the end of `fit`, one precision-recall curve per class (`add_pr_curve`) over a loader.
+
+    Args:
+        log_dir: the run directory (shared with the run's other TensorBoard callbacks).
+        classes: class names; each names its curve (prefixed by `tag_prefix`).
+        loader: ``(inputs, labels)`` batches; default: the validation loader of `fit`.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, classes: Sequence[str], loader: Any = None,
+                 tag_prefix: str = "pr/") -> None:
+        super().__init__(log_dir)
+        self.classes, self.loader, self.tag_prefix = list(classes), loader, tag_prefix
+        self._failed = False
+
+    def on_exception(self, trainer, exception) -> None:
+        self._failed = True
+
+    def on_fit_end(self, trainer) -> None:
+        loader = self.loader if self.loader is not None else trainer.val_loader
+        if self.writer is not None and loader is not None and not self._failed and trainer.history:
+            probabilities, labels = self.predict(trainer, loader)
+            for index, name in enumerate(self.classes):
+                self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
+                                         global_step=trainer.global_step)
+        super().on_fit_end(trainer)
+
+    @staticmethod
+    def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax probabilities and labels of every sample of `loader`, on the CPU."""
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        probabilities, labels = [], []
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    inputs, targets = split_batch(move_to_device(batch, trainer.device, trainer.channels_last))
+                    with trainer.autocast():
+                        output = last_output(model(inputs))
+                    probabilities.append(output.float().softmax(dim=1))
+                    labels.append(targets)
+        finally:
+            model.train(was_training)
+        return torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
+
+
+class EmbeddingCallback(TensorBoardWriterCallback):
+    """At fit start, a sample of images in TensorBoard's embedding projector (`add_embedding`):
+    each image's pixels as its feature vector, its class name as its label, the image itself
+    as the thumbnail, as in the PyTorch TensorBoard tutorial.
+
+    Args:
+        images: (N, C, H, W) or (N, H, W) images (uint8, or float normalised by `mean`/`std`).
+        labels: (N,) class indices.
+        classes: class names.
+        num_samples: how many samples, drawn at random with `seed`.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,
+                 classes: Sequence[str], num_samples: int = 100, mean: Any = None, std: Any = None,
+                 seed: int = 0, tag: str = "images") -> None:
+        super().__init__(log_dir)
+        if len(images) != len(labels):
+            raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
+        generator = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(images), generator=generator)[:num_samples]
+        chosen = images[pick]
+        if chosen.dtype == torch.uint8:
+            chosen = chosen.float() / 255.0
+        if chosen.dim() == 3:
+            chosen = chosen.unsqueeze(1)
+        self.thumbnails = denormalize(chosen, mean, std)
+        self.labels = [list(classes)[int(i)] for i in labels[pick]]
+        self.tag = tag
+
+    def on_fit_start(self, trainer) -> None:
+        super().on_fit_start(trainer)
+        if not self.resumed:
+            features = self.thumbnails.flatten(1)
+            self.writer.add_embedding(features, metadata=self.labels, label_img=self.thumbnails,
+                                      global_step=trainer.global_step, tag=self.tag)
