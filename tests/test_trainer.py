@@ -444,3 +444,16 @@ def test_fit_continues_after_done_epochs(linear_model, regression_loaders):
     trainer.fit(regression_loaders[0])
     trainer.max_epochs = 3
     assert len(trainer.fit(regression_loaders[0])) == 3 and trainer.epoch == 2
+
+
+def test_set_epoch_is_called_on_loader_or_sampler(linear_model, regression_loaders):
+    class Sampler(torch.utils.data.SequentialSampler):
+        epochs: list = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    data = make_regression(8)
+    loader = DataLoader(data, batch_size=4, sampler=Sampler(data))
+    make_trainer(linear_model, max_epochs=3).fit(loader)
+    assert Sampler.epochs == [0, 1, 2]

@@ -230,6 +230,9 @@ class Trainer:
         model, optimizer, accumulate = self.model, self.optimizer, self.accumulate_grad_batches
         batch_start, batch_end = self._hooks["on_batch_start"], self._hooks["on_batch_end"]
         model.train()
+        set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):  # DistributedSampler and seeded loaders: a fresh, reproducible order per epoch
+            set_epoch(self.epoch)
         self.train_loss_sum = loss_sum = torch.zeros((), device=self.device)
         self.train_samples = 0
         pending = 0  # batches whose gradients wait for an optimizer step

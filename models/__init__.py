@@ -1,0 +1,21 @@
+"""Models, losses and metrics: the tutorial CNN, UNet and NestedUNet (UNet++)."""
+
+from models.blocks import VGGBlock
+from models.cnn import CNN, FashionCNN
+from models.losses import BCEDiceLoss, DeepSupervisionLoss
+from models.metrics import accuracy, dice, iou
+from models.nested_unet import NestedUNet
+from models.unet import UNet
+
+__all__ = [
+    "CNN",
+    "BCEDiceLoss",
+    "DeepSupervisionLoss",
+    "FashionCNN",
+    "NestedUNet",
+    "UNet",
+    "VGGBlock",
+    "accuracy",
+    "dice",
+    "iou",
+]

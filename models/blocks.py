@@ -1,0 +1,60 @@
+"""Building blocks and input checks shared by UNet and NestedUNet."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FILTERS = (32, 64, 128, 256, 512)
+# Four 2x poolings: both spatial sides must divide by 2**4.
+SIDE_MULTIPLE = 16
+
+
+class VGGBlock(nn.Sequential):
+    """Two (3x3 convolution, padding 1) -> BatchNorm -> ReLU stages; keeps height and width."""
+
+    def __init__(self, in_channels: int, middle_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, middle_channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(middle_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(middle_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU(inplace=True)
+
+
+def check_positive(name: str, value: int) -> None:
+    """Raise ValueError unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _nearest_multiple(side: int) -> int:
+    return max(SIDE_MULTIPLE, (side + SIDE_MULTIPLE // 2) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+
+
+def check_input(model_name: str, x: torch.Tensor, input_channels: int) -> None:
+    """Raise a clear ValueError for inputs the encoder-decoder cannot take.
+
+    Only compares shape values, so it never waits on the device. Skipped while tracing: there
+    sizes are traced tensors, and comparing them would warn and bake constants into the graph.
+    """
+    if torch.jit.is_tracing():
+        return
+    if x.dim() != 4:
+        raise ValueError(
+            f"{model_name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}"
+        )
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if channels != input_channels:
+        raise ValueError(
+            f"{model_name} expects {input_channels} input channels, got {channels} "
+            f"(input shape {tuple(x.shape)}); build it with input_channels={channels} "
+            f"or convert the images"
+        )
+    if height % SIDE_MULTIPLE or width % SIDE_MULTIPLE:
+        raise ValueError(
+            f"{model_name} needs input height and width that are multiples of {SIDE_MULTIPLE}, "
+            f"got {height}x{width} (input shape {tuple(x.shape)}); resize, crop or pad to e.g. "
+            f"{_nearest_multiple(height)}x{_nearest_multiple(width)}"
+        )

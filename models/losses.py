@@ -1,0 +1,76 @@
+"""Segmentation losses: BCE + soft Dice, and a wrapper for deep-supervision outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_same_shape(name: str, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"{name}: predictions and targets must have the same shape, got "
+            f"{tuple(predictions.shape)} and {tuple(targets.shape)}"
+        )
+
+
+class BCEDiceLoss(nn.Module):
+    """``bce_weight * BCE-with-logits + (1 - soft Dice)`` for binary or multi-label masks.
+
+    The soft Dice is computed per image over all its pixels and classes on sigmoid
+    probabilities, ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, then averaged
+    over the batch. Everything is computed in float32, also for bfloat16/float16 logits
+    produced under autocast.
+
+    Args:
+        bce_weight: weight of the binary cross-entropy term.
+        smooth: added to the Dice numerator and denominator; keeps empty masks finite.
+    """
+
+    def __init__(self, bce_weight: float = 0.5, smooth: float = 1.0) -> None:
+        super().__init__()
+        if bce_weight < 0:
+            raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
+        if smooth < 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth!r}")
+        self.bce_weight = float(bce_weight)
+        self.smooth = float(smooth)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the loss of (N, ...) `logits` against same-shaped 0/1 `targets` (0-dim)."""
+        _check_same_shape(type(self).__name__, logits, targets)
+        logits = logits.float()
+        targets = targets.float()
+        bce = F.binary_cross_entropy_with_logits(logits, targets)
+        probs = torch.sigmoid(logits).flatten(1)
+        flat_targets = targets.flatten(1)
+        intersection = (probs * flat_targets).sum(1)
+        dice = (2.0 * intersection + self.smooth) / (
+            probs.sum(1) + flat_targets.sum(1) + self.smooth
+        )
+        return self.bce_weight * bce + (1.0 - dice.mean())
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Apply `loss` to each prediction of a deep-supervision list and average the results.
+
+    A single tensor prediction is passed to `loss` unchanged, so one loss object serves
+    models with and without deep supervision.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(
+        self, predictions: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the (mean) loss of `predictions` against `targets`."""
+        if isinstance(predictions, (list, tuple)):
+            if not predictions:
+                raise ValueError("DeepSupervisionLoss got an empty list of predictions")
+            return torch.stack([self.loss(p, targets) for p in predictions]).mean()
+        return self.loss(predictions, targets)

@@ -1,0 +1,59 @@
+"""U-Net (Ronneberger et al., 2015) with VGG blocks, as in the pytorch-nested-unet archs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.blocks import FILTERS, VGGBlock, check_input, check_positive
+
+
+class UNet(nn.Module):
+    """Four-level U-Net for segmentation; returns logits of shape (N, num_classes, H, W).
+
+    Height and width must be multiples of 16. With 1 class and 3 input channels it has
+    7,852,545 parameters.
+
+    Args:
+        num_classes: output channels (one logit map per class).
+        input_channels: channels of the input images.
+    """
+
+    def __init__(self, num_classes: int = 1, input_channels: int = 3) -> None:
+        super().__init__()
+        check_positive("num_classes", num_classes)
+        check_positive("input_channels", input_channels)
+        self.num_classes = num_classes
+        self.input_channels = input_channels
+        f = FILTERS
+
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+        self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
+        self.conv1_0 = VGGBlock(f[0], f[1], f[1])
+        self.conv2_0 = VGGBlock(f[1], f[2], f[2])
+        self.conv3_0 = VGGBlock(f[2], f[3], f[3])
+        self.conv4_0 = VGGBlock(f[3], f[4], f[4])
+
+        self.conv3_1 = VGGBlock(f[3] + f[4], f[3], f[3])
+        self.conv2_2 = VGGBlock(f[2] + f[3], f[2], f[2])
+        self.conv1_3 = VGGBlock(f[1] + f[2], f[1], f[1])
+        self.conv0_4 = VGGBlock(f[0] + f[1], f[0], f[0])
+
+        self.final = nn.Conv2d(f[0], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a (N, input_channels, H, W) batch to (N, num_classes, H, W) logits."""
+        check_input(type(self).__name__, x, self.input_channels)
+        x0_0 = self.conv0_0(x)
+        x1_0 = self.conv1_0(self.pool(x0_0))
+        x2_0 = self.conv2_0(self.pool(x1_0))
+        x3_0 = self.conv3_0(self.pool(x2_0))
+        x4_0 = self.conv4_0(self.pool(x3_0))
+
+        x3_1 = self.conv3_1(torch.cat([x3_0, self.up(x4_0)], 1))
+        x2_2 = self.conv2_2(torch.cat([x2_0, self.up(x3_1)], 1))
+        x1_3 = self.conv1_3(torch.cat([x1_0, self.up(x2_2)], 1))
+        x0_4 = self.conv0_4(torch.cat([x0_0, self.up(x1_3)], 1))
+        return self.final(x0_4)
