@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from trainer import Callback, Trainer
+from trainer.checkpoint import load_checkpoint
 
 
 class UsageError(Exception):
     """Bad input from the command line or the data: reported as one line, exit code 2."""
+
+
+class RecipeArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Interrupted(Exception):
+    """Training was stopped by a signal after finishing its current step."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 def positive_int(text: str) -> int:
@@ -101,3 +124,83 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_resume_dir(run_dir: str) -> tuple[Path, dict[str, Any]]:
+    """The run directory to resume and its last checkpoint, or a UsageError saying what is wrong."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"--resume {run_dir!r}: no such run directory")
+    last = path / "last.pt"
+    if not last.is_file():
+        raise UsageError(f"--resume {run_dir!r}: no last.pt checkpoint there; nothing to resume")
+    try:
+        state = load_checkpoint(last)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if not state.get("config"):
+        raise UsageError(f"--resume {run_dir!r}: its checkpoint holds no recipe configuration")
+    return path, state
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on the CPU and on GPUs that support it, else 16-mixed; other values checked."""
+    if precision == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return "16-mixed"
+        return "bf16"
+    if precision == "16-mixed" and device.type != "cuda":
+        raise UsageError("--precision 16-mixed needs a CUDA device; use bf16 or 32 on the CPU")
+    return precision
+
+
+class _StopOnSignal(Callback):
+    """Raises `Interrupted` at the end of the step during which a signal arrived."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    on_validation_batch_end = on_batch_end
+
+
+@contextlib.contextmanager
+def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]:
+    """Handle SIGINT and SIGTERM during `fit`: finish the current step, stop (callbacks get
+    `on_exception` and `on_fit_end`, so logs are flushed and closed), print how to resume and
+    exit with 130 (SIGINT) or 143 (SIGTERM). The last checkpoint is the one written at the end
+    of the last completed epoch. A second signal stops at once.
+    """
+    watcher = _StopOnSignal()
+    trainer.callbacks.insert(0, watcher)
+
+    def handler(signum, frame):
+        if watcher.signum is not None:
+            raise KeyboardInterrupt
+        watcher.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+              f"(send it again to stop at once)", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Interrupted as exc:
+        print(f"stopped; resume with: {resume_command}", file=sys.stderr)
+        raise SystemExit(128 + exc.signum) from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        trainer.callbacks.remove(watcher)
+
+
+def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str) -> None:
+    """Print the best validation value, where the run was written and how to open TensorBoard."""
+    values = [logs[monitor] for logs in trainer.history if monitor in logs]
+    if values:
+        best = max(values)
+        print(f"best validation {label}: {best:.4f} (epoch {values.index(best) + 1} of {len(trainer.history)})")
+    print(f"run written to: {run_dir}")
+    print(f"open TensorBoard: python -m trainer.board {run_dir}")

@@ -1,0 +1,154 @@
+"""The PyTorch TensorBoard tutorial as a recipe: the small CNN on Fashion-MNIST.
+
+    python -m recipes.fashion_mnist --data-dir ./data            # files already in ./data/FashionMNIST/raw
+    python -m recipes.fashion_mnist --download                    # fetch them first (needs internet)
+    python -m recipes.fashion_mnist --resume runs/fashion_mnist/20261127-101500
+
+Logs the tutorial's TensorBoard tags (`four_fashion_mnist_images`, the graph, `training loss`
+every --log-every batches, `predictions vs. actuals`), plus validation loss and accuracy per
+epoch on the test split, per-class precision-recall curves and an embedding projector view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
+from models import FashionCNN, accuracy
+from recipes.common import (
+    RecipeArgumentParser,
+    UsageError,
+    check_resume_dir,
+    make_run_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_run_summary,
+    run_cli,
+    training_interrupts,
+)
+from trainer import Trainer, resolve_device
+from trainer.callbacks import (
+    EmbeddingCallback,
+    GraphCallback,
+    ImageGridCallback,
+    ModelCheckpoint,
+    PRCurveCallback,
+    PredictionFigureCallback,
+    ProgressBar,
+    TensorBoardCallback,
+)
+
+RUNS_ROOT = "runs/fashion_mnist"
+MEAN, STD = 0.5, 0.5  # the tutorial's Normalize((0.5,), (0.5,))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options."""
+    parser = RecipeArgumentParser(prog="python -m recipes.fashion_mnist", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=positive_int, default=2, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=4,
+                        help="samples per step; the tutorial's is 4 (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=0.001, help="SGD learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, default=1000,
+                        help="batches between running-loss points and prediction figures (default: %(default)s)")
+    parser.add_argument("--data-dir", default="./data",
+                        help="folder holding FashionMNIST/raw/ with the IDX files (default: %(default)s)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
+    parser.add_argument("--download", action="store_true", help="download Fashion-MNIST into --data-dir if missing")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="0: batches cut from the decoded tensor in this process (fastest); N: a DataLoader "
+                             "with N worker processes over the same tensor (default: %(default)s)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
+                             "(only --epochs may be raised)")
+    return parser
+
+
+def normalize_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate uint8 (1, 28, 28) images into a normalised float batch (for --workers > 0)."""
+    images, labels = zip(*samples)
+    return (torch.stack(images).float() / 255.0 - MEAN) / STD, torch.stack(labels)
+
+
+def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, config: dict[str, Any],
+                pin_memory: bool) -> Any:
+    """Batches of (normalised images, labels): in-process, or from worker processes."""
+    if config["workers"] == 0:
+        return TensorBatchLoader(images, labels, batch_size, shuffle=shuffle, seed=config["seed"], mean=MEAN,
+                                 std=STD, pin_memory=pin_memory)
+    return DataLoader(TensorDataset(images.unsqueeze(1), labels), batch_size=batch_size, shuffle=shuffle,
+                      num_workers=config["workers"], collate_fn=normalize_batch, pin_memory=pin_memory,
+                      persistent_workers=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) the tutorial CNN; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        run_dir, saved = check_resume_dir(args.resume)
+        config = dict(saved["config"])
+        if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
+            config["epochs"] = args.epochs
+    else:
+        config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
+                                                      "data_dir", "device", "seed", "workers")}
+    try:
+        device = resolve_device(config["device"])
+        train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=args.download)
+        test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=args.download)
+    except (DatasetError, ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_images, train_labels, config["batch_size"], True, config, pin)
+    test_loader = make_loader(test_images, test_labels, 1000, False, config, pin)
+    shown = ((test_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, test_labels[:4])
+    grid = ((train_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, train_labels[:4])
+    if not args.resume:
+        run_dir = make_run_dir(args.log_dir, RUNS_ROOT)
+
+    torch.manual_seed(config["seed"])
+    model = FashionCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
+    checkpoint = ModelCheckpoint(run_dir, monitor="val_acc", mode="max", config=config)
+    log_every = config["log_every"]
+    callbacks = [
+        TensorBoardCallback(run_dir, log_every=log_every, running_loss_tag="training loss",
+                            tags={"loss": "epoch/training loss", "val_loss": "validation loss",
+                                  "val_acc": "validation accuracy", "lr": "learning rate"},
+                            hparams=config, monitor="val_acc", mode="max"),
+        ImageGridCallback(run_dir, batch=grid, num_images=4, mean=MEAN, std=STD, nrow=4,
+                          tag="four_fashion_mnist_images"),
+        GraphCallback(run_dir, example=shown[0][:1]),
+        PredictionFigureCallback(run_dir, kind="classification", batch=shown, every_n_steps=log_every,
+                                 classes=CLASSES, mean=MEAN, std=STD),
+        PRCurveCallback(run_dir, CLASSES),
+        EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
+        ProgressBar(log_every=min(log_every, 200)),
+        checkpoint,
+    ]
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],
+                      device=device, metrics={"acc": accuracy}, seed=config["seed"])
+    with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
+        trainer.fit(train_loader, test_loader, resume_from=checkpoint.last_path if args.resume else None)
+    print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
+    print_run_summary(trainer, run_dir, "val_acc", "accuracy")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

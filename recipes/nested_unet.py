@@ -1,0 +1,314 @@
+"""Nuclei segmentation with NestedUNet (UNet++) or UNet, logged to TensorBoard.
+
+    python -m recipes.nested_unet                      # built-in synthetic nuclei, ~3 min on 2 CPU cores
+    python -m recipes.nested_unet --data inputs/dsb2018_96 --epochs 100 --image-size 96
+    python -m recipes.nested_unet --resume runs/nested_unet/20261127-101500
+    python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR
+
+`--data` takes the folder layout <root>/images/<id>.png with <root>/masks/<class>/<id>.png
+(or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.io import write_png
+
+from datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation
+from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, dice, iou
+from recipes.common import (
+    RecipeArgumentParser,
+    UsageError,
+    check_resume_dir,
+    make_run_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_run_summary,
+    resolve_precision,
+    run_cli,
+    training_interrupts,
+)
+from trainer import Trainer, resolve_device
+from trainer.callbacks import (
+    GraphCallback,
+    ImageGridCallback,
+    ModelCheckpoint,
+    PredictionFigureCallback,
+    ProgressBar,
+    TensorBoardCallback,
+)
+from trainer.checkpoint import load_checkpoint
+
+ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
+RUNS_ROOT = "runs/nested_unet"
+# The built-in data: enough for NestedUNet to pass 0.8 validation IoU in about 3 minutes on 2 CPU cores.
+BUILTIN_TRAIN_SAMPLES = 384
+BUILTIN_VAL_SAMPLES = 64
+BUILTIN_IMAGE_SIZE = 64
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command's options."""
+    parser = RecipeArgumentParser(
+        prog="python -m recipes.nested_unet", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", metavar="PATH",
+                        help="segmentation folder (images/ and masks/, or train/ and val/ holding them); "
+                             "default: the built-in synthetic nuclei")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="NestedUNet",
+                        help="network (default: %(default)s)")
+    parser.add_argument("--deep-supervision", action="store_true",
+                        help="NestedUNet only: train the four heads on X(0,1..4) and average their losses")
+    parser.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="samples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                        help="L2 weight decay (default: %(default)s)")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="adam, or sgd with Nesterov momentum 0.9 (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=["cosine", "plateau", "none"], default="cosine",
+                        help="learning-rate schedule: cosine annealing over the epochs, x0.1 when the "
+                             "validation loss plateaus for 2 epochs, or constant (default: %(default)s)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="square side images are resized to, a multiple of 16 (default: "
+                             f"{BUILTIN_IMAGE_SIZE} for the built-in data; a folder's own size, which must then "
+                             "be the same for every image)")
+    parser.add_argument("--val-fraction", type=fraction, default=0.2,
+                        help="share of a --data folder held out for validation when it has no train/ and "
+                             "val/ sub-folders (default: %(default)s)")
+    parser.add_argument("--train-samples", type=positive_int, default=BUILTIN_TRAIN_SAMPLES,
+                        help="built-in data only: training images (default: %(default)s)")
+    parser.add_argument("--val-samples", type=positive_int, default=BUILTIN_VAL_SAMPLES,
+                        help="built-in data only: validation images (default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="data-loading worker processes for --data folders (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
+                        help="auto: bf16 autocast (fast on CPUs and recent GPUs); 32: float32; "
+                             "16-mixed: float16 with a grad scaler, CUDA only (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
+                             "(only --epochs may be raised)")
+    return parser
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """The `predict` command's options."""
+    parser = RecipeArgumentParser(
+        prog="python -m recipes.nested_unet predict",
+        description="Write a probability map and a binary mask PNG per image, at the image's own size.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
+    parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
+    parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
+    parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's configuration: the options that define it, saved in its checkpoints."""
+    keys = ("data", "arch", "deep_supervision", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+            "scheduler", "image_size", "val_fraction", "train_samples", "val_samples", "workers", "device",
+            "precision", "seed")
+    return {key: getattr(args, key) for key in keys}
+
+
+def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
+    """Training and validation sets and the number of mask classes; bad data is a UsageError."""
+    if config["data"] is None:
+        size = config["image_size"]
+        train = SyntheticNuclei(config["train_samples"], image_size=size, seed=config["seed"])
+        val = SyntheticNuclei(config["val_samples"], image_size=size, seed=config["seed"] + 10_000)
+        # Generated once into memory: each epoch then reads plain tensors.
+        return materialize(train), materialize(val), 1
+    try:
+        train, val = split_segmentation(config["data"], val_fraction=config["val_fraction"], seed=config["seed"],
+                                        image_size=config["image_size"])
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    image, mask = train[0]
+    if config["image_size"] is None:
+        config["image_size"] = image.shape[-1]
+    if image.shape[-1] % 16 or image.shape[-2] % 16:
+        raise UsageError(
+            f"images of {config['data']!r} are {image.shape[-2]}x{image.shape[-1]}; the U-Nets need sides that are "
+            f"multiples of 16: pass --image-size (e.g. {max(16, round(image.shape[-1] / 16) * 16)})"
+        )
+    return train, val, mask.shape[0]
+
+
+def materialize(dataset: Dataset) -> TensorDataset:
+    """Stack a small map-style dataset of (image, mask) pairs into tensors."""
+    images, masks = zip(*(dataset[i] for i in range(len(dataset))))
+    return TensorDataset(torch.stack(images), torch.stack(masks))
+
+
+def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
+    """The configured network."""
+    if config["arch"] == "NestedUNet":
+        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"])
+    return UNet(num_classes=num_classes, input_channels=3)
+
+
+def build_optimizer(config: dict[str, Any], model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """Optimizer and learning-rate scheduler of the configuration."""
+    if config["optimizer"] == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
+                                    weight_decay=config["weight_decay"])
+    if config["scheduler"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"],
+                                                               eta_min=config["lr"] * 0.01)
+    elif config["scheduler"] == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Checks that need no data: option combinations."""
+    if config["deep_supervision"] and config["arch"] != "NestedUNet":
+        raise UsageError("--deep-supervision needs --arch NestedUNet")
+    if config["image_size"] is not None and config["image_size"] % 16:
+        nearest = max(16, round(config["image_size"] / 16) * 16)
+        raise UsageError(f"--image-size {config['image_size']} is not a multiple of 16; try {nearest}")
+
+
+def train(argv: list[str] | None) -> int:
+    """Train (or resume) a run; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        run_dir, saved = check_resume_dir(args.resume)
+        config = dict(saved["config"])
+        if "--epochs" in argv or any(a.startswith("--epochs=") for a in argv):
+            config["epochs"] = args.epochs
+    else:
+        config = config_from_args(args)
+        if config["data"] is None and config["image_size"] is None:
+            config["image_size"] = BUILTIN_IMAGE_SIZE
+    validate_config(config)
+    try:
+        device = resolve_device(config["device"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    precision = resolve_precision(config["precision"], device)
+    train_set, val_set, num_classes = load_data(config)
+
+    torch.manual_seed(config["seed"])
+    model = build_model(config, num_classes)
+    optimizer, scheduler = build_optimizer(config, model)
+    workers = config["workers"] if config["data"] is not None else 0
+    train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, num_workers=workers,
+                              drop_last=len(train_set) > config["batch_size"], persistent_workers=workers > 0)
+    val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers,
+                            persistent_workers=workers > 0)
+    fixed = next(iter(DataLoader(val_set, batch_size=8)))
+    if not args.resume:
+        run_dir = make_run_dir(args.log_dir, RUNS_ROOT)
+
+    loss = DeepSupervisionLoss(BCEDiceLoss())
+    checkpoint = ModelCheckpoint(run_dir, monitor="val_iou", mode="max", config=config)
+    tags = {"loss": "training loss", "val_loss": "validation loss", "val_iou": "IoU", "val_dice": "Dice",
+            "lr": "learning rate"}
+    callbacks = [
+        TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
+        ImageGridCallback(run_dir, batch=fixed, num_images=8),
+        GraphCallback(run_dir, example=fixed[0][:2]),
+        PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4),
+        ProgressBar(log_every=5),
+        checkpoint,
+    ]
+    trainer = Trainer(model, optimizer, loss, callbacks=callbacks, max_epochs=config["epochs"], device=device,
+                      metrics={"iou": iou, "dice": dice}, scheduler=scheduler, precision=precision,
+                      seed=config["seed"], channels_last=True)
+    resume_from = checkpoint.last_path if args.resume else None
+    with training_interrupts(trainer, f"python -m recipes.nested_unet --resume {run_dir}"):
+        trainer.fit(train_loader, val_loader, resume_from=resume_from)
+    print_run_summary(trainer, run_dir, "val_iou", "IoU")
+    return 0
+
+
+def predict(argv: list[str]) -> int:
+    """Write probability maps and masks for a folder of images; returns the exit code."""
+    args = build_predict_parser().parse_args(argv)
+    try:
+        state = load_checkpoint(args.checkpoint)
+        device = resolve_device(args.device)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    config = state.get("config") or {}
+    if "arch" not in config:
+        raise UsageError(f"{args.checkpoint!r} is not a checkpoint of this recipe (it has no configuration)")
+    images_dir, out = Path(args.images), Path(args.out)
+    if not images_dir.is_dir():
+        raise UsageError(f"--images {args.images!r}: no such folder")
+    paths = sorted(p for p in images_dir.iterdir() if is_image_file(p))
+    if not paths:
+        raise UsageError(f"--images {args.images!r} holds no .png, .jpg or .tif images")
+    head = state["model"]["final.weight" if "final.weight" in state["model"] else "final4.weight"]
+    model = build_model(config, num_classes=head.shape[0])
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    size = config["image_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for path in paths:
+            try:
+                image = read_image_rgb(path).float() / 255.0
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise UsageError(str(exc)) from None
+            height, width = image.shape[-2:]
+            inputs = F.interpolate(image[None].to(device), size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False)
+            output = model(inputs)
+            logits = output[-1] if isinstance(output, list) else output
+            probability = F.interpolate(logits.float().sigmoid(), size=(height, width), mode="bilinear",
+                                        align_corners=False)[0].cpu()
+            for c in range(probability.shape[0]):
+                suffix = "" if probability.shape[0] == 1 else f"_{c}"
+                write_png((probability[c:c + 1] * 255).round().to(torch.uint8), str(out / f"{path.stem}_prob{suffix}.png"))
+                mask = (probability[c:c + 1] > args.threshold).to(torch.uint8) * 255
+                write_png(mask, str(out / f"{path.stem}_mask{suffix}.png"))
+    print(f"wrote {len(paths)} probability maps and masks to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m recipes.nested_unet [predict] ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        return predict(argv[1:])
+    return train(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
