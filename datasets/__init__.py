@@ -1,0 +1,52 @@
+"""Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
+
+from datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
+from datasets.errors import DataNotFoundError, DatasetError
+from datasets.fashion_mnist import (
+    CLASSES,
+    load_fashion_mnist,
+    make_learnable_fashion_like,
+    write_fashion_mnist_idx,
+)
+from datasets.segmentation_folder import (
+    SegmentationFolder,
+    scan_segmentation_folder,
+    split_segmentation,
+    write_segmentation_folder,
+)
+from datasets.synthetic import SyntheticNuclei
+from datasets.tensor_loader import TensorBatchLoader
+from datasets.transforms import RandomRot90, segmentation_augmentation
+
+__all__ = [
+    "CLASSES",
+    "IMAGE_EXTENSIONS",
+    "DataNotFoundError",
+    "DatasetError",
+    "RandomRot90",
+    "SegmentationFolder",
+    "SyntheticNuclei",
+    "TensorBatchLoader",
+    "is_image_file",
+    "load_fashion_mnist",
+    "make_learnable_fashion_like",
+    "prepare_dsb2018",
+    "read_image_rgb",
+    "read_mask",
+    "scan_segmentation_folder",
+    "segmentation_augmentation",
+    "split_segmentation",
+    "write_fashion_mnist_idx",
+    "write_png_file",
+    "write_segmentation_folder",
+]
+
+
+def __getattr__(name: str):
+    # Imported on first use so that `python -m datasets.dsb2018` does not find its own module
+    # already imported by the package (runpy warns about that).
+    if name == "prepare_dsb2018":
+        from datasets.dsb2018 import prepare_dsb2018
+
+        return prepare_dsb2018
+    raise AttributeError(f"module 'datasets' has no attribute {name!r}")

@@ -1,0 +1,186 @@
+"""Fashion-MNIST: load the IDX files through torchvision, write IDX files, make look-alike data."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from datasets._seeding import generator
+from datasets.errors import DataNotFoundError, DatasetError
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def raw_folder(data_dir: str | os.PathLike) -> Path:
+    """Where torchvision looks for the files: ``<data_dir>/FashionMNIST/raw``."""
+    return Path(data_dir) / "FashionMNIST" / "raw"
+
+
+def load_fashion_mnist(
+    data_dir: str | os.PathLike = "./data", train: bool = True, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training (or test) split as ``(images uint8 (N, 28, 28), labels int64 (N,))``.
+
+    Reads the IDX files in ``<data_dir>/FashionMNIST/raw/`` with `torchvision.datasets.FashionMNIST`
+    (its ``.data``/``.targets``, decoded once). torchvision reads only uncompressed files; ``.gz``
+    files without an uncompressed copy are decompressed next to themselves first (as torchvision's
+    own download does). torchvision wants all four files; when only the requested split's two are
+    there they are read with the same torchvision readers.
+
+    Raises `DataNotFoundError` naming the missing files and the folder when they are absent and
+    `download` is false, or when the download fails.
+    """
+    raw = raw_folder(data_dir)
+    for name in FILES:
+        _gunzip_if_needed(raw / name)
+    split = FILES[:2] if train else FILES[2:]
+    missing = [name for name in FILES if not (raw / name).is_file()]
+    if download and missing:
+        try:
+            FashionMNIST(root=str(data_dir), train=train, download=True)
+        except (RuntimeError, OSError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            message = _missing_message(raw, missing, data_dir) + f" (the download failed: {reason})"
+            raise DataNotFoundError(message) from exc
+        missing = []
+    if any(name in missing for name in split):
+        raise DataNotFoundError(_missing_message(raw, missing, data_dir))
+    try:
+        if not missing:
+            dataset = FashionMNIST(root=str(data_dir), train=train, download=False)
+            images, labels = dataset.data, dataset.targets
+        else:
+            # torchvision's FashionMNIST insists on all four files; read this split with its readers.
+            images, labels = read_image_file(str(raw / split[0])), read_label_file(str(raw / split[1]))
+    except (AssertionError, TypeError, ValueError, IndexError, KeyError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DatasetError(f"Fashion-MNIST files in {raw} are not valid IDX files ({reason})") from exc
+    if len(images) != len(labels):
+        raise DatasetError(f"{raw / split[0]} has {len(images)} images but {raw / split[1]} has {len(labels)} labels")
+    return images, labels
+
+
+def write_fashion_mnist_idx(
+    folder: str | os.PathLike,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    train: bool = True,
+) -> list[Path]:
+    """Write one split as gzip-compressed IDX files, the format Fashion-MNIST is distributed in.
+
+    Files go to ``<folder>/FashionMNIST/raw/{train|t10k}-{images-idx3|labels-idx1}-ubyte.gz``
+    (magic numbers 2051 and 2049, big-endian sizes, then the raw bytes); an uncompressed copy of
+    the same split left from before is removed so it cannot shadow the new data. torchvision's
+    `FashionMNIST` needs both splits: write the test split too (it may be small). Returns the paths.
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 3:
+        raise DatasetError(f"images must be uint8 (N, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    if labels.dim() != 1 or len(labels) != len(images_uint8):
+        raise DatasetError(f"labels must be 1-D with {len(images_uint8)} entries, got shape {tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 255):
+        raise DatasetError("labels must be in 0..255 to fit the IDX uint8 label format")
+    raw = raw_folder(folder)
+    raw.mkdir(parents=True, exist_ok=True)
+    prefix = "train" if train else "t10k"
+    n, rows, cols = images_uint8.shape
+    parts = {
+        f"{prefix}-images-idx3-ubyte": _idx_header(2051, n, rows, cols) + images_uint8.contiguous().numpy().tobytes(),
+        f"{prefix}-labels-idx1-ubyte": _idx_header(2049, n) + labels.to(torch.uint8).numpy().tobytes(),
+    }
+    written = []
+    for name, data in parts.items():
+        path = raw / f"{name}.gz"
+        tmp = path.with_name(path.name + ".tmp")
+        # Level 1: the set is rewritten by benchmarks; smaller files are not worth the time.
+        with open(tmp, "wb") as raw_file, gzip.GzipFile(fileobj=raw_file, mode="wb", compresslevel=1, mtime=0) as gz:
+            gz.write(data)
+        os.replace(tmp, path)
+        (raw / name).unlink(missing_ok=True)
+        written.append(path)
+    return written
+
+
+def make_learnable_fashion_like(num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST look-alikes: ``(images uint8 (N, 28, 28), labels int64 (N,))``.
+
+    Each class has its own silhouette (shirt, trousers, shoe, bag...), randomly shifted, dimmed
+    and noised, so a small CNN learns them in an epoch or two. Vectorised: 60,000 images take
+    a second or two on one CPU core.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise DatasetError(f"num_samples must be an int >= 0, got {num_samples!r}")
+    g = generator(seed, 0)
+    labels = torch.randint(len(CLASSES), (num_samples,), generator=g)
+    pad = 3
+    # Every template at every shift of up to `pad` pixels: (10 * 7 * 7, 28, 28), then one lookup.
+    shifted = F.pad(_templates(), (pad, pad, pad, pad)).unfold(1, 28, 1).unfold(2, 28, 1).reshape(-1, 28, 28)
+    shift = torch.randint(0, (2 * pad + 1) ** 2, (num_samples,), generator=g)
+    images = shifted[labels * (2 * pad + 1) ** 2 + shift]
+    brightness = 0.55 + 0.45 * torch.rand(num_samples, 1, 1, generator=g)
+    images = images * brightness + 0.12 * torch.randn(images.shape, generator=g) * (images > 0.05)
+    return images.clamp_(0, 1).mul_(255).round_().to(torch.uint8), labels
+
+
+def _templates() -> torch.Tensor:
+    """(10, 28, 28) float silhouettes in [0, 1], one per class of `CLASSES`."""
+    y, x = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> torch.Tensor:
+        return ((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)).float()
+
+    torso = box(8, 4, 19, 25)
+    short_sleeves = box(3, 4, 24, 10)
+    long_sleeves = box(2, 4, 25, 8) + box(2, 4, 6, 24) + box(21, 4, 25, 24)
+    t_shirt = (torso + short_sleeves).clamp(max=1)
+    trouser = box(7, 2, 20, 7) + box(7, 7, 12, 26) + box(15, 7, 20, 26)
+    pullover = (torso + long_sleeves).clamp(max=1) * 0.8
+    dress = ((x - 13.5).abs() <= 3 + 0.35 * (y - 2)).float() * box(0, 2, 27, 26)
+    coat = (torso + long_sleeves).clamp(max=1) * (1 - 0.8 * box(13, 6, 14, 25))
+    sandal = box(2, 20, 25, 22) + box(4, 14, 7, 20) * 0.8 + box(12, 12, 15, 20) * 0.8 + box(19, 15, 22, 20) * 0.8
+    shirt = (torso + long_sleeves).clamp(max=1) * (1 - 0.6 * box(11, 4, 16, 9))
+    shirt = shirt * (1 - 0.7 * (((x - 13.5) ** 2 < 1) & (y.remainder(4) < 1) & (y > 9)).float())
+    sneaker = box(2, 17, 26, 23) + box(2, 12, 13, 17)
+    bag = box(4, 10, 23, 24) + (((x - 13.5) ** 2 + (y - 10) ** 2 - 36).abs() <= 6).float() * (y < 10).float()
+    boot = box(9, 3, 19, 23) + box(9, 16, 26, 23)
+    stacked = torch.stack([t_shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, boot])
+    return stacked.clamp(0, 1)
+
+
+def _idx_header(magic: int, *dims: int) -> bytes:
+    return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))
+
+
+def _gunzip_if_needed(path: Path) -> None:
+    packed = path.with_name(path.name + ".gz")
+    if path.is_file() or not packed.is_file():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+    except (OSError, EOFError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"cannot decompress {packed}: {exc}; replace it with a good copy") from exc
+    os.replace(tmp, path)  # atomic: another process never sees a half-written file
+
+
+def _missing_message(raw: Path, missing: list[str], data_dir: str | os.PathLike) -> str:
+    absent = "" if len(missing) == len(FILES) else f" (missing: {', '.join(missing)})"
+    message = (
+        f"Fashion-MNIST not found: put the four files {', '.join(FILES)} (each may be .gz) in {raw}"
+        f"{absent}, or pass --download (download=True) to fetch them"
+    )
+    for place in (Path(data_dir), Path(data_dir) / "FashionMNIST", Path(data_dir) / "raw"):
+        if place != raw and any((place / n).is_file() or (place / f"{n}.gz").is_file() for n in FILES):
+            message += f"; some are in {place}: move them to {raw}"
+            break
+    return message

@@ -1,0 +1,291 @@
+"""SyntheticNuclei, SegmentationFolder, split_segmentation and the joint augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import write_png
+
+from datasets import (
+    DataNotFoundError,
+    DatasetError,
+    SegmentationFolder,
+    SyntheticNuclei,
+    split_segmentation,
+    write_segmentation_folder,
+)
+
+# The tests write fixtures with torchvision.io, deprecated in torchvision 0.29 (see datasets/_imageio.py).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=255, ext="png", seed=0):
+    """One random RGB image and a binary mask (per class folder in `classes`, or flat)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    mask = (torch.rand(1, h, w, generator=g) > 0.5).to(torch.uint8) * value
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if ext == "png":
+        write_png(image, str(root / "images" / f"{sample_id}.png"))
+    else:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "images" / f"{sample_id}.{ext}")
+    for folder in [root / "masks" / c for c in classes] if classes else [root / "masks"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(mask, str(folder / f"{sample_id}.png"))
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return SyntheticNuclei(12, image_size=48, seed=3)
+
+
+# SyntheticNuclei
+
+
+def test_synthetic_shapes_ranges_and_binary_masks(nuclei):
+    assert len(nuclei) == 12
+    for i in range(len(nuclei)):
+        image, mask = nuclei[i]
+        assert image.dtype == mask.dtype == torch.float32
+        assert image.shape == (3, 48, 48) and mask.shape == (1, 48, 48)
+        assert 0 <= image.min() and image.max() <= 1
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        assert 0.02 < mask.mean() < 0.5
+        # nuclei are brighter than the background, but not trivially separable
+        inside, outside = image[:, mask[0] > 0].mean(), image[:, mask[0] == 0].mean()
+        assert inside > outside + 0.05
+
+
+def test_synthetic_is_deterministic_and_independent_of_length(nuclei):
+    again = SyntheticNuclei(5, image_size=48, seed=3)
+    for i in range(5):
+        assert torch.equal(again[i][0], nuclei[i][0]) and torch.equal(again[i][1], nuclei[i][1])
+    assert not torch.equal(nuclei[0][0], nuclei[1][0])
+    assert not torch.equal(SyntheticNuclei(1, image_size=48, seed=4)[0][0], nuclei[0][0])
+    shifted = SyntheticNuclei(2, image_size=48, seed=3, offset=4)
+    assert torch.equal(shifted[0][0], nuclei[4][0])
+    with pytest.raises(IndexError):
+        nuclei[12]
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(DatasetError, match="image_size"):
+        SyntheticNuclei(2, image_size=0)
+    with pytest.raises(DatasetError, match="num_samples"):
+        SyntheticNuclei(-1)
+
+
+def test_synthetic_save_and_load_back_is_exact(nuclei, tmp_path):
+    nuclei.save(tmp_path / "set")
+    assert sorted(p.name for p in (tmp_path / "set" / "images").iterdir())[:2] == ["0000.png", "0001.png"]
+    assert (tmp_path / "set" / "masks" / "0" / "0000.png").is_file()
+    loaded = SegmentationFolder(tmp_path / "set")
+    assert len(loaded) == len(nuclei) and loaded.classes == ["0"]
+    for i in range(len(nuclei)):
+        image, mask = loaded[i]
+        assert torch.allclose(image, nuclei[i][0], atol=1 / 255 + 1e-6)
+        assert torch.equal(mask, nuclei[i][1])
+    with pytest.raises(DatasetError, match="not empty"):
+        nuclei.save(tmp_path / "set")
+
+
+# SegmentationFolder: layouts
+
+
+def test_flat_mask_layout_with_jpeg_and_tiff(tmp_path):
+    image_a, mask_a = write_sample(tmp_path, "a", value=1)
+    write_sample(tmp_path, "b", ext="jpg", seed=1)
+    image_c, _ = write_sample(tmp_path, "c", ext="tif", seed=2)
+    data = SegmentationFolder(tmp_path)
+    assert data.ids == ["a", "b", "c"] and data.classes == ["mask"] and data.num_classes == 1
+    image, mask = data[0]
+    assert torch.equal(image, image_a.float() / 255) and torch.equal(mask, mask_a.float())
+    assert torch.equal(data[2][0], image_c.float() / 255)  # TIFF is lossless
+    assert data[1][0].shape == (3, 16, 16)
+
+
+def test_class_folder_layout_sorted_and_num_classes(tmp_path):
+    write_sample(tmp_path, "x", classes=["b_cls", "a_cls"])
+    data = SegmentationFolder(tmp_path, num_classes=2)
+    assert data.classes == ["a_cls", "b_cls"]
+    assert data[0][1].shape == (2, 16, 16)
+    with pytest.raises(DatasetError, match="num_classes=3"):
+        SegmentationFolder(tmp_path, num_classes=3)
+
+
+def test_grey_and_rgba_images_become_rgb(tmp_path):
+    write_sample(tmp_path, "g")
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey, "L").save(tmp_path / "images" / "g.png")
+    rgba = np.dstack([np.full((16, 16, 3), 7, np.uint8), np.full((16, 16), 99, np.uint8)])
+    write_sample(tmp_path, "r")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "images" / "r.png")
+    data = SegmentationFolder(tmp_path)
+    g, r = data[0][0], data[1][0]
+    assert g.shape == r.shape == (3, 16, 16)
+    assert torch.equal(g[0], g[2]) and torch.equal(g[0] * 255, torch.from_numpy(grey).float())
+    assert torch.all(r * 255 == 7)
+
+
+def test_image_size_resizes_images_and_keeps_masks_binary(tmp_path):
+    write_sample(tmp_path, "a", size=(20, 30))
+    write_sample(tmp_path, "b", size=(16, 16), seed=1)
+    data = SegmentationFolder(tmp_path, image_size=12)
+    image, mask = data[0]
+    assert image.shape == (3, 12, 12) and mask.shape == (1, 12, 12)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+# SegmentationFolder: errors
+
+
+def test_missing_root_and_folders(tmp_path):
+    with pytest.raises(DataNotFoundError, match="does not exist.*images"):
+        SegmentationFolder(tmp_path / "nowhere")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataNotFoundError, match="missing folder .*masks"):
+        SegmentationFolder(tmp_path)
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"no images in .*images.*expected"):
+        SegmentationFolder(tmp_path)
+
+
+def test_every_unpaired_file_is_listed_in_one_error(tmp_path):
+    write_sample(tmp_path, "ok")
+    write_sample(tmp_path, "img1")
+    write_sample(tmp_path, "img2")
+    write_sample(tmp_path, "orphan_mask1")
+    write_sample(tmp_path, "orphan_mask2")
+    (tmp_path / "masks" / "img1.png").unlink()
+    (tmp_path / "masks" / "img2.png").unlink()
+    (tmp_path / "images" / "orphan_mask1.png").unlink()
+    (tmp_path / "images" / "orphan_mask2.png").unlink()
+    with pytest.raises(DatasetError) as info:
+        SegmentationFolder(tmp_path)
+    message = str(info.value)
+    for name in ("images/img1.png", "images/img2.png", "masks/orphan_mask1.png", "masks/orphan_mask2.png"):
+        assert name in message
+    assert "ok.png" not in message
+
+
+def test_unpaired_in_one_class_folder(tmp_path):
+    write_sample(tmp_path, "a", classes=["0", "1"])
+    write_sample(tmp_path, "b", classes=["0", "1"])
+    (tmp_path / "masks" / "1" / "b.png").unlink()
+    with pytest.raises(DatasetError, match=r"images/b\.png"):
+        SegmentationFolder(tmp_path)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    write_sample(tmp_path, "good")
+    write_sample(tmp_path, "bad")
+    (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(DatasetError, match=r"bad\.png.*corrupt"):
+        SegmentationFolder(tmp_path)
+
+
+def test_non_binary_mask_is_named(tmp_path):
+    write_sample(tmp_path, "a")
+    write_png(torch.arange(256, dtype=torch.uint8).view(1, 16, 16), str(tmp_path / "masks" / "a.png"))
+    with pytest.raises(DatasetError, match=r"masks/a\.png is not binary: it has 256 distinct values"):
+        SegmentationFolder(tmp_path)
+
+
+def test_mask_size_mismatch_names_both_files(tmp_path):
+    write_sample(tmp_path, "a")
+    write_png(torch.zeros(1, 8, 10, dtype=torch.uint8), str(tmp_path / "masks" / "a.png"))
+    with pytest.raises(DatasetError, match=r"masks/a\.png is 10x8 but its image .*images/a\.png is 16x16"):
+        SegmentationFolder(tmp_path)
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    write_sample(tmp_path, "a", size=(16, 16))
+    write_sample(tmp_path, "b", size=(16, 20))
+    with pytest.raises(DatasetError, match=r"a\.png is 16x16 but .*b\.png is 20x16.*image_size"):
+        SegmentationFolder(tmp_path)
+
+
+def test_bad_image_size_value(tmp_path):
+    write_sample(tmp_path, "a")
+    with pytest.raises(DatasetError, match="image_size"):
+        SegmentationFolder(tmp_path, image_size=0)
+
+
+# Augmentation
+
+
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(1, 16, 16, generator=g) > 0.7).to(torch.uint8)
+    mask[0, :3, :5] = 1  # asymmetric, so every flip and rotation changes it
+    image = torch.cat([mask * 255, torch.full((2, 16, 16), 128, dtype=torch.uint8)])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    write_png(image, str(tmp_path / "images" / "a.png"))
+    write_png(mask * 255, str(tmp_path / "masks" / "a.png"))
+    data = SegmentationFolder(tmp_path, augment=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(24):
+        image_out, mask_out = data[0]
+        assert set(mask_out.unique().tolist()) <= {0.0, 1.0}
+        # colour jitter changes values but not which pixels are bright: channel 0 marks the mask
+        assert torch.equal(image_out[0] > image_out[0].mean(), mask_out[0] > 0.5)
+        seen.add(mask_out.numpy().tobytes())
+    assert len(seen) >= 4  # flips and rotations were applied
+    torch.manual_seed(5)
+    first = data[0]
+    torch.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, data[0]))
+
+
+# split_segmentation
+
+
+def test_split_uses_train_and_val_folders(tmp_path):
+    for i in range(3):
+        write_sample(tmp_path / "train", f"t{i}", seed=i)
+    write_sample(tmp_path / "val", "v0")
+    train, val = split_segmentation(tmp_path, augment_train=True)
+    assert train.ids == ["t0", "t1", "t2"] and val.ids == ["v0"]
+    assert train.transform is not None and val.transform is None
+
+
+def test_split_with_only_train_folder_is_an_error(tmp_path):
+    write_sample(tmp_path / "train", "t0")
+    with pytest.raises(DataNotFoundError, match="val"):
+        split_segmentation(tmp_path)
+
+
+def test_seeded_split_is_deterministic_and_disjoint(tmp_path):
+    for i in range(10):
+        write_sample(tmp_path, f"s{i:02d}", size=(8, 8), seed=i)
+    train, val = split_segmentation(tmp_path, val_fraction=0.3, seed=1)
+    assert len(val) == 3 and len(train) == 7
+    assert not set(train.ids) & set(val.ids) and len(set(train.ids) | set(val.ids)) == 10
+    assert val.transform is None
+    train2, val2 = split_segmentation(tmp_path, val_fraction=0.3, seed=1)
+    assert train2.ids == train.ids and val2.ids == val.ids
+    other = [split_segmentation(tmp_path, val_fraction=0.3, seed=s)[1].ids for s in range(2, 6)]
+    assert any(ids != val.ids for ids in other)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, "0.2"])
+def test_split_rejects_bad_val_fraction(tmp_path, fraction):
+    write_sample(tmp_path, "a")
+    with pytest.raises(DatasetError, match="val_fraction"):
+        split_segmentation(tmp_path, val_fraction=fraction)
+
+
+def test_write_segmentation_folder_flat(tmp_path):
+    data = [(torch.rand(3, 8, 8), (torch.rand(1, 8, 8) > 0.5).float()) for _ in range(3)]
+    write_segmentation_folder(data, tmp_path, class_folders=False)
+    loaded = SegmentationFolder(tmp_path)
+    assert loaded.ids == ["0000", "0001", "0002"]
+    assert torch.equal(loaded[2][1], data[2][1])

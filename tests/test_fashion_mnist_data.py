@@ -1,0 +1,172 @@
+"""Fashion-MNIST files read through torchvision, look-alike data, and TensorBatchLoader."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+import torch
+
+from datasets import (
+    CLASSES,
+    DataNotFoundError,
+    DatasetError,
+    TensorBatchLoader,
+    load_fashion_mnist,
+    make_learnable_fashion_like,
+    write_fashion_mnist_idx,
+)
+from datasets.fashion_mnist import FILES, raw_folder
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """A data folder with a 50-image training split and a 20-image test split, as .gz IDX files."""
+    train = make_learnable_fashion_like(50, seed=0)
+    test = make_learnable_fashion_like(20, seed=1)
+    write_fashion_mnist_idx(tmp_path, *train, train=True)
+    write_fashion_mnist_idx(tmp_path, *test, train=False)
+    return tmp_path, train, test
+
+
+def test_classes_are_the_tutorial_names():
+    assert CLASSES == (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    )
+
+
+def test_written_files_are_real_gzip_idx(fashion_dir):
+    root, (images, labels), _ = fashion_dir
+    raw = raw_folder(root)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "rb") as f:
+        data = f.read()
+    assert int.from_bytes(data[:4], "big") == 2051
+    assert [int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12)] == [50, 28, 28]
+    assert data[16:] == images.numpy().tobytes()
+    with gzip.open(raw / "train-labels-idx1-ubyte.gz", "rb") as f:
+        data = f.read()
+    assert int.from_bytes(data[:4], "big") == 2049 and int.from_bytes(data[4:8], "big") == 50
+
+
+def test_load_reads_back_through_torchvision(fashion_dir, mocker):
+    root, (images, labels), (test_images, test_labels) = fashion_dir
+    import datasets.fashion_mnist as module
+
+    spy = mocker.spy(module, "FashionMNIST")
+    got_images, got_labels = load_fashion_mnist(root, train=True)
+    assert spy.call_count == 1 and spy.call_args.kwargs["train"] is True
+    assert got_images.dtype == torch.uint8 and got_images.shape == (50, 28, 28)
+    assert got_labels.dtype == torch.int64
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
+    got_test = load_fashion_mnist(root, train=False)
+    assert torch.equal(got_test[0], test_images) and torch.equal(got_test[1], test_labels)
+    # the .gz files were decompressed next to themselves, where torchvision reads them
+    assert all((raw_folder(root) / name).is_file() for name in FILES)
+
+
+def test_rewriting_a_split_is_not_shadowed_by_old_files(fashion_dir):
+    root, _, _ = fashion_dir
+    load_fashion_mnist(root)  # leaves uncompressed copies
+    images, labels = make_learnable_fashion_like(30, seed=9)
+    write_fashion_mnist_idx(root, images, labels, train=True)
+    assert torch.equal(load_fashion_mnist(root)[0], images)
+
+
+def test_one_split_alone_is_read(tmp_path):
+    images, labels = make_learnable_fashion_like(10, seed=2)
+    write_fashion_mnist_idx(tmp_path, images, labels, train=True)
+    assert torch.equal(load_fashion_mnist(tmp_path, train=True)[1], labels)
+    with pytest.raises(DataNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_fashion_mnist(tmp_path, train=False)
+
+
+def test_missing_files_error_names_files_folder_and_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist(tmp_path / "data")
+    message = str(info.value)
+    assert isinstance(info.value, DataNotFoundError) and "\n" not in message
+    for name in FILES:
+        assert name in message
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in message and "--download" in message
+
+
+def test_failed_download_is_a_clear_error(tmp_path, mocker):
+    import datasets.fashion_mnist as module
+
+    mocker.patch.object(module.FashionMNIST, "download", side_effect=RuntimeError("Error downloading: no network"))
+    with pytest.raises(DataNotFoundError, match="download failed.*no network"):
+        load_fashion_mnist(tmp_path, download=True)
+
+
+def test_corrupt_idx_file_is_a_clear_error(fashion_dir):
+    root, _, _ = fashion_dir
+    load_fashion_mnist(root)
+    (raw_folder(root) / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x09garbage")
+    with pytest.raises(DatasetError, match="not valid IDX"):
+        load_fashion_mnist(root)
+
+
+def test_make_learnable_fashion_like_is_seeded_and_balanced():
+    images, labels = make_learnable_fashion_like(2000, seed=3)
+    assert images.dtype == torch.uint8 and images.shape == (2000, 28, 28) and labels.dtype == torch.int64
+    assert torch.equal(images, make_learnable_fashion_like(2000, seed=3)[0])
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.min() > 120
+    means = torch.stack([images[labels == c].float().mean(0) for c in range(10)]).flatten(1)
+    # class means differ clearly: every pair is far apart compared with the pixel range
+    distances = torch.cdist(means, means) + torch.eye(10) * 1e9
+    assert distances.min() > 300
+
+
+# TensorBatchLoader
+
+
+def test_loader_covers_every_sample_once_and_normalises():
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(10)
+    loader = TensorBatchLoader(images, labels, batch_size=4, shuffle=True, seed=0, mean=0.25, std=0.5)
+    assert len(loader) == 3 and loader.num_samples == 10
+    batches = list(loader)
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    for inputs, batch_labels in batches:
+        assert inputs.dtype == torch.float32 and inputs.shape[1:] == (1, 28, 28)
+        expected = (images[batch_labels].float().unsqueeze(1) / 255 - 0.25) / 0.5
+        assert torch.allclose(inputs, expected, atol=1e-6)
+
+
+def test_loader_reshuffles_per_epoch_deterministically():
+    images = torch.zeros(32, 28, 28, dtype=torch.uint8)
+    labels = torch.arange(32)
+
+    def orders(loader, epochs):
+        return [torch.cat([y for _, y in loader]).tolist() for _ in range(epochs)]
+
+    first = orders(TensorBatchLoader(images, labels, 8, shuffle=True, seed=1), 3)
+    assert first == orders(TensorBatchLoader(images, labels, 8, shuffle=True, seed=1), 3)
+    assert first[0] != first[1] != first[2]
+    assert first[0] != orders(TensorBatchLoader(images, labels, 8, shuffle=True, seed=2), 1)[0]
+    loader = TensorBatchLoader(images, labels, 8, shuffle=True, seed=1)
+    loader.set_epoch(2)
+    assert orders(loader, 1)[0] == first[2]
+    # peeking at one batch does not advance the epoch
+    loader.set_epoch(0)
+    next(iter(loader))
+    assert orders(loader, 1)[0] == first[0]
+
+
+def test_loader_without_shuffle_and_drop_last():
+    images = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    loader = TensorBatchLoader(images, torch.arange(10), batch_size=4, shuffle=False, drop_last=True)
+    assert len(loader) == 2
+    assert [y.tolist() for _, y in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_loader_rejects_bad_input():
+    with pytest.raises(DatasetError, match="uint8"):
+        TensorBatchLoader(torch.zeros(4, 28, 28), torch.zeros(4), 2)
+    with pytest.raises(DatasetError, match="one label per image"):
+        TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(3), 2)
+    with pytest.raises(DatasetError, match="batch_size"):
+        TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 0)
