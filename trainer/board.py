@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,7 @@ class Board:
             return
         server.shutdown()  # returns once serve_forever has left its loop
         server.server_close()
-        # TensorBoard has no public way to end its reload thread; a zero interval makes the
-        # loop exit after its current sleep instead of reloading for the life of the process.
-        if hasattr(self._ingester, "_reload_interval"):
-            self._ingester._reload_interval = 0
+        _end_reloading(self._ingester)
 
     def __enter__(self) -> Board:
         return self
@@ -108,6 +106,13 @@ class Board:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"Board(path={os.fspath(self.path)!r}, url={self.url!r}, {state})"
+
+
+def _end_reloading(ingester: Any) -> None:
+    # TensorBoard has no public way to end its reload thread; a zero interval makes the loop
+    # exit after its current sleep instead of reloading the logs for the life of the process.
+    if hasattr(ingester, "_reload_interval"):
+        ingester._reload_interval = 0
 
 
 def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1") -> Board:
@@ -135,7 +140,10 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
         servers.append(server)
         return server
 
-    tensorboard = program.TensorBoard(server_class=make_server)
+    with warnings.catch_warnings():
+        # Loading the default plugins imports a vendored html5lib that warns on import.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tensorboard = program.TensorBoard(server_class=make_server)
     tensorboard.configure(
         argv=[
             None,
@@ -147,8 +155,10 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
     )
     try:
         url = tensorboard.launch()
-    except program.TensorBoardServerException as exc:
-        raise OSError(f"TensorBoard could not serve {os.fspath(path)!r} on {host}:{port}: {exc.msg}") from exc
+    except (program.TensorBoardServerException, OSError) as exc:
+        _end_reloading(getattr(tensorboard, "_ingester", None))
+        reason = getattr(exc, "msg", None) or str(exc)
+        raise OSError(f"TensorBoard could not serve {os.fspath(path)!r} on {host}:{port}: {reason}") from exc
     server = servers[-1]
     return Board(root, url, server.server_port, host, server, getattr(tensorboard, "_ingester", None))
 

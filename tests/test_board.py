@@ -1,0 +1,245 @@
+"""`trainer.board`: a real TensorBoard server on loopback, checked through its HTTP data API."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer import Trainer, board
+from trainer.callbacks import GraphCallback, ImageGridCallback, TensorBoardCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
+# A tiny run of 2 epochs x 2 batches logs the running loss at every optimizer step (1..4) and
+# the epoch logs at each epoch's last step (2, 4); the image grid and the graph come at fit start.
+SCALAR_STEPS = {"train/running_loss": [1, 2, 3, 4], "epoch/loss": [2, 4], "epoch/val_loss": [2, 4]}
+
+
+# ----------------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, route: str, **params: str):
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{url.rstrip('/')}/{route}{query}", timeout=5) as response:
+        return json.load(response)
+
+
+def poll_json(url: str, route: str, ready, **params: str):
+    """GET `route` until `ready(data)` holds: the server loads event files in the background."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        data = get_json(url, route, **params)
+        if ready(data):
+            return data
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{route} {params} never got ready within {TIMEOUT} s; last answer: {data}")
+        time.sleep(0.1)
+
+
+def read_line(proc: subprocess.Popen) -> str:
+    """The first stdout line of `proc`, failing (with its stderr) if none comes within TIMEOUT."""
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(TIMEOUT)
+    if not result or not result[0]:
+        proc.kill()
+        raise AssertionError(f"no URL printed within {TIMEOUT} s; stderr: {proc.communicate()[1]}")
+    return result[0]
+
+
+def assert_scalars_served(url: str, run: str) -> None:
+    """The tiny run's scalar tags, each with its steps, are served under `run`."""
+    tags = poll_json(url, "data/plugin/scalars/tags", lambda d: set(SCALAR_STEPS) <= set(d.get(run, {})))
+    assert set(SCALAR_STEPS) <= set(tags[run])
+    for tag, steps in SCALAR_STEPS.items():
+        points = poll_json(
+            url, "data/plugin/scalars/scalars", lambda d, n=len(steps): len(d) >= n, run=run, tag=tag
+        )
+        assert [step for _, step, _ in points] == steps  # each point is [wall_time, step, value]
+
+
+def train_tiny_run(log_dir: Path) -> Trainer:
+    """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
+    torch.manual_seed(0)
+    images = torch.rand(12, 1, 8, 8)
+    data = TensorDataset(images, images.mean(dim=(1, 2, 3)).gt(0.5).long())
+    train = DataLoader(data, batch_size=4, sampler=range(8))
+    val = DataLoader(data, batch_size=4, sampler=range(8, 12))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
+    callbacks = [
+        TensorBoardCallback(log_dir, log_every=1),
+        ImageGridCallback(log_dir, num_images=4),
+        GraphCallback(log_dir),
+    ]
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                callbacks=callbacks, max_epochs=2, device="cpu")
+    t.fit(train, val)
+    assert t.global_step == 4
+    return t
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A folder of runs holding one run, ``runs/tiny``."""
+    root = tmp_path_factory.mktemp("runs")
+    train_tiny_run(root / "tiny")
+    return root
+
+
+# ----------------------------------------------------------------------------------- tests
+def test_find_event_files(runs, tmp_path):
+    found = board.find_event_files(runs)
+    assert len(found) == 1 and found[0].parent == runs / "tiny"
+    assert found[0].name.startswith("events.out.tfevents.")
+    assert board.find_event_files(found[0]) == found
+    assert board.find_event_files(tmp_path) == []
+
+
+def test_command_line_serves_scalars_images_and_graph(runs):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.board", str(runs), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = read_line(proc)
+        assert line == f"TensorBoard on {runs}: http://127.0.0.1:{port}/\n"
+        url = line.split(": ", 1)[1].strip()
+
+        assert poll_json(url, "data/runs", lambda d: "tiny" in d) == ["tiny"]
+        assert_scalars_served(url, "tiny")
+        images = poll_json(url, "data/plugin/images/tags", lambda d: "images" in d.get("tiny", {}))
+        assert images["tiny"]["images"]["samples"] == 1
+        meta = get_json(url, "data/plugin/images/images", run="tiny", tag="images")
+        assert [item["step"] for item in meta] == [0]
+        graphs = poll_json(url, "data/plugin/graphs/info", lambda d: d.get("tiny", {}).get("run_graph"))
+        assert graphs["tiny"]["run_graph"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "TensorFlow installation not found" not in stderr
+
+
+def test_start_serves_a_run_directory_and_stop_frees_the_port(runs):
+    b = board.start(runs / "tiny")
+    try:
+        assert b.url == f"http://127.0.0.1:{b.port}/" and b.path == runs / "tiny" and b.running
+        assert poll_json(b.url, "data/runs", lambda d: "." in d) == ["."]  # the directory itself is the run
+        assert_scalars_served(b.url, ".")
+    finally:
+        b.stop()
+    b.stop()  # a second stop does nothing
+    assert not b.running
+    # Nothing answers: refused, or reset when loopback reuses a TIME_WAIT address pair.
+    with pytest.raises(OSError):
+        urllib.request.urlopen(b.url, timeout=5).read()
+    with socket.socket() as sock:  # the listening socket is gone: the port can be bound again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", b.port))
+
+
+def test_start_on_a_given_port_and_as_a_context_manager(runs):
+    port = free_port()
+    with board.start(runs, port=port) as b:
+        assert b.port == port and b.url == f"http://127.0.0.1:{port}/"
+        assert get_json(b.url, "data/environment")["data_location"] == str(runs)
+    assert not b.running
+
+
+def test_start_on_a_busy_port_is_a_clear_error(runs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"could not serve .* on 127.0.0.1:{port}: .*already in use"):
+            board.start(runs, port=port)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"])
+def test_python_api_rejects_paths_without_event_files(tmp_path, kind):
+    path = tmp_path / "logs"
+    if kind == "empty":
+        (path / "run" / "nested").mkdir(parents=True)
+        (path / "run" / "notes.txt").write_text("no events here")
+    elif kind == "file":
+        path.write_text("not a directory")
+    error = FileNotFoundError if kind == "missing" else ValueError
+    with pytest.raises(error, match="event files") as info:
+        board.start(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_command_line_rejects_a_missing_path(tmp_path):
+    missing = tmp_path / "nope"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.board", str(missing)],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "holds no TensorBoard event files" in lines[0]
+
+
+def test_main_rejects_a_folder_without_event_files(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert board.main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and str(tmp_path) in err and "holds no TensorBoard event files" in err
+
+
+def fake_ipython(monkeypatch, mocker):
+    """Install a stand-in ``IPython.display`` module; returns its (IFrame, display) mocks."""
+    display_module = types.ModuleType("IPython.display")
+    display_module.IFrame = mocker.Mock(name="IFrame")
+    display_module.display = mocker.Mock(name="display")
+    package = types.ModuleType("IPython")
+    package.display = display_module
+    monkeypatch.setitem(sys.modules, "IPython", package)
+    monkeypatch.setitem(sys.modules, "IPython.display", display_module)
+    return display_module.IFrame, display_module.display
+
+
+def test_show_displays_an_iframe_with_ipython(runs, monkeypatch, mocker):
+    iframe, display = fake_ipython(monkeypatch, mocker)
+    b = board.show(runs, height=600)
+    try:
+        iframe.assert_called_once_with(b.url, width="100%", height=600)
+        display.assert_called_once_with(iframe.return_value)
+        assert get_json(b.url, "data/environment")["data_location"] == str(runs)
+    finally:
+        b.stop()
+
+
+def test_show_prints_the_url_without_ipython(runs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "IPython", None)  # makes `import IPython` fail
+    b = board.show(runs)
+    try:
+        assert capsys.readouterr().out == f"TensorBoard on {runs}: {b.url}\n"
+    finally:
+        b.stop()
