@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import signal
 import sys
@@ -126,21 +127,44 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return 130
 
 
-def check_resume_dir(run_dir: str) -> tuple[Path, dict[str, Any]]:
-    """The run directory to resume and its last checkpoint, or a UsageError saying what is wrong."""
+CONFIG_FILE = "config.json"
+
+
+def start_run_dir(log_dir: str | None, default_root: str, config: dict[str, Any]) -> Path:
+    """Create a new run's directory (see `make_run_dir`) and record its configuration there
+    first, so a run killed before its first checkpoint can still be resumed."""
+    path = make_run_dir(log_dir, default_root)
+    tmp = path / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path / CONFIG_FILE)
+    return path
+
+
+def resume_run(run_dir: str, args: argparse.Namespace, argv: list[str]) -> tuple[Path, dict[str, Any], Path | None]:
+    """The run directory to resume, its configuration and its last checkpoint (None when the run
+    was stopped before its first checkpoint: it then starts over in the same directory).
+
+    Only ``--epochs``, when given on the command line, overrides the saved configuration.
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"--resume {run_dir!r}: no such run directory")
     last = path / "last.pt"
-    if not last.is_file():
-        raise UsageError(f"--resume {run_dir!r}: no last.pt checkpoint there; nothing to resume")
-    try:
-        state = load_checkpoint(last)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    if not state.get("config"):
+    if last.is_file():
+        try:
+            config = load_checkpoint(last).get("config")
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    elif (path / CONFIG_FILE).is_file():
+        config, last = json.loads((path / CONFIG_FILE).read_text()), None
+    else:
+        raise UsageError(f"--resume {run_dir!r}: neither last.pt nor {CONFIG_FILE} there; not a run of this recipe")
+    if not config:
         raise UsageError(f"--resume {run_dir!r}: its checkpoint holds no recipe configuration")
-    return path, state
+    config = dict(config)
+    if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
+        config["epochs"] = args.epochs
+    return path, config, last
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -24,14 +24,14 @@ from models import FashionCNN, accuracy
 from recipes.common import (
     RecipeArgumentParser,
     UsageError,
-    check_resume_dir,
-    make_run_dir,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     print_run_summary,
+    resume_run,
     run_cli,
+    start_run_dir,
     training_interrupts,
 )
 from trainer import Trainer, resolve_device
@@ -98,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     """Train (or resume) the tutorial CNN; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    run_dir = resume_from = None
     if args.resume:
-        run_dir, saved = check_resume_dir(args.resume)
-        config = dict(saved["config"])
-        if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
-            config["epochs"] = args.epochs
+        run_dir, config, resume_from = resume_run(args.resume, args, argv)
     else:
         config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
                                                       "data_dir", "device", "seed", "workers")}
@@ -118,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     test_loader = make_loader(test_images, test_labels, 1000, False, config, pin)
     shown = ((test_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, test_labels[:4])
     grid = ((train_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, train_labels[:4])
-    if not args.resume:
-        run_dir = make_run_dir(args.log_dir, RUNS_ROOT)
+    if run_dir is None:
+        run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
 
     torch.manual_seed(config["seed"])
     model = FashionCNN()
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],
                       device=device, metrics={"acc": accuracy}, seed=config["seed"])
     with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
-        trainer.fit(train_loader, test_loader, resume_from=checkpoint.last_path if args.resume else None)
+        trainer.fit(train_loader, test_loader, resume_from=resume_from)
     print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
     print_run_summary(trainer, run_dir, "val_acc", "accuracy")
     return 0

@@ -20,22 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision.io import write_png
 
-from datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation
+from datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
 from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, dice, iou
 from recipes.common import (
     RecipeArgumentParser,
     UsageError,
-    check_resume_dir,
-    make_run_dir,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     print_run_summary,
+    resume_run,
     resolve_precision,
     run_cli,
+    start_run_dir,
     training_interrupts,
 )
 from trainer import Trainer, resolve_device
@@ -206,11 +205,9 @@ def train(argv: list[str] | None) -> int:
     """Train (or resume) a run; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    run_dir = resume_from = None
     if args.resume:
-        run_dir, saved = check_resume_dir(args.resume)
-        config = dict(saved["config"])
-        if "--epochs" in argv or any(a.startswith("--epochs=") for a in argv):
-            config["epochs"] = args.epochs
+        run_dir, config, resume_from = resume_run(args.resume, args, argv)
     else:
         config = config_from_args(args)
         if config["data"] is None and config["image_size"] is None:
@@ -232,8 +229,8 @@ def train(argv: list[str] | None) -> int:
     val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers,
                             persistent_workers=workers > 0)
     fixed = next(iter(DataLoader(val_set, batch_size=8)))
-    if not args.resume:
-        run_dir = make_run_dir(args.log_dir, RUNS_ROOT)
+    if run_dir is None:
+        run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
 
     loss = DeepSupervisionLoss(BCEDiceLoss())
     checkpoint = ModelCheckpoint(run_dir, monitor="val_iou", mode="max", config=config)
@@ -250,7 +247,6 @@ def train(argv: list[str] | None) -> int:
     trainer = Trainer(model, optimizer, loss, callbacks=callbacks, max_epochs=config["epochs"], device=device,
                       metrics={"iou": iou, "dice": dice}, scheduler=scheduler, precision=precision,
                       seed=config["seed"], channels_last=True)
-    resume_from = checkpoint.last_path if args.resume else None
     with training_interrupts(trainer, f"python -m recipes.nested_unet --resume {run_dir}"):
         trainer.fit(train_loader, val_loader, resume_from=resume_from)
     print_run_summary(trainer, run_dir, "val_iou", "IoU")
@@ -295,9 +291,9 @@ def predict(argv: list[str]) -> int:
                                         align_corners=False)[0].cpu()
             for c in range(probability.shape[0]):
                 suffix = "" if probability.shape[0] == 1 else f"_{c}"
-                write_png((probability[c:c + 1] * 255).round().to(torch.uint8), str(out / f"{path.stem}_prob{suffix}.png"))
+                write_png_file((probability[c:c + 1] * 255).round().to(torch.uint8), out / f"{path.stem}_prob{suffix}.png")
                 mask = (probability[c:c + 1] > args.threshold).to(torch.uint8) * 255
-                write_png(mask, str(out / f"{path.stem}_mask{suffix}.png"))
+                write_png_file(mask, out / f"{path.stem}_mask{suffix}.png")
     print(f"wrote {len(paths)} probability maps and masks to {out}")
     return 0
 

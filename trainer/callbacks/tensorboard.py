@@ -8,6 +8,7 @@ Every TensorBoard callback of a run names the same `log_dir`; they all write thr
 
 from __future__ import annotations
 
+import glob
 import os
 from numbers import Number
 from pathlib import Path
@@ -64,7 +65,8 @@ class TensorBoardWriterCallback(Callback):
     start; `resumed` is then True) opens the writer with ``purge_step=global_step + 1``: points
     that the interrupted process wrote after its last checkpoint are dropped, so curves continue
     without duplicated or orphaned steps. One-time writes (graph, first image grid, chart
-    layout) are not repeated on resume.
+    layout) are not repeated on resume. A fit starting at step 0 in a directory that already
+    holds event files (a run restarted before its first checkpoint) purges from step 0.
     """
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
@@ -74,7 +76,11 @@ class TensorBoardWriterCallback(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self.resumed = trainer.global_step > 0
-        self.writer = acquire_writer(self.log_dir, purge_step=trainer.global_step + 1 if self.resumed else None)
+        if self.resumed:
+            purge = trainer.global_step + 1
+        else:  # a run that starts over in its directory replaces what an earlier attempt wrote
+            purge = 0 if glob.glob(os.path.join(glob.escape(self.log_dir), "events.out.tfevents.*")) else None
+        self.writer = acquire_writer(self.log_dir, purge_step=purge)
 
     def on_epoch_end(self, trainer, logs) -> None:
         self.writer.flush()
