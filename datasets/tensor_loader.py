@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterator
 
@@ -59,6 +60,21 @@ class TensorBatchLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.num_samples = len(images)
         self.epoch = 0
+        self._total = len(images)  # samples before sharding
+        self._shard: tuple[int, int, bool] | None = None  # (rank, world_size, equal_sizes)
+
+    def shard(self, rank: int, world_size: int, train: bool) -> "TensorBatchLoader":
+        """This process's part of the data when `world_size` processes train together.
+
+        Every rank draws the same permutation per epoch and keeps every `world_size`-th sample
+        from `rank`. For training (`train`) the parts are cut to equal size so every rank takes
+        the same number of steps; for evaluation each sample is seen exactly once.
+        """
+        part = copy.copy(self)
+        part._shard = (rank, world_size, train)
+        total = self._total
+        part.num_samples = total // world_size if train else len(range(rank, total, world_size))
+        return part
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of `epoch` for the next pass (as `DistributedSampler.set_epoch`)."""
@@ -72,7 +88,11 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
-        order = torch.randperm(self.num_samples, generator=generator(self.seed, epoch)) if self.shuffle else None
+        total = self._total
+        order = torch.randperm(total, generator=generator(self.seed, epoch)) if self.shuffle else None
+        if self._shard is not None:
+            rank, world_size, _ = self._shard
+            order = (order if order is not None else torch.arange(total))[rank::world_size][: self.num_samples]
         scale, shift = 1.0 / (255.0 * self.std), self.mean / self.std
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             stop = min(start + self.batch_size, self.num_samples)

@@ -18,6 +18,7 @@ import torch
 
 from trainer import Callback, Trainer
 from trainer.checkpoint import load_checkpoint
+from trainer.distributed import broadcast_object, is_rank_zero
 
 
 class UsageError(Exception):
@@ -132,12 +133,23 @@ CONFIG_FILE = "config.json"
 
 def start_run_dir(log_dir: str | None, default_root: str, config: dict[str, Any]) -> Path:
     """Create a new run's directory (see `make_run_dir`) and record its configuration there
-    first, so a run killed before its first checkpoint can still be resumed."""
-    path = make_run_dir(log_dir, default_root)
-    tmp = path / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, path / CONFIG_FILE)
-    return path
+    first, so a run killed before its first checkpoint can still be resumed.
+
+    Under torchrun, rank 0 creates it and every rank gets the same path (or the same error).
+    """
+    result: Path | UsageError | None = None
+    if is_rank_zero():
+        try:
+            result = make_run_dir(log_dir, default_root)
+            tmp = result / f".{CONFIG_FILE}.tmp"
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+            os.replace(tmp, result / CONFIG_FILE)
+        except UsageError as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, UsageError):
+        raise result
+    return result
 
 
 def resume_run(run_dir: str, args: argparse.Namespace, argv: list[str]) -> tuple[Path, dict[str, Any], Path | None]:
@@ -221,7 +233,10 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
 
 
 def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str) -> None:
-    """Print the best validation value, where the run was written and how to open TensorBoard."""
+    """Print (on rank 0) the best validation value, where the run was written and how to open
+    TensorBoard."""
+    if not is_rank_zero():
+        return
     values = [logs[monitor] for logs in trainer.history if monitor in logs]
     if values:
         best = max(values)

@@ -35,6 +35,7 @@ from recipes.common import (
     training_interrupts,
 )
 from trainer import Trainer, resolve_device
+from trainer.distributed import init_distributed, is_rank_zero
 from trainer.callbacks import (
     EmbeddingCallback,
     GraphCallback,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
                                                       "data_dir", "device", "seed", "workers")}
     try:
-        device = resolve_device(config["device"])
+        device = init_distributed(resolve_device(config["device"]))
         train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=args.download)
         test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=args.download)
     except (DatasetError, ValueError, OSError) as exc:
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                       device=device, metrics={"acc": accuracy}, seed=config["seed"])
     with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
         trainer.fit(train_loader, test_loader, resume_from=resume_from)
-    print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
+    if is_rank_zero():
+        print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
     print_run_summary(trainer, run_dir, "val_acc", "accuracy")
     return 0
 

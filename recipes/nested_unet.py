@@ -38,6 +38,7 @@ from recipes.common import (
     training_interrupts,
 )
 from trainer import Trainer, resolve_device
+from trainer.distributed import init_distributed
 from trainer.callbacks import (
     GraphCallback,
     ImageGridCallback,
@@ -214,7 +215,7 @@ def train(argv: list[str] | None) -> int:
             config["image_size"] = BUILTIN_IMAGE_SIZE
     validate_config(config)
     try:
-        device = resolve_device(config["device"])
+        device = init_distributed(resolve_device(config["device"]))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     precision = resolve_precision(config["precision"], device)

@@ -170,3 +170,14 @@ def test_loader_rejects_bad_input():
         TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(3), 2)
     with pytest.raises(DatasetError, match="batch_size"):
         TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 0)
+
+
+def test_tensor_batch_loader_shards_cover_the_data():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    loader = TensorBatchLoader(images, labels, batch_size=2, shuffle=True, seed=1)
+    train_parts = [[int(v) for _, y in loader.shard(rank, 3, train=True) for v in y] for rank in range(3)]
+    assert [len(p) for p in train_parts] == [3, 3, 3]  # equal steps on every rank
+    assert len(set(sum(train_parts, []))) == 9  # disjoint
+    eval_parts = [[int(v) for _, y in loader.shard(rank, 3, train=False) for v in y] for rank in range(3)]
+    assert sorted(sum(eval_parts, [])) == list(range(10))  # every sample exactly once

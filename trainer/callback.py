@@ -33,7 +33,13 @@ class Callback:
     ``logs`` (in ``on_validation_end`` and ``on_epoch_end``) hold Python floats: ``loss``, the
     epoch's mean training loss weighted by batch size; ``val_loss`` and ``val_<metric>`` when
     there is validation data; ``lr``, the optimizer's learning rate after the scheduler's step.
+
+    Under ``torchrun`` a callback runs on every process unless its class sets
+    ``rank_zero_only = True`` (logging, progress bars and checkpoint writing do).
     """
+
+    #: Run only on rank 0 when several processes train together.
+    rank_zero_only: bool = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Called once when `fit` begins, before the first epoch."""

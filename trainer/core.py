@@ -16,6 +16,14 @@ from torch import nn
 from trainer.batch import batch_size, detach, last_output, move_to_device, split_batch
 from trainer.callback import HOOKS, Callback, overridden_hooks
 from trainer.checkpoint import load_checkpoint, rng_state, set_rng_state
+from trainer.distributed import (
+    all_reduce,
+    broadcast_buffers,
+    init_distributed,
+    is_distributed,
+    is_rank_zero,
+    shard_loader,
+)
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -120,13 +128,16 @@ class Trainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
 
-        self.device = resolve_device(device)
+        self.device = init_distributed(resolve_device(device))
         self.precision = _PRECISIONS[str(precision)]
         if self.precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' on the CPU")
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.model = model.to(self.device, memory_format=memory_format)
+        self.model: nn.Module = model.to(self.device, memory_format=memory_format)
+        if is_distributed():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.metrics = dict(metrics or {})
@@ -152,6 +163,18 @@ class Trainer:
         #: Number of training samples seen this epoch so far.
         self.train_samples = 0
         self._hooks: dict[str, list] = {}
+
+    @property
+    def module(self) -> nn.Module:
+        """The model itself, unwrapped from `DistributedDataParallel` under torchrun. Use it for
+        work done on one rank only (figures, graphs, saving): the wrapper's forward may
+        communicate with the other ranks."""
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    def _build_dispatch(self) -> None:
+        # Built once per fit; callbacks marked rank_zero_only run on rank 0 alone under torchrun.
+        active = [cb for cb in self.callbacks if is_rank_zero() or not getattr(cb, "rank_zero_only", False)]
+        self._hooks = {hook: overridden_hooks(active, hook) for hook in HOOKS}
 
     # ----------------------------------------------------------------------------- hooks
     def _fire(self, hook: str, *args: Any) -> None:
@@ -196,12 +219,15 @@ class Trainer:
         """
         if resume_from is not None:
             self.load_state_dict(load_checkpoint(resume_from))
+        if is_distributed():
+            train_loader = shard_loader(train_loader, train=True)
+            val_loader = shard_loader(val_loader, train=False) if val_loader is not None else None
         self.train_loader, self.val_loader = train_loader, val_loader
         try:
             self.num_batches = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
             self.num_batches = None
-        self._hooks = {hook: overridden_hooks(self.callbacks, hook) for hook in HOOKS}
+        self._build_dispatch()
         self.should_stop = False
         if self.seed is not None and resume_from is None:
             seed_everything(self.seed)
@@ -217,6 +243,8 @@ class Trainer:
                 logs["lr"] = self.optimizer.param_groups[0]["lr"]
                 self.history.append(logs)
                 self._fire("on_epoch_end", logs)
+                if is_distributed():  # every rank stops at the same epoch
+                    self.should_stop = bool(all_reduce(torch.tensor(float(self.should_stop)), "max"))
                 if self.should_stop:
                     break
         except BaseException as exc:
@@ -260,13 +288,18 @@ class Trainer:
                 outputs = StepOutput(detached, detach(out.predictions), out.targets)
                 for fn in batch_end:
                     fn(self, batch, outputs)
-            if self.should_stop:
+            if self.should_stop and not is_distributed():  # under torchrun: at the epoch's end
                 break
         if pending:
             self._optimizer_step()
         if self.train_samples == 0:
             raise ValueError("the training loader yielded no batches")
-        mean_loss = loss_sum.item() / self.train_samples
+        if is_distributed():
+            totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(self.train_samples), device=self.device)]))
+            loss_total, samples = totals.tolist()
+        else:
+            loss_total, samples = loss_sum.item(), self.train_samples
+        mean_loss = loss_total / samples
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"training loss is {mean_loss} in epoch {self.epoch} (by global step "
@@ -313,7 +346,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: model, optimizer, scheduler, grad
         scaler, epochs done, global step, history, random generators and callback states."""
-        model = getattr(self.model, "module", self.model)
+        model = self.module
         return {
             "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -328,8 +361,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from `state_dict` (see `fit(resume_from=...)`)."""
-        model = getattr(self.model, "module", self.model)
-        model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -350,11 +382,13 @@ class Trainer:
         Fires `on_validation_start`, `on_validation_batch_end` and `on_validation_end`.
         """
         if not self._hooks:
-            self._hooks = {hook: overridden_hooks(self.callbacks, hook) for hook in HOOKS}
+            self._build_dispatch()
         return self._validate(loader)
 
     def _validate(self, loader: Iterable) -> dict[str, float]:
-        model = self.model
+        # The unwrapped model: evaluation needs no communication, so ranks may hold uneven shards.
+        model = self.module
+        broadcast_buffers(model)
         batch_end = self._hooks["on_validation_batch_end"]
         was_training = model.training
         model.eval()
@@ -381,10 +415,11 @@ class Trainer:
                 for fn in batch_end:
                     fn(self, batch, out)
         model.train(was_training)
+        # One device sync (and under torchrun one reduction) for all values of the epoch.
+        sums = torch.stack([loss_sum, *metric_sums.values(), torch.tensor(float(samples), device=self.device)])
+        *values, samples = all_reduce(sums).tolist()
         if samples == 0:
             raise ValueError("the validation loader yielded no batches")
-        # One device sync for all values of the epoch.
-        values = torch.stack([loss_sum, *metric_sums.values()]).tolist()
         logs = {"val_loss": values[0] / samples}
         logs.update({f"val_{name}": v / samples for name, v in zip(metric_sums, values[1:])})
         self._fire("on_validation_end", logs)

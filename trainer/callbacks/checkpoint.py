@@ -21,6 +21,8 @@ class ModelCheckpoint(Callback):
     Put it after the callbacks whose state it should carry (they run in order).
     """
 
+    rank_zero_only = True
+
     def __init__(
         self,
         dirpath: str | os.PathLike,

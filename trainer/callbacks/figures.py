@@ -150,7 +150,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
     def log_figure(self, trainer) -> None:
         """Predict on the fixed batch and add the figure at the current global step."""
         inputs, targets = self._fixed
-        model = trainer.model
+        model = trainer.module
         was_training = model.training
         model.eval()
         try:

@@ -39,7 +39,7 @@ class GraphCallback(TensorBoardWriterCallback):
         example = take_batch(trainer, self.example, self.num_samples)
         if self.example is None or isinstance(example, (tuple, list, dict)):
             example = split_batch(example)[0]
-        model = getattr(trainer.model, "module", trainer.model)  # unwrap DistributedDataParallel
+        model = trainer.module
         example = move_to_device(example, trainer.device, trainer.channels_last)
         was_training = model.training
         model.eval()

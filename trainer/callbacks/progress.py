@@ -23,6 +23,8 @@ class ProgressBar(Callback):
     validation loss and metrics, learning rate).
     """
 
+    rank_zero_only = True
+
     def __init__(self, log_every: int = 20, leave: bool = True, file: IO[str] | None = None) -> None:
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {log_every!r}")

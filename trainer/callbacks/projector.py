@@ -42,7 +42,7 @@ class PRCurveCallback(TensorBoardWriterCallback):
     @staticmethod
     def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and labels of every sample of `loader`, on the CPU."""
-        model = trainer.model
+        model = trainer.module
         was_training = model.training
         model.eval()
         probabilities, labels = [], []

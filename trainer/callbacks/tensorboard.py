@@ -69,6 +69,8 @@ class TensorBoardWriterCallback(Callback):
     holds event files (a run restarted before its first checkpoint) purges from step 0.
     """
 
+    rank_zero_only = True
+
     def __init__(self, log_dir: str | os.PathLike) -> None:
         self.log_dir = os.fspath(log_dir)
         self.writer: SummaryWriter | None = None

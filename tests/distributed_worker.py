@@ -1,0 +1,44 @@
+"""Run by tests/test_distributed.py under torchrun: a tiny fit whose results each rank saves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer import Trainer
+from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
+from trainer.distributed import get_rank
+
+
+def tiny_problem() -> tuple[nn.Module, TensorDataset, TensorDataset]:
+    """A small conv net with batch norm and a learnable 3-class problem (odd validation size)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(45, 1, 8, 8, generator=g)
+    y = (x[:, 0, 0, :3].argmax(1))
+    return model, TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.argmax(1) == target).float().mean()
+
+
+def main(out: str, epochs: int, resume: bool) -> None:
+    model, train, val = tiny_problem()
+    run = Path(out) / "run"
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
+                      callbacks=[TensorBoardCallback(run, log_every=2), EarlyStopping(patience=50), ModelCheckpoint(run)],
+                      max_epochs=epochs, device="cpu", metrics={"acc": accuracy}, seed=3)
+    trainer.fit(DataLoader(train, batch_size=4, shuffle=True), DataLoader(val, batch_size=4),
+                resume_from=run / "last.pt" if resume else None)
+    torch.save({"model": trainer.module.state_dict(), "history": trainer.history,
+                "global_step": trainer.global_step}, Path(out) / f"rank{get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume")

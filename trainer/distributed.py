@@ -1,0 +1,138 @@
+"""Several processes under `torchrun`: the process group, sharded loaders and reductions.
+
+A launch is noticed from the variables `torchrun` sets (``WORLD_SIZE`` > 1, ``RANK``,
+``LOCAL_RANK``). A single process never touches `torch.distributed`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+
+
+def launched_world_size() -> int:
+    """The number of processes `torchrun` started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 in a single process; from ``RANK`` before the group starts)."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 in a single process)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes logs and checkpoints."""
+    return get_rank() == 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Start the process group once under torchrun and return this process's device.
+
+    gloo on the CPU, NCCL on CUDA with one GPU per process (``cuda:LOCAL_RANK``). The group is
+    destroyed when the process exits. Outside torchrun, returns `device` unchanged.
+    """
+    if launched_world_size() <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy)
+    return device
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (returned unchanged in a single process)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce `tensor` in place across ranks (``"sum"`` or ``"max"``); a no-op in one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (e.g. batch-norm statistics) so that evaluation on any
+    rank uses the model that rank 0 saves."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world_size`-th index starting at `rank`, in order, without padding: ranks together
+    see each sample exactly once (so reduced sums equal a single process's)."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def shard_loader(loader: Iterable, train: bool) -> Iterable:
+    """This rank's part of `loader`.
+
+    A `DataLoader` over a map-style dataset is rebuilt with a `DistributedSampler` for training
+    (shuffled when the original was, reshuffled per epoch by `set_epoch`; every rank gets the
+    same number of batches) or a `ShardSampler` for evaluation (each sample once). A loader with
+    a ``shard(rank, world_size, train)`` method shards itself. Anything else is used whole on
+    every rank, with a warning.
+    """
+    rank, world = get_rank(), get_world_size()
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        if train:
+            sampler: Sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
+                                                  shuffle=isinstance(loader.sampler, RandomSampler),
+                                                  drop_last=loader.drop_last)
+        else:
+            sampler = ShardSampler(len(loader.dataset), rank, world)
+        workers = loader.num_workers
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            persistent_workers=loader.persistent_workers if workers else False,
+            prefetch_factor=loader.prefetch_factor if workers else None,
+        )
+    if callable(getattr(loader, "shard", None)):
+        return loader.shard(rank, world, train)
+    warnings.warn(
+        f"{type(loader).__name__} cannot be sharded across {world} processes: every process uses "
+        f"all of it; use a DataLoader over a map-style dataset or give the loader a shard() method",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return loader
