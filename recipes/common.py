@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from trainer import Callback, Trainer
+from trainer import Callback, NonFiniteLossError, Trainer
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, is_rank_zero
 
@@ -121,8 +121,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     try:
         return main(argv)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # A data error may list several problems on separate lines; the command line shows one line.
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print("error: " + "; ".join([str(exc), *getattr(exc, "__notes__", [])]), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

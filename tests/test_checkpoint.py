@@ -104,3 +104,37 @@ def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
     assert 99.0 not in [e.value for e in acc.Scalars("train/running_loss")]
     assert [e.step for e in acc.Scalars("epoch/loss")] == [5, 10, 15, 20]
     assert [e.value for e in acc.Scalars("epoch/loss")] == pytest.approx([h["loss"] for h in history])
+
+
+def test_non_finite_loss_caught_at_log_point_names_step_and_checkpoint(tmp_path):
+    from trainer import Callback, NonFiniteLossError
+
+    class PoisonAfterEpochOne(Callback):
+        def on_epoch_start(self, trainer):
+            if trainer.epoch == 1:
+                with torch.no_grad():
+                    trainer.module[0].weight.fill_(float("nan"))
+
+    checkpoint = ModelCheckpoint(tmp_path)
+    trainer, train, val = build([PoisonAfterEpochOne(), TensorBoardCallback(tmp_path / "tb", log_every=2),
+                                 checkpoint], epochs=3)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(train, val)
+    assert "global step 6" in str(info.value)  # the first log point after the weights broke (epoch 1: steps 6..10)
+    assert info.value.__notes__ == [f"last good checkpoint: {checkpoint.last_path}"]
+    state = load_checkpoint(checkpoint.last_path)
+    assert state["epochs_done"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_cli_reports_non_finite_loss_in_one_line(capsys):
+    from recipes.common import run_cli
+    from trainer import NonFiniteLossError
+
+    def main(argv):
+        error = NonFiniteLossError("training loss is nan at global step 3 (epoch 0)")
+        error.add_note("last good checkpoint: runs/x/last.pt")
+        raise error
+
+    assert run_cli(main, []) == 1
+    assert capsys.readouterr().err == ("error: training loss is nan at global step 3 (epoch 0); "
+                                       "last good checkpoint: runs/x/last.pt\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -13,7 +14,8 @@ class RunningLoss:
 
     The trainer accumulates ``loss x batch size`` in a device tensor. A callback that logs every
     N steps calls `pop` only at its log points: the single device sync happens there, and
-    nothing is done per batch.
+    nothing is done per batch. A NaN or infinite loss is caught there too
+    (`NonFiniteLossError`), without any extra sync.
     """
 
     def __init__(self) -> None:
@@ -30,4 +32,11 @@ class RunningLoss:
             return None
         mean = (total - self._sum) / (samples - self._samples)
         self._sum, self._samples = total, samples
+        if not math.isfinite(mean):
+            from trainer.core import NonFiniteLossError
+
+            raise NonFiniteLossError(
+                f"training loss is {mean} at global step {trainer.global_step} (epoch {trainer.epoch}); "
+                f"lower the learning rate, clip gradients or check the data"
+            )
         return mean

@@ -9,6 +9,7 @@ from typing import Any
 from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor, improves, worst
 from trainer.checkpoint import atomic_save
+from trainer.core import NonFiniteLossError
 
 
 class ModelCheckpoint(Callback):
@@ -57,10 +58,17 @@ class ModelCheckpoint(Callback):
             return
         state = trainer.state_dict()
         state["config"] = self.config
-        if self.save_last:
-            atomic_save(state, self.last_path)
+        # best.pt before last.pt: a crash between the two then resumes from the previous last.pt,
+        # redoes this epoch and rewrites best.pt, instead of continuing with a best.pt that misses it.
         if improved:
             atomic_save(state, self.best_path)
+        if self.save_last:
+            atomic_save(state, self.last_path)
+
+    def on_exception(self, trainer, exception) -> None:
+        if isinstance(exception, NonFiniteLossError):
+            saved = self.last_path if self.last_path.is_file() else None
+            exception.add_note(f"last good checkpoint: {saved}" if saved else "no checkpoint was written yet")
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far and its epoch."""
