@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from recipes.common import (
     start_run_dir,
     training_interrupts,
 )
-from trainer import Trainer, resolve_device
+from trainer import Callback, Trainer, resolve_device
 from trainer.distributed import init_distributed, is_rank_zero
 from trainer.callbacks import (
     EmbeddingCallback,
@@ -95,6 +96,31 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shu
                       persistent_workers=True)
 
 
+def normalized(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) images as the model sees them: float (N, 1, 28, 28), normalised."""
+    return (images.unsqueeze(1).float() / 255.0 - MEAN) / STD
+
+
+def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor, train_labels: torch.Tensor,
+                       test_images: torch.Tensor, test_labels: torch.Tensor,
+                       hparams: dict[str, Any] | None = None) -> list[Callback]:
+    """The callbacks that log the tutorial's tags: the running `training loss` every `log_every`
+    steps (and epoch values), `four_fashion_mnist_images`, the graph and `predictions vs. actuals`
+    (on four test images, every `log_every` steps)."""
+    shown = (normalized(test_images[:4]), test_labels[:4])
+    return [
+        TensorBoardCallback(run_dir, log_every=log_every, running_loss_tag="training loss",
+                            tags={"loss": "epoch/training loss", "val_loss": "validation loss",
+                                  "val_acc": "validation accuracy", "lr": "learning rate"},
+                            hparams=hparams, monitor="val_acc", mode="max"),
+        ImageGridCallback(run_dir, batch=(normalized(train_images[:4]), train_labels[:4]), num_images=4, mean=MEAN,
+                          std=STD, nrow=4, tag="four_fashion_mnist_images"),
+        GraphCallback(run_dir, example=shown[0][:1]),
+        PredictionFigureCallback(run_dir, kind="classification", batch=shown, every_n_steps=log_every,
+                                 classes=CLASSES, mean=MEAN, std=STD),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train (or resume) the tutorial CNN; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     pin = device.type == "cuda"
     train_loader = make_loader(train_images, train_labels, config["batch_size"], True, config, pin)
     test_loader = make_loader(test_images, test_labels, 1000, False, config, pin)
-    shown = ((test_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, test_labels[:4])
-    grid = ((train_images[:4].unsqueeze(1).float() / 255.0 - MEAN) / STD, train_labels[:4])
     if run_dir is None:
         run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
 
@@ -124,20 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     model = FashionCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
     checkpoint = ModelCheckpoint(run_dir, monitor="val_acc", mode="max", config=config)
-    log_every = config["log_every"]
     callbacks = [
-        TensorBoardCallback(run_dir, log_every=log_every, running_loss_tag="training loss",
-                            tags={"loss": "epoch/training loss", "val_loss": "validation loss",
-                                  "val_acc": "validation accuracy", "lr": "learning rate"},
-                            hparams=config, monitor="val_acc", mode="max"),
-        ImageGridCallback(run_dir, batch=grid, num_images=4, mean=MEAN, std=STD, nrow=4,
-                          tag="four_fashion_mnist_images"),
-        GraphCallback(run_dir, example=shown[0][:1]),
-        PredictionFigureCallback(run_dir, kind="classification", batch=shown, every_n_steps=log_every,
-                                 classes=CLASSES, mean=MEAN, std=STD),
+        *tutorial_callbacks(run_dir, config["log_every"], train_images, train_labels, test_images, test_labels,
+                            hparams=config),
         PRCurveCallback(run_dir, CLASSES),
         EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
-        ProgressBar(log_every=min(log_every, 200)),
+        ProgressBar(log_every=min(config["log_every"], 200)),
         checkpoint,
     ]
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],

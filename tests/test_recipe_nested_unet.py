@@ -68,6 +68,7 @@ def test_deep_supervision_run(tmp_path):
     assert "final4.weight" in state["model"]
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io used to check files
 def test_predict_writes_maps_at_each_images_size(tiny_run, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
