@@ -23,6 +23,27 @@ class VGGBlock(nn.Sequential):
         self.relu2 = nn.ReLU(inplace=True)
 
 
+class UNetEncoder(nn.Module):
+    """What UNet and NestedUNet share: the size checks, max-pool down, bilinear x2 up and the
+    five encoder blocks ``conv0_0`` .. ``conv4_0`` (layer names as in the reference code, so
+    state dicts match)."""
+
+    def __init__(self, num_classes: int, input_channels: int) -> None:
+        super().__init__()
+        check_positive("num_classes", num_classes)
+        check_positive("input_channels", input_channels)
+        self.num_classes = num_classes
+        self.input_channels = input_channels
+        f = FILTERS
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
+        self.conv1_0 = VGGBlock(f[0], f[1], f[1])
+        self.conv2_0 = VGGBlock(f[1], f[2], f[2])
+        self.conv3_0 = VGGBlock(f[2], f[3], f[3])
+        self.conv4_0 = VGGBlock(f[3], f[4], f[4])
+
+
 def check_positive(name: str, value: int) -> None:
     """Raise ValueError unless `value` is a positive integer."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import FILTERS, VGGBlock, check_input, check_positive
+from models.blocks import FILTERS, UNetEncoder, VGGBlock, check_input
 
 
-class UNet(nn.Module):
+class UNet(UNetEncoder):
     """Four-level U-Net for segmentation; returns logits of shape (N, num_classes, H, W).
 
     Height and width must be multiples of 16. With 1 class and 3 input channels it has
@@ -20,22 +20,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1, input_channels: int = 3) -> None:
-        super().__init__()
-        check_positive("num_classes", num_classes)
-        check_positive("input_channels", input_channels)
-        self.num_classes = num_classes
-        self.input_channels = input_channels
+        super().__init__(num_classes, input_channels)
         f = FILTERS
-
-        self.pool = nn.MaxPool2d(2, 2)
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-
-        self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
-        self.conv1_0 = VGGBlock(f[0], f[1], f[1])
-        self.conv2_0 = VGGBlock(f[1], f[2], f[2])
-        self.conv3_0 = VGGBlock(f[2], f[3], f[3])
-        self.conv4_0 = VGGBlock(f[3], f[4], f[4])
-
         self.conv3_1 = VGGBlock(f[3] + f[4], f[3], f[3])
         self.conv2_2 = VGGBlock(f[2] + f[3], f[2], f[2])
         self.conv1_3 = VGGBlock(f[1] + f[2], f[1], f[1])
