@@ -139,9 +139,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     - Every epoch end: each value of the epoch's logs (loss, val_loss, val_<metric>, lr)
       under ``tags.get(key, "epoch/<key>")``, at the global step, so one x axis serves all
       curves. A "Custom Scalars" chart overlays training and validation loss.
-    - At the end of `fit`: `hparams` (or, by default, optimizer, learning rate, epochs and
-      precision) with the final value of each logged key and the best `monitor` value, for the
-      HParams tab.
+    - At the end of the last epoch (or of a `fit` stopped before it): `hparams` (or, by default,
+      optimizer, learning rate, epochs and precision) with the final value of each logged key and
+      the best `monitor` value, for the HParams tab.
     """
 
     def __init__(
@@ -165,6 +165,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self.monitor, self.mode = monitor, mode
         self._running = RunningLoss()
         self._last_logged_step = 0
+        self._fit_start_step = 0
+        self._hparams_step: int | None = None
 
     def tag(self, key: str) -> str:
         """The TensorBoard tag of an epoch log key."""
@@ -172,7 +174,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
 
     def on_fit_start(self, trainer) -> None:
         super().on_fit_start(trainer)
-        self._last_logged_step = trainer.global_step
+        self._last_logged_step = self._fit_start_step = trainer.global_step
+        self._hparams_step = None
         if not self.resumed:
             self.writer.add_custom_scalars(
                 {"losses": {"training and validation loss": ["Multiline", [self.tag("loss"), self.tag("val_loss")]]}}
@@ -189,10 +192,17 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
             self.writer.add_scalar(self.tag(key), value, trainer.global_step)
+        if trainer.epoch + 1 >= trainer.max_epochs or trainer.should_stop:
+            # Before the last checkpoint (a ModelCheckpoint comes later in the list): a run killed
+            # at any moment after it has them on disk once, and a resume neither repeats nor loses them.
+            self._write_hparams(trainer)
         super().on_epoch_end(trainer, logs)
 
     def on_fit_end(self, trainer) -> None:
-        if self.writer is not None and trainer.history:
+        # A fit stopped before its last epoch logs them now; a resumed fit that trained no step (the
+        # run had already finished) logs nothing again.
+        if (self.writer is not None and trainer.history and trainer.global_step > self._fit_start_step
+                and self._hparams_step != trainer.global_step):
             self._write_hparams(trainer)
         super().on_fit_end(trainer)
 
@@ -210,6 +220,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             file_writer.add_summary(summary, trainer.global_step)
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, trainer.global_step)
+        self._hparams_step = trainer.global_step
 
 
 def default_hparams(trainer) -> dict[str, Any]:

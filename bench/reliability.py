@@ -1,0 +1,564 @@
+"""Faults thrown at the NestedUNet recipe's real command line, many times, with the outcome of each.
+
+    python -m bench.reliability [--trials 2] [--seed 0] [--arch UNet]
+
+Interruptions, each trial in a fresh run directory. A random moment is a random milestone of the
+process (its run directory recorded, an epoch's progress bar appearing) plus a random part of the
+time to the next milestone in an uninterrupted reference run, drawn from `random.Random(--seed)`:
+
+- SIGKILL at random moments: a fresh run killed at a random moment, its resume killed at another,
+  then resumed to the end.
+- SIGTERM / SIGINT at a random moment of the training of a random epoch (not the last): the run
+  must exit with 143 / 130 and print one line with the resume command; that command then finishes
+  the run.
+- SIGKILL during a checkpoint write: the run is killed as soon as the temporary file of ``best.pt``
+  or ``last.pt`` (random) of a random epoch appears, then resumed.
+- SIGKILL before the first checkpoint: killed at a random moment between the run directory's
+  ``config.json`` and the first checkpoint write (at the latest as that write begins), then
+  resumed: it starts over from ``config.json``.
+
+Each finished run is compared with an uninterrupted reference run of the same configuration:
+``last.pt`` and ``best.pt`` must be equal value for value (every tensor bit-identical), and every
+TensorBoard scalar curve (read with TensorBoard's own reader, which applies purges) must be equal,
+with no scalar or image tag logged twice at one step.
+
+Bad input (deterministic, run once each): the command must exit with 2, print one line naming the
+fault, and write nothing.
+
+A trial passes when the fault landed where it was meant to and the finished run matches.
+Prints a Markdown table: fault | trials | outcome, with where the faults landed. Exit code 0 when
+every trial passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datasets import SyntheticNuclei, write_png_file
+from trainer.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 600.0  # upper bound of every wait
+POLL = 0.002
+
+
+def tiny_config(arch: str, epochs: int) -> list[str]:
+    """The recipe options of every interrupted run: a few seconds of training on the CPU."""
+    return ["--arch", arch, "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
+            "--epochs", str(epochs), "--precision", "32", "--seed", "2", "--device", "cpu"]
+
+
+class Run:
+    """A ``python -m recipes.nested_unet`` process whose output is collected while it runs."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.started = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, "-m", "recipes.nested_unet", *args], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
+                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, key: str) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            self._chunks[key].append(chunk)
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed on stderr so far."""
+        return b"".join(self._chunks["err"]).decode(errors="replace")
+
+    def elapsed(self) -> float:
+        """Seconds since the process started."""
+        return time.monotonic() - self.started
+
+    def wait_for(self, condition: Callable[[], bool]) -> bool:
+        """Poll `condition` until it holds (True) or the process exits without it (False)."""
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            if (self.process.poll() is not None and not condition()) or time.monotonic() > deadline:
+                return False
+            time.sleep(POLL)
+        return True
+
+    def stop(self, signum: int = signal.SIGKILL) -> int:
+        """Send `signum` (if still running) and return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.finish()
+
+    def finish(self) -> int:
+        """Wait for the process to end (killing it after TIMEOUT); return its exit code."""
+        try:
+            returncode = self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            returncode = self.process.wait()
+        for reader in self._readers:
+            reader.join(TIMEOUT)
+        return returncode
+
+
+def epoch_started(run: Run, epoch: int, epochs: int) -> Callable[[], bool]:
+    """Whether the progress bar of `epoch` (1-based) has appeared."""
+    return lambda: f"epoch {epoch}/{epochs}" in run.stderr
+
+
+def temporary_files(run_dir: Path, name: str = "*.pt") -> list[Path]:
+    """The temporary files of checkpoint writes in progress (or cut short) in `run_dir`."""
+    return sorted(run_dir.glob(f".{name}.*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------- comparison
+def differences(actual: Any, expected: Any, where: str) -> list[str]:
+    """Where `actual` differs from `expected`; tensors must be bit-identical."""
+    if isinstance(expected, torch.Tensor):
+        same = isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype and torch.equal(actual, expected)
+        return [] if same else [f"{where} differs"]
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict) or sorted(actual) != sorted(expected):
+            return [f"{where}: keys differ"]
+        return [d for key in expected for d in differences(actual[key], expected[key], f"{where}[{key!r}]")]
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            return [f"{where}: lengths differ"]
+        return [d for i, (a, b) in enumerate(zip(actual, expected)) for d in differences(a, b, f"{where}[{i}]")]
+    return [] if actual == expected else [f"{where}: {actual!r} != {expected!r}"]
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    """The run's TensorBoard events as TensorBoard shows them (purged points dropped)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def duplicated_steps(events: EventAccumulator) -> list[str]:
+    """Scalar and image tags with two points at one step."""
+    tags = events.Tags()
+    found = []
+    for kind, read in (("scalars", events.Scalars), ("images", events.Images)):
+        for tag in tags[kind]:
+            steps = [event.step for event in read(tag)]
+            if len(steps) != len(set(steps)):
+                found.append(f"{kind} {tag!r} repeats steps {steps}")
+    return found
+
+
+def compare_with_reference(run_dir: Path, reference: Path) -> list[str]:
+    """Problems of a finished run against the uninterrupted reference; empty when identical."""
+    problems = []
+    for name in ("last.pt", "best.pt"):
+        try:
+            state = load_checkpoint(run_dir / name)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{name} does not load: {exc}")
+            continue
+        problems += differences(state, load_checkpoint(reference / name), name)
+    events, expected = read_events(run_dir), read_events(reference)
+    problems += duplicated_steps(events)
+    if set(events.Tags()["scalars"]) != set(expected.Tags()["scalars"]):
+        problems.append(f"scalar tags differ: {sorted(events.Tags()['scalars'])}")
+    for tag in expected.Tags()["scalars"]:
+        if tag in events.Tags()["scalars"]:
+            points = [(e.step, e.value) for e in events.Scalars(tag)]
+            if points != [(e.step, e.value) for e in expected.Scalars(tag)]:
+                problems.append(f"scalar curve {tag!r} differs: {points}")
+    for tag in expected.Tags()["images"]:
+        steps = [e.step for e in events.Images(tag)] if tag in events.Tags()["images"] else []
+        if steps != [e.step for e in expected.Images(tag)]:
+            problems.append(f"image {tag!r} logged at steps {steps}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------- interruptions
+class Reference(NamedTuple):
+    """The uninterrupted run, and the seconds after its start at which each milestone was seen:
+    ``config`` (the run directory is recorded), ``epoch E`` (its progress bar appears),
+    ``checkpoint`` (the first checkpoint write begins) and ``end``."""
+
+    run_dir: Path
+    seen: dict[str, float]
+    improved: list[bool]
+
+    def gap(self, milestone: str, epochs: int) -> float:
+        """Seconds from `milestone` to the next one: a config or an epoch's span."""
+        order = ["config", *(f"epoch {e}" for e in range(1, epochs + 1)), "end"]
+        return self.seen[order[order.index(milestone) + 1]] - self.seen[milestone]
+
+
+def milestones(run: Run, run_dir: Path, epochs: int) -> dict[str, Callable[[], bool]]:
+    """Conditions that mark a run's progress, by name (see `Reference`)."""
+    return {
+        "config": lambda: (run_dir / "config.json").is_file(),
+        "checkpoint": lambda: bool(temporary_files(run_dir)) or (run_dir / "last.pt").is_file(),
+        **{f"epoch {e}": epoch_started(run, e, epochs) for e in range(1, epochs + 1)},
+    }
+
+
+def run_reference(root: Path, config: list[str], epochs: int) -> Reference:
+    """Run the configuration uninterrupted, timing its milestones."""
+    run_dir = root / "reference"
+    run = Run([*config, "--log-dir", str(run_dir)])
+    conditions = milestones(run, run_dir, epochs)
+    seen: dict[str, float] = {}
+
+    def record() -> bool:
+        seen.update({name: run.elapsed() for name, happened in conditions.items() if name not in seen and happened()})
+        return False
+
+    run.wait_for(record)  # polls until the process exits
+    seen["end"] = run.elapsed()
+    if run.finish() != 0 or len(seen) != len(conditions) + 1:
+        raise SystemExit(f"the reference run failed:\n{run.stderr[-3000:]}")
+    scores = [logs["val_iou"] for logs in load_checkpoint(run_dir / "last.pt")["history"]]
+    improved = [i == 0 or scores[i] > max(scores[:i]) for i in range(len(scores))]
+    return Reference(run_dir, seen, improved)
+
+
+def epochs_done(run_dir: Path) -> int:
+    """Epochs recorded in the run's last.pt (0 without one)."""
+    return load_checkpoint(run_dir / "last.pt")["epochs_done"] if (run_dir / "last.pt").is_file() else 0
+
+
+def where_killed(run_dir: Path, epochs: int) -> str:
+    """What the run directory says about the moment a run was killed."""
+    if not (run_dir / "config.json").is_file():
+        return "before the run directory"
+    if temporary_files(run_dir):
+        return "during a checkpoint write"
+    if not (run_dir / "last.pt").is_file():
+        return "before the first checkpoint"
+    done = epochs_done(run_dir)
+    return "after the last checkpoint" if done == epochs else f"in epoch {done + 1}"
+
+
+def wait_random(run: Run, start: Callable[[], bool], seconds: float, cutoff: Callable[[], bool]) -> bool:
+    """Wait for `start`, then `seconds` more or until `cutoff` holds, whichever comes first; False
+    when the process exits before."""
+    if not run.wait_for(start):
+        return False
+    deadline = run.elapsed() + seconds
+    return run.wait_for(lambda: run.elapsed() >= deadline or cutoff())
+
+
+class Trial(NamedTuple):
+    """One trial's verdict and notes."""
+
+    ok: bool
+    notes: list[str]
+
+
+def finish_and_compare(run_dir: Path, args: list[str], reference: Reference, notes: list[str]) -> Trial:
+    """Run `args` to the end and compare the run with the reference."""
+    run = Run(args)
+    code = run.finish()
+    if code != 0:
+        return Trial(False, [*notes, f"the final run exited with {code}: {run.stderr[-500:]}"])
+    problems = compare_with_reference(run_dir, reference.run_dir)
+    return Trial(not problems, notes + problems[:3])
+
+
+def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                       epochs: int) -> Trial:
+    """SIGKILL at a random moment of a fresh run, again at a random moment of its resume, then finish.
+
+    A moment is a random milestone still ahead of the process (its run directory being recorded,
+    an epoch's start) plus a random part of the time to the next milestone in the reference run.
+    """
+    notes = []
+    for attempt in range(2):
+        done = epochs_done(run_dir)
+        if attempt and done == epochs:
+            break
+        run = Run(["--resume", str(run_dir)] if attempt else [*config, "--log-dir", str(run_dir)])
+        conditions = milestones(run, run_dir, epochs)
+        ahead = [f"epoch {e}" for e in range(done + 1, epochs + 1)] + ([] if attempt else ["config"])
+        anchor = rng.choice(ahead)
+        if wait_random(run, conditions[anchor], rng.uniform(0.0, reference.gap(anchor, epochs)), lambda: False):
+            run.stop()
+            notes.append(where_killed(run_dir, epochs))
+        else:
+            run.finish()
+            notes.append("finished before the kill")
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+
+
+def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, signum: int,
+                 epochs: int) -> Trial:
+    """`signum` at a random moment of a random epoch: exit 128 + signum, one resume line, then finish.
+
+    The moment is the start of an epoch other than the last plus a random part of an epoch's mean
+    length in the reference run, cut short when the next epoch begins, so that it falls during
+    training. A signal that arrives after the last training step anyway is noted and the run
+    compared as it is.
+    """
+    epoch = rng.randint(1, epochs - 1)
+    run = Run([*config, "--log-dir", str(run_dir)])
+    conditions = milestones(run, run_dir, epochs)
+    length = (reference.seen[f"epoch {epochs}"] - reference.seen["epoch 1"]) / (epochs - 1)
+    next_epoch = conditions[f"epoch {epoch + 1}"]
+    if not wait_random(run, conditions[f"epoch {epoch}"], rng.uniform(0.0, length), next_epoch):
+        run.finish()
+        return Trial(False, [f"in epoch {epoch}", "the run ended before the signal"])
+    notes = [f"at the start of epoch {epoch + 1}" if next_epoch() else f"in epoch {epoch}"]
+    code = run.stop(signum)
+    if code != 128 + signum and epochs_done(run_dir) == epochs:
+        problems = compare_with_reference(run_dir, reference.run_dir)
+        return Trial(not problems, [f"arrived after the last step (exit {code})", *problems[:3]])
+    if code != 128 + signum:
+        return Trial(False, [*notes, f"exit code {code}, expected {128 + signum}"])
+    command = f"python -m recipes.nested_unet --resume {run_dir}"
+    lines = [line for line in run.stderr.splitlines() if "--resume" in line]
+    if lines != [f"stopped; resume with: {command}"]:
+        return Trial(False, [*notes, f"resume lines: {lines}"])
+    return finish_and_compare(run_dir, shlex.split(lines[0].split(": ", 1)[1])[3:], reference, notes)
+
+
+def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                           epochs: int) -> Trial:
+    """SIGKILL as soon as a random checkpoint file of a random epoch is being written, then finish."""
+    epoch = rng.randint(1, epochs)
+    name = rng.choice(["best.pt", "last.pt"]) if reference.improved[epoch - 1] else "last.pt"
+    notes = [f"{name} of epoch {epoch}"]
+    run = Run([*config, "--log-dir", str(run_dir)])
+    run.wait_for(epoch_started(run, epoch, epochs))
+    if not run.wait_for(lambda: bool(temporary_files(run_dir, name))):
+        run.finish()
+        return Trial(False, [*notes, "the run ended without writing it"])
+    run.stop()
+    if not temporary_files(run_dir, name):
+        return Trial(False, [*notes, "missed: the write ended before the kill"])
+    if epoch > 1:
+        # last.pt is the previous epoch's; best.pt is the recorded best, or this epoch's when it is
+        # written first and the kill came during last.pt.
+        last = load_checkpoint(run_dir / "last.pt")
+        allowed = {last["callbacks"]["ModelCheckpoint"]["best_epoch"] + 1} | ({epoch} if name == "last.pt" else set())
+        if last["epochs_done"] != epoch - 1 or load_checkpoint(run_dir / "best.pt")["epochs_done"] not in allowed:
+            return Trial(False, [*notes, "last.pt and best.pt disagree after the kill"])
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+
+
+def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                                  epochs: int) -> Trial:
+    """SIGKILL at a random moment between config.json and the first checkpoint write, then finish."""
+    run = Run([*config, "--log-dir", str(run_dir)])
+    conditions = milestones(run, run_dir, epochs)
+    span = reference.seen["checkpoint"] - reference.seen["config"]
+    if not wait_random(run, conditions["config"], rng.uniform(0.0, span), conditions["checkpoint"]):
+        run.finish()
+        return Trial(False, ["the run ended before the kill"])
+    run.stop()
+    if (run_dir / "last.pt").is_file():
+        return Trial(False, ["missed: the first checkpoint was written before the kill"])
+    moment = "during the first checkpoint write" if temporary_files(run_dir) else (
+        "during epoch 1" if conditions["epoch 1"]() else "before epoch 1")
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [moment])
+
+
+# ----------------------------------------------------------------------------------------- bad input
+class BadInput(NamedTuple):
+    """A command line with one fault and the text its error line must contain."""
+
+    fault: str
+    args: list[str]
+    expected: str
+
+
+def bad_inputs(root: Path) -> list[BadInput]:
+    """The bad-input faults, with the data folders they need written under `root`."""
+    def folder(name: str, samples: int = 6) -> Path:
+        path = root / name
+        SyntheticNuclei(samples, image_size=16, seed=1).save(path)
+        return path
+
+    empty = root / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    unpaired = folder("unpaired")
+    (unpaired / "masks" / "0" / "0002.png").unlink()
+    truncated = folder("truncated")
+    image = (truncated / "images" / "0001.png").read_bytes()
+    (truncated / "images" / "0001.png").write_bytes(image[: len(image) // 2])
+    damaged = folder("damaged")
+    (damaged / "images" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    nonbinary = folder("nonbinary")
+    write_png_file(torch.tensor([0, 100, 255], dtype=torch.uint8).repeat(86)[:256].reshape(1, 16, 16),
+                   nonbinary / "masks" / "0" / "0003.png")
+    wrong_size = folder("wrong_size")
+    write_png_file(torch.zeros(1, 8, 8, dtype=torch.uint8), wrong_size / "masks" / "0" / "0004.png")
+    mixed = folder("mixed")
+    big = SyntheticNuclei(3, image_size=32, seed=2, offset=100)
+    for i in range(len(big)):
+        image, mask = big[i]
+        write_png_file(image.mul(255).round().to(torch.uint8), mixed / "images" / f"big{i}.png")
+        write_png_file(mask.to(torch.uint8) * 255, mixed / "masks" / "0" / f"big{i}.png")
+    if os.geteuid() == 0:  # root may write into read-only folders: put the log folder under a file
+        (root / "a-file").write_text("")
+        unwritable, how = root / "a-file" / "run", "under a file"
+    else:
+        (root / "read-only").mkdir(mode=0o555)
+        unwritable, how = root / "read-only" / "run", "in a read-only folder"
+    data = ["--epochs", "1", "--batch-size", "4"]
+    images, masks = "images", Path("masks") / "0"
+    faults = [
+        BadInput("missing data folder", ["--data", str(root / "nope"), *data], f"{root / 'nope'} does not exist"),
+        BadInput("empty data folder", ["--data", str(empty), *data], f"no images in {empty / images}"),
+        BadInput("unpaired files", ["--data", str(unpaired), *data],
+                 "images without a mask in every class: images/0002.png"),
+        BadInput("corrupt image (truncated PNG)", ["--data", str(truncated), *data],
+                 f"cannot decode {truncated / images / '0001.png'}"),
+        BadInput("corrupt image (PNG signature, broken header)", ["--data", str(damaged), *data],
+                 f"cannot decode {damaged / images / '0001.png'}"),
+        BadInput("non-binary mask", ["--data", str(nonbinary), *data],
+                 f"mask {nonbinary / masks / '0003.png'} is not binary"),
+        BadInput("mask of the wrong size", ["--data", str(wrong_size), *data],
+                 f"mask {wrong_size / masks / '0004.png'} is 8x8"),
+        BadInput("mixed image sizes without --image-size", ["--data", str(mixed), *data],
+                 "images have different sizes"),
+        BadInput("--epochs 0", ["--epochs", "0"], "argument --epochs: expected a positive integer"),
+        BadInput("--batch-size 0", ["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        BadInput("--lr 0", ["--lr", "0"], "argument --lr: expected a positive number"),
+        BadInput("unknown --arch", ["--arch", "ResNet"], "argument --arch: invalid choice: 'ResNet'"),
+        BadInput("unknown --optimizer", ["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+        BadInput("unknown --scheduler", ["--scheduler", "step"], "argument --scheduler: invalid choice"),
+        BadInput(f"unwritable --log-dir ({how})",
+                 ["--train-samples", "8", "--val-samples", "4", *data, "--log-dir", str(unwritable)],
+                 f"cannot create the log directory '{unwritable}'"),
+        BadInput("--image-size 30 (not a multiple of 16)", ["--image-size", "30"], "not a multiple of 16; try 32"),
+    ]
+    if not torch.cuda.is_available():
+        faults.append(BadInput("--device cuda without a GPU", ["--device", "cuda"], "no CUDA GPU is available"))
+    return faults
+
+
+def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
+    """Run one faulty command line; problems with its exit code, message or writes."""
+    args = fault.args if "--log-dir" in fault.args else [*fault.args, "--log-dir", str(log_dir)]
+    watched = [Path(args[args.index("--log-dir") + 1])]
+    if "--data" in args:
+        watched.append(Path(args[args.index("--data") + 1]))
+    before = {path: snapshot(path) for path in watched}
+    run = Run(args)
+    code = run.finish()
+    message = run.stderr
+    problems = []
+    if code != 2:
+        problems.append(f"exit code {code}")
+    if message.count("\n") != 1 or not message.endswith("\n"):
+        problems.append(f"{message.count(chr(10))} lines on stderr, the first {message.splitlines()[0]!r}"
+                        if message else "nothing on stderr")
+    if fault.expected not in message:
+        problems.append(f"message {message.strip()!r} lacks {fault.expected!r}")
+    if any(snapshot(path) != before[path] for path in watched):
+        problems.append("files were written")
+    return problems
+
+
+def snapshot(path: Path) -> list[tuple[str, int]]:
+    """Names and sizes of everything under `path` (empty when it does not exist)."""
+    if not path.exists():
+        return []
+    if path.is_file():
+        return [(path.name, path.stat().st_size)]
+    return sorted((str(p.relative_to(path)), p.stat().st_size if p.is_file() else -1) for p in path.rglob("*"))
+
+
+# ----------------------------------------------------------------------------------------- main
+def summary(results: list[Trial], success: str) -> str:
+    """``<success>: k/n`` and a count of the notes, e.g. where the kills landed."""
+    passed = sum(trial.ok for trial in results)
+    notes = Counter(note for trial in results for note in trial.notes)
+    shown = ", ".join(f"{note}: {count}" if count > 1 else note for note, count in notes.most_common())
+    return f"{success}: {passed}/{len(results)}" + (f" ({shown})" if shown else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every fault, print the Markdown table, return 0 when all trials passed."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=2, help="trials per interruption fault (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random moments (default: %(default)s)")
+    parser.add_argument("--arch", choices=["UNet", "NestedUNet"], default="UNet",
+                        help="network of the interrupted runs (default: %(default)s, the faster one)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the interrupted runs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.epochs < 2:
+        parser.error("--trials must be >= 1 and --epochs >= 2")
+
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # its reader reports every purge it applies
+    rng = random.Random(args.seed)
+    config = tiny_config(args.arch, args.epochs)
+    rows: list[tuple[str, int, str]] = []
+    all_ok = True
+    with tempfile.TemporaryDirectory(prefix="bench-reliability-") as tmp:
+        root = Path(tmp)
+        started = time.monotonic()
+        reference = run_reference(root, config, args.epochs)
+        progress(f"reference run: {reference.seen['end']:.1f} s")
+        same = "state bit-identical, same curves, no duplicated steps"
+        success = "resumed, " + same
+        interruptions: list[tuple[str, Callable[[Path], Trial], str]] = [
+            ("SIGKILL at random moments (2 per trial)",
+             lambda d: trial_random_kills(d, config, reference, rng, args.epochs), success),
+            ("SIGTERM during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGTERM, args.epochs),
+             "exit 143, one resume line, " + success),
+            ("SIGINT during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGINT, args.epochs),
+             "exit 130, one resume line, " + success),
+            ("SIGKILL during a checkpoint write",
+             lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs), success),
+            ("SIGKILL before the first checkpoint",
+             lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
+             "restarted from config.json, " + same),
+        ]
+        for fault, trial, outcome in interruptions:
+            results = []
+            for index in range(args.trials):
+                result = trial(root / f"{fault.split()[0]}-{len(rows)}-{index}")
+                progress(f"{fault} #{index + 1}: {'ok' if result.ok else 'FAILED'} {result.notes}")
+                results.append(result)
+            all_ok &= all(r.ok for r in results)
+            rows.append((fault, len(results), summary(results, outcome)))
+        for index, fault in enumerate(bad_inputs(root / "data")):
+            problems = check_bad_input(fault, root / "bad-input" / str(index))
+            progress(f"{fault.fault}: {'ok' if not problems else problems}")
+            all_ok &= not problems
+            rows.append((fault.fault, 1, "exit 2, one line naming it, nothing written: "
+                         + ("1/1" if not problems else f"0/1 ({'; '.join(problems)})")))
+        minutes = (time.monotonic() - started) / 60
+
+    print(f"`python -m bench.reliability --trials {args.trials} --seed {args.seed} --arch {args.arch} "
+          f"--epochs {args.epochs}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n")
+    print("| fault | trials | outcome |")
+    print("|---|---|---|")
+    for fault, trials, outcome in rows:
+        outcome = " ".join(outcome.replace("|", "\\|").split())  # one table cell, whatever the notes hold
+        print(f"| {fault} | {trials} | {outcome} |")
+    return 0 if all_ok else 1
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Killed, stopped and resumed runs of the NestedUNet recipe lose nothing.
+
+The kill tests run the real command line, ``python -m recipes.nested_unet``, in subprocesses on a
+tiny configuration with a fixed seed. A run is stopped at a chosen moment, found by watching its
+progress bar (stderr) and its run directory, then continued with ``--resume RUN_DIR``. At the end
+the run must equal an uninterrupted reference run: every value of ``last.pt`` and ``best.pt``
+(weights, optimizer, scheduler, random generators, history, callback states), and every TensorBoard
+curve, read back with TensorBoard's own reader, with no step logged twice.
+
+Two moments leave no trace outside the process: validation, and the instant after the last
+checkpoint. For those the test runs the recipe's command line through a small wrapper (`HOLD`) that
+holds the process at that moment until the test kills it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from datasets import SyntheticNuclei
+from recipes import nested_unet
+from recipes.common import run_cli
+from trainer import Trainer
+from trainer.callbacks import ModelCheckpoint, TensorBoardCallback
+from trainer.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 3
+# The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
+TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
+        "--epochs", str(EPOCHS), "--precision", "32", "--seed", "2"]
+TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
+POLL = 0.002
+
+# The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
+# moment named by the first argument: "validation:E" (the first validation batch of epoch E) or
+# "checkpoint:E" (just after the checkpoints of epoch E are written).
+HOLD = f"""
+import runpy, sys, threading
+from trainer.callbacks import ModelCheckpoint
+from trainer.core import Trainer
+
+moment, epoch = sys.argv.pop(1).split(":")
+
+def hold():
+    print(f"held at {{moment}}", file=sys.stderr, flush=True)
+    threading.Event().wait({TIMEOUT})
+    raise SystemExit("held but never killed")
+
+def eval_step(self, batch, original=Trainer.eval_step):
+    if moment == "validation" and self.epoch + 1 == int(epoch):
+        hold()
+    return original(self, batch)
+
+def on_epoch_end(self, trainer, logs, original=ModelCheckpoint.on_epoch_end):
+    original(self, trainer, logs)
+    if moment == "checkpoint" and trainer.epoch + 1 == int(epoch):
+        hold()
+
+Trainer.eval_step, ModelCheckpoint.on_epoch_end = eval_step, on_epoch_end
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+
+class Run:
+    """A recipe process whose stdout and stderr are collected while it runs."""
+
+    def __init__(self, args: Sequence[str], code: str | None = None) -> None:
+        command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
+        self.process = subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
+                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, key: str) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            self._chunks[key].append(chunk)
+
+    @property
+    def stdout(self) -> str:
+        """Everything the process printed on stdout so far."""
+        return b"".join(self._chunks["out"]).decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed on stderr so far (the progress bar, messages)."""
+        return b"".join(self._chunks["err"]).decode(errors="replace")
+
+    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        """Poll `condition` until it holds; fail if the process exits first or after TIMEOUT."""
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            if self.process.poll() is not None and not condition():
+                self.finish()
+                code = self.process.returncode
+                raise AssertionError(f"the run exited ({code}) before {what}:\n{self.stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                self.finish()
+                raise AssertionError(f"no {what} within {TIMEOUT} s:\n{self.stderr[-3000:]}")
+            time.sleep(POLL)
+
+    def stop(self, signum: int = signal.SIGKILL) -> int:
+        """Send `signum` and return the exit code."""
+        self.process.send_signal(signum)
+        return self.finish()
+
+    def finish(self) -> int:
+        """Wait (at most TIMEOUT) for the process to end; return its exit code."""
+        try:
+            returncode = self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        for reader in self._readers:
+            reader.join(TIMEOUT)
+        return returncode
+
+
+def epoch_started(run: Run, epoch: int) -> Callable[[], bool]:
+    """Whether the progress bar of `epoch` (1-based) has appeared: that epoch is training."""
+    return lambda: f"epoch {epoch}/{EPOCHS}" in run.stderr
+
+
+def epochs_done(run_dir: Path) -> int:
+    """Epochs recorded in the run's ``last.pt``, which must load."""
+    return load_checkpoint(run_dir / "last.pt")["epochs_done"]
+
+
+def assert_same(actual: Any, expected: Any, where: str = "checkpoint") -> None:
+    """Recursive equality; tensors must be bit-identical (`torch.equal`, same dtype)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), f"{where}: keys differ"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{where}: lengths differ"
+        for index, (a, b) in enumerate(zip(actual, expected)):
+            assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    """The run's TensorBoard events as TensorBoard shows them (purged points dropped)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def assert_no_duplicated_steps(events: EventAccumulator) -> None:
+    """No scalar or image tag has two points at one step."""
+    tags = events.Tags()
+    for tag in tags["scalars"]:
+        steps = [event.step for event in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), f"scalar {tag!r} repeats steps: {steps}"
+    for tag in tags["images"]:
+        steps = [event.step for event in events.Images(tag)]
+        assert len(steps) == len(set(steps)), f"image {tag!r} repeats steps: {steps}"
+
+
+def assert_matches_reference(run_dir: Path, reference: Path) -> None:
+    """The finished run equals the uninterrupted `reference` run: checkpoints, history, curves."""
+    for name in ("last.pt", "best.pt"):
+        state, expected = load_checkpoint(run_dir / name), load_checkpoint(reference / name)
+        assert state["history"] == expected["history"], name
+        assert_same(state, expected, name)
+    events, expected = read_events(run_dir), read_events(reference)
+    assert_no_duplicated_steps(events)
+    tags = events.Tags()
+    assert set(tags["scalars"]) == set(expected.Tags()["scalars"])
+    for tag in tags["scalars"]:
+        points = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert points == [(e.step, e.value) for e in expected.Scalars(tag)], tag
+    assert set(tags["images"]) == set(expected.Tags()["images"])
+    for tag in tags["images"]:
+        assert [e.step for e in events.Images(tag)] == [e.step for e in expected.Images(tag)], tag
+    assert tags["graph"]
+    visible = {p.name for p in run_dir.iterdir() if not p.name.startswith((".", "events.out.tfevents."))}
+    assert visible == {"config.json", "last.pt", "best.pt"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of TINY."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run = Run([*TINY, "--log-dir", str(run_dir)])
+    assert run.finish() == 0, run.stderr[-3000:]
+    return run_dir
+
+
+def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_path):
+    """SIGKILL before the first checkpoint, during a training step, during validation, during a
+    checkpoint write and just after the last checkpoint, resuming after each: the finished run equals
+    the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    resume = ["--resume", str(run_dir)]
+
+    run = Run([*TINY, "--log-dir", str(run_dir)])
+    run.wait_for(epoch_started(run, 1), "epoch 1")
+    assert run.stop() == -signal.SIGKILL
+    assert (run_dir / "config.json").is_file() and not list(run_dir.glob("*.pt"))
+
+    run = Run(resume)  # starts over from config.json
+    run.wait_for(epoch_started(run, 2), "epoch 2")
+    assert run.stop() == -signal.SIGKILL
+    assert epochs_done(run_dir) == 1
+
+    run = Run(["validation:2", *resume], code=HOLD)
+    run.wait_for(lambda: "held at validation" in run.stderr, "validation of epoch 2")
+    assert run.stop() == -signal.SIGKILL
+    assert epochs_done(run_dir) == 1
+
+    # In an epoch that improves the monitored value best.pt is written first, then last.pt.
+    history = load_checkpoint(reference / "last.pt")["history"]
+    name = "best.pt" if history[1]["val_iou"] > history[0]["val_iou"] else "last.pt"
+    run = Run(resume)
+    run.wait_for(lambda: any(run_dir.glob(f".{name}.*.tmp")), f"the temporary file of {name}")
+    assert run.stop() == -signal.SIGKILL
+    assert list(run_dir.glob(f".{name}.*.tmp")), f"the write of {name} ended before the kill landed"
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    assert last["epochs_done"] == 1
+    assert best["epochs_done"] == last["callbacks"]["ModelCheckpoint"]["best_epoch"] + 1
+
+    run = Run([f"checkpoint:{EPOCHS}", *resume], code=HOLD)
+    run.wait_for(lambda: "held at checkpoint" in run.stderr, f"the checkpoints of epoch {EPOCHS}")
+    assert run.stop() == -signal.SIGKILL
+    assert epochs_done(run_dir) == EPOCHS
+
+    run = Run(resume)  # nothing left to train
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert_matches_reference(run_dir, reference)
+
+
+def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):
+    """SIGTERM exits with 143 and SIGINT with 130 after the current step, each printing one line
+    with the resume command and leaving a checkpoint from which the run finishes as if never stopped."""
+    run_dir = tmp_path / "run"
+    command = f"python -m recipes.nested_unet --resume {run_dir}"
+    for signum, code, epoch in ((signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 3)):
+        run = Run([*TINY, "--log-dir", str(run_dir)] if epoch == 2 else ["--resume", str(run_dir)])
+        run.wait_for(epoch_started(run, epoch), f"epoch {epoch}")
+        assert run.stop(signum) == code, run.stderr[-3000:]
+        lines = [line for line in run.stderr.splitlines() if "--resume" in line]
+        assert lines == [f"stopped; resume with: {command}"]
+        assert epochs_done(run_dir) == epoch - 1
+
+    run = Run(command.split()[3:])
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert f"run written to: {run_dir}" in run.stdout
+    assert_matches_reference(run_dir, reference)
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, regression_loaders):
+    """Resuming a run that already finished trains nothing and adds no TensorBoard point."""
+    train, val = regression_loaders
+    for resume_from in (None, tmp_path / "last.pt"):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=2,
+                          callbacks=[TensorBoardCallback(tmp_path, log_every=1), ModelCheckpoint(tmp_path)],
+                          device="cpu")
+        trainer.fit(train, val, resume_from=resume_from)
+    events = read_events(tmp_path)
+    assert_no_duplicated_steps(events)
+    assert [event.step for event in events.Scalars("hparams/final_loss")] == [6]
+
+
+def test_a_data_error_listing_several_problems_is_one_line(tmp_path, capsys):
+    """A data folder with several problems is refused with exit code 2 and one line naming each."""
+    data = SyntheticNuclei(4, image_size=16, seed=1).save(tmp_path / "data")
+    (data / "masks" / "0" / "0001.png").unlink()
+    (data / "images" / "0002.png").unlink()
+    assert run_cli(nested_unet.main, ["--data", str(data), "--log-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "images/0001.png" in err and "masks/0/0002.png" in err
+    assert not (tmp_path / "run").exists()
