@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads`` (torch threads; 0 keeps torch's default)."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's thread count from ``--threads`` when it is not 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from bench.common import interleaved, print_ratios
+from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models import BCEDiceLoss, NestedUNet
 
 
@@ -47,12 +47,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per timed run")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine")
+    add_threads_option(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     masks = (torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=g) > 0.7).float()

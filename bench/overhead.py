@@ -18,7 +18,7 @@ import tempfile
 import torch
 from torch import nn
 
-from bench.common import interleaved, print_ratios
+from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models.cnn import FashionCNN
 from trainer import Trainer
 from trainer.callbacks import (
@@ -35,12 +35,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=938, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine")
+    add_threads_option(parser)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     torch.manual_seed(0)
     images = torch.randn(args.steps * args.batch_size, 1, 28, 28)
