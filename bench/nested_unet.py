@@ -1,21 +1,33 @@
-"""Training-step throughput of NestedUNet on the CPU: the usual float32 loop vs this recipe's settings.
+"""Training-step throughput of NestedUNet on the CPU: every fixed setting vs the automatic choice.
 
-    python -m bench.nested_unet [--image-size 64] [--batch-size 16] [--steps 4] [--repeats 3]
+    python -m bench.nested_unet [--image-size 64] [--batch-size 4] [--steps 4] [--repeats 3]
 
-Both variants run the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved in
-one process; medians of `--repeats` runs. "fp32 eager" is the reference loop of the widely used
-pytorch-nested-unet code; "recipe" adds what `recipes.nested_unet` uses by default:
-channels-last memory format and bf16 autocast. Prints samples/s and the speed-up.
+Prints the CPU's native capabilities (AVX2 / AVX-512 / AVX512-BF16 / AMX), then what
+``precision="auto"`` with ``channels_last="auto"`` chooses on this machine (and how long its
+probe took), then one row per setting: float32 eager (the reference loop of the widely used
+pytorch-nested-unet code), channels-last, bf16 autocast, channels-last + bf16 and the automatic
+choice. All rows run the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved
+in one process; medians of `--repeats` runs. The defaults are the recipe's own workload.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models import BCEDiceLoss, NestedUNet
+from recipes.nested_unet import BUILTIN_IMAGE_SIZE, DEFAULT_BATCH_SIZE
+from trainer.precision import choose_precision, cpu_features, describe_cpu
+
+SETTINGS = {  # name -> (channels_last, bf16)
+    "fp32 eager": (False, False),
+    "channels_last": (True, False),
+    "bf16 autocast": (False, True),
+    "channels_last + bf16": (True, True),
+}
 
 
 def make_step(channels_last: bool, bf16: bool, images: torch.Tensor, masks: torch.Tensor, steps: int):
@@ -44,8 +56,8 @@ def make_step(channels_last: bool, bf16: bool, images: torch.Tensor, masks: torc
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the comparison and print it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=BUILTIN_IMAGE_SIZE)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per timed run")
     add_threads_option(parser)
     parser.add_argument("--repeats", type=int, default=3)
@@ -54,17 +66,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     masks = (torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=g) > 0.7).float()
-    medians = interleaved({
-        "fp32 eager": make_step(False, False, images, masks, args.steps),
-        "channels_last": make_step(True, False, images, masks, args.steps),
-        "bf16 autocast": make_step(False, True, images, masks, args.steps),
-        "recipe (channels_last + bf16)": make_step(True, True, images, masks, args.steps),
-    }, repeats=args.repeats)
+
+    features = cpu_features()
+    print(f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
+          f"{torch.get_num_threads()} threads")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    choice = choose_precision(NestedUNet(), torch.device("cpu"), images)
+    print(f"automatic choice (probe {time.perf_counter() - started:.2f} s): {choice}")
+
+    variants = {name: make_step(*setting, images, masks, args.steps) for name, setting in SETTINGS.items()}
+    auto_name = f"auto ({choice.precision}{', channels_last' if choice.channels_last else ''})"
+    variants[auto_name] = make_step(choice.channels_last, choice.precision == "bf16", images, masks, args.steps)
+    medians = interleaved(variants, repeats=args.repeats)
     print(f"NestedUNet, {args.steps} steps of {args.batch_size}x3x{args.image_size}x{args.image_size}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"median of {args.repeats}")
     print_ratios(medians, "fp32 eager", work=args.steps * args.batch_size)
-    speedup = medians["fp32 eager"] / medians["recipe (channels_last + bf16)"]
-    print(f"recipe settings vs fp32 eager: {speedup:.2f}x the samples/s")
+    fastest = min(SETTINGS, key=medians.get)
+    gap = medians[auto_name] / medians[fastest]
+    print(f"automatic choice vs the fastest fixed setting ({fastest}): {gap:.3f}x the time "
+          f"({'within' if gap <= 1.03 else 'outside'} 3%)")
     return medians
 
 

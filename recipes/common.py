@@ -20,6 +20,7 @@ import torch
 from trainer import Callback, NonFiniteLossError, Trainer
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, is_rank_zero
+from trainer.precision import PrecisionChoice, choose_precision
 
 
 class UsageError(Exception):
@@ -162,15 +163,38 @@ def resume_run(run_dir: str, args: argparse.Namespace, argv: list[str]) -> tuple
     return path, config, last
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on the CPU and on GPUs that support it, else 16-mixed; other values checked."""
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "16-mixed"
-        return "bf16"
-    if precision == "16-mixed" and device.type != "cuda":
-        raise UsageError("--precision 16-mixed needs a CUDA device; use bf16 or 32 on the CPU")
-    return precision
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--precision {auto,32,bf16,16-mixed}`` (default auto) to a recipe's parser."""
+    parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
+                        help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
+                             "on CPUs and GPUs with native bf16, after a short probe); 32: float32; bf16: "
+                             "bf16 autocast; 16-mixed: float16 with a grad scaler, CUDA only (default: %(default)s)")
+
+
+def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
+                         config: dict[str, Any]) -> PrecisionChoice:
+    """The precision and memory format a run trains with, printed in one line and recorded in
+    `config` (``precision``, ``channels_last``, ``precision_reason``), so that a resumed run,
+    whose `config` already holds them, reuses the choice instead of probing again.
+
+    ``config["precision"] == "auto"`` is resolved by `trainer.precision.choose_precision` with a
+    short probe on `model` and `example` (its inputs); explicit values are kept. Under torchrun
+    rank 0 chooses and every rank gets the same.
+    """
+    if config["precision"] == "16-mixed" and device.type != "cuda":
+        raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
+    if "channels_last" in config:
+        choice = PrecisionChoice(config["precision"], config["channels_last"],
+                                 f"saved with the run: {config.get('precision_reason', 'no reason recorded')}")
+    else:
+        choice = (choose_precision(model, device, example, config["precision"], "auto")
+                  if is_rank_zero() else None)
+        choice = broadcast_object(choice)
+        config.update(precision=choice.precision, channels_last=choice.channels_last,
+                      precision_reason=choice.reason)
+    if is_rank_zero():
+        print(choice, flush=True)
+    return choice
 
 
 class _StopOnSignal(Callback):

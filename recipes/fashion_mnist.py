@@ -25,6 +25,8 @@ from models import FashionCNN, accuracy
 from recipes.common import (
     RecipeArgumentParser,
     UsageError,
+    add_precision_option,
+    choose_run_precision,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST into --data-dir if missing")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_precision_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="0: batches cut from the decoded tensor in this process (fastest); N: a DataLoader "
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, config, resume_from = resume_run(args.resume, args, argv)
     else:
         config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
-                                                      "data_dir", "device", "seed", "workers")}
+                                                      "data_dir", "device", "precision", "seed", "workers")}
     try:
         device = init_distributed(resolve_device(config["device"]))
         train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=args.download)
@@ -141,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     pin = device.type == "cuda"
     train_loader = make_loader(train_images, train_labels, config["batch_size"], True, config, pin)
     test_loader = make_loader(test_images, test_labels, 1000, False, config, pin)
+    torch.manual_seed(config["seed"])
+    model = FashionCNN()
+    choice = choose_run_precision(model, device, normalized(train_images[: config["batch_size"]]), config)
     if run_dir is None:
         run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
 
-    torch.manual_seed(config["seed"])
-    model = FashionCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
     checkpoint = ModelCheckpoint(run_dir, monitor="val_acc", mode="max", config=config)
     callbacks = [
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint,
     ]
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],
-                      device=device, metrics={"acc": accuracy}, seed=config["seed"])
+                      device=device, metrics={"acc": accuracy}, seed=config["seed"], precision=choice.precision,
+                      channels_last=choice.channels_last)
     with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
         trainer.fit(train_loader, test_loader, resume_from=resume_from)
     if is_rank_zero():

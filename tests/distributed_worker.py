@@ -28,8 +28,26 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(1) == target).float().mean()
 
 
-def main(out: str, epochs: int, resume: bool) -> None:
+def record_collectives() -> list[tuple[str, str]]:
+    """Wrap the tensor collectives the trainer calls; the list fills with (name, tensor device)."""
+    seen: list[tuple[str, str]] = []
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce"):
+        original = getattr(torch.distributed, name)
+
+        def spy(tensor, *args, _name=name, _original=original, **kwargs):
+            tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+            seen.extend((_name, str(t.device)) for t in tensors)
+            return _original(tensor, *args, **kwargs)
+
+        setattr(torch.distributed, name, spy)
+    return seen
+
+
+def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) -> None:
+    collectives = record_collectives()
     model, train, val = tiny_problem()
+    if val_samples is not None:  # fewer than the ranks: some get no validation batch at all
+        val = TensorDataset(*val[:val_samples])
     run = Path(out) / "run"
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
                       callbacks=[TensorBoardCallback(run, log_every=2), EarlyStopping(patience=50), ModelCheckpoint(run)],
@@ -37,8 +55,9 @@ def main(out: str, epochs: int, resume: bool) -> None:
     trainer.fit(DataLoader(train, batch_size=4, shuffle=True), DataLoader(val, batch_size=4),
                 resume_from=run / "last.pt" if resume else None)
     torch.save({"model": trainer.module.state_dict(), "history": trainer.history,
-                "global_step": trainer.global_step}, Path(out) / f"rank{get_rank()}.pt")
+                "global_step": trainer.global_step,
+                "collectives": collectives, "device": str(trainer.device)}, Path(out) / f"rank{get_rank()}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", int(sys.argv[4]) if len(sys.argv) > 4 else None)

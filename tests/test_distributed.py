@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -39,6 +39,15 @@ def test_weights_identical_on_both_ranks(two_ranks):
     for name, tensor in rank0["model"].items():
         assert torch.equal(tensor, rank1["model"][name]), name
     assert rank0["history"] == rank1["history"] and rank0["global_step"] == 2 * 4  # 16 samples per rank, batch 4
+
+
+def test_every_collective_gets_tensors_on_the_trainers_device(two_ranks):
+    # NCCL refuses CPU tensors: a tensor made without device=trainer.device would crash on GPUs.
+    for rank in (0, 1):
+        saved = torch.load(two_ranks / f"rank{rank}.pt")
+        names = {name for name, _ in saved["collectives"]}
+        assert {"all_reduce", "broadcast"} <= names, names
+        assert all(device == saved["device"] for _, device in saved["collectives"]), saved["collectives"]
 
 
 def test_one_run_directory_with_one_event_stream(two_ranks):
@@ -64,6 +73,19 @@ def test_resumed_distributed_run_continues(two_ranks):
     for name, tensor in rank0["model"].items():
         assert torch.equal(tensor, rank1["model"][name]), name
     assert load_checkpoint(two_ranks / "run" / "last.pt")["epochs_done"] == 3
+
+
+def test_a_rank_without_validation_batches_neither_hangs_nor_raises(tmp_path):
+    # One validation sample for two ranks: rank 1 gets none. Validation runs the unwrapped model,
+    # so rank 0 does not wait for rank 1 inside DistributedDataParallel's forward.
+    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "fresh", "1", timeout=120)
+    model, _, val = tiny_problem()
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["history"] == rank1["history"] and len(rank0["history"]) == 2
+    model.load_state_dict(rank0["model"])
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), device="cpu")
+    alone = trainer.validate(DataLoader(torch.utils.data.TensorDataset(*val[:1]), batch_size=4))
+    assert rank0["history"][-1]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
 
 
 def test_recipe_runs_unchanged_under_torchrun(tmp_path):

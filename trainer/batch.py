@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply `fn` to every tensor in a nested batch: tuples, lists (namedtuples too) and dicts are
+    rebuilt with the results; other values pass through unchanged."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        mapped = [map_tensors(item, fn) for item in value]
+        if hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*mapped)
+        return type(value)(mapped)
+    return value
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -13,29 +29,35 @@ def move_to_device(batch: Any, device: torch.device, channels_last: bool = False
     Tuples, lists and dicts are walked recursively; other values pass through. With
     `channels_last`, 4-D tensors also take the channels-last memory format.
     """
-    if isinstance(batch, torch.Tensor):
-        if channels_last and batch.dim() == 4:
-            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: move_to_device(value, device, channels_last) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        moved = [move_to_device(value, device, channels_last) for value in batch]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*moved)
-        return type(batch)(moved)
-    return batch
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if channels_last and tensor.dim() == 4:
+            return tensor.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return tensor.to(device, non_blocking=True)
+
+    return map_tensors(batch, move)
 
 
 def detach(value: Any) -> Any:
     """Return `value` with every tensor detached from the autograd graph."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, dict):
-        return {key: detach(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(detach(item) for item in value)
-    return value
+    return map_tensors(value, torch.Tensor.detach)
+
+
+def head(batch: Any, num: int) -> Any:
+    """The first `num` samples of every tensor in a nested batch (0-dim tensors kept whole)."""
+    return map_tensors(batch, lambda t: t[:num] if t.dim() > 0 else t)
+
+
+def peek_batch(loader: Any) -> Any:
+    """The first batch of `loader`, drawn without disturbing torch's random generator, so a
+    seeded run trains the same whether or not something looked at its data first."""
+    state = torch.random.get_rng_state()
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError(f"the loader ({type(loader).__name__}) yielded no batches") from None
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

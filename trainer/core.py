@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -13,26 +14,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.batch import batch_size, detach, last_output, move_to_device, split_batch
+from trainer.batch import batch_size, detach, head, last_output, move_to_device, peek_batch, split_batch
 from trainer.callback import HOOKS, Callback, overridden_hooks
 from trainer.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trainer.distributed import (
     all_reduce,
     broadcast_buffers,
+    broadcast_object,
     init_distributed,
     is_distributed,
     is_rank_zero,
     shard_loader,
 )
+from trainer.precision import PrecisionChoice, check_channels_last, choose_precision, normalize_precision
 
 Metric = Callable[[Any, Any], torch.Tensor]
-
-_PRECISIONS = {
-    "32": "32", "32-true": "32", "fp32": "32",
-    "bf16": "bf16", "bf16-mixed": "bf16",
-    "16-mixed": "16-mixed", "16": "16-mixed", "fp16": "16-mixed",
-}
-
 
 class StepOutput(NamedTuple):
     """What a train or eval step returns: the batch `loss`, the model's `predictions` and the
@@ -88,10 +84,14 @@ class Trainer:
             ``scheduler_interval="step"``.
         grad_clip_norm: clip the gradients' global 2-norm to this value before each step.
         accumulate_grad_batches: sum gradients over this many batches per optimizer step.
-        precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA) or ``"16-mixed"`` (float16
-            autocast with a gradient scaler, CUDA only).
+        precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA), ``"16-mixed"`` (float16
+            autocast with a gradient scaler, CUDA only) or ``"auto"``: what this machine computes
+            fastest, never slower than float32 (see `trainer.precision.choose_precision`), chosen
+            at the start of `fit` from the first training batch and printed once. A resumed fit
+            keeps the choice saved in its checkpoint.
         seed: seeds Python, NumPy and torch at the start of `fit`.
-        channels_last: use the channels-last memory format for the model and 4-D inputs.
+        channels_last: use the channels-last memory format for the model and 4-D inputs; ``"auto"``
+            decides with the precision (measured on the CPU, on for convolutional models on CUDA).
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class Trainer:
         accumulate_grad_batches: int = 1,
         precision: str = "32",
         seed: int | None = None,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
     ) -> None:
         if not isinstance(max_epochs, int) or max_epochs < 1:
             raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
@@ -121,19 +121,23 @@ class Trainer:
             raise ValueError(f"grad_clip_norm must be positive, got {grad_clip_norm!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-        if str(precision) not in _PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; use one of '32', 'bf16', '16-mixed'")
+        precision = normalize_precision(precision)
+        channels_last = check_channels_last(channels_last)
         callbacks = list(callbacks)
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
 
         self.device = init_distributed(resolve_device(device))
-        self.precision = _PRECISIONS[str(precision)]
-        if self.precision == "16-mixed" and self.device.type != "cuda":
-            raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' on the CPU")
-        self.channels_last = channels_last
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if precision == "16-mixed" and self.device.type != "cuda":
+            raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
+        #: ``"32"``, ``"bf16"`` or ``"16-mixed"`` (``"auto"`` until `fit` resolves it).
+        self.precision: str = precision
+        #: Whether the model and 4-D inputs use channels-last (``"auto"`` until `fit` resolves it).
+        self.channels_last: bool | str = channels_last
+        #: The resolved choice and its reason, once ``"auto"`` was resolved (else None).
+        self.precision_choice: PrecisionChoice | None = None
+        memory_format = torch.channels_last if channels_last is True else torch.preserve_format
         self.model: nn.Module = model.to(self.device, memory_format=memory_format)
         if is_distributed():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -148,7 +152,7 @@ class Trainer:
         self.seed = seed
         self.max_epochs = max_epochs
         self.callbacks: list[Callback] = callbacks
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
 
         self.epoch = 0
         self.global_step = 0
@@ -181,6 +185,29 @@ class Trainer:
         for fn in self._hooks[hook]:
             fn(self, *args)
 
+    def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
+        """Turn ``"auto"`` precision or memory format into the machine's choice (rank 0 probes,
+        every rank applies the same), or into the choice a resumed checkpoint saved."""
+        if saved is not None:
+            choice = PrecisionChoice(saved["precision"], saved["channels_last"], "saved in the checkpoint")
+        elif is_rank_zero():
+            inputs = head(split_batch(peek_batch(loader))[0], 2)
+            choice = choose_precision(self.module, self.device, inputs, self.precision, self.channels_last)
+        else:
+            choice = None
+        choice = broadcast_object(choice)
+        if self.precision != "auto" and choice.precision != self.precision:  # explicit values always win
+            choice = PrecisionChoice(self.precision, choice.channels_last, choice.reason)
+        if self.channels_last != "auto" and choice.channels_last != self.channels_last:
+            choice = PrecisionChoice(choice.precision, self.channels_last, choice.reason)
+        self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
+        if choice.precision == "16-mixed" and self.device.type != "cuda":
+            raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
+        self.module.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
+        self.scaler = torch.amp.GradScaler("cuda") if choice.precision == "16-mixed" else None
+        if is_rank_zero():
+            print(f"Trainer: {choice}")
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the chosen precision (a no-op context for "32")."""
         if self.precision == "32":
@@ -194,13 +221,20 @@ class Trainer:
 
         Runs under autocast when mixed precision is on; the trainer does the backward pass.
         """
-        inputs, targets = split_batch(batch)
-        predictions = self.model(inputs)
-        return StepOutput(self.loss_fn(predictions, targets), predictions, targets)
+        return self._forward(self.model, batch)
 
     def eval_step(self, batch: Any) -> StepOutput:
-        """Forward pass and loss of one validation batch (eval mode, no grad); override as needed."""
-        return self.train_step(batch)
+        """Forward pass and loss of one validation batch (eval mode, no grad); override as needed.
+
+        Uses the unwrapped `module`: under torchrun the `DistributedDataParallel` wrapper would
+        communicate with the other ranks, which may hold fewer validation batches.
+        """
+        return self._forward(self.module, batch)
+
+    def _forward(self, model: nn.Module, batch: Any) -> StepOutput:
+        inputs, targets = split_batch(batch)
+        predictions = model(inputs)
+        return StepOutput(self.loss_fn(predictions, targets), predictions, targets)
 
     # ----------------------------------------------------------------------------- loop
     def fit(
@@ -217,11 +251,21 @@ class Trainer:
         After an exception, callbacks get `on_exception` then `on_fit_end`, and the exception
         propagates.
         """
-        if resume_from is not None:
-            self.load_state_dict(load_checkpoint(resume_from))
+        state = load_checkpoint(resume_from) if resume_from is not None else None
         if is_distributed():
             train_loader = shard_loader(train_loader, train=True)
             val_loader = shard_loader(val_loader, train=False) if val_loader is not None else None
+        if "auto" in (self.precision, self.channels_last):
+            self._resolve_precision(train_loader, (state or {}).get("precision"))
+        if state is not None:
+            self.load_state_dict(state)
+        if self.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            warnings.warn(
+                f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
+                f"waits on the GPU at every step to check for infinite gradients; create the optimizer with "
+                f"fused=True to keep the loop free of host syncs",
+                RuntimeWarning, stacklevel=2,
+            )
         self.train_loader, self.val_loader = train_loader, val_loader
         try:
             self.num_batches = len(train_loader)  # type: ignore[arg-type]
@@ -244,7 +288,8 @@ class Trainer:
                 self.history.append(logs)
                 self._fire("on_epoch_end", logs)
                 if is_distributed():  # every rank stops at the same epoch
-                    self.should_stop = bool(all_reduce(torch.tensor(float(self.should_stop)), "max"))
+                    flag = torch.tensor(float(self.should_stop), device=self.device)
+                    self.should_stop = bool(all_reduce(flag, "max"))
                 if self.should_stop:
                     break
         except BaseException as exc:
@@ -356,6 +401,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
             "rng": rng_state(),
+            "precision": {"precision": self.precision, "channels_last": self.channels_last},
             "callbacks": {key: cb.state_dict() for key, cb in self.stateful_callbacks().items()},
         }
 

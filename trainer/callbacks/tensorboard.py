@@ -18,7 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from trainer.batch import move_to_device
+from trainer.batch import head, move_to_device, peek_batch
 from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor
 from trainer.running import RunningLoss
@@ -101,24 +101,9 @@ def take_batch(trainer, batch: Any, num: int | None = None) -> Any:
     seed trains the same with or without visual callbacks.
     """
     if batch is None:
-        loader = trainer.val_loader if trainer.val_loader is not None else trainer.train_loader
-        state = torch.random.get_rng_state()
-        try:
-            batch = next(iter(loader))
-        finally:
-            torch.random.set_rng_state(state)
+        batch = peek_batch(trainer.val_loader if trainer.val_loader is not None else trainer.train_loader)
     batch = move_to_device(batch, torch.device("cpu"))
-    return batch if num is None else _head(batch, num)
-
-
-def _head(value: Any, num: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[:num] if value.dim() > 0 else value
-    if isinstance(value, dict):
-        return {key: _head(item, num) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_head(item, num) for item in value)
-    return value
+    return batch if num is None else head(batch, num)
 
 
 def denormalize(images: torch.Tensor, mean: Any = None, std: Any = None) -> torch.Tensor:

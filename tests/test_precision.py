@@ -1,0 +1,174 @@
+"""Choosing precision and memory format for the machine: hardware checks mocked, probe real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import trainer.precision as precision_module
+from trainer import Trainer
+from trainer.callbacks import ModelCheckpoint
+from trainer.precision import PrecisionChoice, choose_precision, cpu_features, probe
+
+AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
+SAPPHIRE_RAPIDS = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": True, "arm_bf16": False}
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 1, 1))
+
+
+def example_images(n: int = 4) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def fake_probe(timings):
+    """A stand-in for `probe` that returns the given seconds per (precision, channels_last)."""
+
+    def run(model, device, example, candidates, samples=2):
+        return {c: timings[c] for c in candidates}
+
+    return run
+
+
+def test_avx2_only_cpu_trains_in_float32_without_trying_bf16(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    spy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 2.0}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    assert (choice.precision, choice.channels_last) == ("32", False)
+    assert "no native bf16" in choice.reason
+    probed = spy.call_args.args[3]
+    assert all(p == "32" for p, _ in probed)  # emulated bf16 is never even measured
+
+
+def test_native_bf16_cpu_whose_probe_is_faster_picks_bf16(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 0.95, ("bf16", False): 0.6, ("bf16", True): 0.4}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    assert (choice.precision, choice.channels_last) == ("bf16", True)
+    assert "2.50x float32" in choice.reason and "AMX" in choice.reason
+
+
+def test_native_bf16_cpu_whose_probe_is_slower_stays_float32(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 1.2, ("bf16", False): 3.0, ("bf16", True): 1.5}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    assert (choice.precision, choice.channels_last) == ("32", False)
+
+
+def test_gains_within_timer_noise_keep_float32_contiguous(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 0.99, ("bf16", False): 0.995, ("bf16", True): 1.2}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    assert (choice.precision, choice.channels_last) == ("32", False)
+
+
+def test_explicit_precision_is_respected_even_where_slow(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), precision="bf16",
+                              channels_last=False)
+    assert (choice.precision, choice.channels_last) == ("bf16", False)
+    assert "as asked" in choice.reason
+
+
+def test_model_without_convolutions_stays_contiguous_without_a_probe(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    spy = mocker.patch.object(precision_module, "probe")
+    choice = choose_precision(nn.Linear(4, 2), torch.device("cpu"), torch.randn(3, 4))
+    assert (choice.precision, choice.channels_last) == ("32", False)
+    spy.assert_not_called()
+
+
+@pytest.mark.parametrize("capability, native, expected", [((7, 0), False, "16-mixed"), ((8, 0), True, "bf16")])
+def test_gpu_choice_follows_native_bf16(mocker, capability, native, expected):
+    mocker.patch("torch.cuda.get_device_capability", return_value=capability)
+    mocker.patch.object(precision_module, "_cuda_native_bf16", return_value=native)
+    choice = choose_precision(small_cnn(), torch.device("cuda", 0), example_images())
+    assert (choice.precision, choice.channels_last) == (expected, True)
+    assert f"{capability[0]}.{capability[1]}" in choice.reason
+    linear = choose_precision(nn.Linear(4, 2), torch.device("cuda", 0))
+    assert linear.channels_last is False
+
+
+def test_real_probe_times_each_candidate_and_leaves_the_model_as_it_was():
+    model = small_cnn().train()
+    model(example_images(8)).sum().backward()  # running stats and .grad that must survive
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.random.get_rng_state()
+    candidates = [("32", False), ("32", True), ("bf16", False)]
+    timings = probe(model, torch.device("cpu"), example_images(), candidates)
+    assert set(timings) == set(candidates)
+    assert all(t > 0 for t in timings.values())
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert model[0].weight.is_contiguous()
+
+
+def test_cpu_features_reports_booleans():
+    features = cpu_features()
+    assert set(features) == {"avx2", "avx512", "avx512_bf16", "amx", "arm_bf16"}
+    assert all(isinstance(v, bool) for v in features.values())
+
+
+def loaders():
+    images = example_images(12)
+    masks = (images[:, :1] > 0.5).float()
+    data = TensorDataset(images, masks)
+    return DataLoader(data, batch_size=4, shuffle=True), DataLoader(data, batch_size=6)
+
+
+def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_path, capsys):
+    mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}))
+    model = small_cnn()
+    ckpt = ModelCheckpoint(tmp_path, monitor=None)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), [ckpt],
+                      max_epochs=1, device="cpu", precision="auto", channels_last="auto")
+    assert trainer.precision == "auto"
+    train, val = loaders()
+    trainer.fit(train, val)
+    assert (trainer.precision, trainer.channels_last) == ("bf16", True)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert "Trainer: precision: bf16, channels-last" in capsys.readouterr().out
+
+    # This machine now measures float32 faster, but the resumed run keeps the saved choice.
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 0.1, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}))
+    model = small_cnn()
+    resumed = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
+                      max_epochs=2, device="cpu", precision="auto", channels_last="auto")
+    resumed.fit(train, val, resume_from=ckpt.last_path)
+    assert (resumed.precision, resumed.channels_last) == ("bf16", True)
+    assert resumed.precision_choice == PrecisionChoice("bf16", True, "saved in the checkpoint")
+
+
+def test_trainer_auto_keeps_explicit_half_of_the_choice(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("bf16", False): 1.0, ("bf16", True): 0.5}))
+    model = small_cnn()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
+                      max_epochs=1, device="cpu", precision="bf16", channels_last="auto")
+    trainer.fit(loaders()[0])
+    assert (trainer.precision, trainer.channels_last) == ("bf16", True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"precision": "fp8"}, "unknown precision 'fp8'"),
+    ({"channels_last": "yes"}, "channels_last must be True, False or 'auto'"),
+])
+def test_bad_precision_options_are_refused(kwargs, message):
+    model = small_cnn()
+    with pytest.raises(ValueError, match=message):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), device="cpu", **kwargs)
