@@ -5,8 +5,8 @@
 Prints the CPU's native capabilities (AVX2 / AVX-512 / AVX512-BF16 / AMX), then what
 ``precision="auto"`` with ``channels_last="auto"`` chooses on this machine (and how long its
 probe took), then one row per setting: float32 eager (the reference loop of the widely used
-pytorch-nested-unet code), channels-last, bf16 autocast, channels-last + bf16 and the automatic
-choice. All rows run the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved
+pytorch-nested-unet code), channels-last, bf16 autocast, channels-last + bf16, float32 with
+PyTorch's own convolution kernels instead of oneDNN's, and the automatic choice. All rows run the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved
 in one process; medians of `--repeats` runs. The defaults are the recipe's own workload.
 """
 
@@ -20,22 +20,23 @@ import torch
 from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models import BCEDiceLoss, NestedUNet
 from recipes.nested_unet import BUILTIN_IMAGE_SIZE, DEFAULT_BATCH_SIZE
-from trainer.precision import choose_precision, cpu_features, describe_cpu
+from trainer.precision import Setting, choose_precision, convolution_kernels, cpu_features, describe_cpu
 
-SETTINGS = {  # name -> (channels_last, bf16)
-    "fp32 eager": (False, False),
-    "channels_last": (True, False),
-    "bf16 autocast": (False, True),
-    "channels_last + bf16": (True, True),
+SETTINGS = {
+    "fp32 eager": Setting("32", False),
+    "channels_last": Setting("32", True),
+    "bf16 autocast": Setting("bf16", False),
+    "channels_last + bf16": Setting("bf16", True),
+    "fp32 native conv": Setting("32", False, onednn=False),
 }
 
 
-def make_step(channels_last: bool, bf16: bool, images: torch.Tensor, masks: torch.Tensor, steps: int):
-    """A function that runs `steps` training steps of a fresh NestedUNet with these settings."""
+def make_step(setting: Setting, images: torch.Tensor, masks: torch.Tensor, steps: int):
+    """A function that runs `steps` training steps of a fresh NestedUNet with this setting."""
     torch.manual_seed(0)
     initial = NestedUNet().state_dict()
     loss_fn = BCEDiceLoss()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
     inputs = images.contiguous(memory_format=fmt)
 
     def run() -> None:
@@ -43,12 +44,13 @@ def make_step(channels_last: bool, bf16: bool, images: torch.Tensor, masks: torc
         model.load_state_dict(initial)
         model = model.to(memory_format=fmt).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(model(inputs), masks)
-            loss.backward()
-            optimizer.step()
+        with convolution_kernels(setting.onednn):
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting.precision == "bf16"):
+                    loss = loss_fn(model(inputs), masks)
+                loss.backward()
+                optimizer.step()
 
     return run
 
@@ -75,9 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     choice = choose_precision(NestedUNet(), torch.device("cpu"), images)
     print(f"automatic choice (probe {time.perf_counter() - started:.2f} s): {choice}")
 
-    variants = {name: make_step(*setting, images, masks, args.steps) for name, setting in SETTINGS.items()}
-    auto_name = f"auto ({choice.precision}{', channels_last' if choice.channels_last else ''})"
-    variants[auto_name] = make_step(choice.channels_last, choice.precision == "bf16", images, masks, args.steps)
+    variants = {name: make_step(setting, images, masks, args.steps) for name, setting in SETTINGS.items()}
+    auto = Setting(choice.precision, choice.channels_last, choice.onednn)
+    auto_name = f"auto ({auto})"
+    variants[auto_name] = make_step(auto, images, masks, args.steps)
     medians = interleaved(variants, repeats=args.repeats)
     print(f"NestedUNet, {args.steps} steps of {args.batch_size}x3x{args.image_size}x{args.image_size}, "
           f"median of {args.repeats}")

@@ -173,8 +173,9 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
                          config: dict[str, Any]) -> PrecisionChoice:
-    """The precision and memory format a run trains with, printed in one line and recorded in
-    `config` (``precision``, ``channels_last``, ``precision_reason``), so that a resumed run,
+    """The precision, memory format and CPU convolution kernels a run trains with, printed in one
+    line and recorded in `config` (``precision``, ``channels_last``, ``onednn``,
+    ``precision_reason``), so that a resumed run,
     whose `config` already holds them, reuses the choice instead of probing again.
 
     ``config["precision"] == "auto"`` is resolved by `trainer.precision.choose_precision` with a
@@ -185,12 +186,13 @@ def choose_run_precision(model: torch.nn.Module, device: torch.device, example: 
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
     if "channels_last" in config:
         choice = PrecisionChoice(config["precision"], config["channels_last"],
-                                 f"saved with the run: {config.get('precision_reason', 'no reason recorded')}")
+                                 f"saved with the run: {config.get('precision_reason', 'no reason recorded')}",
+                                 config.get("onednn", True))
     else:
         choice = (choose_precision(model, device, example, config["precision"], "auto")
                   if is_rank_zero() else None)
         choice = broadcast_object(choice)
-        config.update(precision=choice.precision, channels_last=choice.channels_last,
+        config.update(precision=choice.precision, channels_last=choice.channels_last, onednn=choice.onednn,
                       precision_reason=choice.reason)
     if is_rank_zero():
         print(choice, flush=True)

@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint,
     ]
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],
-                      device=device, metrics={"acc": accuracy}, seed=config["seed"], precision=choice.precision,
-                      channels_last=choice.channels_last)
+                      device=device, metrics={"acc": accuracy}, seed=config["seed"], precision=choice)
     with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
         trainer.fit(train_loader, test_loader, resume_from=resume_from)
     if is_rank_zero():

@@ -256,8 +256,8 @@ def train(argv: list[str] | None) -> int:
         checkpoint,
     ]
     trainer = Trainer(model, optimizer, loss, callbacks=callbacks, max_epochs=config["epochs"], device=device,
-                      metrics={"iou": iou, "dice": dice}, scheduler=scheduler, precision=choice.precision,
-                      seed=config["seed"], channels_last=choice.channels_last)
+                      metrics={"iou": iou, "dice": dice}, scheduler=scheduler, precision=choice,
+                      seed=config["seed"])
     with training_interrupts(trainer, f"python -m recipes.nested_unet --resume {run_dir}"):
         trainer.fit(train_loader, val_loader, resume_from=resume_from)
     print_run_summary(trainer, run_dir, "val_iou", "IoU")

@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainer.precision as precision_module
-from trainer import Trainer
+from trainer import Callback, Trainer
 from trainer.callbacks import ModelCheckpoint
-from trainer.precision import PrecisionChoice, choose_precision, cpu_features, probe
+from trainer.precision import PrecisionChoice, Setting, choose_precision, cpu_features, probe
 
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 SAPPHIRE_RAPIDS = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": True, "arm_bf16": False}
@@ -26,10 +26,11 @@ def example_images(n: int = 4) -> torch.Tensor:
 
 
 def fake_probe(timings):
-    """A stand-in for `probe` that returns the given seconds per (precision, channels_last)."""
+    """A stand-in for `probe`: the given seconds per (precision, channels_last), or per
+    (precision, channels_last, onednn) for PyTorch's own convolution kernels (10 s if not given)."""
 
-    def run(model, device, example, candidates, samples=2):
-        return {c: timings[c] for c in candidates}
+    def run(model, device, example, candidates, samples=1):
+        return {c: timings.get(tuple(c) if not c.onednn else tuple(c[:2]), 10.0) for c in candidates}
 
     return run
 
@@ -42,7 +43,7 @@ def test_avx2_only_cpu_trains_in_float32_without_trying_bf16(mocker):
     assert (choice.precision, choice.channels_last) == ("32", False)
     assert "no native bf16" in choice.reason
     probed = spy.call_args.args[3]
-    assert all(p == "32" for p, _ in probed)  # emulated bf16 is never even measured
+    assert all(c.precision == "32" for c in probed)  # emulated bf16 is never even measured
 
 
 def test_native_bf16_cpu_whose_probe_is_faster_picks_bf16(mocker):
@@ -103,7 +104,7 @@ def test_real_probe_times_each_candidate_and_leaves_the_model_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
     rng = torch.random.get_rng_state()
-    candidates = [("32", False), ("32", True), ("bf16", False)]
+    candidates = [Setting("32", False), Setting("32", True), Setting("bf16", False), Setting("32", False, False)]
     timings = probe(model, torch.device("cpu"), example_images(), candidates)
     assert set(timings) == set(candidates)
     assert all(t > 0 for t in timings.values())
@@ -112,6 +113,34 @@ def test_real_probe_times_each_candidate_and_leaves_the_model_as_it_was():
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     assert torch.equal(rng, torch.random.get_rng_state())
     assert model[0].weight.is_contiguous()
+
+
+def test_native_convolution_kernels_where_they_measure_faster(mocker):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 1.1, ("32", False, False): 0.7}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    assert (choice.precision, choice.channels_last, choice.onednn) == ("32", False, False)
+    assert "native convolution kernels" in str(choice) and "1.43x float32" in choice.reason
+
+
+def test_trainer_runs_with_the_chosen_kernels_and_restores_them():
+    seen = []
+
+    class Watch(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            seen.append(torch.backends.mkldnn.enabled)
+
+    model = small_cnn()
+    choice = PrecisionChoice("32", False, "measured", onednn=False)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), [Watch()],
+                      max_epochs=1, device="cpu", precision=choice)
+    before = torch.backends.mkldnn.enabled
+    trainer.fit(loaders()[0])
+    assert seen == [False] * 3 and torch.backends.mkldnn.enabled == before
+    with pytest.raises(ValueError, match="contradicts the PrecisionChoice"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), device="cpu",
+                precision=choice, channels_last=True)
 
 
 def test_cpu_features_reports_booleans():

@@ -256,6 +256,26 @@ def test_classification_figure_colours():
     assert second.get_title() == "dog, 80.0%\n(label: cat)" and second.title.get_color() == "red"
 
 
+def test_a_figure_redrawn_in_place_equals_a_fresh_one():
+    from trainer.callbacks.figures import classification_figure, figure_to_array, segmentation_figure
+
+    g = torch.Generator().manual_seed(0)
+    images, other = torch.rand(2, 2, 1, 8, 8, generator=g)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    first = classification_figure(images, probs, torch.tensor([0, 0]), ["cat", "dog"])
+    redrawn = classification_figure(other, probs.flip(1), torch.tensor([1, 0]), ["cat", "dog"], fig=first)
+    fresh = classification_figure(other, probs.flip(1), torch.tensor([1, 0]), ["cat", "dog"])
+    assert redrawn is first and len(redrawn.axes) == 2
+    assert (figure_to_array(redrawn) == figure_to_array(fresh)).all()
+
+    truth = torch.rand(2, 1, 8, 8, generator=g) > 0.5
+    seg = segmentation_figure(images.expand(-1, 3, -1, -1), truth, ~truth)
+    again = segmentation_figure(other.expand(-1, 3, -1, -1), ~truth, truth, fig=seg)
+    new = segmentation_figure(other.expand(-1, 3, -1, -1), ~truth, truth)
+    assert again is seg and (figure_to_array(again) == figure_to_array(new)).all()
+    assert segmentation_figure(images[:1].expand(-1, 3, -1, -1), truth[:1], truth[:1], fig=seg) is not seg
+
+
 def test_visual_callbacks_do_not_change_training(tmp_path):
     plain_trainer, plain = fit([], epochs=2)
     shuffled = DataLoader(image_data(), batch_size=4, shuffle=True)

@@ -3,15 +3,18 @@
 from trainer.batch import move_to_device
 from trainer.callback import HOOKS, Callback
 from trainer.core import NonFiniteLossError, StepOutput, Trainer, resolve_device, seed_everything
+from trainer.precision import PrecisionChoice, choose_precision
 from trainer.running import RunningLoss
 
 __all__ = [
     "HOOKS",
     "Callback",
     "NonFiniteLossError",
+    "PrecisionChoice",
     "RunningLoss",
     "StepOutput",
     "Trainer",
+    "choose_precision",
     "move_to_device",
     "resolve_device",
     "seed_everything",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -26,7 +27,13 @@ from trainer.distributed import (
     is_rank_zero,
     shard_loader,
 )
-from trainer.precision import PrecisionChoice, check_channels_last, choose_precision, normalize_precision
+from trainer.precision import (
+    PrecisionChoice,
+    check_channels_last,
+    choose_precision,
+    convolution_kernels,
+    normalize_precision,
+)
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -88,10 +95,12 @@ class Trainer:
             autocast with a gradient scaler, CUDA only) or ``"auto"``: what this machine computes
             fastest, never slower than float32 (see `trainer.precision.choose_precision`), chosen
             at the start of `fit` from the first training batch and printed once. A resumed fit
-            keeps the choice saved in its checkpoint.
+            keeps the choice saved in its checkpoint. A `PrecisionChoice` made earlier (by
+            `choose_precision`, or recorded with a run) applies all its settings as they are.
         seed: seeds Python, NumPy and torch at the start of `fit`.
         channels_last: use the channels-last memory format for the model and 4-D inputs; ``"auto"``
             decides with the precision (measured on the CPU, on for convolutional models on CUDA).
+            Default: off, or the `PrecisionChoice`'s.
     """
 
     def __init__(
@@ -107,9 +116,9 @@ class Trainer:
         scheduler_interval: str = "epoch",
         grad_clip_norm: float | None = None,
         accumulate_grad_batches: int = 1,
-        precision: str = "32",
+        precision: str | PrecisionChoice = "32",
         seed: int | None = None,
-        channels_last: bool | str = False,
+        channels_last: bool | str | None = None,
     ) -> None:
         if not isinstance(max_epochs, int) or max_epochs < 1:
             raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
@@ -121,8 +130,14 @@ class Trainer:
             raise ValueError(f"grad_clip_norm must be positive, got {grad_clip_norm!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        given = precision if isinstance(precision, PrecisionChoice) else None
+        if given is not None:
+            if channels_last is not None and channels_last != given.channels_last:
+                raise ValueError(f"channels_last={channels_last!r} contradicts the PrecisionChoice given as "
+                                 f"precision (channels_last={given.channels_last}); pass one or the other")
+            precision, channels_last = given.precision, given.channels_last
         precision = normalize_precision(precision)
-        channels_last = check_channels_last(channels_last)
+        channels_last = check_channels_last(False if channels_last is None else channels_last)
         callbacks = list(callbacks)
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -135,8 +150,10 @@ class Trainer:
         self.precision: str = precision
         #: Whether the model and 4-D inputs use channels-last (``"auto"`` until `fit` resolves it).
         self.channels_last: bool | str = channels_last
-        #: The resolved choice and its reason, once ``"auto"`` was resolved (else None).
-        self.precision_choice: PrecisionChoice | None = None
+        #: The choice and its reason, once ``"auto"`` was resolved or when one was given (else None).
+        self.precision_choice: PrecisionChoice | None = given
+        #: Whether CPU convolutions use oneDNN (False where the probe measured PyTorch's own faster).
+        self.onednn = given.onednn if given is not None else True
         memory_format = torch.channels_last if channels_last is True else torch.preserve_format
         self.model: nn.Module = model.to(self.device, memory_format=memory_format)
         if is_distributed():
@@ -189,7 +206,8 @@ class Trainer:
         """Turn ``"auto"`` precision or memory format into the machine's choice (rank 0 probes,
         every rank applies the same), or into the choice a resumed checkpoint saved."""
         if saved is not None:
-            choice = PrecisionChoice(saved["precision"], saved["channels_last"], "saved in the checkpoint")
+            choice = PrecisionChoice(saved["precision"], saved["channels_last"], "saved in the checkpoint",
+                                     saved.get("onednn", True))
         elif is_rank_zero():
             inputs = head(split_batch(peek_batch(loader))[0], 2)
             choice = choose_precision(self.module, self.device, inputs, self.precision, self.channels_last)
@@ -197,10 +215,11 @@ class Trainer:
             choice = None
         choice = broadcast_object(choice)
         if self.precision != "auto" and choice.precision != self.precision:  # explicit values always win
-            choice = PrecisionChoice(self.precision, choice.channels_last, choice.reason)
+            choice = dataclasses.replace(choice, precision=self.precision)
         if self.channels_last != "auto" and choice.channels_last != self.channels_last:
-            choice = PrecisionChoice(choice.precision, self.channels_last, choice.reason)
+            choice = dataclasses.replace(choice, channels_last=self.channels_last)
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
+        self.onednn = choice.onednn
         if choice.precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
         self.module.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
@@ -275,29 +294,33 @@ class Trainer:
         self.should_stop = False
         if self.seed is not None and resume_from is None:
             seed_everything(self.seed)
-        try:
-            self._fire("on_fit_start")
-            for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
-                self.epoch = epoch
-                self._fire("on_epoch_start")
-                logs = self._train_epoch(train_loader)
-                if val_loader is not None:
-                    logs.update(self._validate(val_loader))
-                self._step_scheduler_on_epoch(logs)
-                logs["lr"] = self.optimizer.param_groups[0]["lr"]
-                self.history.append(logs)
-                self._fire("on_epoch_end", logs)
-                if is_distributed():  # every rank stops at the same epoch
-                    flag = torch.tensor(float(self.should_stop), device=self.device)
-                    self.should_stop = bool(all_reduce(flag, "max"))
-                if self.should_stop:
-                    break
-        except BaseException as exc:
-            self._fire("on_exception", exc)
-            raise
-        finally:
-            self._fire("on_fit_end")
+        with convolution_kernels(self.onednn):
+            try:
+                self._fire("on_fit_start")
+                self._run_epochs(train_loader, val_loader)
+            except BaseException as exc:
+                self._fire("on_exception", exc)
+                raise
+            finally:
+                self._fire("on_fit_end")
         return self.history
+
+    def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
+        for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
+            self.epoch = epoch
+            self._fire("on_epoch_start")
+            logs = self._train_epoch(train_loader)
+            if val_loader is not None:
+                logs.update(self._validate(val_loader))
+            self._step_scheduler_on_epoch(logs)
+            logs["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append(logs)
+            self._fire("on_epoch_end", logs)
+            if is_distributed():  # every rank stops at the same epoch
+                flag = torch.tensor(float(self.should_stop), device=self.device)
+                self.should_stop = bool(all_reduce(flag, "max"))
+            if self.should_stop:
+                break
 
     def _train_epoch(self, loader: Iterable) -> dict[str, float]:
         model, optimizer, accumulate = self.model, self.optimizer, self.accumulate_grad_batches
@@ -401,7 +424,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
             "rng": rng_state(),
-            "precision": {"precision": self.precision, "channels_last": self.channels_last},
+            "precision": {"precision": self.precision, "channels_last": self.channels_last, "onednn": self.onednn},
             "callbacks": {key: cb.state_dict() for key, cb in self.stateful_callbacks().items()},
         }
 
@@ -429,7 +452,8 @@ class Trainer:
         """
         if not self._hooks:
             self._build_dispatch()
-        return self._validate(loader)
+        with convolution_kernels(self.onednn):
+            return self._validate(loader)
 
     def _validate(self, loader: Iterable) -> dict[str, float]:
         # The unwrapped model: evaluation needs no communication, so ranks may hold uneven shards.

@@ -1,12 +1,14 @@
-"""Precision and memory format that fit the machine: native-bf16 checks and a short probe.
+"""Precision, memory format and kernels that fit the machine: native-bf16 checks and a short probe.
 
 ``precision="auto"`` and ``channels_last="auto"`` (see `choose_precision`) never pick something
 slower than float32 in the contiguous layout:
 
 - CPU: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX on x86,
-  the BF16 extension on Arm) *and* a short probe on the model's own layers measures it faster;
-  channels-last only where the probe measures it faster. Without native bf16, autocast falls
-  back to emulation that is 10-25x slower than float32, so it is not even tried.
+  the BF16 extension on Arm) *and* a short probe on the model measures it faster; channels-last
+  only where the probe measures it faster. Without native bf16, autocast falls back to emulation
+  that is 10-25x slower than float32, so it is not even tried. For float32 convolutions the probe
+  also compares oneDNN's kernels with PyTorch's own: oneDNN wins on large layers (NestedUNet: 2x),
+  its per-call overhead loses on small ones (the tutorial CNN at batch 4: 1.4x slower).
 - CUDA: bf16 where the GPU computes it natively (Ampere and later), else float16 with a grad
   scaler; channels-last for convolutional models (tensor cores want NHWC).
 """
@@ -18,9 +20,9 @@ import copy
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -40,18 +42,34 @@ MIN_GAIN = 1.10
 MIN_LAYOUT_GAIN = 1.05
 
 
+class Setting(NamedTuple):
+    """One way to train: precision, memory format and, on the CPU, whether convolutions use
+    oneDNN (``onednn=False``: PyTorch's own kernels)."""
+
+    precision: str
+    channels_last: bool
+    onednn: bool = True
+
+    def __str__(self) -> str:
+        name = {"32": "float32", "16-mixed": "float16"}.get(self.precision, self.precision)
+        return f"{name}{' + channels-last' if self.channels_last else ''}{'' if self.onednn else ' + native conv'}"
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """The settings a run trains with and why: `precision` (``"32"``, ``"bf16"`` or
-    ``"16-mixed"``), `channels_last` and a human-readable `reason`."""
+    ``"16-mixed"``), `channels_last`, a human-readable `reason` and `onednn` (False: CPU
+    convolutions use PyTorch's own kernels instead of oneDNN's; see `convolution_kernels`)."""
 
     precision: str
     channels_last: bool
     reason: str
+    onednn: bool = True
 
     def __str__(self) -> str:
         layout = "channels-last" if self.channels_last else "contiguous"
-        return f"precision: {self.precision}, {layout} ({self.reason})"
+        kernels = "" if self.onednn else ", native convolution kernels"
+        return f"precision: {self.precision}, {layout}{kernels} ({self.reason})"
 
     def as_dict(self) -> dict[str, Any]:
         """The choice as plain values, e.g. for a run's configuration file."""
@@ -178,37 +196,34 @@ def choose_precision(
     if example is None:
         return PrecisionChoice(precisions[0], layouts[0], "; ".join([*reasons, "no example batch to probe"]))
 
-    # First float32 in the first layout, then every other precision in every layout; the other
-    # layout of float32 only if float32 wins (on a native-bf16 CPU it rarely does).
-    plain = (precisions[0], layouts[0])
-    first = [plain] + [(p, layout) for p in precisions[1:] for layout in layouts]
+    plain = Setting(precisions[0], layouts[0])
+    first = [plain] + [Setting(p, layout) for p in precisions[1:] for layout in layouts]
     if len(precisions) == 1:
-        first += [(precisions[0], layout) for layout in layouts[1:]]
+        first += [Setting(precisions[0], layout) for layout in layouts[1:]]
+    if plain.precision == "32" and convolutional and False in layouts and torch.backends.mkldnn.is_available():
+        first.append(Setting("32", False, onednn=False))
     timings = probe(model, device, example, first, probe_samples)
     if math.isinf(timings[plain]):
-        return PrecisionChoice(*plain, "; ".join([*reasons, f"the probe could not train {type(model).__name__} "
-                                                  f"on {probe_samples} sample(s)"]))
+        return PrecisionChoice(*plain[:2], "; ".join([*reasons, f"the probe could not train "
+                                                      f"{type(model).__name__} on {probe_samples} sample(s)"]))
     chosen = precisions[0]
     for p in precisions[1:]:
-        if timings[plain] / min(timings[(p, layout)] for layout in layouts) >= MIN_GAIN:
+        if timings[plain] / min(timings[Setting(p, layout)] for layout in layouts) >= MIN_GAIN:
             chosen = p
-    missing = [(chosen, layout) for layout in layouts if (chosen, layout) not in timings]
+    # The other layout of float32 only if float32 wins (on a native-bf16 CPU it rarely does).
+    missing = [Setting(chosen, layout) for layout in layouts if Setting(chosen, layout) not in timings]
     if missing:
         timings.update(probe(model, device, example, missing, probe_samples))
-    pick = (chosen, layouts[0])
-    if len(layouts) > 1 and timings[pick] / timings[(chosen, layouts[1])] >= MIN_LAYOUT_GAIN:
-        pick = (chosen, layouts[1])
-    measured = ", ".join(f"{_label(c)} {t * 1000:.0f} ms" if math.isfinite(t) else f"{_label(c)} failed"
-                         for c, t in timings.items())
-    gain = f"; {timings[plain] / timings[pick]:.2f}x {_label(plain)}" if pick != plain else ""
+    pick = Setting(chosen, layouts[0])
+    if len(layouts) > 1 and timings[pick] / timings[Setting(chosen, layouts[1])] >= MIN_LAYOUT_GAIN:
+        pick = Setting(chosen, layouts[1])
+    native = Setting("32", False, onednn=False)
+    if chosen == "32" and native in timings and timings[pick] / timings[native] >= MIN_LAYOUT_GAIN:
+        pick = native
+    measured = ", ".join(f"{c} {t * 1000:.0f} ms" if math.isfinite(t) else f"{c} failed" for c, t in timings.items())
+    gain = f"; {timings[plain] / timings[pick]:.2f}x {plain}" if pick != plain else ""
     reasons.append(f"probe on {type(model).__name__}: {measured}{gain}")
-    return PrecisionChoice(pick[0], pick[1], "; ".join(reasons))
-
-
-def _label(candidate: tuple[str, bool]) -> str:
-    precision, channels_last = candidate
-    name = {"32": "float32", "16-mixed": "float16"}.get(precision, precision)
-    return f"{name}{' + channels-last' if channels_last else ''}"
+    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
 
 
 def _choose_cuda(device: torch.device, precision: str, channels_last: bool | str, convolutional: bool) -> PrecisionChoice:
@@ -242,12 +257,12 @@ def probe(
     model: nn.Module,
     device: torch.device,
     example: Any,
-    candidates: list[tuple[str, bool]],
+    candidates: list[Setting],
     samples: int = 1,
     repeats: int = 1,
-) -> dict[tuple[str, bool], float]:
+) -> dict[Setting, float]:
     """Seconds of one training pass (forward and backward, train mode) of a copy of `model` on
-    `samples` samples of `example`, for each ``(precision, channels_last)`` candidate: the best
+    `samples` samples of `example`, for each `Setting` in `candidates`: the best
     of `repeats` passes, run round-robin across the candidates after one warm-up pass each, so a
     moment of load on the machine does not decide.
 
@@ -259,20 +274,20 @@ def probe(
     """
     inputs = map_tensors(example, lambda t: t[:samples] if t.dim() > 0 else t)
     replicas: dict[bool, tuple[nn.Module, Any]] = {}
-    runs: dict[tuple[str, bool], Callable[[], None]] = {}
-    timings: dict[tuple[str, bool], float] = {}
+    runs: dict[Setting, Callable[[], None]] = {}
+    timings: dict[Setting, float] = {}
     rng = torch.random.get_rng_state()
     try:
-        for precision, channels_last in candidates:
-            if channels_last not in replicas:
-                fmt = torch.channels_last if channels_last else torch.contiguous_format
-                replicas[channels_last] = (copy.deepcopy(model).to(memory_format=fmt).train(),
-                                           map_tensors(inputs, lambda t: _to(t, device, fmt)))
-            runs[(precision, channels_last)] = _pass(*replicas[channels_last], precision, device)
-        timed: list[tuple[str, bool]] = []
+        for setting in map(Setting._make, candidates):
+            if setting.channels_last not in replicas:
+                fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+                replicas[setting.channels_last] = (copy.deepcopy(model).to(memory_format=fmt).train(),
+                                                   map_tensors(inputs, lambda t: _to(t, device, fmt)))
+            runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
+        timed: list[Setting] = []
         for candidate, run in runs.items():
             timings[candidate] = _timed(run)
-            if math.isfinite(timings[candidate]) and timings[candidate] <= 5 * timings[candidates[0]]:
+            if math.isfinite(timings[candidate]) and timings[candidate] <= 5 * timings[Setting._make(candidates[0])]:
                 timed.append(candidate)
         for _ in range(repeats):
             for candidate in timed:
@@ -282,21 +297,37 @@ def probe(
     return timings
 
 
-def _pass(model: nn.Module, inputs: Any, precision: str, device: torch.device) -> Callable[[], None]:
-    dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+def _pass(model: nn.Module, inputs: Any, setting: Setting, device: torch.device) -> Callable[[], None]:
+    dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(setting.precision)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run() -> None:
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.enable_grad(), autocast:
-            output = model(inputs)
-        total = sum(t.float().sum() for t in _tensors(output))
-        if params and isinstance(total, torch.Tensor) and total.requires_grad:
-            torch.autograd.grad(total, params, allow_unused=True)
+        with convolution_kernels(setting.onednn):
+            with torch.enable_grad(), autocast:
+                output = model(inputs)
+            total = sum(t.float().sum() for t in _tensors(output))
+            if params and isinstance(total, torch.Tensor) and total.requires_grad:
+                torch.autograd.grad(total, params, allow_unused=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     return run
+
+
+@contextlib.contextmanager
+def convolution_kernels(onednn: bool = True) -> Iterator[None]:
+    """Run CPU convolutions with oneDNN's kernels (`onednn`, PyTorch's default) or with PyTorch's
+    own; the previous setting is restored on exit. A no-op where oneDNN is not built in."""
+    if not torch.backends.mkldnn.is_available() or torch.backends.mkldnn.enabled == onednn:
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def _timed(run: Callable[[], None]) -> float:
