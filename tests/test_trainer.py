@@ -149,6 +149,75 @@ def test_exception_in_loss_fires_on_exception_then_fit_end(linear_model, regress
     assert rec.calls == ["on_fit_start", "on_epoch_start", "on_batch_start", "on_exception", "on_fit_end"]
 
 
+def test_every_on_fit_end_runs_and_the_training_error_propagates(linear_model, regression_loaders):
+    ended = []
+
+    class Fails(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_batch_end(self, trainer, batch, outputs):
+            raise KeyError("training broke")
+
+        def on_fit_end(self, trainer):
+            ended.append(self.name)
+            raise RuntimeError(f"{self.name} could not clean up")
+
+    class Ends(Callback):
+        def on_fit_end(self, trainer):
+            ended.append("last")
+
+    with pytest.raises(KeyError, match="training broke") as caught:
+        make_trainer(linear_model, [Fails("first"), Ends()]).fit(regression_loaders[0])
+    assert ended == ["first", "last"]
+    assert any("first could not clean up" in note for note in caught.value.__notes__)
+
+
+def test_errors_in_on_fit_end_alone_raise_after_every_callback_ran(linear_model, regression_loaders):
+    ended = []
+
+    class Fails(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_fit_end(self, trainer):
+            ended.append(self.name)
+            raise RuntimeError(f"{self.name} failed")
+
+    with pytest.raises(RuntimeError, match="one failed") as caught:
+        make_trainer(linear_model, [Fails("one"), Fails("two")]).fit(regression_loaders[0])
+    assert ended == ["one", "two"] and "two failed" in caught.value.__notes__[0]
+
+
+def test_shared_writer_is_released_when_a_tensorboard_callback_fails_at_the_end(tmp_path, linear_model,
+                                                                               regression_loaders, mocker):
+    from trainer.callbacks import PRCurveCallback, TensorBoardCallback
+    from trainer.callbacks import tensorboard as tb
+
+    pr = PRCurveCallback(tmp_path, ["a"])
+    mocker.patch.object(pr, "predict", side_effect=RuntimeError("cannot predict"))
+    with pytest.raises(RuntimeError, match="cannot predict"):
+        make_trainer(linear_model, [TensorBoardCallback(tmp_path), pr]).fit(*regression_loaders)
+    assert tb._open_writers == {}
+
+
+def test_second_fit_continues_the_random_streams_instead_of_replaying_them(regression_loaders):
+    def run(split: bool):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+        train = DataLoader(make_regression(16), batch_size=4, shuffle=True)
+        trainer = make_trainer(model, max_epochs=2 if split else 4, seed=1)
+        trainer.fit(train)
+        if split:
+            trainer.max_epochs = 4
+            trainer.fit(train)
+        return model, trainer
+
+    (once, t1), (twice, t2) = run(False), run(True)
+    assert [h["loss"] for h in t1.history] == pytest.approx([h["loss"] for h in t2.history])
+    assert all(torch.equal(a, b) for a, b in zip(once.state_dict().values(), twice.state_dict().values()))
+
+
 def test_logs_are_batch_size_weighted_means(regression_loaders):
     """Uneven batches (4, 4, 2 and 3, 3, 1): logs equal a hand computation over all samples."""
     torch.manual_seed(0)
@@ -289,6 +358,18 @@ def test_accumulation_steps_on_leftover_batches():
     batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
     _, trainer = _one_update(0, batches, accumulate_grad_batches=2)
     assert trainer.global_step == 2
+
+
+def test_last_partial_accumulation_window_is_averaged_over_its_own_batches():
+    # 3 batches, accumulation 2: the second update uses batch 3 alone, at full weight.
+    ds = make_regression(12)
+    x, y = ds.tensors
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
+    accumulated, trainer = _one_update(0, batches, accumulate_grad_batches=2)
+    by_hand, _ = _one_update(0, [(x[:8], y[:8]), (x[8:], y[8:])])  # one big batch, then the last alone
+    assert trainer.global_step == 2
+    assert torch.allclose(accumulated.weight, by_hand.weight, atol=1e-6)
+    assert torch.allclose(accumulated.bias, by_hand.bias, atol=1e-6)
 
 
 def test_gradient_clipping_bounds_the_update():

@@ -202,6 +202,26 @@ class Trainer:
         for fn in self._hooks[hook]:
             fn(self, *args)
 
+    def _fire_all(self, hook: str, *args: Any, cause: BaseException | None = None) -> None:
+        """Call every callback's `hook`, even after one raised. Without a `cause`, the first error
+        is raised once all ran, with the later ones as notes on it. With a `cause` (the exception
+        that stopped training) the errors become notes on the cause, which is what propagates."""
+        errors: list[tuple[Any, Exception]] = []
+        for fn in self._hooks[hook]:
+            try:
+                fn(self, *args)
+            except Exception as exc:  # noqa: BLE001 - every callback gets its turn; reported below
+                errors.append((fn, exc))
+        notes = [f"{type(fn.__self__).__name__}.{hook} also raised {type(exc).__name__}: {exc}" for fn, exc in errors]
+        if cause is not None:
+            for note in notes:
+                cause.add_note(note)
+        elif errors:
+            first = errors[0][1]
+            for note in notes[1:]:
+                first.add_note(note)
+            raise first
+
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
         """Turn ``"auto"`` precision or memory format into the machine's choice (rank 0 probes,
         every rank applies the same), or into the choice a resumed checkpoint saved."""
@@ -266,9 +286,16 @@ class Trainer:
 
         With `resume_from` (a checkpoint written by `ModelCheckpoint`), training continues at
         the epoch after the saved one, with the saved weights, optimizer, scheduler, random
-        generators, history and callback states. Returns `history`: one logs dict per epoch.
-        After an exception, callbacks get `on_exception` then `on_fit_end`, and the exception
-        propagates.
+        generators, history and callback states. A run that had stopped early stays stopped; a
+        `CosineAnnealingLR` over the saved run's epochs, resumed with another `max_epochs`,
+        decays from its current rate to its minimum at the new last epoch. Calling `fit` again
+        on the same trainer (with a larger `max_epochs`) continues where the last call ended,
+        without reseeding. Returns `history`: one logs dict per epoch.
+
+        After an exception, every callback gets `on_exception` then `on_fit_end` (also when one
+        of them raises: its error becomes a note on the training exception), and the training
+        exception propagates. Without one, an error in `on_fit_end` propagates after every
+        callback's `on_fit_end` ran.
         """
         state = load_checkpoint(resume_from) if resume_from is not None else None
         if is_distributed():
@@ -291,22 +318,25 @@ class Trainer:
         except TypeError:
             self.num_batches = None
         self._build_dispatch()
-        self.should_stop = False
-        if self.seed is not None and resume_from is None:
-            seed_everything(self.seed)
+        if state is None:
+            self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
+        if self.seed is not None and state is None and not self.history and self.global_step == 0:
+            seed_everything(self.seed)  # only a fresh start: a second fit() continues the random streams
         with convolution_kernels(self.onednn):
             try:
                 self._fire("on_fit_start")
                 self._run_epochs(train_loader, val_loader)
             except BaseException as exc:
-                self._fire("on_exception", exc)
+                self._fire_all("on_exception", exc, cause=exc)
+                self._fire_all("on_fit_end", cause=exc)
                 raise
-            finally:
-                self._fire("on_fit_end")
+            self._fire_all("on_fit_end")
         return self.history
 
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
         for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
+            if self.should_stop:  # a resumed run that had stopped early
+                break
             self.epoch = epoch
             self._fire("on_epoch_start")
             logs = self._train_epoch(train_loader)
@@ -359,6 +389,10 @@ class Trainer:
             if self.should_stop and not is_distributed():  # under torchrun: at the epoch's end
                 break
         if pending:
+            if pending != accumulate:  # a shorter last window: average over its own batches
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(accumulate / pending)
             self._optimizer_step()
         if self.train_samples == 0:
             raise ValueError("the training loader yielded no batches")
@@ -421,6 +455,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epochs_done": len(self.history),
+            "max_epochs": self.max_epochs,
+            "should_stop": self.should_stop,
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
             "rng": rng_state(),
@@ -434,16 +470,27 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+            self._stretch_schedule(state.get("max_epochs"))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.history = [dict(logs) for logs in state["history"]]
         self.global_step = state["global_step"]
+        self.should_stop = bool(state.get("should_stop", False))
         self.epoch = max(len(self.history) - 1, 0)
         set_rng_state(state["rng"])
         saved = state.get("callbacks", {})
         for key, cb in self.stateful_callbacks().items():
             if key in saved:
                 cb.load_state_dict(saved[key])
+
+    def _stretch_schedule(self, saved_epochs: int | None) -> None:
+        # A cosine schedule over the saved run's epochs, resumed with more (or fewer) epochs, would
+        # climb back up after its end; it continues instead from the current rate down to its
+        # minimum at the new last epoch (the chained cosine step follows T_max from here on).
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+        if (isinstance(self.scheduler, cosine) and self.scheduler_interval == "epoch" and saved_epochs
+                and self.scheduler.T_max == saved_epochs != self.max_epochs):
+            self.scheduler.T_max = self.max_epochs
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on `loader` (eval mode, no grad) and return ``val_loss`` and ``val_<metric>``.

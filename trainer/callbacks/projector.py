@@ -32,12 +32,14 @@ class PRCurveCallback(TensorBoardWriterCallback):
 
     def on_fit_end(self, trainer) -> None:
         loader = self.loader if self.loader is not None else trainer.val_loader
-        if self.writer is not None and loader is not None and not self._failed and trainer.history:
-            probabilities, labels = self.predict(trainer, loader)
-            for index, name in enumerate(self.classes):
-                self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
-                                         global_step=trainer.global_step)
-        super().on_fit_end(trainer)
+        try:
+            if self.writer is not None and loader is not None and not self._failed and trainer.history:
+                probabilities, labels = self.predict(trainer, loader)
+                for index, name in enumerate(self.classes):
+                    self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
+                                             global_step=trainer.global_step)
+        finally:
+            super().on_fit_end(trainer)
 
     @staticmethod
     def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -186,10 +186,12 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     def on_fit_end(self, trainer) -> None:
         # A fit stopped before its last epoch logs them now; a resumed fit that trained no step (the
         # run had already finished) logs nothing again.
-        if (self.writer is not None and trainer.history and trainer.global_step > self._fit_start_step
-                and self._hparams_step != trainer.global_step):
-            self._write_hparams(trainer)
-        super().on_fit_end(trainer)
+        try:
+            if (self.writer is not None and trainer.history and trainer.global_step > self._fit_start_step
+                    and self._hparams_step != trainer.global_step):
+                self._write_hparams(trainer)
+        finally:
+            super().on_fit_end(trainer)
 
     def _write_hparams(self, trainer) -> None:
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)
