@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,18 +11,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainer import Trainer
-from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
+from trainer.callbacks import EarlyStopping, ModelCheckpoint, PRCurveCallback, TensorBoardCallback
 from trainer.distributed import get_rank
 
 
-def tiny_problem() -> tuple[nn.Module, TensorDataset, TensorDataset]:
-    """A small conv net with batch norm and a learnable 3-class problem (odd validation size)."""
+def tiny_problem(train_samples: int = 32) -> tuple[nn.Module, TensorDataset, TensorDataset]:
+    """A small conv net with batch norm and a learnable 3-class problem (13 validation samples)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(45, 1, 8, 8, generator=g)
     y = (x[:, 0, 0, :3].argmax(1))
-    return model, TensorDataset(x[:32], y[:32]), TensorDataset(x[32:], y[32:])
+    return model, TensorDataset(x[:train_samples], y[:train_samples]), TensorDataset(x[32:], y[32:])
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -44,16 +45,20 @@ def record_collectives() -> list[tuple[str, str]]:
 
 
 def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) -> None:
+    """Options beyond the arguments come from the environment: WORKER_TRAIN_SAMPLES,
+    WORKER_BATCH_SIZE and WORKER_DROP_LAST (1: the training loader drops a partial last batch)."""
     collectives = record_collectives()
-    model, train, val = tiny_problem()
+    model, train, val = tiny_problem(int(os.environ.get("WORKER_TRAIN_SAMPLES", "32")))
     if val_samples is not None:  # fewer than the ranks: some get no validation batch at all
         val = TensorDataset(*val[:val_samples])
+    batch_size, drop_last = int(os.environ.get("WORKER_BATCH_SIZE", "4")), os.environ.get("WORKER_DROP_LAST") == "1"
     run = Path(out) / "run"
+    callbacks = [TensorBoardCallback(run, log_every=2), PRCurveCallback(run, ["a", "b", "c"]), EarlyStopping(patience=50),
+                 ModelCheckpoint(run)]
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
-                      callbacks=[TensorBoardCallback(run, log_every=2), EarlyStopping(patience=50), ModelCheckpoint(run)],
-                      max_epochs=epochs, device="cpu", metrics={"acc": accuracy}, seed=3)
-    trainer.fit(DataLoader(train, batch_size=4, shuffle=True), DataLoader(val, batch_size=4),
-                resume_from=run / "last.pt" if resume else None)
+                      callbacks=callbacks, max_epochs=epochs, device="cpu", metrics={"acc": accuracy}, seed=3)
+    trainer.fit(DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
+                DataLoader(val, batch_size=4), resume_from=run / "last.pt" if resume else None)
     torch.save({"model": trainer.module.state_dict(), "history": trainer.history,
                 "global_step": trainer.global_step,
                 "collectives": collectives, "device": str(trainer.device)}, Path(out) / f"rank{get_rank()}.pt")

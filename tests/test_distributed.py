@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader
 
 from tests.distributed_worker import accuracy, tiny_problem
@@ -20,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def torchrun(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_vars)
     result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -86,6 +88,21 @@ def test_a_rank_without_validation_batches_neither_hangs_nor_raises(tmp_path):
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), device="cpu")
     alone = trainer.validate(DataLoader(torch.utils.data.TensorDataset(*val[:1]), batch_size=4))
     assert rank0["history"][-1]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
+
+
+def test_pr_curves_cover_every_ranks_validation_samples(two_ranks):
+    events = EventAccumulator(str(two_ranks / "run"), size_guidance={"tensors": 0})
+    events.Reload()
+    curve = events.Tensors("pr/a")[-1]
+    counts = tensor_util.make_ndarray(curve.tensor_proto)  # rows: TP, FP, TN, FN, precision, recall
+    assert counts[:4, 0].sum() == 13  # all validation samples, of both ranks' shards
+
+
+def test_drop_last_is_decided_per_shard(tmp_path):
+    # 10 samples, batch 8, drop_last: each rank's shard of 5 would otherwise yield no batch at all.
+    torchrun("tests/distributed_worker.py", str(tmp_path), "1", "fresh", WORKER_TRAIN_SAMPLES="10",
+             WORKER_BATCH_SIZE="8", WORKER_DROP_LAST="1")
+    assert torch.load(tmp_path / "rank0.pt")["global_step"] == 1
 
 
 def test_recipe_runs_unchanged_under_torchrun(tmp_path):

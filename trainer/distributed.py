@@ -80,6 +80,16 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def gather_to_rank_zero(value: Any) -> list[Any] | None:
+    """Every rank's `value` (any picklable object, tensors included) as a list on rank 0, in rank
+    order, and None on the other ranks; ``[value]`` in a single process. Every rank must call it."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] | None = [None] * get_world_size() if is_rank_zero() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (e.g. batch-norm statistics) so that evaluation on any
     rank uses the model that rank 0 saves."""
@@ -107,7 +117,8 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
 
     A `DataLoader` over a map-style dataset is rebuilt with a `DistributedSampler` for training
     (shuffled when the original was, reshuffled per epoch by `set_epoch`; every rank gets the
-    same number of batches) or a `ShardSampler` for evaluation (each sample once). A loader with
+    same number of batches; `drop_last` holds only where the shard has a full batch) or a
+    `ShardSampler` for evaluation (each sample once). A loader with
     a ``shard(rank, world_size, train)`` method shards itself. Anything else is used whole on
     every rank, with a warning.
     """
@@ -115,14 +126,16 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
         if train:
             sampler: Sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
-                                                  shuffle=isinstance(loader.sampler, RandomSampler),
-                                                  drop_last=loader.drop_last)
+                                                  shuffle=isinstance(loader.sampler, RandomSampler))
         else:
             sampler = ShardSampler(len(loader.dataset), rank, world)
         workers = loader.num_workers
+        # Decided per shard: a shard smaller than one batch keeps its partial batch instead of
+        # dropping every sample (DistributedSampler gives every rank the same length).
+        drop_last = loader.drop_last and loader.batch_size is not None and len(sampler) >= loader.batch_size
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
             timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
             persistent_workers=loader.persistent_workers if workers else False,
             prefetch_factor=loader.prefetch_factor if workers else None,

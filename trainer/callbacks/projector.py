@@ -10,16 +10,22 @@ import torch
 
 from trainer.batch import last_output, move_to_device, split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize
+from trainer.distributed import gather_to_rank_zero, is_rank_zero
 
 
 class PRCurveCallback(TensorBoardWriterCallback):
     """At the end of `fit`, one precision-recall curve per class (`add_pr_curve`) over a loader.
+
+    Under torchrun every rank predicts its shard of the validation loader and rank 0 writes the
+    curves over all of them.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         classes: class names; each names its curve (prefixed by `tag_prefix`).
         loader: ``(inputs, labels)`` batches; default: the validation loader of `fit`.
     """
+
+    rank_zero_only = False  # every rank predicts its own shard; only rank 0 has a writer
 
     def __init__(self, log_dir: str | os.PathLike, classes: Sequence[str], loader: Any = None,
                  tag_prefix: str = "pr/") -> None:
@@ -31,13 +37,22 @@ class PRCurveCallback(TensorBoardWriterCallback):
         self._failed = True
 
     def on_fit_end(self, trainer) -> None:
-        loader = self.loader if self.loader is not None else trainer.val_loader
+        sharded = self.loader is None
+        loader = trainer.val_loader if sharded else self.loader
         try:
-            if self.writer is not None and loader is not None and not self._failed and trainer.history:
-                probabilities, labels = self.predict(trainer, loader)
-                for index, name in enumerate(self.classes):
-                    self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
-                                             global_step=trainer.global_step)
+            if loader is not None and not self._failed and trainer.history and (sharded or is_rank_zero()):
+                parts = self.predict(trainer, loader)
+                if sharded:
+                    parts = gather_to_rank_zero(parts)
+                else:
+                    parts = [parts]
+                if self.writer is not None:
+                    parts = [part for part in parts if len(part[0])]  # ranks whose shard was empty
+                    probabilities = torch.cat([p for p, _ in parts])
+                    labels = torch.cat([t for _, t in parts])
+                    for index, name in enumerate(self.classes):
+                        self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
+                                                 global_step=trainer.global_step)
         finally:
             super().on_fit_end(trainer)
 
@@ -58,6 +73,8 @@ class PRCurveCallback(TensorBoardWriterCallback):
                     labels.append(targets)
         finally:
             model.train(was_training)
+        if not probabilities:  # a rank whose shard holds no sample
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
 
 

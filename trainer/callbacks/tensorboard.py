@@ -20,6 +20,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from trainer.batch import head, move_to_device, peek_batch
 from trainer.callback import Callback
+from trainer.distributed import is_rank_zero
 from trainer.callbacks.monitor import check_mode, check_monitor
 from trainer.running import RunningLoss
 
@@ -78,6 +79,8 @@ class TensorBoardWriterCallback(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self.resumed = trainer.global_step > 0
+        if not is_rank_zero():  # a subclass that runs on every rank (rank_zero_only = False) writes nothing there
+            return
         if self.resumed:
             purge = trainer.global_step + 1
         else:  # a run that starts over in its directory replaces what an earlier attempt wrote
@@ -85,7 +88,8 @@ class TensorBoardWriterCallback(Callback):
         self.writer = acquire_writer(self.log_dir, purge_step=purge)
 
     def on_epoch_end(self, trainer, logs) -> None:
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def on_fit_end(self, trainer) -> None:
         if self.writer is not None:
