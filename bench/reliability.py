@@ -62,7 +62,7 @@ POLL = 0.002
 def tiny_config(arch: str, epochs: int) -> list[str]:
     """The recipe options of every interrupted run: a few seconds of training on the CPU."""
     return ["--arch", arch, "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
-            "--epochs", str(epochs), "--precision", "32", "--seed", "2", "--device", "cpu"]
+            "--epochs", str(epochs), "--precision", "32", "--channels-last", "off", "--seed", "2", "--device", "cpu"]
 
 
 class Run:

@@ -100,6 +100,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     """Run a recipe's `main`, turning bad input into one line on stderr and exit code 2."""
     try:
         return main(argv)
+    except RunComplete as exc:
+        print(exc)
+        return 0
     except UsageError as exc:
         # A data error may list several problems on separate lines; the command line shows one line.
         print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
@@ -136,60 +139,113 @@ def start_run_dir(log_dir: str | None, default_root: str, config: dict[str, Any]
     return result
 
 
-def resume_run(run_dir: str, args: argparse.Namespace, argv: list[str]) -> tuple[Path, dict[str, Any], Path | None]:
+class RunComplete(Exception):
+    """A resumed run has nothing left to train: reported as one line, exit code 0."""
+
+
+#: Options a resumed run may take anew: how far to train and where, not what the run is.
+RESUMABLE_OPTIONS = ("resume", "epochs", "device")
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """``{dest: option string}`` of the options that appear in `argv` (not left at their default)."""
+    found = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of its options
+        for option in action.option_strings:
+            if any(arg == option or arg.startswith(option + "=") for arg in argv):
+                found[action.dest] = option
+    return found
+
+
+def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               argv: list[str]) -> tuple[Path, dict[str, Any], Path | None]:
     """The run directory to resume, its configuration and its last checkpoint (None when the run
     was stopped before its first checkpoint: it then starts over in the same directory).
 
-    Only ``--epochs``, when given on the command line, overrides the saved configuration.
+    The run keeps its saved options. ``--epochs`` may change, ``--device`` may move it; any other
+    option given on the command line with a value other than the saved one is a `UsageError`
+    naming it. A run with nothing left to train (it finished its epochs, stopped early, or
+    ``--epochs`` is not above the epochs it trained) raises `RunComplete`.
     """
-    path = Path(run_dir)
+    path = Path(args.resume)
     if not path.is_dir():
-        raise UsageError(f"--resume {run_dir!r}: no such run directory")
-    last = path / "last.pt"
+        raise UsageError(f"--resume {args.resume!r}: no such run directory")
+    last, state = path / "last.pt", None
     if last.is_file():
         try:
-            config = load_checkpoint(last).get("config")
+            state = load_checkpoint(last)
         except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from None
+        config = state.get("config")
     elif (path / CONFIG_FILE).is_file():
         config, last = json.loads((path / CONFIG_FILE).read_text()), None
     else:
-        raise UsageError(f"--resume {run_dir!r}: neither last.pt nor {CONFIG_FILE} there; not a run of this recipe")
+        raise UsageError(f"--resume {args.resume!r}: neither last.pt nor {CONFIG_FILE} there; not a run of this recipe")
     if not config:
-        raise UsageError(f"--resume {run_dir!r}: its checkpoint holds no recipe configuration")
+        raise UsageError(f"--resume {args.resume!r}: its checkpoint holds no recipe configuration")
     config = dict(config)
-    if any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
-        config["epochs"] = args.epochs
+    given = given_options(parser, argv)
+    if "log_dir" in given:
+        raise UsageError(f"{given['log_dir']} cannot move a resumed run: it continues in {path}")
+    for dest, option in given.items():
+        # Options outside the saved configuration (e.g. --download) do not define the run.
+        if dest not in RESUMABLE_OPTIONS and dest in config and getattr(args, dest) != config[dest]:
+            raise UsageError(
+                f"{option} {getattr(args, dest)} differs from the run's saved {config.get(dest)!r}; a resumed run keeps "
+                f"its options (only {', '.join('--' + d for d in RESUMABLE_OPTIONS[1:])} may change): start a new run "
+                f"to change {option}"
+            )
+    for dest in given.keys() & set(RESUMABLE_OPTIONS[1:]):
+        config[dest] = getattr(args, dest)
+    if state is not None:
+        done = len(state.get("history", []))
+        if state.get("should_stop"):
+            raise RunComplete(f"run {path} is complete: it stopped early after {done} epochs; nothing to resume")
+        if done >= config["epochs"]:
+            more = "" if "epochs" in given else f"; pass --epochs above {done} to train it further"
+            raise RunComplete(f"run {path} is complete: it trained {done} of {config['epochs']} epochs{more}")
     return path, config, last
 
 
+def layout_option(text: str) -> bool | str:
+    """argparse type of ``--channels-last``: ``on`` -> True, ``off`` -> False, ``auto``."""
+    values = {"on": True, "off": False, "auto": "auto"}
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return values[text]
+
+
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--precision {auto,32,bf16,16-mixed}`` (default auto) to a recipe's parser."""
+    """Add ``--precision {auto,32,bf16,16-mixed}`` and ``--channels-last {auto,on,off}`` (both
+    default auto) to a recipe's parser."""
     parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
                         help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
                              "on CPUs and GPUs with native bf16, after a short probe); 32: float32; bf16: "
                              "bf16 autocast; 16-mixed: float16 with a grad scaler, CUDA only (default: %(default)s)")
+    parser.add_argument("--channels-last", type=layout_option, default="auto", metavar="{auto,on,off}",
+                        help="memory format of the model and images: auto measures it with the precision (on "
+                             "CUDA: on for convolutions). A run with --precision and --channels-last both given "
+                             "probes nothing, so reruns with the same seed are bit-identical (default: auto)")
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
                          config: dict[str, Any]) -> PrecisionChoice:
     """The precision, memory format and CPU convolution kernels a run trains with, printed in one
     line and recorded in `config` (``precision``, ``channels_last``, ``onednn``,
-    ``precision_reason``), so that a resumed run,
-    whose `config` already holds them, reuses the choice instead of probing again.
+    ``precision_reason``), so that a resumed run, whose `config` already holds them, reuses the
+    choice instead of probing again.
 
-    ``config["precision"] == "auto"`` is resolved by `trainer.precision.choose_precision` with a
-    short probe on `model` and `example` (its inputs); explicit values are kept. Under torchrun
-    rank 0 chooses and every rank gets the same.
+    ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by
+    `trainer.precision.choose_precision` with a short probe on `model` and `example` (its
+    inputs); explicit values are kept. Under torchrun rank 0 chooses and every rank gets the same.
     """
     if config["precision"] == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
-    if "channels_last" in config:
+    if "precision_reason" in config:
         choice = PrecisionChoice(config["precision"], config["channels_last"],
-                                 f"saved with the run: {config.get('precision_reason', 'no reason recorded')}",
-                                 config.get("onednn", True))
+                                 f"saved with the run: {config['precision_reason']}", config.get("onednn", True))
     else:
-        choice = (choose_precision(model, device, example, config["precision"], "auto")
+        choice = (choose_precision(model, device, example, config["precision"], config["channels_last"])
                   if is_rank_zero() else None)
         choice = broadcast_object(choice)
         config.update(precision=choice.precision, channels_last=choice.channels_last, onednn=choice.onednn,

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "with N worker processes over the same tensor (default: %(default)s)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs may be raised)")
+                             "(only --epochs and --device may change)")
     return parser
 
 
@@ -127,13 +127,15 @@ def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor
 def main(argv: list[str] | None = None) -> int:
     """Train (or resume) the tutorial CNN; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     run_dir = resume_from = None
     if args.resume:
-        run_dir, config, resume_from = resume_run(args.resume, args, argv)
+        run_dir, config, resume_from = resume_run(parser, args, argv)
     else:
         config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
-                                                      "data_dir", "device", "precision", "seed", "workers")}
+                                                      "data_dir", "device", "precision", "channels_last", "seed",
+                                                      "workers")}
     try:
         device = init_distributed(resolve_device(config["device"]))
         train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=args.download)

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs may be raised)")
+                             "(only --epochs and --device may change)")
     return parser
 
 
@@ -139,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The run's configuration: the options that define it, saved in its checkpoints."""
     keys = ("data", "arch", "deep_supervision", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
             "scheduler", "image_size", "val_fraction", "train_samples", "val_samples", "workers", "device",
-            "precision", "seed")
+            "precision", "channels_last", "seed")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -157,8 +157,6 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     image, mask = train[0]
-    if config["image_size"] is None:
-        config["image_size"] = image.shape[-1]
     if image.shape[-1] % 16 or image.shape[-2] % 16:
         raise UsageError(
             f"images of {config['data']!r} are {image.shape[-2]}x{image.shape[-1]}; the U-Nets need sides that are "
@@ -213,10 +211,11 @@ def validate_config(config: dict[str, Any]) -> None:
 def train(argv: list[str] | None) -> int:
     """Train (or resume) a run; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     run_dir = resume_from = None
     if args.resume:
-        run_dir, config, resume_from = resume_run(args.resume, args, argv)
+        run_dir, config, resume_from = resume_run(parser, args, argv)
     else:
         config = config_from_args(args)
         if config["data"] is None and config["image_size"] is None:
@@ -233,11 +232,11 @@ def train(argv: list[str] | None) -> int:
     optimizer, scheduler = build_optimizer(config, model, device)
     workers = config["workers"] if config["data"] is not None else 0
     pin = device.type == "cuda"
+    # Workers start anew each epoch, seeded from the main generator (saved in checkpoints), so a
+    # resumed run draws the same augmentations as an uninterrupted one.
     train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, num_workers=workers,
-                              drop_last=len(train_set) > config["batch_size"], persistent_workers=workers > 0,
-                              pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=pin)
+                              drop_last=len(train_set) > config["batch_size"], pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin)
     fixed = next(iter(DataLoader(val_set, batch_size=8)))
     choice = choose_run_precision(model, device, fixed[0], config)
     if run_dir is None:
@@ -294,12 +293,19 @@ def predict(argv: list[str]) -> int:
             except (OSError, ValueError, RuntimeError) as exc:
                 raise UsageError(str(exc)) from None
             height, width = image.shape[-2:]
-            inputs = F.interpolate(image[None].to(device), size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            if size is None:  # trained at the images' own resolution: predict at it too
+                pad_h, pad_w = -height % 16, -width % 16
+                inputs = F.pad(image[None].to(device), (0, pad_w, 0, pad_h), mode="reflect")
+            else:
+                inputs = F.interpolate(image[None].to(device), size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False)
             output = model(inputs)
             logits = output[-1] if isinstance(output, list) else output
-            probability = F.interpolate(logits.float().sigmoid(), size=(height, width), mode="bilinear",
-                                        align_corners=False)[0].cpu()
+            if size is None:
+                probability = logits.float().sigmoid()[0, :, :height, :width].cpu()
+            else:
+                probability = F.interpolate(logits.float().sigmoid(), size=(height, width), mode="bilinear",
+                                            align_corners=False)[0].cpu()
             for c in range(probability.shape[0]):
                 suffix = "" if probability.shape[0] == 1 else f"_{c}"
                 write_png_file((probability[c:c + 1] * 255).round().to(torch.uint8), out / f"{path.stem}_prob{suffix}.png")

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 # The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
 TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
-        "--epochs", str(EPOCHS), "--precision", "32", "--seed", "2"]
+        "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
 POLL = 0.002
 

@@ -59,7 +59,7 @@ def test_folder_data_and_unet(tmp_path):
             "--optimizer", "sgd", "--scheduler", "plateau", "--log-dir", str(tmp_path / "run")]
     assert run(argv) == 0
     config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
-    assert config["arch"] == "UNet" and config["image_size"] == 32
+    assert config["arch"] == "UNet" and config["image_size"] is None  # trained at the images' own size
 
 
 def test_deep_supervision_run(tmp_path):
@@ -139,7 +139,7 @@ def test_help_explains_every_option():
     text = nested_unet.build_parser().format_help()
     for option in ("--data", "--arch", "--deep-supervision", "--epochs", "--batch-size", "--lr", "--weight-decay",
                    "--optimizer", "--scheduler", "--image-size", "--val-fraction", "--workers", "--device",
-                   "--precision", "--seed", "--log-dir", "--resume"):
+                   "--precision", "--channels-last", "--seed", "--log-dir", "--resume"):
         assert option in text
     assert all(action.help for action in nested_unet.build_parser()._actions)
 
@@ -148,3 +148,83 @@ def test_command_line_exit_code_and_single_line():
     result = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--epochs", "0"], capture_output=True,
                             text=True, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--epochs" in result.stderr
+
+
+@pytest.mark.parametrize("option, value, saved", [("--lr", "0.01", "0.003"), ("--batch-size", "2", "4"),
+                                                  ("--arch", "UNet", "'NestedUNet'"), ("--seed", "3", "0")])
+def test_resume_refuses_a_changed_option_and_names_it(tiny_run, capsys, option, value, saved):
+    assert run(["--resume", str(tiny_run), "--epochs", "3", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option} {value} differs from the run's saved {saved}" in err
+    assert load_checkpoint(tiny_run / "last.pt")["epochs_done"] == 2  # nothing trained
+
+
+def test_resume_accepts_the_saved_value_and_a_new_device(tmp_path):
+    run_dir = tmp_path / "r"
+    assert run(TINY + ["--log-dir", str(run_dir)]) == 0
+    assert run(["--resume", str(run_dir), "--epochs", "2", "--batch-size", "4", "--device", "cpu"]) == 0
+    assert load_checkpoint(run_dir / "last.pt")["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("extra", [[], ["--epochs", "1"], ["--epochs", "2"]])
+def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(tiny_run, capsys, extra):
+    before = (tiny_run / "last.pt").stat().st_mtime_ns
+    assert run(["--resume", str(tiny_run), *extra]) == 0
+    out = capsys.readouterr().out
+    assert f"run {tiny_run} is complete: it trained 2 of" in out
+    assert (tiny_run / "last.pt").stat().st_mtime_ns == before
+
+
+def square_less_folder(root, count=6, height=32, width=48):
+    """Non-square images (height x width) with masks, written as PNGs."""
+    data = SyntheticNuclei(count, image_size=width, seed=3)
+    for i in range(count):
+        image, mask = data[i]
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        write_png((image[:, :height] * 255).round().to(torch.uint8), str(root / "images" / f"{i}.png"))
+        write_png((mask[:, :height] * 255).to(torch.uint8), str(root / "masks" / f"{i}.png"))
+    return root
+
+
+def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path, mocker):
+    data = square_less_folder(tmp_path / "data")
+    run_dir = tmp_path / "r"
+    shapes = []
+    original = nested_unet.Trainer.train_step
+
+    def spy(self, batch):
+        shapes.append(tuple(batch[0].shape[-2:]))
+        return original(self, batch)
+
+    mocker.patch.object(nested_unet.Trainer, "train_step", spy)
+    argv = ["--data", str(data), "--arch", "UNet", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
+    assert run(argv) == 0
+    assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert set(shapes) == {(32, 48)}
+    assert load_checkpoint(run_dir / "last.pt")["config"]["image_size"] is None
+    out = tmp_path / "pred"
+    assert run(["predict", "--checkpoint", str(run_dir / "last.pt"), "--images", str(data / "images"),
+                "--out", str(out)]) == 0
+    assert decode_png(read_file(str(out / "0_mask.png"))).shape == (1, 32, 48)
+
+
+def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
+    data = tmp_path / "data"
+    SyntheticNuclei(12, image_size=32, seed=5).save(data)
+    base = ["--data", str(data), "--arch", "UNet", "--batch-size", "4", "--workers", "2", "--epochs", "2",
+            "--precision", "32", "--channels-last", "off"]  # nothing probed: both runs train alike
+    assert run(base + ["--log-dir", str(tmp_path / "full")]) == 0
+    save = nested_unet.ModelCheckpoint.on_epoch_end
+
+    def killed_after_first_epoch(self, trainer, logs):
+        save(self, trainer, logs)
+        raise KeyboardInterrupt
+
+    patched = mocker.patch.object(nested_unet.ModelCheckpoint, "on_epoch_end", killed_after_first_epoch)
+    assert run(base + ["--log-dir", str(tmp_path / "cut")]) == 130
+    mocker.stop(patched)
+    assert run(["--resume", str(tmp_path / "cut")]) == 0
+    full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert full["history"] == cut["history"] and len(full["history"]) == 2
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
