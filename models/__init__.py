@@ -3,7 +3,7 @@
 from models.blocks import VGGBlock
 from models.cnn import CNN, FashionCNN
 from models.losses import BCEDiceLoss, DeepSupervisionLoss
-from models.metrics import accuracy, dice, iou
+from models.metrics import accuracy, class_iou, dice, iou
 from models.nested_unet import NestedUNet
 from models.unet import UNet
 
@@ -16,6 +16,7 @@ __all__ = [
     "UNet",
     "VGGBlock",
     "accuracy",
+    "class_iou",
     "dice",
     "iou",
 ]

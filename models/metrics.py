@@ -8,11 +8,12 @@ device. `predictions` are the model's raw logits; for a deep-supervision list th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 Predictions = torch.Tensor | Sequence[torch.Tensor]
+Metric = Callable[[Predictions, torch.Tensor], torch.Tensor]
 
 
 def _final(predictions: Predictions) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _final(predictions: Predictions) -> torch.Tensor:
 def _binarize(
     name: str, predictions: Predictions, targets: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image flattened boolean masks (N, pixels) for prediction and target."""
+    """Boolean masks (N, K, pixels) for prediction and target, K the number of classes."""
     logits = _final(predictions)
     if logits.shape != targets.shape:
         raise ValueError(
@@ -35,34 +36,59 @@ def _binarize(
         )
     if logits.dim() < 2:
         raise ValueError(f"{name}: expected a batch of images (N, ...), got shape {tuple(logits.shape)}")
-    pred = torch.sigmoid(logits.float()).flatten(1) > threshold
-    true = targets.flatten(1) > 0.5
+    shape = (logits.shape[0], logits.shape[1] if logits.dim() > 2 else 1, -1)
+    pred = (torch.sigmoid(logits.float()) > threshold).reshape(shape)
+    true = (targets > 0.5).reshape(shape)
     return pred, true
 
 
-def iou(predictions: Predictions, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Mean over the batch of each image's intersection over union.
+def _per_class_iou(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(N, K) IoU of each image and class; a class empty in both prediction and target scores 1."""
+    intersection = (pred & true).sum(2)
+    union = (pred | true).sum(2)
+    return torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
 
-    The prediction mask is ``sigmoid(logits) > threshold``; IoU is taken per image over all its
-    pixels and classes. An image whose prediction and target are both empty scores 1.
+
+def _per_class_dice(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    intersection = (pred & true).sum(2)
+    total = pred.sum(2) + true.sum(2)
+    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), 1.0)
+
+
+def iou(predictions: Predictions, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Mean over the batch and the classes of each image's per-class intersection over union.
+
+    The prediction mask is ``sigmoid(logits) > threshold``; for (N, K, H, W) logits each of the
+    K classes is scored on its own channel (classes may overlap) and the K scores are averaged.
+    A class whose prediction and target are both empty in an image scores 1.
     """
-    pred, true = _binarize("iou", predictions, targets, threshold)
-    intersection = (pred & true).sum(1)
-    union = (pred | true).sum(1)
-    per_image = torch.where(union > 0, intersection / union.clamp(min=1), 1.0)
-    return per_image.mean()
+    return _per_class_iou(*_binarize("iou", predictions, targets, threshold)).mean()
 
 
 def dice(predictions: Predictions, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Mean over the batch of each image's Dice coefficient ``2|P∩T| / (|P| + |T|)``.
+    """Mean over the batch and the classes of each image's per-class Dice ``2|P∩T| / (|P| + |T|)``.
 
-    Thresholded like `iou`; an image whose prediction and target are both empty scores 1.
+    Thresholded and averaged like `iou`; a class empty in both prediction and target scores 1.
     """
-    pred, true = _binarize("dice", predictions, targets, threshold)
-    intersection = (pred & true).sum(1)
-    total = pred.sum(1) + true.sum(1)
-    per_image = torch.where(total > 0, 2 * intersection / total.clamp(min=1), 1.0)
-    return per_image.mean()
+    return _per_class_dice(*_binarize("dice", predictions, targets, threshold)).mean()
+
+
+def class_iou(index: int, threshold: float = 0.5) -> Metric:
+    """A metric: the IoU of class `index` alone (channel `index` of the logits), batch mean.
+
+    For a per-class scalar beside the mean, e.g. ``metrics={"iou": iou, "iou_nucleus": class_iou(0)}``.
+    """
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"class index must be an integer >= 0, got {index!r}")
+
+    def metric(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
+        pred, true = _binarize("class_iou", predictions, targets, threshold)
+        if index >= pred.shape[1]:
+            raise ValueError(f"class_iou({index}): the predictions have {pred.shape[1]} class channel(s)")
+        return _per_class_iou(pred[:, index:index + 1], true[:, index:index + 1]).mean()
+
+    metric.__name__ = f"class_iou_{index}"
+    return metric
 
 
 def accuracy(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:

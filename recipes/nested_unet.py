@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
-from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, dice, iou
+from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou
 from recipes.common import (
     RecipeArgumentParser,
     UsageError,
@@ -125,7 +125,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
     """The `predict` command's options."""
     parser = RecipeArgumentParser(
         prog="python -m recipes.nested_unet predict",
-        description="Write a probability map and a binary mask PNG per image, at the image's own size.",
+        description="Write a probability map and a binary mask PNG per image, at the image's own size: "
+                    "<out>/<id>_prob.png and <out>/<id>_mask.png, or with several classes "
+                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png.",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
@@ -143,14 +145,18 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in keys}
 
 
-def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
-    """Training and validation sets and the number of mask classes; bad data is a UsageError."""
+BUILTIN_CLASSES = ["nucleus"]
+
+
+def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
+    """Training and validation sets and the names of the mask classes (the class folders, in
+    order; ``mask`` for masks directly in masks/); bad data is a UsageError."""
     if config["data"] is None:
         size = config["image_size"]
         train = SyntheticNuclei(config["train_samples"], image_size=size, seed=config["seed"])
         val = SyntheticNuclei(config["val_samples"], image_size=size, seed=config["seed"] + 10_000)
         # Generated once into memory: each epoch then reads plain tensors.
-        return materialize(train), materialize(val), 1
+        return materialize(train), materialize(val), list(BUILTIN_CLASSES)
     try:
         train, val = split_segmentation(config["data"], val_fraction=config["val_fraction"], seed=config["seed"],
                                         image_size=config["image_size"])
@@ -162,7 +168,7 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
             f"images of {config['data']!r} are {image.shape[-2]}x{image.shape[-1]}; the U-Nets need sides that are "
             f"multiples of 16: pass --image-size (e.g. {max(16, round(image.shape[-1] / 16) * 16)})"
         )
-    return train, val, mask.shape[0]
+    return train, val, list(train.classes)
 
 
 def materialize(dataset: Dataset) -> TensorDataset:
@@ -225,10 +231,12 @@ def train(argv: list[str] | None) -> int:
         device = init_distributed(resolve_device(config["device"]))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    train_set, val_set, num_classes = load_data(config)
+    train_set, val_set, classes = load_data(config)
+    if config.setdefault("classes", classes) != classes:
+        raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now has {classes}")
 
     torch.manual_seed(config["seed"])
-    model = build_model(config, num_classes)
+    model = build_model(config, len(classes))
     optimizer, scheduler = build_optimizer(config, model, device)
     workers = config["workers"] if config["data"] is not None else 0
     pin = device.type == "cuda"
@@ -246,16 +254,20 @@ def train(argv: list[str] | None) -> int:
     checkpoint = ModelCheckpoint(run_dir, monitor="val_iou", mode="max", config=config)
     tags = {"loss": "training loss", "val_loss": "validation loss", "val_iou": "IoU", "val_dice": "Dice",
             "lr": "learning rate"}
+    metrics = {"iou": iou, "dice": dice}
+    if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
+        metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
+        tags.update({f"val_iou_{name}": f"IoU/{name}" for name in classes})
     callbacks = [
         TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
-        ImageGridCallback(run_dir, batch=fixed, num_images=8),
+        ImageGridCallback(run_dir, batch=fixed, num_images=8, classes=classes),
         GraphCallback(run_dir, example=fixed[0][:2]),
-        PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4),
+        PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes),
         ProgressBar(log_every=5),
         checkpoint,
     ]
     trainer = Trainer(model, optimizer, loss, callbacks=callbacks, max_epochs=config["epochs"], device=device,
-                      metrics={"iou": iou, "dice": dice}, scheduler=scheduler, precision=choice,
+                      metrics=metrics, scheduler=scheduler, precision=choice,
                       seed=config["seed"])
     with training_interrupts(trainer, f"python -m recipes.nested_unet --resume {run_dir}"):
         trainer.fit(train_loader, val_loader, resume_from=resume_from)
@@ -280,8 +292,11 @@ def predict(argv: list[str]) -> int:
     paths = sorted(p for p in images_dir.iterdir() if is_image_file(p))
     if not paths:
         raise UsageError(f"--images {args.images!r} holds no .png, .jpg or .tif images")
-    head = state["model"]["final.weight" if "final.weight" in state["model"] else "final4.weight"]
-    model = build_model(config, num_classes=head.shape[0])
+    if not config.get("classes"):
+        raise UsageError(f"{args.checkpoint!r} records no mask classes; it was written by an older version of this "
+                         "recipe: train it again with this one")
+    classes = config["classes"]
+    model = build_model(config, num_classes=len(classes))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     size = config["image_size"]
@@ -306,11 +321,15 @@ def predict(argv: list[str]) -> int:
             else:
                 probability = F.interpolate(logits.float().sigmoid(), size=(height, width), mode="bilinear",
                                             align_corners=False)[0].cpu()
-            for c in range(probability.shape[0]):
-                suffix = "" if probability.shape[0] == 1 else f"_{c}"
-                write_png_file((probability[c:c + 1] * 255).round().to(torch.uint8), out / f"{path.stem}_prob{suffix}.png")
+            for c, name in enumerate(classes):
+                prob = (probability[c:c + 1] * 255).round().to(torch.uint8)
                 mask = (probability[c:c + 1] > args.threshold).to(torch.uint8) * 255
-                write_png_file(mask, out / f"{path.stem}_mask{suffix}.png")
+                if len(classes) == 1:
+                    write_png_file(prob, out / f"{path.stem}_prob.png")
+                    write_png_file(mask, out / f"{path.stem}_mask.png")
+                else:  # the training layout: one folder per class
+                    write_png_file(prob, out / name / f"{path.stem}_prob.png")
+                    write_png_file(mask, out / name / f"{path.stem}.png")
     print(f"wrote {len(paths)} probability maps and masks to {out}")
     return 0
 

@@ -17,6 +17,7 @@ from models import (
     UNet,
     VGGBlock,
     accuracy,
+    class_iou,
     dice,
     iou,
 )
@@ -295,15 +296,18 @@ def test_iou_and_dice_hand_values_on_partial_overlap():
     assert dice(logits, targets).item() == pytest.approx((4 / 6 + 4 / 7) / 2)
 
 
-def test_metrics_count_all_classes_of_an_image():
-    targets = torch.zeros(1, 2, 2, 2)
-    targets[0, 0, 0, 0] = 1
-    targets[0, 1, 1, 1] = 1
+def test_metrics_average_the_classes_of_an_image():
+    targets = torch.zeros(1, 2, 4, 4)
+    targets[0, 0, :2] = 1             # class 0: 8 pixels
+    targets[0, 1, 3, 3] = 1           # class 1: 1 pixel
     predicted = torch.zeros_like(targets)
-    predicted[0, 0, 0, 0] = 1         # class 0 right, class 1 missed
+    predicted[0, 0, :2] = 1           # class 0 right, class 1 missed
     logits = logits_from_mask(predicted)
-    assert iou(logits, targets).item() == pytest.approx(1 / 2)
-    assert dice(logits, targets).item() == pytest.approx(2 / 3)
+    assert iou(logits, targets).item() == pytest.approx((1 + 0) / 2)  # pooled pixels would give 8/9
+    assert dice(logits, targets).item() == pytest.approx((1 + 0) / 2)
+    assert class_iou(0)(logits, targets).item() == 1.0 and class_iou(1)(logits, targets).item() == 0.0
+    with pytest.raises(ValueError, match="2 class channel"):
+        class_iou(2)(logits, targets)
 
 
 def test_empty_prediction_and_empty_target_score_one():

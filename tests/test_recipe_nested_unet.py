@@ -11,9 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.io import decode_png, read_file, write_png
 
-from datasets import SyntheticNuclei
+from datasets import SyntheticNuclei, write_png_file
 from recipes import nested_unet
 from recipes.common import run_cli
+from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
 
 TINY = ["--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
@@ -228,3 +229,54 @@ def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
     full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     assert full["history"] == cut["history"] and len(full["history"]) == 2
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+
+
+CLASSES = ["a_round", "b_long", "c", "d", "e"]
+
+
+def five_class_folder(root, count=8, size=32):
+    """Images with five overlapping mask classes: the nuclei cut into vertical bands (one class each)
+    plus, for class e, every nucleus pixel of the left half."""
+    data = SyntheticNuclei(count, image_size=size, seed=7)
+    band = size // 4
+    for i in range(count):
+        image, mask = data[i]
+        write_png_file((image * 255).round().to(torch.uint8), root / "images" / f"{i}.png")
+        for k, name in enumerate(CLASSES):
+            part = torch.zeros_like(mask)
+            if k < 4:
+                part[..., k * band:(k + 1) * band] = mask[..., k * band:(k + 1) * band]
+            else:
+                part[..., : size // 2] = mask[..., : size // 2]
+            write_png_file((part * 255).to(torch.uint8), root / "masks" / name / f"{i}.png")
+    return root
+
+
+def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_per_class(tmp_path):
+    data = five_class_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    assert run(["--data", str(data), "--arch", "UNet", "--epochs", "1", "--batch-size", "4",
+                "--log-dir", str(run_dir)]) == 0
+    events = read(run_dir)
+    scalars = events.Tags()["scalars"]
+    assert {f"IoU/{name}" for name in CLASSES} <= set(scalars) and "IoU" in scalars
+    per_class = [events.Scalars(f"IoU/{name}")[-1].value for name in CLASSES]
+    assert events.Scalars("IoU")[-1].value == pytest.approx(sum(per_class) / 5, abs=1e-5)
+    grid = events.Images("masks")[0]
+    pixels = decode_png(torch.frombuffer(bytearray(grid.encoded_image_string), dtype=torch.uint8))
+    assert pixels.shape[0] == 3 and grid.height > 32  # an RGB grid with the legend under it
+    present = pixels.flatten(1).t().unique(dim=0).float()
+    for colour in class_colours(5) * 255:  # every class's fixed colour, in the masks or the legend
+        assert (present - colour).abs().amax(1).min() <= 2
+    figure = events.Images("predictions vs. actuals")[0]
+    assert figure.height == round((2.8 * 2 + 0.5) * 72)  # one row per validation image (2) and the legend
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["config"]["classes"] == CLASSES and state["model"]["final.weight"].shape[0] == 5
+
+    out = tmp_path / "pred"
+    assert run(["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(data / "images"),
+                "--out", str(out)]) == 0
+    for name in CLASSES:
+        mask = decode_png(read_file(str(out / name / "0.png")))
+        assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0, 255}
+        assert (out / name / "0_prob.png").is_file()

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from trainer.batch import last_output, move_to_device, split_batch
+from trainer.callbacks.palette import class_colours, class_names, colour_masks
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
 
 KINDS = ("classification", "segmentation")
@@ -60,6 +62,22 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def image_with_legend(image: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] with a legend of the class colours (`palette.class_colours`)
+    under it, at the image's own pixel size: returns (3, H + legend, max(W, legend width))."""
+    height, width = image.shape[-2:]
+    dpi, legend_px = 72, 28
+    fig = Figure(figsize=(max(width, 360) / dpi, (height + legend_px) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, legend_px / (height + legend_px), width / max(width, 360), height / (height + legend_px)))
+    ax.imshow(np.transpose(image.numpy(), (1, 2, 0)), interpolation="nearest")
+    ax.set_axis_off()
+    handles = [Patch(facecolor=c, label=n) for c, n in zip(class_colours(len(names)).tolist(), names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 6), frameon=False, fontsize=9,
+               handlelength=1.0, columnspacing=1.0, borderaxespad=0.2)
+    return torch.from_numpy(figure_to_array(fig)).permute(2, 0, 1)
+
+
 def classification_figure(
     images: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None,
     fig: Figure | None = None,
@@ -84,36 +102,55 @@ def classification_figure(
 
 
 def mask_iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
-    """IoU of two binary masks of one image (1.0 when both are empty)."""
+    """IoU of two binary masks of one image, (H, W) or (K, H, W): the mean over the K classes of
+    each class's IoU, where a class empty in both scores 1."""
     predicted, truth = predicted.bool(), truth.bool()
-    union = (predicted | truth).sum().item()
-    return 1.0 if union == 0 else (predicted & truth).sum().item() / union
+    if predicted.dim() == 2:
+        predicted, truth = predicted[None], truth[None]
+    intersection = (predicted & truth).flatten(1).sum(1).float()
+    union = (predicted | truth).flatten(1).sum(1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), 1.0).mean().item()
 
 
 def segmentation_figure(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor,
-                        fig: Figure | None = None) -> Figure:
-    """Per sample, one row: image, ground-truth mask, predicted mask and an overlay (truth in
-    green, prediction in red, both in yellow), with the sample's IoU in the row's title.
+                        classes: Sequence[str] | None = None, fig: Figure | None = None) -> Figure:
+    """Per sample, one row: image, ground-truth mask, predicted mask and an overlay, with the
+    sample's IoU (mean over classes) in the overlay's title.
 
-    `images` (N, C, H, W) in [0, 1]; `truth` and `predicted` binary (N, K, H, W) masks (the
-    classes are merged for display). A `fig` returned by an earlier call for as many images is
+    One class: masks in white, the overlay shows truth in green, prediction in red, both in
+    yellow. K >= 2 classes: each class in its fixed colour (`palette.class_colours`), the
+    overlay tints the image with the predicted classes, and a legend names the classes.
+
+    `images` (N, C, H, W) in [0, 1]; `truth` and `predicted` binary (N, K, H, W) masks;
+    `classes` names the K classes. A `fig` returned by an earlier call for as many images is
     redrawn in place.
     """
-    count = images.shape[0]
-    fig, new = _new_or_reused(fig, 4 * count, (10.0, 2.8 * count))
+    count, num_classes = images.shape[0], truth.shape[1]
+    legend = 0.5 if num_classes > 1 else 0.0
+    fig, new = _new_or_reused(fig, 4 * count, (10.0, 2.8 * count + legend))
     for i in range(count):
-        true_mask, pred_mask = truth[i].amax(0), predicted[i].amax(0)
-        iou = mask_iou(pred_mask, true_mask)
+        iou = mask_iou(predicted[i], truth[i])
         image = images[i] if images.shape[1] >= 3 else images[i].expand(3, -1, -1)
-        overlay = 0.6 * image.clone()
-        overlay[0] = torch.maximum(overlay[0], pred_mask.float())
-        overlay[1] = torch.maximum(overlay[1], true_mask.float())
-        panels = [(image, "image"), (true_mask[None].float(), "ground truth"),
-                  (pred_mask[None].float(), "prediction"), (overlay, f"overlay, IoU {iou:.3f}")]
+        if num_classes == 1:
+            true_panel, pred_panel = truth[i].float(), predicted[i].float()
+            overlay = 0.6 * image.clone()
+            overlay[0] = torch.maximum(overlay[0], pred_panel[0])
+            overlay[1] = torch.maximum(overlay[1], true_panel[0])
+        else:
+            true_panel, pred_panel = colour_masks(truth[i:i + 1])[0], colour_masks(predicted[i:i + 1])[0]
+            tinted = predicted[i].any(0, keepdim=True)
+            overlay = torch.where(tinted, 0.4 * image + 0.6 * pred_panel, 0.8 * image)
+        name = "IoU" if num_classes == 1 else "mean IoU"
+        panels = [(image, "image"), (true_panel, "ground truth"), (pred_panel, "prediction"),
+                  (overlay, f"overlay, {name} {iou:.3f}")]
         for j, (panel, title) in enumerate(panels):
             _panel(fig, count, 4, 4 * i + j, panel, f"#{i} {title}" if j == 0 else title, fontsize=10)
     if new:
-        fig.tight_layout()
+        if num_classes > 1:
+            colours = class_colours(num_classes).tolist()
+            handles = [Patch(facecolor=c, label=n) for c, n in zip(colours, class_names(classes, num_classes))]
+            fig.legend(handles=handles, loc="lower center", ncol=min(num_classes, 6), frameon=False)
+        fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
     return fig
 
 
@@ -128,7 +165,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         batch: ``(inputs, targets)``; default: the first validation (or training) batch.
         num_images: samples shown.
         every_n_steps: log every N optimizer steps; when None, every `every_n_epochs` epochs.
-        classes: class names for classification titles.
+        classes: class names: of the classification titles, or of the segmentation legend.
         mean, std: the inputs' normalisation, undone for display.
         threshold: probability above which a pixel is foreground (segmentation).
     """
@@ -192,7 +229,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
             fig = classification_figure(images, output.softmax(dim=1), targets, self.classes, fig=self._figure)
         else:
             predicted = output.sigmoid() > self.threshold
-            fig = segmentation_figure(images, targets > 0.5, predicted, fig=self._figure)
+            fig = segmentation_figure(images, targets > 0.5, predicted, self.classes, fig=self._figure)
         self._figure = fig
         # What add_figure stores, rendered here: add_figure imports matplotlib.pyplot, and merely
         # importing pyplot slowed the training loop by about 20% on a 2-core CPU.

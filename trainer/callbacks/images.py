@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torchvision.utils import make_grid
 
 from trainer.batch import split_batch
+from trainer.callbacks.figures import image_with_legend
+from trainer.callbacks.palette import class_names, colour_masks
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
 
 
@@ -22,12 +25,15 @@ class ImageGridCallback(TensorBoardWriterCallback):
 
     Images are shown as the user sees them: the normalisation given by `mean`/`std` is undone.
     For segmentation batches (targets are masks of the images' size) a grid of the masks is
-    logged too, under `mask_tag`. Logged at fit start, and every `every_n_epochs` epochs if set.
+    logged too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in
+    its fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
+    Logged at fit start, and every `every_n_epochs` epochs if set.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         batch: ``(images, targets)`` or an images tensor; default: the first validation batch
             (or training batch when there is no validation data).
+        classes: names of the mask classes, for the legend (default: ``class 0``, ...).
     """
 
     def __init__(
@@ -41,12 +47,14 @@ class ImageGridCallback(TensorBoardWriterCallback):
         tag: str = "images",
         mask_tag: str = "masks",
         nrow: int = 8,
+        classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__(log_dir)
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}")
         self.batch, self.num_images, self.mean, self.std = batch, num_images, mean, std
         self.every_n_epochs, self.tag, self.mask_tag, self.nrow = every_n_epochs, tag, mask_tag, nrow
+        self.classes = list(classes) if classes is not None else None
         self._grids: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self, trainer) -> None:
@@ -55,7 +63,12 @@ class ImageGridCallback(TensorBoardWriterCallback):
         images, targets = (batch, None) if isinstance(batch, torch.Tensor) else split_batch(batch)
         self._grids = {self.tag: make_grid(denormalize(images, self.mean, self.std), nrow=self.nrow)}
         if is_mask_batch(targets, images):
-            self._grids[self.mask_tag] = make_grid(targets.float().clamp(0, 1), nrow=self.nrow)
+            masks = targets.float().clamp(0, 1)
+            if masks.shape[1] == 1:
+                self._grids[self.mask_tag] = make_grid(masks, nrow=self.nrow)
+            else:
+                grid = make_grid(colour_masks(masks), nrow=self.nrow)
+                self._grids[self.mask_tag] = image_with_legend(grid, class_names(self.classes, masks.shape[1]))
         if not self.resumed:
             self._write(trainer)
 

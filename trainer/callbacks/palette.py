@@ -1,0 +1,33 @@
+"""One fixed colour per mask class, shared by image grids and prediction figures."""
+
+from __future__ import annotations
+
+import torch
+
+# Strong, distinguishable colours first (a colour-blind-aware qualitative set), then lighter ones.
+_PALETTE = (
+    (0.90, 0.10, 0.29), (0.24, 0.71, 0.29), (0.00, 0.51, 0.78), (1.00, 0.88, 0.10), (0.96, 0.51, 0.19),
+    (0.57, 0.12, 0.71), (0.27, 0.94, 0.94), (0.94, 0.20, 0.90), (0.82, 0.96, 0.24), (0.98, 0.75, 0.83),
+    (0.00, 0.50, 0.50), (0.86, 0.75, 1.00), (0.67, 0.43, 0.16), (1.00, 0.98, 0.78), (0.50, 0.00, 0.00),
+    (0.67, 1.00, 0.76), (0.50, 0.50, 0.00), (1.00, 0.84, 0.71), (0.00, 0.00, 0.50), (0.50, 0.50, 0.50),
+)
+
+
+def class_colours(count: int) -> torch.Tensor:
+    """(count, 3) RGB colours in [0, 1]: class k always gets the same colour (cycling after 20)."""
+    return torch.tensor([_PALETTE[k % len(_PALETTE)] for k in range(count)])
+
+
+def colour_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, K, H, W) masks (bool or in [0, 1]) as (N, 3, H, W) RGB images: each pixel takes the
+    colour of its class; where classes overlap, the brightest of their colours per channel."""
+    weights = masks.float().clamp(0, 1).unsqueeze(2)  # (N, K, 1, H, W)
+    colours = class_colours(masks.shape[1]).view(1, -1, 3, 1, 1)
+    return (weights * colours).amax(dim=1)
+
+
+def class_names(classes: list[str] | tuple[str, ...] | None, count: int) -> list[str]:
+    """`classes` when it names `count` classes, else ``class 0`` ... ``class count-1``."""
+    if classes is not None and len(classes) == count:
+        return [str(name) for name in classes]
+    return [f"class {k}" for k in range(count)]
