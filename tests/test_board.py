@@ -36,10 +36,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def get_json(url: str, route: str, **params: str):
+def get_text(url: str, route: str, **params: str) -> str:
     query = f"?{urllib.parse.urlencode(params)}" if params else ""
     with urllib.request.urlopen(f"{url.rstrip('/')}/{route}{query}", timeout=5) as response:
-        return json.load(response)
+        return response.read().decode()
+
+
+def get_json(url: str, route: str, **params: str):
+    return json.loads(get_text(url, route, **params))
 
 
 def poll_json(url: str, route: str, ready, **params: str):
@@ -98,8 +102,12 @@ def train_tiny_run(log_dir: Path) -> Trainer:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """A folder of runs holding one run, ``runs/tiny``."""
+def runs(tmp_path_factory, module_mocker) -> Path:
+    """A folder of runs holding one run, ``runs/tiny``, trained with TorchScript failing (its graph
+    comes from torch.export)."""
+    gone = RuntimeError("TorchScript is not available")
+    module_mocker.patch("torch.jit.trace", side_effect=gone)
+    module_mocker.patch("torch.jit.script", side_effect=gone)
     root = tmp_path_factory.mktemp("runs")
     train_tiny_run(root / "tiny")
     return root
@@ -133,6 +141,9 @@ def test_command_line_serves_scalars_images_and_graph(runs):
         assert [item["step"] for item in meta] == [0]
         graphs = poll_json(url, "data/plugin/graphs/info", lambda d: d.get("tiny", {}).get("run_graph"))
         assert graphs["tiny"]["run_graph"] is True
+        graph = get_text(url, "data/plugin/graphs/graph", run="tiny")  # the run graph, as pbtxt
+        assert 'name: "Sequential/0/conv2d"' in graph and 'op: "aten::conv2d"' in graph
+        assert 'input: "Sequential/0/weight"' in graph and 'key: "_output_shapes"' in graph
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -207,7 +207,9 @@ def test_graph_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         def forward(self, x):
             if torch.jit.is_tracing():
                 raise RuntimeError("cannot trace this")
-            return super().forward(x)
+            if x.sum() > -1e9:  # data-dependent control flow: neither torch.export nor torch.fx follow it
+                return super().forward(x)
+            return super().forward(-x)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

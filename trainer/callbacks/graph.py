@@ -9,23 +9,28 @@ import warnings
 from typing import Any
 
 import torch
+from tensorboard.compat.proto.event_pb2 import Event
 
 from trainer.batch import move_to_device, split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, take_batch
+from trainer.graph_def import first_line, graph_def
 
 
 class GraphCallback(TensorBoardWriterCallback):
-    """Log the model graph (`SummaryWriter.add_graph`) once, at fit start, from one example batch.
+    """Log the model graph once, at fit start, from one example batch (not again on resume).
 
-    The model is traced in eval mode (so batch-norm statistics are left untouched) with a
-    non-strict trace, so models that return a list (deep supervision) work. If tracing fails,
-    training goes on and one warning says why. The tracer's deprecation and tracer warnings
-    are kept out of the user's output.
+    The graph comes from `trainer.graph_def.graph_def`: `torch.export` (or `torch.fx` where
+    export fails) in eval mode with no grad, so batch-norm statistics are left untouched, and
+    models that take dicts or return lists (deep supervision) work. Only where both fail is
+    `SummaryWriter.add_graph` (TorchScript tracing) tried, with its tracer output kept out of the
+    user's output. If that fails too, training goes on and one `RuntimeWarning` says why.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
-        example: model input (or an ``(inputs, targets)`` batch); default: the inputs of the
-            first validation (or training) batch, cut to `num_samples`.
+        example: model input (a tensor, or a dict or sequence of tensors), or an
+            ``(inputs, targets)`` batch (a pair, or a dict with "inputs" and "targets"); default:
+            the inputs of the first validation (or training) batch, cut to `num_samples`.
+        num_samples: how many samples of the default batch the graph is built from.
     """
 
     def __init__(self, log_dir: str | os.PathLike, example: Any = None, num_samples: int = 2) -> None:
@@ -37,10 +42,23 @@ class GraphCallback(TensorBoardWriterCallback):
         if self.resumed:
             return
         example = take_batch(trainer, self.example, self.num_samples)
-        if self.example is None or isinstance(example, (tuple, list, dict)):
+        if self.example is None:
             example = split_batch(example)[0]
+        elif isinstance(example, (tuple, list, dict)):
+            with contextlib.suppress(TypeError):  # not an (inputs, targets) batch: the model's own input
+                example = split_batch(example)[0]
         model = trainer.module
         example = move_to_device(example, trainer.device, trainer.channels_last)
+        try:
+            graph = graph_def(model, example)
+        except RuntimeError as exc:
+            self._trace_or_warn(model, example, str(exc))
+        else:
+            # The event TensorBoard's Graphs tab reads, written to the run's one event stream.
+            self.writer.file_writer.add_event(Event(graph_def=graph.SerializeToString()))
+
+    def _trace_or_warn(self, model: torch.nn.Module, example: Any, reasons: str) -> None:
+        """The last resort: TorchScript tracing through `add_graph`, where torch.jit still works."""
         was_training = model.training
         model.eval()
         try:
@@ -51,12 +69,11 @@ class GraphCallback(TensorBoardWriterCallback):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 self.writer.add_graph(model, example, use_strict_trace=False)
         except Exception as exc:  # noqa: BLE001 - a graph is a nicety; training must go on
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(
-                f"GraphCallback: could not trace {type(model).__name__} ({type(exc).__name__}: "
-                f"{message}); training goes on without the model graph",
+                f"GraphCallback: could not graph {type(model).__name__} ({reasons}; "
+                f"torch.jit.trace: {first_line(exc)}); training goes on without the model graph",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         finally:
             model.train(was_training)
