@@ -10,8 +10,8 @@
    each with and without ``torch.compile`` (compile time reported apart from steady throughput).
 
 Each part prints its own result; the exit code is 1 when any part failed. Needs a CUDA GPU and
-the project's dependencies (run it from the repository root, e.g. ``PYTHONPATH=. python3 -m
-bench.gpu_check`` where the project is not installed).
+the project's dependencies (run it from the repository root, e.g. ``PYTHONPATH=.:datasets python3
+-m bench.gpu_check`` where the project is not installed: datasets/ holds `trainer_datasets`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(command: list[str], timeout: float) -> tuple[int, str]:
     """Run a subprocess from the repository root; its exit code and combined output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    paths = [str(ROOT), str(ROOT / "datasets"), os.environ.get("PYTHONPATH")]  # the import packages, uninstalled
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -51,7 +52,7 @@ def cuda_tests() -> bool:
 
 def recipes() -> bool:
     """Part 2: both recipes, one short epoch each, on cuda."""
-    from datasets import make_learnable_fashion_like, write_fashion_mnist_idx
+    from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
 
     ok = True
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

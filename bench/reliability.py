@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datasets import SyntheticNuclei, write_png_file
+from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

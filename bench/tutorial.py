@@ -65,14 +65,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from bench.common import interleaved, print_ratios  # noqa: E402
-from datasets import (  # noqa: E402
+from trainer_datasets import (  # noqa: E402
     CLASSES,
     DataNotFoundError,
     load_fashion_mnist,
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
-from datasets.fashion_mnist import raw_folder  # noqa: E402
+from trainer_datasets.fashion_mnist import raw_folder  # noqa: E402
 from models import FashionCNN, accuracy  # noqa: E402
 from recipes.fashion_mnist import make_loader, normalized, tutorial_callbacks  # noqa: E402
 from trainer import Trainer, choose_precision  # noqa: E402

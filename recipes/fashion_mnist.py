@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
+from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
 from models import FashionCNN, accuracy
 from recipes.common import (
     RecipeArgumentParser,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
+from trainer_datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
 from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou
 from recipes.common import (
     RecipeArgumentParser,

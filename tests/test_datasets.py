@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import write_png
 
-from datasets import (
+from trainer_datasets import (
     DataNotFoundError,
     DatasetError,
     SegmentationFolder,
@@ -19,7 +19,7 @@ from datasets import (
     write_segmentation_folder,
 )
 
-# The tests write fixtures with torchvision.io, deprecated in torchvision 0.29 (see datasets/_imageio.py).
+# The tests write fixtures with torchvision.io, deprecated in torchvision 0.29 (see datasets/trainer_datasets/_imageio.py).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
 

@@ -7,7 +7,7 @@ import gzip
 import pytest
 import torch
 
-from datasets import (
+from trainer_datasets import (
     CLASSES,
     DataNotFoundError,
     DatasetError,
@@ -16,7 +16,7 @@ from datasets import (
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
-from datasets.fashion_mnist import FILES, raw_folder
+from trainer_datasets.fashion_mnist import FILES, raw_folder
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_written_files_are_real_gzip_idx(fashion_dir):
 
 def test_load_reads_back_through_torchvision(fashion_dir, mocker):
     root, (images, labels), (test_images, test_labels) = fashion_dir
-    import datasets.fashion_mnist as module
+    import trainer_datasets.fashion_mnist as module
 
     spy = mocker.spy(module, "FashionMNIST")
     got_images, got_labels = load_fashion_mnist(root, train=True)
@@ -91,7 +91,7 @@ def test_missing_files_error_names_files_folder_and_download(tmp_path):
 
 
 def test_failed_download_is_a_clear_error(tmp_path, mocker):
-    import datasets.fashion_mnist as module
+    import trainer_datasets.fashion_mnist as module
 
     mocker.patch.object(module.FashionMNIST, "download", side_effect=RuntimeError("Error downloading: no network"))
     with pytest.raises(DataNotFoundError, match="download failed.*no network"):

@@ -28,7 +28,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from datasets import SyntheticNuclei
+from trainer_datasets import SyntheticNuclei
 from recipes import nested_unet
 from recipes.common import run_cli
 from trainer import Trainer

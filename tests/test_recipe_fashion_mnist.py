@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datasets import make_learnable_fashion_like, write_fashion_mnist_idx
+from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
 from recipes import fashion_mnist
 from recipes.common import run_cli
 

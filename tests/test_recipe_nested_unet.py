@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.io import decode_png, read_file, write_png
 
-from datasets import SyntheticNuclei, write_png_file
+from trainer_datasets import SyntheticNuclei, write_png_file
 from recipes import nested_unet
 from recipes.common import run_cli
 from trainer.callbacks.palette import class_colours

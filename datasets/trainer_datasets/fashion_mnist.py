@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from datasets._seeding import generator
-from datasets.errors import DataNotFoundError, DatasetError
+from trainer_datasets._seeding import generator
+from trainer_datasets.errors import DataNotFoundError, DatasetError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datasets._seeding import generator
-from datasets.errors import DatasetError
-from datasets.segmentation_folder import write_segmentation_folder
+from trainer_datasets._seeding import generator
+from trainer_datasets.errors import DatasetError
+from trainer_datasets.segmentation_folder import write_segmentation_folder
 
 
 class SyntheticNuclei(Dataset):

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import torch
 
-from datasets._seeding import generator
-from datasets.errors import DatasetError
+from trainer_datasets._seeding import generator
+from trainer_datasets.errors import DatasetError
 
 _CHUNK_SAMPLES = 2048  # samples normalised together (6 MB of float32 for 28x28 images)
 

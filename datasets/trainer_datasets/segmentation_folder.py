@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
-from datasets.errors import DataNotFoundError, DatasetError
-from datasets.transforms import segmentation_augmentation
+from trainer_datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
+from trainer_datasets.errors import DataNotFoundError, DatasetError
+from trainer_datasets.transforms import segmentation_augmentation
 
 LAYOUT = (
     "expected <root>/images/<id>.png (or .jpg/.jpeg/.tif/.tiff) and masks in "

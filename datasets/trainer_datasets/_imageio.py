@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, read_file, write_png
 
-from datasets.errors import DatasetError
+from trainer_datasets.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _TIFF_EXTENSIONS = (".tif", ".tiff")

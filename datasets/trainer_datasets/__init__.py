@@ -1,22 +1,22 @@
 """Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
 
-from datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
-from datasets.errors import DataNotFoundError, DatasetError
-from datasets.fashion_mnist import (
+from trainer_datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
+from trainer_datasets.errors import DataNotFoundError, DatasetError
+from trainer_datasets.fashion_mnist import (
     CLASSES,
     load_fashion_mnist,
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
-from datasets.segmentation_folder import (
+from trainer_datasets.segmentation_folder import (
     SegmentationFolder,
     scan_segmentation_folder,
     split_segmentation,
     write_segmentation_folder,
 )
-from datasets.synthetic import SyntheticNuclei
-from datasets.tensor_loader import TensorBatchLoader
-from datasets.transforms import RandomRot90, segmentation_augmentation
+from trainer_datasets.synthetic import SyntheticNuclei
+from trainer_datasets.tensor_loader import TensorBatchLoader
+from trainer_datasets.transforms import RandomRot90, segmentation_augmentation
 
 __all__ = [
     "CLASSES",
@@ -43,10 +43,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Imported on first use so that `python -m datasets.dsb2018` does not find its own module
+    # Imported on first use so that `python -m trainer_datasets.dsb2018` does not find its own module
     # already imported by the package (runpy warns about that).
     if name == "prepare_dsb2018":
-        from datasets.dsb2018 import prepare_dsb2018
+        from trainer_datasets.dsb2018 import prepare_dsb2018
 
         return prepare_dsb2018
-    raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+    raise AttributeError(f"module 'trainer_datasets' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Turn the Data Science Bowl 2018 nuclei data into the segmentation folder layout.
 
-    python -m datasets.dsb2018 --src stage1_train --dst inputs/dsb2018_96 --size 96
+    python -m trainer_datasets.dsb2018 --src stage1_train --dst inputs/dsb2018_96 --size 96
 
 reads ``<src>/<id>/images/<id>.png`` and the instance masks ``<src>/<id>/masks/*.png`` (one
 file per nucleus) and writes ``<dst>/images/<id>.png`` (RGB) and ``<dst>/masks/0/<id>.png``:
@@ -19,8 +19,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from datasets._imageio import read_image_rgb, read_mask, write_png_file
-from datasets.errors import DataNotFoundError, DatasetError
+from trainer_datasets._imageio import read_image_rgb, read_mask, write_png_file
+from trainer_datasets.errors import DataNotFoundError, DatasetError
 
 RAW_LAYOUT = "expected <src>/<id>/images/<id>.png and <src>/<id>/masks/*.png (the stage1_train layout)"
 
@@ -98,7 +98,7 @@ def prepare_dsb2018(src: str | os.PathLike, dst: str | os.PathLike, size: int | 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns 0, or exits with status 2 and a one-line error on bad input."""
     parser = argparse.ArgumentParser(
-        prog="python -m datasets.dsb2018",
+        prog="python -m trainer_datasets.dsb2018",
         description="Convert Data Science Bowl 2018 stage1_train into <dst>/images/<id>.png and "
         "<dst>/masks/0/<id>.png, with each image's nuclei merged into one binary mask.",
     )
