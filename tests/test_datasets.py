@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import write_png
 
 from datasets import (
     DataNotFoundError,
@@ -19,8 +18,11 @@ from datasets import (
     write_segmentation_folder,
 )
 
-# The tests write fixtures with torchvision.io, deprecated in torchvision 0.29 (see datasets/_imageio.py).
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+def write_png(tensor: torch.Tensor, path: str) -> None:
+    """A uint8 (C, H, W) tensor, C = 1 or 3, saved as a PNG by Pillow."""
+    array = tensor.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
 
 
 def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=255, ext="png", seed=0):
