@@ -38,7 +38,7 @@ def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
     range is unknown. A file that cannot be read or decoded raises `DatasetError` naming it.
     """
     path = Path(path)
-    image = _open(path)
+    image, _ = _open(path)
     if image.mode in _GREY_16:
         grey = torch.from_numpy((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
         return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
@@ -56,27 +56,59 @@ def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """Decode a mask file as a uint8 (H, W) tensor of 0/1.
+    """Decode a mask file as a uint8 (H, W) tensor of 0/1: every non-zero value is foreground.
 
-    Any non-zero value is foreground. A mask with more than two distinct values, or with two
-    values of which none is 0, is not binary and raises `DatasetError` naming the file.
-    Colour masks count a pixel as foreground when any colour channel is non-zero.
+    Background is 0 and any other value is foreground, in 8-bit, 16-bit or 32-bit masks alike,
+    so 0/255, 0/1 and 0/65535 masks and instance-label masks (0, 1, 2, ... one id per object)
+    all give the same binary mask. Grey, grey + alpha, RGB, RGBA and palette files are read from
+    their grey or colour values; an alpha channel is ignored. `DatasetError`, naming the file and
+    saying what to do, is raised for a mask that would otherwise be misread:
+
+    - a colour-coded mask, whose red, green and blue channels differ somewhere;
+    - a mask whose shapes are only in its alpha channel (grey or colour constant, alpha varying);
+    - a JPEG, whose lossy compression blurs the edges into values that would count as foreground;
+    - 16-bit colour (or 16-bit grey + alpha) files, which Pillow decodes at 8 bits, so
+      foreground values below 256 would be read as background;
+    - a file that cannot be read or decoded.
     """
     path = Path(path)
-    image = _open(path)
+    image, reduced = _open(path)
+    if image.format in ("JPEG", "MPO"):
+        raise DatasetError(
+            f"mask {path} is a JPEG file: its lossy compression blurs a mask's sharp edges into "
+            "in-between values that would count as foreground; save masks as PNG or TIFF"
+        )
+    if reduced:
+        raise DatasetError(
+            f"mask {path} is a 16-bit colour or grey + alpha file, which Pillow decodes at 8 bits "
+            "(foreground values below 256 would become background); save it as a grey image, 8-bit or 16-bit"
+        )
     if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", *_GREY_16):
-        # palette (its colours), CMYK, YCbCr, ...
+        # palette (its colours, and each entry's transparency if it has any), CMYK, YCbCr, ...
         image = image.convert("RGBA" if image.has_transparency_data else "RGB")
     array = np.asarray(image)
-    if array.ndim == 3:  # grey + alpha: the grey; colour (+ alpha): foreground where any colour channel is set
-        array = array[..., 0] if array.shape[2] == 2 else array[..., :3].max(-1)
-    values = np.unique(array)
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
+    alpha = None
+    if array.ndim == 3:
+        colour_channels = 1 if array.shape[2] == 2 else 3
+        if array.shape[2] in (2, 4):
+            alpha = array[..., colour_channels]
+        colour = array[..., :colour_channels]
+        differs = (colour != colour[..., :1]).any(-1)
+        if differs.any():
+            y, x = np.argwhere(differs)[0]
+            raise DatasetError(
+                f"mask {path} is colour-coded: its red, green and blue channels differ (e.g. colour "
+                f"{tuple(int(v) for v in colour[y, x])} at x={x}, y={y}); masks are read from grey "
+                "values, so save it as a grey image with background 0 and any non-zero foreground "
+                "(one mask per class in masks/<class>/)"
+            )
+        array = colour[..., 0]
+    if alpha is not None and alpha.min() != alpha.max() and array.min() == array.max():
+        what = "grey" if colour_channels == 1 else "colour"
         raise DatasetError(
-            f"mask {path} is not binary: it has {len(values)} distinct values ({shown}); "
-            "expected background 0 and one foreground value (e.g. 0/255 or 0/1). Instance or "
-            "multi-class label maps must be split into one binary mask per class folder."
+            f"mask {path} has its shapes only in the alpha channel: its {what} is the same ({array.flat[0]}) "
+            f"everywhere while alpha varies; masks are read from grey values, not transparency, so save "
+            "the alpha channel as a grey image with background 0 (e.g. PIL: image.getchannel('A').save(...))"
         )
     return torch.from_numpy((array != 0).astype(np.uint8))
 
@@ -93,8 +125,8 @@ def write_png_file(tensor: torch.Tensor, path: str | os.PathLike) -> None:
     Image.fromarray(np.ascontiguousarray(array[..., 0] if tensor.shape[0] == 1 else array)).save(path, format="PNG")
 
 
-def _open(path: Path) -> Image.Image:
-    """Decode `path` with Pillow: the loaded image, or `DatasetError` naming the file."""
+def _open(path: Path) -> tuple[Image.Image, bool]:
+    """Decode `path` with Pillow: the loaded image, and whether Pillow reduced 16-bit colour to 8 bits."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -106,6 +138,7 @@ def _open(path: Path) -> Image.Image:
             # while it skips metadata that the pixels do not depend on.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            reduced = image.mode in ("RGB", "RGBA") and any(";16" in _rawmode(tile) for tile in image.tile)
             image.load()
     except Warning:  # a warning made an error by the warnings filter (e.g. a deprecation in tests)
         raise
@@ -113,7 +146,14 @@ def _open(path: Path) -> Image.Image:
         raise _decode_failed(path, exc) from exc
     if image.mode == "La":  # grey + premultiplied alpha (TIFF), which Pillow converts to LA only
         image = image.convert("LA")
-    return image
+    return image, reduced
+
+
+def _rawmode(tile: tuple) -> str:
+    # A tile is (decoder, box, offset, args); args is the raw mode of the stored samples or starts with it.
+    args = tile[3]
+    raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return raw if isinstance(raw, str) else ""
 
 
 def _decode_failed(path: Path, exc: Exception) -> DatasetError:

@@ -192,10 +192,12 @@ def test_corrupt_image_is_named(tmp_path):
         SegmentationFolder(tmp_path)
 
 
-def test_non_binary_mask_is_named(tmp_path):
+def test_colour_coded_mask_is_named(tmp_path):
     write_sample(tmp_path, "a")
-    write_png(torch.arange(256, dtype=torch.uint8).view(1, 16, 16), str(tmp_path / "masks" / "a.png"))
-    with pytest.raises(DatasetError, match=r"masks/a\.png is not binary: it has 256 distinct values"):
+    colours = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    colours[0, :4], colours[1, 8:] = 255, 255  # red and green regions: classes by colour
+    write_png(colours, str(tmp_path / "masks" / "a.png"))
+    with pytest.raises(DatasetError, match=r"masks/a\.png is colour-coded"):
         SegmentationFolder(tmp_path)
 
 

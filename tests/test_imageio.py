@@ -6,6 +6,7 @@ The files are written here by Pillow, or byte by byte (numpy + zlib) where Pillo
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import DatasetError, SyntheticNuclei, read_image_rgb, read_mask, write_png_file
+from datasets import DatasetError, SegmentationFolder, SyntheticNuclei, read_image_rgb, read_mask, write_png_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,10 @@ def png_bytes(array: np.ndarray, colour_type: int) -> bytes:
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)  # filter 0 (None) on each row
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+LABELS = np.array([[0, 0, 1, 1], [0, 2, 2, 0], [3, 0, 0, 1000], [0, 0, 0, 0]], np.uint16)  # instance ids
+FOREGROUND = (LABELS != 0).astype(np.uint8)
 
 
 def premultiplied_grey_alpha_tiff(grey: np.ndarray, alpha: np.ndarray, path: Path) -> Path:
@@ -97,6 +102,121 @@ def test_32_bit_tiff_image_is_refused(tmp_path):
     path = save(np.array([[0, 70000]], np.int32), tmp_path / "wide.tif")
     with pytest.raises(DatasetError, match=r"wide\.tif has 32-bit pixels .* 8-bit or 16-bit"):
         read_image_rgb(path)
+
+
+# Masks: what is read
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+@pytest.mark.parametrize("values", ["labels", "0/65535"])
+def test_16_bit_masks_count_every_non_zero_value_as_foreground(tmp_path, suffix, values):
+    array = LABELS if values == "labels" else FOREGROUND.astype(np.uint16) * 65535
+    path = save(array, tmp_path / f"mask.{suffix}")
+    assert Image.open(path).mode == "I;16"
+    mask = read_mask(path)
+    assert mask.dtype == torch.uint8 and np.array_equal(mask.numpy(), FOREGROUND)
+
+
+@pytest.mark.parametrize("step", [1, 60])
+def test_8_bit_label_and_grey_level_masks_count_every_non_zero_value_as_foreground(tmp_path, step):
+    labels = np.minimum(LABELS, 3).astype(np.uint8) * step  # 0, 1, 2, 3 or 0, 60, 120, 180
+    assert np.array_equal(read_mask(save(labels, tmp_path / "labels.png")).numpy(), FOREGROUND)
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)  # 256 distinct values: once refused as not binary
+    assert read_mask(save(ramp, tmp_path / "ramp.png")).sum() == 255
+
+
+def test_mask_kinds_read_from_their_grey_or_colour_values(tmp_path):
+    grey = FOREGROUND * 255
+    colour_grey = np.stack([grey] * 3, axis=-1)
+    opaque = np.dstack([colour_grey, np.full((4, 4), 255, np.uint8)])
+    painted = np.dstack([colour_grey, grey])  # white shapes, transparent background
+    inverted_palette = Image.frombytes("P", (4, 4), (1 - FOREGROUND).tobytes())
+    inverted_palette.putpalette([255, 255, 255, 0, 0, 0])  # index 0 white: the colours, not the indices, count
+    inverted_palette.save(tmp_path / "inverted_palette.png")
+    files = [
+        save(FOREGROUND.astype(bool), tmp_path / "bilevel.png"),
+        save(grey, tmp_path / "grey_alpha.png", "LA"),
+        save(colour_grey, tmp_path / "grey_as_rgb.png"),
+        save(opaque, tmp_path / "opaque.png"),
+        save(painted, tmp_path / "painted.png"),
+        save(grey, tmp_path / "palette.png", "P"),
+        tmp_path / "inverted_palette.png",
+        save(colour_grey, tmp_path / "grey_as_rgb.tif"),
+        premultiplied_grey_alpha_tiff(grey, np.full((4, 4), 255, np.uint8), tmp_path / "grey_alpha.tif"),
+        save(LABELS.astype(np.int32), tmp_path / "labels_32bit.tif"),
+    ]
+    for path in files:
+        assert np.array_equal(read_mask(path).numpy(), FOREGROUND), path.name
+
+
+def test_16_bit_instance_masks_load_in_a_segmentation_folder(tmp_path):
+    SyntheticNuclei(2, image_size=16, seed=0).save(tmp_path)
+    labels = np.zeros((16, 16), np.uint16)
+    labels[2:6, 2:6], labels[9:12, 4:14] = 1, 2
+    save(labels, tmp_path / "masks" / "0" / "0001.png")
+    assert torch.equal(SegmentationFolder(tmp_path)[1][1][0], torch.from_numpy(labels != 0).float())
+
+
+# Masks: what is refused
+
+
+def alpha_only_rgba():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 3] = FOREGROUND * 255
+    return rgba
+
+
+def alpha_only_grey_alpha():
+    return np.dstack([np.full((4, 4), 128, np.uint8), FOREGROUND * 255])
+
+
+def alpha_only_white_rgba():
+    rgba = np.full((4, 4, 4), 255, np.uint8)
+    rgba[..., 3] = FOREGROUND * 200
+    return rgba
+
+
+@pytest.mark.parametrize("make, what", [
+    (alpha_only_rgba, "colour is the same \\(0\\)"),
+    (alpha_only_grey_alpha, "grey is the same \\(128\\)"),
+    (alpha_only_white_rgba, "colour is the same \\(255\\)"),
+])
+def test_mask_with_shapes_only_in_alpha_is_refused(tmp_path, make, what):
+    path = save(make(), tmp_path / "alpha.png")
+    with pytest.raises(DatasetError) as info:
+        read_mask(path)
+    message = str(info.value)
+    assert f"mask {path} has its shapes only in the alpha channel" in message and "\n" not in message
+    assert re.search(what, message) and "save the alpha channel as a grey image" in message
+
+
+def test_colour_coded_mask_is_refused(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 1], rgb[2, 2] = (255, 0, 0), (0, 255, 0)
+    for path in (save(rgb, tmp_path / "classes.png"), save(rgb, tmp_path / "classes_palette.png", "P"),
+                 save(rgb, tmp_path / "classes.tif")):
+        with pytest.raises(DatasetError) as info:
+            read_mask(path)
+        message = str(info.value)
+        assert message.startswith(f"mask {path} is colour-coded: its red, green and blue channels differ")
+        assert "(255, 0, 0) at x=1, y=0" in message and "save it as a grey image" in message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("content", ["shapes", "all zero"])
+def test_jpeg_mask_is_refused_with_the_reason(tmp_path, content):
+    array = FOREGROUND * 255 if content == "shapes" else np.zeros((4, 4), np.uint8)
+    for path in (save(array, tmp_path / "mask.jpg"), save(array, tmp_path / "jpeg_named.png", format="JPEG")):
+        with pytest.raises(DatasetError, match=rf"mask {path} is a JPEG file: its lossy compression .* PNG or TIFF"):
+            read_mask(path)
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (4, 2), (6, 4)])  # RGB, grey + alpha, RGBA
+def test_16_bit_colour_or_grey_alpha_mask_is_refused(tmp_path, colour_type, channels):
+    array = np.stack([LABELS] * channels, axis=-1)
+    (tmp_path / "deep.png").write_bytes(png_bytes(array, colour_type))
+    with pytest.raises(DatasetError, match=r"deep\.png is a 16-bit colour or grey \+ alpha file.*save it as a grey"):
+        read_mask(tmp_path / "deep.png")
 
 
 # Damaged files
