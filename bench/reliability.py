@@ -401,9 +401,10 @@ def bad_inputs(root: Path) -> list[BadInput]:
     (truncated / "images" / "0001.png").write_bytes(image[: len(image) // 2])
     damaged = folder("damaged")
     (damaged / "images" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    nonbinary = folder("nonbinary")
-    write_png_file(torch.tensor([0, 100, 255], dtype=torch.uint8).repeat(86)[:256].reshape(1, 16, 16),
-                   nonbinary / "masks" / "0" / "0003.png")
+    colour_coded = folder("colour_coded")
+    colours = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    colours[0, :5], colours[1, 10:] = 255, 255  # a red and a green class in one mask
+    write_png_file(colours, colour_coded / "masks" / "0" / "0003.png")
     wrong_size = folder("wrong_size")
     write_png_file(torch.zeros(1, 8, 8, dtype=torch.uint8), wrong_size / "masks" / "0" / "0004.png")
     mixed = folder("mixed")
@@ -429,8 +430,8 @@ def bad_inputs(root: Path) -> list[BadInput]:
                  f"cannot decode {truncated / images / '0001.png'}"),
         BadInput("corrupt image (PNG signature, broken header)", ["--data", str(damaged), *data],
                  f"cannot decode {damaged / images / '0001.png'}"),
-        BadInput("non-binary mask", ["--data", str(nonbinary), *data],
-                 f"mask {nonbinary / masks / '0003.png'} is not binary"),
+        BadInput("colour-coded mask", ["--data", str(colour_coded), *data],
+                 f"mask {colour_coded / masks / '0003.png'} is colour-coded"),
         BadInput("mask of the wrong size", ["--data", str(wrong_size), *data],
                  f"mask {wrong_size / masks / '0004.png'} is 8x8"),
         BadInput("mixed image sizes without --image-size", ["--data", str(mixed), *data],

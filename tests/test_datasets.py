@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import write_png
 
 from trainer_datasets import (
     DataNotFoundError,
@@ -19,8 +18,11 @@ from trainer_datasets import (
     write_segmentation_folder,
 )
 
-# The tests write fixtures with torchvision.io, deprecated in torchvision 0.29 (see datasets/trainer_datasets/_imageio.py).
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+def write_png(tensor: torch.Tensor, path: str) -> None:
+    """A uint8 (C, H, W) tensor, C = 1 or 3, saved as a PNG by Pillow."""
+    array = tensor.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
 
 
 def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=255, ext="png", seed=0):
@@ -190,10 +192,12 @@ def test_corrupt_image_is_named(tmp_path):
         SegmentationFolder(tmp_path)
 
 
-def test_non_binary_mask_is_named(tmp_path):
+def test_colour_coded_mask_is_named(tmp_path):
     write_sample(tmp_path, "a")
-    write_png(torch.arange(256, dtype=torch.uint8).view(1, 16, 16), str(tmp_path / "masks" / "a.png"))
-    with pytest.raises(DatasetError, match=r"masks/a\.png is not binary: it has 256 distinct values"):
+    colours = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    colours[0, :4], colours[1, 8:] = 255, 255  # red and green regions: classes by colour
+    write_png(colours, str(tmp_path / "masks" / "a.png"))
+    with pytest.raises(DatasetError, match=r"masks/a\.png is colour-coded"):
         SegmentationFolder(tmp_path)
 
 

@@ -1,26 +1,26 @@
 """Decoding and encoding of image and mask files, with errors that name the file.
 
-PNG and JPEG are decoded by `torchvision.io`; TIFF, which `torchvision.io` cannot decode, by PIL.
+PNG, JPEG and TIFF are decoded and PNG is encoded by Pillow. (torchvision 0.29 deprecates its
+image codecs in favour of TorchCodec, which reads no TIFF and needs torch 2.11 or later; Pillow
+reads all three formats on every platform this project supports.)
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-import re
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image, read_file, write_png
+from PIL import Image, UnidentifiedImageError
 
 from trainer_datasets.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
+_FORMATS = ("PNG", "JPEG", "TIFF")  # what Pillow may decode: the formats of IMAGE_EXTENSIONS
+_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit grey modes
 
 
 def is_image_file(path: Path) -> bool:
@@ -29,111 +29,137 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file as a uint8 (3, H, W) tensor.
+    """Decode a PNG, JPEG or TIFF file as a uint8 (3, H, W) tensor.
 
-    Grey images are tiled to 3 channels, an alpha channel is dropped, palette images are
-    expanded and 16-bit images are scaled to 8 bits.
+    Grey images are tiled to 3 channels, an alpha channel is dropped and palette images are
+    expanded to their colours. 16-bit images are scaled to 8 bits over the full 16-bit range by
+    keeping the high byte (``value // 256``: 65535 becomes 255), which is also how Pillow
+    decodes 16-bit colour files. 32-bit TIFF images (Pillow modes I and F) are refused, as their
+    range is unknown. A file that cannot be read or decoded raises `DatasetError` naming it.
     """
     path = Path(path)
-    if path.suffix.lower() in _TIFF_EXTENSIONS:
-        image = _read_tiff(path, mask=False)
-        if image.shape[0] <= 2:  # grey, or grey + alpha
-            image = image[:1].expand(3, -1, -1).contiguous()
-        image = image[:3]
-    else:
-        image = _decode(path, ImageReadMode.RGB)
-    if image.dtype != torch.uint8:
-        image = TF.to_dtype(image, torch.uint8, scale=True)
-    return image
+    image, _ = _open(path)
+    if image.mode in _GREY_16:
+        grey = torch.from_numpy((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if image.mode in ("I", "F"):
+        raise DatasetError(
+            f"image {path} has 32-bit pixels (Pillow mode {image.mode!r}) of no fixed range; "
+            "save it as an 8-bit or 16-bit image"
+        )
+    if image.mode in ("1", "L", "LA"):
+        grey = torch.from_numpy(np.array(image.convert("L")))
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if image.mode not in ("RGB", "RGBA"):  # palette, CMYK, YCbCr, ...: their colours (and alpha, dropped below)
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    return torch.from_numpy(np.array(image)[..., :3]).permute(2, 0, 1).contiguous()
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """Decode a mask file as a uint8 (H, W) tensor of 0/1.
+    """Decode a mask file as a uint8 (H, W) tensor of 0/1: every non-zero value is foreground.
 
-    Any non-zero value is foreground. A mask with more than two distinct values, or with two
-    values of which none is 0, is not binary and raises `DatasetError` naming the file.
-    Colour masks count a pixel as foreground when any colour channel is non-zero.
+    Background is 0 and any other value is foreground, in 8-bit, 16-bit or 32-bit masks alike,
+    so 0/255, 0/1 and 0/65535 masks and instance-label masks (0, 1, 2, ... one id per object)
+    all give the same binary mask. Grey, grey + alpha, RGB, RGBA and palette files are read from
+    their grey or colour values; an alpha channel is ignored. `DatasetError`, naming the file and
+    saying what to do, is raised for a mask that would otherwise be misread:
+
+    - a colour-coded mask, whose red, green and blue channels differ somewhere;
+    - a mask whose shapes are only in its alpha channel (grey or colour constant, alpha varying);
+    - a JPEG, whose lossy compression blurs the edges into values that would count as foreground;
+    - 16-bit colour (or 16-bit grey + alpha) files, which Pillow decodes at 8 bits, so
+      foreground values below 256 would be read as background;
+    - a file that cannot be read or decoded.
     """
     path = Path(path)
-    if path.suffix.lower() in _TIFF_EXTENSIONS:
-        raw = _read_tiff(path, mask=True)
-    else:
-        raw = _decode(path, ImageReadMode.UNCHANGED)
-    if raw.shape[0] == 2:  # grey + alpha
-        raw = raw[:1]
-    elif raw.shape[0] >= 3:  # colour (+ alpha): foreground where any colour channel is set
-        raw = raw[:3].amax(0, keepdim=True)
-    raw = raw[0]
-    if raw.dtype == torch.uint8:
-        values = torch.bincount(raw.flatten(), minlength=256).nonzero()[:, 0]
-    else:
-        values = torch.unique(raw)
-    if len(values) > 2 or (len(values) == 2 and values.min() != 0):
-        shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
+    image, reduced = _open(path)
+    if image.format in ("JPEG", "MPO"):
         raise DatasetError(
-            f"mask {path} is not binary: it has {len(values)} distinct values ({shown}); "
-            "expected background 0 and one foreground value (e.g. 0/255 or 0/1). Instance or "
-            "multi-class label maps must be split into one binary mask per class folder."
+            f"mask {path} is a JPEG file: its lossy compression blurs a mask's sharp edges into "
+            "in-between values that would count as foreground; save masks as PNG or TIFF"
         )
-    return (raw != 0).to(torch.uint8)
+    if reduced:
+        raise DatasetError(
+            f"mask {path} is a 16-bit colour or grey + alpha file, which Pillow decodes at 8 bits "
+            "(foreground values below 256 would become background); save it as a grey image, 8-bit or 16-bit"
+        )
+    if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", *_GREY_16):
+        # palette (its colours, and each entry's transparency if it has any), CMYK, YCbCr, ...
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    array = np.asarray(image)
+    alpha = None
+    if array.ndim == 3:
+        colour_channels = 1 if array.shape[2] == 2 else 3
+        if array.shape[2] in (2, 4):
+            alpha = array[..., colour_channels]
+        colour = array[..., :colour_channels]
+        differs = (colour != colour[..., :1]).any(-1)
+        if differs.any():
+            y, x = np.argwhere(differs)[0]
+            raise DatasetError(
+                f"mask {path} is colour-coded: its red, green and blue channels differ (e.g. colour "
+                f"{tuple(int(v) for v in colour[y, x])} at x={x}, y={y}); masks are read from grey "
+                "values, so save it as a grey image with background 0 and any non-zero foreground "
+                "(one mask per class in masks/<class>/)"
+            )
+        array = colour[..., 0]
+    if alpha is not None and alpha.min() != alpha.max() and array.min() == array.max():
+        what = "grey" if colour_channels == 1 else "colour"
+        raise DatasetError(
+            f"mask {path} has its shapes only in the alpha channel: its {what} is the same ({array.flat[0]}) "
+            f"everywhere while alpha varies; masks are read from grey values, not transparency, so save "
+            "the alpha channel as a grey image with background 0 (e.g. PIL: image.getchannel('A').save(...))"
+        )
+    return torch.from_numpy((array != 0).astype(np.uint8))
 
 
 def write_png_file(tensor: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write a uint8 (C, H, W) tensor as a PNG file, creating the parent folder."""
+    """Write a uint8 (C, H, W) tensor, C = 1 (grey) or 3 (RGB), as a PNG file, creating the parent folder."""
+    if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(
+            f"cannot write {path}: expected a uint8 (C, H, W) tensor with C = 1 or 3, "
+            f"got {tensor.dtype} of shape {tuple(tensor.shape)}"
+        )
+    array = tensor.detach().cpu().permute(1, 2, 0).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with _no_deprecation_warning():
-        write_png(tensor.contiguous(), str(path))
+    Image.fromarray(np.ascontiguousarray(array[..., 0] if tensor.shape[0] == 1 else array)).save(path, format="PNG")
 
 
-@contextlib.contextmanager
-def _no_deprecation_warning() -> Iterator[None]:
-    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not among
-    # this project's dependencies; the warning would repeat for every file decoded.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-        yield
+def _open(path: Path) -> tuple[Image.Image, bool]:
+    """Decode `path` with Pillow: the loaded image, and whether Pillow reduced 16-bit colour to 8 bits."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns about the damaged parts of a file (corrupt TIFF tags, a failed format
+            # guess) on its way to an exception, which becomes the one-line error below, or
+            # while it skips metadata that the pixels do not depend on.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            reduced = image.mode in ("RGB", "RGBA") and any(";16" in _rawmode(tile) for tile in image.tile)
+            image.load()
+    except Warning:  # a warning made an error by the warnings filter (e.g. a deprecation in tests)
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file is unusable: name it
+        raise _decode_failed(path, exc) from exc
+    if image.mode == "La":  # grey + premultiplied alpha (TIFF), which Pillow converts to LA only
+        image = image.convert("LA")
+    return image, reduced
 
 
-def _decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
-    with _no_deprecation_warning():
-        try:
-            data = read_file(str(path))
-        except (RuntimeError, OSError) as exc:
-            raise DatasetError(f"cannot read {path}: {exc}") from exc
-        try:
-            return decode_image(data, mode=mode)
-        except (RuntimeError, ValueError) as exc:
-            raise _decode_failed(path, exc) from exc
+def _rawmode(tile: tuple) -> str:
+    # A tile is (decoder, box, offset, args); args is the raw mode of the stored samples or starts with it.
+    args = tile[3]
+    raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return raw if isinstance(raw, str) else ""
 
 
 def _decode_failed(path: Path, exc: Exception) -> DatasetError:
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    reason = re.sub(r"^.*\.cpp:\d+, ", "", text).split(". ")[0]  # drop torchvision's C++ source location
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "no PNG, JPEG or TIFF header could be read"
+    else:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
     return DatasetError(f"cannot decode {path}: the file is corrupt or not a PNG/JPEG/TIFF image ({reason})")
-
-
-def _read_tiff(path: Path, mask: bool) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                array = np.asarray(img).astype(np.uint16)
-            elif mask and img.mode in ("I", "F", "L", "P"):
-                array = np.asarray(img)  # raw values: the binary check needs them unconverted
-            elif img.mode in ("I", "F"):
-                raise DatasetError(
-                    f"image {path} has unsupported TIFF pixel mode {img.mode!r} (32-bit); "
-                    "save it as an 8-bit or 16-bit image"
-                )
-            elif img.mode in ("L", "LA", "RGB", "RGBA"):
-                array = np.asarray(img)
-            else:
-                array = np.asarray(img.convert("RGB"))
-    except DatasetError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise _decode_failed(path, exc) from exc
-    tensor = torch.from_numpy(np.array(array, copy=True))  # PIL's arrays are read-only
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)

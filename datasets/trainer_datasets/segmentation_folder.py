@@ -106,8 +106,9 @@ class SegmentationFolder(Dataset):
     Every selected image and mask is decoded once, at construction, and kept in memory as uint8
     (``N * (3 + C) * H * W`` bytes after resizing; about 25 MB for the 670 DSB2018 images at 96x96).
     That costs one decode per file up front and makes every problem surface before training:
-    unpaired files (all listed in one error), corrupt images, non-binary masks, masks whose size
-    differs from their image's, and images of mixed sizes without `image_size`, each named.
+    unpaired files (all listed in one error), corrupt images, masks that `read_mask` refuses
+    (colour-coded, alpha-only or JPEG masks), masks whose size differs from their image's, and
+    images of mixed sizes without `image_size`, each named. Any non-zero mask value is foreground.
 
     Args:
         root: the folder holding ``images/`` and ``masks/``.
