@@ -38,10 +38,8 @@ import os
 import random
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -51,12 +49,11 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bench.recipe_process import RecipeProcess
 from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600.0  # upper bound of every wait
-POLL = 0.002
 
 
 def tiny_config(arch: str, epochs: int) -> list[str]:
@@ -65,57 +62,15 @@ def tiny_config(arch: str, epochs: int) -> list[str]:
             "--epochs", str(epochs), "--precision", "32", "--channels-last", "off", "--seed", "2", "--device", "cpu"]
 
 
-class Run:
-    """A ``python -m recipes.nested_unet`` process whose output is collected while it runs."""
+class Run(RecipeProcess):
+    """A recipe process with this benchmark's waits (TIMEOUT)."""
 
     def __init__(self, args: Sequence[str]) -> None:
-        self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, "-m", "recipes.nested_unet", *args], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
-                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, key: str) -> None:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            self._chunks[key].append(chunk)
-
-    @property
-    def stderr(self) -> str:
-        """Everything the process printed on stderr so far."""
-        return b"".join(self._chunks["err"]).decode(errors="replace")
-
-    def elapsed(self) -> float:
-        """Seconds since the process started."""
-        return time.monotonic() - self.started
+        super().__init__(args, timeout=TIMEOUT)
 
     def wait_for(self, condition: Callable[[], bool]) -> bool:
         """Poll `condition` until it holds (True) or the process exits without it (False)."""
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            if (self.process.poll() is not None and not condition()) or time.monotonic() > deadline:
-                return False
-            time.sleep(POLL)
-        return True
-
-    def stop(self, signum: int = signal.SIGKILL) -> int:
-        """Send `signum` (if still running) and return the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return self.finish()
-
-    def finish(self) -> int:
-        """Wait for the process to end (killing it after TIMEOUT); return its exit code."""
-        try:
-            returncode = self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            returncode = self.process.wait()
-        for reader in self._readers:
-            reader.join(TIMEOUT)
-        return returncode
+        return self.poll_until(condition)
 
 
 def epoch_started(run: Run, epoch: int, epochs: int) -> Callable[[], bool]:

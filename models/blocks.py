@@ -50,7 +50,8 @@ def check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _nearest_multiple(side: int) -> int:
+def nearest_multiple(side: int) -> int:
+    """The multiple of `SIDE_MULTIPLE` nearest to `side` (at least one): a size the U-Nets take."""
     return max(SIDE_MULTIPLE, (side + SIDE_MULTIPLE // 2) // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
 
@@ -77,5 +78,5 @@ def check_input(model_name: str, x: torch.Tensor, input_channels: int) -> None:
         raise ValueError(
             f"{model_name} needs input height and width that are multiples of {SIDE_MULTIPLE}, "
             f"got {height}x{width} (input shape {tuple(x.shape)}); resize, crop or pad to e.g. "
-            f"{_nearest_multiple(height)}x{_nearest_multiple(width)}"
+            f"{nearest_multiple(height)}x{nearest_multiple(width)}"
         )

@@ -12,14 +12,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from trainer import Callback, NonFiniteLossError, Trainer
+from trainer import Callback, NonFiniteLossError, Trainer, resolve_device
+from trainer.callbacks import ModelCheckpoint
+from trainer.callbacks.tensorboard import has_event_files
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import broadcast_object, is_rank_zero
+from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.precision import PrecisionChoice, choose_precision
 
 
@@ -42,15 +45,18 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, wanted: str) -> Callable[[str], Any]:
-    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`."""
+def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, wanted: str,
+             below: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`
+    and strictly below `below`."""
 
     def parse(text: str) -> Any:
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
+                or value >= below):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
@@ -62,12 +68,12 @@ positive_int = _bounded(int, 0, False, "a positive integer")
 non_negative_int = _bounded(int, 0, True, "an integer >= 0")
 positive_float = _bounded(float, 0.0, False, "a positive number")
 non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
+fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
 
 
 def holds_run(path: Path) -> bool:
     """Whether `path` already holds a run (TensorBoard event files or checkpoints)."""
-    return bool(glob.glob(str(path / "**" / "events.out.tfevents.*"), recursive=True)
-                or glob.glob(str(path / "**" / "*.pt"), recursive=True))
+    return has_event_files(path, recursive=True) or bool(glob.glob(str(path / "**" / "*.pt"), recursive=True))
 
 
 def make_run_dir(log_dir: str | None, default_root: str) -> Path:
@@ -215,9 +221,10 @@ def layout_option(text: str) -> bool | str:
     return values[text]
 
 
-def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    """Add ``--precision {auto,32,bf16,16-mixed}`` and ``--channels-last {auto,on,off}`` (both
-    default auto) to a recipe's parser."""
+def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
+    """Add the options every recipe has: ``--device``, ``--precision``, ``--channels-last``,
+    ``--seed``, ``--log-dir`` (default: a new ``runs_root/<timestamp>``) and ``--resume``."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
                         help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
                              "on CPUs and GPUs with native bf16, after a short probe); 32: float32; bf16: "
@@ -226,6 +233,12 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
                         help="memory format of the model and images: auto measures it with the precision (on "
                              "CUDA: on for convolutions). A run with --precision and --channels-last both given "
                              "probes nothing, so reruns with the same seed are bit-identical (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
+                             "(only --epochs and --device may change)")
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
@@ -258,6 +271,8 @@ def choose_run_precision(model: torch.nn.Module, device: torch.device, example: 
 class _StopOnSignal(Callback):
     """Raises `Interrupted` at the end of the step during which a signal arrived."""
 
+    order = -100  # before any callback logs or saves that step
+
     def __init__(self) -> None:
         self.signum: int | None = None
 
@@ -276,7 +291,7 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
     of the last completed epoch. A second signal stops at once.
     """
     watcher = _StopOnSignal()
-    trainer.callbacks.insert(0, watcher)
+    trainer.add_callback(watcher)
 
     def handler(signum, frame):
         if watcher.signum is not None:
@@ -294,17 +309,121 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        trainer.callbacks.remove(watcher)
+        trainer.remove_callback(watcher)
 
 
-def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str) -> None:
-    """Print (on rank 0) the best validation value, where the run was written and how to open
-    TensorBoard."""
+def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str, mode: str = "max") -> None:
+    """Print (on rank 0) the best validation value (highest, or lowest with ``mode="min"``),
+    where the run was written and how to open TensorBoard."""
     if not is_rank_zero():
         return
     values = [logs[monitor] for logs in trainer.history if monitor in logs]
     if values:
-        best = max(values)
+        best = max(values) if mode == "max" else min(values)
         print(f"best validation {label}: {best:.4f} (epoch {values.index(best) + 1} of {len(trainer.history)})")
     print(f"run written to: {run_dir}")
     print(f"open TensorBoard: python -m trainer.board {run_dir}")
+
+
+@dataclass
+class RecipeParts:
+    """What a recipe builds from its configuration, for `Recipe.train` to train.
+
+    Attributes:
+        model: the network (on the CPU; the trainer moves it).
+        loss_fn: ``loss_fn(predictions, targets) -> scalar tensor``.
+        optimizer: an optimizer over the model's parameters.
+        train_loader: training batches.
+        val_loader: validation batches (or None).
+        example: model inputs of a few samples, on which the precision probe runs.
+        metrics: validation metrics, as for `Trainer`.
+        scheduler: a learning-rate scheduler (or None).
+        extras: whatever the recipe's `Recipe.callbacks` need from `Recipe.build` (fixed batches
+            for visuals, decoded images...).
+    """
+
+    model: torch.nn.Module
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    train_loader: Any
+    val_loader: Any
+    example: Any
+    metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
+    scheduler: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Recipe:
+    """The run skeleton every recipe shares; a recipe subclasses it and keeps only what is its own.
+
+    `train` parses the command line (a parser from `build_parser`, with `add_run_options`),
+    resumes a run (`resume_run`) or makes a new configuration (`new_config`), starts the process
+    group under torchrun, seeds torch, lets `build` make the data, model, loss and optimizer,
+    chooses the precision (`choose_run_precision`), creates the run directory (`start_run_dir`),
+    adds the recipe's `callbacks` and a `ModelCheckpoint` on `monitor`, trains with Ctrl-C and
+    SIGTERM handled (`training_interrupts`), calls `after_fit` and prints the summary.
+
+    Class attributes: `name` (runs go to ``runs/<name>/<timestamp>`` and the command is
+    ``python -m recipes.<name>``), `monitor` and `mode` (the value `ModelCheckpoint` keeps the
+    best of), `monitor_label` (its name in the summary), `config_keys` (the options that define
+    a run). During `train`, ``self.args`` holds the
+    parsed command line, for options that are not part of the configuration.
+    """
+
+    name: str = ""
+    monitor: str = "val_loss"
+    mode: str = "min"
+    monitor_label: str = "loss"
+    #: The parsed options that define a run (see `new_config`).
+    config_keys: tuple[str, ...] = ()
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """The recipe's command-line options (with `add_run_options` for the shared ones)."""
+        raise NotImplementedError
+
+    def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The configuration of a new run from the parsed options: what defines the run, saved
+        with it (config.json, checkpoints) and reused on resume. By default the options named in
+        `config_keys`."""
+        return {key: getattr(args, key) for key in self.config_keys}
+
+    def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
+        """Data, model, loss, optimizer and the rest for `config`; bad data is a `UsageError`."""
+        raise NotImplementedError
+
+    def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
+        """The recipe's callbacks (a `ModelCheckpoint` is added by `train`)."""
+        return []
+
+    def after_fit(self, trainer: Trainer, config: dict[str, Any]) -> None:
+        """Called after a completed fit, on every rank, before the summary."""
+
+    def train(self, argv: list[str] | None = None) -> int:
+        """Train (or resume) a run from the command line `argv`; returns the exit code."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser = self.build_parser()
+        self.args = args = parser.parse_args(argv)
+        run_dir = resume_from = None
+        if args.resume:
+            run_dir, config, resume_from = resume_run(parser, args, argv)
+        else:
+            config = self.new_config(args)
+        try:
+            device = init_distributed(resolve_device(config["device"]))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        torch.manual_seed(config["seed"])
+        parts = self.build(config, device)
+        choice = choose_run_precision(parts.model, device, parts.example, config)
+        if run_dir is None:
+            run_dir = start_run_dir(args.log_dir, f"runs/{self.name}", config)
+        callbacks = [*self.callbacks(run_dir, config, parts),
+                     ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=config)]
+        trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
+                          max_epochs=config["epochs"], device=device, metrics=parts.metrics,
+                          scheduler=parts.scheduler, precision=choice, seed=config["seed"])
+        with training_interrupts(trainer, f"python -m recipes.{self.name} --resume {run_dir}"):
+            trainer.fit(parts.train_loader, parts.val_loader, resume_from=resume_from)
+        self.after_fit(trainer, config)
+        print_run_summary(trainer, run_dir, self.monitor, self.monitor_label, self.mode)
+        return 0

@@ -22,33 +22,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
 from models import FashionCNN, accuracy
-from recipes.common import (
-    RecipeArgumentParser,
-    UsageError,
-    add_precision_option,
-    choose_run_precision,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    print_run_summary,
-    resume_run,
-    run_cli,
-    start_run_dir,
-    training_interrupts,
-)
-from trainer import Callback, Trainer, resolve_device
-from trainer.distributed import init_distributed, is_rank_zero
-from trainer.callbacks import (
-    EmbeddingCallback,
-    GraphCallback,
-    ImageGridCallback,
-    ModelCheckpoint,
-    PRCurveCallback,
-    PredictionFigureCallback,
-    ProgressBar,
-    TensorBoardCallback,
-)
+from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options,
+                            non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from trainer import Callback, Trainer
+from trainer.callbacks import (EmbeddingCallback, GraphCallback, ImageGridCallback, PRCurveCallback,
+                               PredictionFigureCallback, ProgressBar, TensorBoardCallback)
+from trainer.distributed import is_rank_zero
 
 RUNS_ROOT = "runs/fashion_mnist"
 MEAN, STD = 0.5, 0.5  # the tutorial's Normalize((0.5,), (0.5,))
@@ -67,18 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="batches between running-loss points and prediction figures (default: %(default)s)")
     parser.add_argument("--data-dir", default="./data",
                         help="folder holding FashionMNIST/raw/ with the IDX files (default: %(default)s)")
-    parser.add_argument("--log-dir", metavar="DIR",
-                        help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST into --data-dir if missing")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    add_precision_option(parser)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="0: batches cut from the decoded tensor in this process (fastest); N: a DataLoader "
                              "with N worker processes over the same tensor (default: %(default)s)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs and --device may change)")
+    add_run_options(parser, RUNS_ROOT)
     return parser
 
 
@@ -124,52 +96,52 @@ def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor
     ]
 
 
+class FashionMNIST(Recipe):
+    """The PyTorch TensorBoard tutorial: the small CNN on Fashion-MNIST, SGD with momentum."""
+
+    name = "fashion_mnist"
+    monitor, mode, monitor_label = "val_acc", "max", "accuracy"
+    config_keys = ("epochs", "batch_size", "lr", "momentum", "log_every", "data_dir", "device", "precision",
+                   "channels_last", "seed", "workers")
+    build_parser = staticmethod(build_parser)
+
+    def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
+        try:
+            train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=self.args.download)
+            test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=self.args.download)
+        except (DatasetError, ValueError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+        pin = device.type == "cuda"
+        model = FashionCNN()
+        return RecipeParts(
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"]),
+            train_loader=make_loader(train_images, train_labels, config["batch_size"], True, config, pin),
+            val_loader=make_loader(test_images, test_labels, 1000, False, config, pin),
+            example=normalized(train_images[: config["batch_size"]]),
+            metrics={"acc": accuracy},
+            extras={"train": (train_images, train_labels), "test": (test_images, test_labels)},
+        )
+
+    def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
+        (train_images, train_labels), (test_images, test_labels) = parts.extras["train"], parts.extras["test"]
+        return [
+            *tutorial_callbacks(run_dir, config["log_every"], train_images, train_labels, test_images, test_labels,
+                                hparams=config),
+            PRCurveCallback(run_dir, CLASSES),
+            EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
+            ProgressBar(log_every=min(config["log_every"], 200)),
+        ]
+
+    def after_fit(self, trainer: Trainer, config: dict[str, Any]) -> None:
+        if is_rank_zero():
+            print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train (or resume) the tutorial CNN; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run_dir = resume_from = None
-    if args.resume:
-        run_dir, config, resume_from = resume_run(parser, args, argv)
-    else:
-        config = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "momentum", "log_every",
-                                                      "data_dir", "device", "precision", "channels_last", "seed",
-                                                      "workers")}
-    try:
-        device = init_distributed(resolve_device(config["device"]))
-        train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=args.download)
-        test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=args.download)
-    except (DatasetError, ValueError, OSError) as exc:
-        raise UsageError(str(exc)) from None
-
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_images, train_labels, config["batch_size"], True, config, pin)
-    test_loader = make_loader(test_images, test_labels, 1000, False, config, pin)
-    torch.manual_seed(config["seed"])
-    model = FashionCNN()
-    choice = choose_run_precision(model, device, normalized(train_images[: config["batch_size"]]), config)
-    if run_dir is None:
-        run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
-    checkpoint = ModelCheckpoint(run_dir, monitor="val_acc", mode="max", config=config)
-    callbacks = [
-        *tutorial_callbacks(run_dir, config["log_every"], train_images, train_labels, test_images, test_labels,
-                            hparams=config),
-        PRCurveCallback(run_dir, CLASSES),
-        EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
-        ProgressBar(log_every=min(config["log_every"], 200)),
-        checkpoint,
-    ]
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=config["epochs"],
-                      device=device, metrics={"acc": accuracy}, seed=config["seed"], precision=choice)
-    with training_interrupts(trainer, f"python -m recipes.fashion_mnist --resume {run_dir}"):
-        trainer.fit(train_loader, test_loader, resume_from=resume_from)
-    if is_rank_zero():
-        print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
-    print_run_summary(trainer, run_dir, "val_acc", "accuracy")
-    return 0
+    return FashionMNIST().train(argv)
 
 
 if __name__ == "__main__":

@@ -22,32 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainer_datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
-from models import BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou
-from recipes.common import (
-    RecipeArgumentParser,
-    UsageError,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    print_run_summary,
-    add_precision_option,
-    choose_run_precision,
-    resume_run,
-    run_cli,
-    start_run_dir,
-    training_interrupts,
-)
-from trainer import Trainer, resolve_device
-from trainer.distributed import init_distributed
-from trainer.callbacks import (
-    GraphCallback,
-    ImageGridCallback,
-    ModelCheckpoint,
-    PredictionFigureCallback,
-    ProgressBar,
-    TensorBoardCallback,
-)
+from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
+                    nearest_multiple)
+from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, fraction,
+                            non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from trainer import Callback, resolve_device
+from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
+                               TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
@@ -59,17 +40,6 @@ BUILTIN_VAL_SAMPLES = 64
 BUILTIN_IMAGE_SIZE = 64
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_EPOCHS = 3
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,14 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="built-in data only: validation images (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="data-loading worker processes for --data folders (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    add_precision_option(parser)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--log-dir", metavar="DIR",
-                        help=f"run directory (default: a new {RUNS_ROOT}/<timestamp>); must not hold a run")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs and --device may change)")
+    add_run_options(parser, RUNS_ROOT)
     return parser
 
 
@@ -135,14 +98,6 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's configuration: the options that define it, saved in its checkpoints."""
-    keys = ("data", "arch", "deep_supervision", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
-            "scheduler", "image_size", "val_fraction", "train_samples", "val_samples", "workers", "device",
-            "precision", "channels_last", "seed")
-    return {key: getattr(args, key) for key in keys}
 
 
 BUILTIN_CLASSES = ["nucleus"]
@@ -163,10 +118,10 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     image, mask = train[0]
-    if image.shape[-1] % 16 or image.shape[-2] % 16:
+    if image.shape[-1] % SIDE_MULTIPLE or image.shape[-2] % SIDE_MULTIPLE:
         raise UsageError(
             f"images of {config['data']!r} are {image.shape[-2]}x{image.shape[-1]}; the U-Nets need sides that are "
-            f"multiples of 16: pass --image-size (e.g. {max(16, round(image.shape[-1] / 16) * 16)})"
+            f"multiples of {SIDE_MULTIPLE}: pass --image-size (e.g. {nearest_multiple(image.shape[-1])})"
         )
     return train, val, list(train.classes)
 
@@ -209,70 +164,68 @@ def validate_config(config: dict[str, Any]) -> None:
     """Checks that need no data: option combinations."""
     if config["deep_supervision"] and config["arch"] != "NestedUNet":
         raise UsageError("--deep-supervision needs --arch NestedUNet")
-    if config["image_size"] is not None and config["image_size"] % 16:
-        nearest = max(16, round(config["image_size"] / 16) * 16)
-        raise UsageError(f"--image-size {config['image_size']} is not a multiple of 16; try {nearest}")
+    if config["image_size"] is not None and config["image_size"] % SIDE_MULTIPLE:
+        raise UsageError(f"--image-size {config['image_size']} is not a multiple of {SIDE_MULTIPLE}; try "
+                         f"{nearest_multiple(config['image_size'])}")
+
+
+class NestedUNetRecipe(Recipe):
+    """Nuclei segmentation: NestedUNet (or UNet) with BCE + Dice, Adam or SGD, cosine schedule."""
+
+    name = "nested_unet"
+    monitor, mode, monitor_label = "val_iou", "max", "IoU"
+    config_keys = ("data", "arch", "deep_supervision", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+                   "scheduler", "image_size", "val_fraction", "train_samples", "val_samples", "workers", "device",
+                   "precision", "channels_last", "seed")
+    build_parser = staticmethod(build_parser)
+
+    def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
+        config = super().new_config(args)
+        if config["data"] is None and config["image_size"] is None:
+            config["image_size"] = BUILTIN_IMAGE_SIZE
+        return config
+
+    def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
+        validate_config(config)
+        train_set, val_set, classes = load_data(config)
+        if config.setdefault("classes", classes) != classes:
+            raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now "
+                             f"has {classes}")
+        model = build_model(config, len(classes))
+        optimizer, scheduler = build_optimizer(config, model, device)
+        workers = config["workers"] if config["data"] is not None else 0
+        pin = device.type == "cuda"
+        # Workers start anew each epoch, seeded from the main generator (saved in checkpoints), so a
+        # resumed run draws the same augmentations as an uninterrupted one.
+        train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, num_workers=workers,
+                                  drop_last=len(train_set) > config["batch_size"], pin_memory=pin)
+        val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin)
+        fixed = next(iter(DataLoader(val_set, batch_size=8)))
+        metrics = {"iou": iou, "dice": dice}
+        if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
+            metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
+        return RecipeParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
+                           train_loader=train_loader, val_loader=val_loader, example=fixed[0], metrics=metrics,
+                           scheduler=scheduler, extras={"fixed": fixed})
+
+    def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
+        fixed, classes = parts.extras["fixed"], config["classes"]
+        tags = {"loss": "training loss", "val_loss": "validation loss", "val_iou": "IoU", "val_dice": "Dice",
+                "lr": "learning rate"}
+        if len(classes) > 1:
+            tags.update({f"val_iou_{name}": f"IoU/{name}" for name in classes})
+        return [
+            TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
+            ImageGridCallback(run_dir, batch=fixed, num_images=8, classes=classes),
+            GraphCallback(run_dir, example=fixed[0][:2]),
+            PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes),
+            ProgressBar(log_every=5),
+        ]
 
 
 def train(argv: list[str] | None) -> int:
     """Train (or resume) a run; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run_dir = resume_from = None
-    if args.resume:
-        run_dir, config, resume_from = resume_run(parser, args, argv)
-    else:
-        config = config_from_args(args)
-        if config["data"] is None and config["image_size"] is None:
-            config["image_size"] = BUILTIN_IMAGE_SIZE
-    validate_config(config)
-    try:
-        device = init_distributed(resolve_device(config["device"]))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    train_set, val_set, classes = load_data(config)
-    if config.setdefault("classes", classes) != classes:
-        raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now has {classes}")
-
-    torch.manual_seed(config["seed"])
-    model = build_model(config, len(classes))
-    optimizer, scheduler = build_optimizer(config, model, device)
-    workers = config["workers"] if config["data"] is not None else 0
-    pin = device.type == "cuda"
-    # Workers start anew each epoch, seeded from the main generator (saved in checkpoints), so a
-    # resumed run draws the same augmentations as an uninterrupted one.
-    train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, num_workers=workers,
-                              drop_last=len(train_set) > config["batch_size"], pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin)
-    fixed = next(iter(DataLoader(val_set, batch_size=8)))
-    choice = choose_run_precision(model, device, fixed[0], config)
-    if run_dir is None:
-        run_dir = start_run_dir(args.log_dir, RUNS_ROOT, config)
-
-    loss = DeepSupervisionLoss(BCEDiceLoss())
-    checkpoint = ModelCheckpoint(run_dir, monitor="val_iou", mode="max", config=config)
-    tags = {"loss": "training loss", "val_loss": "validation loss", "val_iou": "IoU", "val_dice": "Dice",
-            "lr": "learning rate"}
-    metrics = {"iou": iou, "dice": dice}
-    if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
-        metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
-        tags.update({f"val_iou_{name}": f"IoU/{name}" for name in classes})
-    callbacks = [
-        TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
-        ImageGridCallback(run_dir, batch=fixed, num_images=8, classes=classes),
-        GraphCallback(run_dir, example=fixed[0][:2]),
-        PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes),
-        ProgressBar(log_every=5),
-        checkpoint,
-    ]
-    trainer = Trainer(model, optimizer, loss, callbacks=callbacks, max_epochs=config["epochs"], device=device,
-                      metrics=metrics, scheduler=scheduler, precision=choice,
-                      seed=config["seed"])
-    with training_interrupts(trainer, f"python -m recipes.nested_unet --resume {run_dir}"):
-        trainer.fit(train_loader, val_loader, resume_from=resume_from)
-    print_run_summary(trainer, run_dir, "val_iou", "IoU")
-    return 0
+    return NestedUNetRecipe().train(argv)
 
 
 def predict(argv: list[str]) -> int:

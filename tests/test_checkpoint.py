@@ -152,7 +152,9 @@ def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
 
 
 class CrashAfter(Callback):
-    """Raises at the end of epoch `epochs` (after the checkpoint before it in the list)."""
+    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
+
+    order = 200
 
     def __init__(self, epochs):
         self.epochs = epochs

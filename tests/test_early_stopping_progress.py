@@ -13,7 +13,9 @@ from trainer.callbacks import EarlyStopping, ProgressBar
 
 
 class FakeLogs(Callback):
-    """Replaces the epoch's val_loss with a scripted sequence (runs before EarlyStopping)."""
+    """Replaces the epoch's val_loss with a scripted sequence (before EarlyStopping, at order -10)."""
+
+    order = -20
 
     def __init__(self, values):
         self.values = values

@@ -64,10 +64,11 @@ def log_graph(log_dir, model, example) -> Trainer:
     callback = GraphCallback(log_dir, example=example)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p, t: p.sum() * 0,
                       callbacks=[callback], device="cpu")
+    callback.trainer = trainer  # as fit binds its callbacks
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DeprecationWarning, FutureWarning or any other warning
         callback.on_fit_start(trainer)
-    callback.on_fit_end(trainer)
+    trainer.resources.close()  # as fit ends: the shared writer is flushed and closed
     return trainer
 
 

@@ -15,10 +15,7 @@ holds the process at that moment until the test kills it.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from bench.recipe_process import RecipeProcess
 from trainer_datasets import SyntheticNuclei
 from recipes import nested_unet
 from recipes.common import run_cli
@@ -37,13 +35,11 @@ from trainer.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 
-ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 # The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
 TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
         "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
-POLL = 0.002
 
 # The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
 # moment named by the first argument: "validation:E" (the first validation batch of epoch E) or
@@ -75,61 +71,19 @@ runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 
 
-class Run:
-    """A recipe process whose stdout and stderr are collected while it runs."""
+class Run(RecipeProcess):
+    """A recipe process whose waits fail the test, with its stderr, when they come to nothing."""
 
     def __init__(self, args: Sequence[str], code: str | None = None) -> None:
-        command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
-        self.process = subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
-                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, key: str) -> None:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            self._chunks[key].append(chunk)
-
-    @property
-    def stdout(self) -> str:
-        """Everything the process printed on stdout so far."""
-        return b"".join(self._chunks["out"]).decode(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        """Everything the process printed on stderr so far (the progress bar, messages)."""
-        return b"".join(self._chunks["err"]).decode(errors="replace")
+        super().__init__(args, code=code, timeout=TIMEOUT)
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
         """Poll `condition` until it holds; fail if the process exits first or after TIMEOUT."""
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            if self.process.poll() is not None and not condition():
-                self.finish()
-                code = self.process.returncode
-                raise AssertionError(f"the run exited ({code}) before {what}:\n{self.stderr[-3000:]}")
-            if time.monotonic() > deadline:
-                self.process.kill()
-                self.finish()
-                raise AssertionError(f"no {what} within {TIMEOUT} s:\n{self.stderr[-3000:]}")
-            time.sleep(POLL)
-
-    def stop(self, signum: int = signal.SIGKILL) -> int:
-        """Send `signum` and return the exit code."""
-        self.process.send_signal(signum)
-        return self.finish()
-
-    def finish(self) -> int:
-        """Wait (at most TIMEOUT) for the process to end; return its exit code."""
-        try:
-            returncode = self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-        for reader in self._readers:
-            reader.join(TIMEOUT)
-        return returncode
+        if not self.poll_until(condition):
+            running = self.process.poll() is None
+            code = self.stop()
+            reason = f"no {what} within {TIMEOUT} s" if running else f"the run exited ({code}) before {what}"
+            raise AssertionError(f"{reason}:\n{self.stderr[-3000:]}")
 
 
 def epoch_started(run: Run, epoch: int) -> Callable[[], bool]:

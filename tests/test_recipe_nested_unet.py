@@ -16,6 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from trainer_datasets import SyntheticNuclei, write_png_file
 from recipes import nested_unet
 from recipes.common import run_cli
+from trainer import Trainer
+from trainer.callbacks import ModelCheckpoint
 from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
 
@@ -195,13 +197,13 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
     data = square_less_folder(tmp_path / "data")
     run_dir = tmp_path / "r"
     shapes = []
-    original = nested_unet.Trainer.train_step
+    original = Trainer.train_step
 
     def spy(self, batch):
         shapes.append(tuple(batch[0].shape[-2:]))
         return original(self, batch)
 
-    mocker.patch.object(nested_unet.Trainer, "train_step", spy)
+    mocker.patch.object(Trainer, "train_step", spy)
     argv = ["--data", str(data), "--arch", "UNet", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
     assert run(argv) == 0
     assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
@@ -220,13 +222,13 @@ def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
     base = ["--data", str(data), "--arch", "UNet", "--batch-size", "4", "--workers", "2", "--epochs", "2",
             "--precision", "32", "--channels-last", "off"]  # nothing probed: both runs train alike
     assert run(base + ["--log-dir", str(tmp_path / "full")]) == 0
-    save = nested_unet.ModelCheckpoint.on_epoch_end
+    save = ModelCheckpoint.on_epoch_end
 
     def killed_after_first_epoch(self, trainer, logs):
         save(self, trainer, logs)
         raise KeyboardInterrupt
 
-    patched = mocker.patch.object(nested_unet.ModelCheckpoint, "on_epoch_end", killed_after_first_epoch)
+    patched = mocker.patch.object(ModelCheckpoint, "on_epoch_end", killed_after_first_epoch)
     assert run(base + ["--log-dir", str(tmp_path / "cut")]) == 130
     mocker.stop(patched)
     assert run(["--resume", str(tmp_path / "cut")]) == 0

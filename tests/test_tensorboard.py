@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 
 from trainer import Callback, Trainer
 from trainer.callbacks import (
@@ -133,36 +134,41 @@ def test_custom_tags_overlay_chart_and_hparams(tmp_path):
     assert acc.Scalars("hparams/final_val_loss")[0].value == pytest.approx(history[-1]["val_loss"])
 
 
-def test_all_callbacks_share_one_event_stream(tmp_path):
+def test_all_callbacks_share_one_event_stream(tmp_path, mocker):
+    opened = mocker.spy(tb, "open_writer")
+    closed = mocker.spy(SummaryWriter, "close")
     callbacks = [TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), GraphCallback(tmp_path),
                  PredictionFigureCallback(tmp_path, classes=["a", "b", "c"])]
-    fit(callbacks)
+    trainer, _ = fit(callbacks)
     assert len(event_files(tmp_path)) == 1
-    assert tb._open_writers == {}  # closed at the end of fit
+    assert opened.call_count == 1 and closed.call_count == 1  # one writer, closed at the end of fit
+    assert ("SummaryWriter", os.path.realpath(tmp_path)) not in trainer.resources
     tags = read(tmp_path).Tags()
     assert "images" in tags["images"] and "predictions vs. actuals" in tags["images"] and tags["graph"]
 
 
-def test_writer_closed_and_flushed_after_exception(tmp_path):
+def test_writer_closed_and_flushed_after_exception(tmp_path, mocker):
     class Boom(Callback):
         def on_epoch_end(self, trainer, logs):
             if trainer.epoch == 1:
                 raise RuntimeError("stop here")
 
+    closed = mocker.spy(SummaryWriter, "close")
     with pytest.raises(RuntimeError):
         fit([TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), Boom()], epochs=3)
-    assert tb._open_writers == {}
+    assert closed.call_count == 1
     assert [e.step for e in read(tmp_path).Scalars("epoch/loss")] == [6, 12]
 
 
 def test_writer_flushed_every_epoch_end(tmp_path):
     seen = []
 
-    class ReadBack(Callback):
-        def on_epoch_end(self, trainer, logs):
-            seen.append(len(read(tmp_path).Scalars("epoch/loss")))
+    class ReadBack(Callback):  # between epochs, what an outside reader (TensorBoard) finds on disk
+        def on_epoch_start(self, trainer):
+            if trainer.epoch:
+                seen.append(len(read(tmp_path).Scalars("epoch/loss")))
 
-    fit([TensorBoardCallback(tmp_path), ReadBack()], epochs=2)
+    fit([TensorBoardCallback(tmp_path), ReadBack()], epochs=3)
     assert seen == [1, 2]
 
 
@@ -197,8 +203,9 @@ def test_graph_keeps_batchnorm_statistics(tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda p, t: p.mean() * 0,
                       callbacks=[callback], device="cpu")
+    callback.trainer = trainer  # as fit binds its callbacks
     callback.on_fit_start(trainer)
-    callback.on_fit_end(trainer)
+    trainer.resources.close()
     assert torch.equal(model[1].running_mean, torch.zeros(2)) and model.training
 
 

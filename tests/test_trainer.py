@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from tests.conftest import make_classification, make_regression
 from trainer import HOOKS, Callback, NonFiniteLossError, StepOutput, Trainer
@@ -191,14 +191,16 @@ def test_errors_in_on_fit_end_alone_raise_after_every_callback_ran(linear_model,
 
 def test_shared_writer_is_released_when_a_tensorboard_callback_fails_at_the_end(tmp_path, linear_model,
                                                                                regression_loaders, mocker):
-    from trainer.callbacks import PRCurveCallback, TensorBoardCallback
-    from trainer.callbacks import tensorboard as tb
+    from torch.utils.tensorboard import SummaryWriter
 
+    from trainer.callbacks import PRCurveCallback, TensorBoardCallback
+
+    closed = mocker.spy(SummaryWriter, "close")
     pr = PRCurveCallback(tmp_path, ["a"])
     mocker.patch.object(pr, "predict", side_effect=RuntimeError("cannot predict"))
     with pytest.raises(RuntimeError, match="cannot predict"):
         make_trainer(linear_model, [TensorBoardCallback(tmp_path), pr]).fit(*regression_loaders)
-    assert tb._open_writers == {}
+    assert closed.call_count == 1
 
 
 def test_second_fit_continues_the_random_streams_instead_of_replaying_them(regression_loaders):
@@ -538,3 +540,98 @@ def test_set_epoch_is_called_on_loader_or_sampler(linear_model, regression_loade
     loader = DataLoader(data, batch_size=4, sampler=Sampler(data))
     make_trainer(linear_model, max_epochs=3).fit(loader)
     assert Sampler.epochs == [0, 1, 2]
+
+
+def test_callbacks_run_by_order_then_as_given_and_describe_shows_it(linear_model, regression_loaders, capsys):
+    from trainer.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+
+    seen = []
+
+    class Named(Callback):
+        def __init__(self, name, order=0):
+            self.name, self.order = name, order
+
+        def on_epoch_end(self, trainer, logs):
+            seen.append(self.name)
+
+    late, early = Named("late", order=5), Named("early", order=-5)
+    trainer = make_trainer(linear_model, [Named("a"), late, Named("b"), early], max_epochs=1)
+    trainer.fit(*regression_loaders)
+    assert seen == ["early", "a", "b", "late"]
+
+    trainer.remove_callback(late)
+    with pytest.raises(ValueError, match="not among"):
+        trainer.remove_callback(late)
+    trainer.add_callback(ProgressBar())
+    trainer.add_callback(ModelCheckpoint("unused", monitor=None))
+    trainer.add_callback(EarlyStopping())
+    text = trainer.describe()
+    assert capsys.readouterr().out.strip() == text.strip()
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()}
+    assert lines["on_epoch_end"] == "EarlyStopping, Named, Named, Named, ProgressBar, ModelCheckpoint"
+    assert lines["on_batch_start"] == "-" and lines["on_batch_end"] == "ProgressBar"
+    assert text.splitlines()[0].startswith("on_fit_start") and "    on_batch_end" in text
+
+
+def test_constructing_under_torchrun_variables_starts_nothing(linear_model, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # no rendezvous: starting a group would fail
+    trainer = make_trainer(linear_model)
+    assert not dist.is_initialized() and trainer.device.type == "cpu"
+    assert isinstance(trainer.model, nn.Linear)  # wrapped in DistributedDataParallel by fit only
+
+
+def test_predict_and_eval_mode_restore_training_mode_and_use_no_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.9), nn.Linear(4, 1))
+    trainer = make_trainer(model)
+    x = torch.randn(5, 3)
+    first, second = trainer.predict(x), trainer.predict(x)
+    assert torch.equal(first, second) and not first.requires_grad  # eval mode: dropout off
+    assert model.training
+    with trainer.eval_mode() as module:
+        assert module is model and not model.training and not torch.is_grad_enabled()
+    assert model.training
+
+
+def test_every_fires_at_multiples_once_each():
+    from trainer.every import Every
+
+    every = Every(3, "log_every")
+    assert [n for n in (1, 2, 3, 3, 3, 4, 6, 6, 9) if every(n)] == [3, 6, 9]
+    every.reset()
+    assert every(3)
+    assert not any(Every(None)(n) for n in range(1, 10))
+    with pytest.raises(ValueError, match="log_every must be a positive integer or None, got 0"):
+        Every(0, "log_every")
+
+
+def test_fit_resources_made_once_flushed_and_closed_newest_first():
+    from trainer.resources import FitResources
+
+    events = []
+
+    class Thing:
+        def __init__(self, name):
+            self.name = name
+
+        def flush(self):
+            events.append(f"flush {self.name}")
+
+        def close(self):
+            events.append(f"close {self.name}")
+            if self.name == "a":
+                raise OSError("disk full")
+
+    resources = FitResources()
+    a = resources.get("a", lambda: Thing("a"))
+    assert resources.get("a", lambda: Thing("other")) is a
+    resources.get("b", lambda: Thing("b"))
+    resources.flush()
+    with pytest.raises(OSError, match="disk full"):
+        resources.close()
+    assert events == ["flush a", "flush b", "close b", "close a"] and "a" not in resources

@@ -3,12 +3,17 @@
 from trainer.batch import move_to_device
 from trainer.callback import HOOKS, Callback
 from trainer.core import NonFiniteLossError, StepOutput, Trainer, resolve_device, seed_everything
+from trainer.every import Every
 from trainer.precision import PrecisionChoice, choose_precision
-from trainer.running import RunningLoss
+from trainer.resources import FitResources
+from trainer.running import EpochLoss, RunningLoss
 
 __all__ = [
     "HOOKS",
     "Callback",
+    "EpochLoss",
+    "Every",
+    "FitResources",
     "NonFiniteLossError",
     "PrecisionChoice",
     "RunningLoss",

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+#: The names of TensorBoard's event files (a glob pattern).
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 
 

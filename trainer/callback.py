@@ -36,10 +36,19 @@ class Callback:
 
     Under ``torchrun`` a callback runs on every process unless its class sets
     ``rank_zero_only = True`` (logging, progress bars and checkpoint writing do).
+
+    Callbacks run sorted by ``order`` (lower first; equal orders keep the order they were given
+    in): `EarlyStopping` decides at -10, loggers and visuals write at 0, `ModelCheckpoint` saves
+    at 100, after everything it should carry. ``trainer.describe()`` prints who runs where.
+    While a fit runs, ``self.trainer`` is the trainer running this callback.
     """
 
     #: Run only on rank 0 when several processes train together.
     rank_zero_only: bool = False
+    #: Where this callback runs among the others at each hook: lower first.
+    order: int = 0
+    #: The trainer of the current (or last) fit; set by the trainer before ``on_fit_start``.
+    trainer: Trainer | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Called once when `fit` begins, before the first epoch."""

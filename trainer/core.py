@@ -8,8 +8,8 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from trainer.distributed import (
     init_distributed,
     is_distributed,
     is_rank_zero,
+    launched_device,
     shard_loader,
 )
+from trainer.every import positive_int
 from trainer.precision import (
     PrecisionChoice,
     check_channels_last,
@@ -34,6 +36,8 @@ from trainer.precision import (
     convolution_kernels,
     normalize_precision,
 )
+from trainer.resources import FitResources
+from trainer.running import EpochLoss
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -80,27 +84,47 @@ class Trainer:
         optimizer: a `torch.optim.Optimizer` over the model's parameters.
         loss_fn: ``loss_fn(predictions, targets) -> scalar tensor``. A model that returns a
             list (deep supervision) passes the whole list.
-        callbacks: `Callback` objects, run in the order given.
+        callbacks: `Callback` objects. They run sorted by their ``order`` (lower first; the
+            given order among equals), see `describe`.
         max_epochs: number of epochs `fit` runs.
-        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``... Under
+            torchrun, CUDA means this process's GPU (``cuda:LOCAL_RANK``).
         metrics: ``{name: metric(predictions, targets) -> 0-dim tensor}`` evaluated on
             validation batches; each returns its batch mean and is averaged weighted by batch
             size into ``logs["val_<name>"]``. With list outputs, metrics see the last one.
         scheduler: an optional LR scheduler, stepped once per epoch (`ReduceLROnPlateau` is fed
             ``val_loss``, or ``loss`` without validation data) or per optimizer step with
             ``scheduler_interval="step"``.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when `scheduler` steps.
         grad_clip_norm: clip the gradients' global 2-norm to this value before each step.
-        accumulate_grad_batches: sum gradients over this many batches per optimizer step.
+        accumulate_grad_batches: sum gradients over this many batches per optimizer step (a
+            shorter last window of an epoch is averaged over its own batches).
         precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA), ``"16-mixed"`` (float16
             autocast with a gradient scaler, CUDA only) or ``"auto"``: what this machine computes
             fastest, never slower than float32 (see `trainer.precision.choose_precision`), chosen
             at the start of `fit` from the first training batch and printed once. A resumed fit
             keeps the choice saved in its checkpoint. A `PrecisionChoice` made earlier (by
             `choose_precision`, or recorded with a run) applies all its settings as they are.
-        seed: seeds Python, NumPy and torch at the start of `fit`.
+        seed: seeds Python, NumPy and torch at the start of the first `fit`.
         channels_last: use the channels-last memory format for the model and 4-D inputs; ``"auto"``
             decides with the precision (measured on the CPU, on for convolutional models on CUDA).
             Default: off, or the `PrecisionChoice`'s.
+
+    What a callback may read (all attributes of the trainer; nothing else is part of the API):
+
+    - the parts: `model` (wrapped in `DistributedDataParallel` under torchrun), `module` (the
+      model itself), `optimizer`, `scheduler`, `loss_fn`, `metrics`, `device`, `precision`,
+      `channels_last`, `precision_choice`, `callbacks` (sorted; change them with
+      `add_callback`/`remove_callback` between fits), `train_loader`, `val_loader`;
+    - progress: `epoch` (0-based), `max_epochs`, `global_step` (optimizer steps done),
+      `start_step` (`global_step` when this `fit` began: above 0 for a resumed run), `batch_idx`,
+      `num_batches` (None for loaders without a length), `history` (one logs dict per epoch),
+      `epoch_loss` (the epoch's training loss sum on the device; read it with `RunningLoss`);
+    - shared things: `resources` (`FitResources`: e.g. one TensorBoard writer per run directory).
+
+    What a callback may change: `should_stop = True` stops training after the current batch (or,
+    under torchrun, the current epoch); `max_epochs` before `fit`. For model outputs outside the
+    loop use `predict` or `eval_mode`, never the model's modes directly.
     """
 
     def __init__(
@@ -120,12 +144,8 @@ class Trainer:
         seed: int | None = None,
         channels_last: bool | str | None = None,
     ) -> None:
-        if not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(
-                f"accumulate_grad_batches must be a positive integer, got {accumulate_grad_batches!r}"
-            )
+        positive_int("max_epochs", max_epochs)
+        positive_int("accumulate_grad_batches", accumulate_grad_batches)
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive, got {grad_clip_norm!r}")
         if scheduler_interval not in ("epoch", "step"):
@@ -138,12 +158,12 @@ class Trainer:
             precision, channels_last = given.precision, given.channels_last
         precision = normalize_precision(precision)
         channels_last = check_channels_last(False if channels_last is None else channels_last)
-        callbacks = list(callbacks)
+        self.callbacks: list[Callback] = []
         for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}")
+            self.add_callback(cb)
 
-        self.device = init_distributed(resolve_device(device))
+        # The process group starts in fit; here only this process's device is worked out.
+        self.device = launched_device(resolve_device(device))
         if precision == "16-mixed" and self.device.type != "cuda":
             raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
         #: ``"32"``, ``"bf16"`` or ``"16-mixed"`` (``"auto"`` until `fit` resolves it).
@@ -156,9 +176,6 @@ class Trainer:
         self.onednn = given.onednn if given is not None else True
         memory_format = torch.channels_last if channels_last is True else torch.preserve_format
         self.model: nn.Module = model.to(self.device, memory_format=memory_format)
-        if is_distributed():
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.metrics = dict(metrics or {})
@@ -168,21 +185,19 @@ class Trainer:
         self.accumulate_grad_batches = accumulate_grad_batches
         self.seed = seed
         self.max_epochs = max_epochs
-        self.callbacks: list[Callback] = callbacks
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
 
         self.epoch = 0
         self.global_step = 0
+        self.start_step = 0
         self.batch_idx = 0
         self.history: list[dict[str, float]] = []
         self.should_stop = False
         self.train_loader: Iterable | None = None
         self.val_loader: Iterable | None = None
         self.num_batches: int | None = None
-        #: Sum of (batch loss x batch size) over this epoch so far: a tensor on the device.
-        self.train_loss_sum = torch.zeros((), device=self.device)
-        #: Number of training samples seen this epoch so far.
-        self.train_samples = 0
+        self.epoch_loss = EpochLoss(self.device)
+        self.resources = FitResources()
         self._hooks: dict[str, list] = {}
 
     @property
@@ -192,10 +207,47 @@ class Trainer:
         communicate with the other ranks."""
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
+    # ----------------------------------------------------------------------------- callbacks
+    def add_callback(self, callback: Callback) -> None:
+        """Add `callback`; it runs from the next `fit` on, at its place by ``order``."""
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks must be Callback instances, got {type(callback).__name__}")
+        self.callbacks.append(callback)
+
+    def remove_callback(self, callback: Callback) -> None:
+        """Remove `callback` (the very object that was added); it no longer runs from the next `fit` on."""
+        for index, cb in enumerate(self.callbacks):
+            if cb is callback:
+                del self.callbacks[index]
+                return
+        raise ValueError(f"{type(callback).__name__} is not among this trainer's callbacks")
+
+    def _active_callbacks(self) -> list[Callback]:
+        # Sorted by order (stable); callbacks marked rank_zero_only run on rank 0 alone under torchrun.
+        self.callbacks.sort(key=lambda cb: cb.order)
+        return [cb for cb in self.callbacks if is_rank_zero() or not cb.rank_zero_only]
+
     def _build_dispatch(self) -> None:
-        # Built once per fit; callbacks marked rank_zero_only run on rank 0 alone under torchrun.
-        active = [cb for cb in self.callbacks if is_rank_zero() or not getattr(cb, "rank_zero_only", False)]
+        # Built once per fit, so a hook that no callback overrides costs nothing in the loop.
+        active = self._active_callbacks()
+        for cb in active:
+            cb.trainer = self
         self._hooks = {hook: overridden_hooks(active, hook) for hook in HOOKS}
+
+    def describe(self, file: IO[str] | None = None) -> str:
+        """Print (to `file`, default stdout) and return, hook by hook in the loop's order, which
+        callbacks run there: one look tells what a training run does."""
+        active = self._active_callbacks()
+        depth = {"on_fit_start": 0, "on_fit_end": 0, "on_exception": 0, "on_batch_start": 2, "on_batch_end": 2,
+                 "on_validation_batch_end": 2}
+        lines = []
+        for hook in HOOKS:
+            names = [type(fn.__self__).__name__ for fn in overridden_hooks(active, hook)]
+            indent = "  " * depth.get(hook, 1)
+            lines.append(f"{indent}{hook:<{27 - len(indent)}} {', '.join(names) or '-'}")
+        text = "\n".join(lines)
+        print(text, file=file)
+        return text
 
     # ----------------------------------------------------------------------------- hooks
     def _fire(self, hook: str, *args: Any) -> None:
@@ -222,6 +274,14 @@ class Trainer:
                 first.add_note(note)
             raise first
 
+    def _close_resources(self, cause: BaseException | None = None) -> None:
+        try:
+            self.resources.close()
+        except Exception as exc:  # noqa: BLE001 - never hide the exception that stopped training
+            if cause is None:
+                raise
+            cause.add_note(f"closing the fit's resources also raised {type(exc).__name__}: {exc}")
+
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
         """Turn ``"auto"`` precision or memory format into the machine's choice (rank 0 probes,
         every rank applies the same), or into the choice a resumed checkpoint saved."""
@@ -247,12 +307,38 @@ class Trainer:
         if is_rank_zero():
             print(f"Trainer: {choice}")
 
+    # ----------------------------------------------------------------------------- forward passes
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the chosen precision (a no-op context for "32")."""
         if self.precision == "32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, batch: Any) -> Any:
+        """`batch` (tensors, or nested tuples, lists and dicts of them) on the trainer's device, 4-D
+        tensors channels-last when the run uses it: the one way inputs reach the model."""
+        return move_to_device(batch, self.device, self.channels_last)
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[nn.Module]:
+        """Evaluation as the whole framework does it: yields the unwrapped `module` in eval mode,
+        under no grad, the run's autocast and convolution kernels; the module's training mode is
+        restored afterwards. Validation, figures and PR curves all go through it."""
+        model = self.module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.autocast(), convolution_kernels(self.onednn):
+                yield model
+        finally:
+            model.train(was_training)
+
+    def predict(self, inputs: Any) -> Any:
+        """The model's output for `inputs` (moved to the device by `to_device`), in `eval_mode`;
+        left on the device, in the autocast dtype."""
+        with self.eval_mode() as model:
+            return model(self.to_device(inputs))
 
     # ----------------------------------------------------------------------------- steps
     def train_step(self, batch: Any) -> StepOutput:
@@ -298,7 +384,11 @@ class Trainer:
         callback's `on_fit_end` ran.
         """
         state = load_checkpoint(resume_from) if resume_from is not None else None
+        self.device = init_distributed(self.device)  # under torchrun: the process group starts here
         if is_distributed():
+            if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
             train_loader = shard_loader(train_loader, train=True)
             val_loader = shard_loader(val_loader, train=False) if val_loader is not None else None
         if "auto" in (self.precision, self.channels_last):
@@ -322,6 +412,7 @@ class Trainer:
             self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
         if self.seed is not None and state is None and not self.history and self.global_step == 0:
             seed_everything(self.seed)  # only a fresh start: a second fit() continues the random streams
+        self.start_step = self.global_step
         with convolution_kernels(self.onednn):
             try:
                 self._fire("on_fit_start")
@@ -329,8 +420,12 @@ class Trainer:
             except BaseException as exc:
                 self._fire_all("on_exception", exc, cause=exc)
                 self._fire_all("on_fit_end", cause=exc)
+                self._close_resources(cause=exc)
                 raise
-            self._fire_all("on_fit_end")
+            try:
+                self._fire_all("on_fit_end")
+            finally:
+                self._close_resources()
         return self.history
 
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
@@ -346,6 +441,7 @@ class Trainer:
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(logs)
             self._fire("on_epoch_end", logs)
+            self.resources.flush()
             if is_distributed():  # every rank stops at the same epoch
                 flag = torch.tensor(float(self.should_stop), device=self.device)
                 self.should_stop = bool(all_reduce(flag, "max"))
@@ -359,13 +455,13 @@ class Trainer:
         set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):  # DistributedSampler and seeded loaders: a fresh, reproducible order per epoch
             set_epoch(self.epoch)
-        self.train_loss_sum = loss_sum = torch.zeros((), device=self.device)
-        self.train_samples = 0
+        epoch_loss = self.epoch_loss
+        epoch_loss.reset()
         pending = 0  # batches whose gradients wait for an optimizer step
         optimizer.zero_grad(set_to_none=True)
         for batch_idx, batch in enumerate(loader):
             self.batch_idx = batch_idx
-            batch = move_to_device(batch, self.device, self.channels_last)
+            batch = self.to_device(batch)
             for fn in batch_start:
                 fn(self, batch)
             with self.autocast():
@@ -380,8 +476,7 @@ class Trainer:
                 pending = 0
             n = batch_size(out.predictions if out.targets is None else out.targets)
             detached = out.loss.detach()
-            loss_sum.add_(detached, alpha=n)
-            self.train_samples += n
+            epoch_loss.add(detached, n)
             if batch_end:
                 outputs = StepOutput(detached, detach(out.predictions), out.targets)
                 for fn in batch_end:
@@ -394,13 +489,13 @@ class Trainer:
                     if param.grad is not None:
                         param.grad.mul_(accumulate / pending)
             self._optimizer_step()
-        if self.train_samples == 0:
+        if epoch_loss.samples == 0:
             raise ValueError("the training loader yielded no batches")
         if is_distributed():
-            totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(self.train_samples), device=self.device)]))
-            loss_total, samples = totals.tolist()
+            count = torch.tensor(float(epoch_loss.samples), device=self.device)
+            loss_total, samples = all_reduce(torch.stack([epoch_loss.total, count])).tolist()
         else:
-            loss_total, samples = loss_sum.item(), self.train_samples
+            loss_total, samples = epoch_loss.total.item(), epoch_loss.samples
         mean_loss = loss_total / samples
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
@@ -493,31 +588,26 @@ class Trainer:
             self.scheduler.T_max = self.max_epochs
 
     def validate(self, loader: Iterable) -> dict[str, float]:
-        """Evaluate on `loader` (eval mode, no grad) and return ``val_loss`` and ``val_<metric>``.
+        """Evaluate on `loader` (in `eval_mode`) and return ``val_loss`` and ``val_<metric>``.
 
         Fires `on_validation_start`, `on_validation_batch_end` and `on_validation_end`.
         """
         if not self._hooks:
             self._build_dispatch()
-        with convolution_kernels(self.onednn):
-            return self._validate(loader)
+        return self._validate(loader)
 
     def _validate(self, loader: Iterable) -> dict[str, float]:
         # The unwrapped model: evaluation needs no communication, so ranks may hold uneven shards.
-        model = self.module
-        broadcast_buffers(model)
+        broadcast_buffers(self.module)
         batch_end = self._hooks["on_validation_batch_end"]
-        was_training = model.training
-        model.eval()
         self._fire("on_validation_start")
         loss_sum = torch.zeros((), device=self.device)
         metric_sums = {name: torch.zeros((), device=self.device) for name in self.metrics}
         samples = 0
-        with torch.no_grad():
+        with self.eval_mode():
             for batch in loader:
-                batch = move_to_device(batch, self.device, self.channels_last)
-                with self.autocast():
-                    out = self.eval_step(batch)
+                batch = self.to_device(batch)
+                out = self.eval_step(batch)
                 n = batch_size(out.predictions if out.targets is None else out.targets)
                 loss_sum.add_(out.loss.detach().float(), alpha=n)
                 if metric_sums:
@@ -531,7 +621,6 @@ class Trainer:
                 samples += n
                 for fn in batch_end:
                     fn(self, batch, out)
-        model.train(was_training)
         # One device sync (and under torchrun one reduction) for all values of the epoch.
         sums = torch.stack([loss_sum, *metric_sums.values(), torch.tensor(float(samples), device=self.device)])
         *values, samples = all_reduce(sums).tolist()

@@ -42,16 +42,25 @@ def is_rank_zero() -> bool:
     return get_rank() == 0
 
 
+def launched_device(device: torch.device) -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` for CUDA under torchrun (one GPU per process),
+    else `device`. Reads the environment only; starts nothing."""
+    if launched_world_size() > 1 and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def init_distributed(device: torch.device) -> torch.device:
     """Start the process group once under torchrun and return this process's device.
 
     gloo on the CPU, NCCL on CUDA with one GPU per process (``cuda:LOCAL_RANK``). The group is
-    destroyed when the process exits. Outside torchrun, returns `device` unchanged.
+    destroyed when the process exits. Outside torchrun, returns `device` unchanged. `Trainer.fit`
+    calls it; a recipe calls it earlier to share its run directory between the processes.
     """
+    device = launched_device(device)
     if launched_world_size() <= 1:
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -1,21 +1,47 @@
-"""`RunningLoss`: the mean training loss between two log points, read without per-batch syncs."""
+"""The epoch's training loss, accumulated on the device, and `RunningLoss`, which reads it between log points."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
 
 
-class RunningLoss:
-    """Mean training loss since the previous `pop`, from the trainer's on-device epoch sum.
+class EpochLoss:
+    """The training loss of the epoch so far: the sum of ``loss x batch size`` in a tensor on the
+    device, and the number of samples. The trainer adds every batch (no device sync) and reads
+    the mean at the epoch's end; `RunningLoss` reads it at log points.
 
-    The trainer accumulates ``loss x batch size`` in a device tensor. A callback that logs every
-    N steps calls `pop` only at its log points: the single device sync happens there, and
-    nothing is done per batch. A NaN or infinite loss is caught there too
-    (`NonFiniteLossError`), without any extra sync.
+    Args:
+        device: where the sum lives.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total = torch.zeros((), device=device)
+        self.samples = 0
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.total = torch.zeros((), device=self.device)
+        self.samples = 0
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        """Add one batch: its mean `loss` (a detached 0-dim tensor) over `samples` samples."""
+        self.total.add_(loss, alpha=samples)
+        self.samples += samples
+
+
+class RunningLoss:
+    """Mean training loss since the previous `pop`, from the trainer's `EpochLoss`.
+
+    A callback that logs every N steps calls `pop` only at its log points: the single device
+    sync happens there, and nothing is done per batch. A NaN or infinite loss is caught there
+    too (`NonFiniteLossError`), without any extra sync. Each epoch starts a new mean.
     """
 
     def __init__(self) -> None:
@@ -27,7 +53,7 @@ class RunningLoss:
         """Mean loss over the samples seen since the last call (None when there were none)."""
         if trainer.epoch != self._epoch:
             self._epoch, self._sum, self._samples = trainer.epoch, 0.0, 0
-        total, samples = trainer.train_loss_sum.item(), trainer.train_samples
+        total, samples = trainer.epoch_loss.total.item(), trainer.epoch_loss.samples
         if samples <= self._samples:
             return None
         mean = (total - self._sum) / (samples - self._samples)

@@ -19,10 +19,14 @@ class ModelCheckpoint(Callback):
     A checkpoint holds `Trainer.state_dict()` (model, optimizer, scheduler, grad scaler, epochs
     done, global step, history, random generators, callback states) and `config`, e.g. the
     recipe's options. Continue a run with ``trainer.fit(..., resume_from=checkpoint.last_path)``.
-    Put it after the callbacks whose state it should carry (they run in order).
+    It runs after the other callbacks (``order = 100``), so the state it saves includes what they
+    did at that epoch's end (an early stop, the logs, their own states), and it flushes the
+    run's shared resources (the TensorBoard writer) before saving: a checkpoint is never ahead of
+    the logs.
     """
 
     rank_zero_only = True
+    order = 100
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class ModelCheckpoint(Callback):
                 self.best, self.best_epoch, improved = value, trainer.epoch, True
         if not (improved or self.save_last):
             return
+        trainer.resources.flush()
         state = trainer.state_dict()
         state["config"] = self.config
         # best.pt before last.pt: a crash between the two then resumes from the previous last.pt,

@@ -17,8 +17,11 @@ class EarlyStopping(Callback):
         patience: epochs without improvement tolerated before stopping.
         min_delta: the smallest change that counts as an improvement.
 
-    Its state (`state_dict`) travels in checkpoints, so a resumed run keeps counting.
+    Its state (`state_dict`) travels in checkpoints, so a resumed run keeps counting. It decides
+    before the other callbacks (``order = -10``), so loggers and `ModelCheckpoint` see the stop.
     """
+
+    order = -10
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
                  min_delta: float = 0.0) -> None:

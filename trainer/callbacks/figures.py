@@ -16,9 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from trainer.batch import last_output, move_to_device, split_batch
+from trainer.batch import last_output, split_batch
 from trainer.callbacks.palette import class_colours, class_names, colour_masks
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
+from trainer.every import Every
 
 KINDS = ("classification", "segmentation")
 
@@ -187,43 +188,28 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         super().__init__(log_dir)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.kind, self.batch, self.num_images = kind, batch, num_images
-        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self._by_step = Every(every_n_steps, "every_n_steps")
+        self._by_epoch = Every(None if every_n_steps is not None else every_n_epochs, "every_n_epochs")
         self.classes, self.mean, self.std, self.threshold, self.tag = classes, mean, std, threshold, tag
         self._fixed: tuple[Any, Any] | None = None
         self._figure: Figure | None = None  # drawn once, then redrawn in place
-        self._last_step = 0
 
     def on_fit_start(self, trainer) -> None:
-        super().on_fit_start(trainer)
         self._fixed = split_batch(take_batch(trainer, self.batch, self.num_images))
-        self._last_step = trainer.global_step
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
-        if self.every_n_steps is not None and trainer.global_step - self._last_step >= self.every_n_steps:
-            self._last_step = trainer.global_step
+        if self._by_step(trainer.global_step):
             self.log_figure(trainer)
 
     def on_epoch_end(self, trainer, logs) -> None:
-        if self.every_n_steps is None and (trainer.epoch + 1) % self.every_n_epochs == 0:
+        if self._by_epoch(trainer.epoch + 1):
             self.log_figure(trainer)
-        super().on_epoch_end(trainer, logs)
 
     def log_figure(self, trainer) -> None:
         """Predict on the fixed batch and add the figure at the current global step."""
         inputs, targets = self._fixed
-        model = trainer.module
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), trainer.autocast():
-                output = last_output(model(move_to_device(inputs, trainer.device, trainer.channels_last)))
-        finally:
-            model.train(was_training)
-        output = output.float().cpu()
+        output = last_output(trainer.predict(inputs)).float().cpu()
         images = denormalize(inputs, self.mean, self.std)
         if self.kind == "classification":
             fig = classification_figure(images, output.softmax(dim=1), targets, self.classes, fig=self._figure)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tensorboard.compat.proto.event_pb2 import Event
 
-from trainer.batch import move_to_device, split_batch
+from trainer.batch import split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, take_batch
 from trainer.graph_def import first_line, graph_def
 
@@ -38,7 +38,6 @@ class GraphCallback(TensorBoardWriterCallback):
         self.example, self.num_samples = example, num_samples
 
     def on_fit_start(self, trainer) -> None:
-        super().on_fit_start(trainer)
         if self.resumed:
             return
         example = take_batch(trainer, self.example, self.num_samples)
@@ -47,8 +46,7 @@ class GraphCallback(TensorBoardWriterCallback):
         elif isinstance(example, (tuple, list, dict)):
             with contextlib.suppress(TypeError):  # not an (inputs, targets) batch: the model's own input
                 example = split_batch(example)[0]
-        model = trainer.module
-        example = move_to_device(example, trainer.device, trainer.channels_last)
+        model, example = trainer.module, trainer.to_device(example)
         try:
             graph = graph_def(model, example)
         except RuntimeError as exc:

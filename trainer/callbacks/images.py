@@ -12,6 +12,7 @@ from torchvision.utils import make_grid
 from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
 from trainer.callbacks.palette import class_names, colour_masks
+from trainer.every import Every
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
 
 
@@ -50,15 +51,13 @@ class ImageGridCallback(TensorBoardWriterCallback):
         classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__(log_dir)
-        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
-            raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}")
+        self._again = Every(every_n_epochs, "every_n_epochs")
         self.batch, self.num_images, self.mean, self.std = batch, num_images, mean, std
         self.every_n_epochs, self.tag, self.mask_tag, self.nrow = every_n_epochs, tag, mask_tag, nrow
         self.classes = list(classes) if classes is not None else None
         self._grids: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self, trainer) -> None:
-        super().on_fit_start(trainer)
         batch = take_batch(trainer, self.batch, self.num_images)
         images, targets = (batch, None) if isinstance(batch, torch.Tensor) else split_batch(batch)
         self._grids = {self.tag: make_grid(denormalize(images, self.mean, self.std), nrow=self.nrow)}
@@ -73,9 +72,8 @@ class ImageGridCallback(TensorBoardWriterCallback):
             self._write(trainer)
 
     def on_epoch_end(self, trainer, logs) -> None:
-        if self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0:
+        if self._again(trainer.epoch + 1):
             self._write(trainer)
-        super().on_epoch_end(trainer, logs)
 
     def _write(self, trainer) -> None:
         for tag, grid in self._grids.items():

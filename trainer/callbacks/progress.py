@@ -7,6 +7,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from trainer.callback import Callback
+from trainer.every import Every
 from trainer.running import RunningLoss
 
 
@@ -26,9 +27,8 @@ class ProgressBar(Callback):
     rank_zero_only = True
 
     def __init__(self, log_every: int = 20, leave: bool = True, file: IO[str] | None = None) -> None:
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
         self.log_every = log_every
+        self._log_point = Every(log_every, "log_every")
         self.leave = leave
         self.file = file
         self._bar: Any = None
@@ -45,10 +45,11 @@ class ProgressBar(Callback):
             unit="batch",
         )
         self._shown = 0
+        self._log_point.reset()
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         done = trainer.batch_idx + 1
-        if done - self._shown >= self.log_every:
+        if self._log_point(done):
             self._bar.update(done - self._shown)
             self._shown = done
             loss = self._running.pop(trainer)

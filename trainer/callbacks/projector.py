@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.batch import last_output, move_to_device, split_batch
+from trainer.batch import last_output, split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize
 from trainer.distributed import gather_to_rank_zero, is_rank_zero
 
@@ -39,43 +39,30 @@ class PRCurveCallback(TensorBoardWriterCallback):
     def on_fit_end(self, trainer) -> None:
         sharded = self.loader is None
         loader = trainer.val_loader if sharded else self.loader
-        try:
-            if loader is not None and not self._failed and trainer.history and (sharded or is_rank_zero()):
-                parts = self.predict(trainer, loader)
-                if sharded:
-                    parts = gather_to_rank_zero(parts)
-                else:
-                    parts = [parts]
-                if self.writer is not None:
-                    parts = [part for part in parts if len(part[0])]  # ranks whose shard was empty
-                    probabilities = torch.cat([p for p, _ in parts])
-                    labels = torch.cat([t for _, t in parts])
-                    for index, name in enumerate(self.classes):
-                        self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
-                                                 global_step=trainer.global_step)
-        finally:
-            super().on_fit_end(trainer)
+        if loader is None or self._failed or not trainer.history or not (sharded or is_rank_zero()):
+            return
+        parts = self.predict(trainer, loader)
+        parts = gather_to_rank_zero(parts) if sharded else [parts]
+        if self.writer is None:  # ranks other than 0 only contributed their shard
+            return
+        parts = [part for part in parts if len(part[0])]  # ranks whose shard was empty
+        probabilities = torch.cat([p for p, _ in parts])
+        labels = torch.cat([t for _, t in parts])
+        for index, name in enumerate(self.classes):
+            self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
+                                     global_step=trainer.global_step)
 
     @staticmethod
     def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and labels of every sample of `loader`, on the CPU."""
-        model = trainer.module
-        was_training = model.training
-        model.eval()
         probabilities, labels = [], []
-        try:
-            with torch.no_grad():
-                for batch in loader:
-                    inputs, targets = split_batch(move_to_device(batch, trainer.device, trainer.channels_last))
-                    with trainer.autocast():
-                        output = last_output(model(inputs))
-                    probabilities.append(output.float().softmax(dim=1))
-                    labels.append(targets)
-        finally:
-            model.train(was_training)
+        for batch in loader:
+            inputs, targets = split_batch(batch)
+            probabilities.append(last_output(trainer.predict(inputs)).float().softmax(dim=1).cpu())
+            labels.append(targets.cpu())
         if not probabilities:  # a rank whose shard holds no sample
             return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-        return torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
+        return torch.cat(probabilities), torch.cat(labels)
 
 
 class EmbeddingCallback(TensorBoardWriterCallback):
@@ -108,7 +95,6 @@ class EmbeddingCallback(TensorBoardWriterCallback):
         self.tag = tag
 
     def on_fit_start(self, trainer) -> None:
-        super().on_fit_start(trainer)
         if not self.resumed:
             features = self.thumbnails.flatten(1)
             self.writer.add_embedding(features, metadata=self.labels, label_img=self.thumbnails,

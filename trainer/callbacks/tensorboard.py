@@ -1,9 +1,10 @@
-"""TensorBoard logging: one shared writer per run directory, and `TensorBoardCallback`.
+"""TensorBoard logging: the run's one shared writer, and `TensorBoardCallback`.
 
 Every TensorBoard callback of a run names the same `log_dir`; they all write through one
-`SummaryWriter` (one event stream per run). The writer opens at the first callback's
-``on_fit_start``, is flushed at every epoch end and closed by the last callback's
-``on_fit_end``, also after an exception.
+`SummaryWriter` (one event stream per run), kept in the trainer's `FitResources` for the length
+of the fit: opened on first use, flushed at every epoch end and before every checkpoint, closed
+when `fit` ends, also after an exception. Subclasses of `TensorBoardWriterCallback` just use
+``self.writer`` in any hook; no ``super()`` calls are needed.
 """
 
 from __future__ import annotations
@@ -19,82 +20,78 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from trainer.batch import head, move_to_device, peek_batch
+from trainer.board import EVENT_FILE_PATTERN
 from trainer.callback import Callback
-from trainer.distributed import is_rank_zero
 from trainer.callbacks.monitor import check_mode, check_monitor
+from trainer.distributed import is_rank_zero
+from trainer.every import Every
 from trainer.running import RunningLoss
 
-_open_writers: dict[str, list] = {}  # real path -> [SummaryWriter, number of users]
+def has_event_files(path: str | os.PathLike, recursive: bool = False) -> bool:
+    """Whether `path` (or, `recursive`, a folder below it) holds TensorBoard event files."""
+    pattern = os.path.join(glob.escape(os.fspath(path)), "**" if recursive else "", EVENT_FILE_PATTERN)
+    return bool(glob.glob(pattern, recursive=recursive))
 
 
-def acquire_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> SummaryWriter:
-    """The run's shared `SummaryWriter`, opened on first use; pair with `release_writer`.
+def open_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> SummaryWriter:
+    """A `SummaryWriter` on `log_dir`, created if needed, with a clear error when it cannot be.
 
     `purge_step` (used when a run resumes) drops events at or after that step that a previous,
-    interrupted process wrote; it applies when the writer is opened.
+    interrupted process wrote.
     """
-    key = os.path.realpath(log_dir)
-    entry = _open_writers.get(key)
-    if entry is None:
-        try:
-            Path(key).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"cannot create the TensorBoard log directory {str(log_dir)!r}: {exc}") from exc
-        if not os.access(key, os.W_OK):
-            raise PermissionError(f"the TensorBoard log directory {str(log_dir)!r} is not writable")
-        entry = _open_writers[key] = [SummaryWriter(key, purge_step=purge_step), 0]
-    entry[1] += 1
-    return entry[0]
-
-
-def release_writer(log_dir: str | os.PathLike) -> None:
-    """Give back a writer from `acquire_writer`; the last user flushes and closes it."""
-    key = os.path.realpath(log_dir)
-    entry = _open_writers.get(key)
-    if entry is None:
-        return
-    entry[1] -= 1
-    if entry[1] <= 0:
-        del _open_writers[key]
-        entry[0].close()
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the TensorBoard log directory {os.fspath(log_dir)!r}: {exc}") from exc
+    if not os.access(log_dir, os.W_OK):
+        raise PermissionError(f"the TensorBoard log directory {os.fspath(log_dir)!r} is not writable")
+    return SummaryWriter(os.fspath(log_dir), purge_step=purge_step)
 
 
 class TensorBoardWriterCallback(Callback):
-    """Base of the TensorBoard callbacks: holds the run's shared writer during `fit`.
+    """Base of the TensorBoard callbacks: ``self.writer`` is the run's shared `SummaryWriter`.
 
-    Subclasses write with ``self.writer``. A resumed run (``trainer.global_step > 0`` at fit
-    start; `resumed` is then True) opens the writer with ``purge_step=global_step + 1``: points
-    that the interrupted process wrote after its last checkpoint are dropped, so curves continue
-    without duplicated or orphaned steps. One-time writes (graph, first image grid, chart
-    layout) are not repeated on resume. A fit starting at step 0 in a directory that already
-    holds event files (a run restarted before its first checkpoint) purges from step 0.
+    Use ``self.writer`` in any hook during a fit; the trainer opens, flushes and closes it (see
+    the module docstring). It is None on the ranks other than 0 under torchrun (a subclass that
+    sets ``rank_zero_only = False`` to compute on every rank writes only on rank 0).
+
+    ``self.resumed`` says whether the fit continues a run (it started past step 0). A resumed
+    run's writer opens with ``purge_step=global_step + 1``: points that the interrupted process
+    wrote after its last checkpoint are dropped, so curves continue without duplicated or orphaned
+    steps. A fit starting at step 0 in a directory that already holds event files (a run restarted
+    before its first checkpoint) purges from step 0.
+
+    Args:
+        log_dir: the run directory, shared with the run's other TensorBoard callbacks.
     """
 
     rank_zero_only = True
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
         self.log_dir = os.fspath(log_dir)
-        self.writer: SummaryWriter | None = None
-        self.resumed = False
 
-    def on_fit_start(self, trainer) -> None:
-        self.resumed = trainer.global_step > 0
-        if not is_rank_zero():  # a subclass that runs on every rank (rank_zero_only = False) writes nothing there
-            return
-        if self.resumed:
-            purge = trainer.global_step + 1
-        else:  # a run that starts over in its directory replaces what an earlier attempt wrote
-            purge = 0 if glob.glob(os.path.join(glob.escape(self.log_dir), "events.out.tfevents.*")) else None
-        self.writer = acquire_writer(self.log_dir, purge_step=purge)
+    @property
+    def resumed(self) -> bool:
+        """Whether the current fit continues a run that had trained steps already."""
+        return self.trainer is not None and self.trainer.start_step > 0
 
-    def on_epoch_end(self, trainer, logs) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+    @property
+    def writer(self) -> SummaryWriter | None:
+        """The run's shared writer for the current fit (None on ranks other than 0)."""
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError(f"{type(self).__name__}.writer is there during a fit only")
+        if not is_rank_zero():
+            return None
 
-    def on_fit_end(self, trainer) -> None:
-        if self.writer is not None:
-            self.writer = None
-            release_writer(self.log_dir)
+        def create() -> SummaryWriter:
+            if self.resumed:
+                purge = trainer.start_step + 1  # whenever the writer opens, the cut is at the checkpoint
+            else:  # a run that starts over in its directory replaces what an earlier attempt wrote
+                purge = 0 if has_event_files(self.log_dir) else None
+            return open_writer(self.log_dir, purge)
+
+        return trainer.resources.get(("SummaryWriter", os.path.realpath(self.log_dir)), create)
 
 
 def take_batch(trainer, batch: Any, num: int | None = None) -> Any:
@@ -144,17 +141,14 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         mode: str = "min",
     ) -> None:
         super().__init__(log_dir)
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
         check_mode(mode)
         self.log_every = log_every
+        self._log_point = Every(log_every, "log_every")
         self.running_loss_tag = running_loss_tag
         self.tags = dict(tags or {})
         self.hparams = hparams
         self.monitor, self.mode = monitor, mode
         self._running = RunningLoss()
-        self._last_logged_step = 0
-        self._fit_start_step = 0
         self._hparams_step: int | None = None
 
     def tag(self, key: str) -> str:
@@ -162,8 +156,6 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         return self.tags.get(key, f"epoch/{key}")
 
     def on_fit_start(self, trainer) -> None:
-        super().on_fit_start(trainer)
-        self._last_logged_step = self._fit_start_step = trainer.global_step
         self._hparams_step = None
         if not self.resumed:
             self.writer.add_custom_scalars(
@@ -171,31 +163,24 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             )
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
-        step = trainer.global_step
-        if step - self._last_logged_step >= self.log_every:
-            self._last_logged_step = step
+        if self._log_point(trainer.global_step):
             loss = self._running.pop(trainer)
             if loss is not None:
-                self.writer.add_scalar(self.running_loss_tag, loss, step)
+                self.writer.add_scalar(self.running_loss_tag, loss, trainer.global_step)
 
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
             self.writer.add_scalar(self.tag(key), value, trainer.global_step)
         if trainer.epoch + 1 >= trainer.max_epochs or trainer.should_stop:
-            # Before the last checkpoint (a ModelCheckpoint comes later in the list): a run killed
-            # at any moment after it has them on disk once, and a resume neither repeats nor loses them.
+            # Before the last checkpoint (ModelCheckpoint runs later): a run killed at any moment
+            # after it has them on disk once, and a resume neither repeats nor loses them.
             self._write_hparams(trainer)
-        super().on_epoch_end(trainer, logs)
 
     def on_fit_end(self, trainer) -> None:
         # A fit stopped before its last epoch logs them now; a resumed fit that trained no step (the
         # run had already finished) logs nothing again.
-        try:
-            if (self.writer is not None and trainer.history and trainer.global_step > self._fit_start_step
-                    and self._hparams_step != trainer.global_step):
-                self._write_hparams(trainer)
-        finally:
-            super().on_fit_end(trainer)
+        if trainer.history and trainer.global_step > trainer.start_step and self._hparams_step != trainer.global_step:
+            self._write_hparams(trainer)
 
     def _write_hparams(self, trainer) -> None:
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)
@@ -206,9 +191,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             best = pick(check_monitor("TensorBoardCallback", self.monitor, logs) for logs in trainer.history)
             metrics[f"hparams/best_{self.monitor}"] = best
         experiment, start, end = hparams_summaries(_plain(hparams), metrics)
-        file_writer = self.writer._get_file_writer()
-        for summary in (experiment, start, end):
-            file_writer.add_summary(summary, trainer.global_step)
+        for summary in (experiment, start, end):  # in this run's own stream (add_hparams would make a sub-run)
+            self.writer.file_writer.add_summary(summary, trainer.global_step)
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, trainer.global_step)
         self._hparams_step = trainer.global_step

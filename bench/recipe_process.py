@@ -1,0 +1,87 @@
+"""`RecipeProcess`: a recipe's command line in a subprocess, watched while it runs.
+
+Shared by the kill-and-resume tests (`tests/test_kill_resume.py`) and the reliability benchmark
+(`bench/reliability.py`): both start ``python -m recipes.nested_unet``, wait for a moment they
+can see (its progress bar on stderr, a file in its run directory), then stop it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+POLL = 0.002  # seconds between two looks at a condition
+
+
+class RecipeProcess:
+    """``python -m recipes.nested_unet ARGS`` (or ``python -c CODE ARGS``) in the repository
+    root, its stdout and stderr collected while it runs.
+
+    Args:
+        args: the command-line arguments.
+        code: run this Python code with the arguments instead of the recipe module.
+        timeout: upper bound in seconds of every wait.
+    """
+
+    def __init__(self, args: Sequence[str], code: str | None = None, timeout: float = 300.0) -> None:
+        command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.process = subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
+                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, key: str) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            self._chunks[key].append(chunk)
+
+    @property
+    def stdout(self) -> str:
+        """Everything the process printed on stdout so far."""
+        return b"".join(self._chunks["out"]).decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process printed on stderr so far (the progress bar, messages)."""
+        return b"".join(self._chunks["err"]).decode(errors="replace")
+
+    def elapsed(self) -> float:
+        """Seconds since the process started."""
+        return time.monotonic() - self.started
+
+    def poll_until(self, condition: Callable[[], bool]) -> bool:
+        """Look at `condition` until it holds (True), or until the process has exited without it
+        or the timeout passed (False)."""
+        deadline = time.monotonic() + self.timeout
+        while not condition():
+            if (self.process.poll() is not None and not condition()) or time.monotonic() > deadline:
+                return False
+            time.sleep(POLL)
+        return True
+
+    def stop(self, signum: int = signal.SIGKILL) -> int:
+        """Send `signum` (if the process still runs) and return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.finish()
+
+    def finish(self) -> int:
+        """Wait for the process to end (killing it after the timeout); return its exit code."""
+        try:
+            returncode = self.process.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            returncode = self.process.wait()
+        for reader in self._readers:
+            reader.join(self.timeout)
+        return returncode
