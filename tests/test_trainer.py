@@ -635,3 +635,15 @@ def test_fit_resources_made_once_flushed_and_closed_newest_first():
     with pytest.raises(OSError, match="disk full"):
         resources.close()
     assert events == ["flush a", "flush b", "close b", "close a"] and "a" not in resources
+
+
+def test_a_failing_loss_says_so_with_shapes_and_dtypes_and_keeps_its_type():
+    # An (N,) output for CrossEntropyLoss with class targets: PyTorch's message alone misleads.
+    model = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    data = make_classification(8)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), device="cpu")
+    with pytest.raises(RuntimeError) as caught:
+        trainer.fit(DataLoader(data, batch_size=4))
+    note = caught.value.__notes__[-1]
+    assert "loss function CrossEntropyLoss(predictions, targets)" in note
+    assert "predictions float32 (4,) and targets int64 (4,)" in note

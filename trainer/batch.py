@@ -43,6 +43,18 @@ def detach(value: Any) -> Any:
     return map_tensors(value, torch.Tensor.detach)
 
 
+def describe_tensors(value: Any) -> str:
+    """The dtypes and shapes of the tensors in a nested value, e.g. ``float32 (4, 10)`` or
+    ``[float32 (4, 1, 8, 8), float32 (4, 1, 8, 8)]``, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {describe_tensors(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(describe_tensors(item) for item in value) + "]"
+    return type(value).__name__
+
+
 def head(batch: Any, num: int) -> Any:
     """The first `num` samples of every tensor in a nested batch (0-dim tensors kept whole)."""
     return map_tensors(batch, lambda t: t[:num] if t.dim() > 0 else t)

@@ -15,7 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.batch import batch_size, detach, head, last_output, move_to_device, peek_batch, split_batch
+from trainer.batch import (
+    batch_size,
+    describe_tensors,
+    detach,
+    head,
+    last_output,
+    move_to_device,
+    peek_batch,
+    split_batch,
+)
 from trainer.callback import HOOKS, Callback, overridden_hooks
 from trainer.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trainer.distributed import (
@@ -52,6 +61,10 @@ class StepOutput(NamedTuple):
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -359,7 +372,14 @@ class Trainer:
     def _forward(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, targets = split_batch(batch)
         predictions = model(inputs)
-        return StepOutput(self.loss_fn(predictions, targets), predictions, targets)
+        try:
+            loss = self.loss_fn(predictions, targets)
+        except Exception as exc:
+            # PyTorch's own message rarely says which call failed or what it was given.
+            exc.add_note(f"raised by the loss function {_name(self.loss_fn)}(predictions, targets) with predictions "
+                         f"{describe_tensors(predictions)} and targets {describe_tensors(targets)}")
+            raise
+        return StepOutput(loss, predictions, targets)
 
     # ----------------------------------------------------------------------------- loop
     def fit(
