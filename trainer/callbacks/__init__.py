@@ -2,7 +2,7 @@
 
 from trainer.callbacks.checkpoint import ModelCheckpoint
 from trainer.callbacks.early_stopping import EarlyStopping
-from trainer.callbacks.figures import PredictionFigureCallback
+from trainer.callbacks.figures import PredictionFigureCallback, log_figure
 from trainer.callbacks.graph import GraphCallback
 from trainer.callbacks.images import ImageGridCallback
 from trainer.callbacks.progress import ProgressBar
@@ -20,4 +20,5 @@ __all__ = [
     "ProgressBar",
     "TensorBoardCallback",
     "TensorBoardWriterCallback",
+    "log_figure",
 ]
