@@ -103,7 +103,10 @@ def make_run_dir(log_dir: str | None, default_root: str) -> Path:
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a recipe's `main`, turning bad input into one line on stderr and exit code 2."""
+    """Run a recipe's `main` and return its exit code: 0 for a run complete already (one line),
+    2 for bad input (`UsageError` or a bad option: one line on stderr), 1 for a non-finite loss,
+    130 for Ctrl-C, and the code of any `SystemExit` (``--help``: 0; a signal: 128 + its number).
+    Use it as ``sys.exit(run_cli(main))``."""
     try:
         return main(argv)
     except RunComplete as exc:
@@ -119,6 +122,11 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # what sys.exit("message") prints
+        return 1
 
 
 CONFIG_FILE = "config.json"
