@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
 # A tiny run of 2 epochs x 2 batches logs the running loss at every optimizer step (1..4) and
 # the epoch logs at each epoch's last step (2, 4); the image grid and the graph come at fit start.
-SCALAR_STEPS = {"train/running_loss": [1, 2, 3, 4], "epoch/loss": [2, 4], "epoch/val_loss": [2, 4]}
+SCALAR_STEPS = {"training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
 
 
 # ----------------------------------------------------------------------------------- helpers
