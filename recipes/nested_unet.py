@@ -210,15 +210,17 @@ class NestedUNetRecipe(Recipe):
 
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
         fixed, classes = parts.extras["fixed"], config["classes"]
-        tags = {"loss": "training loss", "val_loss": "validation loss", "val_iou": "IoU", "val_dice": "Dice",
-                "lr": "learning rate"}
+        # The tag scheme of trainer.callbacks.tags: `training loss` every 10 steps, `Loss/...` and
+        # `Validation/...` per epoch; the metrics get their usual names.
+        tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
         if len(classes) > 1:
-            tags.update({f"val_iou_{name}": f"IoU/{name}" for name in classes})
+            tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         return [
             TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
-            ImageGridCallback(run_dir, batch=fixed, num_images=8, classes=classes),
+            ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True),
             GraphCallback(run_dir, example=fixed[0][:2]),
-            PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes),
+            PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
+                                     stretch=True),
             ProgressBar(log_every=5),
         ]
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
 # A tiny run of 2 epochs x 2 batches logs the running loss at every optimizer step (1..4) and
 # the epoch logs at each epoch's last step (2, 4); the image grid and the graph come at fit start.
-SCALAR_STEPS = {"train/running_loss": [1, 2, 3, 4], "epoch/loss": [2, 4], "epoch/val_loss": [2, 4]}
+SCALAR_STEPS = {"training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -44,6 +44,13 @@ def get_text(url: str, route: str, **params: str) -> str:
 
 def get_json(url: str, route: str, **params: str):
     return json.loads(get_text(url, route, **params))
+
+
+def post_json(url: str, route: str, body: dict):
+    request = urllib.request.Request(f"{url.rstrip('/')}/{route}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read().decode())
 
 
 def poll_json(url: str, route: str, ready, **params: str):
@@ -156,12 +163,17 @@ def test_command_line_serves_scalars_images_and_graph(runs):
     assert "TensorFlow installation not found" not in stderr
 
 
-def test_start_serves_a_run_directory_and_stop_frees_the_port(runs):
+def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_port(runs):
     b = board.start(runs / "tiny")
     try:
         assert b.url == f"http://127.0.0.1:{b.port}/" and b.path == runs / "tiny" and b.running
-        assert poll_json(b.url, "data/runs", lambda d: "." in d) == ["."]  # the directory itself is the run
-        assert_scalars_served(b.url, ".")
+        assert poll_json(b.url, "data/runs", lambda d: "tiny" in d) == ["tiny"]  # not "."
+        assert_scalars_served(b.url, "tiny")
+        # The HParams tab's trial is the run, under the same name.
+        groups = post_json(b.url, "data/plugin/hparams/session_groups",
+                           {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
+                            "colParams": [], "startIndex": 0, "sliceSize": 10})
+        assert [group["name"] for group in groups["sessionGroups"]] == ["tiny"]
     finally:
         b.stop()
     b.stop()  # a second stop does nothing
@@ -172,6 +184,20 @@ def test_start_serves_a_run_directory_and_stop_frees_the_port(runs):
     with socket.socket() as sock:  # the listening socket is gone: the port can be bound again
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", b.port))
+
+
+def test_a_folder_of_runs_names_them_by_their_relative_paths(runs, tmp_path):
+    folder = tmp_path / "runs"
+    for name in ("nested_unet/a", "nested_unet/b", "fashion_mnist/a"):
+        (folder / name).mkdir(parents=True)
+        for source in (runs / "tiny").glob("events.out.tfevents.*"):
+            (folder / name / source.name).write_bytes(source.read_bytes())
+    with board.start(folder) as b:
+        expected = ["fashion_mnist/a", "nested_unet/a", "nested_unet/b"]
+        assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 3)) == expected
+    with board.start(folder / "nested_unet" / "b") as b:  # one of them alone: named after its folder
+        assert poll_json(b.url, "data/runs", lambda d: d) == ["b"]
+        assert "training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
 
 
 def test_start_on_a_given_port_and_as_a_context_manager(runs):

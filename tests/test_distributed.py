@@ -93,7 +93,7 @@ def test_a_rank_without_validation_batches_neither_hangs_nor_raises(tmp_path):
 def test_pr_curves_cover_every_ranks_validation_samples(two_ranks):
     events = EventAccumulator(str(two_ranks / "run"), size_guidance={"tensors": 0})
     events.Reload()
-    curve = events.Tensors("pr/a")[-1]
+    curve = events.Tensors("pr/0 a")[-1]
     counts = tensor_util.make_ndarray(curve.tensor_proto)  # rows: TP, FP, TN, FN, precision, recall
     assert counts[:4, 0].sum() == 13  # all validation samples, of both ranks' shards
 

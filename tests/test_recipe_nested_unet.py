@@ -43,12 +43,14 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_tag(tiny_run, capsys):
     tags = read(tiny_run).Tags()
-    assert {"training loss", "validation loss", "IoU", "Dice", "learning rate"} <= set(tags["scalars"])
+    assert set(tags["scalars"]) == {"Loss/training (epoch mean)", "Loss/validation", "Validation/IoU",
+                                    "Validation/Dice", "learning rate"}  # 4 steps: no running loss at 10
     assert {"images", "masks", "predictions vs. actuals"} <= set(tags["images"])
     assert tags["graph"]
     assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
     history = load_checkpoint(tiny_run / "last.pt")["history"]
-    assert [e.value for e in read(tiny_run).Scalars("IoU")] == pytest.approx([h["val_iou"] for h in history])
+    assert [e.value for e in read(tiny_run).Scalars("Validation/IoU")] == pytest.approx(
+        [h["val_iou"] for h in history])
 
 
 def test_summary_lines(tmp_path, capsys):
@@ -94,7 +96,7 @@ def test_resume_continues_at_next_epoch(tmp_path):
     assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epochs_done"] == 2 and len(state["history"]) == 2
-    steps = [e.step for e in read(run_dir).Scalars("training loss")]
+    steps = [e.step for e in read(run_dir).Scalars("Loss/training (epoch mean)")]
     assert steps == [2, 4]
 
 
@@ -264,9 +266,9 @@ def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_p
                 "--log-dir", str(run_dir)]) == 0
     events = read(run_dir)
     scalars = events.Tags()["scalars"]
-    assert {f"IoU/{name}" for name in CLASSES} <= set(scalars) and "IoU" in scalars
-    per_class = [events.Scalars(f"IoU/{name}")[-1].value for name in CLASSES]
-    assert events.Scalars("IoU")[-1].value == pytest.approx(sum(per_class) / 5, abs=1e-5)
+    assert {f"Validation/IoU/{name}" for name in CLASSES} <= set(scalars) and "Validation/IoU" in scalars
+    per_class = [events.Scalars(f"Validation/IoU/{name}")[-1].value for name in CLASSES]
+    assert events.Scalars("Validation/IoU")[-1].value == pytest.approx(sum(per_class) / 5, abs=1e-5)
     grid = events.Images("masks")[0]
     with Image.open(io.BytesIO(grid.encoded_image_string)) as image:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
@@ -275,7 +277,7 @@ def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_p
     for colour in class_colours(5) * 255:  # every class's fixed colour, in the masks or the legend
         assert (present - colour).abs().amax(1).min() <= 2
     figure = events.Images("predictions vs. actuals")[0]
-    assert figure.height == round((2.8 * 2 + 0.5) * 72)  # one row per validation image (2) and the legend
+    assert (figure.width, figure.height) == (480, 8 + 2 * 24 + 2 * 249 + 8)  # the legend, a row per image (2)
     state = load_checkpoint(run_dir / "last.pt")
     assert state["config"]["classes"] == CLASSES and state["model"]["final.weight"].shape[0] == 5
 

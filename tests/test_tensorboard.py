@@ -7,6 +7,7 @@ import os
 import warnings
 
 import matplotlib.pyplot as plt
+import matplotlib.text
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,6 +24,8 @@ from trainer.callbacks import (
     TensorBoardCallback,
 )
 from trainer.callbacks import tensorboard as tb
+from trainer.callbacks.images import BORDER
+from trainer.callbacks.tensorboard import stretch_contrast
 
 
 class TinyNet(nn.Module):
@@ -92,17 +95,30 @@ def event_files(run_dir):
     return glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
 
 
+EPOCH_TAGS = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation", "val_acc": "Validation/acc",
+              "lr": "learning rate"}
+
+
 def test_scalars_equal_history(tmp_path):
     trainer, history = fit([TensorBoardCallback(tmp_path, log_every=2)])
     acc = read(tmp_path)
     steps_per_epoch = 6
-    for key in ("loss", "val_loss", "val_acc", "lr"):
-        events = acc.Scalars(f"epoch/{key}")
+    for key, tag in EPOCH_TAGS.items():
+        events = acc.Scalars(tag)
         assert [e.step for e in events] == [steps_per_epoch * (i + 1) for i in range(len(history))]
         assert [e.value for e in events] == pytest.approx([h[key] for h in history], rel=1e-6)
-    running = acc.Scalars("train/running_loss")
+    running = acc.Scalars("training loss")
     assert [e.step for e in running] == [2, 4, 6, 8, 10, 12]
+    assert set(acc.Tags()["scalars"]) == {"training loss", *EPOCH_TAGS.values()}  # nothing else, no one-point values
     assert len(event_files(tmp_path)) == 1
+
+
+def test_epoch_tags_of_the_scheme():
+    from trainer.callbacks.tags import epoch_tag
+
+    assert [epoch_tag(k) for k in ("loss", "val_loss", "lr", "val_iou", "val_iou_cell", "grad_norm")] == [
+        "Loss/training (epoch mean)", "Loss/validation", "learning rate", "Validation/iou", "Validation/iou_cell",
+        "epoch/grad_norm"]
 
 
 def test_running_loss_is_mean_over_window(tmp_path):
@@ -113,25 +129,73 @@ def test_running_loss_is_mean_over_window(tmp_path):
             losses.append(outputs.loss.item())
 
     fit([Keep(), TensorBoardCallback(tmp_path, log_every=3)], epochs=1)
-    running = read(tmp_path).Scalars("train/running_loss")
+    running = read(tmp_path).Scalars("training loss")
     assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
 
 
-def test_custom_tags_overlay_chart_and_hparams(tmp_path):
-    callback = TensorBoardCallback(tmp_path, log_every=2, running_loss_tag="training loss",
-                                   tags={"loss": "training loss/epoch", "val_loss": "validation loss"},
-                                   hparams={"lr": 0.05, "batch_size": 4, "model": TinyNet}, monitor="val_acc",
-                                   mode="max")
-    _, history = fit([callback])
+def hparams_data(acc):
+    """The run's experiment and session-start info, as TensorBoard's HParams plugin parses them."""
+    from tensorboard.plugins.hparams import metadata
+
+    content = acc.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    return experiment, start
+
+
+def test_custom_tags_and_overlay_chart(tmp_path):
+    callback = TensorBoardCallback(tmp_path, log_every=2, running_loss_tag="running (loss)",
+                                   tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"})
+    fit([callback])
     acc = read(tmp_path)
-    assert {"training loss", "training loss/epoch", "validation loss", "epoch/val_acc"} <= set(acc.Tags()["scalars"])
+    assert set(acc.Tags()["scalars"]) == {"running (loss)", "Loss/train", "Loss/validation", "Validation/accuracy",
+                                          "learning rate"}
     raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     (chart,) = layout_pb2.Layout.FromString(raw).category[0].chart
-    assert list(chart.multiline.tag) == ["training loss/epoch", "validation loss"]
-    hparams = acc.PluginTagToContent("hparams")
-    assert b"batch_size" in hparams["_hparams_/session_start_info"]
-    assert acc.Scalars("hparams/best_val_acc")[0].value == pytest.approx(max(h["val_acc"] for h in history))
-    assert acc.Scalars("hparams/final_val_loss")[0].value == pytest.approx(history[-1]["val_loss"])
+    patterns = list(chart.multiline.tag)  # TensorBoard reads them as regular expressions
+    assert patterns == [r"^running\ \(loss\)$", r"^Loss/train$", r"^Loss/validation$"]
+    import re
+
+    assert [tag for tag in sorted(acc.Tags()["scalars"]) if any(re.search(p, tag) for p in patterns)] == [
+        "Loss/train", "Loss/validation", "running (loss)"]
+
+
+def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    hparams = {"seed": 3, "data": None, "deep_supervision": False, "arch": "NestedUNet", "classes": ["a", "b"],
+               "epochs": 2, "lr": 0.05, "optimizer": "adam", "model": TinyNet, "batch_size": 4, "precision": "32"}
+    callback = TensorBoardCallback(tmp_path, log_every=2, hparams=hparams, monitor="val_acc", mode="max")
+    _, history = fit([callback])
+    acc = read(tmp_path)
+    experiment, start = hparams_data(acc)
+    shown = [info.display_name for info in experiment.hparam_infos]
+    # TensorBoard orders them by stored name and shows the first five by default
+    assert sorted(experiment.hparam_infos, key=lambda info: info.name) == list(experiment.hparam_infos)
+    assert shown == ["lr", "epochs", "batch_size", "optimizer", "arch", "precision", "classes", "deep_supervision",
+                     "model", "seed"]  # main options first, then by name; None left out
+    types = {info.display_name: api_pb2.DataType.Name(info.type) for info in experiment.hparam_infos}
+    assert types["deep_supervision"] == "DATA_TYPE_BOOL" and types["lr"] == "DATA_TYPE_FLOAT64"
+    assert types["arch"] == types["classes"] == types["model"] == "DATA_TYPE_STRING"
+    values = {info.display_name: start.hparams[info.name] for info in experiment.hparam_infos}
+    assert values["deep_supervision"].WhichOneof("kind") == "bool_value" and not values["deep_supervision"].bool_value
+    assert values["classes"].string_value == "a, b" and values["epochs"].number_value == 2
+    # The metrics are the last values of the epoch curves: the monitored one first.
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert metrics == ["Validation/acc", "Loss/validation", "Loss/training (epoch mean)"]
+    assert acc.Scalars("Validation/acc")[-1].value == pytest.approx(history[-1]["val_acc"])
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("hparams/") or len(acc.Scalars(tag)) < 2]
+    assert len(acc.Tensors("_hparams_/session_start_info")) == 1
+
+
+def test_default_hparams_are_the_main_options(tmp_path):
+    fit([TensorBoardCallback(tmp_path)])
+    experiment, start = hparams_data(read(tmp_path))
+    assert [info.display_name for info in experiment.hparam_infos] == ["lr", "epochs", "batch_size", "optimizer",
+                                                                       "precision"]
+    assert {info.display_name: start.hparams[info.name].WhichOneof("kind") for info in experiment.hparam_infos} == {
+        "lr": "number_value", "epochs": "number_value", "batch_size": "number_value", "optimizer": "string_value",
+        "precision": "string_value"}
 
 
 def test_all_callbacks_share_one_event_stream(tmp_path, mocker):
@@ -157,7 +221,7 @@ def test_writer_closed_and_flushed_after_exception(tmp_path, mocker):
     with pytest.raises(RuntimeError):
         fit([TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), Boom()], epochs=3)
     assert closed.call_count == 1
-    assert [e.step for e in read(tmp_path).Scalars("epoch/loss")] == [6, 12]
+    assert [e.step for e in read(tmp_path).Scalars("Loss/training (epoch mean)")] == [6, 12]
 
 
 def test_writer_flushed_every_epoch_end(tmp_path):
@@ -166,7 +230,7 @@ def test_writer_flushed_every_epoch_end(tmp_path):
     class ReadBack(Callback):  # between epochs, what an outside reader (TensorBoard) finds on disk
         def on_epoch_start(self, trainer):
             if trainer.epoch:
-                seen.append(len(read(tmp_path).Scalars("epoch/loss")))
+                seen.append(len(read(tmp_path).Scalars("Loss/training (epoch mean)")))
 
     fit([TensorBoardCallback(tmp_path), ReadBack()], epochs=3)
     assert seen == [1, 2]
@@ -181,11 +245,43 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
     acc = read(tmp_path)
     images, masks = acc.Images("images"), acc.Images("masks")
     assert [e.step for e in images] == [0, 2, 4]
-    padding = 2
+    padding = 3
     assert (images[0].width, images[0].height) == (2 * 16 + 3 * padding, 2 * 16 + 3 * padding)
     assert len(masks) == 3
     grid = callback._grids["images"]
-    assert torch.allclose(grid[:, 2:18, 2:18], data.tensors[0][0], atol=1e-5)  # shown as the user sees it
+    assert torch.allclose(grid[:, 3:19, 3:19], data.tensors[0][0], atol=1e-5)  # shown as the user sees it
+
+
+def test_grid_tiles_are_framed_in_grey_so_masks_never_merge(tmp_path):
+    masks = torch.ones(4, 1, 8, 8)  # all foreground: with black padding, the tiles would be one white block
+    callback = ImageGridCallback(tmp_path, batch=(torch.rand(4, 3, 8, 8), masks), nrow=2)
+    fit([callback], model=TinySegNet(), data=seg_data(),
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+    grid = callback._grids["masks"]
+    assert grid.shape == (3, 2 * 8 + 3 * 3, 2 * 8 + 3 * 3)
+    between = grid[:, :, 11:14]  # the column between the two tiles of a row
+    assert torch.all(between == BORDER) and 0.2 < BORDER < 0.8
+    assert torch.all(grid[:, 3:11, 3:11] == 1.0)
+
+
+def test_contrast_stretch_brightens_dim_images_one_by_one(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    dim = 0.05 + 0.1 * torch.rand(2, 3, 16, 16, generator=g)  # a dim image: values 0.05-0.15
+    dim[1] = 0.5 + 0.4 * dim[1]  # a brighter, low-contrast one
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    stretched = stretch_contrast(torch.cat([dim, flat]))
+    for image in stretched[:2]:
+        low, high = torch.quantile(image.flatten(), torch.tensor([0.01, 0.99]))
+        assert low == pytest.approx(0.0, abs=1e-3) and high == pytest.approx(1.0, abs=1e-3)
+    assert torch.equal(stretched[2], flat[0])  # nothing to stretch
+    grid_run = ImageGridCallback(tmp_path, batch=(dim, (dim > 0.1).float()), stretch=True)
+    plain_run = ImageGridCallback(tmp_path / "plain", batch=(dim, (dim > 0.1).float()))
+    for callback in (grid_run, plain_run):
+        fit([callback], model=TinySegNet(), data=seg_data(),
+            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+    first_tile = (slice(None), slice(3, 19), slice(3, 19))  # the dim image
+    assert grid_run._grids["images"][first_tile].mean() > 3 * plain_run._grids["images"][first_tile].mean()
+    assert torch.equal(grid_run._grids["masks"], plain_run._grids["masks"])  # masks are never stretched
 
 
 def test_graph_has_layer_names_for_list_outputs_and_no_deprecation_noise(tmp_path, recwarn):
@@ -240,7 +336,53 @@ def test_segmentation_figures_every_epoch(tmp_path):
         loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
     figures = read(tmp_path).Images("predictions vs. actuals")
     assert [e.step for e in figures] == [2, 4]
-    assert (figures[0].width, figures[0].height) == (720, int(3 * 2.8 * 72))  # one row per sample
+    assert (figures[0].width, figures[0].height) == (480, 32 + 3 * 249 + 8)  # legend, one row per sample
+
+
+def visible_texts(fig):
+    return [text for text in fig.findobj(matplotlib.text.Text) if text.get_visible() and text.get_text()]
+
+
+@pytest.mark.parametrize("kind, count, classes", [("classification", 4, 10), ("segmentation", 4, 1),
+                                                   ("segmentation", 3, 5)])
+def test_figures_are_legible_at_tensorboards_card_width(kind, count, classes):
+    """TensorBoard scales an image to its card's width (about 340 px): the figure is 480 px wide,
+    two panels per row, and every text at least 10 px high on the card."""
+    from trainer.callbacks.figures import CARD_WIDTH, classification_figure, figure_to_array, segmentation_figure
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "classification":
+        probs = torch.rand(count, classes, generator=g).softmax(1)
+        fig = classification_figure(torch.rand(count, 1, 28, 28, generator=g), probs,
+                                    torch.arange(count) % classes, [f"class {i}" for i in range(classes)])
+        expected_height = 8 + 2 * (2 * 23 + 216 + 10) + 8  # margin, two rows (two-line titles, panel, gap), margin
+    else:
+        truth = torch.rand(count, classes, 64, 64, generator=g) > 0.5
+        fig = segmentation_figure(torch.rand(count, 3, 64, 64, generator=g), truth, ~truth,
+                                  [f"class {i}" for i in range(classes)])
+        legend = 8 + (1 if classes == 1 else 2) * 24  # one line: 3 overlay colours; two: 5 classes, 4 a line
+        expected_height = legend + count * (23 + 216 + 10) + 8  # rows: a title, the panels, a gap
+    pixels = figure_to_array(fig)
+    assert pixels.shape == (expected_height, 480, 3)
+    rows = {round(ax.get_position().y0, 4) for ax in fig.axes}
+    assert len(fig.axes) == (count if kind == "classification" else 2 * count) and len(rows) == len(fig.axes) // 2
+    texts = visible_texts(fig)
+    assert texts and all(t.get_fontsize() * fig.dpi / 72 * CARD_WIDTH / pixels.shape[1] >= 10 for t in texts)
+    renderer = fig.canvas.get_renderer()
+    for text in texts:  # nothing drawn outside the figure (the tutorial's title used to touch its top)
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= pixels.shape[1] and box.y0 >= 0 and box.y1 <= pixels.shape[0] - 2
+
+
+def test_segmentation_overlay_has_a_colour_legend():
+    from trainer.callbacks.figures import OVERLAY_COLOURS, segmentation_figure
+
+    truth = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    fig = segmentation_figure(torch.rand(1, 3, 8, 8), truth, truth)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["truth only", "prediction only", "both"]
+    colours = [tuple(patch.get_facecolor()[:3]) for patch in legend.get_patches()]
+    assert colours == list(OVERLAY_COLOURS.values()) == [(0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0)]
 
 
 def test_segmentation_figure_titles_hold_iou():
@@ -314,10 +456,9 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
 
     fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
-    assert [(tag, step) for tag, _, step in scalar_calls if tag == "train/running_loss"] == [
-        ("train/running_loss", 4)]
-    epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag.startswith("epoch/")]
-    assert epoch_tags == [("epoch/loss", 6), ("epoch/val_loss", 6), ("epoch/val_acc", 6), ("epoch/lr", 6)]
+    assert [(tag, step) for tag, _, step in scalar_calls if tag == "training loss"] == [("training loss", 4)]
+    epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag != "training loss"]
+    assert epoch_tags == [(tag, 6) for tag in EPOCH_TAGS.values()]
     # Writer activity changes only at the log point (step 4), not on other batches.
     counts = dict(calls_per_batch)
     assert counts[1] == counts[2] == counts[3] and counts[4] > counts[3] and counts[5] == counts[4]
@@ -348,13 +489,23 @@ def test_pr_curves_per_class_at_fit_end(tmp_path):
 
     trainer, _ = fit([PRCurveCallback(tmp_path, classes=["a", "b", "c"])])
     acc = read(tmp_path)
-    assert set(acc.PluginTagToContent("pr_curves")) == {"pr/a", "pr/b", "pr/c"}
-    events = acc.Tensors("pr/b")
+    assert set(acc.PluginTagToContent("pr_curves")) == {"pr/0 a", "pr/1 b", "pr/2 c"}
+    events = acc.Tensors("pr/1 b")
     assert [e.step for e in events] == [trainer.global_step]
     counts = torch.tensor(events[0].tensor_proto.float_val).reshape(6, -1)
     true_positives_at_zero, false_positives_at_zero = counts[0, 0], counts[1, 0]
     labels = image_data().tensors[1]
     assert true_positives_at_zero == (labels == 1).sum() and false_positives_at_zero == (labels != 1).sum()
+
+
+def test_pr_curve_tags_sort_in_class_order():
+    from trainer.callbacks.tags import pr_curve_tags
+
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    tags = pr_curve_tags(classes)
+    assert tags[0] == "pr/0 T-shirt/top" and tags[-1] == "pr/9 Ankle boot" and sorted(tags) == tags
+    eleven = pr_curve_tags([*classes, "Hat"])
+    assert eleven[0] == "pr/00 T-shirt/top" and eleven[-1] == "pr/10 Hat" and sorted(eleven) == eleven
 
 
 def test_pr_curves_skipped_after_exception(tmp_path, mocker):

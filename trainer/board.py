@@ -14,13 +14,23 @@ From Python or a notebook::
 The server is TensorBoard's own (`tensorboard.program.TensorBoard`), run in this process. It
 reads event files with the pure-Python loader (``--load_fast=false``), so nothing else is
 spawned, and `Board.stop` shuts the HTTP server down, frees its port and ends the reload loop.
+
+Runs are named as TensorBoard names them in a folder of runs, by their paths relative to it
+(``nested_unet/20261127-101500``). A single run directory (one that holds event files itself) is
+named after its folder (``20261127-101500``), in the legend, the tooltips and the HParams tab,
+rather than TensorBoard's ``.``: TensorBoard is pointed at a temporary folder holding one
+symbolic link to the run, named like it (``--logdir_spec`` would name it ``20261127-101500/.``).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -96,7 +106,7 @@ class Board:
             return
         server.shutdown()  # returns once serve_forever has left its loop
         server.server_close()
-        _end_reloading(self._ingester)
+        _end_reloading(self._ingester)  # its last reload may still read the run through the link
 
     def __enter__(self) -> Board:
         return self
@@ -116,8 +126,43 @@ def _end_reloading(ingester: Any) -> None:
         ingester._reload_interval = 0
 
 
+def holds_events(path: Path) -> bool:
+    """Whether `path` itself (not a folder below it) holds event files: it is a run."""
+    return any(p.is_file() for p in path.glob(EVENT_FILE_PATTERN))
+
+
+def run_name(path: str | os.PathLike) -> str:
+    """The name a single run directory gets: its folder's name."""
+    return Path(path).resolve().name or "run"
+
+
+def _link_run(root: Path) -> str | None:
+    """A temporary folder holding one symbolic link to the run `root`, named `run_name(root)`,
+    removed when the process exits; None where links cannot be made (the run is then named ``.``)."""
+    links = tempfile.mkdtemp(prefix="trainer-board-")
+    try:
+        os.symlink(root.resolve(), os.path.join(links, run_name(root)), target_is_directory=True)
+    except (OSError, NotImplementedError):
+        shutil.rmtree(links, ignore_errors=True)
+        return None
+    atexit.register(_remove_links, links)
+    return links
+
+
+def _remove_links(links: str | None) -> None:
+    if links is None or not os.path.isdir(links):
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(links):  # the link only, never what it points to
+            os.unlink(os.path.join(links, entry))
+        os.rmdir(links)
+
+
 def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1") -> Board:
     """Start TensorBoard on `path` in the background and return its `Board`.
+
+    A run directory is served as one run named after its folder; a folder of runs, as its runs,
+    named by their paths relative to it.
 
     Args:
         path: a run directory or a folder of runs; it must hold event files.
@@ -145,10 +190,11 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
         # Loading the default plugins imports a vendored html5lib that warns on import.
         warnings.simplefilter("ignore", DeprecationWarning)
         tensorboard = program.TensorBoard(server_class=make_server)
+    links = _link_run(root) if holds_events(root) else None
     tensorboard.configure(
         argv=[
             None,
-            "--logdir", os.fspath(root),
+            "--logdir", links or os.fspath(root),
             "--host", host,
             "--port", str(port or 0),  # 0: the OS picks a free port
             "--load_fast", "false",  # in-process loader: no data-server subprocess to manage
@@ -158,6 +204,7 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
         url = tensorboard.launch()
     except (program.TensorBoardServerException, OSError) as exc:
         _end_reloading(getattr(tensorboard, "_ingester", None))
+        _remove_links(links)
         reason = getattr(exc, "msg", None) or str(exc)
         raise OSError(f"TensorBoard could not serve {os.fspath(path)!r} on {host}:{port}: {reason}") from exc
     server = servers[-1]

@@ -13,7 +13,10 @@ from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
 from trainer.callbacks.palette import class_names, colour_masks
 from trainer.every import Every
-from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, take_batch
+from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
+
+#: The grey of the lines between tiles: neither the black background nor a white mask.
+BORDER = 0.5
 
 
 def is_mask_batch(targets: Any, images: torch.Tensor) -> bool:
@@ -24,17 +27,23 @@ def is_mask_batch(targets: Any, images: torch.Tensor) -> bool:
 class ImageGridCallback(TensorBoardWriterCallback):
     """Log a grid (`torchvision.utils.make_grid`) of the first `num_images` of a fixed batch.
 
-    Images are shown as the user sees them: the normalisation given by `mean`/`std` is undone.
-    For segmentation batches (targets are masks of the images' size) a grid of the masks is
-    logged too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in
-    its fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
+    Images are shown as the user sees them: the normalisation given by `mean`/`std` is undone
+    (and, with `stretch`, each image's contrast is stretched so that dim images show). Tiles are
+    separated by `padding` pixels of grey, so that neighbouring masks never merge. For
+    segmentation batches (targets are masks of the images' size) a grid of the masks is logged
+    too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in its
+    fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
     Logged at fit start, and every `every_n_epochs` epochs if set.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         batch: ``(images, targets)`` or an images tensor; default: the first validation batch
             (or training batch when there is no validation data).
+        nrow: tiles per row.
         classes: names of the mask classes, for the legend (default: ``class 0``, ...).
+        padding: width in pixels of the grey lines between and around tiles.
+        stretch: stretch each image's contrast (its 1st and 99th percentiles to black and
+            white); masks are never stretched.
     """
 
     def __init__(
@@ -49,8 +58,11 @@ class ImageGridCallback(TensorBoardWriterCallback):
         mask_tag: str = "masks",
         nrow: int = 8,
         classes: Sequence[str] | None = None,
+        padding: int = 3,
+        stretch: bool = False,
     ) -> None:
         super().__init__(log_dir)
+        self.padding, self.stretch = padding, stretch
         self._again = Every(every_n_epochs, "every_n_epochs")
         self.batch, self.num_images, self.mean, self.std = batch, num_images, mean, std
         self.every_n_epochs, self.tag, self.mask_tag, self.nrow = every_n_epochs, tag, mask_tag, nrow
@@ -60,16 +72,22 @@ class ImageGridCallback(TensorBoardWriterCallback):
     def on_fit_start(self, trainer) -> None:
         batch = take_batch(trainer, self.batch, self.num_images)
         images, targets = (batch, None) if isinstance(batch, torch.Tensor) else split_batch(batch)
-        self._grids = {self.tag: make_grid(denormalize(images, self.mean, self.std), nrow=self.nrow)}
+        shown = denormalize(images, self.mean, self.std)
+        if self.stretch:
+            shown = stretch_contrast(shown)
+        self._grids = {self.tag: self._grid(shown)}
         if is_mask_batch(targets, images):
             masks = targets.float().clamp(0, 1)
             if masks.shape[1] == 1:
-                self._grids[self.mask_tag] = make_grid(masks, nrow=self.nrow)
+                self._grids[self.mask_tag] = self._grid(masks)
             else:
-                grid = make_grid(colour_masks(masks), nrow=self.nrow)
+                grid = self._grid(colour_masks(masks))
                 self._grids[self.mask_tag] = image_with_legend(grid, class_names(self.classes, masks.shape[1]))
         if not self.resumed:
             self._write(trainer)
+
+    def _grid(self, images: torch.Tensor) -> torch.Tensor:
+        return make_grid(images, nrow=self.nrow, padding=self.padding, pad_value=BORDER)
 
     def on_epoch_end(self, trainer, logs) -> None:
         if self._again(trainer.epoch + 1):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from trainer.batch import last_output, split_batch
+from trainer.callbacks.tags import pr_curve_tags
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize
 from trainer.distributed import gather_to_rank_zero, is_rank_zero
 
@@ -21,7 +22,8 @@ class PRCurveCallback(TensorBoardWriterCallback):
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
-        classes: class names; each names its curve (prefixed by `tag_prefix`).
+        classes: class names; each names its curve, ``<tag_prefix><index> <name>`` (``pr/0
+            T-shirt/top``), so that TensorBoard lists the curves in class order.
         loader: ``(inputs, labels)`` batches; default: the validation loader of `fit`.
     """
 
@@ -48,9 +50,8 @@ class PRCurveCallback(TensorBoardWriterCallback):
         parts = [part for part in parts if len(part[0])]  # ranks whose shard was empty
         probabilities = torch.cat([p for p, _ in parts])
         labels = torch.cat([t for _, t in parts])
-        for index, name in enumerate(self.classes):
-            self.writer.add_pr_curve(f"{self.tag_prefix}{name}", labels == index, probabilities[:, index],
-                                     global_step=trainer.global_step)
+        for index, tag in enumerate(pr_curve_tags(self.classes, self.tag_prefix)):
+            self.writer.add_pr_curve(tag, labels == index, probabilities[:, index], global_step=trainer.global_step)
 
     @staticmethod
     def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import glob
 import os
-from numbers import Number
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from trainer.batch import head, move_to_device, peek_batch
 from trainer.board import EVENT_FILE_PATTERN
 from trainer.callback import Callback
-from trainer.callbacks.monitor import check_mode, check_monitor
+from trainer.callbacks import tags as scheme
+from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
+from trainer.callbacks.monitor import check_mode
 from trainer.distributed import is_rank_zero
 from trainer.every import Every
 from trainer.running import RunningLoss
@@ -117,28 +119,59 @@ def denormalize(images: torch.Tensor, mean: Any = None, std: Any = None) -> torc
     return images.clamp(0.0, 1.0)
 
 
+def stretch_contrast(images: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
+    """Per image, stretch (N, C, H, W) images in [0, 1] so that their `low` and `high` quantiles
+    (over all channels, so colours keep their balance) become 0 and 1: dim images become visible.
+    An image of one flat value is left as it is."""
+    flat = images.flatten(1).float()
+    if flat.shape[1] > 1 << 20:  # torch.quantile has a size limit; a strided sample estimates it well
+        flat = flat[:, :: flat.shape[1] // (1 << 20) + 1]
+    bounds = torch.quantile(flat, torch.tensor([low, high], dtype=flat.dtype), dim=1)
+    lo, hi = (bound.view(-1, *[1] * (images.dim() - 1)) for bound in bounds)
+    span = hi - lo
+    stretched = ((images - lo) / span.clamp(min=1e-6)).clamp(0.0, 1.0)
+    return torch.where(span > 1e-6, stretched, images)
+
+
 class TensorBoardCallback(TensorBoardWriterCallback):
-    """Scalars for TensorBoard: running training loss, per-epoch logs and the run's hparams.
+    """Scalars for TensorBoard: running training loss, per-epoch logs and the run's hparams,
+    under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
 
     - Every `log_every` optimizer steps: the mean training loss since the previous point,
-      under `running_loss_tag` (x axis: global step). Nothing is done between log points.
-    - Every epoch end: each value of the epoch's logs (loss, val_loss, val_<metric>, lr)
-      under ``tags.get(key, "epoch/<key>")``, at the global step, so one x axis serves all
-      curves. A "Custom Scalars" chart overlays training and validation loss.
+      under `running_loss_tag` (``training loss``; x axis: global step). Nothing is done
+      between log points.
+    - Every epoch end: each value of the epoch's logs at the global step, so one x axis serves
+      all curves: ``loss`` as ``Loss/training (epoch mean)``, ``val_loss`` as
+      ``Loss/validation``, ``val_<metric>`` as ``Validation/<metric>``, ``lr`` as
+      ``learning rate``; `tags` renames any of them (``{"val_iou": "Validation/IoU"}``).
+      A "Custom Scalars" chart overlays the running, epoch and validation losses.
     - At the end of the last epoch (or of a `fit` stopped before it): `hparams` (or, by default,
-      optimizer, learning rate, epochs and precision) with the final value of each logged key and
-      the best `monitor` value, for the HParams tab.
+      learning rate, epochs, batch size, optimizer, precision and scheduler) for the HParams
+      tab, with the options named in `main_hparams` first, and as its metrics the last value of
+      each epoch curve: `monitor`'s first, then the validation loss and metrics, then the
+      training loss. Nothing of it is written as a scalar: the Time Series tab holds curves only.
+
+    Args:
+        log_dir: the run directory (shared with the run's other TensorBoard callbacks).
+        log_every: optimizer steps between running-loss points.
+        running_loss_tag: the tag of the running loss.
+        tags: epoch log key -> tag, replacing the default of `trainer.callbacks.tags.epoch_tag`.
+        hparams: the run's options for the HParams tab (default: what the trainer knows).
+        monitor, mode: the value the run is judged by (``"min"`` or ``"max"`` is better, as for
+            `ModelCheckpoint`); its curve is the HParams tab's first metric.
+        main_hparams: the options shown first, in this order (`hparams.MAIN_HPARAMS`).
     """
 
     def __init__(
         self,
         log_dir: str | os.PathLike,
         log_every: int = 100,
-        running_loss_tag: str = "train/running_loss",
+        running_loss_tag: str = scheme.RUNNING_LOSS,
         tags: dict[str, str] | None = None,
         hparams: dict[str, Any] | None = None,
         monitor: str = "val_loss",
         mode: str = "min",
+        main_hparams: Sequence[str] = MAIN_HPARAMS,
     ) -> None:
         super().__init__(log_dir)
         check_mode(mode)
@@ -148,19 +181,20 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self.tags = dict(tags or {})
         self.hparams = hparams
         self.monitor, self.mode = monitor, mode
+        self.main_hparams = tuple(main_hparams)
         self._running = RunningLoss()
         self._hparams_step: int | None = None
 
     def tag(self, key: str) -> str:
         """The TensorBoard tag of an epoch log key."""
-        return self.tags.get(key, f"epoch/{key}")
+        return self.tags.get(key) or scheme.epoch_tag(key)
 
     def on_fit_start(self, trainer) -> None:
         self._hparams_step = None
         if not self.resumed:
-            self.writer.add_custom_scalars(
-                {"losses": {"training and validation loss": ["Multiline", [self.tag("loss"), self.tag("val_loss")]]}}
-            )
+            losses = [self.running_loss_tag, self.tag("loss"), self.tag("val_loss")]
+            self.writer.add_custom_scalars({"losses": {
+                "training and validation loss": ["Multiline", [f"^{re.escape(tag)}$" for tag in losses]]}})
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         if self._log_point(trainer.global_step):
@@ -182,36 +216,28 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         if trainer.history and trainer.global_step > trainer.start_step and self._hparams_step != trainer.global_step:
             self._write_hparams(trainer)
 
+    def metric_tags(self, keys: Sequence[str]) -> list[str]:
+        """The HParams tab's metrics among the epoch log `keys`: `monitor`, the validation loss,
+        the other validation metrics, then the training loss (the first five show by default)."""
+        ordered = [self.monitor, "val_loss", *sorted(k for k in keys if k.startswith("val_")), "loss"]
+        return [self.tag(key) for key in dict.fromkeys(ordered) if key in keys]
+
     def _write_hparams(self, trainer) -> None:
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)
-        final = trainer.history[-1]
-        metrics = {f"hparams/final_{key}": value for key, value in final.items()}
-        if self.monitor in final:
-            pick = min if self.mode == "min" else max
-            best = pick(check_monitor("TensorBoardCallback", self.monitor, logs) for logs in trainer.history)
-            metrics[f"hparams/best_{self.monitor}"] = best
-        experiment, start, end = hparams_summaries(_plain(hparams), metrics)
-        for summary in (experiment, start, end):  # in this run's own stream (add_hparams would make a sub-run)
+        summaries = hparams_summaries(hparams, self.metric_tags(list(trainer.history[-1])), self.main_hparams)
+        for summary in summaries:  # in this run's own stream (add_hparams would make a sub-run)
             self.writer.file_writer.add_summary(summary, trainer.global_step)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, trainer.global_step)
         self._hparams_step = trainer.global_step
 
 
 def default_hparams(trainer) -> dict[str, Any]:
     """What the trainer knows of a run's hyperparameters."""
     group = trainer.optimizer.param_groups[0]
-    hparams = {
-        "optimizer": type(trainer.optimizer).__name__,
-        "lr": group.get("initial_lr", group["lr"]),
-        "max_epochs": trainer.max_epochs,
-        "precision": trainer.precision,
-    }
+    hparams = {"lr": group.get("initial_lr", group["lr"]), "epochs": trainer.max_epochs}
+    batch_size = getattr(trainer.train_loader, "batch_size", None)
+    if isinstance(batch_size, int):
+        hparams["batch_size"] = batch_size
+    hparams.update(optimizer=type(trainer.optimizer).__name__, precision=trainer.precision)
     if trainer.scheduler is not None:
         hparams["scheduler"] = type(trainer.scheduler).__name__
     return hparams
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    """HParams accept numbers, strings and booleans: show anything else as text."""
-    return {key: value if isinstance(value, (Number, str, bool)) else str(value) for key, value in values.items()}

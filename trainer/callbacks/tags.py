@@ -1,0 +1,43 @@
+"""The TensorBoard tag scheme every callback and recipe follows (README, "TensorBoard tags").
+
+- ``training loss``: the mean training loss over the last `log_every` optimizer steps (the
+  running loss of the PyTorch TensorBoard tutorial, whose name it keeps).
+- ``Loss/training (epoch mean)`` and ``Loss/validation``: the epoch's training and validation loss.
+- ``Validation/<metric>``: each validation metric at each epoch's end (``Validation/IoU``,
+  ``Validation/accuracy``; one class's IoU: ``Validation/IoU/<class>``).
+- ``learning rate``: the optimizer's learning rate after the scheduler's step, per epoch.
+- images: ``images`` and ``masks`` (grids), ``predictions vs. actuals`` (figure); PR curves:
+  ``pr/<index> <class>``.
+
+TensorBoard's Time Series sorts cards by tag (capitals before lower case) and groups them by the
+part before the first ``/``; it opens the first two groups. The two capitalised groups, ``Loss``
+and ``Validation``, therefore open first, whatever the other (lower-case) tags are called.
+The summary of a finished run (its options and the last value of each curve) is in the HParams
+tab only, never as a one-point scalar chart.
+"""
+
+from __future__ import annotations
+
+#: The running training loss, every `log_every` steps.
+RUNNING_LOSS = "training loss"
+#: The epoch-end values of the trainer's logs that are not validation metrics.
+EPOCH = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation", "lr": "learning rate"}
+#: The group of the validation metrics: ``val_<name>`` is logged as ``Validation/<name>``.
+VALIDATION = "Validation/"
+
+
+def epoch_tag(key: str) -> str:
+    """The tag of an epoch log key: ``loss``, ``val_loss`` and ``lr`` as in `EPOCH`,
+    ``val_<metric>`` as ``Validation/<metric>``, anything else as ``epoch/<key>``."""
+    if key in EPOCH:
+        return EPOCH[key]
+    if key.startswith("val_"):
+        return VALIDATION + key[len("val_"):]
+    return f"epoch/{key}"
+
+
+def pr_curve_tags(classes: list[str], prefix: str = "pr/") -> list[str]:
+    """One PR-curve tag per class, numbered so that TensorBoard lists them in class order:
+    ``pr/0 T-shirt/top`` ... (zero-padded from 10 classes on)."""
+    width = len(str(len(classes) - 1)) if classes else 1
+    return [f"{prefix}{index:0{width}d} {name}" for index, name in enumerate(classes)]
