@@ -5,6 +5,7 @@ from models.cnn import CNN, FashionCNN
 from models.losses import BCEDiceLoss, DeepSupervisionLoss
 from models.metrics import accuracy, class_iou, dice, iou
 from models.nested_unet import NestedUNet
+from models.predict import predict_batch, predict_image
 from models.unet import UNet
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "dice",
     "iou",
     "nearest_multiple",
+    "predict_batch",
+    "predict_image",
 ]

@@ -3,7 +3,7 @@
     python -m recipes.nested_unet                      # built-in synthetic nuclei, under 3 min on 2 CPU cores
     python -m recipes.nested_unet --data inputs/dsb2018_96 --epochs 100 --image-size 96
     python -m recipes.nested_unet --resume runs/nested_unet/20261127-101500
-    python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR
+    python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR   # see predict --help
 
 `--data` takes the folder layout <root>/images/<id>.png with <root>/masks/<class>/<id>.png
 (or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders.
@@ -12,20 +12,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainer_datasets import SyntheticNuclei, is_image_file, read_image_rgb, split_segmentation, write_png_file
+from trainer_datasets import SyntheticNuclei, split_segmentation
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, fraction,
                             non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from recipes.prediction import (add_prediction_options, check_images, check_prediction_options, inference_precision,
+                                predict_folder)
 from trainer import Callback, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
@@ -90,13 +92,17 @@ def build_predict_parser() -> argparse.ArgumentParser:
         prog="python -m recipes.nested_unet predict",
         description="Write a probability map and a binary mask PNG per image, at the image's own size: "
                     "<out>/<id>_prob.png and <out>/<id>_mask.png, or with several classes "
-                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png.",
+                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png. Images of any size, grey, RGB or "
+                    "RGBA, 8 or 16 bits, are predicted at the scale the checkpoint was trained at (--scale), "
+                    "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
+                    "first: unreadable files are all named in one error and nothing is written.",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
     parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add_prediction_options(parser)
     return parser
 
 
@@ -230,62 +236,71 @@ def train(argv: list[str] | None) -> int:
     return NestedUNetRecipe().train(argv)
 
 
-def predict(argv: list[str]) -> int:
-    """Write probability maps and masks for a folder of images; returns the exit code."""
-    args = build_predict_parser().parse_args(argv)
+def load_trained_model(checkpoint: str | os.PathLike,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of a checkpoint of this recipe and the run's configuration.
+
+    The network has the checkpoint's weights, sits on `device` in eval mode, and is channels-last
+    if the run trained so. Its configuration holds ``image_size`` (None: trained at the images'
+    own resolution), ``classes``, ``precision`` and the other options of the run. A missing or
+    unreadable file, or one that is not a checkpoint of this recipe, is a `UsageError`.
+
+    Args:
+        checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a run of this recipe.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a `torch.device`.
+    """
     try:
-        state = load_checkpoint(args.checkpoint)
-        device = resolve_device(args.device)
+        state = load_checkpoint(checkpoint)
+        device = resolve_device(device)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     config = state.get("config") or {}
     if "arch" not in config:
-        raise UsageError(f"{args.checkpoint!r} is not a checkpoint of this recipe (it has no configuration)")
-    images_dir, out = Path(args.images), Path(args.out)
-    if not images_dir.is_dir():
-        raise UsageError(f"--images {args.images!r}: no such folder")
-    paths = sorted(p for p in images_dir.iterdir() if is_image_file(p))
-    if not paths:
-        raise UsageError(f"--images {args.images!r} holds no .png, .jpg or .tif images")
+        raise UsageError(f"{str(checkpoint)!r} is not a checkpoint of this recipe (it has no configuration)")
     if not config.get("classes"):
-        raise UsageError(f"{args.checkpoint!r} records no mask classes; it was written by an older version of this "
+        raise UsageError(f"{str(checkpoint)!r} records no mask classes; it was written by an older version of this "
                          "recipe: train it again with this one")
-    classes = config["classes"]
-    model = build_model(config, num_classes=len(classes))
+    model = build_model(config, num_classes=len(config["classes"]))
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    size = config["image_size"]
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        for path in paths:
-            try:
-                image = read_image_rgb(path).float() / 255.0
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise UsageError(str(exc)) from None
-            height, width = image.shape[-2:]
-            if size is None:  # trained at the images' own resolution: predict at it too
-                pad_h, pad_w = -height % 16, -width % 16
-                inputs = F.pad(image[None].to(device), (0, pad_w, 0, pad_h), mode="reflect")
-            else:
-                inputs = F.interpolate(image[None].to(device), size=(size, size), mode="bilinear", antialias=True,
-                                       align_corners=False)
-            output = model(inputs)
-            logits = output[-1] if isinstance(output, list) else output
-            if size is None:
-                probability = logits.float().sigmoid()[0, :, :height, :width].cpu()
-            else:
-                probability = F.interpolate(logits.float().sigmoid(), size=(height, width), mode="bilinear",
-                                            align_corners=False)[0].cpu()
-            for c, name in enumerate(classes):
-                prob = (probability[c:c + 1] * 255).round().to(torch.uint8)
-                mask = (probability[c:c + 1] > args.threshold).to(torch.uint8) * 255
-                if len(classes) == 1:
-                    write_png_file(prob, out / f"{path.stem}_prob.png")
-                    write_png_file(mask, out / f"{path.stem}_mask.png")
-                else:  # the training layout: one folder per class
-                    write_png_file(prob, out / name / f"{path.stem}_prob.png")
-                    write_png_file(mask, out / name / f"{path.stem}.png")
-    print(f"wrote {len(paths)} probability maps and masks to {out}")
+    if config.get("channels_last") is True:
+        model.to(memory_format=torch.channels_last)
+    return model, config
+
+
+def predict(argv: list[str]) -> int:
+    """Write probability maps and masks for a folder of images; returns the exit code."""
+    args = build_predict_parser().parse_args(argv)
+    check_prediction_options(args)
+    model, config = load_trained_model(args.checkpoint, args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file, not a folder")
+    if out.resolve() == Path(args.images).resolve():
+        raise UsageError("--out must not be the --images folder: its outputs would be read as images next time")
+    files = check_images(args.images)
+
+    if args.image_size is not None:
+        image_size, scale = args.image_size, f"every image resized to {args.image_size}x{args.image_size} (--image-size)"
+    elif args.scale == "native" or config["image_size"] is None:
+        image_size, scale = None, "each image at its own resolution"
+        scale += " (--scale native)" if config["image_size"] is not None else ", as the run trained"
+    else:
+        image_size = config["image_size"]
+        scale = (f"every image resized to {image_size}x{image_size}, as the run trained (--scale native: each "
+                 f"image at its own resolution)")
+    device = next(model.parameters()).device
+    precision, reason = inference_precision(config, device)
+    channels_last = config.get("channels_last") is True
+    print(f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
+          f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}", flush=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from None
+    predict_folder(model, files, out, config["classes"], image_size, tile=args.tile, overlap=args.overlap,
+                   precision=precision, channels_last=channels_last, threshold=args.threshold)
+    print(f"wrote {len(files)} probability maps and masks to {out}")
     return 0
 
 

@@ -245,6 +245,15 @@ def _choose_cuda(device: torch.device, precision: str, channels_last: bool | str
     return PrecisionChoice(precision, channels_last, "; ".join(reasons))
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 in hardware: a CPU with AVX512-BF16, AMX or Arm BF16, or a
+    CUDA GPU of compute capability 8.0 (Ampere) or later."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_native_bf16(device)
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def _cuda_native_bf16(device: torch.device) -> bool:
     with torch.cuda.device(device):
         try:

@@ -1,0 +1,211 @@
+"""The segmentation recipe's ``predict`` command: check a folder of images, predict them at the
+scale the model learned (large ones in blended tiles, same-sized ones batched) and write a
+probability map and a mask per image and class."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.blocks import SIDE_MULTIPLE, nearest_multiple
+from models.predict import (DEFAULT_OVERLAP, DEFAULT_TILE, count_windows, default_overlap, predict_batch, restore_size,
+                            to_model_input)
+from recipes.common import UsageError, non_negative_int, positive_int
+from trainer.precision import native_bf16
+from trainer_datasets import DatasetError, is_image_file, read_image_rgb, write_png_file
+
+#: Errors the image reader raises for a file it cannot use.
+READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image to predict: its file and its own size."""
+
+    path: Path
+    height: int
+    width: int
+
+    @property
+    def id(self) -> str:
+        """The file name without its extension: the outputs are named after it."""
+        return self.path.stem
+
+
+def add_prediction_options(parser: argparse.ArgumentParser) -> None:
+    """Add the scale (``--scale``, ``--image-size``) and tiling (``--tile``, ``--overlap``) options."""
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--scale", choices=["trained", "native"], default="trained",
+                       help="trained: the scale the checkpoint was trained at (each image at its own resolution "
+                            "if the run had no --image-size, else resized to its --image-size square, as "
+                            "training resized); native: each image at its own resolution (default: %(default)s)")
+    scale.add_argument("--image-size", type=positive_int, metavar="N",
+                       help="resize every image to N x N (bilinear, antialiased) instead")
+    parser.add_argument("--tile", type=positive_int, default=DEFAULT_TILE, metavar="N",
+                        help="largest side the network sees at once, a multiple of 16: larger images are "
+                             "predicted in overlapping N x N tiles blended without seams, which bounds memory "
+                             "(a 512 tile: under 1 GB for NestedUNet on the CPU) (default: %(default)s)")
+    parser.add_argument("--overlap", type=non_negative_int, metavar="PX",
+                        help="least overlap of neighbouring tiles in pixels, below --tile: of each overlap, the "
+                             "quarter next to a tile's edge is dropped and the next quarter fades in (default: "
+                             f"{DEFAULT_OVERLAP}, beyond the U-Nets' 110-pixel receptive-field radius, or half a "
+                             f"--tile below {2 * DEFAULT_OVERLAP})")
+
+
+def check_prediction_options(args: argparse.Namespace) -> None:
+    """Option checks that need no files: ``--tile`` a multiple of 16, ``--overlap`` below it (set
+    to `default_overlap` of the tile when not given)."""
+    if args.tile % SIDE_MULTIPLE:
+        raise UsageError(f"--tile {args.tile} is not a multiple of {SIDE_MULTIPLE}; try {nearest_multiple(args.tile)}")
+    if args.overlap is None:
+        args.overlap = default_overlap(args.tile)
+    if args.overlap >= args.tile:
+        raise UsageError(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
+
+
+def check_images(folder: str) -> list[ImageFile]:
+    """Decode every image file in `folder` (sorted by name; hidden files and other extensions are
+    left out) and return their sizes.
+
+    Nothing is kept in memory but the sizes. Every problem goes into one `UsageError`: a
+    missing folder, no images, each file that cannot be decoded (named, with the reason) and
+    ids (file names without extension) that two files share, since the outputs are named by id.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"--images {folder!r}: no such folder")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    if not paths:
+        raise UsageError(f"--images {folder!r} holds no .png, .jpg or .tif images")
+    files, problems, seen = [], [], {}
+    for path in paths:
+        if path.stem in seen:
+            problems.append(f"{seen[path.stem].name} and {path.name} share the id {path.stem!r} that names the outputs")
+            continue
+        seen[path.stem] = path
+        try:
+            image = read_image_rgb(path)
+        except READ_ERRORS as exc:
+            problems.append(str(exc))
+            continue
+        files.append(ImageFile(path, image.shape[-2], image.shape[-1]))
+    if problems:
+        raise UsageError(f"{len(problems)} of the {len(paths)} images in {folder} cannot be predicted, nothing "
+                         f"written: " + "; ".join(problems))
+    return files
+
+
+def inference_precision(config: dict[str, Any], device: torch.device) -> tuple[str, str]:
+    """``(precision, reason)`` of the forward passes: the run's training precision where this
+    device computes it natively, else float32.
+
+    bf16 autocast runs only for runs trained in bf16 on a device with native bf16 (elsewhere it
+    would be emulated, many times slower); float16 autocast only for runs trained with it, on
+    CUDA; all others predict in float32.
+    """
+    trained = config.get("precision", "32")
+    if trained == "bf16":
+        if native_bf16(device):
+            return "bf16", "bf16 autocast, as the run trained"
+        return "32", f"float32: the run trained in bf16, which this {device.type.upper()} does not compute natively"
+    if trained == "16-mixed":
+        if device.type == "cuda":
+            return "16-mixed", "float16 autocast, as the run trained"
+        return "32", "float32: the run trained with float16 autocast, which pays only on a GPU"
+    return "32", "float32, as the run trained"
+
+
+def model_side(file: ImageFile, image_size: int | None) -> tuple[int, int]:
+    """The (height, width) the model sees `file` at."""
+    return (image_size, image_size) if image_size is not None else (file.height, file.width)
+
+
+def batches(files: list[ImageFile], image_size: int | None, tile: int) -> list[list[ImageFile]]:
+    """`files` in batches of one size at the model's scale, each of at most ``tile * tile``
+    pixels (at least one image), in the order of first appearance of each size."""
+    groups: dict[tuple[int, int], list[ImageFile]] = {}
+    for file in files:
+        groups.setdefault(model_side(file, image_size), []).append(file)
+    result = []
+    for (height, width), group in groups.items():
+        padded = (height + -height % SIDE_MULTIPLE) * (width + -width % SIDE_MULTIPLE)
+        size = max(1, tile * tile // padded)
+        result.extend(group[i:i + size] for i in range(0, len(group), size))
+    return result
+
+
+def predict_folder(
+    model: nn.Module,
+    files: list[ImageFile],
+    out: Path,
+    classes: list[str],
+    image_size: int | None,
+    tile: int = DEFAULT_TILE,
+    overlap: int | None = None,
+    precision: str = "32",
+    channels_last: bool = False,
+    threshold: float = 0.5,
+) -> None:
+    """Predict `files` and write each one's probability maps and masks into `out` (see
+    `write_prediction`), with a tqdm bar counting tiles.
+
+    Args:
+        model: the trained network, on its device (channels-last already if `channels_last`).
+        files: the images, as `check_images` returns them.
+        out: the output folder (created if missing).
+        classes: the class names, one per model output channel.
+        image_size: None predicts each image at its own resolution, N resizes it to N x N.
+        tile: largest side of a forward pass (see `models.predict.predict_batch`).
+        overlap: least overlap of neighbouring tiles.
+        precision: ``"32"``, ``"bf16"`` or ``"16-mixed"`` autocast.
+        channels_last: feed channels-last inputs.
+        threshold: probability above which a pixel is foreground in the mask.
+    """
+    work = batches(files, image_size, tile)
+    total = sum(count_windows(*model_side(file, image_size), tile, overlap) for file in files)
+    with tqdm(total=total, unit="tile", desc=f"{len(files)} image{'' if len(files) == 1 else 's'}") as bar:
+        for batch in work:
+            images = []
+            for file in batch:
+                try:
+                    images.append(to_model_input(read_image_rgb(file.path), image_size))
+                except READ_ERRORS as exc:  # changed since it was checked
+                    raise UsageError(str(exc)) from None
+            probabilities = predict_batch(model, torch.stack(images), tile=tile, overlap=overlap,
+                                          precision=precision, channels_last=channels_last, progress=bar.update)
+            for file, probability in zip(batch, probabilities):
+                write_prediction(restore_size(probability, (file.height, file.width)), out, file.id, classes,
+                                 threshold)
+
+
+def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str],
+                     threshold: float) -> None:
+    """Write one image's probability maps (0-255) and masks (0/255) as grey PNGs.
+
+    One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
+    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``.
+
+    Args:
+        probabilities: float (K, H, W) in [0, 1], K = ``len(classes)``.
+        out: the output folder.
+        image_id: the image's file name without extension.
+        classes: the class names.
+        threshold: probability above which a pixel is foreground.
+    """
+    probabilities = probabilities.cpu()
+    for index, name in enumerate(classes):
+        channel = probabilities[index:index + 1]
+        prob = channel.mul(255).round_().to(torch.uint8)
+        mask = (channel > threshold).to(torch.uint8) * 255
+        if len(classes) == 1:
+            write_png_file(prob, out / f"{image_id}_prob.png")
+            write_png_file(mask, out / f"{image_id}_mask.png")
+        else:
+            write_png_file(prob, out / name / f"{image_id}_prob.png")
+            write_png_file(mask, out / name / f"{image_id}.png")
