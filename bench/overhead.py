@@ -4,9 +4,11 @@
 
 Variants, run interleaved in one process, medians of `--repeats` runs: a plain loop; the
 Trainer without callbacks; with ProgressBar; with the four TensorBoard callbacks at their
-default frequencies. Model: the tutorial CNN on 1x28x28 inputs (one Fashion-MNIST epoch is 938
-batches of 64). Floors: Trainer within 1.03x of the plain loop, with ProgressBar within 1.05x,
-with the TensorBoard callbacks within 1.05x of the Trainer without callbacks.
+default frequencies; with what a long run adds (`TensorBoardCallback`'s running loss and
+throughput, a `CSVLogger` and `ModelCheckpoint(every_n_steps=500)`). Model: the tutorial CNN on
+1x28x28 inputs (one Fashion-MNIST epoch is 938 batches of 64). Floors: Trainer within 1.03x of
+the plain loop, with ProgressBar within 1.05x, with the TensorBoard callbacks and with the
+long-run set each within 1.05x of the Trainer without callbacks.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from bench.common import add_threads_option, apply_threads, interleaved, print_r
 from models.cnn import FashionCNN
 from trainer import Trainer
 from trainer.callbacks import (
+    CSVLogger,
     GraphCallback,
     ImageGridCallback,
+    ModelCheckpoint,
     PredictionFigureCallback,
     ProgressBar,
     TensorBoardCallback,
@@ -79,17 +83,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return [TensorBoardCallback(run_dir), ImageGridCallback(run_dir), GraphCallback(run_dir),
                 PredictionFigureCallback(run_dir)]
 
+    def long_run_callbacks():
+        run_dir = os.path.join(logs, f"run{next(run_count)}")
+        return [TensorBoardCallback(run_dir), CSVLogger(os.path.join(run_dir, "metrics.csv")),
+                ModelCheckpoint(run_dir, monitor="loss", every_n_steps=500)]
+
     medians = interleaved({
         "plain loop": plain_loop,
         "Trainer": with_trainer(list),
         "Trainer + ProgressBar": with_trainer(lambda: [ProgressBar(file=devnull)]),
         "Trainer + TensorBoard x4": with_trainer(tensorboard_callbacks),
+        "Trainer + throughput, CSV, step checkpoints": with_trainer(long_run_callbacks),
     }, repeats=args.repeats)
     print(f"{args.steps} steps of batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print_ratios(medians, "plain loop", work=len(images))
     tb_ratio = medians["Trainer + TensorBoard x4"] / medians["Trainer"]
     print(f"TensorBoard x4 vs Trainer without callbacks: {tb_ratio:.3f}x")
+    long_ratio = medians["Trainer + throughput, CSV, step checkpoints"] / medians["Trainer"]
+    print(f"throughput, CSV and step checkpoints every 500 vs Trainer without callbacks: {long_ratio:.3f}x")
     return medians
 
 

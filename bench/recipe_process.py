@@ -7,6 +7,7 @@ can see (its progress bar on stderr, a file in its run directory), then stop it.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -34,7 +35,11 @@ class RecipeProcess:
         command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
         self.timeout = timeout
         self.started = time.monotonic()
-        self.process = subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # This checkout's packages first (trainer_datasets lives in datasets/), installed or not.
+        paths = [str(ROOT), str(ROOT / "datasets"), os.environ.get("PYTHONPATH")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
+        self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
         self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
         self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
                          for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]

@@ -13,14 +13,18 @@ time to the next milestone in an uninterrupted reference run, drawn from `random
   the run.
 - SIGKILL during a checkpoint write: the run is killed as soon as the temporary file of ``best.pt``
   or ``last.pt`` (random) of a random epoch appears, then resumed.
+- SIGKILL inside an epoch with step checkpoints: a run with ``--checkpoint-every 3 --val-every 4``
+  (8 steps per epoch) killed at a random moment of a random epoch, then resumed: it continues at
+  the batch after its last step checkpoint. Compared with its own uninterrupted reference.
 - SIGKILL before the first checkpoint: killed at a random moment between the run directory's
   ``config.json`` and the first checkpoint write (at the latest as that write begins), then
   resumed: it starts over from ``config.json``.
 
 Each finished run is compared with an uninterrupted reference run of the same configuration:
 ``last.pt`` and ``best.pt`` must be equal value for value (every tensor bit-identical), and every
-TensorBoard scalar curve (read with TensorBoard's own reader, which applies purges) must be equal,
-with no scalar or image tag logged twice at one step.
+TensorBoard scalar curve (read with TensorBoard's own reader, which applies purges) must be equal
+(the throughput, a wall-clock rate, at the same steps), with no scalar or image tag logged twice at
+one step, and ``metrics.csv`` must be equal.
 
 Bad input (deterministic, run once each): the command must exit with 2, print one line naming the
 fault, and write nothing.
@@ -54,12 +58,20 @@ from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer.checkpoint import load_checkpoint
 
 TIMEOUT = 600.0  # upper bound of every wait
+TIMED_TAGS = {"throughput (samples/s)"}  # wall-clock values: only their steps must match
 
 
 def tiny_config(arch: str, epochs: int) -> list[str]:
     """The recipe options of every interrupted run: a few seconds of training on the CPU."""
     return ["--arch", arch, "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
             "--epochs", str(epochs), "--precision", "32", "--channels-last", "off", "--seed", "2", "--device", "cpu"]
+
+
+def mid_epoch_config(arch: str, epochs: int) -> list[str]:
+    """`tiny_config` with 8 steps per epoch, a step checkpoint every 3 and a validation every 4."""
+    config = tiny_config(arch, epochs)
+    config[config.index("--train-samples") + 1] = "32"
+    return [*config, "--checkpoint-every", "3", "--val-every", "4"]
 
 
 class Run(RecipeProcess):
@@ -135,13 +147,16 @@ def compare_with_reference(run_dir: Path, reference: Path) -> list[str]:
         problems.append(f"scalar tags differ: {sorted(events.Tags()['scalars'])}")
     for tag in expected.Tags()["scalars"]:
         if tag in events.Tags()["scalars"]:
-            points = [(e.step, e.value) for e in events.Scalars(tag)]
-            if points != [(e.step, e.value) for e in expected.Scalars(tag)]:
+            points = [(e.step, None if tag in TIMED_TAGS else e.value) for e in events.Scalars(tag)]
+            if points != [(e.step, None if tag in TIMED_TAGS else e.value) for e in expected.Scalars(tag)]:
                 problems.append(f"scalar curve {tag!r} differs: {points}")
     for tag in expected.Tags()["images"]:
         steps = [e.step for e in events.Images(tag)] if tag in events.Tags()["images"] else []
         if steps != [e.step for e in expected.Images(tag)]:
             problems.append(f"image {tag!r} logged at steps {steps}")
+    csv, expected_csv = run_dir / "metrics.csv", reference / "metrics.csv"
+    if not csv.is_file() or csv.read_text() != expected_csv.read_text():
+        problems.append("metrics.csv differs")
     return problems
 
 
@@ -170,9 +185,9 @@ def milestones(run: Run, run_dir: Path, epochs: int) -> dict[str, Callable[[], b
     }
 
 
-def run_reference(root: Path, config: list[str], epochs: int) -> Reference:
-    """Run the configuration uninterrupted, timing its milestones."""
-    run_dir = root / "reference"
+def run_reference(root: Path, config: list[str], epochs: int, name: str = "reference") -> Reference:
+    """Run the configuration uninterrupted in ``root / name``, timing its milestones."""
+    run_dir = root / name
     run = Run([*config, "--log-dir", str(run_dir)])
     conditions = milestones(run, run_dir, epochs)
     seen: dict[str, float] = {}
@@ -311,6 +326,29 @@ def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Referenc
         if last["epochs_done"] != epoch - 1 or load_checkpoint(run_dir / "best.pt")["epochs_done"] not in allowed:
             return Trial(False, [*notes, "last.pt and best.pt disagree after the kill"])
     return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+
+
+def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                         epochs: int) -> Trial:
+    """SIGKILL at a random moment of a random epoch of a run with step checkpoints, then finish.
+
+    The note says where the last checkpoint was: inside an epoch (the resume starts at its next
+    batch) or at an epoch's end.
+    """
+    epoch = rng.randint(1, epochs)
+    run = Run([*config, "--log-dir", str(run_dir)])
+    conditions = milestones(run, run_dir, epochs)
+    if not wait_random(run, conditions[f"epoch {epoch}"], rng.uniform(0.0, reference.gap(f"epoch {epoch}", epochs)),
+                       lambda: False):
+        run.finish()
+        return Trial(False, [f"in epoch {epoch}", "the run ended before the kill"])
+    run.stop()
+    if not (run_dir / "last.pt").is_file():
+        return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [where_killed(run_dir, epochs)])
+    position = load_checkpoint(run_dir / "last.pt").get("position")
+    note = (f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}" if position
+            else "resumed at an epoch's end")
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [note])
 
 
 def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
@@ -469,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         started = time.monotonic()
         reference = run_reference(root, config, args.epochs)
-        progress(f"reference run: {reference.seen['end']:.1f} s")
+        mid_config = mid_epoch_config(args.arch, args.epochs)
+        mid_reference = run_reference(root, mid_config, args.epochs, "reference-mid-epoch")
+        progress(f"reference runs: {reference.seen['end']:.1f} s, with step checkpoints "
+                 f"{mid_reference.seen['end']:.1f} s")
         same = "state bit-identical, same curves, no duplicated steps"
         success = "resumed, " + same
         interruptions: list[tuple[str, Callable[[Path], Trial], str]] = [
@@ -481,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
              "exit 130, one resume line, " + success),
             ("SIGKILL during a checkpoint write",
              lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs), success),
+            ("SIGKILL inside an epoch with step checkpoints",
+             lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs), success),
             ("SIGKILL before the first checkpoint",
              lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
              "restarted from config.json, " + same),

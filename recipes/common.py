@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from typing import Any, NoReturn
 
 import torch
 
-from trainer import Callback, NonFiniteLossError, Trainer, resolve_device
-from trainer.callbacks import ModelCheckpoint
+from trainer import Callback, NonFiniteLossError, TimeLimitReached, Trainer, TrainingInterrupted, resolve_device
+from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.callbacks.tensorboard import has_event_files
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
+from trainer.limits import parse_duration
 from trainer.precision import PrecisionChoice, choose_precision
 
 
@@ -37,7 +39,7 @@ class RecipeArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class Interrupted(Exception):
+class Interrupted(TrainingInterrupted):
     """Training was stopped by a signal after finishing its current step."""
 
     def __init__(self, signum: int) -> None:
@@ -69,6 +71,17 @@ non_negative_int = _bounded(int, 0, True, "an integer >= 0")
 positive_float = _bounded(float, 0.0, False, "a positive number")
 non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
 fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
+
+
+def duration(text: str) -> float:
+    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds."""
+    try:
+        return parse_duration(text, "--max-time")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HH:MM:SS (or D:HH:MM:SS), got {text!r}") from None
+
+
+duration.__name__ = "HH:MM:SS"
 
 
 def holds_run(path: Path) -> bool:
@@ -157,8 +170,8 @@ class RunComplete(Exception):
     """A resumed run has nothing left to train: reported as one line, exit code 0."""
 
 
-#: Options a resumed run may take anew: how far to train and where, not what the run is.
-RESUMABLE_OPTIONS = ("resume", "epochs", "device")
+#: Options a resumed run may take anew: how far to train, where and how often to save, not what the run is.
+RESUMABLE_OPTIONS = ("resume", "epochs", "device", "checkpoint_every")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
@@ -213,7 +226,7 @@ def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
         config[dest] = getattr(args, dest)
     if state is not None:
         done = len(state.get("history", []))
-        if state.get("should_stop"):
+        if state.get("should_stop") and state.get("position") is None:
             raise RunComplete(f"run {path} is complete: it stopped early after {done} epochs; nothing to resume")
         if done >= config["epochs"]:
             more = "" if "epochs" in given else f"; pass --epochs above {done} to train it further"
@@ -246,7 +259,21 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
                         help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs and --device may change)")
+                             "(only --epochs, --device and --checkpoint-every may change)")
+    parser.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                        help="also save last.pt every N optimizer steps; a resumed run continues at the next batch "
+                             "(default: at epoch ends only)")
+    parser.add_argument("--val-every", type=positive_int, metavar="N",
+                        help="also validate every N optimizer steps, logged at the global step (default: at epoch "
+                             "ends only)")
+    parser.add_argument("--max-time", type=duration, metavar="HH:MM:SS",
+                        help="stop after the first step past this much training time, save the position reached "
+                             "and print the command that resumes it (exit code 0)")
+    parser.add_argument("--histograms", action="store_true",
+                        help="log weights and gradients per layer as TensorBoard histograms every epoch")
+    parser.add_argument("--fast-dev-run", action="store_true",
+                        help="check the whole setup: one training and one validation batch through the model and "
+                             "every callback, in a temporary directory that is removed; prints one line")
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
@@ -277,9 +304,12 @@ def choose_run_precision(model: torch.nn.Module, device: torch.device, example: 
 
 
 class _StopOnSignal(Callback):
-    """Raises `Interrupted` at the end of the step during which a signal arrived."""
+    """Raises `Interrupted` at the end of the step during which a signal arrived: after every
+    other callback's `on_batch_end` (the step is logged, and `ModelCheckpoint` then saves its
+    position), or after a validation batch at an epoch's end. A signal during a step validation
+    (``--val-every``) stops after that validation, at the end of its batch."""
 
-    order = -100  # before any callback logs or saves that step
+    order = 1000  # after every callback that logs or saves the step
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -288,15 +318,17 @@ class _StopOnSignal(Callback):
         if self.signum is not None:
             raise Interrupted(self.signum)
 
-    on_validation_batch_end = on_batch_end
+    def on_validation_batch_end(self, trainer, batch, outputs) -> None:
+        if self.signum is not None and not trainer.in_step_validation:
+            raise Interrupted(self.signum)
 
 
 @contextlib.contextmanager
 def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]:
     """Handle SIGINT and SIGTERM during `fit`: finish the current step, stop (callbacks get
-    `on_exception` and `on_fit_end`, so logs are flushed and closed), print how to resume and
-    exit with 130 (SIGINT) or 143 (SIGTERM). The last checkpoint is the one written at the end
-    of the last completed epoch. A second signal stops at once.
+    `on_exception` and `on_fit_end`, so logs are flushed and closed, and `ModelCheckpoint` saves
+    the position reached), print how to resume and exit with 130 (SIGINT) or 143 (SIGTERM). A
+    second signal stops at once (the last checkpoint is then the one written before it).
     """
     watcher = _StopOnSignal()
     trainer.add_callback(watcher)
@@ -368,8 +400,11 @@ class Recipe:
     resumes a run (`resume_run`) or makes a new configuration (`new_config`), starts the process
     group under torchrun, seeds torch, lets `build` make the data, model, loss and optimizer,
     chooses the precision (`choose_run_precision`), creates the run directory (`start_run_dir`),
-    adds the recipe's `callbacks` and a `ModelCheckpoint` on `monitor`, trains with Ctrl-C and
-    SIGTERM handled (`training_interrupts`), calls `after_fit` and prints the summary.
+    adds the recipe's `callbacks`, a `CSVLogger` (``metrics.csv``), a `HistogramCallback` with
+    ``--histograms`` and a `ModelCheckpoint` on `monitor` (``--checkpoint-every``), trains with
+    Ctrl-C and SIGTERM handled (`training_interrupts`) and ``--val-every``, ``--max-time`` applied,
+    calls `after_fit` and prints the summary. ``--fast-dev-run`` trains one batch and validates
+    one in a temporary directory, then prints one line.
 
     Class attributes: `name` (runs go to ``runs/<name>/<timestamp>`` and the command is
     ``python -m recipes.<name>``), `monitor` and `mode` (the value `ModelCheckpoint` keeps the
@@ -392,8 +427,10 @@ class Recipe:
     def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
         """The configuration of a new run from the parsed options: what defines the run, saved
         with it (config.json, checkpoints) and reused on resume. By default the options named in
-        `config_keys`."""
-        return {key: getattr(args, key) for key in self.config_keys}
+        `config_keys`, and the shared ``checkpoint_every``, ``val_every`` and ``histograms``."""
+        config = {key: getattr(args, key) for key in self.config_keys}
+        config.update(checkpoint_every=args.checkpoint_every, val_every=args.val_every, histograms=args.histograms)
+        return config
 
     def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
         """Data, model, loss, optimizer and the rest for `config`; bad data is a `UsageError`."""
@@ -411,6 +448,9 @@ class Recipe:
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = self.build_parser()
         self.args = args = parser.parse_args(argv)
+        fast = args.fast_dev_run
+        if fast and args.resume:
+            raise UsageError("--fast-dev-run checks the setup of a new run; it cannot be combined with --resume")
         run_dir = resume_from = None
         if args.resume:
             run_dir, config, resume_from = resume_run(parser, args, argv)
@@ -423,15 +463,36 @@ class Recipe:
         torch.manual_seed(config["seed"])
         parts = self.build(config, device)
         choice = choose_run_precision(parts.model, device, parts.example, config)
-        if run_dir is None:
-            run_dir = start_run_dir(args.log_dir, f"runs/{self.name}", config)
-        callbacks = [*self.callbacks(run_dir, config, parts),
-                     ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=config)]
-        trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
-                          max_epochs=config["epochs"], device=device, metrics=parts.metrics,
-                          scheduler=parts.scheduler, precision=choice, seed=config["seed"])
-        with training_interrupts(trainer, f"python -m recipes.{self.name} --resume {run_dir}"):
-            trainer.fit(parts.train_loader, parts.val_loader, resume_from=resume_from)
+        with contextlib.ExitStack() as stack:
+            if fast:  # everything goes to a temporary directory, removed at the end
+                run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))
+            elif run_dir is None:
+                run_dir = start_run_dir(args.log_dir, f"runs/{self.name}", config)
+            callbacks = [*self.callbacks(run_dir, config, parts), CSVLogger(run_dir / "metrics.csv"),
+                         *([HistogramCallback(run_dir)] if config.get("histograms") or fast else []),
+                         ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=config,
+                                         every_n_steps=config.get("checkpoint_every"))]
+            trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
+                              max_epochs=1 if fast else config["epochs"], device=device, metrics=parts.metrics,
+                              scheduler=parts.scheduler, precision=choice, seed=config["seed"],
+                              val_every_n_steps=config.get("val_every"), max_time=args.max_time,
+                              limit_train_batches=1 if fast else None, limit_val_batches=1 if fast else None)
+            command = f"python -m recipes.{self.name} --resume {run_dir}"
+            started = time.monotonic()
+            with training_interrupts(trainer, command):
+                try:
+                    trainer.fit(parts.train_loader, parts.val_loader, resume_from=resume_from)
+                except TimeLimitReached as exc:
+                    if is_rank_zero():
+                        print(f"{exc}; resume with: {command}")
+                    return 0
+            if fast:
+                if is_rank_zero():
+                    names = ", ".join(type(cb).__name__ for cb in callbacks)
+                    print(f"fast dev run passed in {time.monotonic() - started:.1f} s: one training and one "
+                          f"validation batch through {type(parts.model).__name__} and {len(callbacks)} callbacks "
+                          f"({names}); nothing was kept on disk")
+                return 0
         self.after_fit(trainer, config)
         print_run_summary(trainer, run_dir, self.monitor, self.monitor_label, self.mode)
         return 0

@@ -25,7 +25,7 @@ from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fash
 from models import FashionCNN, accuracy
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options,
                             non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
-from trainer import Callback, Trainer
+from trainer import Callback, ResumableSampler, Trainer
 from trainer.callbacks import (EmbeddingCallback, GraphCallback, ImageGridCallback, PRCurveCallback,
                                PredictionFigureCallback, ProgressBar, TensorBoardCallback)
 from trainer.distributed import is_rank_zero
@@ -67,7 +67,8 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shu
     if config["workers"] == 0:
         return TensorBatchLoader(images, labels, batch_size, shuffle=shuffle, seed=config["seed"], mean=MEAN,
                                  std=STD, pin_memory=pin_memory)
-    return DataLoader(TensorDataset(images.unsqueeze(1), labels), batch_size=batch_size, shuffle=shuffle,
+    dataset = TensorDataset(images.unsqueeze(1), labels)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, config["seed"]),
                       num_workers=config["workers"], collate_fn=normalize_batch, pin_memory=pin_memory,
                       persistent_workers=True)
 

@@ -23,7 +23,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_vars)
+    # The import packages of this checkout (trainer_datasets lives in datasets/), installed or not.
+    path = os.pathsep.join([str(ROOT), str(ROOT / "datasets")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **env_vars)
     result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

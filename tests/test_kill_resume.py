@@ -14,6 +14,7 @@ holds the process at that moment until the test kills it.
 
 from __future__ import annotations
 
+import ast
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -40,10 +41,12 @@ EPOCHS = 3
 TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
         "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
+TIMED = {"throughput (samples/s)"}  # wall-clock values: only their steps must match
 
 # The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
-# moment named by the first argument: "validation:E" (the first validation batch of epoch E) or
-# "checkpoint:E" (just after the checkpoints of epoch E are written).
+# moment named by the first argument: "validation:E" (the first validation batch of epoch E),
+# "checkpoint:E" (just after the checkpoints of epoch E are written) or "step:S" (after every callback
+# of global step S ran, its logs flushed to disk as the writer does from time to time).
 HOLD = f"""
 import runpy, sys, threading
 from trainer.callbacks import ModelCheckpoint
@@ -66,7 +69,13 @@ def on_epoch_end(self, trainer, logs, original=ModelCheckpoint.on_epoch_end):
     if moment == "checkpoint" and trainer.epoch + 1 == int(epoch):
         hold()
 
-Trainer.eval_step, ModelCheckpoint.on_epoch_end = eval_step, on_epoch_end
+def on_batch_end(self, trainer, batch, outputs, original=ModelCheckpoint.on_batch_end):
+    original(self, trainer, batch, outputs)
+    if moment == "step" and trainer.global_step == int(epoch):
+        trainer.resources.flush()
+        hold()
+
+Trainer.eval_step, ModelCheckpoint.on_epoch_end, ModelCheckpoint.on_batch_end = eval_step, on_epoch_end, on_batch_end
 runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 
@@ -142,14 +151,15 @@ def assert_matches_reference(run_dir: Path, reference: Path) -> None:
     tags = events.Tags()
     assert set(tags["scalars"]) == set(expected.Tags()["scalars"])
     for tag in tags["scalars"]:
-        points = [(e.step, e.value) for e in events.Scalars(tag)]
-        assert points == [(e.step, e.value) for e in expected.Scalars(tag)], tag
+        points = [(e.step, None if tag in TIMED else e.value) for e in events.Scalars(tag)]
+        assert points == [(e.step, None if tag in TIMED else e.value) for e in expected.Scalars(tag)], tag
     assert set(tags["images"]) == set(expected.Tags()["images"])
     for tag in tags["images"]:
         assert [e.step for e in events.Images(tag)] == [e.step for e in expected.Images(tag)], tag
     assert tags["graph"]
+    assert (run_dir / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
     visible = {p.name for p in run_dir.iterdir() if not p.name.startswith((".", "events.out.tfevents."))}
-    assert visible == {"config.json", "last.pt", "best.pt"}
+    assert visible == {"config.json", "last.pt", "best.pt", "metrics.csv"}
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +212,60 @@ def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_pat
     run = Run(resume)  # nothing left to train
     assert run.finish() == 0, run.stderr[-3000:]
     assert_matches_reference(run_dir, reference)
+
+
+# The recipe's command line, printing at exit how many items each TensorDataset (by its length) gave.
+COUNT_ITEMS = """
+import atexit, collections, runpy, sys
+from torch.utils.data import TensorDataset
+counts = collections.Counter()
+original = TensorDataset.__getitem__
+def getitem(self, index):
+    counts[len(self)] += 1
+    return original(self, index)
+TensorDataset.__getitem__ = getitem
+atexit.register(lambda: print(f"items loaded: {dict(counts)}", file=sys.stderr, flush=True))
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+# 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
+MID_EPOCH = [*TINY[:2], "--train-samples", "64", *TINY[4:], "--epochs", "2", "--checkpoint-every", "3",
+             "--val-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of MID_EPOCH."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run = Run([*MID_EPOCH, "--log-dir", str(run_dir)])
+    assert run.finish() == 0, run.stderr[-3000:]
+    return run_dir
+
+
+def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_batch(mid_epoch_reference, tmp_path):
+    """Killed at step 20 (epoch 2, batch 4), after the step-18 checkpoint and after step 20's
+    validation and running loss reached the event file: the resume starts at batch 3 of epoch 2
+    without loading batches 1 and 2, and the run ends bit-identical to an uninterrupted one, every
+    TensorBoard curve (the running loss and the step validations included) at the same steps with
+    the same values, no step twice, and metrics.csv without repeated rows."""
+    run_dir = tmp_path / "run"
+    run = Run(["step:20", *MID_EPOCH, "--log-dir", str(run_dir)], code=HOLD)
+    run.wait_for(lambda: "held at step" in run.stderr, "step 20")
+    assert run.stop() == -signal.SIGKILL
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["global_step"] == 18 and state["position"]["epoch"] == 1 and state["position"]["batches"] == 2
+    events = read_events(run_dir)
+    assert [e.step for e in events.Scalars("training loss")] == [10, 20]  # 20: after the checkpoint
+    assert [e.step for e in events.Scalars("Loss/validation")][-1] == 20
+    assert "\n1,20," in (run_dir / "metrics.csv").read_text()
+
+    run = Run(["--resume", str(run_dir)], code=COUNT_ITEMS)
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert "| 2/16 [" in run.stderr  # the progress bar of epoch 2 starts at batch 2 done
+    loaded = ast.literal_eval(run.stderr.split("items loaded: ")[1].splitlines()[0])
+    assert loaded[64] == 14 * 4  # of the 64 training images, only those of the 14 batches left
+    assert_matches_reference(run_dir, mid_epoch_reference)
+    assert [e.step for e in read_events(run_dir).Scalars("training loss")] == [10, 20, 30]
 
 
 def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):

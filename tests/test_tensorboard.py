@@ -109,7 +109,7 @@ def test_scalars_equal_history(tmp_path):
         assert [e.value for e in events] == pytest.approx([h[key] for h in history], rel=1e-6)
     running = acc.Scalars("training loss")
     assert [e.step for e in running] == [2, 4, 6, 8, 10, 12]
-    assert set(acc.Tags()["scalars"]) == {"training loss", *EPOCH_TAGS.values()}  # nothing else, no one-point values
+    assert set(acc.Tags()["scalars"]) == {"training loss", "throughput (samples/s)", *EPOCH_TAGS.values()}  # nothing else, no one-point values
     assert len(event_files(tmp_path)) == 1
 
 
@@ -149,7 +149,7 @@ def test_custom_tags_and_overlay_chart(tmp_path):
     fit([callback])
     acc = read(tmp_path)
     assert set(acc.Tags()["scalars"]) == {"running (loss)", "Loss/train", "Loss/validation", "Validation/accuracy",
-                                          "learning rate"}
+                                          "learning rate", "throughput (samples/s)"}
     raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     (chart,) = layout_pb2.Layout.FromString(raw).category[0].chart
     patterns = list(chart.multiline.tag)  # TensorBoard reads them as regular expressions
@@ -456,8 +456,9 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
 
     fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
-    assert [(tag, step) for tag, _, step in scalar_calls if tag == "training loss"] == [("training loss", 4)]
-    epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag != "training loss"]
+    points = ("training loss", "throughput (samples/s)")
+    assert [(tag, step) for tag, _, step in scalar_calls if tag in points] == [(tag, 4) for tag in points]
+    epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag not in points]
     assert epoch_tags == [(tag, 6) for tag in EPOCH_TAGS.values()]
     # Writer activity changes only at the log point (step 4), not on other batches.
     counts = dict(calls_per_batch)

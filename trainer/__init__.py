@@ -2,11 +2,20 @@
 
 from trainer.batch import move_to_device
 from trainer.callback import HOOKS, Callback
-from trainer.core import NonFiniteLossError, StepOutput, Trainer, resolve_device, seed_everything
+from trainer.core import (
+    NonFiniteLossError,
+    StepOutput,
+    TimeLimitReached,
+    Trainer,
+    TrainingInterrupted,
+    resolve_device,
+    seed_everything,
+)
 from trainer.every import Every
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.resources import FitResources
 from trainer.running import EpochLoss, RunningLoss
+from trainer.sampler import ResumableSampler
 
 __all__ = [
     "HOOKS",
@@ -16,9 +25,12 @@ __all__ = [
     "FitResources",
     "NonFiniteLossError",
     "PrecisionChoice",
+    "ResumableSampler",
     "RunningLoss",
     "StepOutput",
+    "TimeLimitReached",
     "Trainer",
+    "TrainingInterrupted",
     "choose_precision",
     "move_to_device",
     "resolve_device",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, NamedTuple
@@ -38,6 +40,7 @@ from trainer.distributed import (
     shard_loader,
 )
 from trainer.every import positive_int
+from trainer.limits import check_batch_limit, format_duration, limited, parse_duration
 from trainer.precision import (
     PrecisionChoice,
     check_channels_last,
@@ -47,6 +50,7 @@ from trainer.precision import (
 )
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
+from trainer.sampler import batches_from
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -65,6 +69,15 @@ class NonFiniteLossError(FloatingPointError):
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped before its end for a reason outside the run (a signal, a time limit):
+    the run can be resumed. `ModelCheckpoint` saves the position reached (see `on_exception`)."""
+
+
+class TimeLimitReached(TrainingInterrupted):
+    """`Trainer(max_time=...)` passed: raised after the first training step past the limit."""
 
 
 def seed_everything(seed: int) -> None:
@@ -122,6 +135,20 @@ class Trainer:
         channels_last: use the channels-last memory format for the model and 4-D inputs; ``"auto"``
             decides with the precision (measured on the CPU, on for convolutional models on CUDA).
             Default: off, or the `PrecisionChoice`'s.
+        val_every_n_steps: also validate every this many optimizer steps (inside epochs), logged
+            at the global step. Callbacks that monitor a validation value (`EarlyStopping`,
+            `ModelCheckpoint`) then decide after each validation, and `ReduceLROnPlateau` steps
+            after each one (its patience counts validations).
+        val_at_epoch_end: validate at the end of each epoch (default); False leaves validation
+            to `val_every_n_steps`. A step validation that would fall on the epoch's last batch
+            is left to the epoch's end.
+        limit_train_batches, limit_val_batches: train (validate) on at most this many batches per
+            epoch: an int, or a fraction of the loader's batches; for debug runs.
+        max_time: stop after the first training step past this much wall time of the `fit`
+            (seconds, a `timedelta` or ``"[D:]HH:MM:SS"``): callbacks get
+            ``on_exception(TimeLimitReached)`` (`ModelCheckpoint` saves the position reached there)
+            and `on_fit_end`, then `fit` raises `TimeLimitReached`, whose message says where it
+            stopped. Under torchrun it is checked at epoch ends.
 
     What a callback may read (all attributes of the trainer; nothing else is part of the API):
 
@@ -130,9 +157,12 @@ class Trainer:
       `channels_last`, `precision_choice`, `callbacks` (sorted; change them with
       `add_callback`/`remove_callback` between fits), `train_loader`, `val_loader`;
     - progress: `epoch` (0-based), `max_epochs`, `global_step` (optimizer steps done),
-      `start_step` (`global_step` when this `fit` began: above 0 for a resumed run), `batch_idx`,
-      `num_batches` (None for loaders without a length), `history` (one logs dict per epoch),
-      `epoch_loss` (the epoch's training loss sum on the device; read it with `RunningLoss`);
+      `start_step` (`global_step` when this `fit` began: above 0 for a resumed run), `batch_idx`
+      (the batch's index in its epoch; at `on_epoch_start` the first batch the epoch trains, above
+      0 when a run resumes inside it), `num_batches` (batches per epoch after
+      `limit_train_batches`; None for loaders without a length), `history` (one logs dict per
+      epoch), `epoch_loss` (the epoch's training loss sum on the device; read it with
+      `RunningLoss`), `in_step_validation` (True during a validation run by `val_every_n_steps`);
     - shared things: `resources` (`FitResources`: e.g. one TensorBoard writer per run directory).
 
     What a callback may change: `should_stop = True` stops training after the current batch (or,
@@ -156,9 +186,21 @@ class Trainer:
         precision: str | PrecisionChoice = "32",
         seed: int | None = None,
         channels_last: bool | str | None = None,
+        val_every_n_steps: int | None = None,
+        val_at_epoch_end: bool = True,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        max_time: float | str | Any = None,
     ) -> None:
         positive_int("max_epochs", max_epochs)
         positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        positive_int("val_every_n_steps", val_every_n_steps, optional=True)
+        if not isinstance(val_at_epoch_end, bool):
+            raise ValueError(f"val_at_epoch_end must be True or False, got {val_at_epoch_end!r}")
+        self.limit_train_batches = check_batch_limit("limit_train_batches", limit_train_batches)
+        self.limit_val_batches = check_batch_limit("limit_val_batches", limit_val_batches)
+        #: Seconds a `fit` may train (None: no limit).
+        self.max_time = parse_duration(max_time) if max_time is not None else None
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive, got {grad_clip_norm!r}")
         if scheduler_interval not in ("epoch", "step"):
@@ -198,6 +240,8 @@ class Trainer:
         self.accumulate_grad_batches = accumulate_grad_batches
         self.seed = seed
         self.max_epochs = max_epochs
+        self.val_every_n_steps = val_every_n_steps
+        self.val_at_epoch_end = val_at_epoch_end
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
 
         self.epoch = 0
@@ -210,8 +254,16 @@ class Trainer:
         self.val_loader: Iterable | None = None
         self.num_batches: int | None = None
         self.epoch_loss = EpochLoss(self.device)
+        self.in_step_validation = False
         self.resources = FitResources()
         self._hooks: dict[str, list] = {}
+        # The position inside the current epoch (None between epochs): batches trained, batches
+        # whose gradients wait for an optimizer step, the global step of the last step validation.
+        self._batches_done: int | None = None
+        self._pending = 0
+        self._validated_at: int | None = None
+        self._resume: dict[str, Any] | None = None  # where the next epoch starts when resuming inside it
+        self._deadline: float | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -390,13 +442,16 @@ class Trainer:
     ) -> list[dict[str, float]]:
         """Train for `max_epochs` epochs (or until a callback sets `should_stop`).
 
-        With `resume_from` (a checkpoint written by `ModelCheckpoint`), training continues at
-        the epoch after the saved one, with the saved weights, optimizer, scheduler, random
-        generators, history and callback states. A run that had stopped early stays stopped; a
+        With `resume_from` (a checkpoint written by `ModelCheckpoint`), training continues where
+        the checkpoint was taken, with the saved weights, optimizer, scheduler, random
+        generators, history and callback states: at the epoch after the saved one, or, for a
+        checkpoint taken inside an epoch, at that epoch's next batch, without loading the batches
+        before it (see `trainer.sampler.batches_from`; a loader that cannot start late resumes at
+        the end of the epoch, with one warning). A run that had stopped early stays stopped; a
         `CosineAnnealingLR` over the saved run's epochs, resumed with another `max_epochs`,
         decays from its current rate to its minimum at the new last epoch. Calling `fit` again
-        on the same trainer (with a larger `max_epochs`) continues where the last call ended,
-        without reseeding. Returns `history`: one logs dict per epoch.
+        on the same trainer (with a larger `max_epochs`, or after a `TimeLimitReached`) continues
+        where the last call ended, without reseeding. Returns `history`: one logs dict per epoch.
 
         After an exception, every callback gets `on_exception` then `on_fit_end` (also when one
         of them raises: its error becomes a note on the training exception), and the training
@@ -415,6 +470,8 @@ class Trainer:
             self._resolve_precision(train_loader, (state or {}).get("precision"))
         if state is not None:
             self.load_state_dict(state)
+        elif self._batches_done is not None:  # a fit that stopped inside an epoch: continue there
+            self._resume = {"epoch": self.epoch, "batches": self._batches_done, "rng": rng_state()}
         if self.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             warnings.warn(
                 f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
@@ -424,9 +481,10 @@ class Trainer:
             )
         self.train_loader, self.val_loader = train_loader, val_loader
         try:
-            self.num_batches = len(train_loader)  # type: ignore[arg-type]
+            length = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
-            self.num_batches = None
+            length = None
+        self.num_batches = limited("limit_train_batches", self.limit_train_batches, length)
         self._build_dispatch()
         if state is None:
             self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
@@ -436,6 +494,7 @@ class Trainer:
         with convolution_kernels(self.onednn):
             try:
                 self._fire("on_fit_start")
+                self._deadline = time.monotonic() + self.max_time if self.max_time is not None else None
                 self._run_epochs(train_loader, val_loader)
             except BaseException as exc:
                 self._fire_all("on_exception", exc, cause=exc)
@@ -450,36 +509,69 @@ class Trainer:
 
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
         for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
-            if self.should_stop:  # a resumed run that had stopped early
+            resume, self._resume = (self._resume if self._resume and self._resume["epoch"] == epoch else None), None
+            if self.should_stop and resume is None:  # a resumed run that had stopped early
                 break
             self.epoch = epoch
+            self.batch_idx = resume["batches"] if resume else 0
             self._fire("on_epoch_start")
-            logs = self._train_epoch(train_loader)
-            if val_loader is not None:
+            logs = self._train_epoch(train_loader, val_loader, resume)
+            if val_loader is not None and self.val_at_epoch_end and self._validated_at != self.global_step:
                 logs.update(self._validate(val_loader))
             self._step_scheduler_on_epoch(logs)
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(logs)
+            self._batches_done = None
             self._fire("on_epoch_end", logs)
             self.resources.flush()
+            over = self._deadline is not None and time.monotonic() >= self._deadline
             if is_distributed():  # every rank stops at the same epoch
-                flag = torch.tensor(float(self.should_stop), device=self.device)
-                self.should_stop = bool(all_reduce(flag, "max"))
+                flags = torch.tensor([float(self.should_stop), float(over)], device=self.device)
+                stop, over = (bool(flag) for flag in all_reduce(flags, "max").tolist())
+                self.should_stop = stop
+                if over and not stop and epoch + 1 < self.max_epochs:
+                    raise self._time_limit_reached()
             if self.should_stop:
                 break
 
-    def _train_epoch(self, loader: Iterable) -> dict[str, float]:
+    def _train_epoch(self, loader: Iterable, val_loader: Iterable | None,
+                     resume: dict[str, Any] | None) -> dict[str, float]:
         model, optimizer, accumulate = self.model, self.optimizer, self.accumulate_grad_batches
         batch_start, batch_end = self._hooks["on_batch_start"], self._hooks["on_batch_end"]
+        val_every, last = self.val_every_n_steps, self.num_batches
+        single = not is_distributed()
         model.train()
         set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):  # DistributedSampler and seeded loaders: a fresh, reproducible order per epoch
             set_epoch(self.epoch)
         epoch_loss = self.epoch_loss
-        epoch_loss.reset()
-        pending = 0  # batches whose gradients wait for an optimizer step
-        optimizer.zero_grad(set_to_none=True)
-        for batch_idx, batch in enumerate(loader):
+        first = resume["batches"] if resume else 0
+        if resume is None:
+            epoch_loss.reset()
+            optimizer.zero_grad(set_to_none=True)
+            self._pending, self._validated_at = 0, None
+        self._batches_done = first
+        if self.should_stop or (last is not None and first >= last):  # nothing left to train in this epoch
+            batches: Iterable = ()
+        else:  # started late (after `first` batches) only now, so that the start is used by this pass
+            batches = batches_from(loader, first)
+            if batches is None:
+                warnings.warn(
+                    f"{type(loader).__name__} cannot start an epoch at a given batch, so this run resumes at the end "
+                    f"of epoch {self.epoch + 1}: the batches after batch {first} of it are skipped. A list of "
+                    f"batches, a DataLoader with sampler=trainer.sampler.ResumableSampler(dataset) or a loader with "
+                    f"skip_batches() continues at the next batch",
+                    RuntimeWarning, stacklevel=4,
+                )
+                batches = ()
+            elif self.limit_train_batches is not None:
+                batches = itertools.islice(batches, last - first)
+        iterator = iter(batches)
+        if resume is not None and "rng" in resume:
+            # Again after iter(): a DataLoader draws its workers' base seed from the generator.
+            set_rng_state(resume["rng"])
+        deadline = self._deadline
+        for batch_idx, batch in enumerate(iterator, start=first):
             self.batch_idx = batch_idx
             batch = self.to_device(batch)
             for fn in batch_start:
@@ -490,25 +582,36 @@ class Trainer:
             if accumulate > 1:
                 loss = loss / accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            pending += 1
-            if pending == accumulate:
+            self._pending += 1
+            stepped = self._pending == accumulate
+            if stepped:
                 self._optimizer_step()
-                pending = 0
+                self._pending = 0
             n = batch_size(out.predictions if out.targets is None else out.targets)
             detached = out.loss.detach()
             epoch_loss.add(detached, n)
+            self._batches_done = batch_idx + 1
+            if (stepped and val_every is not None and val_loader is not None and self.global_step % val_every == 0
+                    and not (self.val_at_epoch_end and batch_idx + 1 == last)):
+                self._step_validation(val_loader)
             if batch_end:
                 outputs = StepOutput(detached, detach(out.predictions), out.targets)
                 for fn in batch_end:
                     fn(self, batch, outputs)
-            if self.should_stop and not is_distributed():  # under torchrun: at the epoch's end
+            if deadline is not None and single and time.monotonic() >= deadline:
+                raise self._time_limit_reached()
+            if self.should_stop and single:  # under torchrun: at the epoch's end
                 break
-        if pending:
-            if pending != accumulate:  # a shorter last window: average over its own batches
+        if self._pending:
+            if self._pending != accumulate:  # a shorter last window: average over its own batches
                 for param in model.parameters():
                     if param.grad is not None:
-                        param.grad.mul_(accumulate / pending)
+                        param.grad.mul_(accumulate / self._pending)
             self._optimizer_step()
+            self._pending = 0
+            if (val_every is not None and val_loader is not None and self.global_step % val_every == 0
+                    and not self.val_at_epoch_end):
+                self._step_validation(val_loader)
         if epoch_loss.samples == 0:
             raise ValueError("the training loader yielded no batches")
         if is_distributed():
@@ -524,6 +627,22 @@ class Trainer:
             )
         return {"loss": mean_loss}
 
+    def _step_validation(self, val_loader: Iterable) -> None:
+        """A validation inside the epoch (`val_every_n_steps`); `ReduceLROnPlateau` steps after it."""
+        self.in_step_validation = True
+        try:
+            logs = self._validate(val_loader)
+        finally:
+            self.in_step_validation = False
+        self._validated_at = self.global_step
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(logs["val_loss"])
+
+    def _time_limit_reached(self) -> TimeLimitReached:
+        where = f"batch {self.batch_idx + 1}" + (f" of {self.num_batches}" if self.num_batches else "")
+        return TimeLimitReached(f"time limit {format_duration(self.max_time)} reached after global step "
+                                f"{self.global_step} (epoch {self.epoch + 1}, {where})")
+
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
             if self.grad_clip_norm is not None:
@@ -537,15 +656,19 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        if self.scheduler is not None and self.scheduler_interval == "step":
+        if (self.scheduler is not None and self.scheduler_interval == "step"
+                and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
             self.scheduler.step()
 
     def _step_scheduler_on_epoch(self, logs: dict[str, float]) -> None:
-        if self.scheduler is None or self.scheduler_interval != "epoch":
+        if self.scheduler is None:
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(logs.get("val_loss", logs["loss"]))
-        else:
+            if "val_loss" in logs:
+                self.scheduler.step(logs["val_loss"])
+            elif self.val_every_n_steps is None:  # with step validations it steps after each of them
+                self.scheduler.step(logs["loss"])
+        elif self.scheduler_interval == "epoch":
             self.scheduler.step()
 
     # ----------------------------------------------------------------------------- state
@@ -562,7 +685,14 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: model, optimizer, scheduler, grad
-        scaler, epochs done, global step, history, random generators and callback states."""
+        scaler, epochs done, global step, history, random generators, callback states and, when
+        taken inside an epoch, the `position` there: the epoch, the batches trained, the epoch's
+        training loss sums so far, gradients waiting for an optimizer step and the step of the
+        last step validation.
+
+        Under torchrun the loss sums are those of the rank that saves (rank 0); a run resumed
+        inside an epoch counts them for every rank, so that epoch's training loss is an estimate.
+        """
         model = self.module
         return {
             "model": model.state_dict(),
@@ -577,6 +707,22 @@ class Trainer:
             "rng": rng_state(),
             "precision": {"precision": self.precision, "channels_last": self.channels_last, "onednn": self.onednn},
             "callbacks": {key: cb.state_dict() for key, cb in self.stateful_callbacks().items()},
+            "position": self._position(),
+        }
+
+    def _position(self) -> dict[str, Any] | None:
+        if self._batches_done is None:
+            return None
+        pending = self._pending
+        return {
+            "epoch": self.epoch,
+            "batches": self._batches_done,
+            "loss_total": self.epoch_loss.total.detach().clone(),
+            "loss_samples": self.epoch_loss.samples,
+            "pending": pending,
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.module.parameters()]
+            if pending else None,
+            "validated_at": self._validated_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -592,6 +738,16 @@ class Trainer:
         self.global_step = state["global_step"]
         self.should_stop = bool(state.get("should_stop", False))
         self.epoch = max(len(self.history) - 1, 0)
+        self._resume, self._batches_done = None, None
+        position = state.get("position")
+        if position is not None:
+            self.epoch, self._batches_done = position["epoch"], position["batches"]
+            self.epoch_loss.total = position["loss_total"].to(self.device)
+            self.epoch_loss.samples = position["loss_samples"]
+            self._pending, self._validated_at = position["pending"], position["validated_at"]
+            for param, grad in zip(self.module.parameters(), position["grads"] or ()):
+                param.grad = None if grad is None else grad.to(param.device)
+            self._resume = {"epoch": self.epoch, "batches": self._batches_done, "rng": state["rng"]}
         set_rng_state(state["rng"])
         saved = state.get("callbacks", {})
         for key, cb in self.stateful_callbacks().items():
@@ -624,6 +780,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums = {name: torch.zeros((), device=self.device) for name in self.metrics}
         samples = 0
+        if self.limit_val_batches is not None:
+            try:
+                length = len(loader)  # type: ignore[arg-type]
+            except TypeError:
+                length = None
+            loader = itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, length))
         with self.eval_mode():
             for batch in loader:
                 batch = self.to_device(batch)

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
+
+from trainer.sampler import ResumableSampler
 
 
 def launched_world_size() -> int:
@@ -124,18 +126,25 @@ class ShardSampler(Sampler[int]):
 def shard_loader(loader: Iterable, train: bool) -> Iterable:
     """This rank's part of `loader`.
 
-    A `DataLoader` over a map-style dataset is rebuilt with a `DistributedSampler` for training
-    (shuffled when the original was, reshuffled per epoch by `set_epoch`; every rank gets the
-    same number of batches; `drop_last` holds only where the shard has a full batch) or a
-    `ShardSampler` for evaluation (each sample once). A loader with
+    A `DataLoader` over a map-style dataset is rebuilt with a `ResumableSampler` (a
+    `DistributedSampler` that can start a pass late, so a run resumes inside an epoch) for
+    training (shuffled when the original was, with the original `ResumableSampler`'s seed, else
+    0; reshuffled per epoch by `set_epoch`; every rank gets the same number of batches;
+    `drop_last` holds only where the shard has a full batch) or a `ShardSampler` for evaluation
+    (each sample once). A loader with
     a ``shard(rank, world_size, train)`` method shards itself. Anything else is used whole on
     every rank, with a warning.
     """
     rank, world = get_rank(), get_world_size()
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
         if train:
-            sampler: Sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
-                                                  shuffle=isinstance(loader.sampler, RandomSampler))
+            original = loader.sampler
+            if isinstance(original, ResumableSampler):
+                shuffle, seed = original.shuffle, original.seed
+            else:
+                shuffle, seed = isinstance(original, RandomSampler), 0
+            sampler: Sampler = ResumableSampler(loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world,
+                                                rank=rank)
         else:
             sampler = ShardSampler(len(loader.dataset), rank, world)
         workers = loader.num_workers

@@ -39,6 +39,12 @@ class Every:
         self._last = count
         return True
 
+    def start(self, count: int) -> None:
+        """Take `count` as seen: a fit resumed at a checkpoint's global step logged that step
+        before the checkpoint, and its batches may not step the optimizer at once (gradient
+        accumulation)."""
+        self._last = count
+
     def reset(self) -> None:
         """Forget the last value seen, for a counter that starts again (e.g. batches of an epoch)."""
         self._last = None

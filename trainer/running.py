@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class EpochLoss:
     """The training loss of the epoch so far: the sum of ``loss x batch size`` in a tensor on the
     device, and the number of samples. The trainer adds every batch (no device sync) and reads
-    the mean at the epoch's end; `RunningLoss` reads it at log points.
+    the mean at the epoch's end; `RunningLoss` reads it at log points. `added` counts every
+    sample added since the object was made (never reset): throughput is its change over time.
 
     Args:
         device: where the sum lives.
@@ -24,6 +25,7 @@ class EpochLoss:
         self.device = device
         self.total = torch.zeros((), device=device)
         self.samples = 0
+        self.added = 0
 
     def reset(self) -> None:
         """Start a new epoch."""
@@ -34,6 +36,7 @@ class EpochLoss:
         """Add one batch: its mean `loss` (a detached 0-dim tensor) over `samples` samples."""
         self.total.add_(loss, alpha=samples)
         self.samples += samples
+        self.added += samples
 
 
 class RunningLoss:
@@ -41,7 +44,9 @@ class RunningLoss:
 
     A callback that logs every N steps calls `pop` only at its log points: the single device
     sync happens there, and nothing is done per batch. A NaN or infinite loss is caught there
-    too (`NonFiniteLossError`), without any extra sync. Each epoch starts a new mean.
+    too (`NonFiniteLossError`), without any extra sync. Each epoch starts a new mean. Its
+    state (`state_dict`) travels in checkpoints with its callback's, so that a run resumed inside
+    an epoch logs the same means as an uninterrupted one.
     """
 
     def __init__(self) -> None:
@@ -66,3 +71,11 @@ class RunningLoss:
                 f"lower the learning rate, clip gradients or check the data"
             )
         return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and the loss sum and samples at the last `pop`."""
+        return {"epoch": self._epoch, "sum": self._sum, "samples": self._samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._epoch, self._sum, self._samples = state["epoch"], state["sum"], state["samples"]

@@ -24,7 +24,9 @@ class TensorBatchLoader:
     With ``shuffle=True`` each pass draws a permutation from a generator seeded with
     ``(seed, epoch)``. The epoch advances by one after every complete pass, or is set with
     `set_epoch`; a pass abandoned early (e.g. taking one batch for a visual) does not advance
-    it, so peeking at the loader does not change the training order.
+    it, so peeking at the loader does not change the training order. `skip_batches` starts the
+    next pass late, without touching the batches before: a run resumed inside an epoch continues
+    at its next batch.
 
     Args:
         images: uint8 ``(N, H, W)`` or ``(N, C, H, W)``.
@@ -62,6 +64,7 @@ class TensorBatchLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.num_samples = len(images)
         self.epoch = 0
+        self._skip = 0  # batches the next pass leaves out
         self._total = len(images)  # samples before sharding
         self._shard: tuple[int, int, bool] | None = None  # (rank, world_size, equal_sizes)
 
@@ -82,6 +85,12 @@ class TensorBatchLoader:
         """Use the order of `epoch` for the next pass (as `DistributedSampler.set_epoch`)."""
         self.epoch = int(epoch)
 
+    def skip_batches(self, num_batches: int) -> None:
+        """Start the next pass at batch `num_batches` of its epoch's order (once)."""
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
+            raise DatasetError(f"num_batches must be an int >= 0, got {num_batches!r}")
+        self._skip = num_batches
+
     def __len__(self) -> int:
         """Number of batches per pass."""
         if self.drop_last:
@@ -89,7 +98,7 @@ class TensorBatchLoader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.epoch
+        epoch, skip, self._skip = self.epoch, self._skip, 0
         total = self._total
         order = torch.randperm(total, generator=generator(self.seed, epoch)) if self.shuffle else None
         if self._shard is not None:
@@ -100,7 +109,7 @@ class TensorBatchLoader:
         # Whole chunks are gathered and normalised at once; batches are views into them, so the
         # per-batch cost is a slice, not four small tensor operations.
         chunk = self.batch_size * max(1, _CHUNK_SAMPLES // self.batch_size)
-        for first in range(0, end, chunk):
+        for first in range(min(skip * self.batch_size, end), end, chunk):
             last = min(first + chunk, end)
             index = order[first:last] if order is not None else slice(first, last)
             inputs = self.images[index].to(torch.float32).mul_(scale).sub_(shift)

@@ -1,15 +1,19 @@
-"""`ModelCheckpoint`: the last and the best training state, written atomically."""
+"""`ModelCheckpoint`: the last and the best training states, written atomically."""
 
 from __future__ import annotations
 
+import glob
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from trainer.callback import Callback
-from trainer.callbacks.monitor import check_mode, check_monitor, improves, worst
+from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 from trainer.checkpoint import atomic_save
-from trainer.core import NonFiniteLossError
+from trainer.core import NonFiniteLossError, TrainingInterrupted
+from trainer.every import Every, positive_int
+from trainer.sampler import resumable
 
 
 class ModelCheckpoint(Callback):
@@ -17,12 +21,25 @@ class ModelCheckpoint(Callback):
     (``best.pt``), atomically, so a crash never leaves a broken file.
 
     A checkpoint holds `Trainer.state_dict()` (model, optimizer, scheduler, grad scaler, epochs
-    done, global step, history, random generators, callback states) and `config`, e.g. the
-    recipe's options. Continue a run with ``trainer.fit(..., resume_from=checkpoint.last_path)``.
+    done, global step, history, random generators, callback states, and the position inside the
+    epoch for one taken there) and `config`, e.g. the recipe's options. Continue a run with
+    ``trainer.fit(..., resume_from=checkpoint.last_path)``.
+
+    - `every_n_steps`: also write ``last.pt`` every N optimizer steps, holding the position
+      inside the epoch: a resumed run continues at the next batch (not on an epoch's last batch,
+      whose end-of-epoch checkpoint follows at once).
+    - `save_top_k`: also keep the K best states by `monitor` as
+      ``epoch=E-step=S-<monitor>=<value>.pt``; a file that drops out of the K is deleted.
+    - With `Trainer(val_every_n_steps=...)` and a validation value as `monitor`, ``best.pt`` and
+      the top K are decided after each validation, and saved at the end of that batch.
+    - When training is interrupted to be resumed (`TrainingInterrupted`: a signal in the
+      recipes, `Trainer(max_time=...)`), ``last.pt`` is written at the position reached, if the
+      training loader can start inside an epoch (`trainer.sampler.resumable`) or `every_n_steps`
+      is set.
+
     It runs after the other callbacks (``order = 100``), so the state it saves includes what they
-    did at that epoch's end (an early stop, the logs, their own states), and it flushes the
-    run's shared resources (the TensorBoard writer) before saving: a checkpoint is never ahead of
-    the logs.
+    did (an early stop, the logs, their own states), and it flushes the run's shared resources
+    (the TensorBoard writer) before saving: a checkpoint is never ahead of the logs.
     """
 
     rank_zero_only = True
@@ -35,50 +52,134 @@ class ModelCheckpoint(Callback):
         mode: str = "min",
         save_last: bool = True,
         config: dict[str, Any] | None = None,
+        every_n_steps: int | None = None,
+        save_top_k: int | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, check_mode(mode)
         self.save_last, self.config = save_last, dict(config or {})
+        self.every_n_steps = every_n_steps
+        self._step_point = Every(every_n_steps, "every_n_steps")
+        self.save_top_k = positive_int("save_top_k", save_top_k, optional=True)
+        if save_top_k is not None and monitor is None:
+            raise ValueError("save_top_k needs a monitor to rank checkpoints by")
         self.best = worst(mode)
         self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        #: The kept states, best first: ``[value, file name]`` pairs.
+        self.top_k: list[list[Any]] = []
+        self._validation: float | None = None  # a step validation's value, saved at its batch's end
+        self._saved_at: tuple[int, int, int] | None = None
 
     @property
     def last_path(self) -> Path:
-        """Where the state of the latest epoch is written."""
+        """Where the latest state is written."""
         return self.dirpath / "last.pt"
 
     @property
     def best_path(self) -> Path:
-        """Where the state of the best epoch by `monitor` is written."""
+        """Where the state of the best epoch (or validation) by `monitor` is written."""
         return self.dirpath / "best.pt"
 
+    def top_k_paths(self) -> list[Path]:
+        """The files of the `save_top_k` best states, best first."""
+        return [self.dirpath / name for _, name in self.top_k]
+
+    def on_fit_start(self, trainer) -> None:
+        self._validation = None
+        self._step_point.start(trainer.global_step)
+        if self.every_n_steps is not None and not resumable(trainer.train_loader):
+            warnings.warn(
+                f"ModelCheckpoint(every_n_steps={self.every_n_steps}): {type(trainer.train_loader).__name__} cannot "
+                f"start an epoch at a given batch, so a run resumed from a step checkpoint continues at the end of "
+                f"that epoch, skipping the batches it had not trained. A list of batches, a DataLoader with "
+                f"sampler=trainer.sampler.ResumableSampler(dataset) or a loader with skip_batches() continues at "
+                f"the next batch",
+                RuntimeWarning, stacklevel=2,
+            )
+        if self.save_top_k is not None and trainer.start_step > 0:
+            # Written by an interrupted process after the checkpoint it resumes from: redone anyway.
+            kept = {name for _, name in self.top_k}
+            for path in self.dirpath.glob(f"epoch=*-step=*-{glob.escape(self.monitor)}=*.pt"):
+                if path.name not in kept:
+                    path.unlink(missing_ok=True)
+
+    def on_validation_end(self, trainer, logs) -> None:
+        if trainer.in_step_validation and self.monitor is not None and self.monitor.startswith("val_"):
+            self._validation = check_monitor("ModelCheckpoint", self.monitor, logs)
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        value, self._validation = self._validation, None
+        due = self._step_point(trainer.global_step) and trainer.batch_idx + 1 != trainer.num_batches
+        if value is not None or due:
+            self._save(trainer, value, last=due and self.save_last)
+
     def on_epoch_end(self, trainer, logs) -> None:
-        improved = False
-        if self.monitor is not None:
+        value = None
+        if self.monitor is not None and (self.monitor in logs or not decides_at_validations(trainer, self.monitor)):
             value = check_monitor("ModelCheckpoint", self.monitor, logs)
-            if improves(value, self.best, self.mode):
-                self.best, self.best_epoch, improved = value, trainer.epoch, True
-        if not (improved or self.save_last):
+        self._save(trainer, value, last=self.save_last)
+
+    def _save(self, trainer, value: float | None, last: bool) -> None:
+        improved = value is not None and improves(value, self.best, self.mode)
+        if improved:
+            self.best, self.best_epoch, self.best_step = value, trainer.epoch, trainer.global_step
+        entry, dropped = self._rank(trainer, value)
+        if not (improved or last or entry):
             return
         trainer.resources.flush()
         state = trainer.state_dict()
         state["config"] = self.config
-        # best.pt before last.pt: a crash between the two then resumes from the previous last.pt,
-        # redoes this epoch and rewrites best.pt, instead of continuing with a best.pt that misses it.
+        # The top K and best.pt before last.pt: a crash between them resumes from the previous
+        # last.pt, redoes this epoch and rewrites them, instead of continuing with files that miss it.
+        if entry:
+            atomic_save(state, self.dirpath / entry)
         if improved:
             atomic_save(state, self.best_path)
-        if self.save_last:
+        if last:
             atomic_save(state, self.last_path)
+            self._saved_at = self._position(trainer)
+        for name in dropped:  # once the state that no longer lists them is saved
+            (self.dirpath / name).unlink(missing_ok=True)
+
+    def _rank(self, trainer, value: float | None) -> tuple[str | None, list[str]]:
+        """The file name of a new top-K state (None when `value` is not among the K best) and the
+        names that drop out of the K."""
+        if self.save_top_k is None or value is None:
+            return None, []
+        name = f"epoch={trainer.epoch + 1}-step={trainer.global_step}-{self.monitor}={value:.4f}.pt"
+        ranked = sorted([*self.top_k, [value, name]], key=lambda e: e[0], reverse=self.mode == "max")  # stable
+        self.top_k, dropped = ranked[: self.save_top_k], [e[1] for e in ranked[self.save_top_k:]]
+        if name in dropped:
+            return None, []
+        return name, dropped
+
+    @staticmethod
+    def _position(trainer) -> tuple[int, int, int]:
+        return trainer.global_step, len(trainer.history), trainer.batch_idx
 
     def on_exception(self, trainer, exception) -> None:
         if isinstance(exception, NonFiniteLossError):
             saved = self.last_path if self.last_path.is_file() else None
             exception.add_note(f"last good checkpoint: {saved}" if saved else "no checkpoint was written yet")
+        elif isinstance(exception, TrainingInterrupted) and self.save_last and (
+                self.every_n_steps is not None or resumable(trainer.train_loader)):
+            if self._saved_at != self._position(trainer):
+                trainer.resources.flush()
+                state = trainer.state_dict()
+                state["config"] = self.config
+                atomic_save(state, self.last_path)
+                self._saved_at = self._position(trainer)
+            exception.add_note(f"saved {self.last_path}: continue with fit(..., resume_from={str(self.last_path)!r})")
 
     def state_dict(self) -> dict[str, Any]:
-        """The best value so far and its epoch."""
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        """The best value so far, its epoch and step, and the top K kept."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step,
+                "top_k": [list(entry) for entry in self.top_k]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.best_step = state.get("best_step")
+        self.top_k = [list(entry) for entry in state.get("top_k", [])]
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.callback import Callback
-from trainer.callbacks.monitor import check_mode, check_monitor, improves, worst
+from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 
 
 class EarlyStopping(Callback):
@@ -19,6 +19,8 @@ class EarlyStopping(Callback):
 
     Its state (`state_dict`) travels in checkpoints, so a resumed run keeps counting. It decides
     before the other callbacks (``order = -10``), so loggers and `ModelCheckpoint` see the stop.
+    With `Trainer(val_every_n_steps=...)` and a validation value as `monitor`, it decides after
+    each validation (`patience` counts validations) and a stop ends the epoch after that batch.
     """
 
     order = -10
@@ -36,8 +38,15 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch: int | None = None
 
+    def on_validation_end(self, trainer, logs) -> None:
+        if trainer.in_step_validation and self.monitor.startswith("val_"):
+            self._decide(trainer, check_monitor("EarlyStopping", self.monitor, logs))
+
     def on_epoch_end(self, trainer, logs) -> None:
-        value = check_monitor("EarlyStopping", self.monitor, logs)
+        if self.monitor in logs or not decides_at_validations(trainer, self.monitor):
+            self._decide(trainer, check_monitor("EarlyStopping", self.monitor, logs))
+
+    def _decide(self, trainer, value: float) -> None:
         if improves(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
             return

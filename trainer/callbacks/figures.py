@@ -266,6 +266,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
 
     def on_fit_start(self, trainer) -> None:
         self._fixed = split_batch(take_batch(trainer, self.batch, self.num_images))
+        self._by_step.start(trainer.global_step)
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         if self._by_step(trainer.global_step):

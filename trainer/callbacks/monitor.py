@@ -32,3 +32,10 @@ def check_monitor(owner: str, monitor: str, logs: dict[str, float]) -> float:
             f"pass validation data or monitor one of those"
         )
     return logs[monitor]
+
+
+def decides_at_validations(trainer, monitor: str) -> bool:
+    """Whether a callback watching `monitor` decides after each validation rather than at epoch
+    ends: with step validations (``Trainer(val_every_n_steps=...)``) for a validation value. Epoch
+    logs then hold validation values only when the epoch-end validation ran."""
+    return trainer.val_every_n_steps is not None and monitor.startswith("val_")

@@ -38,13 +38,14 @@ class ProgressBar(Callback):
     def on_epoch_start(self, trainer) -> None:
         self._bar = tqdm(
             total=trainer.num_batches,
+            initial=trainer.batch_idx,  # above 0 when the run resumes inside this epoch
             desc=f"epoch {trainer.epoch + 1}/{trainer.max_epochs}",
             leave=self.leave,
             file=self.file,
             dynamic_ncols=True,
             unit="batch",
         )
-        self._shown = 0
+        self._shown = trainer.batch_idx
         self._log_point.reset()
 
     def on_batch_end(self, trainer, batch, outputs) -> None:

@@ -5,6 +5,8 @@
 - ``Loss/training (epoch mean)`` and ``Loss/validation``: the epoch's training and validation loss.
 - ``Validation/<metric>``: each validation metric at each epoch's end (``Validation/IoU``,
   ``Validation/accuracy``; one class's IoU: ``Validation/IoU/<class>``).
+- ``throughput (samples/s)``: training samples per second of wall time, at the running loss's
+  points.
 - ``learning rate``: the optimizer's learning rate after the scheduler's step, per epoch.
 - images: ``images`` and ``masks`` (grids), ``predictions vs. actuals`` (figure); PR curves:
   ``pr/<index> <class>``.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 #: The running training loss, every `log_every` steps.
 RUNNING_LOSS = "training loss"
+#: Training samples per second of wall time, at the running loss's points.
+THROUGHPUT = "throughput (samples/s)"
 #: The epoch-end values of the trainer's logs that are not validation metrics.
 EPOCH = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation", "lr": "learning rate"}
 #: The group of the validation metrics: ``val_<name>`` is logged as ``Validation/<name>``.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from trainer.callback import Callback
 from trainer.callbacks import tags as scheme
 from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
 from trainer.callbacks.monitor import check_mode
-from trainer.distributed import is_rank_zero
+from trainer.core import TrainingInterrupted
+from trainer.distributed import get_world_size, is_rank_zero
 from trainer.every import Every
 from trainer.running import RunningLoss
 
@@ -134,16 +136,19 @@ def stretch_contrast(images: torch.Tensor, low: float = 0.01, high: float = 0.99
 
 
 class TensorBoardCallback(TensorBoardWriterCallback):
-    """Scalars for TensorBoard: running training loss, per-epoch logs and the run's hparams,
-    under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
+    """Scalars for TensorBoard: running training loss, throughput, per-epoch logs and the run's
+    hparams, under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
 
     - Every `log_every` optimizer steps: the mean training loss since the previous point,
-      under `running_loss_tag` (``training loss``; x axis: global step). Nothing is done
-      between log points.
+      under `running_loss_tag` (``training loss``; x axis: global step), and the training
+      samples per second of wall time since the previous point (of all processes under
+      torchrun), under `throughput_tag`. Nothing is done between log points; the throughput
+      needs no device sync.
     - Every epoch end: each value of the epoch's logs at the global step, so one x axis serves
       all curves: ``loss`` as ``Loss/training (epoch mean)``, ``val_loss`` as
       ``Loss/validation``, ``val_<metric>`` as ``Validation/<metric>``, ``lr`` as
-      ``learning rate``; `tags` renames any of them (``{"val_iou": "Validation/IoU"}``).
+      ``learning rate``; `tags` renames any of them (``{"val_iou": "Validation/IoU"}``). After
+      each step validation (`Trainer(val_every_n_steps=...)`) its values, under the same tags.
       A "Custom Scalars" chart overlays the running, epoch and validation losses.
     - At the end of the last epoch (or of a `fit` stopped before it): `hparams` (or, by default,
       learning rate, epochs, batch size, optimizer, precision and scheduler) for the HParams
@@ -160,6 +165,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         monitor, mode: the value the run is judged by (``"min"`` or ``"max"`` is better, as for
             `ModelCheckpoint`); its curve is the HParams tab's first metric.
         main_hparams: the options shown first, in this order (`hparams.MAIN_HPARAMS`).
+        throughput_tag: the tag of the training throughput (``throughput (samples/s)``).
     """
 
     def __init__(
@@ -172,25 +178,31 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         monitor: str = "val_loss",
         mode: str = "min",
         main_hparams: Sequence[str] = MAIN_HPARAMS,
+        throughput_tag: str = scheme.THROUGHPUT,
     ) -> None:
         super().__init__(log_dir)
         check_mode(mode)
         self.log_every = log_every
         self._log_point = Every(log_every, "log_every")
         self.running_loss_tag = running_loss_tag
+        self.throughput_tag = throughput_tag
+        self._clock = (0.0, 0)  # wall time and samples trained at the last point (or the fit's start)
         self.tags = dict(tags or {})
         self.hparams = hparams
         self.monitor, self.mode = monitor, mode
         self.main_hparams = tuple(main_hparams)
         self._running = RunningLoss()
         self._hparams_step: int | None = None
+        self._interrupted = False
 
     def tag(self, key: str) -> str:
         """The TensorBoard tag of an epoch log key."""
         return self.tags.get(key) or scheme.epoch_tag(key)
 
     def on_fit_start(self, trainer) -> None:
-        self._hparams_step = None
+        self._hparams_step, self._interrupted = None, False
+        self._clock = (time.perf_counter(), trainer.epoch_loss.added)  # throughput counts from here
+        self._log_point.start(trainer.global_step)
         if not self.resumed:
             losses = [self.running_loss_tag, self.tag("loss"), self.tag("val_loss")]
             self.writer.add_custom_scalars({"losses": {
@@ -201,6 +213,16 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             loss = self._running.pop(trainer)
             if loss is not None:
                 self.writer.add_scalar(self.running_loss_tag, loss, trainer.global_step)
+            now, added = time.perf_counter(), trainer.epoch_loss.added
+            if added > self._clock[1]:
+                rate = (added - self._clock[1]) * get_world_size() / (now - self._clock[0])
+                self.writer.add_scalar(self.throughput_tag, rate, trainer.global_step)
+            self._clock = (now, added)
+
+    def on_validation_end(self, trainer, logs) -> None:
+        if trainer.in_step_validation:
+            for key, value in logs.items():
+                self.writer.add_scalar(self.tag(key), value, trainer.global_step)
 
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
@@ -210,10 +232,14 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             # after it has them on disk once, and a resume neither repeats nor loses them.
             self._write_hparams(trainer)
 
+    def on_exception(self, trainer, exception) -> None:
+        self._interrupted = isinstance(exception, TrainingInterrupted)
+
     def on_fit_end(self, trainer) -> None:
         # A fit stopped before its last epoch logs them now; a resumed fit that trained no step (the
-        # run had already finished) logs nothing again.
-        if trainer.history and trainer.global_step > trainer.start_step and self._hparams_step != trainer.global_step:
+        # run had already finished) logs nothing again, nor does a fit interrupted to be resumed.
+        if (trainer.history and trainer.global_step > trainer.start_step and self._hparams_step != trainer.global_step
+                and not self._interrupted):
             self._write_hparams(trainer)
 
     def metric_tags(self, keys: Sequence[str]) -> list[str]:
@@ -221,6 +247,14 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         the other validation metrics, then the training loss (the first five show by default)."""
         ordered = [self.monitor, "val_loss", *sorted(k for k in keys if k.startswith("val_")), "loss"]
         return [self.tag(key) for key in dict.fromkeys(ordered) if key in keys]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running loss's state, so that a run resumed inside an epoch logs the same means."""
+        return {"running": self._running.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self._running.load_state_dict(state["running"])
 
     def _write_hparams(self, trainer) -> None:
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)

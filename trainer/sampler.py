@@ -1,0 +1,83 @@
+"""Data orders that are a function of (seed, epoch), so a run can continue inside an epoch.
+
+`ResumableSampler` is PyTorch's `DistributedSampler` (one process or several) whose next pass
+can start at a given index: a resumed run skips the batches it trained before its checkpoint
+without loading them. `batches_from` starts any loader the trainer knows how to start late.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Indices of a map-style dataset, in an order that depends only on `seed` and the epoch.
+
+    A `DistributedSampler` (its order: a permutation drawn from ``seed + epoch``, the same on
+    every rank; each rank keeps every `num_replicas`-th index, padded to equal length) that also
+    works in a single process (``num_replicas=1``, the default), and whose next pass can leave
+    out its first indices (`skip`). The trainer calls ``set_epoch`` before every epoch, and on a
+    resume inside an epoch ``skip`` with the samples already trained.
+
+    Use it as a `DataLoader`'s ``sampler`` instead of ``shuffle=True``:
+    ``DataLoader(dataset, batch_size=32, sampler=ResumableSampler(dataset, seed=0))``.
+
+    Args:
+        dataset: the map-style dataset (anything with a length).
+        shuffle: a fresh permutation per epoch; False keeps the dataset's order.
+        seed: with the epoch, decides the order.
+        num_replicas, rank: the processes sharing the data (default: this process alone).
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self._skip = 0
+
+    def skip(self, num_samples: int) -> None:
+        """Leave out the first `num_samples` indices of the next pass (of this rank's part)."""
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self._skip = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._skip = self._skip, 0
+        indices = super().__iter__()
+        return itertools.islice(indices, start, None) if start else indices
+
+
+def batches_from(loader: Iterable, first: int) -> Iterable | None:
+    """`loader`'s next pass, starting at batch `first` without loading the batches before it,
+    or None when `loader` cannot start late.
+
+    Loaders that can: a sequence of batches (a list), a loader with ``skip_batches(n)`` (e.g.
+    `trainer_datasets.TensorBatchLoader`), and a `DataLoader` with a batch size whose sampler has
+    ``skip(num_samples)`` (`ResumableSampler`).
+    """
+    if first == 0:
+        return loader
+    if isinstance(loader, Sequence):
+        return itertools.islice(loader, first, None)
+    if callable(getattr(loader, "skip_batches", None)):
+        loader.skip_batches(first)
+        return loader
+    if can_skip_samples(loader):
+        loader.sampler.skip(first * loader.batch_size)  # type: ignore[union-attr]
+        return loader
+    return None
+
+
+def can_skip_samples(loader: Any) -> bool:
+    """Whether `loader` is a `DataLoader` with a batch size whose sampler can `skip`."""
+    return (isinstance(loader, DataLoader) and loader.batch_size is not None
+            and callable(getattr(loader.sampler, "skip", None)))
+
+
+def resumable(loader: Iterable) -> bool:
+    """Whether the trainer can start `loader` inside an epoch (see `batches_from`)."""
+    return (isinstance(loader, Sequence) or callable(getattr(loader, "skip_batches", None))
+            or can_skip_samples(loader))
