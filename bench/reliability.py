@@ -14,7 +14,7 @@ time to the next milestone in an uninterrupted reference run, drawn from `random
 - SIGKILL during a checkpoint write: the run is killed as soon as the temporary file of ``best.pt``
   or ``last.pt`` (random) of a random epoch appears, then resumed.
 - SIGKILL inside an epoch with step checkpoints: a run with ``--checkpoint-every 3 --val-every 4``
-  (8 steps per epoch) killed at a random moment of a random epoch, then resumed: it continues at
+  (8 steps per epoch) killed at a random moment of a random epoch but the last, then resumed: it continues at
   the batch after its last step checkpoint. Compared with its own uninterrupted reference.
 - SIGKILL before the first checkpoint: killed at a random moment between the run directory's
   ``config.json`` and the first checkpoint write (at the latest as that write begins), then
@@ -330,12 +330,13 @@ def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Referenc
 
 def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
                          epochs: int) -> Trial:
-    """SIGKILL at a random moment of a random epoch of a run with step checkpoints, then finish.
+    """SIGKILL at a random moment of a random epoch (not the last, whose end the kill could miss)
+    of a run with step checkpoints, then finish.
 
     The note says where the last checkpoint was: inside an epoch (the resume starts at its next
     batch) or at an epoch's end.
     """
-    epoch = rng.randint(1, epochs)
+    epoch = rng.randint(1, epochs - 1)
     run = Run([*config, "--log-dir", str(run_dir)])
     conditions = milestones(run, run_dir, epochs)
     if not wait_random(run, conditions[f"epoch {epoch}"], rng.uniform(0.0, reference.gap(f"epoch {epoch}", epochs)),

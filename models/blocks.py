@@ -11,7 +11,13 @@ SIDE_MULTIPLE = 16
 
 
 class VGGBlock(nn.Sequential):
-    """Two (3x3 convolution, padding 1) -> BatchNorm -> ReLU stages; keeps height and width."""
+    """Two (3x3 convolution, padding 1) -> BatchNorm -> ReLU stages; keeps height and width.
+
+    Args:
+        in_channels: channels of the input.
+        middle_channels: channels after the first stage.
+        out_channels: channels of the output.
+    """
 
     def __init__(self, in_channels: int, middle_channels: int, out_channels: int) -> None:
         super().__init__()

@@ -61,6 +61,11 @@ def iou(predictions: Predictions, targets: torch.Tensor, threshold: float = 0.5)
     The prediction mask is ``sigmoid(logits) > threshold``; for (N, K, H, W) logits each of the
     K classes is scored on its own channel (classes may overlap) and the K scores are averaged.
     A class whose prediction and target are both empty in an image scores 1.
+
+    Args:
+        predictions: logits (N, K, H, W), or a list of them (deep supervision: the last is scored).
+        targets: masks (N, K, H, W) of 0 and 1.
+        threshold: probability above which a pixel is predicted foreground.
     """
     return _per_class_iou(*_binarize("iou", predictions, targets, threshold)).mean()
 
@@ -69,6 +74,11 @@ def dice(predictions: Predictions, targets: torch.Tensor, threshold: float = 0.5
     """Mean over the batch and the classes of each image's per-class Dice ``2|P∩T| / (|P| + |T|)``.
 
     Thresholded and averaged like `iou`; a class empty in both prediction and target scores 1.
+
+    Args:
+        predictions: logits (N, K, H, W), or a list of them (the last is scored).
+        targets: masks (N, K, H, W) of 0 and 1.
+        threshold: probability above which a pixel is predicted foreground.
     """
     return _per_class_dice(*_binarize("dice", predictions, targets, threshold)).mean()
 
@@ -77,6 +87,10 @@ def class_iou(index: int, threshold: float = 0.5) -> Metric:
     """A metric: the IoU of class `index` alone (channel `index` of the logits), batch mean.
 
     For a per-class scalar beside the mean, e.g. ``metrics={"iou": iou, "iou_nucleus": class_iou(0)}``.
+
+    Args:
+        index: the class's channel.
+        threshold: probability above which a pixel is predicted foreground.
     """
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"class index must be an integer >= 0, got {index!r}")
@@ -92,7 +106,12 @@ def class_iou(index: int, threshold: float = 0.5) -> Metric:
 
 
 def accuracy(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of samples whose argmax over the class logits (N, C) equals the label (N,)."""
+    """Fraction of samples whose argmax over the class logits equals the label.
+
+    Args:
+        predictions: class logits (N, C).
+        targets: class indices (N,).
+    """
     logits = _final(predictions)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(

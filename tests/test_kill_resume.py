@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 from torch import nn
 
 from bench.recipe_process import RecipeProcess
@@ -299,7 +300,33 @@ def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, regression_loaders
         trainer.fit(train, val, resume_from=resume_from)
     events = read_events(tmp_path)
     assert_no_duplicated_steps(events)
-    assert [event.step for event in events.Tensors("_hparams_/session_start_info")] == [6]
+    assert [event.step for event in events.Tensors("_hparams_/session_start_info")] == [0]  # once, at the start
+
+
+def test_a_run_resumed_with_more_epochs_holds_one_hparams_entry(tmp_path, regression_loaders):
+    """2 epochs, then resumed to 3 (from last.pt) and, in the same process, fit on to 4: the
+    HParams tab has the one entry written when the run started, whose metrics TensorBoard reads
+    from the curves (so they show the run's final values)."""
+    train, val = regression_loaders
+    for epochs, resume_from in ((2, None), (3, tmp_path / "last.pt")):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=epochs,
+                          callbacks=[TensorBoardCallback(tmp_path, log_every=1), ModelCheckpoint(tmp_path)],
+                          device="cpu")
+        trainer.fit(train, val, resume_from=resume_from)
+    trainer.max_epochs = 4
+    trainer.fit(train, val)
+    events = read_events(tmp_path)
+    assert_no_duplicated_steps(events)
+    starts = events.Tensors("_hparams_/session_start_info")
+    assert [event.step for event in starts] == [0]
+    content = events.PluginTagToContent("hparams")
+    assert metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG]).hparams["epochs"]
+    metrics = [info.name.tag for info in metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG]
+                                                                                ).metric_infos]
+    assert metrics == ["Loss/validation", "Loss/training (epoch mean)"]
+    assert [e.step for e in events.Scalars("Loss/validation")][-1] == trainer.global_step
 
 
 def test_a_data_error_listing_several_problems_is_one_line(tmp_path, capsys):

@@ -240,7 +240,8 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
     data = seg_data()
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     normalised = TensorDataset((data.tensors[0] - 0.5) / 0.25, data.tensors[1])
-    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1)
+    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1,
+                                 min_side=None)
     fit([callback], model=TinySegNet(), data=normalised, loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
     acc = read(tmp_path)
     images, masks = acc.Images("images"), acc.Images("masks")
@@ -254,7 +255,7 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
 
 def test_grid_tiles_are_framed_in_grey_so_masks_never_merge(tmp_path):
     masks = torch.ones(4, 1, 8, 8)  # all foreground: with black padding, the tiles would be one white block
-    callback = ImageGridCallback(tmp_path, batch=(torch.rand(4, 3, 8, 8), masks), nrow=2)
+    callback = ImageGridCallback(tmp_path, batch=(torch.rand(4, 3, 8, 8), masks), nrow=2, min_side=None)
     fit([callback], model=TinySegNet(), data=seg_data(),
         loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
     grid = callback._grids["masks"]
@@ -262,6 +263,27 @@ def test_grid_tiles_are_framed_in_grey_so_masks_never_merge(tmp_path):
     between = grid[:, :, 11:14]  # the column between the two tiles of a row
     assert torch.all(between == BORDER) and 0.2 < BORDER < 0.8
     assert torch.all(grid[:, 3:11, 3:11] == 1.0)
+
+
+def test_tiny_images_are_enlarged_to_a_legible_grid_unless_told_not_to(tmp_path):
+    """8x8 images (scikit-learn's digits) become 64x64 tiles, each pixel an 8x8 block."""
+    g = torch.Generator().manual_seed(0)
+    images, masks = torch.rand(4, 3, 8, 8, generator=g), (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float()
+    enlarged = ImageGridCallback(tmp_path / "a", batch=(images, masks), nrow=2)
+    native = ImageGridCallback(tmp_path / "b", batch=(images, masks), nrow=2, min_side=None)
+    wide = ImageGridCallback(tmp_path / "c", batch=(torch.rand(2, 3, 20, 50, generator=g), None), min_side=64)
+    for callback in (enlarged, native, wide):
+        fit([callback], model=TinySegNet(), data=seg_data(),
+            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+    acc = read(tmp_path / "a")
+    assert (acc.Images("images")[0].width, acc.Images("images")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
+    assert (acc.Images("masks")[0].width, acc.Images("masks")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
+    tile = enlarged._grids["images"][:, 3:67, 3:67]
+    assert torch.allclose(tile, images[0].repeat_interleave(8, 1).repeat_interleave(8, 2), atol=1e-6)  # nearest
+    assert native._grids["images"].shape[-2:] == (2 * 8 + 3 * 3, 2 * 8 + 3 * 3)
+    assert wide._grids["images"].shape[-2:] == (80 + 2 * 3, 2 * 200 + 3 * 3)  # the shorter side: 20 -> 80
+    with pytest.raises(ValueError, match="min_side must be a positive integer or None"):
+        ImageGridCallback(tmp_path, min_side=0)
 
 
 def test_contrast_stretch_brightens_dim_images_one_by_one(tmp_path):
@@ -274,8 +296,8 @@ def test_contrast_stretch_brightens_dim_images_one_by_one(tmp_path):
         low, high = torch.quantile(image.flatten(), torch.tensor([0.01, 0.99]))
         assert low == pytest.approx(0.0, abs=1e-3) and high == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(stretched[2], flat[0])  # nothing to stretch
-    grid_run = ImageGridCallback(tmp_path, batch=(dim, (dim > 0.1).float()), stretch=True)
-    plain_run = ImageGridCallback(tmp_path / "plain", batch=(dim, (dim > 0.1).float()))
+    grid_run = ImageGridCallback(tmp_path, batch=(dim, (dim > 0.1).float()), stretch=True, min_side=None)
+    plain_run = ImageGridCallback(tmp_path / "plain", batch=(dim, (dim > 0.1).float()), min_side=None)
     for callback in (grid_run, plain_run):
         fit([callback], model=TinySegNet(), data=seg_data(),
             loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)

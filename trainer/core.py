@@ -81,14 +81,19 @@ class TimeLimitReached(TrainingInterrupted):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators."""
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators with `seed`."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Turn ``"auto"`` into CUDA when available (else CPU) and check that CUDA exists if asked."""
+    """The `torch.device` for `device`: ``"auto"`` is CUDA when available, else the CPU; a CUDA
+    device asked for on a machine without one is a ValueError.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a `torch.device`.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -166,6 +166,14 @@ def choose_precision(
     channels-last only when it is at least `MIN_LAYOUT_GAIN` faster than the contiguous layout at
     the chosen precision. Without an `example` there is nothing to probe: float32, contiguous.
     For NestedUNet on 64x64 images the probe takes about half a second on a 2-core CPU.
+
+    Args:
+        model: the network to train (probed on a copy; it is not changed).
+        device: where it trains.
+        example: model inputs as the loader yields them, for the probe.
+        precision: ``"auto"``, or ``"32"``, ``"bf16"``, ``"16-mixed"`` to keep.
+        channels_last: ``"auto"``, or True / False to keep.
+        probe_samples: samples of `example` each probe pass takes.
     """
     precision = normalize_precision(precision)
     channels_last = check_channels_last(channels_last)

@@ -36,6 +36,9 @@ def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
     keeping the high byte (``value // 256``: 65535 becomes 255), which is also how Pillow
     decodes 16-bit colour files. 32-bit TIFF images (Pillow modes I and F) are refused, as their
     range is unknown. A file that cannot be read or decoded raises `DatasetError` naming it.
+
+    Args:
+        path: the image file.
     """
     path = Path(path)
     image, _ = _open(path)
@@ -70,6 +73,9 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     - 16-bit colour (or 16-bit grey + alpha) files, which Pillow decodes at 8 bits, so
       foreground values below 256 would be read as background;
     - a file that cannot be read or decoded.
+
+    Args:
+        path: the mask file.
     """
     path = Path(path)
     image, reduced = _open(path)
@@ -114,7 +120,12 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
 
 
 def write_png_file(tensor: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write a uint8 (C, H, W) tensor, C = 1 (grey) or 3 (RGB), as a PNG file, creating the parent folder."""
+    """Write a uint8 (C, H, W) tensor, C = 1 (grey) or 3 (RGB), as a PNG file, creating the parent folder.
+
+    Args:
+        tensor: the image.
+        path: the file to write.
+    """
     if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
         raise ValueError(
             f"cannot write {path}: expected a uint8 (C, H, W) tensor with C = 1 or 3, "

@@ -38,6 +38,11 @@ def load_fashion_mnist(
 
     Raises `DataNotFoundError` naming the missing files and the folder when they are absent and
     `download` is false, or when the download fails.
+
+    Args:
+        data_dir: the folder holding ``FashionMNIST/raw/``.
+        train: the training split (60,000 images); False: the test split (10,000).
+        download: fetch the files with torchvision when they are missing.
     """
     raw = raw_folder(data_dir)
     for name in FILES:
@@ -81,6 +86,12 @@ def write_fashion_mnist_idx(
     (magic numbers 2051 and 2049, big-endian sizes, then the raw bytes); an uncompressed copy of
     the same split left from before is removed so it cannot shadow the new data. torchvision's
     `FashionMNIST` needs both splits: write the test split too (it may be small). Returns the paths.
+
+    Args:
+        folder: the data folder (what `load_fashion_mnist` takes as ``data_dir``).
+        images_uint8: the images, uint8 (N, H, W).
+        labels: the class indices (N,), 0-255.
+        train: write the training split's files; False: the test split's.
     """
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 3:
         raise DatasetError(f"images must be uint8 (N, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
@@ -115,6 +126,10 @@ def make_learnable_fashion_like(num_samples: int, seed: int = 0) -> tuple[torch.
     Each class has its own silhouette (shirt, trousers, shoe, bag...), randomly shifted, dimmed
     and noised, so a small CNN learns them in an epoch or two. Vectorised: 60,000 images take
     a second or two on one CPU core.
+
+    Args:
+        num_samples: how many images.
+        seed: seeds the images and labels.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise DatasetError(f"num_samples must be an int >= 0, got {num_samples!r}")

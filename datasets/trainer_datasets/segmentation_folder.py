@@ -185,6 +185,14 @@ def split_segmentation(
     used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
     at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
     `seed` always gives the same split. The validation set is never augmented.
+
+    Args:
+        root: the folder (see `SegmentationFolder` for its layout).
+        val_fraction: the fraction of the ids held out for validation, without train/ and val/.
+        seed: seeds the split.
+        image_size: resize every image and mask to this square size (see `SegmentationFolder`).
+        augment_train: augment the training set (`segmentation_augmentation`).
+        num_classes: if given, the number of mask classes the folder must have.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")

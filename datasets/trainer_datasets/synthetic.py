@@ -31,6 +31,14 @@ class SyntheticNuclei(Dataset):
     All items are generated at construction and kept as uint8, so a PNG round trip is exact.
 
     Items are ``(image, mask)``: float32 (3, H, W) in [0, 1] and float32 (1, H, W) in {0, 1}.
+
+    Args:
+        num_samples: how many images.
+        image_size: their side in pixels (H = W).
+        seed: with `offset`, what each item is drawn from.
+        offset: the index of the first item in the stream of `seed`.
+        min_nuclei, max_nuclei: the range of the number of nuclei per image.
+        noise: the standard deviation of the pixel noise (in [0, 1] units).
     """
 
     def __init__(

@@ -32,6 +32,10 @@ class TensorBatchLoader:
         images: uint8 ``(N, H, W)`` or ``(N, C, H, W)``.
         labels: ``(N,)`` tensor (any dtype; returned as given).
         batch_size: samples per batch.
+        shuffle: a new order each epoch, from `seed` and the epoch; False keeps the order.
+        seed: seeds the shuffled orders.
+        mean, std: the normalisation of the inputs (after scaling to [0, 1]).
+        drop_last: leave out a last batch smaller than `batch_size`.
         pin_memory: pin batches in page-locked memory (ignored when CUDA is not available).
     """
 

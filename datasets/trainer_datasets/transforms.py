@@ -37,6 +37,12 @@ def segmentation_augmentation(square: bool = True, jitter: float = 0.1, hue: flo
     Call it as ``image, mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))``:
     geometric steps move both alike, the colour jitter changes the image only. Randomness comes
     from torch's global generator, so ``torch.manual_seed`` makes it reproducible.
+
+    Args:
+        square: the inputs are square, so 90 and 270 degree rotations are drawn too; False
+            keeps a non-square input's shape (0 or 180 degrees only).
+        jitter: the brightness, contrast and saturation jitter (a fraction).
+        hue: the hue jitter (a fraction of the colour circle, at most 0.5).
     """
     return v2.Compose(
         [

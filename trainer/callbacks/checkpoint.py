@@ -40,6 +40,16 @@ class ModelCheckpoint(Callback):
     It runs after the other callbacks (``order = 100``), so the state it saves includes what they
     did (an early stop, the logs, their own states), and it flushes the run's shared resources
     (the TensorBoard writer) before saving: a checkpoint is never ahead of the logs.
+
+    Args:
+        dirpath: the folder of ``last.pt``, ``best.pt`` and the top K (created on first save).
+        monitor: the logs value that ranks states (``val_loss``, ``val_iou``...); None keeps
+            ``last.pt`` only.
+        mode: ``"min"`` or ``"max"``: whether a lower or a higher `monitor` is better.
+        save_last: write ``last.pt`` (needed to resume); False keeps only the best states.
+        config: saved in every checkpoint under ``"config"`` (e.g. the recipe's options).
+        every_n_steps: also write ``last.pt`` every N optimizer steps, inside epochs.
+        save_top_k: also keep the K best states by `monitor`, each in its own file.
     """
 
     rank_zero_only = True

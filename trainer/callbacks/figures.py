@@ -235,6 +235,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         classes: class names: of the classification titles, or of the segmentation legend.
         mean, std: the inputs' normalisation, undone for display.
         threshold: probability above which a pixel is foreground (segmentation).
+        tag: the tag of the figure.
         stretch: stretch each image's contrast (`stretch_contrast`) for display.
     """
 

@@ -12,7 +12,7 @@ from torchvision.utils import make_grid
 from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
 from trainer.callbacks.palette import class_names, colour_masks
-from trainer.every import Every
+from trainer.every import Every, positive_int
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
 
 #: The grey of the lines between tiles: neither the black background nor a white mask.
@@ -33,17 +33,26 @@ class ImageGridCallback(TensorBoardWriterCallback):
     segmentation batches (targets are masks of the images' size) a grid of the masks is logged
     too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in its
     fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
-    Logged at fit start, and every `every_n_epochs` epochs if set.
+    Logged at fit start, and every `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits)
+    are enlarged by a whole factor, nearest neighbour, until their shorter side is at least
+    `min_side` pixels, so that the grid is legible at TensorBoard's card size.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         batch: ``(images, targets)`` or an images tensor; default: the first validation batch
             (or training batch when there is no validation data).
+        num_images: how many of the batch's images are shown.
+        mean, std: the normalisation of the images (per channel or scalars), undone for display.
+        every_n_epochs: also log the grid again every N epochs (default: at fit start only).
+        tag: the tag of the image grid.
+        mask_tag: the tag of the mask grid (segmentation batches).
         nrow: tiles per row.
         classes: names of the mask classes, for the legend (default: ``class 0``, ...).
         padding: width in pixels of the grey lines between and around tiles.
         stretch: stretch each image's contrast (its 1st and 99th percentiles to black and
             white); masks are never stretched.
+        min_side: enlarge images whose shorter side is below this many pixels (nearest
+            neighbour, by a whole factor); None shows them at their own size.
     """
 
     def __init__(
@@ -60,9 +69,11 @@ class ImageGridCallback(TensorBoardWriterCallback):
         classes: Sequence[str] | None = None,
         padding: int = 3,
         stretch: bool = False,
+        min_side: int | None = 64,
     ) -> None:
         super().__init__(log_dir)
         self.padding, self.stretch = padding, stretch
+        self.min_side = positive_int("min_side", min_side, optional=True)
         self._again = Every(every_n_epochs, "every_n_epochs")
         self.batch, self.num_images, self.mean, self.std = batch, num_images, mean, std
         self.every_n_epochs, self.tag, self.mask_tag, self.nrow = every_n_epochs, tag, mask_tag, nrow
@@ -87,6 +98,9 @@ class ImageGridCallback(TensorBoardWriterCallback):
             self._write(trainer)
 
     def _grid(self, images: torch.Tensor) -> torch.Tensor:
+        factor = -(-self.min_side // min(images.shape[-2:])) if self.min_side is not None else 1
+        if factor > 1:  # nearest neighbour by a whole factor: every pixel becomes a factor x factor block
+            images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
         return make_grid(images, nrow=self.nrow, padding=self.padding, pad_value=BORDER)
 
     def on_epoch_end(self, trainer, logs) -> None:

@@ -22,6 +22,11 @@ class ProgressBar(Callback):
     The bar moves and shows the running training loss every `log_every` batches (one device
     sync there, none in between); at the end of the epoch it shows the epoch's logs (loss,
     validation loss and metrics, learning rate).
+
+    Args:
+        log_every: batches between updates of the bar.
+        leave: keep each epoch's finished bar on screen (False clears it).
+        file: where the bar is drawn (default: standard error).
     """
 
     rank_zero_only = True

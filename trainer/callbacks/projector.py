@@ -72,10 +72,14 @@ class EmbeddingCallback(TensorBoardWriterCallback):
     as the thumbnail, as in the PyTorch TensorBoard tutorial.
 
     Args:
+        log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         images: (N, C, H, W) or (N, H, W) images (uint8, or float normalised by `mean`/`std`).
         labels: (N,) class indices.
         classes: class names.
         num_samples: how many samples, drawn at random with `seed`.
+        mean, std: the normalisation of float images, undone for the thumbnails.
+        seed: seeds the draw of the samples.
+        tag: the embedding's name in the projector.
     """
 
     def __init__(self, log_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,

@@ -26,7 +26,6 @@ from trainer.callback import Callback
 from trainer.callbacks import tags as scheme
 from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
 from trainer.callbacks.monitor import check_mode
-from trainer.core import TrainingInterrupted
 from trainer.distributed import get_world_size, is_rank_zero
 from trainer.every import Every
 from trainer.running import RunningLoss
@@ -150,11 +149,13 @@ class TensorBoardCallback(TensorBoardWriterCallback):
       ``learning rate``; `tags` renames any of them (``{"val_iou": "Validation/IoU"}``). After
       each step validation (`Trainer(val_every_n_steps=...)`) its values, under the same tags.
       A "Custom Scalars" chart overlays the running, epoch and validation losses.
-    - At the end of the last epoch (or of a `fit` stopped before it): `hparams` (or, by default,
-      learning rate, epochs, batch size, optimizer, precision and scheduler) for the HParams
-      tab, with the options named in `main_hparams` first, and as its metrics the last value of
-      each epoch curve: `monitor`'s first, then the validation loss and metrics, then the
-      training loss. Nothing of it is written as a scalar: the Time Series tab holds curves only.
+    - At the start of a new run (not of a resumed one): `hparams` (or, by default, learning
+      rate, epochs, batch size, optimizer, precision and scheduler) for the HParams tab, with the
+      options named in `main_hparams` first, and as its metrics the epoch curves, whose last
+      values TensorBoard shows: `monitor`'s first, then the validation loss and metrics, then
+      the training loss. A run holds this one entry across resumes (TensorBoard would show only
+      the first anyway; a run resumed with more epochs keeps showing the epochs it started
+      with). Nothing of it is written as a scalar: the Time Series tab holds curves only.
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
@@ -192,21 +193,19 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self.monitor, self.mode = monitor, mode
         self.main_hparams = tuple(main_hparams)
         self._running = RunningLoss()
-        self._hparams_step: int | None = None
-        self._interrupted = False
 
     def tag(self, key: str) -> str:
         """The TensorBoard tag of an epoch log key."""
         return self.tags.get(key) or scheme.epoch_tag(key)
 
     def on_fit_start(self, trainer) -> None:
-        self._hparams_step, self._interrupted = None, False
         self._clock = (time.perf_counter(), trainer.epoch_loss.added)  # throughput counts from here
         self._log_point.start(trainer.global_step)
         if not self.resumed:
             losses = [self.running_loss_tag, self.tag("loss"), self.tag("val_loss")]
             self.writer.add_custom_scalars({"losses": {
                 "training and validation loss": ["Multiline", [f"^{re.escape(tag)}$" for tag in losses]]}})
+            self._write_hparams(trainer)
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         if self._log_point(trainer.global_step):
@@ -227,20 +226,6 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
             self.writer.add_scalar(self.tag(key), value, trainer.global_step)
-        if trainer.epoch + 1 >= trainer.max_epochs or trainer.should_stop:
-            # Before the last checkpoint (ModelCheckpoint runs later): a run killed at any moment
-            # after it has them on disk once, and a resume neither repeats nor loses them.
-            self._write_hparams(trainer)
-
-    def on_exception(self, trainer, exception) -> None:
-        self._interrupted = isinstance(exception, TrainingInterrupted)
-
-    def on_fit_end(self, trainer) -> None:
-        # A fit stopped before its last epoch logs them now; a resumed fit that trained no step (the
-        # run had already finished) logs nothing again, nor does a fit interrupted to be resumed.
-        if (trainer.history and trainer.global_step > trainer.start_step and self._hparams_step != trainer.global_step
-                and not self._interrupted):
-            self._write_hparams(trainer)
 
     def metric_tags(self, keys: Sequence[str]) -> list[str]:
         """The HParams tab's metrics among the epoch log `keys`: `monitor`, the validation loss,
@@ -257,11 +242,16 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self._running.load_state_dict(state["running"])
 
     def _write_hparams(self, trainer) -> None:
+        # Once, when the run starts: TensorBoard keeps the first HParams entry a run's files hold
+        # (later ones would be ignored), and takes each metric's value from its scalar curve, so
+        # the HParams tab follows the run as it trains, and across resumes, with nothing more.
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)
-        summaries = hparams_summaries(hparams, self.metric_tags(list(trainer.history[-1])), self.main_hparams)
+        keys = ["loss"]
+        if trainer.val_loader is not None:
+            keys += ["val_loss", *(f"val_{name}" for name in trainer.metrics)]
+        summaries = hparams_summaries(hparams, self.metric_tags(keys), self.main_hparams)
         for summary in summaries:  # in this run's own stream (add_hparams would make a sub-run)
             self.writer.file_writer.add_summary(summary, trainer.global_step)
-        self._hparams_step = trainer.global_step
 
 
 def default_hparams(trainer) -> dict[str, Any]:
