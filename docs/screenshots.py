@@ -189,13 +189,20 @@ def train_nested_unet(work: Path) -> Path:
     An existing run there (one with ``metrics.csv``) is reused.
     """
     run_dir = work / "nested_unet"
+    if not reuse(run_dir):
+        run_recipe(["-m", "recipes.nested_unet", "--train-samples", "64", "--val-samples", "16", "--epochs", "3",
+                    "--batch-size", "4", "--log-dir", str(run_dir)], work / "nested_unet.log")
+    return run_dir
+
+
+def reuse(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run (one with ``metrics.csv``) to reuse; if not, it is
+    cleared for a new one."""
     if (run_dir / "metrics.csv").is_file():
         print(f"reusing {run_dir}")
-        return run_dir
+        return True
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_recipe(["-m", "recipes.nested_unet", "--train-samples", "64", "--val-samples", "16", "--epochs", "3",
-                "--batch-size", "4", "--log-dir", str(run_dir)], work / "nested_unet.log")
-    return run_dir
+    return False
 
 
 def write_fashion_idx(data_dir: Path) -> None:
@@ -219,10 +226,8 @@ def train_fashion_mnist(work: Path) -> Path:
     existing run there (one with ``metrics.csv``) is reused.
     """
     run_dir = work / "fashion_mnist"
-    if (run_dir / "metrics.csv").is_file():
-        print(f"reusing {run_dir}")
+    if reuse(run_dir):
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)
     data_dir = work / "idx"
     write_fashion_idx(data_dir)
     run_recipe(["-m", "recipes.fashion_mnist", "--data-dir", str(data_dir), "--log-dir", str(run_dir),
