@@ -143,6 +143,19 @@ def test_trainer_runs_with_the_chosen_kernels_and_restores_them():
                 precision=choice, channels_last=True)
 
 
+def test_avx512_features_count_only_where_torch_dispatches_avx512_kernels(mocker):
+    """With ATEN_CPU_CAPABILITY=avx2 (or a CPU torch holds at AVX2) bf16 is not native: float32."""
+    for name in ("_is_avx2_supported", "_is_avx512_supported", "_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        mocker.patch(f"torch.cpu.{name}", return_value=True, create=True)
+    mocker.patch("torch.backends.cpu.get_cpu_capability", return_value="AVX512")
+    assert cpu_features()["avx512_bf16"] and cpu_features()["amx"]
+    mocker.patch("torch.backends.cpu.get_cpu_capability", return_value="AVX2")
+    features = cpu_features()
+    assert features["avx2"] and not (features["avx512"] or features["avx512_bf16"] or features["amx"])
+    choice = choose_precision(nn.Conv2d(3, 4, 3), torch.device("cpu"), torch.rand(1, 3, 16, 16))
+    assert choice.precision == "32" and "no native bf16" in choice.reason
+
+
 def test_cpu_features_reports_booleans():
     features = cpu_features()
     assert set(features) == {"avx2", "avx512", "avx512_bf16", "amx", "arm_bf16"}

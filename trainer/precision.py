@@ -94,7 +94,11 @@ def check_channels_last(channels_last: Any) -> bool | str:
 
 def cpu_features() -> dict[str, bool]:
     """What this CPU computes natively: ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` (x86) and
-    ``arm_bf16`` (the BF16 extension of Armv8.6), as PyTorch's own checks report them."""
+    ``arm_bf16`` (the BF16 extension of Armv8.6), as PyTorch's own checks report them.
+
+    The AVX-512 features count only where PyTorch dispatches its kernels at AVX-512 or above: with
+    its kernels held at AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a build or CPU it restricts) bf16
+    is computed by conversion in AVX2 code, many times slower than float32."""
     cpu = getattr(torch, "cpu", None)
 
     def check(name: str) -> bool:
@@ -113,6 +117,9 @@ def cpu_features() -> dict[str, bool]:
     }
     if platform.machine().lower() in ("aarch64", "arm64"):
         features["arm_bf16"] = "bf16" in _proc_cpuinfo_flags()
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if callable(capability) and capability() in ("AVX2", "DEFAULT", "NO AVX"):
+        features.update(avx512=False, avx512_bf16=False, amx=False)
     return features
 
 
