@@ -17,26 +17,22 @@ the project's dependencies (run it from the repository root, e.g. ``PYTHONPATH=.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.recipe_process import ROOT, checkout_env
 
 
 def run(command: list[str], timeout: float) -> tuple[int, str]:
     """Run a subprocess from the repository root; its exit code and combined output."""
-    paths = [str(ROOT), str(ROOT / "datasets"), os.environ.get("PYTHONPATH")]  # the import packages, uninstalled
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         return 124, f"timed out after {timeout:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
     return done.returncode, done.stdout + done.stderr

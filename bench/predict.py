@@ -12,7 +12,6 @@ outputs together, including Python and torch themselves) and wall time are print
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import torch
 
+from bench.recipe_process import ROOT, checkout_env
 from trainer.precision import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def large_image(side: int) -> torch.Tensor:
@@ -38,9 +36,8 @@ def large_image(side: int) -> torch.Tensor:
 
 def run(command: list[str]) -> tuple[float, float]:
     """Run `command` as a child process; its wall seconds and peak resident memory in GiB."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "datasets")]))
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, env=checkout_env(), capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")

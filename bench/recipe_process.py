@@ -1,6 +1,7 @@
-"""`RecipeProcess`: a recipe's command line in a subprocess, watched while it runs.
+"""`RecipeProcess`: a recipe's command line in a subprocess, watched while it runs; and
+`checkout_env`, the environment of any subprocess that runs this checkout's code.
 
-Shared by the kill-and-resume tests (`tests/test_kill_resume.py`) and the reliability benchmark
+`RecipeProcess` is shared by the kill-and-resume tests (`tests/test_kill_resume.py`) and the reliability benchmark
 (`bench/reliability.py`): both start ``python -m recipes.nested_unet``, wait for a moment they
 can see (its progress bar on stderr, a file in its run directory), then stop it.
 """
@@ -21,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.002  # seconds between two looks at a condition
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with this checkout's import packages (the repository root and
+    ``datasets/``, which holds `trainer_datasets`) first on ``PYTHONPATH``, installed or not, and
+    the variables in `extra`."""
+    paths = [str(ROOT), str(ROOT / "datasets"), os.environ.get("PYTHONPATH")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), **extra)
+
+
 class RecipeProcess:
     """``python -m recipes.nested_unet ARGS`` (or ``python -c CODE ARGS``) in the repository
     root, its stdout and stderr collected while it runs.
@@ -35,10 +44,7 @@ class RecipeProcess:
         command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
         self.timeout = timeout
         self.started = time.monotonic()
-        # This checkout's packages first (trainer_datasets lives in datasets/), installed or not.
-        paths = [str(ROOT), str(ROOT / "datasets"), os.environ.get("PYTHONPATH")]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
-        self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)
         self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
         self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader
 
+from bench.recipe_process import checkout_env
 from tests.distributed_worker import accuracy, tiny_problem
 from trainer import Trainer
 from trainer.checkpoint import load_checkpoint
@@ -23,9 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
-    # The import packages of this checkout (trainer_datasets lives in datasets/), installed or not.
-    path = os.pathsep.join([str(ROOT), str(ROOT / "datasets")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **env_vars)
+    env = checkout_env(OMP_NUM_THREADS="1", **env_vars)
     result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

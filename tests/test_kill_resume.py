@@ -163,13 +163,18 @@ def assert_matches_reference(run_dir: Path, reference: Path) -> None:
     assert visible == {"config.json", "last.pt", "best.pt", "metrics.csv"}
 
 
+def uninterrupted_run(tmp_path_factory, options: list[str]) -> Path:
+    """The run directory of `options` trained to the end without interruption."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run = Run([*options, "--log-dir", str(run_dir)])
+    assert run.finish() == 0, run.stderr[-3000:]
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of TINY."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run = Run([*TINY, "--log-dir", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
-    return run_dir
+    return uninterrupted_run(tmp_path_factory, TINY)
 
 
 def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_path):
@@ -237,10 +242,7 @@ MID_EPOCH = [*TINY[:2], "--train-samples", "64", *TINY[4:], "--epochs", "2", "--
 @pytest.fixture(scope="module")
 def mid_epoch_reference(tmp_path_factory) -> Path:
     """An uninterrupted run of MID_EPOCH."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run = Run([*MID_EPOCH, "--log-dir", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
-    return run_dir
+    return uninterrupted_run(tmp_path_factory, MID_EPOCH)
 
 
 def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_batch(mid_epoch_reference, tmp_path):

@@ -50,7 +50,7 @@ from trainer.precision import (
 )
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
-from trainer.sampler import batches_from
+from trainer.sampler import RESUMABLE_LOADERS, batches_from
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -563,9 +563,8 @@ class Trainer:
             if batches is None:
                 warnings.warn(
                     f"{type(loader).__name__} cannot start an epoch at a given batch, so this run resumes at the end "
-                    f"of epoch {self.epoch + 1}: the batches after batch {first} of it are skipped. A list of "
-                    f"batches, a DataLoader with sampler=trainer.sampler.ResumableSampler(dataset) or a loader with "
-                    f"skip_batches() continues at the next batch",
+                    f"of epoch {self.epoch + 1}: the batches after batch {first} of it are skipped. "
+                    f"{RESUMABLE_LOADERS}",
                     RuntimeWarning, stacklevel=4,
                 )
                 batches = ()
@@ -596,9 +595,8 @@ class Trainer:
             detached = out.loss.detach()
             epoch_loss.add(detached, n)
             self._batches_done = batch_idx + 1
-            if (stepped and val_every is not None and val_loader is not None and self.global_step % val_every == 0
-                    and not (self.val_at_epoch_end and batch_idx + 1 == last)):
-                self._step_validation(val_loader)
+            if stepped and val_every is not None:
+                self._maybe_validate_at_step(val_loader, last_batch=batch_idx + 1 == last)
             if batch_end:
                 outputs = StepOutput(detached, detach(out.predictions), out.targets)
                 for fn in batch_end:
@@ -614,9 +612,8 @@ class Trainer:
                         param.grad.mul_(accumulate / self._pending)
             self._optimizer_step()
             self._pending = 0
-            if (val_every is not None and val_loader is not None and self.global_step % val_every == 0
-                    and not self.val_at_epoch_end):
-                self._step_validation(val_loader)
+            if val_every is not None:
+                self._maybe_validate_at_step(val_loader, last_batch=True)
         if epoch_loss.samples == 0:
             raise ValueError("the training loader yielded no batches")
         if is_distributed():
@@ -631,6 +628,13 @@ class Trainer:
                 f"{self.global_step}); lower the learning rate, clip gradients or check the data"
             )
         return {"loss": mean_loss}
+
+    def _maybe_validate_at_step(self, val_loader: Iterable | None, last_batch: bool) -> None:
+        """After an optimizer step: validate if the global step is a multiple of
+        `val_every_n_steps`, unless the epoch-end validation follows at once (`last_batch`)."""
+        if (val_loader is not None and self.global_step % self.val_every_n_steps == 0
+                and not (last_batch and self.val_at_epoch_end)):
+            self._step_validation(val_loader)
 
     def _step_validation(self, val_loader: Iterable) -> None:
         """A validation inside the epoch (`val_every_n_steps`); `ReduceLROnPlateau` steps after it."""

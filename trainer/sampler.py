@@ -13,6 +13,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+#: What a loader needs to be to continue at the next batch (for warnings about one that is not).
+RESUMABLE_LOADERS = ("A list of batches, a DataLoader with sampler=trainer.ResumableSampler(dataset) or a loader "
+                     "with skip_batches() continues at the next batch")
+
 
 class ResumableSampler(DistributedSampler):
     """Indices of a map-style dataset, in an order that depends only on `seed` and the epoch.

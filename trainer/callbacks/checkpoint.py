@@ -13,7 +13,7 @@ from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_vali
 from trainer.checkpoint import atomic_save
 from trainer.core import NonFiniteLossError, TrainingInterrupted
 from trainer.every import Every, positive_int
-from trainer.sampler import resumable
+from trainer.sampler import RESUMABLE_LOADERS, resumable
 
 
 class ModelCheckpoint(Callback):
@@ -102,9 +102,7 @@ class ModelCheckpoint(Callback):
             warnings.warn(
                 f"ModelCheckpoint(every_n_steps={self.every_n_steps}): {type(trainer.train_loader).__name__} cannot "
                 f"start an epoch at a given batch, so a run resumed from a step checkpoint continues at the end of "
-                f"that epoch, skipping the batches it had not trained. A list of batches, a DataLoader with "
-                f"sampler=trainer.sampler.ResumableSampler(dataset) or a loader with skip_batches() continues at "
-                f"the next batch",
+                f"that epoch, skipping the batches it had not trained. {RESUMABLE_LOADERS}",
                 RuntimeWarning, stacklevel=2,
             )
         if self.save_top_k is not None and trainer.start_step > 0:
@@ -175,11 +173,7 @@ class ModelCheckpoint(Callback):
         elif isinstance(exception, TrainingInterrupted) and self.save_last and (
                 self.every_n_steps is not None or resumable(trainer.train_loader)):
             if self._saved_at != self._position(trainer):
-                trainer.resources.flush()
-                state = trainer.state_dict()
-                state["config"] = self.config
-                atomic_save(state, self.last_path)
-                self._saved_at = self._position(trainer)
+                self._save(trainer, None, last=True)
             exception.add_note(f"saved {self.last_path}: continue with fit(..., resume_from={str(self.last_path)!r})")
 
     def state_dict(self) -> dict[str, Any]:
