@@ -103,7 +103,10 @@ def check_new_run_dir(log_dir: str, default_root: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--log-dir {str(path)!r} is a file, not a directory")
     if path.is_dir() and holds_run(path):
-        raise UsageError(f"--log-dir {str(path)!r} already holds a run; choose a new directory")
+        holder = RunLock(path).live_holder()
+        raise UsageError(f"--log-dir {str(path)!r} already holds a run"
+                         + (f", which is in use by another run ({describe_holder(holder)})" if holder is not None else "")
+                         + "; choose a new directory")
     return path
 
 
@@ -137,6 +140,13 @@ def make_run_dir(log_dir: str | None, default_root: str) -> Path:
     return path
 
 
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``pid P on HOST since TIME`` from a `RunLock` record."""
+    if not holder:
+        return "a process that is starting"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+
+
 def lock_run_dir(path: Path, what: str) -> RunLock:
     """Take `path`'s `RunLock` (one writer per folder); another live run holding it, or a
     folder where the lock file cannot be written, is a `UsageError` naming `what` (the option
@@ -144,11 +154,8 @@ def lock_run_dir(path: Path, what: str) -> RunLock:
     try:
         return RunLock(path).acquire()
     except RunLockedError as exc:
-        holder = exc.holder
-        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
-               if holder else "a process that is starting")
-        raise UsageError(f"{what} is in use by another run ({who}); wait for it to end or choose another "
-                         "directory") from None
+        raise UsageError(f"{what} is in use by another run ({describe_holder(exc.holder)}); wait for it to end or "
+                         "choose another directory") from None
     except OSError as exc:
         raise UsageError(f"{what} is not writable: cannot create {exc.filename or path / LOCK_FILE}: "
                          f"{exc.strerror or exc}") from None
@@ -158,12 +165,14 @@ def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = N
     """One line for a write that failed (a full disk, a read-only folder) during a run: the path
     (the run directory when the error names none, as the TensorBoard writer's does), the reason
     and what is still valid: the last good checkpoint and the command that resumes it (once
-    there is room), or that no checkpoint was written."""
+    there is room), else ``best.pt`` if there is one, or that no checkpoint was written."""
     where = exc.filename or (f"into {run_dir}" if run_dir is not None else "a file")
     line = f"cannot write {where}: {exc.strerror or exc}; the run stopped"
-    last = run_dir / "last.pt" if run_dir is not None else None
+    last, best = (run_dir / "last.pt", run_dir / "best.pt") if run_dir is not None else (None, None)
     if last is not None and last.is_file():
         return line + f"; the last good checkpoint is {last}" + (f" (resume with: {command})" if command else "")
+    if best is not None and best.is_file():
+        return line + f"; {best} is whole (for predict), but there is no last.pt to resume from"
     return line + "; no checkpoint was written"
 
 
