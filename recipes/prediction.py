@@ -190,8 +190,8 @@ def predict_folder(
                                      threshold)
                 except OSError as exc:  # a full disk or an unwritable folder
                     raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
-                                     f"outputs of the {done} images before it in {out} are complete, no partial "
-                                     "file was left") from None
+                                     f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
+                                     "complete, no partial file was left") from None
                 done += 1
 
 

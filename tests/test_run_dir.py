@@ -192,6 +192,28 @@ def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint,
     assert snapshot(data) == before and not (data / "predictions").exists()
 
 
+def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys,
+                                                                         mocker):
+    from recipes import prediction
+
+    real_write, calls = prediction.write_png_file, []
+
+    def fills_the_disk(image, path):  # the third file (b's probability map) finds the disk full
+        calls.append(path)
+        if len(calls) < 3:
+            return real_write(image, path)
+        Path(path).write_bytes(b"\x89PNG part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    mocker.patch("recipes.prediction.write_png_file", side_effect=fills_the_disk)
+    out = tmp_path / "out"
+    assert predict(checkpoint, images, out) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'b_prob.png'}: No space left on device" in line
+    assert "the outputs of the 1 image before it" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png"]
+
+
 def test_predict_into_an_unwritable_folder_is_one_line(checkpoint, images, read_only_folder, capsys):
     assert predict(checkpoint, images, read_only_folder()) == 2
     assert "not writable" in one_error_line(capsys.readouterr().err)
