@@ -104,9 +104,8 @@ def check_new_run_dir(log_dir: str, default_root: str) -> Path:
         raise UsageError(f"--log-dir {str(path)!r} is a file, not a directory")
     if path.is_dir() and holds_run(path):
         holder = RunLock(path).live_holder()
-        raise UsageError(f"--log-dir {str(path)!r} already holds a run"
-                         + (f", which is in use by another run ({describe_holder(holder)})" if holder is not None else "")
-                         + "; choose a new directory")
+        live = f", which is in use by another run ({describe_holder(holder)})" if holder is not None else ""
+        raise UsageError(f"--log-dir {str(path)!r} already holds a run{live}; choose a new directory")
     return path
 
 
