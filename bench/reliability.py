@@ -17,8 +17,9 @@ time to the next milestone in an uninterrupted reference run, drawn from `random
   (8 steps per epoch) killed at a random moment of a random epoch but the last, then resumed: it continues at
   the batch after its last step checkpoint. Compared with its own uninterrupted reference.
 - SIGKILL before the first checkpoint: killed at a random moment between the run directory's
-  ``config.json`` and the first checkpoint write (at the latest as that write begins), then
-  resumed: it starts over from ``config.json``.
+  ``config.json`` and the first checkpoint write (at the latest as that write begins): its
+  ``--resume`` must be refused (exit 2, one line, the folder unchanged, as after any kill before
+  the first checkpoint); the run is then started anew.
 
 Each finished run is compared with an uninterrupted reference run of the same configuration:
 ``last.pt`` and ``best.pt`` must be equal value for value (every tensor bit-identical), and every
@@ -41,6 +42,7 @@ import logging
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -238,8 +240,32 @@ class Trial(NamedTuple):
     notes: list[str]
 
 
+def continue_args(run_dir: Path, config: list[str], notes: list[str]) -> list[str]:
+    """The command line that continues a killed run: ``--resume`` from its ``last.pt``. A run
+    killed before its first checkpoint cannot be resumed: its ``--resume`` must exit with 2, in
+    one line, and change nothing (a problem is noted otherwise); the folder is then removed and
+    the run started anew."""
+    if (run_dir / "last.pt").is_file():
+        return ["--resume", str(run_dir)]
+    if not run_dir.exists():  # killed before it made its folder
+        return [*config, "--log-dir", str(run_dir)]
+    before = snapshot(run_dir)
+    run = Run(["--resume", str(run_dir)])
+    code = run.finish()
+    if code != 2 or "no last.pt" not in run.stderr or run.stderr.count("error:") != 1:
+        notes.append(f"PROBLEM: resume without last.pt exited with {code}: {run.stderr[-300:]}")
+    if snapshot(run_dir) != before:
+        notes.append("PROBLEM: the refused resume changed the run folder")
+    shutil.rmtree(run_dir)
+    notes.append("resume refused, started anew")
+    return [*config, "--log-dir", str(run_dir)]
+
+
 def finish_and_compare(run_dir: Path, args: list[str], reference: Reference, notes: list[str]) -> Trial:
-    """Run `args` to the end and compare the run with the reference."""
+    """Run `args` to the end and compare the run with the reference (a note starting with
+    ``PROBLEM`` fails the trial too)."""
+    if any(note.startswith("PROBLEM") for note in notes):
+        return Trial(False, notes)
     run = Run(args)
     code = run.finish()
     if code != 0:
@@ -260,7 +286,7 @@ def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, r
         done = epochs_done(run_dir)
         if attempt and done == epochs:
             break
-        run = Run(["--resume", str(run_dir)] if attempt else [*config, "--log-dir", str(run_dir)])
+        run = Run(continue_args(run_dir, config, notes) if attempt else [*config, "--log-dir", str(run_dir)])
         conditions = milestones(run, run_dir, epochs)
         ahead = [f"epoch {e}" for e in range(done + 1, epochs + 1)] + ([] if attempt else ["config"])
         anchor = rng.choice(ahead)
@@ -270,7 +296,7 @@ def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, r
         else:
             run.finish()
             notes.append("finished before the kill")
-    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+    return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
 def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, signum: int,
@@ -345,7 +371,8 @@ def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference,
         return Trial(False, [f"in epoch {epoch}", "the run ended before the kill"])
     run.stop()
     if not (run_dir / "last.pt").is_file():
-        return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [where_killed(run_dir, epochs)])
+        notes = [where_killed(run_dir, epochs)]
+        return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
     position = load_checkpoint(run_dir / "last.pt").get("position")
     note = (f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}" if position
             else "resumed at an epoch's end")
@@ -354,7 +381,8 @@ def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference,
 
 def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
                                   epochs: int) -> Trial:
-    """SIGKILL at a random moment between config.json and the first checkpoint write, then finish."""
+    """SIGKILL at a random moment between config.json and the first checkpoint write: the resume
+    is refused without changing anything, and the run started anew finishes as the reference."""
     run = Run([*config, "--log-dir", str(run_dir)])
     conditions = milestones(run, run_dir, epochs)
     span = reference.seen["checkpoint"] - reference.seen["config"]
@@ -364,9 +392,9 @@ def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: R
     run.stop()
     if (run_dir / "last.pt").is_file():
         return Trial(False, ["missed: the first checkpoint was written before the kill"])
-    moment = "during the first checkpoint write" if temporary_files(run_dir) else (
-        "during epoch 1" if conditions["epoch 1"]() else "before epoch 1")
-    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [moment])
+    notes = ["during the first checkpoint write" if temporary_files(run_dir) else (
+        "during epoch 1" if conditions["epoch 1"]() else "before epoch 1")]
+    return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -527,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
              lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs), success),
             ("SIGKILL before the first checkpoint",
              lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
-             "restarted from config.json, " + same),
+             "resume refused (exit 2, folder unchanged), started anew, " + same),
         ]
         for fault, trial, outcome in interruptions:
             results = []

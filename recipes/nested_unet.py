@@ -25,9 +25,9 @@ from trainer_datasets import SyntheticNuclei, split_segmentation
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, fraction,
-                            non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
-from recipes.prediction import (add_prediction_options, check_images, check_prediction_options, inference_precision,
-                                predict_folder)
+                            lock_run_dir, non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
+                                data_folder_above, inference_precision, predict_folder)
 from trainer import Callback, ResumableSampler, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
@@ -95,11 +95,16 @@ def build_predict_parser() -> argparse.ArgumentParser:
                     "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png. Images of any size, grey, RGB or "
                     "RGBA, 8 or 16 bits, are predicted at the scale the checkpoint was trained at (--scale), "
                     "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
-                    "first: unreadable files are all named in one error and nothing is written.",
+                    "first: unreadable files are all named in one error and nothing is written. Existing outputs "
+                    "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
+                    "images/ and masks/), and one predict at a time writes into a folder.",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that --out holds already (default: refuse, naming the first, "
+                             "before anything is written)")
     parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add_prediction_options(parser)
@@ -275,13 +280,23 @@ def predict(argv: list[str]) -> int:
     """Write probability maps and masks for a folder of images; returns the exit code."""
     args = build_predict_parser().parse_args(argv)
     check_prediction_options(args)
-    model, config = load_trained_model(args.checkpoint, args.device)
     out = Path(args.out)
+    if not args.out.strip():
+        raise UsageError("--out '' names no folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file, not a folder")
     if out.resolve() == Path(args.images).resolve():
         raise UsageError("--out must not be the --images folder: its outputs would be read as images next time")
+    data = data_folder_above(out.resolve())
+    if data is not None:
+        raise UsageError(f"--out {args.out!r} lies in the training data folder {str(data)!r} (it holds images/ and "
+                         "masks/): predictions there would mix with, or replace, its images and masks; choose a "
+                         "folder outside it")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out {args.out!r} is not writable")
+    model, config = load_trained_model(args.checkpoint, args.device)
     files = check_images(args.images)
+    check_outputs(out, files, config["classes"], args.overwrite)
 
     if args.image_size is not None:
         image_size, scale = args.image_size, f"every image resized to {args.image_size}x{args.image_size} (--image-size)"
@@ -295,14 +310,16 @@ def predict(argv: list[str]) -> int:
     device = next(model.parameters()).device
     precision, reason = inference_precision(config, device)
     channels_last = config.get("channels_last") is True
-    print(f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
-          f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}", flush=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from None
-    predict_folder(model, files, out, config["classes"], image_size, tile=args.tile, overlap=args.overlap,
-                   precision=precision, channels_last=channels_last, threshold=args.threshold)
+    with lock_run_dir(out, f"--out {args.out!r}"):
+        check_outputs(out, files, config["classes"], args.overwrite)  # again: another command may have written
+        print(f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
+              f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}", flush=True)
+        predict_folder(model, files, out, config["classes"], image_size, tile=args.tile, overlap=args.overlap,
+                       precision=precision, channels_last=channels_last, threshold=args.threshold)
     print(f"wrote {len(files)} probability maps and masks to {out}")
     return 0
 

@@ -5,6 +5,8 @@ probability map and a mask per image and class."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from models.blocks import SIDE_MULTIPLE, nearest_multiple
 from models.predict import (DEFAULT_OVERLAP, DEFAULT_TILE, count_windows, default_overlap, predict_batch, restore_size,
                             to_model_input)
 from recipes.common import UsageError, non_negative_int, positive_int
+from trainer.checkpoint import temporary_path
 from trainer.precision import native_bf16
 from trainer_datasets import DatasetError, is_image_file, read_image_rgb, write_png_file
 
@@ -153,7 +156,8 @@ def predict_folder(
     threshold: float = 0.5,
 ) -> None:
     """Predict `files` and write each one's probability maps and masks into `out` (see
-    `write_prediction`), with a tqdm bar counting tiles.
+    `write_prediction`), with a tqdm bar counting tiles. A failed write (a full disk) is a
+    `UsageError` naming the file and how many images' outputs are complete.
 
     Args:
         model: the trained network, on its device (channels-last already if `channels_last`).
@@ -169,6 +173,7 @@ def predict_folder(
     """
     work = batches(files, image_size, tile)
     total = sum(count_windows(*model_side(file, image_size), tile, overlap) for file in files)
+    done = 0
     with tqdm(total=total, unit="tile", desc=f"{len(files)} image{'' if len(files) == 1 else 's'}") as bar:
         for batch in work:
             images = []
@@ -180,16 +185,57 @@ def predict_folder(
             probabilities = predict_batch(model, torch.stack(images), tile=tile, overlap=overlap,
                                           precision=precision, channels_last=channels_last, progress=bar.update)
             for file, probability in zip(batch, probabilities):
-                write_prediction(restore_size(probability, (file.height, file.width)), out, file.id, classes,
-                                 threshold)
+                try:
+                    write_prediction(restore_size(probability, (file.height, file.width)), out, file.id, classes,
+                                     threshold)
+                except OSError as exc:  # a full disk or an unwritable folder
+                    raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
+                                     f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
+                                     "complete, no partial file was left") from None
+                done += 1
+
+
+def output_paths(out: Path, image_id: str, classes: list[str]) -> list[Path]:
+    """The files `write_prediction` writes for one image, probability map then mask per class.
+
+    One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
+    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``.
+    """
+    if len(classes) == 1:
+        return [out / f"{image_id}_prob.png", out / f"{image_id}_mask.png"]
+    return [path for name in classes for path in (out / name / f"{image_id}_prob.png", out / name / f"{image_id}.png")]
+
+
+def check_outputs(out: Path, files: list[ImageFile], classes: list[str], overwrite: bool) -> None:
+    """Refuse, before anything is written, outputs that would replace files: unless `overwrite`,
+    any output of `files` that exists already is a `UsageError` naming the first of them and
+    how many there are. An output that is a folder is refused in any case."""
+    clashes = [path for file in files for path in output_paths(out, file.id, classes) if path.exists()]
+    folders = [path for path in clashes if path.is_dir()]
+    if folders:
+        raise UsageError(f"--out {str(out)!r}: {folders[0]} is a folder where an output file goes; nothing written")
+    if clashes and not overwrite:
+        more = f" and {len(clashes) - 1} more of the outputs" if len(clashes) > 1 else ""
+        raise UsageError(f"--out {str(out)!r} already holds {clashes[0]}{more}; nothing written: pass --overwrite to "
+                         "replace them, or choose another --out")
+
+
+def data_folder_above(path: Path) -> Path | None:
+    """The training data folder (one holding both ``images/`` and ``masks/``) that `path` is, or
+    lies in, else None."""
+    for folder in (path, *path.parents):
+        if (folder / "images").is_dir() and (folder / "masks").is_dir():
+            return folder
+    return None
 
 
 def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str],
                      threshold: float) -> None:
-    """Write one image's probability maps (0-255) and masks (0/255) as grey PNGs.
+    """Write one image's probability maps (0-255) and masks (0/255) as grey PNGs, at the paths
+    of `output_paths`.
 
-    One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
-    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``.
+    Each file is written whole or not at all (a temporary file renamed over it): a failed write
+    (a full disk) removes its temporary file and raises an `OSError` naming the output.
 
     Args:
         probabilities: float (K, H, W) in [0, 1], K = ``len(classes)``.
@@ -199,13 +245,22 @@ def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, clas
         threshold: probability above which a pixel is foreground.
     """
     probabilities = probabilities.cpu()
-    for index, name in enumerate(classes):
+    paths = iter(output_paths(out, image_id, classes))
+    for index in range(len(classes)):
         channel = probabilities[index:index + 1]
         prob = channel.mul(255).round_().to(torch.uint8)
         mask = (channel > threshold).to(torch.uint8) * 255
-        if len(classes) == 1:
-            write_png_file(prob, out / f"{image_id}_prob.png")
-            write_png_file(mask, out / f"{image_id}_mask.png")
-        else:
-            write_png_file(prob, out / name / f"{image_id}_prob.png")
-            write_png_file(mask, out / name / f"{image_id}.png")
+        _write_png_atomically(prob, next(paths))
+        _write_png_atomically(mask, next(paths))
+
+
+def _write_png_atomically(image: torch.Tensor, path: Path) -> None:
+    tmp = temporary_path(path)
+    try:
+        write_png_file(image, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

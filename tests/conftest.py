@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 
 import matplotlib
@@ -49,3 +50,65 @@ def regression_loaders():
 def linear_model():
     torch.manual_seed(0)
     return nn.Linear(3, 1)
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    """Mount a tmpfs of `size` on `path` (root only); whether it worked."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _unmount(path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size) -> folder``: a real file system of `size` (``"240m"``) that fills up, a tmpfs
+    mounted for the test (skipped where the test cannot mount, i.e. not as root); ``remount(size)``
+    resizes it. Unmounted at the end."""
+    folder = tmp_path / "disk"
+
+    class Disk:
+        def mount(self, size: str):
+            if not _mount_tmpfs(folder, size):
+                pytest.skip("mounting a small tmpfs needs root")
+            return folder
+
+        def remount(self, size: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+    yield Disk()
+    if os.path.ismount(folder):
+        _unmount(folder)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """``make(fill=None) -> folder``: an existing folder, filled by ``fill(folder)`` first, that
+    then cannot be written: a tmpfs remounted read-only as root (root ignores permission bits),
+    else a folder with mode 0o555."""
+    folder = tmp_path / "read-only"
+    mounted = []
+
+    def make(fill=None):
+        if _mount_tmpfs(folder, "400m"):
+            mounted.append(folder)
+            if fill is not None:
+                fill(folder)
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        else:
+            folder.mkdir()
+            if fill is not None:
+                fill(folder)
+            folder.chmod(0o555)
+        return folder
+
+    yield make
+    if mounted:
+        _unmount(folder)
+    elif folder.exists():
+        folder.chmod(0o755)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -193,3 +194,32 @@ def test_cosine_schedule_resumed_with_more_epochs_decays_to_its_minimum_at_the_n
     assert rates[-1] == pytest.approx(0.01)
     if done == 2:
         assert rates[2] > 0.02  # still decaying, not jumped to the minimum
+
+
+def test_atomic_save_on_a_full_disk_names_the_file_keeps_the_old_one_and_leaves_no_partial_file(small_disk):
+    folder = small_disk.mount("1m")
+    path = folder / "last.pt"
+    atomic_save({"v": 1}, path)
+    with pytest.raises(OSError) as full:  # torch.save's RuntimeError, turned into the OSError behind it
+        atomic_save({"v": torch.zeros(1_000_000)}, path)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(path)
+    assert load_checkpoint(path) == {"v": 1} and os.listdir(folder) == ["last.pt"]
+
+
+def test_atomic_save_turns_torch_saves_full_disk_error_into_an_oserror_naming_the_file(tmp_path, mocker):
+    """The same without root: torch.save as it fails on a full disk, part of the file written."""
+    path = tmp_path / "last.pt"
+    atomic_save({"v": 1}, path)
+
+    def fills_the_disk(obj, file):
+        file.write(b"part of a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    mocker.patch("trainer.checkpoint.torch.save", side_effect=fills_the_disk)
+    with pytest.raises(OSError, match="No space left on device") as full:
+        atomic_save({"v": 2}, path)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(path)
+    assert os.listdir(tmp_path) == ["last.pt"]

@@ -15,6 +15,7 @@ holds the process at that moment until the test kills it.
 from __future__ import annotations
 
 import ast
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -178,9 +179,9 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_path):
-    """SIGKILL before the first checkpoint, during a training step, during validation, during a
-    checkpoint write and just after the last checkpoint, resuming after each: the finished run equals
-    the uninterrupted one."""
+    """SIGKILL before the first checkpoint (its resume is refused, nothing changed; the run starts
+    anew), then during a training step, during validation, during a checkpoint write and just after
+    the last checkpoint, resuming after each: the finished run equals the uninterrupted one."""
     run_dir = tmp_path / "run"
     resume = ["--resume", str(run_dir)]
 
@@ -189,7 +190,16 @@ def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_pat
     assert run.stop() == -signal.SIGKILL
     assert (run_dir / "config.json").is_file() and not list(run_dir.glob("*.pt"))
 
-    run = Run(resume)  # starts over from config.json
+    def files() -> dict[str, bytes]:  # the killed run's stale lock is taken over and released: not compared
+        return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
+
+    before = files()
+    refused = Run(resume)  # no checkpoint to continue from: refused, nothing changed
+    assert refused.finish() == 2 and "there is no last.pt" in refused.stderr, refused.stderr[-3000:]
+    assert files() == before
+    shutil.rmtree(run_dir)
+
+    run = Run([*TINY, "--log-dir", str(run_dir)])  # started anew
     run.wait_for(epoch_started(run, 2), "epoch 2")
     assert run.stop() == -signal.SIGKILL
     assert epochs_done(run_dir) == 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
+import os
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,6 +190,30 @@ def test_csv_logger_starts_a_new_file_for_a_new_fit(tmp_path):
     trainer.fit(train, val)
     assert path.read_text().splitlines()[0] == "epoch,step,loss,val_loss,val_acc,lr"
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_csv_logger_cuts_a_row_a_full_disk_broke_back_to_the_last_whole_row(tmp_path, mocker):
+    path = tmp_path / "metrics.csv"
+    logger = CSVLogger(path)
+    trainer = SimpleNamespace(epoch=0, global_step=2, start_step=0, in_step_validation=False)
+    logger.on_fit_start(trainer)
+    logger.on_epoch_end(trainer, {"loss": 0.5})
+    whole = path.read_bytes()
+
+    class HalfARowThenFull:  # what a write on a full disk does: part of the row lands, then ENOSPC
+        def __init__(self, file, fields):
+            self.file = file
+
+        def writerow(self, row):
+            self.file.write("1,4,0.2")
+            self.file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    mocker.patch("trainer.callbacks.csv_logger.csv.DictWriter", HalfARowThenFull)
+    trainer.epoch, trainer.global_step = 1, 4
+    with pytest.raises(OSError, match="No space left on device") as full:
+        logger.on_epoch_end(trainer, {"loss": 0.4})
+    assert full.value.filename == str(path) and path.read_bytes() == whole
 
 
 # ------------------------------------------------------------------------------------------ histograms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import warnings
@@ -557,3 +558,23 @@ def test_embedding_projector_files(tmp_path):
     (metadata,) = list(tmp_path.glob("*/images/metadata.tsv")) or list(tmp_path.glob("*/*/metadata.tsv"))
     rows = metadata.read_text().split()
     assert len(rows) == 10 and set(rows) <= {"a", "b", "c"}
+
+
+def test_a_full_disk_under_the_event_writer_raises_oserror_in_the_callers_thread_only(small_disk, capfd):
+    """The writer thread's ENOSPC comes back as an OSError from the next add/flush/close, the
+    thread's own traceback is not printed, and the file still reads back up to its last whole record."""
+    folder = small_disk.mount("256k")
+    writer = tb.open_writer(folder / "run")
+    with pytest.raises(OSError) as full:
+        for step in range(100_000):
+            writer.add_text("notes", "x" * 1000, step)
+            writer.add_scalar("value", float(step), step)
+        writer.flush()
+    assert full.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        writer.close()
+    assert "Exception in thread" not in capfd.readouterr().err
+    events = EventAccumulator(str(folder / "run"))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("value")]
+    assert steps == list(range(len(steps))) and len(steps) > 10

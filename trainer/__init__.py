@@ -14,6 +14,7 @@ from trainer.core import (
 from trainer.every import Every
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.resources import FitResources
+from trainer.run_lock import RunLock, RunLockedError
 from trainer.running import EpochLoss, RunningLoss
 from trainer.sampler import ResumableSampler
 
@@ -26,6 +27,8 @@ __all__ = [
     "NonFiniteLossError",
     "PrecisionChoice",
     "ResumableSampler",
+    "RunLock",
+    "RunLockedError",
     "RunningLoss",
     "StepOutput",
     "TimeLimitReached",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,28 +13,78 @@ import numpy as np
 import torch
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` `obj` to `path` atomically: a temporary file in the same folder, flushed
-    and fsynced, then renamed over `path`. A crash at any moment leaves the old file or the new
-    one, never a broken one."""
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The hidden temporary file an atomic write of `path` goes through: ``.NAME.PID.tmp``
+    beside it (`remove_temporary_files` finds those a killed writer left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.NAME[.PID].tmp``) that killed atomic writes left directly
+    in `folder`, and return them. Call it only while no other process writes there (see
+    `trainer.run_lock.RunLock`)."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """`exc` as an `OSError` naming `path` (errno and reason kept), when it is a failed write:
+    an `OSError`, or the `RuntimeError` torch.save raises when its file's write fails (a full
+    disk: ``[enforce fail at inline_container.cc...]``, with the `OSError` as its context).
+    None for any other error."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return OSError(cause.errno, cause.strerror or str(cause), os.fspath(path))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Call ``write(file)`` on a temporary file beside `path`, flush and fsync it, rename it over
+    `path` and fsync the folder. Any failure removes the temporary file, leaves `path` as it was
+    and raises an `OSError` naming `path` (see `write_failure`)."""
+    path = Path(path)
+    tmp = temporary_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+    except (OSError, RuntimeError) as exc:
+        failure = write_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` `obj` to `path` atomically: a temporary file in the same folder, flushed
+    and fsynced, then renamed over `path`. A crash at any moment leaves the old file or the new
+    one, never a broken one. A failed write (a full disk, a read-only folder) removes the
+    temporary file, keeps the old `path` and raises an `OSError` naming `path`."""
+    return _atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write `text` (UTF-8) to `path` atomically, like `atomic_save`."""
+    return _atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

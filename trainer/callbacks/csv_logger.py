@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.callback import Callback
+from trainer.checkpoint import atomic_write_text
 
 
 class CSVLogger(Callback):
@@ -18,7 +20,8 @@ class CSVLogger(Callback):
     Columns: ``epoch`` (0-based), ``step`` (the global step), then the logs' keys in the order
     they first appeared (``loss``, ``val_loss``, ``val_<metric>``, ``lr``); a value a row lacks
     (a step validation has no ``loss``) is left empty. A key that appears later rewrites the
-    file with the wider header. Each row is flushed to the file as it is written.
+    file with the wider header. Each row is flushed to the file as it is written; a write that
+    fails (a full disk) leaves the file at its last whole row and raises an `OSError` naming it.
 
     A new fit starts a new file; a resumed fit keeps the rows written up to its checkpoint (the
     number of rows travels in `state_dict`) and appends after them, so rows a killed process
@@ -64,8 +67,19 @@ class CSVLogger(Callback):
         if self._add_fields(row):
             self._rewrite()
         else:
+            self._append(row)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """Append `row`; a failed write (a full disk) cuts the file back to its last whole row
+        and raises an `OSError` naming the file."""
+        size = self.path.stat().st_size
+        try:
             with open(self.path, "a", newline="") as file:
                 csv.DictWriter(file, self._fields).writerow(row)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def _add_fields(self, row: dict[str, Any]) -> bool:
         new = [key for key in row if key not in self._fields]
@@ -78,10 +92,7 @@ class CSVLogger(Callback):
         writer = csv.DictWriter(text, self._fields or ["epoch", "step"])
         writer.writeheader()
         writer.writerows(self._rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text.getvalue(), newline="")
-        os.replace(tmp, self.path)
+        atomic_write_text(text.getvalue(), self.path)
 
     def state_dict(self) -> dict[str, Any]:
         """The number of rows written."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,12 +37,32 @@ def has_event_files(path: str | os.PathLike, recursive: bool = False) -> bool:
     return bool(glob.glob(pattern, recursive=recursive))
 
 
+def _quiet_writer_thread_errors(args: threading.ExceptHookArgs) -> None:
+    """`threading.excepthook` that leaves out the traceback of a TensorBoard writer thread's
+    `OSError`: the writer raises that error again at its next call in the fit's own thread."""
+    if type(args.thread).__module__.startswith("tensorboard.") and isinstance(args.exc_value, OSError):
+        return
+    _previous_excepthook(args)
+
+
+_previous_excepthook = threading.excepthook
+
+
 def open_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> SummaryWriter:
     """A `SummaryWriter` on `log_dir`, created if needed, with a clear error when it cannot be.
 
     `purge_step` (used when a run resumes) drops events at or after that step that a previous,
     interrupted process wrote.
+
+    A failed write of the event file (a full disk) happens in the writer's own thread; that
+    thread ends, and the writer's next call (``add_*``, ``flush``, ``close``) raises its
+    `OSError` (errno 28 for a full disk) in the caller's thread. The thread's own traceback is
+    not printed. The event file keeps every record written before; its last one may be cut
+    short, which TensorBoard's readers skip, and a resumed run purges from its checkpoint's step.
     """
+    global _previous_excepthook
+    if threading.excepthook is not _quiet_writer_thread_errors:
+        _previous_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread_errors
     try:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -1,0 +1,295 @@
+"""Nothing of a user's results is lost on the run folder: one writer per folder, a resume that never
+starts over, predictions that never replace files unasked, and one line, with no partial file left,
+when the disk fills or a folder cannot be written.
+
+The races and the full disk are tested with the real command line in subprocesses (a tmpfs mounted
+as root for the full disk; elsewhere a mocked ``ENOSPC`` checks the same line)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from bench.recipe_process import RecipeProcess
+from recipes import nested_unet
+from recipes.common import UsageError, run_cli, start_run_dir
+from trainer.checkpoint import load_checkpoint
+from trainer_datasets import write_png_file
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
+
+# The recipe's quickest configuration: UNet on 16x16 images, 2 steps per epoch.
+TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
+        "--epochs", "1", "--precision", "32", "--channels-last", "off"]
+TIMEOUT = 300.0
+
+
+def run(argv: list[str]) -> int:
+    return run_cli(nested_unet.main, argv)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    """The one error line that ends `err` (after a progress bar, if training started), with no
+    traceback before it."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert "Traceback" not in err and sum(line.startswith("error") for line in lines) == 1, err[-3000:]
+    return lines[-1]
+
+
+def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.csv", "events", "best.pt")) -> Path:
+    """A run folder as an earlier run left it (without last.pt): a valid config.json of TINY, and
+    the other `files` with contents of their kind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = nested_unet.NestedUNetRecipe()
+    config = recipe.new_config(nested_unet.build_parser().parse_args(TINY))
+    (folder / "config.json").write_text(json.dumps(config))
+    if "metrics.csv" in files:
+        (folder / "metrics.csv").write_text("epoch,step,loss,val_loss,val_iou\n0,2,0.9,0.8,0.578\n")
+    if "events" in files:
+        with SummaryWriter(str(folder)) as writer:
+            writer.add_scalar("Validation/IoU", 0.578, 2)
+    if "best.pt" in files:
+        (folder / "best.pt").write_bytes(b"the earlier run's best state")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["last.pt deleted", "last.pt is a folder", "config.json only"])
+def test_resume_without_last_pt_changes_nothing_and_says_what_is_there(tmp_path, capsys, case):
+    folder = earlier_run(tmp_path / "run", ("config.json",) if case == "config.json only" else
+                         ("config.json", "metrics.csv", "events", "best.pt"))
+    if case == "last.pt is a folder":
+        (folder / "last.pt").mkdir()
+        (folder / "last.pt" / "note.txt").write_text("kept")
+    before = snapshot(folder)
+    assert run(["--resume", str(folder)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ("last.pt is a folder" if case == "last.pt is a folder" else "there is no last.pt") in line
+    assert "config.json" in line and "start a new run" in line
+    if case != "config.json only":
+        assert "best.pt, config.json, " in line and "1 TensorBoard event file" in line
+    assert snapshot(folder) == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.split("/")[0] for p in before)
+
+
+def test_an_empty_log_dir_is_refused_instead_of_writing_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run([*TINY, "--log-dir", ""]) == 2
+    assert "--log-dir ''" in one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_holding_only_an_earlier_config_is_not_reused(tmp_path, capsys):
+    folder = earlier_run(tmp_path / "run", ("config.json",))
+    before = snapshot(folder)
+    assert run([*TINY, "--log-dir", str(folder)]) == 2
+    assert "already holds a run" in one_error_line(capsys.readouterr().err)
+    assert snapshot(folder) == before
+
+
+def test_resume_of_an_unwritable_run_folder_is_one_line(read_only_folder, capsys):
+    folder = read_only_folder(lambda f: earlier_run(f))
+    before = snapshot(folder)
+    assert run(["--resume", str(folder)]) == 2
+    assert "not writable" in one_error_line(capsys.readouterr().err)
+    assert snapshot(folder) == before
+
+
+def test_config_json_that_cannot_be_written_leaves_no_file(tmp_path, mocker):
+    mocker.patch("trainer.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(UsageError, match=r"cannot write .*config\.json: No space left on device"):
+        start_run_dir(str(tmp_path / "run"), "runs/x", {"seed": 0})
+    assert not list((tmp_path / "run").iterdir())  # neither config.json, its temporary file nor the lock
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mocker):
+    """torch.save on a full disk: it writes part of the file, then raises RuntimeError with the
+    OSError as context (``[enforce fail at inline_container.cc...]``). Here the second save, of
+    last.pt after best.pt, fails so."""
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(obj, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) < 2:
+            return real_save(obj, file, *args, **kwargs)
+        file.write(b"part of a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    mocker.patch("trainer.checkpoint.torch.save", side_effect=fills_the_disk)
+    folder = tmp_path / "run"
+    assert run([*TINY, "--log-dir", str(folder)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {folder / 'last.pt'}: No space left on device" in line
+    assert f"{folder / 'best.pt'} is whole" in line and "no last.pt to resume from" in line
+    names = {p.name for p in folder.iterdir()}
+    assert "last.pt" not in names and not [n for n in names if n.endswith(".tmp") or n == ".lock"]
+    assert load_checkpoint(folder / "best.pt")["epochs_done"] == 1
+
+
+# ------------------------------------------------------------------------------------------- predict
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of the recipe (a UNet, one class, 16x16) as predict reads it."""
+    config = {"arch": "UNet", "deep_supervision": False, "classes": ["nucleus"], "image_size": 16,
+              "precision": "32", "channels_last": False}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
+    torch.save({"model": nested_unet.build_model(config, 1).state_dict(), "config": config}, path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    for index, name in enumerate(("a", "b")):
+        write_png_file(torch.full((3, 16, 16), 40 * index, dtype=torch.uint8), folder / f"{name}.png")
+    return folder
+
+
+def predict(checkpoint: Path, images: Path, out: Path, *extra: str) -> int:
+    return run(["predict", "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out), *extra])
+
+
+def test_predict_never_overwrites_unless_asked(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_mask.png").write_bytes(b"a mask drawn by hand")
+    assert predict(checkpoint, images, out) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(out / "b_mask.png") in line and "--overwrite" in line
+    assert snapshot(out) == {"b_mask.png": b"a mask drawn by hand"}  # nothing written, not even a_*.png
+
+    assert predict(checkpoint, images, out, "--overwrite") == 0
+    assert sorted(snapshot(out)) == ["a_mask.png", "a_prob.png", "b_mask.png", "b_prob.png"]
+    assert (out / "b_mask.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("inside", ["masks/nucleus", "masks", ".", "predictions/new"])
+def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint, images, tmp_path, capsys, inside):
+    data = tmp_path / "data"
+    write_png_file(torch.zeros(3, 16, 16, dtype=torch.uint8), data / "images" / "a.png")
+    write_png_file(torch.zeros(1, 16, 16, dtype=torch.uint8), data / "masks" / "nucleus" / "a.png")
+    before = snapshot(data)
+    assert predict(checkpoint, images, data / inside, "--overwrite") == 2
+    assert "training data folder" in one_error_line(capsys.readouterr().err)
+    assert snapshot(data) == before and not (data / "predictions").exists()
+
+
+def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys,
+                                                                         mocker):
+    from recipes import prediction
+
+    real_write, calls = prediction.write_png_file, []
+
+    def fills_the_disk(image, path):  # the third file (b's probability map) finds the disk full
+        calls.append(path)
+        if len(calls) < 3:
+            return real_write(image, path)
+        Path(path).write_bytes(b"\x89PNG part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    mocker.patch("recipes.prediction.write_png_file", side_effect=fills_the_disk)
+    out = tmp_path / "out"
+    assert predict(checkpoint, images, out) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'b_prob.png'}: No space left on device" in line
+    assert "the outputs of the 1 image before it" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png"]
+
+
+def test_predict_into_an_unwritable_folder_is_one_line(checkpoint, images, read_only_folder, capsys):
+    assert predict(checkpoint, images, read_only_folder()) == 2
+    assert "not writable" in one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------- several processes, a full disk
+# The recipe's command line, held right after the checkpoints of its first epoch until it is killed.
+HOLD_AFTER_FIRST_EPOCH = textwrap.dedent(f"""
+    import runpy, sys, threading
+    from trainer.callbacks import ModelCheckpoint
+    save = ModelCheckpoint.on_epoch_end
+    def save_and_hold(self, trainer, logs):
+        save(self, trainer, logs)
+        print("held", file=sys.stderr, flush=True)
+        threading.Event().wait({TIMEOUT})
+    ModelCheckpoint.on_epoch_end = save_and_hold
+    runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_writes_nothing(tmp_path):
+    folder = tmp_path / "run"
+    runs = [RecipeProcess([*TINY, "--log-dir", str(folder)], timeout=TIMEOUT) for _ in range(2)]
+    codes = [r.finish() for r in runs]
+    assert sorted(codes) == [0, 2], [r.stderr[-2000:] for r in runs]
+    winner, loser = runs[codes.index(0)], runs[codes.index(2)]
+    line = one_error_line(loser.stderr)
+    # Refused at its first look (the other run had written config.json) or at the lock: named either way.
+    assert f"in use by another run (pid {winner.process.pid} on " in line
+    assert "run written to" not in loser.stdout
+    events = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents.")]
+    assert len(events) == 1 and f".{winner.process.pid}." in events[0].name
+    assert sorted(p.name for p in folder.iterdir() if p not in events) == [
+        "best.pt", "config.json", "last.pt", "metrics.csv"]
+    assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # the header and one epoch
+
+
+def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
+    folder = tmp_path / "run"
+    live = RecipeProcess([*TINY, "--epochs", "2", "--log-dir", str(folder)], code=HOLD_AFTER_FIRST_EPOCH,
+                         timeout=TIMEOUT)
+    assert live.poll_until(lambda: "held" in live.stderr), live.stderr[-3000:]
+    before = snapshot(folder)
+    assert run(["--resume", str(folder)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"in use by another run (pid {live.process.pid} on " in line
+    assert snapshot(folder) == before
+
+    assert live.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert json.loads((folder / ".lock").read_text())["pid"] == live.process.pid  # stale: its holder is dead
+    for leftover in (".last.pt.99999.tmp", ".config.json.tmp"):  # what killed writes leave
+        (folder / leftover).write_bytes(b"partial")
+    resumed = RecipeProcess(["--resume", str(folder)], timeout=TIMEOUT)
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no leftovers, lock released
+
+
+def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(small_disk):
+    """A real recipe on a tmpfs that holds the first epoch's two checkpoints (about 95 MB each)
+    but not a third: the second epoch's first checkpoint write fills it."""
+    folder = small_disk.mount("240m") / "run"
+    full = RecipeProcess([*TINY, "--epochs", "2", "--log-dir", str(folder)], timeout=TIMEOUT)
+    assert full.finish() == 2, full.stderr[-3000:]
+    line = one_error_line(full.stderr)
+    assert "Exception in thread" not in full.stderr
+    assert line.startswith(f"error: cannot write {folder}") and "No space left on device" in line, line
+    assert f"the last good checkpoint is {folder / 'last.pt'} (resume with: " in line
+    files = [p for p in folder.iterdir()]
+    assert not [p.name for p in files if p.name.startswith(".") or p.stat().st_size == 0]
+    assert load_checkpoint(folder / "last.pt")["epochs_done"] == 1
+    assert load_checkpoint(folder / "best.pt")["epochs_done"] == 1
+    assert json.loads((folder / "config.json").read_text())["epochs"] == 2
+
+    small_disk.remount("500m")
+    resumed = RecipeProcess(["--resume", str(folder)], timeout=TIMEOUT)
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
+    assert len((folder / "metrics.csv").read_text().splitlines()) == 3
