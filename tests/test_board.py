@@ -88,22 +88,27 @@ def assert_scalars_served(url: str, run: str) -> None:
         assert [step for _, step, _ in points] == steps  # each point is [wall_time, step, value]
 
 
-def train_tiny_run(log_dir: Path) -> Trainer:
-    """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
+def tiny_loaders() -> tuple[DataLoader, DataLoader]:
+    """Training (8 samples, 2 batches) and validation (4 samples) loaders of 8x8 images."""
     torch.manual_seed(0)
     images = torch.rand(12, 1, 8, 8)
     data = TensorDataset(images, images.mean(dim=(1, 2, 3)).gt(0.5).long())
-    train = DataLoader(data, batch_size=4, sampler=range(8))
-    val = DataLoader(data, batch_size=4, sampler=range(8, 12))
+    return DataLoader(data, batch_size=4, sampler=range(8)), DataLoader(data, batch_size=4, sampler=range(8, 12))
+
+
+def tiny_trainer(callbacks: list, epochs: int = 2) -> Trainer:
+    """A tiny CNN on 8x8 images with `callbacks`, for `epochs` epochs of 2 steps."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
-    callbacks = [
-        TensorBoardCallback(log_dir, log_every=1),
-        ImageGridCallback(log_dir, num_images=4),
-        GraphCallback(log_dir),
-    ]
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
-                callbacks=callbacks, max_epochs=2, device="cpu")
-    t.fit(train, val)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                   callbacks=callbacks, max_epochs=epochs, device="cpu")
+
+
+def train_tiny_run(log_dir: Path) -> Trainer:
+    """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
+    t = tiny_trainer([TensorBoardCallback(log_dir, log_every=1), ImageGridCallback(log_dir, num_images=4),
+                      GraphCallback(log_dir)])
+    t.fit(*tiny_loaders())
     assert t.global_step == 4
     return t
 
@@ -280,3 +285,46 @@ def test_show_prints_the_url_without_ipython(runs, monkeypatch, capsys):
         assert capsys.readouterr().out == f"TensorBoard on {runs}: {b.url}\n"
     finally:
         b.stop()
+
+
+# ------------------------------------------------------------------- resumed runs on the board
+def scalar_steps_served(url: str, run: str, tag: str, count: int) -> list[tuple[int, float]]:
+    """(step, value) of each point of `tag` in `run` as the server answers, once it has `count`."""
+    points = poll_json(url, "data/plugin/scalars/scalars", lambda d: len(d) >= count, run=run, tag=tag)
+    return [(step, value) for _, step, value in points]
+
+
+def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer.callbacks import ModelCheckpoint
+
+    run = tmp_path / "run"
+    first = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=2)
+    first.fit(*tiny_loaders())
+    # The killed process went on past its last checkpoint (step 4): these points are orphans.
+    with SummaryWriter(run) as orphan:
+        for step in (5, 6):
+            orphan.add_scalar("training loss", 99.0, step)
+    resumed = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=4)
+    resumed.fit(*tiny_loaders(), resume_from=run / "last.pt")
+    with board.start(run) as b:
+        points = scalar_steps_served(b.url, "run", "training loss", 8)
+        assert [step for step, _ in points] == list(range(1, 9))  # one value per step, in order
+        assert 99.0 not in [value for _, value in points]
+        epochs = scalar_steps_served(b.url, "run", "Loss/training (epoch mean)", 4)
+        assert [step for step, _ in epochs] == [2, 4, 6, 8]
+        assert [value for _, value in epochs] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = tiny_trainer([TensorBoardCallback(run, log_every=1)])
+    first.fit(*tiny_loaders())
+    again = tiny_trainer([TensorBoardCallback(run, log_every=1)])  # the notebook cell, run again
+    again.fit(*tiny_loaders())
+    assert f"{run} already holds a run, so this one logs to {run / 'version_1'}" in capsys.readouterr().out
+    with board.start(run) as b:
+        assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 2)) == ["run", "run/version_1"]
+        for name in ("run", "run/version_1"):
+            assert [step for step, _ in scalar_steps_served(b.url, name, "training loss", 4)] == [1, 2, 3, 4]
