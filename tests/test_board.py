@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import types
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer import Trainer, board
+from trainer import Trainer, board, board_servers
 from trainer.callbacks import GraphCallback, ImageGridCallback, TensorBoardCallback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +174,7 @@ def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_
     try:
         assert b.url == f"http://127.0.0.1:{b.port}/" and b.path == runs / "tiny" and b.running
         assert poll_json(b.url, "data/runs", lambda d: "tiny" in d) == ["tiny"]  # not "."
+        assert get_json(b.url, "data/environment")["data_location"] == str(runs / "tiny")  # not the link's folder
         assert_scalars_served(b.url, "tiny")
         # The HParams tab's trial is the run, under the same name.
         groups = post_json(b.url, "data/plugin/hparams/session_groups",
@@ -255,36 +257,63 @@ def test_main_rejects_a_folder_without_event_files(tmp_path, capsys):
     assert err.count("\n") == 1 and str(tmp_path) in err and "holds no TensorBoard event files" in err
 
 
-def fake_ipython(monkeypatch, mocker):
-    """Install a stand-in ``IPython.display`` module; returns its (IFrame, display) mocks."""
-    display_module = types.ModuleType("IPython.display")
-    display_module.IFrame = mocker.Mock(name="IFrame")
-    display_module.display = mocker.Mock(name="display")
-    package = types.ModuleType("IPython")
-    package.display = display_module
-    monkeypatch.setitem(sys.modules, "IPython", package)
-    monkeypatch.setitem(sys.modules, "IPython.display", display_module)
-    return display_module.IFrame, display_module.display
+@pytest.fixture
+def registry(tmp_path, monkeypatch) -> Path:
+    """A temporary folder of its own for this test and the servers it starts (their registry,
+    their folders of links), so that what they leave behind can be checked."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
-def test_show_displays_an_iframe_with_ipython(runs, monkeypatch, mocker):
-    iframe, display = fake_ipython(monkeypatch, mocker)
-    b = board.show(runs, height=600)
+def test_show_outside_a_notebook_prints_the_url_and_reuses_one_server_per_folder(runs, registry, capsys):
+    run = runs / "tiny"
+    first = board.show(run)
     try:
-        iframe.assert_called_once_with(b.url, width="100%", height=600)
-        display.assert_called_once_with(iframe.return_value)
-        assert get_json(b.url, "data/environment")["data_location"] == str(runs)
+        second = board.show(run)  # the cell run again: the same server
+        assert second == first and first.path == str(run.resolve())
+        assert capsys.readouterr().out == f"TensorBoard on {first.path}: {first.url}\n" * 2
+        assert poll_json(first.url, "data/runs", lambda d: d) == ["tiny"]
+        assert get_json(first.url, "data/environment")["data_location"] == str(run)  # no temporary path
+        assert [server.pid for server in board_servers.running()] == [first.pid]
     finally:
-        b.stop()
+        assert board.stop(run)
+    assert not board.stop(run)  # nothing left to stop
+    with pytest.raises(OSError):
+        urllib.request.urlopen(first.url, timeout=5).read()
+    assert board_servers.running() == [] and list(registry.rglob("*")) == [board_servers.registry_dir()]
 
 
-def test_show_prints_the_url_without_ipython(runs, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "IPython", None)  # makes `import IPython` fail
-    b = board.show(runs)
+def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    board_servers.register(board_servers.BoardServer(str(runs), dead.pid, free_port(), "127.0.0.1", "http://127.0.0.1:1/"))
+    assert board_servers.find(runs) is None and not board_servers.entry_path(runs).exists()
+
+
+def test_show_rejects_a_bad_proxy_url_before_starting_a_server(runs, registry):
+    with pytest.raises(ValueError, match="proxy_url must hold %PORT%"):
+        board.show(runs, proxy_url="https://lab.example.org/tb/")
+    assert board_servers.running() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_command_line_stopped_by_a_signal_removes_its_temporary_files(runs, registry, sig):
+    run = runs / "tiny"
+    env = {**os.environ, "TMPDIR": str(registry)}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.board", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert capsys.readouterr().out == f"TensorBoard on {runs}: {b.url}\n"
+        url = read_line(proc).split(": ", 1)[1].strip()
+        assert len(list(registry.glob("trainer-board-*/tiny"))) == 1  # the link that names the run
+        assert board_servers.find(run).url == url  # recorded: a notebook's show() would reuse it
     finally:
-        b.stop()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert list(registry.rglob("*")) == [board_servers.registry_dir()]
 
 
 # ------------------------------------------------------------------- resumed runs on the board
