@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
 # A tiny run of 2 epochs x 2 batches logs the running loss at every optimizer step (1..4) and
 # the epoch logs at each epoch's last step (2, 4); the image grid and the graph come at fit start.
-SCALAR_STEPS = {"training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
+SCALAR_STEPS = {"Loss/training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -204,7 +204,7 @@ def test_a_folder_of_runs_names_them_by_their_relative_paths(runs, tmp_path):
         assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 3)) == expected
     with board.start(folder / "nested_unet" / "b") as b:  # one of them alone: named after its folder
         assert poll_json(b.url, "data/runs", lambda d: d) == ["b"]
-        assert "training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
+        assert "Loss/training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
 
 
 def test_start_on_a_given_port_and_as_a_context_manager(runs):
@@ -334,11 +334,11 @@ def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
     # The killed process went on past its last checkpoint (step 4): these points are orphans.
     with SummaryWriter(run) as orphan:
         for step in (5, 6):
-            orphan.add_scalar("training loss", 99.0, step)
+            orphan.add_scalar("Loss/training loss", 99.0, step)
     resumed = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=4)
     resumed.fit(*tiny_loaders(), resume_from=run / "last.pt")
     with board.start(run) as b:
-        points = scalar_steps_served(b.url, "run", "training loss", 8)
+        points = scalar_steps_served(b.url, "run", "Loss/training loss", 8)
         assert [step for step, _ in points] == list(range(1, 9))  # one value per step, in order
         assert 99.0 not in [value for _, value in points]
         epochs = scalar_steps_served(b.url, "run", "Loss/training (epoch mean)", 4)
@@ -356,4 +356,4 @@ def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_pat
     with board.start(run) as b:
         assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 2)) == ["run", "run/version_1"]
         for name in ("run", "run/version_1"):
-            assert [step for step, _ in scalar_steps_served(b.url, name, "training loss", 4)] == [1, 2, 3, 4]
+            assert [step for step, _ in scalar_steps_served(b.url, name, "Loss/training loss", 4)] == [1, 2, 3, 4]

@@ -26,7 +26,7 @@ def fit(log_dir, trainer: Trainer | None = None, epochs: int = 2) -> Trainer:
     return trainer
 
 
-def steps(run_dir, tag="training loss") -> list[int]:
+def steps(run_dir, tag="Loss/training loss") -> list[int]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [event.step for event in events.Scalars(tag)]

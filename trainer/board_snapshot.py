@@ -19,7 +19,7 @@ FIGURE_TAGS = ("predictions vs. actuals",)
 
 
 def _is_loss(tag: str) -> bool:
-    return tag == "training loss" or tag.startswith("Loss/")
+    return tag.startswith("Loss/") or tag == "training loss"  # the tutorial's own tag, written by hand
 
 
 def _runs(root: Path) -> list[Path]:
@@ -29,8 +29,8 @@ def _runs(root: Path) -> list[Path]:
 
 
 def snapshot_png(path: str | os.PathLike) -> bytes | None:
-    """A PNG of the runs at or below `path`: their loss curves (``training loss`` and the
-    ``Loss/`` tags) on the left, the newest run's latest figure on the right; None when the
+    """A PNG of the runs at or below `path`: their loss curves (the ``Loss/`` tags, and the
+    tutorial's ``training loss``) on the left, the newest run's latest figure on the right; None when the
     runs hold neither."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

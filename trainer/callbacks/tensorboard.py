@@ -178,7 +178,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     hparams, under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
 
     - Every `log_every` optimizer steps: the mean training loss since the previous point,
-      under `running_loss_tag` (``training loss``; x axis: global step), and the training
+      under `running_loss_tag` (``Loss/training loss``; x axis: global step), and the training
       samples per second of wall time since the previous point (of all processes under
       torchrun), under `throughput_tag`. Nothing is done between log points; the throughput
       needs no device sync.
@@ -205,7 +205,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         monitor, mode: the value the run is judged by (``"min"`` or ``"max"`` is better, as for
             `ModelCheckpoint`); its curve is the HParams tab's first metric.
         main_hparams: the options shown first, in this order (`hparams.MAIN_HPARAMS`).
-        throughput_tag: the tag of the training throughput (``throughput (samples/s)``).
+        throughput_tag: the tag of the training throughput (``throughput (samples per second)``).
     """
 
     def __init__(
