@@ -357,3 +357,13 @@ def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_pat
         assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 2)) == ["run", "run/version_1"]
         for name in ("run", "run/version_1"):
             assert [step for step, _ in scalar_steps_served(b.url, name, "Loss/training loss", 4)] == [1, 2, 3, 4]
+
+
+def test_show_on_a_busy_port_is_the_servers_one_line_error(runs, registry):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"could not serve .* on 127.0.0.1:{port}: .*already in use") as info:
+            board.show(runs, port=port)
+    assert "\n" not in str(info.value) and board_servers.running() == []

@@ -168,8 +168,10 @@ def spawn(folder: str | os.PathLike, port: int | None = None, host: str = "127.0
             if child.poll() is not None:
                 log.seek(0)
                 lines = [line for line in log.read().splitlines() if line.strip()]
-                reason = lines[-1].removeprefix("error: ") if lines else f"exit status {child.returncode}"
-                raise OSError(f"TensorBoard could not serve {os.fspath(folder)!r}: {reason}")
+                if lines and lines[-1].startswith("error: "):  # its own one-line error names the folder
+                    raise OSError(lines[-1].removeprefix("error: "))
+                raise OSError(f"TensorBoard could not serve {os.fspath(folder)!r}: "
+                              f"{lines[-1] if lines else f'exit status {child.returncode}'}")
             time.sleep(0.1)
         child.terminate()
         child.wait()
