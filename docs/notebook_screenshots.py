@@ -190,6 +190,8 @@ def start_lab(work: Path, host: str, port: int, log: Path) -> subprocess.Popen:
                "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={work}",
                "--ServerApp.allow_remote_access=True", "--LabApp.news_url=None",
                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-root")  # a container's root
     process = subprocess.Popen(command, cwd=work, env=child_env(JUPYTER_CONFIG_DIR=str(work / ".jupyter-config"),
                                                                    JUPYTER_DATA_DIR=str(work / ".jupyter-data")),
                                stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -60,3 +60,14 @@ def test_a_resumed_fit_continues_the_newest_version(tmp_path):
     fit(run)
     assert writer_dir(run, resumed=True) == run / "version_4"
     assert writer_dir(run, resumed=False) == run / "version_5"
+
+
+def test_a_run_stopped_before_its_first_point_is_replaced_not_kept_beside(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    with SummaryWriter(run) as killed:  # what a process killed in its first steps left: no scalar yet
+        killed.add_text("config", "lr=0.1", 0)
+    assert run_versions(run) == [] and writer_dir(run, resumed=False) == run
+    fit(run)
+    assert run_versions(run) == [run] and steps(run) == [1, 2, 3, 4]

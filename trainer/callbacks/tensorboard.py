@@ -55,23 +55,38 @@ def open_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> Su
 VERSION_PREFIX = "version_"
 
 
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether the event files in `path` hold a run: at least one scalar point. A run stopped before
+    its first log point (only its graph, images or hparams written) does not count: a new fit
+    replaces it."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for file in sorted(glob.glob(os.path.join(glob.escape(os.fspath(path)), EVENT_FILE_PATTERN))):
+        for event in EventFileLoader(file).Load():
+            if any(value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars"
+                   for value in event.summary.value):
+                return True
+    return False
+
+
 def run_versions(log_dir: str | os.PathLike) -> list[Path]:
-    """The runs logged in `log_dir`, oldest first: `log_dir` itself if it holds event files, then
-    its ``version_N`` folders that do, by N."""
+    """The runs logged in `log_dir` (see `holds_run`), oldest first: `log_dir` itself, then its
+    ``version_N`` folders, by N."""
     root = Path(log_dir)
     numbered = []
     for child in root.glob(f"{VERSION_PREFIX}*"):
         number = child.name[len(VERSION_PREFIX):]
-        if number.isdigit() and has_event_files(child):
+        if number.isdigit() and holds_run(child):
             numbered.append((int(number), child))
-    return ([root] if has_event_files(root) else []) + [child for _, child in sorted(numbered)]
+    return ([root] if holds_run(root) else []) + [child for _, child in sorted(numbered)]
 
 
 def writer_dir(log_dir: str | os.PathLike, resumed: bool) -> Path:
     """Where a fit logs in the run directory `log_dir`, so that two fits never share a curve.
 
     A resumed fit continues the newest run there (`run_versions`). A new fit writes in `log_dir`
-    if it holds no run yet, else in a new sibling ``log_dir/version_N`` (N one above the highest
+    if it holds no run yet (replacing what a run stopped before its first log point wrote there), else
+    in a new sibling ``log_dir/version_N`` (N one above the highest
     there; the run in `log_dir` itself counts as version 0), as PyTorch Lightning numbers runs.
     """
     versions = run_versions(log_dir)
