@@ -66,8 +66,8 @@ val_loader = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=64)
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
 fit = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
               callbacks=[TensorBoardCallback("runs/readme_example", log_every=2)], max_epochs=5, device="cpu")
-fit.fit(train_loader, val_loader)'''
-SHOW = 'trainer.board.show("runs/readme_example", height=520)'
+history = fit.fit(train_loader, val_loader)'''
+SHOW = 'trainer.board.show("runs/readme_example", height=640)'
 
 class NotebookCheckError(RuntimeError):
     """A step failed; the message says which and why."""
@@ -103,6 +103,7 @@ def execute_notebook(work: Path) -> Path:
     import nbformat
 
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(TRAIN), nbformat.v4.new_code_cell(SHOW)])
+    notebook.cells[0].metadata["jupyter"] = {"source_hidden": True}  # the screenshots show the show() cell
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     previous = dict(os.environ)
     os.environ.update(child_env())
@@ -152,8 +153,12 @@ class Gate:
                 parts = urlsplit(target)
                 where = parts.netloc
                 path = parts.path + (f"?{parts.query}" if parts.query else "")
-                lines = [line for line in rest.split(b"\r\n") if not line.lower().startswith(b"proxy-connection")]
-                head = f"{method} {path or '/'} {version}\r\n".encode("latin-1") + b"\r\n".join(lines)
+                # One request per connection: what follows on a kept-alive one would reach the
+                # server in proxy form (absolute URLs), which it does not route.
+                lines = [line for line in rest.split(b"\r\n")
+                         if not line.lower().startswith((b"proxy-connection", b"connection"))]
+                head = (f"{method} {path or '/'} {version}\r\nConnection: close\r\n".encode("latin-1")
+                        + b"\r\n".join(lines))
             if where != self.allowed:
                 self.refused.append(where)
                 client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -192,6 +197,10 @@ def start_lab(work: Path, host: str, port: int, log: Path) -> subprocess.Popen:
                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # a container's root
+    settings = work / ".lab-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news prompt
+    command.append(f"--LabApp.user_settings_dir={work / '.lab-settings'}")
     process = subprocess.Popen(command, cwd=work, env=child_env(JUPYTER_CONFIG_DIR=str(work / ".jupyter-config"),
                                                                    JUPYTER_DATA_DIR=str(work / ".jupyter-data")),
                                stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -217,20 +226,62 @@ def trust(notebook: Path, work: Path) -> None:
     nbformat.write(content, notebook)
 
 
-def chromium(url: str, out: Path, profile: Path, proxy: int | None, budget_ms: int = 25000) -> str:
-    """Open `url` in headless Chromium: screenshot to `out`, and return the DOM it ends with."""
+def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str, timeout: float = 180.0) -> str:
+    """Open `url` in headless Chromium, driven through its DevTools protocol (JupyterLab keeps
+    connections open, so ``--virtual-time-budget`` would never end): wait until the show() cell
+    shows `expect` (`cell_state`; at most `timeout` s), give a live frame time to draw, screenshot
+    the page to `out` and return its DOM."""
+    import base64
+
+    import websocket  # websocket-client, a dependency of jupyter_server
+
+    debug = free_port()
     command = [shutil.which("chromium") or "/usr/bin/chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
                "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1400,1000",
-               f"--virtual-time-budget={budget_ms}"]
+               f"--remote-debugging-port={debug}", "--remote-allow-origins=*", "about:blank"]
     if proxy is not None:  # everything, loopback included, through the gate
-        command += [f"--proxy-server=http://127.0.0.1:{proxy}", "--proxy-bypass-list=<-loopback>"]
+        command[1:1] = [f"--proxy-server=http://127.0.0.1:{proxy}", "--proxy-bypass-list=<-loopback>"]
     shutil.rmtree(profile, ignore_errors=True)
-    subprocess.run([*command, f"--screenshot={out}", url], capture_output=True, timeout=240)
-    shutil.rmtree(profile, ignore_errors=True)
-    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=240).stdout
-    if not out.is_file():
-        raise NotebookCheckError(f"chromium made no screenshot of {url}")
-    return dom
+    browser = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    calls = iter(range(1, 1 << 30))
+
+    def call(method: str, **params: object) -> dict:
+        number = next(calls)
+        page.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            answer = json.loads(page.recv())
+            if answer.get("id") == number:
+                return answer.get("result", {})
+
+    try:
+        deadline = time.monotonic() + timeout
+        targets: list = []
+        while not targets and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                targets = [t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug}/json/list", timeout=5))
+                           if t.get("type") == "page"]
+            time.sleep(0.5)
+        if not targets:
+            raise NotebookCheckError("chromium did not start")
+        page = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        call("Page.navigate", url=url)
+        dom, state = "", "nothing"
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            dom = call("Runtime.evaluate", expression="document.documentElement.outerHTML")["result"]["value"]
+            state = cell_state(dom)
+            if state == expect:
+                break
+        time.sleep(15 if state == "live TensorBoard" else 3)  # TensorBoard draws its charts in the frame
+        dom = call("Runtime.evaluate", expression="document.documentElement.outerHTML")["result"]["value"]
+        out.write_bytes(base64.b64decode(call("Page.captureScreenshot", format="png")["data"]))
+        page.close()
+        return dom
+    finally:
+        browser.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            browser.wait(20)
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def cell_state(dom: str) -> str:
@@ -288,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             gate = Gate(allowed) if allowed else None
             try:
                 out = args.out / f"notebook-{situation}.png"
-                dom = chromium(url, out, work / "chromium-profile", gate.port if gate else None)
+                dom = chromium(url, out, work / "chromium-profile", gate.port if gate else None,
+                               EXPECTED[situation])
             finally:
                 if gate:
                     gate.close()

@@ -28,6 +28,13 @@ named after its folder (``20261127-101500``), in the legend, the tooltips and th
 rather than TensorBoard's ``.``: TensorBoard is pointed at a temporary folder holding one
 symbolic link to the run, named like it (``--logdir_spec`` would name it ``20261127-101500/.``),
 removed when the server stops. TensorBoard's "data location" still names the run directory.
+
+A resumed run shows as one curve per tag, as plain ``tensorboard`` shows it: this loader drops a
+killed process's orphaned points only at a run's second restart marker (``SessionLog.START``),
+taking the first for the run's start, so every event stream the TensorBoard callbacks write
+begins with one (`trainer.callbacks.tensorboard.TensorBoardWriterCallback`). Runs written
+without it (by other tools, or by this project before it wrote one) can still show a resumed
+stretch twice here.
 """
 
 from __future__ import annotations
