@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="notebook-screenshots-"))
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    import nbformat
+
     import trainer.board
 
     labs: list[subprocess.Popen] = []
@@ -321,16 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         notebook = execute_notebook(work)
         saved = work / "saved.ipynb"
-        shutil.copy(notebook, saved)  # never signed: opens untrusted
+        copy = nbformat.read(notebook, as_version=4)
+        copy.metadata["title"] = "saved elsewhere"  # other content, so signing the original does not sign it
+        nbformat.write(copy, saved)  # never signed: opens untrusted
         host = outward_address()
         port = free_port()
         labs.append(start_lab(work, "0.0.0.0", port, work / "lab.log"))
         trust(notebook, work)
         pages = {
-            "local": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb", None),
-            "remote": (f"http://{host}:{port}/lab/tree/board.ipynb", f"{host}:{port}"),
-            "restarted": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb", None),
-            "saved": (f"http://127.0.0.1:{port}/lab/tree/saved.ipynb", None),
+            "local": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb?reset", None),
+            "remote": (f"http://{host}:{port}/lab/tree/board.ipynb?reset", f"{host}:{port}"),
+            "restarted": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb?reset", None),
+            "saved": (f"http://127.0.0.1:{port}/lab/tree/saved.ipynb?reset", None),
         }
         for situation in SITUATIONS:
             url, allowed = pages[situation]
