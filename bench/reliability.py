@@ -60,7 +60,7 @@ from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer.checkpoint import load_checkpoint
 
 TIMEOUT = 600.0  # upper bound of every wait
-TIMED_TAGS = {"throughput (samples/s)"}  # wall-clock values: only their steps must match
+TIMED_TAGS = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
 
 
 def tiny_config(arch: str, epochs: int) -> list[str]:

@@ -13,19 +13,12 @@ The tabs are Time Series (``#timeseries``), Custom Scalars (``#custom_scalars``)
 uses in its URL fragment. The PNGs go to ``docs/images/<recipe>-<tab>.png``, e.g.
 ``docs/images/nested_unet-timeseries.png``, and their paths are printed at the end.
 
-How the pages are made to finish and to show what each tab is for:
-
-* charts are drawn as SVG (TensorBoard's ``?forceSVG=true``), so they are complete within
-  Chromium's virtual time budget instead of being drawn later by a WebGL worker;
-* a loopback proxy in front of TensorBoard adds one same-origin script to its page that sets
-  TensorBoard's own saved settings before it starts: the Time Series settings pane closed, cards
-  two to a row, and the per-step ``training loss`` chart pinned above the epoch loss charts;
-* the Images tab opens with the tag filter ``.*``, which shows every image tag in one open group
-  (TensorBoard's default leaves the third group, the predictions, collapsed);
-* on the Graphs tab the same script hides the navigation minimap and expands a small model's
-  node one level (the tutorial's CNN shows its layers; NestedUNet, too wide to read expanded,
-  stays one box);
-* a run is captured only once the server lists it and its scalar tags have stopped changing.
+What the captures show is what a user sees first on TensorBoard's default settings: a fresh
+Chromium profile, no stored settings, no pinned cards, no filter, a 1400 x 1000 window; where a
+click is needed to see more (a collapsed group, an expanded graph node), the README says so. Two
+things make the pages finish within Chromium's virtual time budget without changing what they
+show: charts are drawn as SVG (TensorBoard's ``?forceSVG=true``) rather than by a WebGL worker,
+and a run is captured only once the server lists it and its scalar tags have stopped changing.
 
 Needs: the project's virtual environment (PyTorch, TensorBoard, Pillow) and the Debian
 ``chromium`` package (``/usr/bin/chromium``); nothing is installed, and without Chromium the
@@ -44,7 +37,6 @@ Run it from the repository root (``docs`` imports as a namespace package)::
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import re
@@ -55,7 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -65,82 +56,17 @@ DEFAULT_OUT = ROOT / "docs" / "images"
 CHROMIUM_PATHS = ("/usr/bin/chromium", "chromium")
 RECIPES = ("nested_unet", "fashion_mnist")
 
-#: TensorBoard tab (its URL fragment) -> (extra fragment arguments, window width, window height).
-TABS: dict[str, tuple[str, int, int]] = {
-    "timeseries": ("", 1400, 1100),
-    "custom_scalars": ("", 1400, 700),
-    "images": ("&tagFilter=.*", 1400, 1000),
-    "graphs": ("", 1400, 700),
-    "hparams": ("", 2200, 440),
+#: TensorBoard tab (its URL fragment) -> (window width, window height).
+TABS: dict[str, tuple[int, int]] = {
+    "timeseries": (1400, 1000),
+    "custom_scalars": (1400, 1000),
+    "images": (1400, 1000),
+    "graphs": (1400, 1000),
+    "hparams": (1400, 1000),
 }
 
 #: The largest PNG written as full colour; larger ones are reduced to a 256-colour palette.
 MAX_PNG_BYTES = 250_000
-
-#: Path of the script the proxy adds to TensorBoard's page.
-SETTINGS_SCRIPT_PATH = "/docs-screenshots-settings.js"
-
-#: TensorBoard's saved global settings (localStorage ``_tb_global_settings``) for the captures:
-#: the Time Series settings pane closed, cards at least 500 px wide (two to a row), and y axes
-#: that fit every point (a short run's first losses would count as outliers).
-TENSORBOARD_SETTINGS = {"timeSeriesSettingsPaneOpened": False, "timeSeriesCardMinWidth": 500, "ignoreOutliers": False}
-
-#: Scalar tags pinned at the top of Time Series (localStorage ``tb-saved-scalar-pins``).
-PINNED_TAGS = ["training loss"]
-
-#: The most direct children a model's graph node may have to be shown expanded: the tutorial's
-#: CNN (11: its layers and ops) fits the window; NestedUNet (20 blocks and op groups, with their
-#: skip connections laid out in one long row) would be drawn too small to read, so it stays one box.
-GRAPH_EXPAND_MAX_CHILDREN = 12
-
-#: On the Graphs tab: once the graph is drawn, hide the navigation minimap (headless Chromium
-#: may capture it half drawn) and expand the model's node (the root's largest group) one level
-#: if it has at most MAX_CHILDREN children, so a small network shows its layers.
-EXPAND_MODEL_SCRIPT = """
-(function () {
-  if (!location.hash.startsWith("#graphs")) return;
-  function find(root, selector) {
-    var hit = root.querySelector(selector);
-    if (hit) return hit;
-    var all = root.querySelectorAll("*");
-    for (var i = 0; i < all.length; i++) {
-      if (all[i].shadowRoot && (hit = find(all[i].shadowRoot, selector))) return hit;
-    }
-    return null;
-  }
-  var tries = 0;
-  var timer = setInterval(function () {
-    var graph = find(document, "tf-graph");
-    var hierarchy = graph && graph.renderHierarchy;
-    if (++tries > 40) clearInterval(timer);
-    if (!hierarchy) return;
-    clearInterval(timer);
-    var minimap = find(graph.shadowRoot || graph, "tf-graph-minimap");
-    if (minimap) minimap.style.visibility = "hidden";
-    var best = null;
-    hierarchy.root.node.metagraph.nodes().forEach(function (name) {
-      var node = hierarchy.getRenderNodeByName(name);
-      if (node && node.node.type === 0 && (!best || node.node.cardinality > best.node.cardinality)) best = node;
-    });
-    if (!best || best.node.metagraph.nodeCount() > MAX_CHILDREN) return;
-    hierarchy.buildSubhierarchy(best.node.name);
-    best.expanded = true;
-    graph.$.scene.setNodeExpanded(best);
-    setTimeout(function () { graph.fit(); }, 1000);
-    setTimeout(function () { graph.fit(); }, 3000);
-  }, 250);
-})();
-"""
-
-
-def page_script(settings: dict[str, Any], pins: list[str]) -> bytes:
-    """JavaScript run before TensorBoard starts: saves `settings` and the pinned scalar `pins` in
-    its localStorage, and on the Graphs tab expands a small model's node (`EXPAND_MODEL_SCRIPT`)."""
-    lines = [f"window.localStorage.setItem({json.dumps(key)}, {json.dumps(json.dumps(value))});"
-             for key, value in (("_tb_global_settings", settings), ("tb-saved-scalar-pins", pins))]
-    expand = EXPAND_MODEL_SCRIPT.replace("MAX_CHILDREN", str(GRAPH_EXPAND_MAX_CHILDREN))
-    return ("\n".join(lines) + expand).encode()
-
 
 #: The line ``python -m trainer.board`` prints once it serves: ``TensorBoard on PATH: URL``.
 URL_LINE = re.compile(r"^TensorBoard on .*: (http://\S+)\s*$")
@@ -302,59 +228,6 @@ def wait_until_loaded(url: str, run: str, timeout: float = 120.0) -> None:
     raise ScreenshotError(f"TensorBoard at {url} did not list the run {run!r} within {timeout:.0f} s")
 
 
-def start_proxy(upstream: str, script: bytes) -> http.server.ThreadingHTTPServer:
-    """A loopback HTTP proxy to TensorBoard at `upstream` whose page runs the JavaScript `script` first.
-
-    It serves on ``127.0.0.1`` at a free port (``server.server_port``) in a daemon thread; call
-    ``shutdown()`` and ``server_close()`` to stop it.
-    """
-    skipped = {"host", "accept-encoding", "connection", "content-length"}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.forward(None)
-
-        def do_POST(self) -> None:
-            self.forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-
-        def forward(self, body: bytes | None) -> None:
-            if self.path == SETTINGS_SCRIPT_PATH:
-                self.reply(200, [("Content-Type", "text/javascript")], script)
-                return
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in skipped}
-            request = urllib.request.Request(upstream.rstrip("/") + self.path, data=body, headers=headers,
-                                             method=self.command)
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    status, head, data = response.status, response.getheaders(), response.read()
-            except urllib.error.HTTPError as exc:
-                status, head, data = exc.code, exc.headers.items(), exc.read()
-            except OSError as exc:
-                self.reply(502, [("Content-Type", "text/plain")], str(exc).encode())
-                return
-            content_type = dict((k.lower(), v) for k, v in head).get("content-type", "")
-            if content_type.startswith("text/html") and data.lower().startswith(b"<!doctype html>"):
-                tag = f'<script src="{SETTINGS_SCRIPT_PATH}"></script>'.encode()
-                data = data[:15] + tag + data[15:]
-            self.reply(status, [(k, v) for k, v in head if k.lower() not in skipped | {"transfer-encoding"}], data)
-
-        def reply(self, status: int, head: list[tuple[str, str]], data: bytes) -> None:
-            self.send_response(status)
-            for key, value in head:
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def capture(chromium: str, url: str, out: Path, width: int, height: int, budget_ms: int, profile: Path) -> None:
     """Screenshot `url` with headless Chromium into `out` (PNG), in a `width` x `height` window.
 
@@ -402,24 +275,19 @@ def shoot_run(recipe: str, run_dir: Path, chromium: str, out_dir: Path, budget_m
     from PIL import Image
 
     board = Board(run_dir)
-    proxy = None
     written: list[Path] = []
     try:
         wait_until_loaded(board.url, run_dir.name)
-        proxy = start_proxy(board.url, page_script(TENSORBOARD_SETTINGS, PINNED_TAGS))
-        base = f"http://127.0.0.1:{proxy.server_port}/?forceSVG=true"
-        print(f"TensorBoard for {recipe}: {board.url} (captured through {base})", flush=True)
-        for tab, (extra, width, height) in TABS.items():
+        base = f"{board.url}?forceSVG=true"
+        print(f"TensorBoard for {recipe}: {board.url}", flush=True)
+        for tab, (width, height) in TABS.items():
             raw = work / f"{recipe}-{tab}.raw.png"
-            capture(chromium, f"{base}#{tab}{extra}", raw, width, height, budget_ms, work / "chromium-profile")
+            capture(chromium, f"{base}#{tab}", raw, width, height, budget_ms, work / "chromium-profile")
             path = out_dir / f"{recipe}-{tab}.png"
             with Image.open(raw) as image:
                 save_png(trim_bottom(image), path)
             written.append(path)
     finally:
-        if proxy is not None:
-            proxy.shutdown()
-            proxy.server_close()
         board.stop()
     return written
 

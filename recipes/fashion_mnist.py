@@ -5,7 +5,7 @@
     python -m recipes.fashion_mnist --resume runs/fashion_mnist/20261127-101500
 
 Logs the tutorial's TensorBoard tags (`four_fashion_mnist_images`, the graph, `training loss`
-every --log-every batches, `predictions vs. actuals`), plus the epoch's training and validation
+every --log-every batches, as `Loss/training loss`, `predictions vs. actuals`), plus the epoch's training and validation
 loss (`Loss/...`) and validation accuracy (`Validation/accuracy`) on the test split, per-class
 precision-recall curves and an embedding projector view.
 """
@@ -82,12 +82,13 @@ def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor
                        test_images: torch.Tensor, test_labels: torch.Tensor,
                        hparams: dict[str, Any] | None = None) -> list[Callback]:
     """The callbacks that log the tutorial's tags: the running `training loss` every `log_every`
-    steps (and the epoch values of `trainer.callbacks.tags`), `four_fashion_mnist_images`, the
-    graph and `predictions vs. actuals` (on four test images, every `log_every` steps)."""
+    steps, as ``Loss/training loss`` (and the epoch values of `trainer.callbacks.tags`),
+    `four_fashion_mnist_images`, the graph and `predictions vs. actuals` (on four test images,
+    every `log_every` steps)."""
     shown = (normalized(test_images[:4]), test_labels[:4])
     return [
-        TensorBoardCallback(run_dir, log_every=log_every, running_loss_tag="training loss",
-                            tags={"val_acc": "Validation/accuracy"}, hparams=hparams, monitor="val_acc", mode="max"),
+        TensorBoardCallback(run_dir, log_every=log_every, tags={"val_acc": "Validation/accuracy"}, hparams=hparams,
+                            monitor="val_acc", mode="max"),
         ImageGridCallback(run_dir, batch=(normalized(train_images[:4]), train_labels[:4]), num_images=4, mean=MEAN,
                           std=STD, nrow=4, tag="four_fashion_mnist_images"),
         GraphCallback(run_dir, example=shown[0][:1]),

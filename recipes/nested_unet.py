@@ -224,7 +224,7 @@ class NestedUNetRecipe(Recipe):
 
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
         fixed, classes = parts.extras["fixed"], config["classes"]
-        # The tag scheme of trainer.callbacks.tags: `training loss` every 10 steps, `Loss/...` and
+        # The tag scheme of trainer.callbacks.tags: `Loss/training loss` every 10 steps, `Loss/...` and
         # `Validation/...` per epoch; the metrics get their usual names.
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
         if len(classes) > 1:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import types
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,14 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer import Trainer, board
+from trainer import Trainer, board, board_servers
 from trainer.callbacks import GraphCallback, ImageGridCallback, TensorBoardCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
 # A tiny run of 2 epochs x 2 batches logs the running loss at every optimizer step (1..4) and
 # the epoch logs at each epoch's last step (2, 4); the image grid and the graph come at fit start.
-SCALAR_STEPS = {"training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
+SCALAR_STEPS = {"Loss/training loss": [1, 2, 3, 4], "Loss/training (epoch mean)": [2, 4], "Loss/validation": [2, 4]}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -88,22 +89,27 @@ def assert_scalars_served(url: str, run: str) -> None:
         assert [step for _, step, _ in points] == steps  # each point is [wall_time, step, value]
 
 
-def train_tiny_run(log_dir: Path) -> Trainer:
-    """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
+def tiny_loaders() -> tuple[DataLoader, DataLoader]:
+    """Training (8 samples, 2 batches) and validation (4 samples) loaders of 8x8 images."""
     torch.manual_seed(0)
     images = torch.rand(12, 1, 8, 8)
     data = TensorDataset(images, images.mean(dim=(1, 2, 3)).gt(0.5).long())
-    train = DataLoader(data, batch_size=4, sampler=range(8))
-    val = DataLoader(data, batch_size=4, sampler=range(8, 12))
+    return DataLoader(data, batch_size=4, sampler=range(8)), DataLoader(data, batch_size=4, sampler=range(8, 12))
+
+
+def tiny_trainer(callbacks: list, epochs: int = 2) -> Trainer:
+    """A tiny CNN on 8x8 images with `callbacks`, for `epochs` epochs of 2 steps."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
-    callbacks = [
-        TensorBoardCallback(log_dir, log_every=1),
-        ImageGridCallback(log_dir, num_images=4),
-        GraphCallback(log_dir),
-    ]
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
-                callbacks=callbacks, max_epochs=2, device="cpu")
-    t.fit(train, val)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                   callbacks=callbacks, max_epochs=epochs, device="cpu")
+
+
+def train_tiny_run(log_dir: Path) -> Trainer:
+    """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
+    t = tiny_trainer([TensorBoardCallback(log_dir, log_every=1), ImageGridCallback(log_dir, num_images=4),
+                      GraphCallback(log_dir)])
+    t.fit(*tiny_loaders())
     assert t.global_step == 4
     return t
 
@@ -168,6 +174,7 @@ def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_
     try:
         assert b.url == f"http://127.0.0.1:{b.port}/" and b.path == runs / "tiny" and b.running
         assert poll_json(b.url, "data/runs", lambda d: "tiny" in d) == ["tiny"]  # not "."
+        assert get_json(b.url, "data/environment")["data_location"] == str(runs / "tiny")  # not the link's folder
         assert_scalars_served(b.url, "tiny")
         # The HParams tab's trial is the run, under the same name.
         groups = post_json(b.url, "data/plugin/hparams/session_groups",
@@ -197,7 +204,7 @@ def test_a_folder_of_runs_names_them_by_their_relative_paths(runs, tmp_path):
         assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 3)) == expected
     with board.start(folder / "nested_unet" / "b") as b:  # one of them alone: named after its folder
         assert poll_json(b.url, "data/runs", lambda d: d) == ["b"]
-        assert "training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
+        assert "Loss/training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
 
 
 def test_start_on_a_given_port_and_as_a_context_manager(runs):
@@ -250,33 +257,113 @@ def test_main_rejects_a_folder_without_event_files(tmp_path, capsys):
     assert err.count("\n") == 1 and str(tmp_path) in err and "holds no TensorBoard event files" in err
 
 
-def fake_ipython(monkeypatch, mocker):
-    """Install a stand-in ``IPython.display`` module; returns its (IFrame, display) mocks."""
-    display_module = types.ModuleType("IPython.display")
-    display_module.IFrame = mocker.Mock(name="IFrame")
-    display_module.display = mocker.Mock(name="display")
-    package = types.ModuleType("IPython")
-    package.display = display_module
-    monkeypatch.setitem(sys.modules, "IPython", package)
-    monkeypatch.setitem(sys.modules, "IPython.display", display_module)
-    return display_module.IFrame, display_module.display
+@pytest.fixture
+def registry(tmp_path, monkeypatch) -> Path:
+    """A temporary folder of its own for this test and the servers it starts (their registry,
+    their folders of links), so that what they leave behind can be checked."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
-def test_show_displays_an_iframe_with_ipython(runs, monkeypatch, mocker):
-    iframe, display = fake_ipython(monkeypatch, mocker)
-    b = board.show(runs, height=600)
+def test_show_outside_a_notebook_prints_the_url_and_reuses_one_server_per_folder(runs, registry, capsys):
+    run = runs / "tiny"
+    first = board.show(run)
     try:
-        iframe.assert_called_once_with(b.url, width="100%", height=600)
-        display.assert_called_once_with(iframe.return_value)
-        assert get_json(b.url, "data/environment")["data_location"] == str(runs)
+        second = board.show(run)  # the cell run again: the same server
+        assert second == first and first.path == str(run.resolve())
+        assert capsys.readouterr().out == f"TensorBoard on {first.path}: {first.url}\n" * 2
+        assert poll_json(first.url, "data/runs", lambda d: d) == ["tiny"]
+        assert get_json(first.url, "data/environment")["data_location"] == str(run)  # no temporary path
+        assert [server.pid for server in board_servers.running()] == [first.pid]
     finally:
-        b.stop()
+        assert board.stop(run)
+    assert not board.stop(run)  # nothing left to stop
+    with pytest.raises(OSError):
+        urllib.request.urlopen(first.url, timeout=5).read()
+    assert board_servers.running() == [] and list(registry.rglob("*")) == [board_servers.registry_dir()]
 
 
-def test_show_prints_the_url_without_ipython(runs, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "IPython", None)  # makes `import IPython` fail
-    b = board.show(runs)
+def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    board_servers.register(board_servers.BoardServer(str(runs), dead.pid, free_port(), "127.0.0.1", "http://127.0.0.1:1/"))
+    assert board_servers.find(runs) is None and not board_servers.entry_path(runs).exists()
+
+
+def test_show_rejects_a_bad_proxy_url_before_starting_a_server(runs, registry):
+    with pytest.raises(ValueError, match="proxy_url must hold %PORT%"):
+        board.show(runs, proxy_url="https://lab.example.org/tb/")
+    assert board_servers.running() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_command_line_stopped_by_a_signal_removes_its_temporary_files(runs, registry, sig):
+    run = runs / "tiny"
+    env = {**os.environ, "TMPDIR": str(registry)}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.board", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert capsys.readouterr().out == f"TensorBoard on {runs}: {b.url}\n"
+        url = read_line(proc).split(": ", 1)[1].strip()
+        assert len(list(registry.glob("trainer-board-*/tiny"))) == 1  # the link that names the run
+        assert board_servers.find(run).url == url  # recorded: a notebook's show() would reuse it
     finally:
-        b.stop()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert list(registry.rglob("*")) == [board_servers.registry_dir()]
+
+
+# ------------------------------------------------------------------- resumed runs on the board
+def scalar_steps_served(url: str, run: str, tag: str, count: int) -> list[tuple[int, float]]:
+    """(step, value) of each point of `tag` in `run` as the server answers, once it has `count`."""
+    points = poll_json(url, "data/plugin/scalars/scalars", lambda d: len(d) >= count, run=run, tag=tag)
+    return [(step, value) for _, step, value in points]
+
+
+def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer.callbacks import ModelCheckpoint
+
+    run = tmp_path / "run"
+    first = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=2)
+    first.fit(*tiny_loaders())
+    # The killed process went on past its last checkpoint (step 4): these points are orphans.
+    with SummaryWriter(run) as orphan:
+        for step in (5, 6):
+            orphan.add_scalar("Loss/training loss", 99.0, step)
+    resumed = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=4)
+    resumed.fit(*tiny_loaders(), resume_from=run / "last.pt")
+    with board.start(run) as b:
+        points = scalar_steps_served(b.url, "run", "Loss/training loss", 8)
+        assert [step for step, _ in points] == list(range(1, 9))  # one value per step, in order
+        assert 99.0 not in [value for _, value in points]
+        epochs = scalar_steps_served(b.url, "run", "Loss/training (epoch mean)", 4)
+        assert [step for step, _ in epochs] == [2, 4, 6, 8]
+        assert [value for _, value in epochs] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = tiny_trainer([TensorBoardCallback(run, log_every=1)])
+    first.fit(*tiny_loaders())
+    again = tiny_trainer([TensorBoardCallback(run, log_every=1)])  # the notebook cell, run again
+    again.fit(*tiny_loaders())
+    assert f"{run} already holds a run, so this one logs to {run / 'version_1'}" in capsys.readouterr().out
+    with board.start(run) as b:
+        assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 2)) == ["run", "run/version_1"]
+        for name in ("run", "run/version_1"):
+            assert [step for step, _ in scalar_steps_served(b.url, name, "Loss/training loss", 4)] == [1, 2, 3, 4]
+
+
+def test_show_on_a_busy_port_is_the_servers_one_line_error(runs, registry):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"could not serve .* on 127.0.0.1:{port}: .*already in use") as info:
+            board.show(runs, port=port)
+    assert "\n" not in str(info.value) and board_servers.running() == []

@@ -94,7 +94,7 @@ def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
 
     with SummaryWriter(run) as orphan:
         for step in (12, 14):
-            orphan.add_scalar("training loss", 99.0, step)
+            orphan.add_scalar("Loss/training loss", 99.0, step)
     resumed, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=4)
     history = resumed.fit(train, val, resume_from=run / "last.pt")
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
@@ -102,7 +102,7 @@ def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
     for tag in acc.Tags()["scalars"]:
         steps = [e.step for e in acc.Scalars(tag)]
         assert len(steps) == len(set(steps)), tag
-    assert 99.0 not in [e.value for e in acc.Scalars("training loss")]
+    assert 99.0 not in [e.value for e in acc.Scalars("Loss/training loss")]
     assert [e.step for e in acc.Scalars("Loss/training (epoch mean)")] == [5, 10, 15, 20]
     assert [e.value for e in acc.Scalars("Loss/training (epoch mean)")] == pytest.approx([h["loss"] for h in history])
 

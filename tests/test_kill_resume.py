@@ -43,7 +43,7 @@ EPOCHS = 3
 TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
         "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
-TIMED = {"throughput (samples/s)"}  # wall-clock values: only their steps must match
+TIMED = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
 
 # The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
 # moment named by the first argument: "validation:E" (the first validation batch of epoch E),
@@ -268,7 +268,7 @@ def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_bat
     state = load_checkpoint(run_dir / "last.pt")
     assert state["global_step"] == 18 and state["position"]["epoch"] == 1 and state["position"]["batches"] == 2
     events = read_events(run_dir)
-    assert [e.step for e in events.Scalars("training loss")] == [10, 20]  # 20: after the checkpoint
+    assert [e.step for e in events.Scalars("Loss/training loss")] == [10, 20]  # 20: after the checkpoint
     assert [e.step for e in events.Scalars("Loss/validation")][-1] == 20
     assert "\n1,20," in (run_dir / "metrics.csv").read_text()
 
@@ -278,7 +278,7 @@ def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_bat
     loaded = ast.literal_eval(run.stderr.split("items loaded: ")[1].splitlines()[0])
     assert loaded[64] == 14 * 4  # of the 64 training images, only those of the 14 batches left
     assert_matches_reference(run_dir, mid_epoch_reference)
-    assert [e.step for e in read_events(run_dir).Scalars("training loss")] == [10, 20, 30]
+    assert [e.step for e in read_events(run_dir).Scalars("Loss/training loss")] == [10, 20, 30]
 
 
 def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):

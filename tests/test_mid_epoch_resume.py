@@ -19,7 +19,7 @@ from trainer.sampler import batches_from, resumable
 from trainer_datasets import TensorBatchLoader
 
 #: Tags whose values are wall-clock measurements: only their steps are compared.
-TIMED_TAGS = {"throughput (samples/s)"}
+TIMED_TAGS = {"throughput (samples per second)"}
 
 
 class Crash(Callback):
@@ -121,7 +121,7 @@ def test_killed_after_a_step_checkpoint_resumes_bit_identical(tmp_path, referenc
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["global_step"] == 12 and state["epochs_done"] == 1
     assert state["position"]["epoch"] == 1 and state["position"]["batches"] == 2
-    assert [step for step, _ in scalars(tmp_path)["training loss"]] == [3, 6, 9, 12, 15]
+    assert [step for step, _ in scalars(tmp_path)["Loss/training loss"]] == [3, 6, 9, 12, 15]
 
     seen = []
 

@@ -34,10 +34,10 @@ def test_every_tutorial_tag_is_logged(finished_run):
     acc.Reload()
     tags = acc.Tags()
     assert {"four_fashion_mnist_images", "predictions vs. actuals"} <= set(tags["images"])
-    assert set(tags["scalars"]) == {"training loss", "throughput (samples/s)", "Loss/training (epoch mean)",
+    assert set(tags["scalars"]) == {"Loss/training loss", "throughput (samples per second)", "Loss/training (epoch mean)",
                                     "Loss/validation", "Validation/accuracy", "learning rate"}
     assert tags["graph"]
-    assert [e.step for e in acc.Scalars("training loss")] == list(range(20, 181, 20))
+    assert [e.step for e in acc.Scalars("Loss/training loss")] == list(range(20, 181, 20))
     assert [e.step for e in acc.Images("predictions vs. actuals")] == list(range(20, 181, 20))
     assert sorted(acc.PluginTagToContent("pr_curves")) == [f"pr/{i} {name}" for i, name in enumerate(CLASSES)]
     assert (finished_run / "projector_config.pbtxt").is_file()

@@ -281,7 +281,7 @@ def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mo
     without, _ = fit([])
     with_tensorboard, elapsed = fit([TensorBoardCallback(tmp_path, log_every=5)])
     assert with_tensorboard == without + 4  # one per running-loss point: none for the throughput
-    points = read(tmp_path).Scalars("throughput (samples/s)")
+    points = read(tmp_path).Scalars("throughput (samples per second)")
     assert [e.step for e in points] == [5, 10, 15, 20]
     assert all(20 / elapsed < e.value < 1e9 for e in points)  # 20 samples per point, all within `elapsed`
 

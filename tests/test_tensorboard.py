@@ -108,9 +108,9 @@ def test_scalars_equal_history(tmp_path):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [steps_per_epoch * (i + 1) for i in range(len(history))]
         assert [e.value for e in events] == pytest.approx([h[key] for h in history], rel=1e-6)
-    running = acc.Scalars("training loss")
+    running = acc.Scalars("Loss/training loss")
     assert [e.step for e in running] == [2, 4, 6, 8, 10, 12]
-    assert set(acc.Tags()["scalars"]) == {"training loss", "throughput (samples/s)", *EPOCH_TAGS.values()}  # nothing else, no one-point values
+    assert set(acc.Tags()["scalars"]) == {"Loss/training loss", "throughput (samples per second)", *EPOCH_TAGS.values()}  # nothing else, no one-point values
     assert len(event_files(tmp_path)) == 1
 
 
@@ -130,7 +130,7 @@ def test_running_loss_is_mean_over_window(tmp_path):
             losses.append(outputs.loss.item())
 
     fit([Keep(), TensorBoardCallback(tmp_path, log_every=3)], epochs=1)
-    running = read(tmp_path).Scalars("training loss")
+    running = read(tmp_path).Scalars("Loss/training loss")
     assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
 
 
@@ -150,7 +150,7 @@ def test_custom_tags_and_overlay_chart(tmp_path):
     fit([callback])
     acc = read(tmp_path)
     assert set(acc.Tags()["scalars"]) == {"running (loss)", "Loss/train", "Loss/validation", "Validation/accuracy",
-                                          "learning rate", "throughput (samples/s)"}
+                                          "learning rate", "throughput (samples per second)"}
     raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     (chart,) = layout_pb2.Layout.FromString(raw).category[0].chart
     patterns = list(chart.multiline.tag)  # TensorBoard reads them as regular expressions
@@ -173,14 +173,15 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
     shown = [info.display_name for info in experiment.hparam_infos]
     # TensorBoard orders them by stored name and shows the first five by default
     assert sorted(experiment.hparam_infos, key=lambda info: info.name) == list(experiment.hparam_infos)
-    assert shown == ["lr", "epochs", "batch_size", "optimizer", "arch", "precision", "classes", "deep_supervision",
+    assert shown == ["lr", "epochs", "batch_size", "precision", "arch", "optimizer", "classes", "deep_supervision",
                      "model", "seed"]  # main options first, then by name; None left out
     types = {info.display_name: api_pb2.DataType.Name(info.type) for info in experiment.hparam_infos}
     assert types["deep_supervision"] == "DATA_TYPE_BOOL" and types["lr"] == "DATA_TYPE_FLOAT64"
     assert types["arch"] == types["classes"] == types["model"] == "DATA_TYPE_STRING"
     values = {info.display_name: start.hparams[info.name] for info in experiment.hparam_infos}
     assert values["deep_supervision"].WhichOneof("kind") == "bool_value" and not values["deep_supervision"].bool_value
-    assert values["classes"].string_value == "a, b" and values["epochs"].number_value == 2
+    assert values["classes"].string_value == "a, b" and values["epochs"].string_value == "2"  # not 2.0000
+    assert values["lr"].number_value == 0.05
     # The metrics are the last values of the epoch curves: the monitored one first.
     metrics = [info.name.tag for info in experiment.metric_infos]
     assert metrics == ["Validation/acc", "Loss/validation", "Loss/training (epoch mean)"]
@@ -192,10 +193,11 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
 def test_default_hparams_are_the_main_options(tmp_path):
     fit([TensorBoardCallback(tmp_path)])
     experiment, start = hparams_data(read(tmp_path))
-    assert [info.display_name for info in experiment.hparam_infos] == ["lr", "epochs", "batch_size", "optimizer",
-                                                                       "precision"]
+    # The five TensorBoard shows by default, precision among them; integers as text (2, not 2.0000).
+    assert [info.display_name for info in experiment.hparam_infos] == ["lr", "epochs", "batch_size", "precision",
+                                                                       "optimizer"]
     assert {info.display_name: start.hparams[info.name].WhichOneof("kind") for info in experiment.hparam_infos} == {
-        "lr": "number_value", "epochs": "number_value", "batch_size": "number_value", "optimizer": "string_value",
+        "lr": "number_value", "epochs": "string_value", "batch_size": "string_value", "optimizer": "string_value",
         "precision": "string_value"}
 
 
@@ -479,7 +481,7 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
 
     fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
-    points = ("training loss", "throughput (samples/s)")
+    points = ("Loss/training loss", "throughput (samples per second)")
     assert [(tag, step) for tag, _, step in scalar_calls if tag in points] == [(tag, 4) for tag in points]
     epoch_tags = [(tag, step) for tag, _, step in scalar_calls if tag not in points]
     assert epoch_tags == [(tag, 6) for tag in EPOCH_TAGS.values()]

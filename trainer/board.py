@@ -2,24 +2,39 @@
 
 From the shell::
 
-    python -m trainer.board runs/nested_unet            # prints the URL, serves until Ctrl-C
+    python -m trainer.board runs/nested_unet            # prints the URL, serves until Ctrl-C or SIGTERM
     python -m trainer.board runs --port 6006 --host 127.0.0.1
 
-From Python or a notebook::
+From a notebook::
+
+    trainer.board.show("runs/nested_unet")   # inline; one server per folder, reused by later calls
+    trainer.board.stop("runs/nested_unet")   # or trainer.board.stop_all()
+
+From Python, a server in this process::
 
     board = trainer.board.start("runs")    # serves in the background; board.url, board.port
     board.stop()
-    trainer.board.show("runs")             # the same, displayed inline in Jupyter
 
-The server is TensorBoard's own (`tensorboard.program.TensorBoard`), run in this process. It
-reads event files with the pure-Python loader (``--load_fast=false``), so nothing else is
-spawned, and `Board.stop` shuts the HTTP server down, frees its port and ends the reload loop.
+The server is TensorBoard's own (`tensorboard.program.TensorBoard`). It reads event files with
+the pure-Python loader (``--load_fast=false``), so nothing else is spawned, and `Board.stop` shuts
+the HTTP server down, frees its port and ends the reload loop. `show` runs it as a background
+``python -m trainer.board`` process recorded in a registry (`trainer.board_servers`), so that a
+later call, a re-run of the cell or a restarted kernel finds it again; see `show` for what the
+cell shows and `trainer.board_frontends` for the address each notebook frontend needs.
 
 Runs are named as TensorBoard names them in a folder of runs, by their paths relative to it
 (``nested_unet/20261127-101500``). A single run directory (one that holds event files itself) is
 named after its folder (``20261127-101500``), in the legend, the tooltips and the HParams tab,
 rather than TensorBoard's ``.``: TensorBoard is pointed at a temporary folder holding one
-symbolic link to the run, named like it (``--logdir_spec`` would name it ``20261127-101500/.``).
+symbolic link to the run, named like it (``--logdir_spec`` would name it ``20261127-101500/.``),
+removed when the server stops. TensorBoard's "data location" still names the run directory.
+
+A resumed run shows as one curve per tag, as plain ``tensorboard`` shows it: this loader drops a
+killed process's orphaned points only at a run's second restart marker (``SessionLog.START``),
+taking the first for the run's start, so every event stream the TensorBoard callbacks write
+begins with one (`trainer.callbacks.tensorboard.TensorBoardWriterCallback`). Runs written
+without it (by other tools, or by this project before it wrote one) can still show a resumed
+stretch twice here.
 """
 
 from __future__ import annotations
@@ -27,14 +42,20 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import gzip
+import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.board_servers import BoardServer
 
 #: The names of TensorBoard's event files (a glob pattern).
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
@@ -84,13 +105,15 @@ class Board:
         host: the address it is bound to.
     """
 
-    def __init__(self, path: Path, url: str, port: int, host: str, server: Any, ingester: Any) -> None:
+    def __init__(self, path: Path, url: str, port: int, host: str, server: Any, ingester: Any,
+                 links: str | None = None) -> None:
         self.path = path
         self.url = url
         self.port = port
         self.host = host
         self._server = server
         self._ingester = ingester
+        self._links = links
         self._lock = threading.Lock()
 
     @property
@@ -99,7 +122,8 @@ class Board:
         return self._server is not None
 
     def stop(self) -> None:
-        """Shut the server down and free its port; safe to call more than once."""
+        """Shut the server down, free its port and remove its temporary folder; safe to call more
+        than once."""
         with self._lock:
             server, self._server = self._server, None
         if server is None:
@@ -107,6 +131,7 @@ class Board:
         server.shutdown()  # returns once serve_forever has left its loop
         server.server_close()
         _end_reloading(self._ingester)  # its last reload may still read the run through the link
+        _remove_links(self._links)
 
     def __enter__(self) -> Board:
         return self
@@ -158,6 +183,33 @@ def _remove_links(links: str | None) -> None:
         os.rmdir(links)
 
 
+def _reporting_location(app: Any, location: str) -> Any:
+    """`app` (TensorBoard's WSGI app) with ``data/environment`` naming `location` as its data
+    location, instead of the temporary folder of links that TensorBoard reads."""
+
+    def wrapped(environ: dict, start_response: Any) -> Any:
+        if not environ.get("PATH_INFO", "").endswith("/data/environment"):
+            return app(environ, start_response)
+        answer: dict[str, Any] = {}
+
+        def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+            answer.update(status=status, headers=headers)
+            return lambda data: None
+
+        body = b"".join(app(environ, capture))
+        headers = dict((key.lower(), (key, value)) for key, value in answer["headers"])
+        if answer["status"].startswith("200"):
+            if headers.pop("content-encoding", ("", ""))[1] == "gzip":
+                body = gzip.decompress(body)
+            with contextlib.suppress(ValueError):
+                body = json.dumps({**json.loads(body), "data_location": location}).encode()
+            headers["content-length"] = ("Content-Length", str(len(body)))
+        start_response(answer["status"], list(headers.values()))
+        return [body]
+
+    return wrapped
+
+
 def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1") -> Board:
     """Start TensorBoard on `path` in the background and return its `Board`.
 
@@ -182,6 +234,8 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
     servers: list[Any] = []
 
     def make_server(wsgi_app: Any, flags: Any) -> Any:
+        if links is not None:
+            wsgi_app = _reporting_location(wsgi_app, os.fspath(root.resolve()))
         server = program.create_port_scanning_werkzeug_server(wsgi_app, flags)
         servers.append(server)
         return server
@@ -208,29 +262,90 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
         reason = getattr(exc, "msg", None) or str(exc)
         raise OSError(f"TensorBoard could not serve {os.fspath(path)!r} on {host}:{port}: {reason}") from exc
     server = servers[-1]
-    return Board(root, url, server.server_port, host, server, getattr(tensorboard, "_ingester", None))
+    return Board(root, url, server.server_port, host, server, getattr(tensorboard, "_ingester", None), links)
 
 
 def show(
-    path: str | os.PathLike, height: int = 800, port: int | None = None, host: str = "127.0.0.1"
-) -> Board:
-    """Start TensorBoard on `path` (see `start`) and display it inline in a notebook.
+    path: str | os.PathLike,
+    height: int = 800,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    proxy_url: str | None = None,
+) -> BoardServer:
+    """Show TensorBoard on `path` in a notebook cell (outside a notebook: print its address).
 
-    With IPython available the page is shown in an ``IFrame`` of `height` pixels; without it
-    the URL is printed. Returns the `Board`; call its ``stop()`` when done.
+    One server per folder: the first call starts ``python -m trainer.board path`` in the
+    background; later calls, re-runs of the cell and calls after a kernel restart reuse it while
+    it answers. `stop` or `stop_all` end it. In a notebook the cell holds a picture of the run (its
+    loss curves and latest figure, as an embedded PNG, so a saved notebook reads on GitHub and
+    nbviewer) and, where the browser reaches the server, the live TensorBoard in place of it.
+    Where it does not (server stopped, kernel gone, notebook reopened elsewhere), the cell says
+    what to run. The address follows the frontend (`trainer.board_frontends.frontend`): Jupyter
+    on this machine, Jupyter behind jupyter-server-proxy or JupyterHub, ``TENSORBOARD_PROXY_URL``,
+    VS Code, Colab, or `proxy_url`.
+
+    Args:
+        path: a run directory or a folder of runs; it must hold event files.
+        height: the height of the TensorBoard frame, in pixels.
+        port: the port for a new server (None: a free one); an answering server keeps its own.
+        host: the address a new server binds (loopback by default).
+        proxy_url: the address the browser reaches the server at, with ``%PORT%`` for its port
+            (``https://example.org/tb/%PORT%/``); default: from the frontend.
+
+    Returns:
+        the server (``url``, ``port``, ``pid``, ``stop()``).
+
+    Raises:
+        FileNotFoundError, ValueError: `path` is missing or holds no event files, or `proxy_url`
+            has no ``%PORT%``.
+        OSError: a new server could not serve.
     """
-    board = start(path, port=port, host=host)
-    try:
-        from IPython.display import IFrame, display
-    except ImportError:
-        print(f"TensorBoard on {os.fspath(board.path)}: {board.url}")
-    else:
-        display(IFrame(board.url, width="100%", height=height))
-    return board
+    from trainer import board_frontends, board_servers
+    from trainer.notebook import in_notebook
+
+    root = check_logdir(path).resolve()
+    if height <= 0:
+        raise ValueError(f"height must be a positive number of pixels, got {height!r}")
+    board_frontends.frontend(0, proxy_url)  # a bad proxy_url or TENSORBOARD_PROXY_URL fails before a server starts
+    server = board_servers.find(root) or board_servers.spawn(root, port=port, host=host)
+    target = board_frontends.frontend(server.port, proxy_url)
+    if not in_notebook():
+        print(f"TensorBoard on {server.path}: {target.url or server.url}")
+        return server
+    from IPython.display import display
+
+    from trainer.board_snapshot import snapshot_png
+
+    display(board_frontends.cell_output(server, target, height, snapshot_png(root)), raw=True)
+    return server
+
+
+def stop(path: str | os.PathLike) -> bool:
+    """End the server `show` started on `path`; returns whether one was running."""
+    from trainer import board_servers
+
+    server = board_servers.find(Path(path).resolve())
+    if server is None:
+        return False
+    server.stop()
+    return True
+
+
+def stop_all() -> int:
+    """End every server `show` (or ``python -m trainer.board``) of this user runs; returns how many."""
+    from trainer import board_servers
+
+    servers = board_servers.running()
+    for server in servers:
+        server.stop()
+    return len(servers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: serve TensorBoard on a run directory until Ctrl-C; returns the exit code."""
+    """Command line: serve TensorBoard on a run directory until Ctrl-C, SIGTERM or SIGHUP, recorded
+    in the registry of `trainer.board_servers` meanwhile; returns the exit code."""
+    from trainer import board_servers
+
     parser = argparse.ArgumentParser(
         prog="python -m trainer.board",
         description="Open TensorBoard on a run directory or a folder of runs.",
@@ -239,18 +354,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port to serve on (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     args = parser.parse_args(argv)
+    stopping = threading.Event()
+    handlers = {}
+    for name in ("SIGTERM", "SIGHUP"):  # a plain kill or a closed terminal: clean up as for Ctrl-C
+        if hasattr(signal, name):
+            handlers[name] = signal.signal(getattr(signal, name), lambda *_: stopping.set())
     try:
-        board = start(args.path, port=args.port, host=args.host)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"TensorBoard on {os.fspath(board.path)}: {board.url}", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        try:
+            board = start(args.path, port=args.port, host=args.host)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        path = os.fspath(board.path.resolve())
+        board_servers.register(board_servers.BoardServer(path, os.getpid(), board.port, board.host, board.url))
+        try:
+            print(f"TensorBoard on {os.fspath(board.path)}: {board.url}", flush=True)
+            while not stopping.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            board_servers.unregister(path, os.getpid())
+            board.stop()
     finally:
-        board.stop()
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
     return 0
 
 

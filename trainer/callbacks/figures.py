@@ -228,7 +228,9 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         kind: ``"classification"`` (the tutorial's "predictions vs. actuals") or
-            ``"segmentation"`` (image, truth, prediction, overlay and IoU per sample).
+            ``"segmentation"`` (two panels per sample, with its IoU: one class, the image and
+            an overlay of truth and prediction; several, the image tinted with the true and with
+            the predicted classes; see `segmentation_figure`).
         batch: ``(inputs, targets)``; default: the first validation (or training) batch.
         num_images: samples shown.
         every_n_steps: log every N optimizer steps; when None, every `every_n_epochs` epochs.

@@ -4,14 +4,16 @@
 and leaves the order of the columns to TensorBoard, which sorts hyperparameters by name and
 shows only the first five by default. Here:
 
-- booleans are booleans, strings strings, numbers numbers; ``None`` is left out (TensorBoard has
-  no empty value) and anything else is shown as text (lists as ``a, b``);
+- booleans are booleans, strings strings, real numbers numbers; integers are text (``2``), because
+  TensorBoard shows every number with four decimals (``2.0000``) and has no integer type; ``None``
+  is left out (TensorBoard has no empty value) and anything else is shown as text (lists as ``a, b``);
 - the run's main options come first, in the order given, so that they are the ones TensorBoard
   shows by default. Each hyperparameter is shown under its own name (``display_name``); its
   stored name carries a rank prefix (``"00 lr"``), because TensorBoard orders columns by stored
   name. The rank is the option's place in `MAIN_HPARAMS` (the same for every recipe, so runs of
   different recipes line up); the other options keep their plain names and follow, in
-  alphabetical order;
+  alphabetical order. TensorBoard shows the first five columns by default: the learning rate,
+  epochs, batch size, precision and architecture (or, where a run names none, optimizer);
 - the metrics are existing scalar curves, whose last value TensorBoard shows: no one-point
   summary scalar is written.
 """
@@ -19,14 +21,14 @@ shows only the first five by default. Here:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from numbers import Number
+from numbers import Integral, Number
 from typing import Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 #: The main options of a run, in the order the HParams tab shows them.
-MAIN_HPARAMS = ("lr", "epochs", "batch_size", "optimizer", "arch", "precision")
+MAIN_HPARAMS = ("lr", "epochs", "batch_size", "precision", "arch", "optimizer")
 
 
 def hparam_name(key: str, main: Sequence[str] = MAIN_HPARAMS) -> str:
@@ -36,9 +38,12 @@ def hparam_name(key: str, main: Sequence[str] = MAIN_HPARAMS) -> str:
 
 
 def hparam_value(value: Any) -> bool | float | str | None:
-    """What the HParams tab can show: bool, number or string (None: left out)."""
+    """What the HParams tab can show: bool, real number or string (None: left out; an integer
+    becomes its digits, so that it shows as ``2``, not ``2.0000``)."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, Integral):
+        return str(value)
     if isinstance(value, Number):
         return float(value)
     if isinstance(value, (list, tuple)):

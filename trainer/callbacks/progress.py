@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_bar
 
 from trainer.callback import Callback
+from trainer.notebook import has_widgets, in_notebook
 from trainer.every import Every
 from trainer.running import RunningLoss
+
+
+def bar_class() -> type:
+    """tqdm's notebook bar in a Jupyter kernel with ipywidgets installed, else its text bar (in a
+    kernel without ipywidgets, tqdm's own choice would print an "IProgress not found" warning)."""
+    if in_notebook() and has_widgets():
+        from tqdm.notebook import tqdm as widget_bar
+
+        return widget_bar
+    return text_bar
 
 
 def format_logs(logs: dict[str, float]) -> dict[str, str]:
@@ -17,7 +28,8 @@ def format_logs(logs: dict[str, float]) -> dict[str, str]:
 
 
 class ProgressBar(Callback):
-    """Show a tqdm progress bar per epoch.
+    """Show a tqdm progress bar per epoch (a widget in Jupyter where ipywidgets is installed,
+    text elsewhere; see `bar_class`).
 
     The bar moves and shows the running training loss every `log_every` batches (one device
     sync there, none in between); at the end of the epoch it shows the epoch's logs (loss,
@@ -41,7 +53,7 @@ class ProgressBar(Callback):
         self._running = RunningLoss()
 
     def on_epoch_start(self, trainer) -> None:
-        self._bar = tqdm(
+        self._bar = bar_class()(
             total=trainer.num_batches,
             initial=trainer.batch_idx,  # above 0 when the run resumes inside this epoch
             desc=f"epoch {trainer.epoch + 1}/{trainer.max_epochs}",

@@ -1,19 +1,21 @@
 """The TensorBoard tag scheme every callback and recipe follows (README, "TensorBoard tags").
 
-- ``training loss``: the mean training loss over the last `log_every` optimizer steps (the
-  running loss of the PyTorch TensorBoard tutorial, whose name it keeps).
+- ``Loss/training loss``: the mean training loss over the last `log_every` optimizer steps (the
+  running loss of the PyTorch TensorBoard tutorial, whose name it keeps, in the ``Loss`` group).
 - ``Loss/training (epoch mean)`` and ``Loss/validation``: the epoch's training and validation loss.
 - ``Validation/<metric>``: each validation metric at each epoch's end (``Validation/IoU``,
   ``Validation/accuracy``; one class's IoU: ``Validation/IoU/<class>``).
-- ``throughput (samples/s)``: training samples per second of wall time, at the running loss's
-  points.
+- ``throughput (samples per second)``: training samples per second of wall time, at the running
+  loss's points.
 - ``learning rate``: the optimizer's learning rate after the scheduler's step, per epoch.
 - images: ``images`` and ``masks`` (grids), ``predictions vs. actuals`` (figure); PR curves:
   ``pr/<index> <class>``.
 
 TensorBoard's Time Series sorts cards by tag (capitals before lower case) and groups them by the
 part before the first ``/``; it opens the first two groups. The two capitalised groups, ``Loss``
-and ``Validation``, therefore open first, whatever the other (lower-case) tags are called.
+(all three losses, the running training loss among them) and ``Validation``, therefore open
+first, whatever the other (lower-case) tags are called. A ``/`` is in a tag only where it starts
+a group: ``per second``, not ``/s``, or TensorBoard would make a group ``throughput (samples``.
 The summary of a finished run (its options and the last value of each curve) is in the HParams
 tab only, never as a one-point scalar chart.
 """
@@ -21,9 +23,9 @@ tab only, never as a one-point scalar chart.
 from __future__ import annotations
 
 #: The running training loss, every `log_every` steps.
-RUNNING_LOSS = "training loss"
+RUNNING_LOSS = "Loss/training loss"
 #: Training samples per second of wall time, at the running loss's points.
-THROUGHPUT = "throughput (samples/s)"
+THROUGHPUT = "throughput (samples per second)"
 #: The epoch-end values of the trainer's logs that are not validation metrics.
 EPOCH = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation", "lr": "learning rate"}
 #: The group of the validation metrics: ``val_<name>`` is logged as ``Validation/<name>``.

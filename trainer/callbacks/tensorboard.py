@@ -72,6 +72,54 @@ def open_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> Su
     return SummaryWriter(os.fspath(log_dir), purge_step=purge_step)
 
 
+#: The folders a fit started in a run directory that already holds a run writes to (``version_1``...).
+VERSION_PREFIX = "version_"
+
+
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether the event files in `path` hold a run: at least one scalar point. A run stopped before
+    its first log point (only its graph, images or hparams written) does not count: a new fit
+    replaces it."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for file in sorted(glob.glob(os.path.join(glob.escape(os.fspath(path)), EVENT_FILE_PATTERN))):
+        for event in EventFileLoader(file).Load():
+            if any(value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars"
+                   for value in event.summary.value):
+                return True
+    return False
+
+
+def run_versions(log_dir: str | os.PathLike) -> list[Path]:
+    """The runs logged in `log_dir` (see `holds_run`), oldest first: `log_dir` itself, then its
+    ``version_N`` folders, by N."""
+    root = Path(log_dir)
+    numbered = []
+    for child in root.glob(f"{VERSION_PREFIX}*"):
+        number = child.name[len(VERSION_PREFIX):]
+        if number.isdigit() and holds_run(child):
+            numbered.append((int(number), child))
+    return ([root] if holds_run(root) else []) + [child for _, child in sorted(numbered)]
+
+
+def writer_dir(log_dir: str | os.PathLike, resumed: bool) -> Path:
+    """Where a fit logs in the run directory `log_dir`, so that two fits never share a curve.
+
+    A resumed fit continues the newest run there (`run_versions`). A new fit writes in `log_dir`
+    if it holds no run yet (replacing what a run stopped before its first log point wrote there), else
+    in a new sibling ``log_dir/version_N`` (N one above the highest
+    there; the run in `log_dir` itself counts as version 0), as PyTorch Lightning numbers runs.
+    """
+    versions = run_versions(log_dir)
+    if resumed:
+        return versions[-1] if versions else Path(log_dir)
+    if not versions:
+        return Path(log_dir)
+    numbers = [int(p.name[len(VERSION_PREFIX):]) for p in Path(log_dir).glob(f"{VERSION_PREFIX}*")
+               if p.name[len(VERSION_PREFIX):].isdigit()]
+    return Path(log_dir) / f"{VERSION_PREFIX}{max(numbers, default=0) + 1}"
+
+
 class TensorBoardWriterCallback(Callback):
     """Base of the TensorBoard callbacks: ``self.writer`` is the run's shared `SummaryWriter`.
 
@@ -79,11 +127,16 @@ class TensorBoardWriterCallback(Callback):
     the module docstring). It is None on the ranks other than 0 under torchrun (a subclass that
     sets ``rank_zero_only = False`` to compute on every rank writes only on rank 0).
 
-    ``self.resumed`` says whether the fit continues a run (it started past step 0). A resumed
-    run's writer opens with ``purge_step=global_step + 1``: points that the interrupted process
-    wrote after its last checkpoint are dropped, so curves continue without duplicated or orphaned
-    steps. A fit starting at step 0 in a directory that already holds event files (a run restarted
-    before its first checkpoint) purges from step 0.
+    ``self.resumed`` says whether the fit continues a run (it started past step 0). Every stream
+    starts with a restart marker (TensorBoard's ``SessionLog.START``) at its first step. A resumed
+    run's marker is at ``global_step + 1``: points that the interrupted process wrote after its
+    last checkpoint are dropped, so curves continue without duplicated or orphaned steps.
+    TensorBoard's Python loader (the one `trainer.board` runs) takes a run's first marker for its
+    start and only later ones for restarts, so the new run's marker is what makes it drop them.
+
+    A new fit (from step 0) in a directory that already holds a run never mixes with it: it logs
+    to a sibling folder, ``log_dir/version_1`` (then ``version_2``...; see `writer_dir`), and
+    says so in one line; a resumed fit continues the newest of them.
 
     Args:
         log_dir: the run directory, shared with the run's other TensorBoard callbacks.
@@ -109,11 +162,12 @@ class TensorBoardWriterCallback(Callback):
             return None
 
         def create() -> SummaryWriter:
-            if self.resumed:
-                purge = trainer.start_step + 1  # whenever the writer opens, the cut is at the checkpoint
-            else:  # a run that starts over in its directory replaces what an earlier attempt wrote
-                purge = 0 if has_event_files(self.log_dir) else None
-            return open_writer(self.log_dir, purge)
+            where = writer_dir(self.log_dir, self.resumed)
+            if not self.resumed and where != Path(self.log_dir):
+                print(f"TensorBoard: {self.log_dir} already holds a run, so this one logs to {os.fspath(where)} "
+                      "(to continue a run instead, fit with resume_from=)")
+            # The start marker at the fit's first step (see the class docstring).
+            return open_writer(where, trainer.start_step + 1 if self.resumed else 0)
 
         return trainer.resources.get(("SummaryWriter", os.path.realpath(self.log_dir)), create)
 
@@ -160,7 +214,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     hparams, under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
 
     - Every `log_every` optimizer steps: the mean training loss since the previous point,
-      under `running_loss_tag` (``training loss``; x axis: global step), and the training
+      under `running_loss_tag` (``Loss/training loss``; x axis: global step), and the training
       samples per second of wall time since the previous point (of all processes under
       torchrun), under `throughput_tag`. Nothing is done between log points; the throughput
       needs no device sync.
@@ -187,7 +241,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         monitor, mode: the value the run is judged by (``"min"`` or ``"max"`` is better, as for
             `ModelCheckpoint`); its curve is the HParams tab's first metric.
         main_hparams: the options shown first, in this order (`hparams.MAIN_HPARAMS`).
-        throughput_tag: the tag of the training throughput (``throughput (samples/s)``).
+        throughput_tag: the tag of the training throughput (``throughput (samples per second)``).
     """
 
     def __init__(

@@ -1,0 +1,100 @@
+"""`trainer.board.show` in a real Jupyter kernel (nbclient + ipykernel): a notebook trains a tiny
+run, shows it twice (one server answers), then the kernel restarts and finds the same server;
+once the server is stopped, the saved notebook holds a picture of the run and what to run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.request
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from bench.recipe_process import checkout_env  # noqa: E402
+from nbclient.util import run_sync  # noqa: E402
+from trainer import board_servers  # noqa: E402
+
+TRAIN = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from trainer import Trainer
+from trainer.callbacks import ImageGridCallback, ProgressBar, TensorBoardCallback
+
+torch.manual_seed(0)
+x = torch.rand(16, 1, 8, 8)
+loader = DataLoader(TensorDataset(x, x.mean(dim=(1, 2, 3)).gt(0.5).long()), batch_size=8)
+model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), max_epochs=2,
+                  device="cpu", callbacks=[TensorBoardCallback("runs/tiny", log_every=1),
+                                           ImageGridCallback("runs/tiny", num_images=4), ProgressBar(log_every=1)])
+trainer.fit(loader, loader)
+'''
+SHOW = 'import trainer.board\nserver = trainer.board.show("runs/tiny")\nprint(server.pid, server.port)'
+
+
+def outputs(cell, kind: str) -> list:
+    return [output for output in cell.outputs if output.output_type == kind]
+
+
+def printed(cell) -> str:
+    return "".join(output.text for output in outputs(cell, "stream") if output.name == "stdout")
+
+
+def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_restart(tmp_path, monkeypatch):
+    registry = tmp_path / "tmp"
+    registry.mkdir()
+    monkeypatch.setattr(os, "environ", checkout_env(TMPDIR=str(registry)))  # the kernel's environment
+    monkeypatch.setattr("tempfile.tempdir", str(registry))
+    fresh = "print('fresh kernel:', 'server' not in globals())\n"
+    cells = [TRAIN, SHOW, SHOW, fresh + SHOW, "print(trainer.board.stop_all())"]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in cells])
+    client = nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        for index in range(3):
+            client.execute_cell(notebook.cells[index], index)
+        train, show, again = notebook.cells[:3]
+        assert "IProgress not found" not in json.dumps(train.outputs)  # a text bar: no ipywidgets here
+        assert "epoch 2/2" in "".join(o.text for o in outputs(train, "stream"))
+        assert printed(show) == printed(again)  # one server: same pid, same port
+        pid, port = map(int, printed(show).split())
+        [server] = board_servers.running()
+        assert (server.pid, server.port) == (pid, port)
+        assert urllib.request.urlopen(f"{server.url}data/runs", timeout=10).read() == b'["tiny"]'
+
+        run_sync(client.km.restart_kernel)(now=True)
+        client.execute_cell(notebook.cells[3], 3)  # the display cell alone, in the new kernel
+        # The same server, found in the registry.
+        assert printed(notebook.cells[3]) == "fresh kernel: True\n" + printed(show)
+        client.execute_cell(notebook.cells[4], 4)
+        assert printed(notebook.cells[4]) == "1\n"
+    assert board_servers.running() == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url, timeout=5).read()
+
+    path = tmp_path / "board.ipynb"
+    nbformat.write(notebook, path)  # a saved notebook, reopened where no server runs
+    [display] = outputs(nbformat.read(path, as_version=4).cells[1], "display_data")
+    page = display.data["text/html"]
+    static = page[:page.index("<script>")]  # what shows where scripts do not run (GitHub, nbviewer)
+    assert "To open TensorBoard live, run <code>trainer.board.show(" in static
+    assert f"python -m trainer.board {tmp_path / 'runs' / 'tiny'}" in static
+    picture = base64.b64decode(display.data["image/png"])
+    assert picture.startswith(b"\x89PNG") and display.data["image/png"] in static
+    assert "<iframe" not in static
+
+
+@pytest.mark.parametrize(("kernel", "widgets", "bar"), [(True, True, "notebook"), (True, False, "std"),
+                                                         (False, True, "std"), (False, False, "std")])
+def test_progress_bar_is_a_widget_only_in_a_kernel_with_ipywidgets(mocker, kernel, widgets, bar):
+    from trainer.callbacks import progress
+
+    mocker.patch.object(progress, "in_notebook", return_value=kernel)
+    mocker.patch.object(progress, "has_widgets", return_value=widgets)
+    assert progress.bar_class().__module__ == f"tqdm.{bar}"
