@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import glob
 import json
 import math
@@ -38,6 +39,28 @@ class RecipeArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As `argparse.ArgumentParser.parse_args`, with a hint for each unknown option that is
+        close to a known one: ``--checkpoint_every`` gets "did you mean --checkpoint-every?"."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            hints = [hint for hint in map(self._hint, extras) if hint]
+            self.error(message + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        return namespace
+
+    def _hint(self, arg: str) -> str | None:
+        """The known option `arg` (an unknown ``--option[=value]``) most likely stands for."""
+        if not arg.startswith("--"):
+            return None
+        name = arg.split("=", 1)[0]
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        spelled = "--" + name[2:].replace("_", "-").lower()
+        if spelled in known:
+            return spelled
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        return close[0] if close else None
+
 
 class Interrupted(TrainingInterrupted):
     """Training was stopped by a signal after finishing its current step."""
@@ -48,9 +71,9 @@ class Interrupted(TrainingInterrupted):
 
 
 def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, wanted: str,
-             below: float = math.inf) -> Callable[[str], Any]:
-    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`
-    and strictly below `below`."""
+             below: float = math.inf, maximum: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`,
+    strictly below `below` and at most `maximum`."""
 
     def parse(text: str) -> Any:
         try:
@@ -58,7 +81,7 @@ def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, w
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
         if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
-                or value >= below):
+                or value >= below or value > maximum):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
@@ -66,22 +89,60 @@ def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, w
     return parse
 
 
+#: The largest float32: model weights and optimizer values are float32, so no option may be larger.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Seeds torch's generators take, and that stay in range with an epoch or offset added.
+MAX_SEED = 2**63 - 1
+
 positive_int = _bounded(int, 0, False, "a positive integer")
 non_negative_int = _bounded(int, 0, True, "an integer >= 0")
-positive_float = _bounded(float, 0.0, False, "a positive number")
-non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
+positive_float = _bounded(float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)",
+                          maximum=FLOAT32_MAX)
+non_negative_float = _bounded(float, 0.0, True, f"a number from 0 to {FLOAT32_MAX:.4g} (the float32 limit)",
+                              maximum=FLOAT32_MAX)
 fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
+seed_int = _bounded(int, 0, True, f"an integer from 0 to {MAX_SEED}", maximum=MAX_SEED)
 
 
 def duration(text: str) -> float:
-    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds."""
+    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds, above zero."""
     try:
         return parse_duration(text, "--max-time")
     except ValueError:
+        parts = text.strip().split(":")
+        if len(parts) in (3, 4) and all(part.isdigit() and int(part) == 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"must be above zero, got {text!r} (e.g. 00:30:00 for half an "
+                                             "hour)") from None
         raise argparse.ArgumentTypeError(f"expected HH:MM:SS (or D:HH:MM:SS), got {text!r}") from None
 
 
 duration.__name__ = "HH:MM:SS"
+
+
+def device_option(text: str) -> str:
+    """argparse type of ``--device``: ``auto``, ``cpu``, or ``cuda``/``cuda:N`` with that GPU
+    present; anything else (``mps``, ``meta``, ``cuda:7`` on a 1-GPU machine) is refused at once."""
+    wanted = "auto, cpu, cuda or cuda:N"
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r} (the recipes train on the CPU or CUDA "
+                                         "only)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} was asked for but no CUDA GPU is available; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} was asked for but this machine has {count} CUDA GPU(s): "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return text
+
+
+device_option.__name__ = "device"
 
 
 def holds_run(path: Path) -> bool:
@@ -245,7 +306,8 @@ def layout_option(text: str) -> bool | str:
 def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
     """Add the options every recipe has: ``--device``, ``--precision``, ``--channels-last``,
     ``--seed``, ``--log-dir`` (default: a new ``runs_root/<timestamp>``) and ``--resume``."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_option, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
                         help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
                              "on CPUs and GPUs with native bf16, after a short probe); 32: float32; bf16: "
@@ -254,7 +316,8 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
                         help="memory format of the model and images: auto measures it with the precision (on "
                              "CUDA: on for convolutions). A run with --precision and --channels-last both given "
                              "probes nothing, so reruns with the same seed are bit-identical (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--log-dir", metavar="DIR",
                         help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -274,6 +337,27 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="check the whole setup: one training and one validation batch through the model and "
                              "every callback, in a temporary directory that is removed; prints one line")
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizer settings that overflow float32 where the optimizer uses them, before any
+    file is written: one step of an optimizer of the same kind and settings on a stand-in weight.
+    (Adam's first step divides the learning rate by ``1 - beta1``, so ``--lr 1e38`` overflows
+    there although it fits in a float32.) Raises `UsageError` naming the settings.
+
+    Args:
+        optimizer: the run's optimizer (left untouched).
+    """
+    settings = {key: value for key, value in optimizer.defaults.items() if key != "fused"}
+    weight = torch.nn.Parameter(torch.ones(1))
+    weight.grad = torch.ones(1)
+    try:
+        type(optimizer)([weight], **settings).step()
+    except (RuntimeError, OverflowError) as exc:
+        numbers = ", ".join(f"{key}={value:g}" for key, value in settings.items()
+                            if isinstance(value, float) and not isinstance(value, bool))
+        raise UsageError(f"{type(optimizer).__name__} cannot train with {numbers}: {exc}; choose smaller values "
+                         f"(e.g. a lower --lr)") from None
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
@@ -462,6 +546,7 @@ class Recipe:
             raise UsageError(str(exc)) from None
         torch.manual_seed(config["seed"])
         parts = self.build(config, device)
+        check_optimizer(parts.optimizer)
         choice = choose_run_precision(parts.model, device, parts.example, config)
         with contextlib.ExitStack() as stack:
             if fast:  # everything goes to a temporary directory, removed at the end

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from trainer_datasets import SyntheticNuclei, split_segmentation
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
-from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, fraction,
-                            non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, device_option,
+                            fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
 from recipes.prediction import (add_prediction_options, check_images, check_prediction_options, inference_precision,
                                 predict_folder)
 from trainer import Callback, ResumableSampler, resolve_device
@@ -101,7 +101,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
     parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_option, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add_prediction_options(parser)
     return parser
 
