@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,10 +27,8 @@ from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.limits import parse_duration
 from trainer.precision import PrecisionChoice, choose_precision
-
-
-class UsageError(Exception):
-    """Bad input from the command line or the data: reported as one line, exit code 2."""
+from recipes.errors import UsageError
+from recipes.run_checks import check_metrics_csv, check_optimizer, check_recipe_config, check_weights, read_config
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):
@@ -245,14 +243,15 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str,
     return found
 
 
-def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
-               argv: list[str]) -> tuple[Path, dict[str, Any], Path | None]:
+def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
+               config_keys: Sequence[str] = (), recipe: str = "") -> tuple[Path, dict[str, Any], Path | None]:
     """The run directory to resume, its configuration and its last checkpoint (None when the run
     was stopped before its first checkpoint: it then starts over in the same directory).
 
     The run keeps its saved options. ``--epochs`` may change, ``--device`` may move it; any other
     option given on the command line with a value other than the saved one is a `UsageError`
-    naming it. A run with nothing left to train (it finished its epochs, stopped early, or
+    naming it, and so is a saved configuration without the recipe's `config_keys` (a run of
+    recipe `recipe`). A run with nothing left to train (it finished its epochs, stopped early, or
     ``--epochs`` is not above the epochs it trained) raises `RunComplete`.
     """
     path = Path(args.resume)
@@ -266,11 +265,12 @@ def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
             raise UsageError(str(exc)) from None
         config = state.get("config")
     elif (path / CONFIG_FILE).is_file():
-        config, last = json.loads((path / CONFIG_FILE).read_text()), None
+        config, last = read_config(path / CONFIG_FILE), None
     else:
         raise UsageError(f"--resume {args.resume!r}: neither last.pt nor {CONFIG_FILE} there; not a run of this recipe")
     if not config:
         raise UsageError(f"--resume {args.resume!r}: its checkpoint holds no recipe configuration")
+    check_recipe_config(config, config_keys, last or path / CONFIG_FILE, recipe)
     config = dict(config)
     given = given_options(parser, argv)
     if "log_dir" in given:
@@ -337,27 +337,6 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="check the whole setup: one training and one validation batch through the model and "
                              "every callback, in a temporary directory that is removed; prints one line")
-
-
-def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse optimizer settings that overflow float32 where the optimizer uses them, before any
-    file is written: one step of an optimizer of the same kind and settings on a stand-in weight.
-    (Adam's first step divides the learning rate by ``1 - beta1``, so ``--lr 1e38`` overflows
-    there although it fits in a float32.) Raises `UsageError` naming the settings.
-
-    Args:
-        optimizer: the run's optimizer (left untouched).
-    """
-    settings = {key: value for key, value in optimizer.defaults.items() if key != "fused"}
-    weight = torch.nn.Parameter(torch.ones(1))
-    weight.grad = torch.ones(1)
-    try:
-        type(optimizer)([weight], **settings).step()
-    except (RuntimeError, OverflowError) as exc:
-        numbers = ", ".join(f"{key}={value:g}" for key, value in settings.items()
-                            if isinstance(value, float) and not isinstance(value, bool))
-        raise UsageError(f"{type(optimizer).__name__} cannot train with {numbers}: {exc}; choose smaller values "
-                         f"(e.g. a lower --lr)") from None
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
@@ -537,7 +516,8 @@ class Recipe:
             raise UsageError("--fast-dev-run checks the setup of a new run; it cannot be combined with --resume")
         run_dir = resume_from = None
         if args.resume:
-            run_dir, config, resume_from = resume_run(parser, args, argv)
+            run_dir, config, resume_from = resume_run(parser, args, argv, self.config_keys, self.name)
+            check_metrics_csv(run_dir / "metrics.csv")
         else:
             config = self.new_config(args)
         try:
@@ -547,6 +527,8 @@ class Recipe:
         torch.manual_seed(config["seed"])
         parts = self.build(config, device)
         check_optimizer(parts.optimizer)
+        if resume_from is not None:
+            check_weights(parts.model, load_checkpoint(resume_from), resume_from)
         choice = choose_run_precision(parts.model, device, parts.example, config)
         with contextlib.ExitStack() as stack:
             if fast:  # everything goes to a temporary directory, removed at the end

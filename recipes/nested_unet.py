@@ -28,6 +28,7 @@ from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageErro
                             fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
 from recipes.prediction import (add_prediction_options, check_images, check_prediction_options, inference_precision,
                                 predict_folder)
+from recipes.run_checks import check_recipe_config, check_weights
 from trainer import Callback, ResumableSampler, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
@@ -257,13 +258,13 @@ def load_trained_model(checkpoint: str | os.PathLike,
         device = resolve_device(device)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    config = state.get("config") or {}
-    if "arch" not in config:
-        raise UsageError(f"{str(checkpoint)!r} is not a checkpoint of this recipe (it has no configuration)")
+    config = state.get("config")
+    check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
     if not config.get("classes"):
         raise UsageError(f"{str(checkpoint)!r} records no mask classes; it was written by an older version of this "
                          "recipe: train it again with this one")
     model = build_model(config, num_classes=len(config["classes"]))
+    check_weights(model, state, checkpoint)
     model.load_state_dict(state["model"])
     model.to(device).eval()
     if config.get("channels_last") is True:
