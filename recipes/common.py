@@ -473,7 +473,8 @@ class Recipe:
     ``python -m recipes.<name>``), `monitor` and `mode` (the value `ModelCheckpoint` keeps the
     best of), `monitor_label` (its name in the summary), `config_keys` (the options that define
     a run). During `train`, ``self.args`` holds the
-    parsed command line, for options that are not part of the configuration.
+    parsed command line, for options that are not part of the configuration, and ``self.given``
+    the options given on it (``{dest: option string}``, see `given_options`).
     """
 
     name: str = ""
@@ -511,6 +512,7 @@ class Recipe:
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = self.build_parser()
         self.args = args = parser.parse_args(argv)
+        self.given = given_options(parser, argv)
         fast = args.fast_dev_run
         if fast and args.resume:
             raise UsageError("--fast-dev-run checks the setup of a new run; it cannot be combined with --resume")

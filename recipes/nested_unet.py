@@ -28,7 +28,7 @@ from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageErro
                             fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
 from recipes.prediction import (add_prediction_options, check_images, check_prediction_options, inference_precision,
                                 predict_folder)
-from recipes.run_checks import check_recipe_config, check_weights
+from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
 from trainer import Callback, ResumableSampler, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
@@ -188,6 +188,13 @@ class NestedUNetRecipe(Recipe):
     build_parser = staticmethod(build_parser)
 
     def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
+        ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers")
+        refused = [self.given[dest] for dest in ignored if dest in self.given]
+        if refused:
+            source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
+            raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
+                             f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
+                             "--val-samples size the built-in data; --val-fraction and --workers apply to --data)")
         config = super().new_config(args)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
@@ -196,6 +203,9 @@ class NestedUNetRecipe(Recipe):
     def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
         validate_config(config)
         train_set, val_set, classes = load_data(config)
+        if config["data"] is not None:  # a resumed run must see the files it started on
+            files = data_files(config["data"], {*train_set.layout.files(), *val_set.layout.files()})
+            check_same_data(config.setdefault("data_files", files), files, config["data"], "--data")
         if config.setdefault("classes", classes) != classes:
             raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now "
                              f"has {classes}")
@@ -226,7 +236,8 @@ class NestedUNetRecipe(Recipe):
         if len(classes) > 1:
             tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         return [
-            TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
+            TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
+                                hparams={key: value for key, value in config.items() if key != "data_files"}),
             ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True),
             GraphCallback(run_dir, example=fixed[0][:2]),
             PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,

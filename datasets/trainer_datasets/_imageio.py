@@ -42,8 +42,9 @@ def is_system_file(path: Path) -> bool:
 
 
 def not_regular(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be read as a file, without opening it (a FIFO would block): ``"a FIFO"``, ``"a dangling symbolic link"``, ``"a symbolic link loop"``, ``"a folder"``...;
-    None for a regular file (or a symbolic link to one).
+    """Why `path` cannot be read as a file, without opening it (a FIFO would block): ``"a FIFO"``,
+    ``"a dangling symbolic link"``, ``"a symbolic link loop"``, ``"a folder"``...; None for a
+    regular file (or a symbolic link to one).
 
     Args:
         path: the entry to look at.
