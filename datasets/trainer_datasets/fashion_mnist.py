@@ -79,8 +79,8 @@ def load_fashion_mnist(
     wrong = (labels >= len(CLASSES)).nonzero()
     if len(wrong):
         index = int(wrong[0])
-        raise DatasetError(f"{raw / split[1]} has label {int(labels[index])} at item {index} ({len(wrong)} labels out "
-                           f"out of range); Fashion-MNIST labels are 0 to {len(CLASSES) - 1}")
+        raise DatasetError(f"{raw / split[1]} has label {int(labels[index])} at item {index} ({len(wrong)} of its "
+                           f"{len(labels)} labels are out of range); Fashion-MNIST labels are 0 to {len(CLASSES) - 1}")
     return images, labels
 
 
