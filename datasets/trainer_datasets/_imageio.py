@@ -186,7 +186,7 @@ def _open(path: Path) -> tuple[Image.Image, bool]:
     """Decode `path` with Pillow: the loaded image, turned upright as its EXIF orientation says
     (as image viewers show it), and whether Pillow reduced 16-bit colour to 8 bits."""
     problem = not_regular(path)
-    if problem is not None:  # never open a FIFO: reading it would wait forever
+    if problem not in (None, "missing"):  # never open a FIFO: reading it would wait forever
         raise DatasetError(f"cannot read {path}: it is {problem}, not an image file")
     try:
         data = path.read_bytes()
