@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from recipes import WAIT_POLICY
 from trainer import Callback, NonFiniteLossError, TimeLimitReached, Trainer, TrainingInterrupted, resolve_device
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.callbacks.tensorboard import has_event_files
@@ -27,6 +28,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.limits import parse_duration
 from trainer.precision import PrecisionChoice, choose_precision
+from trainer.threads import ThreadChoice, use_threads
 from recipes.errors import UsageError
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_recipe_config, check_weights, read_config
 
@@ -230,7 +232,7 @@ class RunComplete(Exception):
 
 
 #: Options a resumed run may take anew: how far to train, where and how often to save, not what the run is.
-RESUMABLE_OPTIONS = ("resume", "epochs", "device", "checkpoint_every")
+RESUMABLE_OPTIONS = ("resume", "epochs", "device", "checkpoint_every", "threads")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
@@ -310,12 +312,18 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
                         help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
                         help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
-                             "on CPUs and GPUs with native bf16, after a short probe); 32: float32; bf16: "
-                             "bf16 autocast; 16-mixed: float16 with a grad scaler, CUDA only (default: %(default)s)")
+                             "on CPUs and GPUs with native bf16); 32: float32; bf16: bf16 autocast; 16-mixed: "
+                             "float16 with a grad scaler, CUDA only (default: %(default)s)")
     parser.add_argument("--channels-last", type=layout_option, default="auto", metavar="{auto,on,off}",
-                        help="memory format of the model and images: auto measures it with the precision (on "
-                             "CUDA: on for convolutions). A run with --precision and --channels-last both given "
-                             "probes nothing, so reruns with the same seed are bit-identical (default: auto)")
+                        help="memory format of the model and images: auto measures it with the precision once per "
+                             "machine, model and batch shape and keeps the result in a cache file (the path is "
+                             "printed), so every later run chooses the same (on CUDA: on for convolutions) "
+                             "(default: auto)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads of each process (default: the CPUs this process may use, after its "
+                             "container's CPU quota, shared among torchrun's local processes). The same "
+                             "command and --seed give bit-identical weights on the same machine, busy or idle; "
+                             "another thread count, precision, torch version or machine changes the last bits")
     parser.add_argument("--seed", type=seed_int, default=0,
                         help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--log-dir", metavar="DIR",
@@ -340,15 +348,16 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
 
 
 def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
-                         config: dict[str, Any]) -> PrecisionChoice:
+                         config: dict[str, Any], threads: ThreadChoice | None = None) -> PrecisionChoice:
     """The precision, memory format and CPU convolution kernels a run trains with, printed in one
-    line and recorded in `config` (``precision``, ``channels_last``, ``onednn``,
-    ``precision_reason``), so that a resumed run, whose `config` already holds them, reuses the
-    choice instead of probing again.
+    line (with the `threads` the process uses, on the CPU) and recorded in `config`
+    (``precision``, ``channels_last``, ``onednn``, ``precision_reason``), so that a resumed run,
+    whose `config` already holds them, reuses the choice.
 
     ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by
-    `trainer.precision.choose_precision` with a short probe on `model` and `example` (its
-    inputs); explicit values are kept. Under torchrun rank 0 chooses and every rank gets the same.
+    `trainer.precision.choose_precision` on `model` and `example` (inputs at the training batch's
+    shape): measured once per machine and model, then read from its cache file; explicit values
+    are kept. Under torchrun rank 0 chooses and every rank gets the same.
     """
     if config["precision"] == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
@@ -362,7 +371,8 @@ def choose_run_precision(model: torch.nn.Module, device: torch.device, example: 
         config.update(precision=choice.precision, channels_last=choice.channels_last, onednn=choice.onednn,
                       precision_reason=choice.reason)
     if is_rank_zero():
-        print(choice, flush=True)
+        cpu = f"; threads: {threads}; {WAIT_POLICY}" if threads is not None and device.type == "cpu" else ""
+        print(f"{choice}{cpu}", flush=True)
     return choice
 
 
@@ -438,7 +448,7 @@ class RecipeParts:
         optimizer: an optimizer over the model's parameters.
         train_loader: training batches.
         val_loader: validation batches (or None).
-        example: model inputs of a few samples, on which the precision probe runs.
+        example: model inputs at the training batch's shape, on which the precision probe runs.
         metrics: validation metrics, as for `Trainer`.
         scheduler: a learning-rate scheduler (or None).
         extras: whatever the recipe's `Recipe.callbacks` need from `Recipe.build` (fixed batches
@@ -493,7 +503,8 @@ class Recipe:
         with it (config.json, checkpoints) and reused on resume. By default the options named in
         `config_keys`, and the shared ``checkpoint_every``, ``val_every`` and ``histograms``."""
         config = {key: getattr(args, key) for key in self.config_keys}
-        config.update(checkpoint_every=args.checkpoint_every, val_every=args.val_every, histograms=args.histograms)
+        config.update(checkpoint_every=args.checkpoint_every, val_every=args.val_every, histograms=args.histograms,
+                      threads=args.threads)
         return config
 
     def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
@@ -526,12 +537,13 @@ class Recipe:
             device = init_distributed(resolve_device(config["device"]))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        threads = use_threads(config.get("threads"))
         torch.manual_seed(config["seed"])
         parts = self.build(config, device)
         check_optimizer(parts.optimizer)
         if resume_from is not None:
             check_weights(parts.model, load_checkpoint(resume_from), resume_from)
-        choice = choose_run_precision(parts.model, device, parts.example, config)
+        choice = choose_run_precision(parts.model, device, parts.example, config, threads)
         with contextlib.ExitStack() as stack:
             if fast:  # everything goes to a temporary directory, removed at the end
                 run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))

@@ -225,7 +225,8 @@ class NestedUNetRecipe(Recipe):
         if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
             metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
         return RecipeParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
-                           train_loader=train_loader, val_loader=val_loader, example=fixed[0], metrics=metrics,
+                           train_loader=train_loader, val_loader=val_loader, metrics=metrics,
+                           example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
                            scheduler=scheduler, extras={"fixed": fixed})
 
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import matplotlib
 import pytest
@@ -12,6 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 matplotlib.use("Agg")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Precision measurements kept apart from the user's own cache, shared by the tests of one session
+# and by the recipe processes they start (which inherit the environment).
+os.environ["TRAINER_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainer-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TRAINER_CACHE_DIR"], ignore_errors=True)
 
 
 def make_regression(n: int = 20, features: int = 3, seed: int = 0) -> TensorDataset:

@@ -1,6 +1,9 @@
-"""Choosing precision and memory format for the machine: hardware checks mocked, probe real."""
+"""Choosing precision and memory format for the machine: hardware checks mocked, probe real, the
+measured choice kept in a cache file and read back by later runs."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -10,7 +13,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import trainer.precision as precision_module
 from trainer import Callback, Trainer
 from trainer.callbacks import ModelCheckpoint
-from trainer.precision import PrecisionChoice, Setting, choose_precision, cpu_features, probe
+from trainer.precision import (
+    PrecisionChoice,
+    Setting,
+    cache_path,
+    choose_precision,
+    cpu_features,
+    probe,
+    probe_key,
+)
 
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 SAPPHIRE_RAPIDS = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": True, "arm_bf16": False}
@@ -29,7 +40,7 @@ def fake_probe(timings):
     """A stand-in for `probe`: the given seconds per (precision, channels_last), or per
     (precision, channels_last, onednn) for PyTorch's own convolution kernels (10 s if not given)."""
 
-    def run(model, device, example, candidates, samples=1):
+    def run(model, device, example, candidates, samples=None, repeats=1):
         return {c: timings.get(tuple(c) if not c.onednn else tuple(c[:2]), 10.0) for c in candidates}
 
     return run
@@ -39,7 +50,7 @@ def test_avx2_only_cpu_trains_in_float32_without_trying_bf16(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
     spy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 2.0}))
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
     assert "no native bf16" in choice.reason
     probed = spy.call_args.args[3]
@@ -50,7 +61,7 @@ def test_native_bf16_cpu_whose_probe_is_faster_picks_bf16(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 0.95, ("bf16", False): 0.6, ("bf16", True): 0.4}))
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("bf16", True)
     assert "2.50x float32" in choice.reason and "AMX" in choice.reason
 
@@ -59,7 +70,7 @@ def test_native_bf16_cpu_whose_probe_is_slower_stays_float32(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 1.2, ("bf16", False): 3.0, ("bf16", True): 1.5}))
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
 
 
@@ -67,7 +78,7 @@ def test_gains_within_timer_noise_keep_float32_contiguous(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 0.99, ("bf16", False): 0.995, ("bf16", True): 1.2}))
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
 
 
@@ -119,7 +130,7 @@ def test_native_convolution_kernels_where_they_measure_faster(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 1.1, ("32", False, False): 0.7}))
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images())
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last, choice.onednn) == ("32", False, False)
     assert "native convolution kernels" in str(choice) and "1.43x float32" in choice.reason
 
@@ -152,7 +163,7 @@ def test_avx512_features_count_only_where_torch_dispatches_avx512_kernels(mocker
     mocker.patch("torch.backends.cpu.get_cpu_capability", return_value="AVX2")
     features = cpu_features()
     assert features["avx2"] and not (features["avx512"] or features["avx512_bf16"] or features["amx"])
-    choice = choose_precision(nn.Conv2d(3, 4, 3), torch.device("cpu"), torch.rand(1, 3, 16, 16))
+    choice = choose_precision(nn.Conv2d(3, 4, 3), torch.device("cpu"), torch.rand(1, 3, 16, 16), cache=False)
     assert choice.precision == "32" and "no native bf16" in choice.reason
 
 
@@ -169,7 +180,8 @@ def loaders():
     return DataLoader(data, batch_size=4, shuffle=True), DataLoader(data, batch_size=6)
 
 
-def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_path, capsys):
+def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("32", False): 1.0, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}))
@@ -195,7 +207,8 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
     assert resumed.precision_choice == PrecisionChoice("bf16", True, "saved in the checkpoint")
 
 
-def test_trainer_auto_keeps_explicit_half_of_the_choice(mocker):
+def test_trainer_auto_keeps_explicit_half_of_the_choice(mocker, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
     mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
         {("bf16", False): 1.0, ("bf16", True): 0.5}))
@@ -214,3 +227,70 @@ def test_bad_precision_options_are_refused(kwargs, message):
     model = small_cnn()
     with pytest.raises(ValueError, match=message):
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), device="cpu", **kwargs)
+
+
+def test_measured_choice_is_kept_and_later_runs_read_it_however_the_machine_measures(mocker, tmp_path):
+    """Same command, same machine: the second run chooses what the first measured, without timing."""
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    cache = tmp_path / "precision.json"
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 0.5, ("32", False, False): 2.0}))
+    first = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    assert (first.precision, first.channels_last, first.onednn) == ("32", True, True)
+    assert f"kept in {cache}" in first.reason and cache.is_file()
+
+    # Busy now: this probe would pick PyTorch's own kernels. It is not even run.
+    busy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
+        {("32", False): 1.0, ("32", True): 3.0, ("32", False, False): 0.2}))
+    again = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    busy.assert_not_called()
+    assert (again.precision, again.channels_last, again.onednn) == ("32", True, True)
+    assert "measured once on this machine" in again.reason and str(cache) in again.reason
+
+    # Another batch shape is another measurement, kept beside the first.
+    other = choose_precision(small_cnn(), torch.device("cpu"), example_images(8), cache=cache)
+    assert busy.call_count == 1 and other.onednn is False
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_probe_key_follows_what_timings_depend_on():
+    candidates = [Setting("32", False), Setting("32", True)]
+    key = probe_key(small_cnn(), example_images(4), candidates)
+    assert key == probe_key(small_cnn(), example_images(4), candidates)
+    assert key != probe_key(small_cnn(), example_images(2), candidates)
+    assert key != probe_key(nn.Sequential(nn.Conv2d(3, 4, 3)), example_images(4), candidates)
+    assert key != probe_key(small_cnn(), example_images(4), candidates[:1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        assert key != probe_key(small_cnn(), example_images(4), candidates)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""])
+def test_a_damaged_cache_file_is_measured_again_and_rewritten(mocker, tmp_path, content):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    spy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe({("32", False): 1.0}))
+    cache = tmp_path / "precision.json"
+    cache.write_text(content)
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    assert spy.call_count == 1 and (choice.precision, choice.channels_last) == ("32", False)
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_an_unwritable_cache_still_trains_and_says_it_kept_nothing(mocker, tmp_path):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe({("32", False): 1.0}))
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=blocked / "precision.json")
+    assert (choice.precision, choice.channels_last) == ("32", False) and "not kept" in choice.reason
+
+
+def test_cache_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "t"))
+    assert cache_path() == tmp_path / "t" / "precision.json"
+    monkeypatch.delenv("TRAINER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_path() == tmp_path / "x" / "trainer" / "precision.json"

@@ -21,7 +21,6 @@ from trainer.batch import (
     batch_size,
     describe_tensors,
     detach,
-    head,
     last_output,
     move_to_device,
     peek_batch,
@@ -359,7 +358,7 @@ class Trainer:
             choice = PrecisionChoice(saved["precision"], saved["channels_last"], "saved in the checkpoint",
                                      saved.get("onednn", True))
         elif is_rank_zero():
-            inputs = head(split_batch(peek_batch(loader))[0], 2)
+            inputs = split_batch(peek_batch(loader))[0]
             choice = choose_precision(self.module, self.device, inputs, self.precision, self.channels_last)
         else:
             choice = None

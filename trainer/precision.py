@@ -1,28 +1,41 @@
-"""Precision, memory format and kernels that fit the machine: native-bf16 checks and a short probe.
+"""Precision, memory format and kernels that fit the machine: native-bf16 checks and a measurement
+made once per machine and model, then kept.
 
 ``precision="auto"`` and ``channels_last="auto"`` (see `choose_precision`) never pick something
-slower than float32 in the contiguous layout:
+slower than float32 in the contiguous layout, and pick the same thing on every run of the same
+command on the same machine, busy or idle:
 
-- CPU: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX on x86,
-  the BF16 extension on Arm) *and* a short probe on the model measures it faster; channels-last
-  only where the probe measures it faster. Without native bf16, autocast falls back to emulation
-  that is 10-25x slower than float32, so it is not even tried. For float32 convolutions the probe
-  also compares oneDNN's kernels with PyTorch's own: oneDNN wins on large layers (NestedUNet: 2x),
-  its per-call overhead loses on small ones (the tutorial CNN at batch 4: 1.4x slower).
+- CPU: bf16 autocast is tried only where the CPU computes bf16 natively (AVX512-BF16 or AMX on
+  x86, the BF16 extension on Arm); without it autocast falls back to emulation that is 10-25x
+  slower than float32. The remaining settings (bf16 or float32, channels-last or contiguous, and
+  for float32 convolutions oneDNN's kernels or PyTorch's own: oneDNN wins on large layers, its
+  per-call overhead loses on small ones) are timed at the training batch's shape, several times
+  round-robin, and a setting other than float32 contiguous is taken only with a clear margin. The
+  result is kept in a cache file keyed by the CPU, torch, the thread count, the model and the
+  input shape (`cache_path`), so later runs read it instead of measuring again.
 - CUDA: bf16 where the GPU computes it natively (Ampere and later), else float16 with a grad
-  scaler; channels-last for convolutional models (tensor cores want NHWC).
+  scaler; channels-last for convolutional models (tensor cores want NHWC). Nothing is timed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs started at the same moment may both measure
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import nn
@@ -38,8 +51,12 @@ PRECISIONS = {
 #: bf16 must beat float32 by this factor in the probe to be chosen: a smaller gain on one sample
 #: may not hold at the training batch size.
 MIN_GAIN = 1.10
-#: Channels-last must beat the contiguous layout by this factor in the probe to be chosen.
+#: Channels-last (or PyTorch's own convolution kernels) must beat the contiguous layout with
+#: oneDNN by this factor in the probe to be chosen.
 MIN_LAYOUT_GAIN = 1.05
+#: Timed passes of each setting, round-robin; each setting's fastest counts, so a moment of load
+#: on the machine does not decide.
+REPEATS = 5
 
 
 class Setting(NamedTuple):
@@ -162,25 +179,31 @@ def choose_precision(
     example: Any = None,
     precision: str = "auto",
     channels_last: bool | str = "auto",
-    probe_samples: int = 1,
+    cache: str | os.PathLike | None | bool = True,
 ) -> PrecisionChoice:
     """Resolve ``"auto"`` precision and memory format for training `model` on `device`.
 
     Explicit values are kept as given. On the CPU, where more than one setting remains possible,
-    `probe` times a training pass (forward and backward) of a copy of `model` on the first
-    `probe_samples` samples of `example` (model inputs, as the loader yields them) in each
-    setting: bf16 is taken only when it is at least `MIN_GAIN` faster than float32, and
-    channels-last only when it is at least `MIN_LAYOUT_GAIN` faster than the contiguous layout at
-    the chosen precision. Without an `example` there is nothing to probe: float32, contiguous.
-    For NestedUNet on 64x64 images the probe takes about half a second on a 2-core CPU.
+    `probe` times a training pass (forward and backward) of a copy of `model` on `example` (model
+    inputs at the training batch's shape, as the loader yields them) in each setting, `REPEATS`
+    times round-robin, keeping each setting's fastest pass: bf16 is taken only when it is at least
+    `MIN_GAIN` faster than float32, channels-last or PyTorch's own convolution kernels only when
+    at least `MIN_LAYOUT_GAIN` faster than the contiguous layout with oneDNN. Without an `example`
+    there is nothing to probe: float32, contiguous.
+
+    The measurement is made once per machine and model: its result is kept in `cache_path` under
+    a key of the CPU, torch's version and thread count, the model's class and parameter shapes,
+    the input shape and the candidates, so every later run of the same command reads the same
+    choice, however busy the machine is then. Delete the file to measure again.
 
     Args:
         model: the network to train (probed on a copy; it is not changed).
         device: where it trains.
-        example: model inputs as the loader yields them, for the probe.
+        example: model inputs at the training batch's shape, for the probe.
         precision: ``"auto"``, or ``"32"``, ``"bf16"``, ``"16-mixed"`` to keep.
         channels_last: ``"auto"``, or True / False to keep.
-        probe_samples: samples of `example` each probe pass takes.
+        cache: True for `cache_path` (the default), another file path, or False / None to measure
+            every time.
     """
     precision = normalize_precision(precision)
     channels_last = check_channels_last(channels_last)
@@ -211,34 +234,125 @@ def choose_precision(
     if example is None:
         return PrecisionChoice(precisions[0], layouts[0], "; ".join([*reasons, "no example batch to probe"]))
 
+    candidates = [Setting(p, layout) for p in precisions for layout in layouts]
+    if precisions[0] == "32" and convolutional and False in layouts and torch.backends.mkldnn.is_available():
+        candidates.append(Setting("32", False, onednn=False))
+    path = cache_path() if cache is True else Path(cache) if cache else None
+    key = probe_key(model, example, candidates)
+    with _locked(path):
+        kept = _read_cache(path).get(key) if path is not None else None
+        if kept is not None:
+            pick = Setting(kept["precision"], kept["channels_last"], kept["onednn"])
+            reasons.append(f"measured once on this machine ({kept['measured']}), kept in {path}; delete it to "
+                           f"measure again")
+            return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
+        timings = probe(model, device, example, candidates, repeats=REPEATS)
+        pick, measured = _pick(timings, precisions, layouts)
+        reasons.append(f"probe on {type(model).__name__}: {measured}")
+        if path is not None:
+            saved = _write_cache(path, key, {"precision": pick.precision, "channels_last": pick.channels_last,
+                                             "onednn": pick.onednn, "measured": measured})
+            reasons.append(f"kept in {path}" if saved is None else f"not kept: {saved}")
+    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
+
+
+def _pick(timings: dict[Setting, float], precisions: list[str], layouts: list[bool]) -> tuple[Setting, str]:
+    """The setting the timings favour (float32 contiguous unless another wins by its margin) and
+    the timings in words."""
     plain = Setting(precisions[0], layouts[0])
-    first = [plain] + [Setting(p, layout) for p in precisions[1:] for layout in layouts]
-    if len(precisions) == 1:
-        first += [Setting(precisions[0], layout) for layout in layouts[1:]]
-    if plain.precision == "32" and convolutional and False in layouts and torch.backends.mkldnn.is_available():
-        first.append(Setting("32", False, onednn=False))
-    timings = probe(model, device, example, first, probe_samples)
+    measured = ", ".join(f"{c} {t * 1000:.0f} ms" if math.isfinite(t) else f"{c} failed" for c, t in timings.items())
     if math.isinf(timings[plain]):
-        return PrecisionChoice(*plain[:2], "; ".join([*reasons, f"the probe could not train "
-                                                      f"{type(model).__name__} on {probe_samples} sample(s)"]))
+        return plain, f"{measured}; {plain} could not train, kept anyway"
     chosen = precisions[0]
     for p in precisions[1:]:
         if timings[plain] / min(timings[Setting(p, layout)] for layout in layouts) >= MIN_GAIN:
             chosen = p
-    # The other layout of float32 only if float32 wins (on a native-bf16 CPU it rarely does).
-    missing = [Setting(chosen, layout) for layout in layouts if Setting(chosen, layout) not in timings]
-    if missing:
-        timings.update(probe(model, device, example, missing, probe_samples))
     pick = Setting(chosen, layouts[0])
-    if len(layouts) > 1 and timings[pick] / timings[Setting(chosen, layouts[1])] >= MIN_LAYOUT_GAIN:
-        pick = Setting(chosen, layouts[1])
-    native = Setting("32", False, onednn=False)
-    if chosen == "32" and native in timings and timings[pick] / timings[native] >= MIN_LAYOUT_GAIN:
-        pick = native
-    measured = ", ".join(f"{c} {t * 1000:.0f} ms" if math.isfinite(t) else f"{c} failed" for c, t in timings.items())
+    for other in [Setting(chosen, layout) for layout in layouts[1:]] + [Setting("32", False, onednn=False)]:
+        if other in timings and other.precision == chosen and timings[pick] / timings[other] >= MIN_LAYOUT_GAIN:
+            pick = other
     gain = f"; {timings[plain] / timings[pick]:.2f}x {plain}" if pick != plain else ""
-    reasons.append(f"probe on {type(model).__name__}: {measured}{gain}")
-    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
+    return pick, measured + gain
+
+
+def cache_path() -> Path:
+    """The file that keeps measured choices: ``$TRAINER_CACHE_DIR/precision.json``, else
+    ``$XDG_CACHE_HOME/trainer/precision.json``, else ``~/.cache/trainer/precision.json``."""
+    root = os.environ.get("TRAINER_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "trainer")
+    return Path(root) / "precision.json"
+
+
+def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
+    """What a measurement depends on, as a short hash: this CPU (its model name and native
+    features), torch's version and thread count, the model's class and parameter shapes, the
+    example's shapes and dtypes, and the candidates."""
+    shapes: list[Any] = []
+    map_tensors(example, lambda t: shapes.append([list(t.shape), str(t.dtype)]) or t)
+    described = {
+        "cpu": _cpu_model_name(), "features": cpu_features(), "machine": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()],
+        "inputs": shapes, "candidates": [list(c) for c in candidates], "version": 1,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside the cache file, so that runs started together measure once."""
+    if path is None or fcntl is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        yield  # an unwritable cache: measure without it
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing, unreadable or damaged: measured again and rewritten
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
+    """Add `entry` under `key` to the cache file atomically; the reason it failed, or None."""
+    data = _read_cache(path)
+    data[key] = entry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return f"{path}: {exc.strerror or exc}"
+    return None
 
 
 def _choose_cuda(device: torch.device, precision: str, channels_last: bool | str, convolutional: bool) -> PrecisionChoice:
@@ -282,11 +396,11 @@ def probe(
     device: torch.device,
     example: Any,
     candidates: list[Setting],
-    samples: int = 1,
+    samples: int | None = None,
     repeats: int = 1,
 ) -> dict[Setting, float]:
     """Seconds of one training pass (forward and backward, train mode) of a copy of `model` on
-    `samples` samples of `example`, for each `Setting` in `candidates`: the best
+    `example` (its first `samples` samples, if given), for each `Setting` in `candidates`: the best
     of `repeats` passes, run round-robin across the candidates after one warm-up pass each, so a
     moment of load on the machine does not decide.
 
@@ -296,7 +410,7 @@ def probe(
     time stands as its result. A candidate whose pass raises (an operation without a kernel for
     that precision, say) gets an infinite time.
     """
-    inputs = map_tensors(example, lambda t: t[:samples] if t.dim() > 0 else t)
+    inputs = example if samples is None else map_tensors(example, lambda t: t[:samples] if t.dim() > 0 else t)
     replicas: dict[bool, tuple[nn.Module, Any]] = {}
     runs: dict[Setting, Callable[[], None]] = {}
     timings: dict[Setting, float] = {}

@@ -1,0 +1,101 @@
+"""How torch's OpenMP threads wait between parallel regions, set before torch is loaded.
+
+By default an OpenMP thread that finishes its share keeps the CPU spinning for a while, waiting
+for the next region. On an idle machine that is the fastest. Beside another busy process it is
+the slowest by far: a spinning thread uses up its fair share of the CPU it shares with that
+process, so the scheduler runs the other process first whenever work arrives, and every parallel
+region waits for it (measured on 2 cores beside one CPU-bound process: a NestedUNet step 13x
+slower). Threads that sleep at once (``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but
+cost up to 1.5x on an idle machine.
+
+The policy is read once, when the OpenMP runtime loads with torch, so `choose_wait_policy`
+decides it at the start of a command: passive when other processes keep the CPUs busy, else the
+default. It changes timing only, never results: the thread count (see `trainer.threads`) is what
+decides how work is split. This module uses the standard library only, so that it can run before
+torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+#: Environment variables with which a user chooses the policy; when one is set it is kept.
+USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+#: Other processes must keep at least this many more CPUs busy than this process's threads leave
+#: free for threads to wait passively.
+BUSY_MARGIN = 0.5
+
+
+def busy_cpus(seconds: float = 0.1, stat: str = "/proc/stat") -> float | None:
+    """CPUs kept busy by other processes over `seconds` (all the machine's work, less this
+    process's own), or None where the kernel does not say (no ``/proc/stat``)."""
+    first, own = _cpu_ticks(stat), _own_ticks()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second, own_after = _cpu_ticks(stat), _own_ticks()
+    if second is None:
+        return None
+    hertz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy_ticks = (second[0] - first[0]) - (own_after - own) * hertz
+    wall_ticks = max(1e-9, (second[1] - first[1]) / max(1, os.cpu_count() or 1))
+    return max(0.0, busy_ticks / wall_ticks)
+
+
+def _cpu_ticks(stat: str) -> tuple[int, int] | None:
+    """(busy, total) ticks of all CPUs since boot."""
+    try:
+        with open(stat, encoding="ascii") as file:
+            fields = file.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user time
+    return total - idle, total
+
+
+def _own_ticks() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def choose_wait_policy(threads: int | None = None, environ: dict[str, str] | None = None,
+                       measure: Callable[[], float | None] = busy_cpus) -> str:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` in `environ` (default: this process's environment) when
+    other processes keep more CPUs busy than `threads` threads leave free, and return a few words
+    saying what was chosen. A policy the user set is kept; after torch is loaded it is too late
+    and nothing is changed.
+
+    Args:
+        threads: the threads this process will run (default: the CPUs in its affinity mask,
+            shared among torchrun's ``LOCAL_WORLD_SIZE`` processes; a container's CPU quota,
+            which may lower the count, is read later by `trainer.threads`).
+        environ: where to set the policy.
+        measure: returns the CPUs busy with other work (see `busy_cpus`).
+    """
+    environ = os.environ if environ is None else environ
+    if threads is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            threads = max(1, cpus // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
+        except ValueError:
+            threads = cpus
+    given = [name for name in USER_SETTINGS if environ.get(name)]
+    if given:
+        return f"OpenMP waiting as set by {given[0]}={environ[given[0]]}"
+    if "torch" in sys.modules:
+        return "OpenMP waiting left as loaded"
+    busy = measure()
+    if busy is None:
+        return "OpenMP threads spin while waiting (load unknown)"
+    free = (os.cpu_count() or 1) - busy
+    if free < threads - BUSY_MARGIN:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy"
+    return f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work"

@@ -1,0 +1,85 @@
+"""trainer.threads: thread counts from the affinity mask, the container's CPU quota (cgroup v1 and
+v2 files written by the test) and torchrun's local processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.threads as threads_module
+from trainer.threads import choose_threads, cpu_quota, use_threads
+
+
+def cgroup_v2(tmp_path: Path, cpu_max: str, nested: str | None = None) -> tuple[Path, Path]:
+    """A cgroup v2 tree with `cpu_max` in the process's own group (or in its parent when `nested`
+    names a child group without a quota of its own)."""
+    root = tmp_path / "cgroup"
+    group = root / "docker" / "abc"
+    group.mkdir(parents=True)
+    (group / "cpu.max").write_text(cpu_max + "\n")
+    proc = tmp_path / "proc-cgroup"
+    if nested:
+        (group / nested).mkdir()
+        (group / nested / "cpu.max").write_text("max 100000\n")
+        proc.write_text(f"0::/docker/abc/{nested}\n")
+    else:
+        proc.write_text("0::/docker/abc\n")
+    return root, proc
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("150000 100000", 1.5), ("max 100000", None), ("50000 100000", 0.5)])
+def test_cgroup_v2_quota(tmp_path, cpu_max, expected):
+    root, proc = cgroup_v2(tmp_path, cpu_max)
+    assert cpu_quota(root, proc) == expected
+
+
+def test_cgroup_v2_quota_of_a_parent_group_applies(tmp_path):
+    root, proc = cgroup_v2(tmp_path, "200000 100000", nested="worker")
+    assert cpu_quota(root, proc) == 2.0
+
+
+def test_cgroup_v1_quota(tmp_path):
+    root = tmp_path / "cgroup"
+    group = root / "cpu,cpuacct" / "docker" / "abc"
+    group.mkdir(parents=True)
+    (group / "cpu.cfs_quota_us").write_text("100000\n")
+    (group / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cpu_quota(root, proc) == 1.0
+    (group / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
+    assert cpu_quota(root, proc) is None
+
+
+def test_no_cgroup_files_means_no_quota(tmp_path):
+    assert cpu_quota(tmp_path / "none", tmp_path / "missing") is None
+
+
+def test_a_quota_caps_the_threads_and_says_so(mocker):
+    mocker.patch.object(threads_module, "affinity_cpus", return_value=32)
+    mocker.patch.object(threads_module, "cpu_quota", return_value=1.5)
+    choice = choose_threads()
+    assert choice.threads == 2 and "cgroup CPU quota 1.5" in choice.reason and "32 CPUs" in choice.reason
+
+
+def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
+    mocker.patch.object(threads_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(threads_module, "cpu_quota", return_value=None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    choice = choose_threads()
+    assert choice.threads == 2 and "shared by 4 local processes" in choice.reason
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert choose_threads().threads == 1  # never fewer than one
+
+
+def test_use_threads_sets_torch_and_a_request_wins():
+    before = torch.get_num_threads()
+    try:
+        choice = use_threads(1)
+        assert choice.threads == 1 and torch.get_num_threads() == 1 and str(choice) == "1 thread (as asked)"
+        with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
+            use_threads(0)
+    finally:
+        torch.set_num_threads(before)
