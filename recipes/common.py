@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import glob
 import json
@@ -13,7 +14,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,10 +31,8 @@ from trainer.limits import parse_duration
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.run_lock import LOCK_FILE, RunLock, RunLockedError
 from trainer.threads import ThreadChoice, use_threads
-
-
-class UsageError(Exception):
-    """Bad input from the command line or the data: reported as one line, exit code 2."""
+from recipes.errors import UsageError
+from recipes.run_checks import check_metrics_csv, check_optimizer, check_recipe_config, check_weights
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):
@@ -41,6 +40,28 @@ class RecipeArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As `argparse.ArgumentParser.parse_args`, with a hint for each unknown option that is
+        close to a known one: ``--checkpoint_every`` gets "did you mean --checkpoint-every?"."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            hints = [hint for hint in map(self._hint, extras) if hint]
+            self.error(message + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        return namespace
+
+    def _hint(self, arg: str) -> str | None:
+        """The known option `arg` (an unknown ``--option[=value]``) most likely stands for."""
+        if not arg.startswith("--"):
+            return None
+        name = arg.split("=", 1)[0]
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        spelled = "--" + name[2:].replace("_", "-").lower()
+        if spelled in known:
+            return spelled
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        return close[0] if close else None
 
 
 class Interrupted(TrainingInterrupted):
@@ -52,9 +73,9 @@ class Interrupted(TrainingInterrupted):
 
 
 def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, wanted: str,
-             below: float = math.inf) -> Callable[[str], Any]:
-    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`
-    and strictly below `below`."""
+             below: float = math.inf, maximum: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`,
+    strictly below `below` and at most `maximum`."""
 
     def parse(text: str) -> Any:
         try:
@@ -62,7 +83,7 @@ def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, w
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
         if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
-                or value >= below):
+                or value >= below or value > maximum):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
@@ -70,22 +91,60 @@ def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, w
     return parse
 
 
+#: The largest float32: model weights and optimizer values are float32, so no option may be larger.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Seeds torch's generators take, and that stay in range with an epoch or offset added.
+MAX_SEED = 2**63 - 1
+
 positive_int = _bounded(int, 0, False, "a positive integer")
 non_negative_int = _bounded(int, 0, True, "an integer >= 0")
-positive_float = _bounded(float, 0.0, False, "a positive number")
-non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
+positive_float = _bounded(float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)",
+                          maximum=FLOAT32_MAX)
+non_negative_float = _bounded(float, 0.0, True, f"a number from 0 to {FLOAT32_MAX:.4g} (the float32 limit)",
+                              maximum=FLOAT32_MAX)
 fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
+seed_int = _bounded(int, 0, True, f"an integer from 0 to {MAX_SEED}", maximum=MAX_SEED)
 
 
 def duration(text: str) -> float:
-    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds."""
+    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds, above zero."""
     try:
         return parse_duration(text, "--max-time")
     except ValueError:
+        parts = text.strip().split(":")
+        if len(parts) in (3, 4) and all(part.isdigit() and int(part) == 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"must be above zero, got {text!r} (e.g. 00:30:00 for half an "
+                                             "hour)") from None
         raise argparse.ArgumentTypeError(f"expected HH:MM:SS (or D:HH:MM:SS), got {text!r}") from None
 
 
 duration.__name__ = "HH:MM:SS"
+
+
+def device_option(text: str) -> str:
+    """argparse type of ``--device``: ``auto``, ``cpu``, or ``cuda``/``cuda:N`` with that GPU
+    present; anything else (``mps``, ``meta``, ``cuda:7`` on a 1-GPU machine) is refused at once."""
+    wanted = "auto, cpu, cuda or cuda:N"
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r} (the recipes train on the CPU or CUDA "
+                                         "only)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} was asked for but no CUDA GPU is available; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} was asked for but this machine has {count} CUDA GPU(s): "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return text
+
+
+device_option.__name__ = "device"
 
 
 def holds_run(path: Path) -> bool:
@@ -282,8 +341,8 @@ def describe_folder(path: Path) -> str:
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
-               argv: list[str]) -> tuple[Path, dict[str, Any], Path, RunLock | None]:
+def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
+               config_keys: Sequence[str] = (), recipe: str = "") -> tuple[Path, dict[str, Any], Path, RunLock | None]:
     """The run directory to resume, its configuration, its last checkpoint and the directory's
     `RunLock`, which the caller holds until the run ends (None on ranks other than 0, which do
     not lock).
@@ -297,7 +356,8 @@ def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
     The run keeps its saved options. ``--epochs`` may change, ``--device`` may move it; any other
     option given on the command line with a value other than the saved one is a `UsageError`
-    naming it. A run with nothing left to train (it finished its epochs, stopped early, or
+    naming it, and so is a saved configuration without the recipe's `config_keys` (a run of
+    recipe `recipe`). A run with nothing left to train (it finished its epochs, stopped early, or
     ``--epochs`` is not above the epochs it trained) raises `RunComplete`.
     """
     if not args.resume.strip():
@@ -309,7 +369,7 @@ def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
     try:
         if not os.access(path, os.W_OK):
             raise UsageError(f"--resume {args.resume!r}: the run directory is not writable")
-        config = _resumable_config(parser, args, argv, path)
+        config = _resumable_config(parser, args, argv, path, config_keys, recipe)
         if lock is not None:
             remove_temporary_files(path)
         return path, config, path / "last.pt", lock
@@ -320,7 +380,7 @@ def resume_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def _resumable_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
-                      path: Path) -> dict[str, Any]:
+                      path: Path, config_keys: Sequence[str], recipe: str) -> dict[str, Any]:
     """The configuration `resume_run` continues `path`'s run with (see there)."""
     last = path / "last.pt"
     if not last.is_file():
@@ -337,6 +397,7 @@ def _resumable_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     config = state.get("config") if isinstance(state, dict) else None
     if not config:
         raise UsageError(f"--resume {args.resume!r}: its checkpoint holds no recipe configuration")
+    check_recipe_config(config, config_keys, last or path / CONFIG_FILE, recipe)
     config = dict(config)
     given = given_options(parser, argv)
     if "log_dir" in given:
@@ -371,7 +432,8 @@ def layout_option(text: str) -> bool | str:
 def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
     """Add the options every recipe has: ``--device``, ``--precision``, ``--channels-last``,
     ``--seed``, ``--log-dir`` (default: a new ``runs_root/<timestamp>``) and ``--resume``."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_option, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
                         help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
                              "on CPUs and GPUs with native bf16); 32: float32; bf16: bf16 autocast; 16-mixed: "
@@ -386,7 +448,8 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
                              "container's CPU quota, shared among torchrun's local processes). The same "
                              "command and --seed give bit-identical weights on the same machine, busy or idle; "
                              "another thread count, precision, torch version or machine changes the last bits")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--log-dir", metavar="DIR",
                         help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -544,7 +607,8 @@ class Recipe:
     ``python -m recipes.<name>``), `monitor` and `mode` (the value `ModelCheckpoint` keeps the
     best of), `monitor_label` (its name in the summary), `config_keys` (the options that define
     a run). During `train`, ``self.args`` holds the
-    parsed command line, for options that are not part of the configuration.
+    parsed command line, for options that are not part of the configuration, and ``self.given``
+    the options given on it (``{dest: option string}``, see `given_options`).
     """
 
     name: str = ""
@@ -583,15 +647,17 @@ class Recipe:
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = self.build_parser()
         self.args = args = parser.parse_args(argv)
+        self.given = given_options(parser, argv)
         fast = args.fast_dev_run
         if fast and args.resume:
             raise UsageError("--fast-dev-run checks the setup of a new run; it cannot be combined with --resume")
         run_dir = resume_from = None
         with contextlib.ExitStack() as stack:  # holds the run directory's lock until the run ends
             if args.resume:
-                run_dir, config, resume_from, lock = resume_run(parser, args, argv)
+                run_dir, config, resume_from, lock = resume_run(parser, args, argv, self.config_keys, self.name)
                 if lock is not None:
                     stack.callback(lock.release)
+                check_metrics_csv(run_dir / METRICS_FILE)
             else:
                 if args.log_dir is not None and not fast and is_rank_zero():  # early; checked again when made
                     check_new_run_dir(args.log_dir, f"runs/{self.name}")
@@ -603,6 +669,9 @@ class Recipe:
             threads = use_threads(config.get("threads"))
             torch.manual_seed(config["seed"])
             parts = self.build(config, device)
+            check_optimizer(parts.optimizer)
+            if resume_from is not None:
+                check_weights(parts.model, load_checkpoint(resume_from), resume_from)
             choice = choose_run_precision(parts.model, device, parts.example, config, threads)
             if fast:  # everything goes to a temporary directory, removed at the end
                 run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))

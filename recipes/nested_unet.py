@@ -24,10 +24,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from trainer_datasets import SyntheticNuclei, split_segmentation
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
-from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, fraction,
-                            lock_run_dir, non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, device_option,
+                            fraction, lock_run_dir, non_negative_float, non_negative_int, positive_float, positive_int,
+                            run_cli)
 from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
                                 data_folder_above, inference_precision, predict_folder)
+from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
 from trainer import Callback, ResumableSampler, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
@@ -106,7 +108,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
                         help="replace output files that --out holds already (default: refuse, naming the first, "
                              "before anything is written)")
     parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=device_option, default="auto",
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add_prediction_options(parser)
     return parser
 
@@ -191,6 +194,13 @@ class NestedUNetRecipe(Recipe):
     build_parser = staticmethod(build_parser)
 
     def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
+        ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers")
+        refused = [self.given[dest] for dest in ignored if dest in self.given]
+        if refused:
+            source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
+            raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
+                             f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
+                             "--val-samples size the built-in data; --val-fraction and --workers apply to --data)")
         config = super().new_config(args)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
@@ -199,6 +209,9 @@ class NestedUNetRecipe(Recipe):
     def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
         validate_config(config)
         train_set, val_set, classes = load_data(config)
+        if config["data"] is not None:  # a resumed run must see the files it started on
+            files = data_files(config["data"], {*train_set.layout.files(), *val_set.layout.files()})
+            check_same_data(config.setdefault("data_files", files), files, config["data"], "--data")
         if config.setdefault("classes", classes) != classes:
             raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now "
                              f"has {classes}")
@@ -230,7 +243,8 @@ class NestedUNetRecipe(Recipe):
         if len(classes) > 1:
             tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         return [
-            TensorBoardCallback(run_dir, log_every=10, tags=tags, hparams=config, monitor="val_iou", mode="max"),
+            TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
+                                hparams={key: value for key, value in config.items() if key != "data_files"}),
             ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True),
             GraphCallback(run_dir, example=fixed[0][:2]),
             PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
@@ -262,13 +276,13 @@ def load_trained_model(checkpoint: str | os.PathLike,
         device = resolve_device(device)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    config = state.get("config") or {}
-    if "arch" not in config:
-        raise UsageError(f"{str(checkpoint)!r} is not a checkpoint of this recipe (it has no configuration)")
+    config = state.get("config")
+    check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
     if not config.get("classes"):
         raise UsageError(f"{str(checkpoint)!r} records no mask classes; it was written by an older version of this "
                          "recipe: train it again with this one")
     model = build_model(config, num_classes=len(config["classes"]))
+    check_weights(model, state, checkpoint)
     model.load_state_dict(state["model"])
     model.to(device).eval()
     if config.get("channels_last") is True:

@@ -21,7 +21,7 @@ from models.predict import (DEFAULT_OVERLAP, DEFAULT_TILE, count_windows, defaul
 from recipes.common import UsageError, non_negative_int, positive_int
 from trainer.checkpoint import temporary_path
 from trainer.precision import native_bf16
-from trainer_datasets import DatasetError, is_image_file, read_image_rgb, write_png_file
+from trainer_datasets import DatasetError, is_image_file, is_system_file, not_regular, read_image_rgb, write_png_file
 
 #: Errors the image reader raises for a file it cannot use.
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
@@ -73,17 +73,25 @@ def check_prediction_options(args: argparse.Namespace) -> None:
 
 
 def check_images(folder: str) -> list[ImageFile]:
-    """Decode every image file in `folder` (sorted by name; hidden files and other extensions are
-    left out) and return their sizes.
+    """Decode every image file in `folder` (sorted by name) and return their sizes. Hidden and
+    system files (``.DS_Store``, ``Thumbs.db``) are left out, as training leaves them out, and
+    so are folders and files with other extensions.
 
     Nothing is kept in memory but the sizes. Every problem goes into one `UsageError`: a
-    missing folder, no images, each file that cannot be decoded (named, with the reason) and
+    missing folder, entries with an image extension that are no regular files (FIFOs, dangling or
+    looping links: named, never opened), no images, each file that cannot be decoded (named, with the reason) and
     ids (file names without extension) that two files share, since the outputs are named by id.
     """
     root = Path(folder)
     if not root.is_dir():
         raise UsageError(f"--images {folder!r}: no such folder")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    entries = sorted(p for p in root.iterdir() if is_image_file(p) and not is_system_file(p))
+    kinds = {p: not_regular(p) for p in entries}
+    irregular = [f"{p.name} is {kind}" for p, kind in kinds.items() if kind not in (None, "a folder")]
+    if irregular:  # never opened: reading a FIFO would wait forever
+        raise UsageError(f"--images {folder!r} holds entries that are not image files, nothing written: "
+                         + "; ".join(irregular))
+    paths = [p for p, kind in kinds.items() if kind is None]
     if not paths:
         raise UsageError(f"--images {folder!r} holds no .png, .jpg or .tif images")
     files, problems, seen = [], [], {}

@@ -85,6 +85,24 @@ def test_bad_checkpoint_paths_have_clear_errors(tmp_path):
         load_checkpoint(broken)
 
 
+def test_empty_random_and_non_dict_checkpoints_say_what_is_wrong(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt' is empty \(0 bytes\), not a checkpoint"):
+        load_checkpoint(empty)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(noise)
+    message = str(info.value)
+    assert "noise.pt' is not a readable checkpoint" in message and "\n" not in message
+    assert "weights_only" not in message  # never the advice to unpickle arbitrary objects
+    a_list = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], a_list)
+    with pytest.raises(ValueError, match=r"list.pt' holds a list, not a checkpoint"):
+        load_checkpoint(a_list)
+
+
 def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
     run = tmp_path / "run"
     first, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=2)

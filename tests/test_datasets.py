@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.recipe_process import checkout_env
 from trainer_datasets import (
     DataNotFoundError,
     DatasetError,
@@ -293,3 +297,41 @@ def test_write_segmentation_folder_flat(tmp_path):
     loaded = SegmentationFolder(tmp_path)
     assert loaded.ids == ["0000", "0001", "0002"]
     assert torch.equal(loaded[2][1], data[2][1])
+
+
+def test_hidden_and_system_files_are_left_out(tmp_path):
+    write_sample(tmp_path, "a", classes=["0"])
+    write_sample(tmp_path, "b", classes=["0"])
+    for folder in (tmp_path / "images", tmp_path / "masks", tmp_path / "masks" / "0"):
+        for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._a.png"):
+            (folder / name).write_bytes(b"written by a file manager")
+    dataset = SegmentationFolder(tmp_path)
+    assert dataset.ids == ["a", "b"] and dataset.classes == ["0"]
+    assert [p.name for p in dataset.layout.files()] == ["a.png", "b.png", "a.png", "b.png"]
+
+
+def test_entries_that_are_no_regular_files_are_named_and_never_opened(tmp_path):
+    write_sample(tmp_path, "a")
+    write_sample(tmp_path, "b")
+    os.mkfifo(tmp_path / "images" / "fifo.png")  # opening it would block for ever
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "masks" / "loop.png").symlink_to(tmp_path / "masks" / "loop.png")
+    (tmp_path / "images" / "linked.png").symlink_to(tmp_path / "images" / "a.png")  # a link to a file is fine
+    (tmp_path / "masks" / "linked.png").symlink_to(tmp_path / "masks" / "a.png")
+    with pytest.raises(DatasetError) as info:
+        SegmentationFolder(tmp_path)
+    message = str(info.value)
+    assert ("entries that are not regular files: images/fifo.png (a FIFO), images/gone.png (a dangling symbolic "
+            "link)") in message
+    assert "masks/loop.png (a symbolic link loop)" in message and "linked" not in message
+
+
+def test_training_on_a_folder_with_a_fifo_stops_at_once_naming_it(tmp_path):
+    SyntheticNuclei(4, image_size=16, seed=0).save(tmp_path / "data")
+    os.mkfifo(tmp_path / "data" / "images" / "x.png")
+    result = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--data", str(tmp_path / "data"), "--epochs",
+                             "1", "--batch-size", "2", "--log-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=checkout_env(), timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "images/x.png (a FIFO)" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from trainer_datasets import (
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
+from bench.recipe_process import checkout_env
 from trainer_datasets.fashion_mnist import FILES, raw_folder
 
 
@@ -102,7 +105,7 @@ def test_corrupt_idx_file_is_a_clear_error(fashion_dir):
     root, _, _ = fashion_dir
     load_fashion_mnist(root)
     (raw_folder(root) / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x09garbage")
-    with pytest.raises(DatasetError, match="not valid IDX"):
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte is not a valid IDX images file: 11 bytes"):
         load_fashion_mnist(root)
 
 
@@ -181,3 +184,72 @@ def test_tensor_batch_loader_shards_cover_the_data():
     assert len(set(sum(train_parts, []))) == 9  # disjoint
     eval_parts = [[int(v) for _, y in loader.shard(rank, 3, train=False) for v in y] for rank in range(3)]
     assert sorted(sum(eval_parts, [])) == list(range(10))  # every sample exactly once
+
+
+def unpacked(root):
+    """The raw folder of `root` with every .gz IDX file replaced by its uncompressed bytes."""
+    raw = raw_folder(root)
+    for packed in raw.glob("*.gz"):
+        (raw / packed.stem).write_bytes(gzip.decompress(packed.read_bytes()))
+        packed.unlink()
+    return raw
+
+
+def edit(path, change):
+    path.write_bytes(change(path.read_bytes()))
+
+
+IDX_FAULTS = {
+    "truncated": ("train-images-idx3-ubyte", lambda b: b[:1000],
+                  "its header claims 50 items but the file holds only 1 (1000 bytes, 39216 expected)"),
+    "claims more": ("train-labels-idx1-ubyte", lambda b: b[:4] + (1000).to_bytes(4, "big") + b[8:],
+                    "its header claims 1000 items but the file holds only 50"),
+    "wrong magic": ("train-images-idx3-ubyte", lambda b: b"\x1f\x8b\x08\x03" + b[4:],
+                    "magic number 0x1f8b0803, not an IDX file's"),
+    "float data": ("train-images-idx3-ubyte", lambda b: b"\x00\x00\x0d\x03" + b[4:], "it has data type float (0x0d)"),
+    "labels in images": ("train-labels-idx1-ubyte", None, "not a valid IDX labels file: it has 3 dimension(s)"),
+    "label out of range": ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([200]) + b[9:],
+                           "has label 200 at item 0 (1 of its 50 labels are out of range); Fashion-MNIST labels are "
+                           "0 to 9"),
+    "32x32 images": ("train-images-idx3-ubyte", lambda b: b[:8] + (32).to_bytes(4, "big") * 2 + b[16:],
+                     "its images are 32x32, Fashion-MNIST's are 28x28"),
+}
+
+
+@pytest.mark.parametrize("fault", IDX_FAULTS)
+def test_damaged_idx_files_are_named_with_what_is_wrong(fashion_dir, fault):
+    root, _, _ = fashion_dir
+    raw = unpacked(root)
+    name, change, message = IDX_FAULTS[fault]
+    if change is None:
+        (raw / name).write_bytes((raw / "train-images-idx3-ubyte").read_bytes())
+    else:
+        edit(raw / name, change)
+    with pytest.raises(DatasetError) as info:
+        load_fashion_mnist(root)
+    assert str(info.value).startswith(f"{raw / name} ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_corrupt_deflate_stream_is_named(fashion_dir):
+    root, _, _ = fashion_dir
+    packed = raw_folder(root) / "train-images-idx3-ubyte.gz"
+    data = bytearray(packed.read_bytes())
+    data[40:60] = b"\xff" * 20  # inside the deflate stream, after the gzip header
+    packed.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"cannot decompress {packed}: its deflate stream is corrupt"):
+        load_fashion_mnist(root)
+    assert not (raw_folder(root) / "train-images-idx3-ubyte").exists()  # no half-written copy left
+
+
+def test_the_recipe_reports_a_damaged_idx_file_in_one_line_and_writes_nothing(fashion_dir, tmp_path):
+    root, _, _ = fashion_dir
+    raw = unpacked(root)
+    edit(raw / "t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([10]) + b[9:])
+    result = subprocess.run([sys.executable, "-m", "recipes.fashion_mnist", "--data-dir", str(root),
+                             "--log-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                            env=checkout_env(), timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: {raw / 't10k-labels-idx1-ubyte'} has label 10 at item 0 (1 of its 20 labels "
+                             "are out of range); Fashion-MNIST labels are 0 to 9\n")
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ The files are written here by Pillow, or byte by byte (numpy + zlib) where Pillo
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -288,3 +289,59 @@ def test_write_png_file_refuses_other_tensors(tmp_path, tensor):
     with pytest.raises(ValueError, match=r"cannot write .*bad\.png: expected a uint8 \(C, H, W\) tensor with C = 1 or 3"):
         write_png_file(tensor, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+# Orientation, NaN masks, entries that are no files
+
+
+def with_orientation(array: np.ndarray, path: Path, orientation: int, **options) -> Path:
+    """`array` saved by Pillow with an EXIF orientation tag (6: viewers turn it 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif, **options)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_turns_images_and_masks_alike(tmp_path, suffix):
+    grey = np.zeros((20, 40), np.uint8)
+    grey[:5, :10] = 255  # a block top left as stored; viewers show the picture turned to 40 high, 20 wide
+    upright = np.rot90(grey, k=-1)  # orientation 6: 90 degrees clockwise, the block now top right
+    image = read_image_rgb(with_orientation(np.dstack([grey] * 3), tmp_path / f"image{suffix}", 6, quality=100))
+    mask = read_mask(with_orientation(grey, tmp_path / "mask.png", 6))
+    assert tuple(image.shape) == (3, 40, 20) and tuple(mask.shape) == (40, 20)
+    assert np.array_equal(mask.numpy(), (upright > 0).astype(np.uint8))
+    assert np.array_equal(image[0].numpy() > 127, upright > 0)  # the image lands where its mask does
+
+
+def test_a_square_image_and_mask_with_orientation_stay_aligned_in_a_folder(tmp_path):
+    grey = np.zeros((16, 16), np.uint8)
+    grey[:4, :8] = 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with_orientation(np.dstack([grey] * 3), tmp_path / "images" / "a.jpg", 8, quality=100)
+    save(np.rot90(grey, k=1).copy(), tmp_path / "masks" / "a.png")  # the mask drawn on the picture as shown
+    image, mask = SegmentationFolder(tmp_path)[0]
+    assert torch.equal(image[0] > 0.5, mask[0] > 0.5)
+
+
+@pytest.mark.parametrize("fill", ["all", "one"])
+def test_a_float_mask_with_nan_is_refused_by_name(tmp_path, fill):
+    array = np.full((8, 8), np.nan, np.float32) if fill == "all" else np.eye(8, dtype=np.float32)
+    if fill == "one":
+        array[3, 5] = np.nan
+    path = save(array, tmp_path / "nan.tif")
+    with pytest.raises(DatasetError, match=rf"mask {path} has NaN values \((64|1) pixels?, e\.g\. at x=(0|5), "
+                                          r"y=(0|3)\), which are neither background nor foreground"):
+        read_mask(path)
+
+
+def test_a_fifo_is_refused_by_name_without_being_opened(tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    for reader in (read_image_rgb, read_mask):  # opening it would block until a writer came
+        with pytest.raises(DatasetError, match=rf"cannot read {fifo}: it is a FIFO, not an image file"):
+            reader(fifo)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DatasetError, match="gone.png: it is a dangling symbolic link"):
+        read_image_rgb(tmp_path / "gone.png")

@@ -8,6 +8,7 @@ tiles did in validation.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -425,3 +426,23 @@ def test_a_large_image_goes_through_the_model_one_tile_at_a_time():
     assert probabilities.shape == (1, 2, 2048, 2048)
     assert len(model.sides) == count_windows(2048, 2048) == math.prod([len(plan_windows(2048, 512, 128))] * 2)
     assert all(side == (1, 3, 512, 512) for side in model.sides)
+
+
+def test_entries_that_are_no_files_are_named_and_system_files_left_out_as_in_training(native_run, tmp_path, capsys):
+    images = tmp_path / "images"
+    write_png_file(random_image(32, 32), images / "good.png")
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store"):  # left out by training too
+        (images / name).write_bytes(b"written by a file manager")
+    out = tmp_path / "out"
+    assert predict_cli(native_run, images, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["good_mask.png", "good_prob.png"]
+    capsys.readouterr()
+    os.mkfifo(images / "fifo.png")  # opening it would block for ever
+    (images / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (images / "loop.png").symlink_to(images / "loop.png")
+    assert predict_cli(native_run, images, tmp_path / "out2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --images {str(images)!r} holds entries that are not image "
+                                                   "files, nothing written: fifo.png is a FIFO; gone.png is a "
+                                                   "dangling symbolic link; loop.png is a symbolic link loop")
+    assert not (tmp_path / "out2").exists()

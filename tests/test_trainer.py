@@ -449,7 +449,7 @@ def test_no_device_sync_per_batch(mocker):
 def test_non_finite_loss_raises_clear_error(linear_model):
     x = torch.full((4, 3), float("nan"))
     trainer = make_trainer(linear_model)
-    with pytest.raises(NonFiniteLossError, match="epoch 0"):
+    with pytest.raises(NonFiniteLossError, match="epoch 1/"):
         trainer.fit([(x, torch.zeros(4, 1))])
 
 

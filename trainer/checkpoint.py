@@ -88,14 +88,41 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by `atomic_save`, with a clear error for a missing or bad file."""
+    """Load a checkpoint written by `atomic_save`: a dict of tensors and plain values.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming the file and what is
+    wrong for an empty one, one that is not a checkpoint or is damaged, and one that holds
+    something other than a dict. Only tensors and plain values are ever unpickled.
+
+    Args:
+        path: the checkpoint file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes), not a checkpoint: its write was cut short or it was "
+                         "truncated; use another checkpoint of the run (last.pt, best.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint: {exc}") from exc
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint ({_load_failure(exc)}); use a file this "
+                         "project saved (last.pt, best.pt)") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint (a dict with the model, "
+                         "optimizer and run state); use a file this project saved (last.pt, best.pt)")
+    return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """What `torch.load` found wrong, in a few words, without its advice to unpickle arbitrary objects."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
+        return f"it is damaged, or holds objects other than tensors and plain values: {reason}"
+    if "zip archive" in text or "central directory" in text:
+        return f"damaged or not a file written by torch.save: {text.split('. ', 1)[0]}"
+    return text or type(exc).__name__
 
 
 def rng_state() -> dict[str, Any]:

@@ -623,7 +623,7 @@ class Trainer:
         mean_loss = loss_total / samples
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
-                f"training loss is {mean_loss} in epoch {self.epoch} (by global step "
+                f"training loss is {mean_loss} in epoch {self.epoch + 1}/{self.max_epochs} (by global step "
                 f"{self.global_step}); lower the learning rate, clip gradients or check the data"
             )
         return {"loss": mean_loss}

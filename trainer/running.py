@@ -67,7 +67,8 @@ class RunningLoss:
             from trainer.core import NonFiniteLossError
 
             raise NonFiniteLossError(
-                f"training loss is {mean} at global step {trainer.global_step} (epoch {trainer.epoch}); "
+                f"training loss is {mean} at global step {trainer.global_step} "
+                f"(epoch {trainer.epoch + 1}/{trainer.max_epochs}); "
                 f"lower the learning rate, clip gradients or check the data"
             )
         return mean

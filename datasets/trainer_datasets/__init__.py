@@ -1,6 +1,7 @@
 """Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
 
-from trainer_datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
+from trainer_datasets._imageio import (IMAGE_EXTENSIONS, SYSTEM_FILES, is_image_file, is_system_file, not_regular,
+                                      read_image_rgb, read_mask, write_png_file)
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.fashion_mnist import (
     CLASSES,
@@ -24,12 +25,15 @@ __all__ = [
     "DataNotFoundError",
     "DatasetError",
     "RandomRot90",
+    "SYSTEM_FILES",
     "SegmentationFolder",
     "SyntheticNuclei",
     "TensorBatchLoader",
     "is_image_file",
+    "is_system_file",
     "load_fashion_mnist",
     "make_learnable_fashion_like",
+    "not_regular",
     "prepare_dsb2018",
     "read_image_rgb",
     "read_mask",

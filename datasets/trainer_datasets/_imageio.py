@@ -7,14 +7,16 @@ reads all three formats on every platform this project supports.)
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer_datasets.errors import DatasetError
 
@@ -23,9 +25,43 @@ _FORMATS = ("PNG", "JPEG", "TIFF")  # what Pillow may decode: the formats of IMA
 _GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit grey modes
 
 
+#: Files that file managers and operating systems leave in folders (lower case): never data.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+
+
 def is_image_file(path: Path) -> bool:
     """Whether `path` has one of the supported image extensions (case-insensitive)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_system_file(path: Path) -> bool:
+    """Whether `path` is a hidden file or folder (its name starts with a dot: ``.DS_Store``,
+    ``._0001.png``, ``.ipynb_checkpoints``) or one of `SYSTEM_FILES` (``Thumbs.db``,
+    ``desktop.ini``): entries that training and prediction leave out of a data folder."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a file, without opening it (a FIFO would block): ``"a FIFO"``,
+    ``"a dangling symbolic link"``, ``"a symbolic link loop"``, ``"a folder"``...; None for a
+    regular file (or a symbolic link to one).
+
+    Args:
+        path: the entry to look at.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a dangling symbolic link" if os.path.islink(path) else "missing"
+    except OSError as exc:
+        return "a symbolic link loop" if exc.errno == errno.ELOOP else f"not readable ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
@@ -35,7 +71,9 @@ def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
     expanded to their colours. 16-bit images are scaled to 8 bits over the full 16-bit range by
     keeping the high byte (``value // 256``: 65535 becomes 255), which is also how Pillow
     decodes 16-bit colour files. 32-bit TIFF images (Pillow modes I and F) are refused, as their
-    range is unknown. A file that cannot be read or decoded raises `DatasetError` naming it.
+    range is unknown. An EXIF orientation tag is applied, so the image is upright as viewers show
+    it (and as `read_mask` turns its mask). A file that cannot be read or decoded, or that is no
+    regular file (a FIFO, a dangling link), raises `DatasetError` naming it.
 
     Args:
         path: the image file.
@@ -64,7 +102,8 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     Background is 0 and any other value is foreground, in 8-bit, 16-bit or 32-bit masks alike,
     so 0/255, 0/1 and 0/65535 masks and instance-label masks (0, 1, 2, ... one id per object)
     all give the same binary mask. Grey, grey + alpha, RGB, RGBA and palette files are read from
-    their grey or colour values; an alpha channel is ignored. `DatasetError`, naming the file and
+    their grey or colour values; an alpha channel is ignored. An EXIF orientation tag is applied,
+    as `read_image_rgb` applies it to images. `DatasetError`, naming the file and
     saying what to do, is raised for a mask that would otherwise be misread:
 
     - a colour-coded mask, whose red, green and blue channels differ somewhere;
@@ -72,6 +111,7 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     - a JPEG, whose lossy compression blurs the edges into values that would count as foreground;
     - 16-bit colour (or 16-bit grey + alpha) files, which Pillow decodes at 8 bits, so
       foreground values below 256 would be read as background;
+    - a floating-point mask with NaN values, which are neither background nor foreground;
     - a file that cannot be read or decoded.
 
     Args:
@@ -93,6 +133,12 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
         # palette (its colours, and each entry's transparency if it has any), CMYK, YCbCr, ...
         image = image.convert("RGBA" if image.has_transparency_data else "RGB")
     array = np.asarray(image)
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        y, x = np.argwhere(np.isnan(array))[0][:2]
+        raise DatasetError(
+            f"mask {path} has NaN values ({int(np.isnan(array).sum())} pixels, e.g. at x={x}, y={y}), which are "
+            "neither background nor foreground; save it with 0 for background and non-zero values for foreground"
+        )
     alpha = None
     if array.ndim == 3:
         colour_channels = 1 if array.shape[2] == 2 else 3
@@ -137,7 +183,11 @@ def write_png_file(tensor: torch.Tensor, path: str | os.PathLike) -> None:
 
 
 def _open(path: Path) -> tuple[Image.Image, bool]:
-    """Decode `path` with Pillow: the loaded image, and whether Pillow reduced 16-bit colour to 8 bits."""
+    """Decode `path` with Pillow: the loaded image, turned upright as its EXIF orientation says
+    (as image viewers show it), and whether Pillow reduced 16-bit colour to 8 bits."""
+    problem = not_regular(path)
+    if problem not in (None, "missing"):  # never open a FIFO: reading it would wait forever
+        raise DatasetError(f"cannot read {path}: it is {problem}, not an image file")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -151,6 +201,7 @@ def _open(path: Path) -> tuple[Image.Image, bool]:
             image = Image.open(io.BytesIO(data), formats=_FORMATS)
             reduced = image.mode in ("RGB", "RGBA") and any(";16" in _rawmode(tile) for tile in image.tile)
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)
     except Warning:  # a warning made an error by the warnings filter (e.g. a deprecation in tests)
         raise
     except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file is unusable: name it

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -59,6 +61,9 @@ def load_fashion_mnist(
         missing = []
     if any(name in missing for name in split):
         raise DataNotFoundError(_missing_message(raw, missing, data_dir))
+    for name in FILES:
+        if (raw / name).is_file():
+            check_idx_file(raw / name)
     try:
         if not missing:
             dataset = FashionMNIST(root=str(data_dir), train=train, download=False)
@@ -71,7 +76,61 @@ def load_fashion_mnist(
         raise DatasetError(f"Fashion-MNIST files in {raw} are not valid IDX files ({reason})") from exc
     if len(images) != len(labels):
         raise DatasetError(f"{raw / split[0]} has {len(images)} images but {raw / split[1]} has {len(labels)} labels")
+    wrong = (labels >= len(CLASSES)).nonzero()
+    if len(wrong):
+        index = int(wrong[0])
+        raise DatasetError(f"{raw / split[1]} has label {int(labels[index])} at item {index} ({len(wrong)} of its "
+                           f"{len(labels)} labels are out of range); Fashion-MNIST labels are 0 to {len(CLASSES) - 1}")
     return images, labels
+
+
+#: What each IDX file of `FILES` holds: (magic number, shape of one item, what one item is).
+IDX_FORMATS = {"images": (2051, (28, 28), "image of 28x28 unsigned bytes"), "labels": (2049, (), "label byte")}
+_IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}
+
+
+def check_idx_file(path: str | os.PathLike) -> None:
+    """Check an uncompressed Fashion-MNIST IDX file's structure without reading its data: the
+    magic number (unsigned bytes, 3 dimensions for images, 1 for labels), 28x28 images, and a
+    size that matches the item count of its header. Raises `DatasetError` naming the file and
+    what is wrong.
+
+    Args:
+        path: ``*-images-idx3-ubyte`` or ``*-labels-idx1-ubyte``.
+    """
+    path = Path(path)
+    kind = "images" if "-images-" in path.name else "labels"
+    magic, item_shape, item = IDX_FORMATS[kind]
+    header_size = 4 * (2 + len(item_shape))
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header = file.read(header_size)
+    fix = "replace it with a good copy (or remove it and pass --download)"
+    if len(header) < header_size:
+        raise DatasetError(f"{path} is not a valid IDX {kind} file: {size} bytes, shorter than the {header_size}-byte "
+                           f"header; {fix}")
+    found = int.from_bytes(header[:4], "big")
+    if found != magic:
+        dtype, ndim = header[2], header[3]
+        if header[:2] != b"\0\0" or dtype not in _IDX_TYPES:
+            what = f"magic number 0x{found:08x}, not an IDX file's"
+        elif dtype != 0x08:
+            what = f"data type {_IDX_TYPES[dtype]} (0x{dtype:02x})"
+        else:
+            what = f"{ndim} dimension(s)"
+        raise DatasetError(f"{path} is not a valid IDX {kind} file: it has {what}; Fashion-MNIST {kind} are "
+                           f"unsigned bytes in {1 + len(item_shape)} dimension(s) (magic number 0x{magic:08x}); "
+                           f"{fix}")
+    count, *shape = (int.from_bytes(header[i:i + 4], "big") for i in range(4, header_size, 4))
+    if tuple(shape) != item_shape:
+        raise DatasetError(f"{path} is not a valid IDX {kind} file for Fashion-MNIST: its images are "
+                           f"{'x'.join(map(str, shape))}, Fashion-MNIST's are 28x28 (the CNN needs that size)")
+    expected = header_size + count * math.prod(item_shape)
+    if size != expected:
+        held = (size - header_size) // max(1, math.prod(item_shape))
+        how = f"holds only {held}" if size < expected else f"has {size - expected} bytes more than"
+        raise DatasetError(f"{path} is not a valid IDX {kind} file: its header claims {count} items but the file "
+                           f"{how} ({size} bytes, {expected} expected); it is truncated or damaged: {fix}")
 
 
 def write_fashion_mnist_idx(
@@ -182,9 +241,10 @@ def _gunzip_if_needed(path: Path) -> None:
     try:
         with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         tmp.unlink(missing_ok=True)
-        raise DatasetError(f"cannot decompress {packed}: {exc}; replace it with a good copy") from exc
+        reason = f"its deflate stream is corrupt ({exc})" if isinstance(exc, zlib.error) else str(exc)
+        raise DatasetError(f"cannot decompress {packed}: {reason}; replace it with a good copy") from exc
     os.replace(tmp, path)  # atomic: another process never sees a half-written file
 
 

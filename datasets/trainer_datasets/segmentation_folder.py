@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trainer_datasets._imageio import IMAGE_EXTENSIONS, is_image_file, read_image_rgb, read_mask, write_png_file
+from trainer_datasets._imageio import (IMAGE_EXTENSIONS, is_image_file, is_system_file, not_regular, read_image_rgb,
+                                      read_mask, write_png_file)
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.transforms import segmentation_augmentation
 
@@ -48,13 +49,19 @@ class FolderLayout:
         """All sample ids, sorted."""
         return sorted(self.images)
 
+    def files(self) -> list[Path]:
+        """Every image and mask file of the folder, sorted."""
+        return sorted([*self.images.values(), *(path for masks in self.masks.values() for path in masks.values())])
+
 
 def scan_segmentation_folder(root: str | os.PathLike) -> FolderLayout:
     """List and pair the files of a segmentation folder; nothing is decoded.
 
     Raises `DataNotFoundError` for a missing root, images/ or masks/ folder or an empty one, and
     `DatasetError` listing every unpaired file (images without masks, masks without images),
-    unsupported file or duplicate id in one message.
+    unsupported file, entry that is not a regular file (a FIFO, a dangling or looping symbolic
+    link: never opened) or duplicate id in one message. Hidden files and the files operating
+    systems leave behind (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are left out.
     """
     root = Path(root)
     if not root.is_dir():
@@ -265,15 +272,20 @@ def _check_image_size(image_size: Any) -> None:
 
 
 def _visible(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    """The entries of `folder` but hidden and system files (`is_system_file`), which are left out."""
+    return [p for p in folder.iterdir() if not is_system_file(p)]
 
 
 def _index_files(folder: Path, root: Path, problems: list[str]) -> dict[str, Path]:
     """id -> file for the image files in `folder`; unsupported or duplicate names go to `problems`."""
     found: dict[str, Path] = {}
     unsupported: list[Path] = []
+    irregular: list[str] = []
     for path in sorted(_visible(folder)):
-        if path.is_dir():
+        problem = not_regular(path)
+        if problem is not None and problem != "a folder":  # never opened: a FIFO would block
+            irregular.append(f"{path.relative_to(root)} ({problem})")
+        elif path.is_dir():
             unsupported.append(path)
         elif not is_image_file(path):
             unsupported.append(path)
@@ -285,6 +297,8 @@ def _index_files(folder: Path, root: Path, problems: list[str]) -> dict[str, Pat
         problems.append(
             f"unsupported entries (supported: {', '.join(IMAGE_EXTENSIONS)}): {_names(unsupported, root)}"
         )
+    if irregular:
+        problems.append("entries that are not regular files: " + ", ".join(irregular))
     return found
 
 
