@@ -38,12 +38,14 @@ every trial passed.
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import os
 import random
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +59,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bench.recipe_process import RecipeProcess
 from trainer_datasets import SyntheticNuclei, write_png_file
+from trainer_datasets.fashion_mnist import make_learnable_fashion_like, raw_folder, write_fashion_mnist_idx
 from trainer.checkpoint import load_checkpoint
 
 TIMEOUT = 600.0  # upper bound of every wait
@@ -69,6 +72,51 @@ def tiny_config(arch: str, epochs: int) -> list[str]:
             "--epochs", str(epochs), "--precision", "32", "--channels-last", "off", "--seed", "2", "--device", "cpu"]
 
 
+def workers_config(arch: str, epochs: int, data: Path) -> list[str]:
+    """`tiny_config` on a data folder (16 augmented training images, 4 for validation: 4 steps
+    per epoch) loaded by 2 worker processes."""
+    config = tiny_config(arch, epochs)
+    for option in ("--train-samples", "--val-samples"):  # built-in data only
+        del config[config.index(option):config.index(option) + 2]
+    return [*config, "--data", str(data), "--workers", "2"]
+
+
+def default_config(arch: str, epochs: int) -> list[str]:
+    """`tiny_config` with the automatic precision, layout and thread count (no --precision,
+    --channels-last, --threads)."""
+    config = tiny_config(arch, epochs)
+    for option in ("--precision", "--channels-last"):
+        del config[config.index(option):config.index(option) + 2]
+    return config
+
+
+# Runs the recipe's command line and, when it begins the validation at the end of epoch E (the first
+# argument), prints "validating epoch E" and holds until the run's own handler has noticed a stop
+# signal (at most TIMEOUT), so that a signal sent on that line lands during that validation.
+AT_VALIDATION = f"""
+import runpy, sys, time
+from trainer.core import Trainer
+
+epoch, held = int(sys.argv.pop(1)), []
+
+def eval_step(self, batch, original=Trainer.eval_step):
+    if self.epoch + 1 == epoch and not self.in_step_validation and not held:
+        held.append(True)
+        print(f"validating epoch {{epoch}}", file=sys.stderr, flush=True)
+        watcher = next(cb for cb in self.callbacks if type(cb).__name__ == "_StopOnSignal")
+        deadline = time.monotonic() + {TIMEOUT}
+        while watcher.signum is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return original(self, batch)
+
+Trainer.eval_step = eval_step
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+# The Fashion-MNIST recipe's command line.
+FASHION = "import runpy; runpy.run_module('recipes.fashion_mnist', run_name='__main__', alter_sys=True)"
+
+
 def mid_epoch_config(arch: str, epochs: int) -> list[str]:
     """`tiny_config` with 8 steps per epoch, a step checkpoint every 3 and a validation every 4."""
     config = tiny_config(arch, epochs)
@@ -77,10 +125,16 @@ def mid_epoch_config(arch: str, epochs: int) -> list[str]:
 
 
 class Run(RecipeProcess):
-    """A recipe process with this benchmark's waits (TIMEOUT)."""
+    """A recipe process with this benchmark's waits (TIMEOUT).
 
-    def __init__(self, args: Sequence[str]) -> None:
-        super().__init__(args, timeout=TIMEOUT)
+    Args:
+        args: the command-line arguments.
+        code: Python code run with the arguments instead of ``recipes.nested_unet``.
+        new_session: start it in a process group of its own, for `signal_group`.
+    """
+
+    def __init__(self, args: Sequence[str], code: str | None = None, new_session: bool = False) -> None:
+        super().__init__(args, code=code, timeout=TIMEOUT, new_session=new_session)
 
     def wait_for(self, condition: Callable[[], bool]) -> bool:
         """Poll `condition` until it holds (True) or the process exits without it (False)."""
@@ -133,8 +187,10 @@ def duplicated_steps(events: EventAccumulator) -> list[str]:
     return found
 
 
-def compare_with_reference(run_dir: Path, reference: Path) -> list[str]:
-    """Problems of a finished run against the uninterrupted reference; empty when identical."""
+def compare_with_reference(run_dir: Path, reference: Path, described: Sequence[str] = ()) -> list[str]:
+    """Problems of a finished run against the uninterrupted reference; empty when identical.
+    `described` names configuration entries that only describe the run (such as how the
+    precision was chosen) and are not compared."""
     problems = []
     for name in ("last.pt", "best.pt"):
         try:
@@ -142,7 +198,11 @@ def compare_with_reference(run_dir: Path, reference: Path) -> list[str]:
         except (OSError, ValueError) as exc:
             problems.append(f"{name} does not load: {exc}")
             continue
-        problems += differences(state, load_checkpoint(reference / name), name)
+        expected = load_checkpoint(reference / name)
+        for key in described:
+            state["config"].pop(key, None)
+            expected["config"].pop(key, None)
+        problems += differences(state, expected, name)
     events, expected = read_events(run_dir), read_events(reference)
     problems += duplicated_steps(events)
     if set(events.Tags()["scalars"]) != set(expected.Tags()["scalars"]):
@@ -299,17 +359,38 @@ def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, r
     return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
-def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, signum: int,
-                 epochs: int) -> Trial:
-    """`signum` at a random moment of a random epoch: exit 128 + signum, one resume line, then finish.
+def resume_point(run_dir: Path) -> str:
+    """Where a run stopped inside an epoch resumes, from its ``last.pt``'s position."""
+    position = load_checkpoint(run_dir / "last.pt").get("position")
+    return (f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}" if position
+            else "resumed at an epoch's end")
 
-    The moment is the start of an epoch other than the last plus a random part of an epoch's mean
-    length in the reference run, cut short when the next epoch begins, so that it falls during
-    training. A signal that arrives after the last training step anyway is noted and the run
-    compared as it is.
+
+def check_stop_output(run: Run, run_dir: Path, signum: int, code: int) -> list[str]:
+    """Problems of a run stopped by `signum`: its exit code must be 128 + `signum`, its stderr must
+    hold exactly one "stopping" line and exactly one resume line."""
+    problems = [] if code == 128 + signum else [f"exit code {code}, expected {128 + signum}"]
+    stopping = run.stderr.count(f"{signal.Signals(signum).name}: stopping after the current step")
+    if stopping != 1:
+        problems.append(f"{stopping} stopping lines")
+    lines = [line for line in run.stderr.splitlines() if "--resume" in line]
+    if lines != [f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]:
+        problems.append(f"resume lines: {lines}")
+    if "Traceback" in run.stderr:
+        problems.append("a traceback: " + run.stderr[run.stderr.index("Traceback"):][-300:])
+    return problems
+
+
+def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, signum: int,
+                 epochs: int, group: bool = False) -> Trial:
+    """`signum` at a random moment of a random epoch: exit 128 + signum, one "stopping" line, one
+    resume line, then finish with the printed command.
+
+    With `group`, the run has a process group of its own and the signal goes to the whole group
+    (its DataLoader workers too), as Ctrl-C in a terminal or a job scheduler sends it.
     """
     epoch = rng.randint(1, epochs - 1)
-    run = Run([*config, "--log-dir", str(run_dir)])
+    run = Run([*config, "--log-dir", str(run_dir)], new_session=group)
     conditions = milestones(run, run_dir, epochs)
     length = (reference.seen[f"epoch {epochs}"] - reference.seen["epoch 1"]) / (epochs - 1)
     next_epoch = conditions[f"epoch {epoch + 1}"]
@@ -317,17 +398,55 @@ def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: ra
         run.finish()
         return Trial(False, [f"in epoch {epoch}", "the run ended before the signal"])
     notes = [f"at the start of epoch {epoch + 1}" if next_epoch() else f"in epoch {epoch}"]
-    code = run.stop(signum)
+    code = run.signal_group(signum) if group else run.stop(signum)
     if code != 128 + signum and epochs_done(run_dir) == epochs:
         problems = compare_with_reference(run_dir, reference.run_dir)
         return Trial(not problems, [f"arrived after the last step (exit {code})", *problems[:3]])
-    if code != 128 + signum:
-        return Trial(False, [*notes, f"exit code {code}, expected {128 + signum}"])
-    command = f"python -m recipes.nested_unet --resume {run_dir}"
-    lines = [line for line in run.stderr.splitlines() if "--resume" in line]
-    if lines != [f"stopped; resume with: {command}"]:
-        return Trial(False, [*notes, f"resume lines: {lines}"])
-    return finish_and_compare(run_dir, shlex.split(lines[0].split(": ", 1)[1])[3:], reference, notes)
+    problems = check_stop_output(run, run_dir, signum, code)
+    if problems:
+        return Trial(False, [*notes, *problems])
+    line = next(line for line in run.stderr.splitlines() if "--resume" in line)
+    return finish_and_compare(run_dir, shlex.split(line.split(": ", 1)[1])[3:], reference,
+                              [resume_point(run_dir)])
+
+
+def trial_validation_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                            epochs: int) -> Trial:
+    """SIGINT during the validation at the end of a random epoch (the run held there until its
+    handler has seen the signal): exit 130, one stopping line, one resume line, then finish."""
+    epoch = rng.randint(1, epochs)
+    run = Run([str(epoch), *config, "--log-dir", str(run_dir)], code=AT_VALIDATION)
+    if not run.wait_for(lambda: f"validating epoch {epoch}" in run.stderr):
+        run.finish()
+        return Trial(False, [f"epoch {epoch}", f"never validated: {run.stderr[-300:]}"])
+    code = run.stop(signal.SIGINT)
+    problems = check_stop_output(run, run_dir, signal.SIGINT, code)
+    if problems:
+        return Trial(False, [f"epoch {epoch}", *problems])
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference,
+                              [f"validation of epoch {epoch}, {resume_point(run_dir)}"])
+
+
+def trial_time_limit(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                     epochs: int) -> Trial:
+    """``--max-time`` of 1 or 2 s (random), resumed with the command it prints and the same limit
+    until the run ends (at most 30 processes), then compared with the reference."""
+    limit = f"00:00:0{rng.randint(1, 2)}"
+    args, stops = [*config, "--log-dir", str(run_dir), "--max-time", limit], 0
+    for _ in range(30):
+        run = Run(args)
+        code = run.finish()
+        lines = [line for line in run.stdout.splitlines() if "resume with:" in line]
+        if code != 0:
+            return Trial(False, [f"--max-time {limit}", f"exit code {code}: {run.stderr[-300:]}"])
+        if not lines:
+            break
+        stops += 1
+        args = [*shlex.split(lines[0].split("resume with: ", 1)[1])[3:], "--max-time", limit]
+    else:
+        return Trial(False, [f"--max-time {limit}", "not finished after 30 resumes"])
+    problems = compare_with_reference(run_dir, reference.run_dir)
+    return Trial(not problems, [f"--max-time {limit}: {stops} stops", *problems[:3]])
 
 
 def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
@@ -373,10 +492,7 @@ def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference,
     if not (run_dir / "last.pt").is_file():
         notes = [where_killed(run_dir, epochs)]
         return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
-    position = load_checkpoint(run_dir / "last.pt").get("position")
-    note = (f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}" if position
-            else "resumed at an epoch's end")
-    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [note])
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [resume_point(run_dir)])
 
 
 def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
@@ -397,17 +513,180 @@ def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: R
     return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
+# ----------------------------------------------------------------------------------------- one writer
+IN_USE = "is in use by another run (pid "
+
+
+def one_error_line(run: Run) -> str | None:
+    """The run's only ``error:`` line, or None when it printed none or several."""
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    return lines[0] if len(lines) == 1 else None
+
+
+def trial_two_at_once(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                      epochs: int) -> Trial:
+    """Two runs started together on one new ``--log-dir``: one trains to the end (equal to the
+    reference), the other exits with 2 and one line naming the holder of the folder."""
+    runs = [Run([*config, "--log-dir", str(run_dir)]) for _ in range(2)]
+    codes = [run.finish() for run in runs]
+    if sorted(codes) != [0, 2]:
+        return Trial(False, [f"exit codes {codes}: {runs[0].stderr[-200:]} {runs[1].stderr[-200:]}"])
+    loser = runs[codes.index(2)]
+    line = one_error_line(loser)
+    if line is None or IN_USE not in line:
+        return Trial(False, [f"the second run's error: {loser.stderr.strip()[-300:]!r}"])
+    problems = compare_with_reference(run_dir, reference.run_dir)
+    return Trial(not problems, [f"run {codes.index(0) + 1} trained", *problems[:3]])
+
+
+def trial_resume_live(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                      epochs: int) -> Trial:
+    """``--resume`` of a run that is still training, at a random epoch's checkpoint: the run is
+    paused (SIGSTOP, so it stays alive whatever the timing) once ``last.pt`` records that epoch;
+    the resume must exit with 2 naming the holder and change nothing; the run then continues
+    (SIGCONT) and finishes equal to the reference."""
+    epoch = rng.randint(1, epochs - 1)
+    run = Run([*config, "--log-dir", str(run_dir)])
+    if not run.wait_for(lambda: epochs_done(run_dir) >= epoch if (run_dir / "last.pt").is_file() else False):
+        run.finish()
+        return Trial(False, [f"the run ended before its checkpoint of epoch {epoch}"])
+    run.process.send_signal(signal.SIGSTOP)
+    try:
+        before = snapshot(run_dir)
+        resume = Run(["--resume", str(run_dir)])
+        code, line = resume.finish(), one_error_line(resume)
+        changed = snapshot(run_dir) != before
+    finally:
+        run.process.send_signal(signal.SIGCONT)
+    notes = [f"after epoch {epoch}"]
+    if code != 2 or line is None or IN_USE not in line:
+        notes.append(f"PROBLEM: the resume exited with {code}: {resume.stderr.strip()[-300:]!r}")
+    if changed:
+        notes.append("PROBLEM: the refused resume changed the run folder")
+    if run.finish() != 0:
+        return Trial(False, [*notes, f"the run failed: {run.stderr[-300:]}"])
+    problems = compare_with_reference(run_dir, reference.run_dir)
+    return Trial(not problems and not any(n.startswith("PROBLEM") for n in notes), notes + problems[:3])
+
+
+# ----------------------------------------------------------------------------------------- full disk
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its file system is full."""
+    block = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(block)
+        except OSError:
+            pass
+        block = bytes(4096)
+        try:
+            while True:
+                file.write(block)
+        except OSError:
+            pass
+
+
+def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                    epochs: int) -> Trial:
+    """The run's file system (a 400 MiB tmpfs mounted for the trial: room for the checkpoints of
+    these runs, about 94 MB each) filled up at a random moment in the first quarter of the epoch after
+    the checkpoint of a random epoch (not the last): one ``error:`` line naming the path and the last good
+    checkpoint, exit 2, no temporary file left, ``last.pt`` readable; resumed after the space is
+    freed, the run ends equal to the reference."""
+    mount = run_dir.parent / f"{run_dir.name}-tmpfs"
+    mount.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], capture_output=True).returncode:
+        return Trial(False, ["mount -t tmpfs failed"])
+    try:
+        run_dir = mount / "run"
+        epoch = rng.randint(1, epochs - 1)
+        length = (reference.seen[f"epoch {epochs}"] - reference.seen["epoch 1"]) / (epochs - 1)
+        run = Run([*config, "--log-dir", str(run_dir)])
+        if not wait_random(run, lambda: (run_dir / "last.pt").is_file() and epochs_done(run_dir) >= epoch,
+                           rng.uniform(0.0, length / 4), lambda: False):
+            run.finish()
+            return Trial(False, [f"the run ended before the disk filled (epoch {epoch}, exit {run.process.returncode}): {run.stderr[-300:]}"])
+        fill(mount / "filler")
+        code, line = run.finish(), one_error_line(run)
+        if code == 0:
+            return Trial(False, [f"after epoch {epoch}: missed, the run wrote its last file before the disk was full"])
+        notes = [f"after epoch {epoch}"]
+        if code != 2 or line is None or "No space left on device" not in line or "last good checkpoint" not in line:
+            return Trial(False, [*notes, f"exit {code}: {run.stderr.strip()[-300:]!r}"])
+        notes.append("stopped at " + line.split("cannot write ", 1)[-1].split(":", 1)[0].replace(str(run_dir), "RUN"))
+        if temporary_files(run_dir) or list(run_dir.glob(".*.tmp")) or list(run_dir.glob("*.tmp")):
+            return Trial(False, [*notes, "a temporary file was left"])
+        (mount / "filler").unlink()
+        return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------- reproducible
+def trial_default_under_load(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
+                             epochs: int) -> Trial:
+    """Two runs of the default precision, layout and threads with one seed and a fresh precision
+    cache: the first on the idle machine, the second beside a CPU-bound process; the weights,
+    history and curves of both must be identical."""
+    cache = run_dir.parent / f"{run_dir.name}-cache"
+    previous = os.environ.get("TRAINER_CACHE_DIR")
+    os.environ["TRAINER_CACHE_DIR"] = str(cache)  # inherited by the runs
+    try:
+        first = Run([*config, "--log-dir", str(run_dir / "idle")])
+        if first.finish() != 0:
+            return Trial(False, [f"the idle run failed: {first.stderr[-300:]}"])
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            second = Run([*config, "--log-dir", str(run_dir / "busy")])
+            code = second.finish()
+        finally:
+            busy.kill()
+            busy.wait()
+    finally:
+        if previous is None:
+            del os.environ["TRAINER_CACHE_DIR"]
+        else:
+            os.environ["TRAINER_CACHE_DIR"] = previous
+    if code != 0:
+        return Trial(False, [f"the run beside the load failed: {second.stderr[-300:]}"])
+    choices = []
+    for run in (first, second):
+        line = next((line for line in run.stdout.splitlines() + run.stderr.splitlines() if "precision:" in line), "")
+        precision = line.split("precision: ", 1)[-1].split(" (", 1)[0]
+        threads = line.split("threads: ", 1)[-1].split(" (", 1)[0] if "threads: " in line else "?"
+        choices.append(f"{precision}, {threads}")
+    problems = compare_with_reference(run_dir / "busy", run_dir / "idle", described=["precision_reason"])
+    notes = [f"both: {choices[0]}" if choices[0] == choices[1] else f"idle: {choices[0]}; busy: {choices[1]}"]
+    return Trial(not problems, notes + problems[:3])
+
+
 # ----------------------------------------------------------------------------------------- bad input
 class BadInput(NamedTuple):
-    """A command line with one fault and the text its error line must contain."""
+    """A command line with one fault and the text its error line must contain; `code` runs
+    instead of ``recipes.nested_unet`` (`FASHION`), `log_dir` adds a fresh ``--log-dir``."""
 
     fault: str
     args: list[str]
     expected: str
+    code: str | None = None
+    log_dir: bool = True
 
 
-def bad_inputs(root: Path) -> list[BadInput]:
-    """The bad-input faults, with the data folders they need written under `root`."""
+def fashion_folder(root: Path, damage: Callable[[Path], None]) -> Path:
+    """A Fashion-MNIST folder of small uncompressed IDX files under `root`, its
+    ``train-images-idx3-ubyte`` or labels file then damaged by `damage` (given the raw folder)."""
+    for train, samples in ((True, 20), (False, 10)):
+        for packed in write_fashion_mnist_idx(root, *make_learnable_fashion_like(samples, seed=int(train)), train=train):
+            packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
+            packed.unlink()
+    damage(raw_folder(root))
+    return root
+
+
+def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
+    """The bad-input faults, with the data folders they need written under `root`; `checkpoint`
+    is a finished run's ``best.pt`` (for predict)."""
     def folder(name: str, samples: int = 6) -> Path:
         path = root / name
         SyntheticNuclei(samples, image_size=16, seed=1).save(path)
@@ -441,6 +720,34 @@ def bad_inputs(root: Path) -> list[BadInput]:
     else:
         (root / "read-only").mkdir(mode=0o555)
         unwritable, how = root / "read-only" / "run", "in a read-only folder"
+    fifo = folder("fifo")
+    (fifo / "images" / "0001.png").unlink()
+    os.mkfifo(fifo / "images" / "0001.png")
+    no_last = root / "no-last" / "run"
+    no_last.mkdir(parents=True)
+    shutil.copy(checkpoint.parent / "config.json", no_last / "config.json")
+    state = load_checkpoint(checkpoint)
+    other = root / "other-recipe.pt"  # the configuration keys of recipes.fashion_mnist
+    torch.save({**state, "config": {"epochs": 2, "batch_size": 4, "lr": 0.001, "momentum": 0.9, "seed": 0}}, other)
+    not_dict = root / "list.pt"
+    torch.save([state["model"]], not_dict)
+    pictures = folder("pictures") / "images"
+    predicted = root / "predicted"
+    predict = ["predict", "--checkpoint", str(checkpoint), "--images", str(pictures), "--device", "cpu"]
+    first = Run([*predict, "--out", str(predicted)])
+    if first.finish() != 0:
+        raise SystemExit(f"predict failed:\n{first.stderr[-3000:]}")
+
+    def truncate(raw: Path) -> None:
+        path = raw / "train-images-idx3-ubyte"
+        path.write_bytes(path.read_bytes()[:1000])
+
+    def wrong_magic(raw: Path) -> None:
+        path = raw / "train-labels-idx1-ubyte"
+        path.write_bytes(b"PK\x03\x04" + path.read_bytes()[4:])
+
+    truncated_idx = fashion_folder(root / "fashion-truncated", truncate)
+    magic_idx = fashion_folder(root / "fashion-magic", wrong_magic)
     data = ["--epochs", "1", "--batch-size", "4"]
     images, masks = "images", Path("masks") / "0"
     faults = [
@@ -468,6 +775,25 @@ def bad_inputs(root: Path) -> list[BadInput]:
                  ["--train-samples", "8", "--val-samples", "4", *data, "--log-dir", str(unwritable)],
                  f"cannot create the log directory '{unwritable}'"),
         BadInput("--image-size 30 (not a multiple of 16)", ["--image-size", "30"], "not a multiple of 16; try 32"),
+        BadInput("a FIFO in images/", ["--data", str(fifo), *data], "a FIFO"),
+        BadInput("--device meta", ["--device", "meta"], "argument --device: expected"),
+        BadInput("--seed 99999999999999999999999", ["--seed", "99999999999999999999999"], "argument --seed"),
+        BadInput("--lr 1e300", ["--lr", "1e300"], "argument --lr: expected a positive number up to"),
+        BadInput("Fashion-MNIST: truncated IDX images file", ["--data-dir", str(truncated_idx), "--epochs", "1"],
+                 "train-images-idx3-ubyte is not a valid IDX images file", code=FASHION),
+        BadInput("Fashion-MNIST: IDX labels file with a wrong magic number",
+                 ["--data-dir", str(magic_idx), "--epochs", "1"],
+                 "train-labels-idx1-ubyte is not a valid IDX labels file", code=FASHION),
+        BadInput("--resume of a folder without last.pt (only config.json)", ["--resume", str(no_last)],
+                 "no last.pt", log_dir=False),
+        BadInput("predict: a checkpoint of another recipe", [*predict[:2], str(other), *predict[3:], "--out",
+                 str(root / "out-other")], "is not a run of recipes.nested_unet", log_dir=False),
+        BadInput("predict: a checkpoint that is not a dict", [*predict[:2], str(not_dict), *predict[3:], "--out",
+                 str(root / "out-list")], str(not_dict), log_dir=False),
+        BadInput("predict --out onto existing outputs, no --overwrite", [*predict, "--out", str(predicted)],
+                 "already holds", log_dir=False),
+        BadInput("predict --out inside a training data folder", [*predict, "--out", str(fifo / "masks" / "0")],
+                 f"{fifo}", log_dir=False),
     ]
     if not torch.cuda.is_available():
         faults.append(BadInput("--device cuda without a GPU", ["--device", "cuda"], "no CUDA GPU is available"))
@@ -476,12 +802,11 @@ def bad_inputs(root: Path) -> list[BadInput]:
 
 def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
     """Run one faulty command line; problems with its exit code, message or writes."""
-    args = fault.args if "--log-dir" in fault.args else [*fault.args, "--log-dir", str(log_dir)]
-    watched = [Path(args[args.index("--log-dir") + 1])]
-    if "--data" in args:
-        watched.append(Path(args[args.index("--data") + 1]))
+    args = [*fault.args, "--log-dir", str(log_dir)] if fault.log_dir and "--log-dir" not in fault.args else fault.args
+    watched = [Path(args[args.index(option) + 1])
+               for option in ("--log-dir", "--data", "--data-dir", "--resume", "--out", "--checkpoint") if option in args]
     before = {path: snapshot(path) for path in watched}
-    run = Run(args)
+    run = Run(args, code=fault.code)
     code = run.finish()
     message = run.stderr
     problems = []
@@ -497,13 +822,18 @@ def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
     return problems
 
 
-def snapshot(path: Path) -> list[tuple[str, int]]:
-    """Names and sizes of everything under `path` (empty when it does not exist)."""
+def snapshot(path: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of everything under `path` (empty when it does not
+    exist; -1 for folders and other non-files)."""
+    def entry(p: Path, name: str) -> tuple[str, int, int]:
+        stat = p.stat()
+        return (name, stat.st_size, stat.st_mtime_ns) if p.is_file() else (name, -1, -1)
+
     if not path.exists():
         return []
-    if path.is_file():
-        return [(path.name, path.stat().st_size)]
-    return sorted((str(p.relative_to(path)), p.stat().st_size if p.is_file() else -1) for p in path.rglob("*"))
+    if not path.is_dir():
+        return [entry(path, path.name)]
+    return sorted(entry(p, str(p.relative_to(path))) for p in path.rglob("*"))
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -523,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=["UNet", "NestedUNet"], default="UNet",
                         help="network of the interrupted runs (default: %(default)s, the faster one)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the interrupted runs (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one trial of each fault whose outcome does not depend on timing (two runs at once, "
+                             "resume of a live run, full disk, runs under load), --trials of the others")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.epochs < 2:
         parser.error("--trials must be >= 1 and --epochs >= 2")
@@ -538,34 +871,66 @@ def main(argv: list[str] | None = None) -> int:
         reference = run_reference(root, config, args.epochs)
         mid_config = mid_epoch_config(args.arch, args.epochs)
         mid_reference = run_reference(root, mid_config, args.epochs, "reference-mid-epoch")
+        data = SyntheticNuclei(20, image_size=16, seed=1).save(root / "nuclei")
+        workers = workers_config(args.arch, args.epochs, data)
+        workers_reference = run_reference(root, workers, args.epochs, "reference-workers")
         progress(f"reference runs: {reference.seen['end']:.1f} s, with step checkpoints "
-                 f"{mid_reference.seen['end']:.1f} s")
+                 f"{mid_reference.seen['end']:.1f} s, with --data and 2 workers {workers_reference.seen['end']:.1f} s")
         same = "state bit-identical, same curves, no duplicated steps"
         success = "resumed, " + same
-        interruptions: list[tuple[str, Callable[[Path], Trial], str]] = [
+        stopped = "one stopping line, one resume line, " + success
+        once = 1 if args.quick else args.trials
+        interruptions: list[tuple[str, Callable[[Path], Trial], str, int]] = [
             ("SIGKILL at random moments (2 per trial)",
-             lambda d: trial_random_kills(d, config, reference, rng, args.epochs), success),
+             lambda d: trial_random_kills(d, config, reference, rng, args.epochs), success, args.trials),
             ("SIGTERM during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGTERM, args.epochs),
-             "exit 143, one resume line, " + success),
+             "exit 143, " + stopped, args.trials),
             ("SIGINT during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGINT, args.epochs),
-             "exit 130, one resume line, " + success),
+             "exit 130, " + stopped, args.trials),
+            ("SIGTERM to the process group, --data with augmentation, --workers 2",
+             lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGTERM, args.epochs, group=True),
+             "exit 143, " + stopped, args.trials),
+            ("SIGINT to the process group, --data with augmentation, --workers 2",
+             lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGINT, args.epochs, group=True),
+             "exit 130, " + stopped, args.trials),
+            ("SIGINT during the end-of-epoch validation, --workers 2",
+             lambda d: trial_validation_signal(d, workers, workers_reference, rng, args.epochs),
+             "exit 130, " + stopped, args.trials),
+            ("--max-time stops, resumed each time, --workers 2",
+             lambda d: trial_time_limit(d, workers, workers_reference, rng, args.epochs),
+             "exit 0 with a resume line at each stop, " + success, args.trials),
             ("SIGKILL during a checkpoint write",
-             lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs), success),
+             lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs), success, args.trials),
             ("SIGKILL inside an epoch with step checkpoints",
-             lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs), success),
+             lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs), success, args.trials),
             ("SIGKILL before the first checkpoint",
              lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
-             "resume refused (exit 2, folder unchanged), started anew, " + same),
+             "resume refused (exit 2, folder unchanged), started anew, " + same, args.trials),
+            ("two runs started at once on one --log-dir",
+             lambda d: trial_two_at_once(d, config, reference, rng, args.epochs),
+             "one trained (" + same + "), the other exit 2 naming the holder", once),
+            ("--resume of a live run (paused after a random epoch)",
+             lambda d: trial_resume_live(d, config, reference, rng, args.epochs),
+             "exit 2 naming the holder, folder unchanged; the run finished, " + same, once),
+            ("full disk (tmpfs filled after a random epoch)",
+             lambda d: trial_full_disk(d, config, reference, rng, args.epochs),
+             "exit 2, one line naming the path and the last good checkpoint, no temporary file; " + success, once),
+            ("default precision, layout, threads: same seed idle and beside a CPU-bound process",
+             lambda d: trial_default_under_load(d, default_config(args.arch, args.epochs), reference, rng, args.epochs),
+             "identical weights, history and curves", once),
         ]
-        for fault, trial, outcome in interruptions:
+        for fault, trial, outcome, count in interruptions:
+            if fault.startswith("full disk") and os.geteuid() != 0:
+                rows.append((fault, 0, "skipped: needs root (mount -t tmpfs)"))
+                continue
             results = []
-            for index in range(args.trials):
-                result = trial(root / f"{fault.split()[0]}-{len(rows)}-{index}")
+            for index in range(count):
+                result = trial(root / f"{fault.split()[0].strip('-')}-{len(rows)}-{index}")
                 progress(f"{fault} #{index + 1}: {'ok' if result.ok else 'FAILED'} {result.notes}")
                 results.append(result)
             all_ok &= all(r.ok for r in results)
             rows.append((fault, len(results), summary(results, outcome)))
-        for index, fault in enumerate(bad_inputs(root / "data")):
+        for index, fault in enumerate(bad_inputs(root / "data", reference.run_dir / "best.pt")):
             problems = check_bad_input(fault, root / "bad-input" / str(index))
             progress(f"{fault.fault}: {'ok' if not problems else problems}")
             all_ok &= not problems
@@ -574,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = (time.monotonic() - started) / 60
 
     print(f"`python -m bench.reliability --trials {args.trials} --seed {args.seed} --arch {args.arch} "
-          f"--epochs {args.epochs}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n")
+          f"--epochs {args.epochs}{' --quick' if args.quick else ''}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n")
     print("| fault | trials | outcome |")
     print("|---|---|---|")
     for fault, trials, outcome in rows:
