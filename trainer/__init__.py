@@ -16,6 +16,7 @@ from trainer.precision import PrecisionChoice, choose_precision
 from trainer.resources import FitResources
 from trainer.running import EpochLoss, RunningLoss
 from trainer.sampler import ResumableSampler
+from trainer.workers import ignore_stop_signals
 
 __all__ = [
     "HOOKS",
@@ -32,6 +33,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "choose_precision",
+    "ignore_stop_signals",
     "move_to_device",
     "resolve_device",
     "seed_everything",
