@@ -782,7 +782,10 @@ class Trainer:
         position = state.get("position")
         if position is not None:
             self.epoch, self._batches_done = position["epoch"], position["batches"]
-            totals, samples = position["loss_totals"], position["loss_samples"]
+            if "loss_totals" in position:
+                totals, samples = position["loss_totals"], position["loss_samples"]
+            else:  # written before every rank's sums were saved: the saving rank's alone
+                totals, samples = position["loss_total"].reshape(1), [position["loss_samples"]]
             # This rank's sums; saved without them (by one rank only, or by another number of ranks), the saving rank's.
             rank = get_rank() if len(samples) == get_world_size() else 0
             self.epoch_loss.total = totals[rank].clone().to(self.device)
