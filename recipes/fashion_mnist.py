@@ -70,7 +70,7 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shu
     dataset = TensorDataset(images.unsqueeze(1), labels)
     return DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, config["seed"]),
                       num_workers=config["workers"], collate_fn=normalize_batch, pin_memory=pin_memory,
-                      persistent_workers=True, worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals)  # not persistent: see ignore_stop_signals
 
 
 def normalized(images: torch.Tensor) -> torch.Tensor:

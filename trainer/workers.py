@@ -17,7 +17,9 @@ def ignore_stop_signals(worker_id: int) -> None:
     SIGINT runs whatever handler the worker inherited from the main process. Ignoring both
     leaves the decision to the main process, which stops the workers when it stops:
     ``DataLoader(dataset, num_workers=2, worker_init_fn=ignore_stop_signals)``. To combine it
-    with your own initialisation, call it from your ``worker_init_fn``.
+    with your own initialisation, call it from your ``worker_init_fn``. Not with
+    ``persistent_workers=True``: Python ends workers still running at its exit with SIGTERM,
+    which they would ignore, so the process would wait for them forever.
 
     Args:
         worker_id: the worker's index, as the DataLoader passes it (not used).
