@@ -38,14 +38,17 @@ class RecipeProcess:
         args: the command-line arguments.
         code: run this Python code with the arguments instead of the recipe module.
         timeout: upper bound in seconds of every wait.
+        new_session: start it in a session (and process group) of its own, as a terminal or a
+            job scheduler does, so that `signal_group` reaches it and its DataLoader workers alone.
     """
 
-    def __init__(self, args: Sequence[str], code: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, args: Sequence[str], code: str | None = None, timeout: float = 300.0,
+                 new_session: bool = False) -> None:
         command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
         self.timeout = timeout
         self.started = time.monotonic()
         self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, start_new_session=new_session)
         self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
         self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
                          for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
@@ -84,6 +87,13 @@ class RecipeProcess:
         """Send `signum` (if the process still runs) and return its exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signum)
+        return self.finish()
+
+    def signal_group(self, signum: int) -> int:
+        """Send `signum` to the process's whole group, as Ctrl-C in a terminal or Slurm does (the
+        process must have been started with ``new_session=True``), and return its exit code."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
         return self.finish()
 
     def finish(self) -> int:
