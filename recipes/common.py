@@ -31,6 +31,7 @@ from trainer.limits import parse_duration
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.run_lock import LOCK_FILE, RunLock, RunLockedError
 from trainer.threads import ThreadChoice, use_threads
+from trainer.workers import STOP_SIGNALS
 from recipes.errors import UsageError
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_recipe_config, check_weights
 
@@ -526,18 +527,25 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
     `on_exception` and `on_fit_end`, so logs are flushed and closed, and `ModelCheckpoint` saves
     the position reached), print how to resume and exit with 130 (SIGINT) or 143 (SIGTERM). A
     second signal stops at once (the last checkpoint is then the one written before it).
+
+    Only this process acts on them: DataLoader workers forked from it, which inherit the handler
+    until their ``worker_init_fn`` (`trainer.ignore_stop_signals`) ignores the signals, do nothing,
+    so a signal to the whole process group stops the run once.
     """
     watcher = _StopOnSignal()
     trainer.add_callback(watcher)
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker, before it ignores stop signals
+            return
         if watcher.signum is not None:
             raise KeyboardInterrupt
         watcher.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after the current step "
               f"(send it again to stop at once)", file=sys.stderr)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     except Interrupted as exc:

@@ -25,7 +25,7 @@ from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fash
 from models import FashionCNN, accuracy
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options,
                             non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
-from trainer import Callback, ResumableSampler, Trainer
+from trainer import Callback, ResumableSampler, Trainer, ignore_stop_signals
 from trainer.callbacks import (EmbeddingCallback, GraphCallback, ImageGridCallback, PRCurveCallback,
                                PredictionFigureCallback, ProgressBar, TensorBoardCallback)
 from trainer.distributed import is_rank_zero
@@ -70,7 +70,7 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shu
     dataset = TensorDataset(images.unsqueeze(1), labels)
     return DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, config["seed"]),
                       num_workers=config["workers"], collate_fn=normalize_batch, pin_memory=pin_memory,
-                      persistent_workers=True)
+                      worker_init_fn=ignore_stop_signals)  # not persistent: see ignore_stop_signals
 
 
 def normalized(images: torch.Tensor) -> torch.Tensor:

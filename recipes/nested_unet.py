@@ -30,7 +30,7 @@ from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageErro
 from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
                                 data_folder_above, inference_precision, predict_folder)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
-from trainer import Callback, ResumableSampler, resolve_device
+from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
@@ -219,13 +219,15 @@ class NestedUNetRecipe(Recipe):
         optimizer, scheduler = build_optimizer(config, model, device)
         workers = config["workers"] if config["data"] is not None else 0
         pin = device.type == "cuda"
-        # The order of each epoch depends on the seed and the epoch alone, so a run resumed inside an
-        # epoch starts at its next batch. Workers start anew each epoch, seeded from the main generator
-        # (saved in checkpoints), so a run resumed at an epoch's start draws the same augmentations.
+        # The order of each epoch, and each sample's augmentation, depend on the seed, the epoch and
+        # the sample alone: a run resumed inside an epoch starts at its next batch and draws what the
+        # uninterrupted run drew, with any number of workers. Workers leave stop signals to this process.
         train_loader = DataLoader(train_set, batch_size=config["batch_size"],
                                   sampler=ResumableSampler(train_set, seed=config["seed"]), num_workers=workers,
-                                  drop_last=len(train_set) > config["batch_size"], pin_memory=pin)
-        val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin)
+                                  drop_last=len(train_set) > config["batch_size"], pin_memory=pin,
+                                  worker_init_fn=ignore_stop_signals)
+        val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin,
+                                worker_init_fn=ignore_stop_signals)
         fixed = next(iter(DataLoader(val_set, batch_size=8)))
         metrics = {"iou": iou, "dice": dice}
         if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder

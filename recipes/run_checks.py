@@ -4,7 +4,6 @@ metrics.csv, optimizer settings and the data files it trained on."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,27 +12,6 @@ from typing import Any
 import torch
 
 from recipes.errors import UsageError
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The run configuration in `path` (a run's ``config.json``); a file that is not a JSON
-    object is a `UsageError` naming it and the fault.
-
-    Args:
-        path: the ``config.json`` file.
-    """
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is damaged: byte {exc.start} is not text (UTF-8 JSON expected); the run cannot be "
-                         "resumed from it: start a new run") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is damaged: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                         "the run cannot be resumed from it: start a new run") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} holds a JSON {type(config).__name__}, not a run configuration (a JSON object of "
-                         "options); the run cannot be resumed from it: start a new run")
-    return config
 
 
 def check_recipe_config(config: Any, keys: Iterable[str], source: str | os.PathLike, recipe: str) -> None:

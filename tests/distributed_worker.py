@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer import Trainer
+from trainer import Callback, Trainer
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, PRCurveCallback, TensorBoardCallback
 from trainer.distributed import get_rank
 
@@ -44,17 +44,35 @@ def record_collectives() -> list[tuple[str, str]]:
     return seen
 
 
+class ExitAt(Callback):
+    """Ends the process at once, like a kill, at the end of global step `step` (after `ModelCheckpoint`)."""
+
+    order = 200
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        if trainer.global_step == self.step:
+            os._exit(0)
+
+
 def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) -> None:
     """Options beyond the arguments come from the environment: WORKER_TRAIN_SAMPLES,
-    WORKER_BATCH_SIZE and WORKER_DROP_LAST (1: the training loader drops a partial last batch)."""
+    WORKER_BATCH_SIZE, WORKER_DROP_LAST (1: the training loader drops a partial last batch),
+    WORKER_CHECKPOINT_EVERY (also save last.pt every N steps) and WORKER_EXIT_AT (every rank
+    ends, without cleaning up, after this global step)."""
     collectives = record_collectives()
     model, train, val = tiny_problem(int(os.environ.get("WORKER_TRAIN_SAMPLES", "32")))
     if val_samples is not None:  # fewer than the ranks: some get no validation batch at all
         val = TensorDataset(*val[:val_samples])
     batch_size, drop_last = int(os.environ.get("WORKER_BATCH_SIZE", "4")), os.environ.get("WORKER_DROP_LAST") == "1"
     run = Path(out) / "run"
+    every = os.environ.get("WORKER_CHECKPOINT_EVERY")
     callbacks = [TensorBoardCallback(run, log_every=2), PRCurveCallback(run, ["a", "b", "c"]), EarlyStopping(patience=50),
-                 ModelCheckpoint(run)]
+                 ModelCheckpoint(run, every_n_steps=int(every) if every else None)]
+    if os.environ.get("WORKER_EXIT_AT"):
+        callbacks.append(ExitAt(int(os.environ["WORKER_EXIT_AT"])))
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
                       callbacks=callbacks, max_epochs=epochs, device="cpu", metrics={"acc": accuracy}, seed=3)
     trainer.fit(DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),

@@ -68,6 +68,21 @@ def test_logged_val_loss_equals_single_process_evaluation(two_ranks):
     assert state["history"][-1]["val_acc"] == pytest.approx(logs["val_acc"], rel=1e-6)
 
 
+def test_a_run_killed_after_a_step_checkpoint_logs_the_uninterrupted_epoch_loss(two_ranks, tmp_path):
+    """Both processes end at step 7 (epoch 2, batch 3), after the step-6 checkpoint: it holds every
+    rank's loss sums of epoch 2 so far, so the resumed run logs the uninterrupted run's epoch loss
+    (not an estimate from rank 0's share) and ends with the same history."""
+    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "fresh", WORKER_CHECKPOINT_EVERY="3",
+             WORKER_EXIT_AT="7")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["global_step"] == 6 and state["position"]["batches"] == 2
+    assert len(state["position"]["loss_samples"]) == 2
+    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "resume", WORKER_CHECKPOINT_EVERY="3")
+    expected = load_checkpoint(two_ranks / "run" / "last.pt")["history"][:2]  # the uninterrupted run's 2 epochs
+    assert torch.load(tmp_path / "rank0.pt")["history"] == expected
+    assert torch.load(tmp_path / "rank1.pt")["history"] == expected
+
+
 def test_resumed_distributed_run_continues(two_ranks):
     torchrun("tests/distributed_worker.py", str(two_ranks), "3", "resume")
     rank0, rank1 = torch.load(two_ranks / "rank0.pt"), torch.load(two_ranks / "rank1.pt")

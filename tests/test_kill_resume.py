@@ -9,7 +9,12 @@ curve, read back with TensorBoard's own reader, with no step logged twice.
 
 Two moments leave no trace outside the process: validation, and the instant after the last
 checkpoint. For those the test runs the recipe's command line through a small wrapper (`HOLD`) that
-holds the process at that moment until the test kills it.
+holds the process at that moment until the test kills it, or until the signal the test sends has
+reached the run's own handler.
+
+Runs on a data folder (`--data`, written by the test) augment their training images, with DataLoader
+workers (`--workers 2`): the stops there are signals sent to the whole process group, as a terminal's
+Ctrl-C or Slurm sends them, and they must resume bit-identical too.
 """
 
 from __future__ import annotations
@@ -48,34 +53,41 @@ TIMED = {"throughput (samples per second)"}  # wall-clock values: only their ste
 # The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
 # moment named by the first argument: "validation:E" (the first validation batch of epoch E),
 # "checkpoint:E" (just after the checkpoints of epoch E are written) or "step:S" (after every callback
-# of global step S ran, its logs flushed to disk as the writer does from time to time).
+# of global step S ran, its logs flushed to disk as the writer does from time to time). With ":signal"
+# added ("step:S:signal"), held only until the run's own handler has noticed a stop signal, then on.
 HOLD = f"""
-import runpy, sys, threading
+import runpy, sys, threading, time
 from trainer.callbacks import ModelCheckpoint
 from trainer.core import Trainer
 
-moment, epoch = sys.argv.pop(1).split(":")
+moment, epoch, *until = sys.argv.pop(1).split(":")
 
-def hold():
+def hold(trainer):
     print(f"held at {{moment}}", file=sys.stderr, flush=True)
+    if until == ["signal"]:
+        watcher = next(cb for cb in trainer.callbacks if type(cb).__name__ == "_StopOnSignal")
+        deadline = time.monotonic() + {TIMEOUT}
+        while watcher.signum is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return
     threading.Event().wait({TIMEOUT})
     raise SystemExit("held but never killed")
 
 def eval_step(self, batch, original=Trainer.eval_step):
-    if moment == "validation" and self.epoch + 1 == int(epoch):
-        hold()
+    if moment == "validation" and self.epoch + 1 == int(epoch) and not self.in_step_validation:
+        hold(self)
     return original(self, batch)
 
 def on_epoch_end(self, trainer, logs, original=ModelCheckpoint.on_epoch_end):
     original(self, trainer, logs)
     if moment == "checkpoint" and trainer.epoch + 1 == int(epoch):
-        hold()
+        hold(trainer)
 
 def on_batch_end(self, trainer, batch, outputs, original=ModelCheckpoint.on_batch_end):
     original(self, trainer, batch, outputs)
     if moment == "step" and trainer.global_step == int(epoch):
         trainer.resources.flush()
-        hold()
+        hold(trainer)
 
 Trainer.eval_step, ModelCheckpoint.on_epoch_end, ModelCheckpoint.on_batch_end = eval_step, on_epoch_end, on_batch_end
 runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
@@ -85,8 +97,8 @@ runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 class Run(RecipeProcess):
     """A recipe process whose waits fail the test, with its stderr, when they come to nothing."""
 
-    def __init__(self, args: Sequence[str], code: str | None = None) -> None:
-        super().__init__(args, code=code, timeout=TIMEOUT)
+    def __init__(self, args: Sequence[str], code: str | None = None, new_session: bool = False) -> None:
+        super().__init__(args, code=code, timeout=TIMEOUT, new_session=new_session)
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
         """Poll `condition` until it holds; fail if the process exits first or after TIMEOUT."""
@@ -298,6 +310,78 @@ def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"run written to: {run_dir}" in run.stdout
     assert_matches_reference(run_dir, reference)
+
+
+# A data folder of 10 images, split into 8 augmented training images and 2 for validation, loaded by
+# 2 worker processes: 4 steps per epoch.
+FOLDER = ["--arch", "UNet", "--image-size", "16", "--batch-size", "2", "--epochs", "2", "--precision", "32",
+          "--channels-last", "off", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    """A segmentation folder of 10 PNG images with their masks."""
+    return SyntheticNuclei(10, image_size=16, seed=1).save(tmp_path_factory.mktemp("data") / "nuclei")
+
+
+@pytest.fixture(scope="module")
+def workers_reference(tmp_path_factory, data_folder) -> Path:
+    """An uninterrupted run of FOLDER on the data folder with 2 workers."""
+    return uninterrupted_run(tmp_path_factory, [*FOLDER, "--data", str(data_folder), "--workers", "2"])
+
+
+def test_any_number_of_workers_draws_the_same_augmentations(workers_reference, data_folder, tmp_path_factory):
+    """Each sample's augmentation depends on the seed, the epoch and the sample alone: the same run
+    with its data loaded in the main process (--workers 0) ends with the same weights and history."""
+    in_process = uninterrupted_run(tmp_path_factory, [*FOLDER, "--data", str(data_folder), "--workers", "0"])
+    state, expected = load_checkpoint(in_process / "last.pt"), load_checkpoint(workers_reference / "last.pt")
+    assert state["history"] == expected["history"]
+    assert_same(state["model"], expected["model"], "model")
+
+
+def test_sigint_during_the_epoch_end_validation_resumes_bit_identical(workers_reference, data_folder, tmp_path):
+    """SIGINT while epoch 1 validates (its loader's workers started, their seed drawn): exit 130,
+    one resume line, and the resumed run validates epoch 1 again from the random state it had
+    before that validation, ending bit-identical to the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    run = Run(["validation:1:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir",
+               str(run_dir)], code=HOLD)
+    run.wait_for(lambda: "held at validation" in run.stderr, "the validation of epoch 1")
+    assert run.stop(signal.SIGINT) == 130, run.stderr[-3000:]
+    assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
+        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["epochs_done"] == 0 and state["position"]["batches"] == 4  # epoch 1 trained, not validated
+
+    run = Run(["--resume", str(run_dir)])
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert_matches_reference(run_dir, workers_reference)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_process_group_with_workers_stops_once_and_resumes_bit_identical(
+        workers_reference, data_folder, tmp_path, signum, code):
+    """SIGTERM (as Slurm and systemd send it) or SIGINT (Ctrl-C) sent to the whole process group at
+    step 2 of epoch 1, while the 2 DataLoader workers run: the workers ignore it and the main process
+    stops once: one "stopping" line, the resume line, no traceback, exit 143 or 130, the position
+    inside the epoch saved; the resumed run ends bit-identical to the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    run = Run(["step:2:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
+              code=HOLD, new_session=True)
+    run.wait_for(lambda: "held at step" in run.stderr, "step 2")
+    assert run.signal_group(signum) == code, run.stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert run.stderr.count(f"{name}: stopping after the current step") == 1, run.stderr[-3000:]
+    assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
+        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    position = load_checkpoint(run_dir / "last.pt")["position"]
+    assert (position["epoch"], position["batches"]) == (0, 2)
+
+    run = Run(["--resume", str(run_dir)])
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert_matches_reference(run_dir, workers_reference)
 
 
 def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, regression_loaders):

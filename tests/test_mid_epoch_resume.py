@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from tests.conftest import make_classification
-from trainer import Callback, ResumableSampler, TimeLimitReached, Trainer
+from trainer import Callback, ResumableSampler, TimeLimitReached, Trainer, TrainingInterrupted, ignore_stop_signals
 from trainer.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import load_checkpoint
 from trainer.sampler import batches_from, resumable
-from trainer_datasets import TensorBatchLoader
+from trainer_datasets import SegmentationFolder, SyntheticNuclei, TensorBatchLoader
 
 #: Tags whose values are wall-clock measurements: only their steps are compared.
 TIMED_TAGS = {"throughput (samples per second)"}
@@ -273,3 +273,64 @@ def test_no_warning_with_resumable_loaders(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(tmp_path, epochs=1)
+
+
+def test_a_stop_during_the_epoch_end_validation_resumes_with_the_random_state_from_before_it(tmp_path, reference):
+    """Stopped at the first validation batch of epoch 2, after its loader drew from the global
+    generator: the position saved holds the generator as it was before the validation, so the
+    resumed run (whose model draws dropout masks) validates again and ends as the uninterrupted one."""
+
+    class StopInValidation(Callback):
+        def on_validation_start(self, trainer):
+            torch.rand(3)  # what a DataLoader's iterator does: it draws its workers' seed
+
+        def on_validation_batch_end(self, trainer, batch, outputs):
+            if trainer.epoch == 1:
+                raise TrainingInterrupted("stopped during validation")
+
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, [StopInValidation()])
+    position = load_checkpoint(tmp_path / "last.pt")["position"]
+    assert (position["epoch"], position["batches"]) == (1, 10)
+
+    class DrawAtValidation(Callback):
+        def on_validation_start(self, trainer):
+            torch.rand(3)
+
+    run(tmp_path, [DrawAtValidation()], resume=True)
+    reference_dir = tmp_path / "reference"
+    run(reference_dir, [DrawAtValidation()])
+    assert_same_run(tmp_path, reference_dir)
+
+
+def test_a_stop_after_every_batch_with_workers_and_augmentation_trains_as_one_uninterrupted_run(tmp_path):
+    """Augmented data loaded by 2 worker processes, stopped by the time limit after every batch
+    and resumed each time, ends with the weights of one uninterrupted run that loads the same data
+    in the main process: each sample's augmentation depends on (seed, epoch, sample) alone."""
+    data = SyntheticNuclei(8, image_size=16, seed=1).save(tmp_path / "data")
+
+    def fit(run_dir, workers, max_time=None, resume=False):
+        torch.manual_seed(0)
+        dataset = SegmentationFolder(data, augment=True, seed=4)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3), nn.Conv2d(4, 1, 1))
+        loader = DataLoader(dataset, batch_size=2, sampler=ResumableSampler(dataset, seed=4), num_workers=workers,
+                            worker_init_fn=ignore_stop_signals if workers else None)
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
+                          callbacks=[ModelCheckpoint(run_dir, monitor=None)], max_epochs=2, device="cpu", seed=7,
+                          max_time=max_time)
+        trainer.fit(loader, resume_from=run_dir / "last.pt" if resume else None)
+        return trainer
+
+    whole = fit(tmp_path / "whole", workers=0)
+    fits = 0
+    while True:
+        try:
+            stopped = fit(tmp_path / "stopped", workers=2, max_time=1e-6, resume=fits > 0)
+        except TimeLimitReached:
+            fits += 1
+            assert fits < 10
+            continue
+        break
+    assert fits == 8  # 4 batches per epoch, 2 epochs
+    assert stopped.history == whole.history
+    assert_same_state(stopped.module.state_dict(), whole.module.state_dict(), "model")

@@ -80,14 +80,6 @@ def test_weights_that_do_not_fit_the_configuration_are_refused(runs, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_a_damaged_config_json_is_named(runs, tmp_path, capsys):
-    run_dir = copy_run(runs, "seg", tmp_path)
-    (run_dir / "last.pt").unlink()  # a run stopped before its first checkpoint resumes from config.json
-    (run_dir / "config.json").write_text('{"arch": ')
-    refused(nested_unet.main, ["--resume", str(run_dir)], capsys, run_dir,
-            f"{run_dir / 'config.json'} is damaged: not valid JSON (Expecting value at line 1 column 10)")
-
-
 @pytest.mark.parametrize("content, message", [
     (bytes(range(128, 256)) * 3, "is damaged: byte 0 is not text (UTF-8 CSV expected)"),
     (b"epoch,step,loss\n0,four,0.5\n", "is damaged (line 2: invalid literal for int()"),

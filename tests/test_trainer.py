@@ -529,17 +529,26 @@ def test_fit_continues_after_done_epochs(linear_model, regression_loaders):
     assert len(trainer.fit(regression_loaders[0])) == 3 and trainer.epoch == 2
 
 
-def test_set_epoch_is_called_on_loader_or_sampler(linear_model, regression_loaders):
+def test_set_epoch_is_called_on_loader_or_sampler_and_on_the_dataset(linear_model, regression_loaders):
     class Sampler(torch.utils.data.SequentialSampler):
         epochs: list = []
 
         def set_epoch(self, epoch):
             self.epochs.append(epoch)
 
-    data = make_regression(8)
+    class Data(torch.utils.data.TensorDataset):
+        epochs: list = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    data = Data(*make_regression(8).tensors)
     loader = DataLoader(data, batch_size=4, sampler=Sampler(data))
     make_trainer(linear_model, max_epochs=3).fit(loader)
-    assert Sampler.epochs == [0, 1, 2]
+    assert Sampler.epochs == [0, 1, 2] and Data.epochs == [0, 1, 2]
+    kept = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+    with pytest.warns(RuntimeWarning, match="persistent_workers=True.*never see Data.set_epoch"):
+        make_trainer(linear_model, max_epochs=1).fit(kept)
 
 
 def test_callbacks_run_by_order_then_as_given_and_describe_shows_it(linear_model, regression_loaders, capsys):

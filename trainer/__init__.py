@@ -17,6 +17,7 @@ from trainer.resources import FitResources
 from trainer.run_lock import RunLock, RunLockedError
 from trainer.running import EpochLoss, RunningLoss
 from trainer.sampler import ResumableSampler
+from trainer.workers import ignore_stop_signals
 
 __all__ = [
     "HOOKS",
@@ -35,6 +36,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "choose_precision",
+    "ignore_stop_signals",
     "move_to_device",
     "resolve_device",
     "seed_everything",

@@ -35,7 +35,8 @@ class Callback:
     there is validation data; ``lr``, the optimizer's learning rate after the scheduler's step.
 
     Under ``torchrun`` a callback runs on every process unless its class sets
-    ``rank_zero_only = True`` (logging, progress bars and checkpoint writing do).
+    ``rank_zero_only = True`` (logging and progress bars do; `ModelCheckpoint` runs on every
+    process, which gather what a checkpoint needs, and writes on rank 0).
 
     Callbacks run sorted by ``order`` (lower first; equal orders keep the order they were given
     in): `EarlyStopping` decides at -10, loggers and visuals write at 0, `ModelCheckpoint` saves

@@ -29,9 +29,12 @@ from trainer.batch import (
 from trainer.callback import HOOKS, Callback, overridden_hooks
 from trainer.checkpoint import load_checkpoint, rng_state, set_rng_state
 from trainer.distributed import (
+    all_gather,
     all_reduce,
     broadcast_buffers,
     broadcast_object,
+    get_rank,
+    get_world_size,
     init_distributed,
     is_distributed,
     is_rank_zero,
@@ -49,7 +52,7 @@ from trainer.precision import (
 )
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
-from trainer.sampler import RESUMABLE_LOADERS, batches_from
+from trainer.sampler import RESUMABLE_LOADERS, batches_from, check_epoch_reaches_workers, start_epoch
 
 Metric = Callable[[Any, Any], torch.Tensor]
 
@@ -267,6 +270,11 @@ class Trainer:
         self._pending = 0
         self._validated_at: int | None = None
         self._resume: dict[str, Any] | None = None  # where the next epoch starts when resuming inside it
+        # The random state a resume inside the epoch starts from, once its batches are all trained:
+        # taken before the epoch-end validation, which a resumed run does again from its start.
+        self._epoch_end_rng: dict[str, Any] | None = None
+        # Every rank's (loss sum, samples) of the epoch so far, gathered by `gather_position`, and where.
+        self._gathered: tuple[tuple[int, int], list[tuple[torch.Tensor, int]]] | None = None
         self._deadline: float | None = None
 
     @property
@@ -475,7 +483,9 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
         elif self._batches_done is not None:  # a fit that stopped inside an epoch: continue there
-            self._resume = {"epoch": self.epoch, "batches": self._batches_done, "rng": rng_state()}
+            self._resume = {"epoch": self.epoch, "batches": self._batches_done,
+                            "rng": self._epoch_end_rng if self._epoch_end_rng is not None else rng_state()}
+            self._epoch_end_rng = None
         if self.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             warnings.warn(
                 f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
@@ -484,6 +494,7 @@ class Trainer:
                 RuntimeWarning, stacklevel=2,
             )
         self.train_loader, self.val_loader = train_loader, val_loader
+        check_epoch_reaches_workers(train_loader)
         try:
             length = len(train_loader)  # type: ignore[arg-type]
         except TypeError:
@@ -521,7 +532,9 @@ class Trainer:
             self._fire("on_epoch_start")
             logs = self._train_epoch(train_loader, val_loader, resume)
             if val_loader is not None and self.val_at_epoch_end and self._validated_at != self.global_step:
+                self._epoch_end_rng = rng_state()  # a stop during the validation saves this one
                 logs.update(self._validate(val_loader))
+            self._epoch_end_rng = None
             self._step_scheduler_on_epoch(logs)
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(logs)
@@ -545,9 +558,7 @@ class Trainer:
         val_every, last = self.val_every_n_steps, self.num_batches
         single = not is_distributed()
         model.train()
-        set_epoch = getattr(loader, "set_epoch", None) or getattr(getattr(loader, "sampler", None), "set_epoch", None)
-        if callable(set_epoch):  # DistributedSampler and seeded loaders: a fresh, reproducible order per epoch
-            set_epoch(self.epoch)
+        start_epoch(loader, self.epoch)  # seeded orders and augmentations: fresh and reproducible per epoch
         epoch_loss = self.epoch_loss
         first = resume["batches"] if resume else 0
         if resume is None:
@@ -694,12 +705,14 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: model, optimizer, scheduler, grad
         scaler, epochs done, global step, history, random generators, callback states and, when
-        taken inside an epoch, the `position` there: the epoch, the batches trained, the epoch's
-        training loss sums so far, gradients waiting for an optimizer step and the step of the
-        last step validation.
+        taken inside an epoch, the `position` there: the epoch, the batches trained, every rank's
+        training loss sums of the epoch so far, gradients waiting for an optimizer step and the
+        step of the last step validation. Taken during the validation at an epoch's end, the
+        random generators are those from before it, since a resumed run validates again.
 
-        Under torchrun the loss sums are those of the rank that saves (rank 0); a run resumed
-        inside an epoch counts them for every rank, so that epoch's training loss is an estimate.
+        Under torchrun the loss sums of every rank are there when `gather_position` was called
+        at this position (`ModelCheckpoint` does); otherwise only the calling rank's, and a run
+        resumed from it counts them for every rank, so that epoch's training loss is an estimate.
         """
         model = self.module
         return {
@@ -712,21 +725,39 @@ class Trainer:
             "should_stop": self.should_stop,
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
-            "rng": rng_state(),
+            "rng": self._epoch_end_rng if self._epoch_end_rng is not None else rng_state(),
             "precision": {"precision": self.precision, "channels_last": self.channels_last, "onednn": self.onednn},
             "callbacks": {key: cb.state_dict() for key, cb in self.stateful_callbacks().items()},
             "position": self._position(),
         }
 
+    def gather_position(self) -> None:
+        """Under torchrun, collect every rank's training loss sums of the epoch so far, so that a
+        `state_dict` taken next at this position (on rank 0) holds them all and a run resumed
+        from it logs that epoch's loss exactly. Every rank must call it at the same point of the
+        loop; outside an epoch, and in a single process, it does nothing."""
+        if self._batches_done is None or not is_distributed():
+            return
+        local = torch.stack([self.epoch_loss.total.detach().to(torch.float64),
+                             torch.tensor(float(self.epoch_loss.samples), dtype=torch.float64, device=self.device)])
+        ranks = [(sums[0].to(self.epoch_loss.total.dtype), int(sums[1].item())) for sums in all_gather(local)]
+        self._gathered = ((self.epoch, self._batches_done), ranks)
+
     def _position(self) -> dict[str, Any] | None:
         if self._batches_done is None:
             return None
         pending = self._pending
+        here = (self.epoch, self._batches_done)
+        if self._gathered is not None and self._gathered[0] == here:
+            ranks = self._gathered[1]
+        else:
+            ranks = [(self.epoch_loss.total, self.epoch_loss.samples)]
         return {
             "epoch": self.epoch,
             "batches": self._batches_done,
-            "loss_total": self.epoch_loss.total.detach().clone(),
-            "loss_samples": self.epoch_loss.samples,
+            # One entry per rank (rank order): the epoch's training loss sum so far and its samples.
+            "loss_totals": torch.stack([total.detach().clone() for total, _ in ranks]),
+            "loss_samples": [samples for _, samples in ranks],
             "pending": pending,
             "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.module.parameters()]
             if pending else None,
@@ -746,12 +777,18 @@ class Trainer:
         self.global_step = state["global_step"]
         self.should_stop = bool(state.get("should_stop", False))
         self.epoch = max(len(self.history) - 1, 0)
-        self._resume, self._batches_done = None, None
+        self._resume, self._batches_done, self._epoch_end_rng, self._gathered = None, None, None, None
         position = state.get("position")
         if position is not None:
             self.epoch, self._batches_done = position["epoch"], position["batches"]
-            self.epoch_loss.total = position["loss_total"].to(self.device)
-            self.epoch_loss.samples = position["loss_samples"]
+            if "loss_totals" in position:
+                totals, samples = position["loss_totals"], position["loss_samples"]
+            else:  # written before every rank's sums were saved: the saving rank's alone
+                totals, samples = position["loss_total"].reshape(1), [position["loss_samples"]]
+            # This rank's sums; saved without them (by one rank only, or by another number of ranks), the saving rank's.
+            rank = get_rank() if len(samples) == get_world_size() else 0
+            self.epoch_loss.total = totals[rank].clone().to(self.device)
+            self.epoch_loss.samples = samples[rank]
             self._pending, self._validated_at = position["pending"], position["validated_at"]
             for param, grad in zip(self.module.parameters(), position["grads"] or ()):
                 param.grad = None if grad is None else grad.to(param.device)

@@ -91,6 +91,16 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape and dtype on every rank), in rank order, on every rank;
+    ``[tensor]`` in a single process. Every rank must call it."""
+    if not is_distributed():
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return gathered
+
+
 def gather_to_rank_zero(value: Any) -> list[Any] | None:
     """Every rank's `value` (any picklable object, tensors included) as a list on rank 0, in rank
     order, and None on the other ranks; ``[value]`` in a single process. Every rank must call it."""

@@ -2,12 +2,14 @@
 
 `ResumableSampler` is PyTorch's `DistributedSampler` (one process or several) whose next pass
 can start at a given index: a resumed run skips the batches it trained before its checkpoint
-without loading them. `batches_from` starts any loader the trainer knows how to start late.
+without loading them. `batches_from` starts any loader the trainer knows how to start late;
+`start_epoch` tells a loader, its sampler and its dataset which epoch comes next.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -85,3 +87,29 @@ def resumable(loader: Iterable) -> bool:
     """Whether the trainer can start `loader` inside an epoch (see `batches_from`)."""
     return (isinstance(loader, Sequence) or callable(getattr(loader, "skip_batches", None))
             or can_skip_samples(loader))
+
+
+def start_epoch(loader: Iterable, epoch: int) -> None:
+    """Tell `loader` that its next pass is `epoch`: ``loader.set_epoch(epoch)``, or its sampler's
+    (the order of `ResumableSampler`, `DistributedSampler`), and its dataset's (e.g. the
+    augmentations of `trainer_datasets.SegmentationFolder`), where they have one."""
+    targets = [loader if callable(getattr(loader, "set_epoch", None)) else getattr(loader, "sampler", None),
+               getattr(loader, "dataset", None)]
+    for target in targets:
+        set_epoch = getattr(target, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+def check_epoch_reaches_workers(loader: Iterable) -> None:
+    """Warn when `loader` keeps its worker processes between passes (``persistent_workers``) over
+    a dataset with ``set_epoch``: the workers hold the copy of the dataset made at the first pass,
+    so they never see a later epoch."""
+    dataset = getattr(loader, "dataset", None)
+    if (isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
+            and callable(getattr(dataset, "set_epoch", None))):
+        warnings.warn(
+            f"the DataLoader keeps its workers between epochs (persistent_workers=True), so they never see "
+            f"{type(dataset).__name__}.set_epoch: every epoch draws what the first drew; pass "
+            f"persistent_workers=False", RuntimeWarning, stacklevel=3,
+        )

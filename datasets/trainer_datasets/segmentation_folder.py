@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 
 from trainer_datasets._imageio import (IMAGE_EXTENSIONS, is_image_file, is_system_file, not_regular, read_image_rgb,
                                       read_mask, write_png_file)
+from trainer_datasets._seeding import global_stream
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.transforms import segmentation_augmentation
 
@@ -122,11 +123,19 @@ class SegmentationFolder(Dataset):
         image_size: resize images (bilinear, antialiased) and masks (nearest) to this square size;
             required when the images have different sizes.
         augment: random flips, 90-degree rotations (image and mask alike) and a small colour
-            jitter (image only), drawn from torch's global generator.
+            jitter (image only), drawn from a stream of ``(seed, epoch, index)`` (see below).
         num_classes: if given, the number of mask classes the folder must have.
         ids: use only these sample ids (file names without extension); default all, sorted.
+        seed: with the epoch and the item's index, decides its augmentation.
 
     Items are ``(image, mask)``: float32 (3, H, W) in [0, 1] and float32 (C, H, W) in {0, 1}.
+
+    The augmentation of item ``index`` depends on ``(seed, epoch, index)`` alone, not on the
+    process that loads it nor on what that process drew before: a `DataLoader` gives the same
+    batches with any ``num_workers``, and a run resumed inside an epoch draws what the
+    uninterrupted run drew. The `Trainer` calls `set_epoch` before every epoch (a new draw per
+    epoch); workers take their copy of the dataset when a pass starts, so ``persistent_workers=True``
+    would keep the epoch of the first pass.
     """
 
     def __init__(
@@ -136,6 +145,7 @@ class SegmentationFolder(Dataset):
         augment: bool = False,
         num_classes: int | None = None,
         ids: Sequence[str] | None = None,
+        seed: int = 0,
     ) -> None:
         _check_image_size(image_size)
         layout = scan_segmentation_folder(root)
@@ -162,14 +172,22 @@ class SegmentationFolder(Dataset):
         self.images, self.masks = _load_all(layout, ids, image_size)
         square = self.images.shape[-1] == self.images.shape[-2]
         self.transform = segmentation_augmentation(square=square) if augment else None
+        self.seed = seed
+        #: The epoch whose augmentations `__getitem__` draws (see `set_epoch`).
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of `epoch` from now on (the `Trainer` calls it before each epoch)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.images[index], self.masks[index]
         if self.transform is not None:
-            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            with global_stream(self.seed, self.epoch, index):
+                image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
             image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
         return image.float().div_(255), mask.float()
 
@@ -191,12 +209,13 @@ def split_segmentation(
     When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
     used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
     at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
-    `seed` always gives the same split. The validation set is never augmented.
+    `seed` always gives the same split. The validation set is never augmented; the training set's
+augmentations are drawn from `seed` too (see `SegmentationFolder`).
 
     Args:
         root: the folder (see `SegmentationFolder` for its layout).
         val_fraction: the fraction of the ids held out for validation, without train/ and val/.
-        seed: seeds the split.
+        seed: seeds the split and the training set's augmentations.
         image_size: resize every image and mask to this square size (see `SegmentationFolder`).
         augment_train: augment the training set (`segmentation_augmentation`).
         num_classes: if given, the number of mask classes the folder must have.
@@ -212,7 +231,7 @@ def split_segmentation(
                 f"found {train_dir if missing is val_dir else val_dir} but not {missing}; give both "
                 f"train/ and val/ sub-folders, or neither to split {root} at random"
             )
-        train = SegmentationFolder(train_dir, image_size, augment_train, num_classes)
+        train = SegmentationFolder(train_dir, image_size, augment_train, num_classes, seed=seed)
         val = SegmentationFolder(val_dir, image_size, False, num_classes)
         if train.classes != val.classes:
             raise DatasetError(
@@ -227,7 +246,7 @@ def split_segmentation(
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     val_ids = sorted(ids[i] for i in order[:num_val])
     train_ids = sorted(ids[i] for i in order[num_val:])
-    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids)
+    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed)
     val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids)
     return train, val
 

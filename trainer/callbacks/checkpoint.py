@@ -12,6 +12,7 @@ from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 from trainer.checkpoint import atomic_save
 from trainer.core import NonFiniteLossError, TrainingInterrupted
+from trainer.distributed import is_rank_zero
 from trainer.every import Every, positive_int
 from trainer.sampler import RESUMABLE_LOADERS, resumable
 
@@ -39,7 +40,11 @@ class ModelCheckpoint(Callback):
 
     It runs after the other callbacks (``order = 100``), so the state it saves includes what they
     did (an early stop, the logs, their own states), and it flushes the run's shared resources
-    (the TensorBoard writer) before saving: a checkpoint is never ahead of the logs.
+    (the TensorBoard writer) before saving: a checkpoint is never ahead of the logs. Under
+    torchrun it runs on every rank, which decide alike when to save, so that a checkpoint taken
+    inside an epoch holds every rank's loss sums (`Trainer.gather_position`); rank 0 writes the
+    files. A checkpoint saved at an interruption holds rank 0's sums only (the ranks may stop at
+    different steps), so a run resumed from it logs an estimate of that epoch's training loss.
 
     Args:
         dirpath: the folder of ``last.pt``, ``best.pt`` and the top K (created on first save).
@@ -52,7 +57,7 @@ class ModelCheckpoint(Callback):
         save_top_k: also keep the K best states by `monitor`, each in its own file.
     """
 
-    rank_zero_only = True
+    rank_zero_only = False  # every rank gathers the position's loss sums; rank 0 writes
     order = 100
 
     def __init__(
@@ -98,6 +103,8 @@ class ModelCheckpoint(Callback):
     def on_fit_start(self, trainer) -> None:
         self._validation = None
         self._step_point.start(trainer.global_step)
+        if not is_rank_zero():
+            return
         if self.every_n_steps is not None and not resumable(trainer.train_loader):
             warnings.warn(
                 f"ModelCheckpoint(every_n_steps={self.every_n_steps}): {type(trainer.train_loader).__name__} cannot "
@@ -128,12 +135,18 @@ class ModelCheckpoint(Callback):
             value = check_monitor("ModelCheckpoint", self.monitor, logs)
         self._save(trainer, value, last=self.save_last)
 
-    def _save(self, trainer, value: float | None, last: bool) -> None:
+    def _save(self, trainer, value: float | None, last: bool, every_rank: bool = True) -> None:
+        """Write what is due (on rank 0). With `every_rank`, every rank calls it at the same point
+        and the loss sums of every rank are gathered for the position saved."""
         improved = value is not None and improves(value, self.best, self.mode)
         if improved:
             self.best, self.best_epoch, self.best_step = value, trainer.epoch, trainer.global_step
         entry, dropped = self._rank(trainer, value)
         if not (improved or last or entry):
+            return
+        if every_rank:
+            trainer.gather_position()
+        if not is_rank_zero():
             return
         trainer.resources.flush()
         state = trainer.state_dict()
@@ -173,8 +186,11 @@ class ModelCheckpoint(Callback):
         elif isinstance(exception, TrainingInterrupted) and self.save_last and (
                 self.every_n_steps is not None or resumable(trainer.train_loader)):
             if self._saved_at != self._position(trainer):
-                self._save(trainer, None, last=True)
-            exception.add_note(f"saved {self.last_path}: continue with fit(..., resume_from={str(self.last_path)!r})")
+                # No gathering: under torchrun the ranks need not be at the same step here.
+                self._save(trainer, None, last=True, every_rank=False)
+            if is_rank_zero():
+                exception.add_note(f"saved {self.last_path}: continue with fit(..., "
+                                   f"resume_from={str(self.last_path)!r})")
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far, its epoch and step, and the top K kept."""
