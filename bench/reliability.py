@@ -424,7 +424,7 @@ def trial_validation_signal(run_dir: Path, config: list[str], reference: Referen
     if problems:
         return Trial(False, [f"epoch {epoch}", *problems])
     return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference,
-                              [f"validation of epoch {epoch}, {resume_point(run_dir)}"])
+                              [f"validation of epoch {epoch}"])
 
 
 def trial_time_limit(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
