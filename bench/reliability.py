@@ -1,6 +1,6 @@
 """Faults thrown at the NestedUNet recipe's real command line, many times, with the outcome of each.
 
-    python -m bench.reliability [--trials 2] [--seed 0] [--arch UNet]
+    python -m bench.reliability [--trials 2] [--seed 0] [--arch UNet] [--epochs 3] [--quick]
 
 Interruptions, each trial in a fresh run directory. A random moment is a random milestone of the
 process (its run directory recorded, an epoch's progress bar appearing) plus a random part of the
@@ -21,14 +21,29 @@ time to the next milestone in an uninterrupted reference run, drawn from `random
   ``--resume`` must be refused (exit 2, one line, the folder unchanged, as after any kill before
   the first checkpoint); the run is then started anew.
 
+- SIGTERM / SIGINT to the process group, with workers: as above, on a generated data folder with
+  augmentation and ``--workers 2``, the signal sent with ``os.killpg`` to the group the run leads;
+  exactly one "stopping" line, the resume line, exit 143 / 130.
+- SIGINT during the end-of-epoch validation of a random epoch (with workers), then resumed.
+- ``--max-time`` of 1 or 2 s (with workers), resumed with the printed command until the run ends.
+- Two runs started at once on one ``--log-dir``: one trains, the other exits with 2 naming the holder.
+- ``--resume`` of a live run (paused with SIGSTOP after a random epoch): exit 2 naming the holder,
+  the folder unchanged; the run then finishes.
+- A full disk (a tmpfs mounted for the trial, filled after a random epoch; needs root, else the
+  row says "skipped"): one ``error:`` line, exit 2, no temporary file; resumed once there is room.
+- Two default runs (automatic precision, layout, threads) with one seed, idle and beside a
+  CPU-bound process: identical weights.
+
 Each finished run is compared with an uninterrupted reference run of the same configuration:
 ``last.pt`` and ``best.pt`` must be equal value for value (every tensor bit-identical), and every
 TensorBoard scalar curve (read with TensorBoard's own reader, which applies purges) must be equal
 (the throughput, a wall-clock rate, at the same steps), with no scalar or image tag logged twice at
 one step, and ``metrics.csv`` must be equal.
 
-Bad input (deterministic, run once each): the command must exit with 2, print one line naming the
-fault, and write nothing.
+Bad input (deterministic, run once each; also ``--resume`` without ``last.pt``, ``predict`` onto
+existing outputs or with a checkpoint that is not this recipe's, Fashion-MNIST IDX files): the
+command must exit with 2, print one line naming the fault, and write nothing (names, sizes and
+modification times under the folders it names unchanged).
 
 A trial passes when the fault landed where it was meant to and the finished run matches.
 Prints a Markdown table: fault | trials | outcome, with where the faults landed. Exit code 0 when
@@ -309,13 +324,16 @@ def continue_args(run_dir: Path, config: list[str], notes: list[str]) -> list[st
         return ["--resume", str(run_dir)]
     if not run_dir.exists():  # killed before it made its folder
         return [*config, "--log-dir", str(run_dir)]
-    before = snapshot(run_dir)
+    # The killed run's stale .lock is taken over and removed by the refused resume, as documented.
+    before = [entry for entry in snapshot(run_dir) if entry[0] != ".lock"]
     run = Run(["--resume", str(run_dir)])
     code = run.finish()
     if code != 2 or "no last.pt" not in run.stderr or run.stderr.count("error:") != 1:
         notes.append(f"PROBLEM: resume without last.pt exited with {code}: {run.stderr[-300:]}")
-    if snapshot(run_dir) != before:
-        notes.append("PROBLEM: the refused resume changed the run folder")
+    after = snapshot(run_dir)
+    if after != before:
+        changed = sorted({entry[0] for entry in set(after) ^ set(before)})
+        notes.append(f"PROBLEM: the refused resume changed the run folder: {changed}")
     shutil.rmtree(run_dir)
     notes.append("resume refused, started anew")
     return [*config, "--log-dir", str(run_dir)]
