@@ -625,6 +625,9 @@ class Recipe:
     monitor_label: str = "loss"
     #: The parsed options that define a run (see `new_config`).
     config_keys: tuple[str, ...] = ()
+    #: The options given on the command line being run (``{dest: option string}``, see
+    #: `given_options`), set by `train` before `new_config`; empty outside it.
+    given: dict[str, str] = {}  # noqa: RUF012 - replaced per run, never changed in place
 
     def build_parser(self) -> argparse.ArgumentParser:
         """The recipe's command-line options (with `add_run_options` for the shared ones)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import shutil
 import subprocess
@@ -36,6 +37,25 @@ def make_classification(n: int = 24, features: int = 4, classes: int = 3, seed: 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
     return TensorDataset(x, x[:, :classes].argmax(1))
+
+
+def torch_save_on_a_full_disk(saves_that_succeed: int = 0):
+    """A stand-in for ``torch.save`` that fails as the real one does on a full disk, after
+    `saves_that_succeed` real saves: it writes part of the file, then raises torch's
+    ``RuntimeError`` (``[enforce fail at inline_container.cc...]``) with the ``OSError`` as context."""
+    real_save, calls = torch.save, []
+
+    def save(obj, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) <= saves_that_succeed:
+            return real_save(obj, file, *args, **kwargs)
+        file.write(b"part of a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    return save
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tests.conftest import make_classification
+from tests.conftest import make_classification, torch_save_on_a_full_disk
 from trainer import Callback, Trainer
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import atomic_save, load_checkpoint
@@ -229,14 +229,7 @@ def test_atomic_save_turns_torch_saves_full_disk_error_into_an_oserror_naming_th
     path = tmp_path / "last.pt"
     atomic_save({"v": 1}, path)
 
-    def fills_the_disk(obj, file):
-        file.write(b"part of a checkpoint")
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-    mocker.patch("trainer.checkpoint.torch.save", side_effect=fills_the_disk)
+    mocker.patch("trainer.checkpoint.torch.save", side_effect=torch_save_on_a_full_disk())
     with pytest.raises(OSError, match="No space left on device") as full:
         atomic_save({"v": 2}, path)
     assert full.value.errno == errno.ENOSPC and full.value.filename == str(path)

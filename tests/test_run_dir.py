@@ -20,6 +20,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from bench.recipe_process import RecipeProcess
+from tests.conftest import torch_save_on_a_full_disk
 from recipes import nested_unet
 from recipes.common import UsageError, run_cli, start_run_dir
 from trainer.checkpoint import load_checkpoint
@@ -120,19 +121,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_
     """torch.save on a full disk: it writes part of the file, then raises RuntimeError with the
     OSError as context (``[enforce fail at inline_container.cc...]``). Here the second save, of
     last.pt after best.pt, fails so."""
-    real_save, calls = torch.save, []
-
-    def fills_the_disk(obj, file, *args, **kwargs):
-        calls.append(file)
-        if len(calls) < 2:
-            return real_save(obj, file, *args, **kwargs)
-        file.write(b"part of a checkpoint")
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-    mocker.patch("trainer.checkpoint.torch.save", side_effect=fills_the_disk)
+    mocker.patch("trainer.checkpoint.torch.save", side_effect=torch_save_on_a_full_disk(saves_that_succeed=1))
     folder = tmp_path / "run"
     assert run([*TINY, "--log-dir", str(folder)]) == 2
     line = one_error_line(capsys.readouterr().err)
