@@ -154,18 +154,24 @@ def cpu_has_native_bf16(features: dict[str, bool] | None = None) -> bool:
     return features["avx512_bf16"] or features["amx"] or features["arm_bf16"]
 
 
-def _proc_cpuinfo_flags() -> set[str]:
+def _proc_cpuinfo(keys: tuple[str, ...]) -> list[str]:
+    """The values of the ``/proc/cpuinfo`` lines whose key (lower-cased) is in `keys`, in order;
+    none where the file cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
             text = file.read()
     except OSError:
-        return set()
-    flags: set[str] = set()
+        return []
+    values = []
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
+        if key.strip().lower() in keys:
+            values.append(value.strip())
+    return values
+
+
+def _proc_cpuinfo_flags() -> set[str]:
+    return {flag for value in _proc_cpuinfo(("flags", "features")) for flag in value.split()}
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -302,15 +308,8 @@ def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
 
 
 def _cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    names = _proc_cpuinfo(("model name",))
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
