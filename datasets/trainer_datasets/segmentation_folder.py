@@ -331,33 +331,46 @@ def _load_all(
     images, masks = [], []
     first: tuple[Path, tuple[int, ...]] | None = None
     for sample_id in ids:
-        image_file = layout.images[sample_id]
-        image = read_image_rgb(image_file)
-        size = tuple(image.shape[-2:])
-        channels = []
-        for class_masks in layout.masks.values():
-            mask_file = class_masks[sample_id]
-            mask = read_mask(mask_file)
-            if tuple(mask.shape) != size:
+        image, mask = load_sample(layout, sample_id, image_size)
+        if image_size is None:
+            image_file, size = layout.images[sample_id], tuple(image.shape[-2:])
+            if first is None:
+                first = (image_file, size)
+            elif size != first[1]:
                 raise DatasetError(
-                    f"mask {mask_file} is {_hw(mask.shape)} but its image {image_file} is {_hw(size)}; "
-                    "a mask must have its image's size"
+                    f"images have different sizes: {first[0]} is {_hw(first[1])} but {image_file} is "
+                    f"{_hw(size)}; pass an image size (e.g. image_size=96) to resize all images to one square size"
                 )
-            channels.append(mask)
-        mask = torch.stack(channels)
-        if image_size is not None:
-            image = TF.resize(image, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
-            mask = TF.resize(mask, [image_size, image_size], InterpolationMode.NEAREST)
-        elif first is None:
-            first = (image_file, size)
-        elif size != first[1]:
-            raise DatasetError(
-                f"images have different sizes: {first[0]} is {_hw(first[1])} but {image_file} is {_hw(size)}; "
-                "pass an image size (e.g. image_size=96) to resize all images to one square size"
-            )
         images.append(image)
         masks.append(mask)
     return torch.stack(images), torch.stack(masks)
+
+
+def load_sample(layout: FolderLayout, sample_id: str, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one sample of `layout`: its uint8 (3, H, W) image and uint8 (C, H, W) mask.
+
+    Both are resized to ``image_size`` squared when it is given (bilinear with antialiasing for
+    the image, nearest for the mask). Raises `DatasetError` naming the file for a mask whose size
+    differs from its image's, and whatever `read_image_rgb` / `read_mask` raise for a bad file.
+    """
+    image_file = layout.images[sample_id]
+    image = read_image_rgb(image_file)
+    size = tuple(image.shape[-2:])
+    channels = []
+    for class_masks in layout.masks.values():
+        mask_file = class_masks[sample_id]
+        mask = read_mask(mask_file)
+        if tuple(mask.shape) != size:
+            raise DatasetError(
+                f"mask {mask_file} is {_hw(mask.shape)} but its image {image_file} is {_hw(size)}; "
+                "a mask must have its image's size"
+            )
+        channels.append(mask)
+    mask = torch.stack(channels)
+    if image_size is not None:
+        image = TF.resize(image, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask, [image_size, image_size], InterpolationMode.NEAREST)
+    return image, mask
 
 
 def _hw(shape: Sequence[int]) -> str:
