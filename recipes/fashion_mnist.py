@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
 from models import FashionCNN, accuracy
-from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options,
-                            non_negative_float, non_negative_int, positive_float, positive_int, run_cli)
+from recipes.common import (PER_COMMAND, Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError,
+                            add_run_options, non_negative_float, non_negative_int, positive_float, positive_int,
+                            run_cli)
 from trainer import Callback, ResumableSampler, Trainer, ignore_stop_signals
 from trainer.callbacks import (EmbeddingCallback, GraphCallback, ImageGridCallback, PRCurveCallback,
                                PredictionFigureCallback, ProgressBar, TensorBoardCallback)
@@ -97,24 +99,59 @@ def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor
     ]
 
 
-class FashionMNIST(Recipe):
+@dataclass(kw_only=True, eq=False)
+class FashionMNISTConfig(RunConfig):
+    """A run of this recipe: the options of `build_parser` (each field is the option of its name).
+
+    Attributes:
+        batch_size: samples per step.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        log_every: batches between running-loss points and prediction figures.
+        data_dir: the folder holding FashionMNIST/raw/.
+        workers: DataLoader worker processes (0: batches cut in this process).
+        download: download the data if missing (this command only; not saved).
+    """
+
+    batch_size: int
+    lr: float
+    momentum: float
+    log_every: int
+    data_dir: str
+    workers: int
+    download: bool = field(default=False, metadata=PER_COMMAND)
+
+
+@dataclass(kw_only=True)
+class TutorialParts(RecipeParts):
+    """`RecipeParts` with the decoded images the tutorial's callbacks show.
+
+    Attributes:
+        train: training images (uint8, N x 28 x 28) and labels.
+        test: test images and labels.
+    """
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
     """The PyTorch TensorBoard tutorial: the small CNN on Fashion-MNIST, SGD with momentum."""
 
     name = "fashion_mnist"
     monitor, mode, monitor_label = "val_acc", "max", "accuracy"
-    config_keys = ("epochs", "batch_size", "lr", "momentum", "log_every", "data_dir", "device", "precision",
-                   "channels_last", "seed", "workers")
+    config_class = FashionMNISTConfig
     build_parser = staticmethod(build_parser)
 
-    def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
+    def build(self, config: FashionMNISTConfig, device: torch.device) -> TutorialParts:
         try:
-            train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=self.args.download)
-            test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=self.args.download)
+            train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=config.download)
+            test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=config.download)
         except (DatasetError, ValueError, OSError) as exc:
             raise UsageError(str(exc)) from None
         pin = device.type == "cuda"
         model = FashionCNN()
-        return RecipeParts(
+        return TutorialParts(
             model=model,
             loss_fn=nn.CrossEntropyLoss(),
             optimizer=torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"]),
@@ -122,11 +159,11 @@ class FashionMNIST(Recipe):
             val_loader=make_loader(test_images, test_labels, 1000, False, config, pin),
             example=normalized(train_images[: config["batch_size"]]),
             metrics={"acc": accuracy},
-            extras={"train": (train_images, train_labels), "test": (test_images, test_labels)},
+            train=(train_images, train_labels), test=(test_images, test_labels),
         )
 
-    def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
-        (train_images, train_labels), (test_images, test_labels) = parts.extras["train"], parts.extras["test"]
+    def callbacks(self, run_dir: Path, config: FashionMNISTConfig, parts: TutorialParts) -> list[Callback]:
+        (train_images, train_labels), (test_images, test_labels) = parts.train, parts.test
         return [
             *tutorial_callbacks(run_dir, config["log_every"], train_images, train_labels, test_images, test_labels,
                                 hparams={**config, "optimizer": "SGD"}),
@@ -135,7 +172,7 @@ class FashionMNIST(Recipe):
             ProgressBar(log_every=min(config["log_every"], 200)),
         ]
 
-    def after_fit(self, trainer: Trainer, config: dict[str, Any]) -> None:
+    def after_fit(self, trainer: Trainer, config: FashionMNISTConfig) -> None:
         if is_rank_zero():
             print(f"test accuracy: {trainer.history[-1]['val_acc']:.4f}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from trainer_datasets import SyntheticNuclei, split_segmentation
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
-from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, device_option,
-                            fraction, lock_run_dir, non_negative_float, non_negative_int, positive_float, positive_int,
-                            run_cli)
+from recipes.cli import CommandLine
+from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError, add_run_options,
+                            device_option, fraction, lock_run_dir, non_negative_float, non_negative_int,
+                            positive_float, positive_int, run_cli)
 from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
                                 data_folder_above, inference_precision, predict_folder)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
@@ -183,30 +185,81 @@ def validate_config(config: dict[str, Any]) -> None:
                          f"{nearest_multiple(config['image_size'])}")
 
 
-class NestedUNetRecipe(Recipe):
+@dataclass(kw_only=True, eq=False)
+class NestedUNetConfig(RunConfig):
+    """A run of this recipe: the options of `build_parser` (each field is the option of its
+    name), and what the run records of its data.
+
+    Attributes:
+        data: the segmentation folder, or None for the built-in synthetic nuclei.
+        arch: ``NestedUNet`` or ``UNet``.
+        deep_supervision: NestedUNet trains its four heads.
+        batch_size: samples per step.
+        lr: initial learning rate.
+        weight_decay: L2 weight decay.
+        optimizer: ``adam`` or ``sgd``.
+        scheduler: ``cosine``, ``plateau`` or ``none``.
+        image_size: square side images are resized to (None: a folder's own size).
+        val_fraction: share of a folder held out for validation.
+        train_samples: training images of the built-in data.
+        val_samples: validation images of the built-in data.
+        workers: data-loading worker processes for a folder.
+        classes: the mask classes, recorded by the first `build`.
+        data_files: the data folder's fingerprint (see `recipes.run_checks.data_files`), recorded by
+            the first `build` with ``--data``.
+    """
+
+    data: str | None
+    arch: str
+    deep_supervision: bool
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    scheduler: str
+    image_size: int | None
+    val_fraction: float
+    train_samples: int
+    val_samples: int
+    workers: int
+    classes: list[str] | None = None
+    data_files: dict[str, int] | None = None
+
+
+@dataclass(kw_only=True)
+class SegmentationParts(RecipeParts):
+    """`RecipeParts` with the fixed validation batch the visual callbacks show.
+
+    Attributes:
+        fixed: the first validation images and masks.
+    """
+
+    fixed: tuple[torch.Tensor, torch.Tensor]
+
+
+class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
     """Nuclei segmentation: NestedUNet (or UNet) with BCE + Dice, Adam or SGD, cosine schedule."""
 
     name = "nested_unet"
     monitor, mode, monitor_label = "val_iou", "max", "IoU"
-    config_keys = ("data", "arch", "deep_supervision", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
-                   "scheduler", "image_size", "val_fraction", "train_samples", "val_samples", "workers", "device",
-                   "precision", "channels_last", "seed")
+    config_class = NestedUNetConfig
     build_parser = staticmethod(build_parser)
 
-    def new_config(self, args: argparse.Namespace) -> dict[str, Any]:
+    def new_config(self, command: CommandLine) -> NestedUNetConfig:
+        args, given = command.args, command.given
         ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers")
-        refused = [self.given[dest] for dest in ignored if dest in self.given]
+        refused = [given[dest] for dest in ignored if dest in given]
         if refused:
             source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
             raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
                              f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
                              "--val-samples size the built-in data; --val-fraction and --workers apply to --data)")
-        config = super().new_config(args)
+        config = super().new_config(command)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
         return config
 
-    def build(self, config: dict[str, Any], device: torch.device) -> RecipeParts:
+    def build(self, config: NestedUNetConfig, device: torch.device) -> SegmentationParts:
         validate_config(config)
         train_set, val_set, classes = load_data(config)
         if config["data"] is not None:  # a resumed run must see the files it started on
@@ -232,13 +285,13 @@ class NestedUNetRecipe(Recipe):
         metrics = {"iou": iou, "dice": dice}
         if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
             metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
-        return RecipeParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
-                           train_loader=train_loader, val_loader=val_loader, metrics=metrics,
-                           example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
-                           scheduler=scheduler, extras={"fixed": fixed})
+        return SegmentationParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
+                                 train_loader=train_loader, val_loader=val_loader, metrics=metrics,
+                                 example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
+                                 scheduler=scheduler, fixed=fixed)
 
-    def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
-        fixed, classes = parts.extras["fixed"], config["classes"]
+    def callbacks(self, run_dir: Path, config: NestedUNetConfig, parts: SegmentationParts) -> list[Callback]:
+        fixed, classes = parts.fixed, config["classes"]
         # The tag scheme of trainer.callbacks.tags: `Loss/training loss` every 10 steps, `Loss/...` and
         # `Validation/...` per epoch; the metrics get their usual names.
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}

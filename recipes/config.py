@@ -1,0 +1,145 @@
+"""`RunConfig`: the typed configuration of a recipe's run, saved with it and read back on resume."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any, ClassVar
+
+#: Metadata of a field that this command line sets and the run does not save (``--max-time``,
+#: ``--download``...): not in config.json, not compared on resume. Use it as
+#: ``field(default=..., metadata=PER_COMMAND)``.
+PER_COMMAND: Mapping[str, bool] = {"saved": False}
+
+
+def _saved(field: dataclasses.Field) -> bool:
+    return field.metadata.get("saved", True)
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class RunConfig(MutableMapping[str, Any]):
+    """What defines a run: the options `Recipe.train` needs, and a recipe's own in a subclass.
+
+    A recipe declares its options as fields of a subclass (a ``@dataclass(kw_only=True)``, each
+    field named as the option's ``dest``). The saved fields go to ``config.json`` and every
+    checkpoint and come back on resume; fields with `PER_COMMAND` metadata come from each
+    command line. Read a field as an attribute (``config.epochs``) or, as of a saved dict, by
+    key (``config["epochs"]``); the mapping view holds the saved fields only, so ``dict(config)``
+    is what is saved.
+
+    Attributes:
+        epochs: epochs to train; a resumed run may raise it.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a resumed run may move.
+        precision: ``auto``, ``32``, ``bf16`` or ``16-mixed``; ``auto`` is resolved once and saved.
+        channels_last: True, False or ``auto`` (resolved with the precision).
+        seed: seeds Python, NumPy and torch once, before `Recipe.build`.
+        threads: CPU threads of each process (None: the CPUs this process may use).
+        checkpoint_every: also save ``last.pt`` every N optimizer steps (None: at epoch ends).
+        val_every: also validate every N optimizer steps (None: at epoch ends).
+        histograms: log weight and gradient histograms every epoch.
+        onednn: whether the CPU convolutions use oneDNN, resolved with the precision.
+        precision_reason: why the precision was chosen; set once the choice is made.
+        resume: the run directory this command resumes (per command).
+        log_dir: the directory of a new run (per command; None: a new ``runs/<name>/<timestamp>``).
+        max_time: seconds of training after which this command stops and saves (per command).
+        fast_dev_run: one training and one validation batch in a temporary directory (per command).
+        other: saved values this class has no field for (a run written by another version of the
+            recipe), kept so that they are saved again.
+    """
+
+    epochs: int
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | str = "auto"
+    seed: int = 0
+    threads: int | None = None
+    checkpoint_every: int | None = None
+    val_every: int | None = None
+    histograms: bool = False
+    onednn: bool | None = None
+    precision_reason: str | None = None
+    resume: str | None = dataclasses.field(default=None, metadata=PER_COMMAND)
+    log_dir: str | None = dataclasses.field(default=None, metadata=PER_COMMAND)
+    max_time: float | None = dataclasses.field(default=None, metadata=PER_COMMAND)
+    fast_dev_run: bool = dataclasses.field(default=False, metadata=PER_COMMAND)
+    other: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=PER_COMMAND, repr=False)
+
+    #: Options a resumed run may change on its command line (all others keep their saved value).
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("epochs", "device", "checkpoint_every", "threads")
+
+    @classmethod
+    def saved_fields(cls) -> tuple[str, ...]:
+        """Names of the fields saved with the run, in declaration order."""
+        return tuple(field.name for field in dataclasses.fields(cls) if _saved(field))
+
+    @classmethod
+    def required_fields(cls) -> tuple[str, ...]:
+        """Names of the saved fields without a default: every saved run of the recipe holds them."""
+        return tuple(field.name for field in dataclasses.fields(cls) if _saved(field)
+                     and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING)
+
+    @classmethod
+    def from_options(cls, args: argparse.Namespace) -> RunConfig:
+        """The configuration of a new run: each field from the parsed option of the same name
+        (a field without an option keeps its default).
+
+        Args:
+            args: the parsed command line.
+        """
+        names = [field.name for field in dataclasses.fields(cls) if field.name != "other"]
+        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any], args: argparse.Namespace) -> RunConfig:
+        """The configuration of a resumed run: the saved fields from `saved` (a run's config.json
+        or its checkpoint's ``"config"``; a field it lacks, from an older version, keeps its
+        default), the per-command ones from `args`.
+
+        Args:
+            saved: the configuration saved with the run.
+            args: the parsed command line of the resuming command.
+        """
+        fields = dataclasses.fields(cls)
+        values = {field.name: saved[field.name] for field in fields if _saved(field) and field.name in saved}
+        values.update({field.name: getattr(args, field.name) for field in fields
+                       if not _saved(field) and hasattr(args, field.name)})
+        known = {field.name for field in fields}
+        return cls(**values, other={key: value for key, value in saved.items() if key not in known})
+
+    def _check_key(self, key: str) -> None:
+        if key not in self.saved_fields() and key not in self.other:
+            raise KeyError(f"{type(self).__name__} saves no {key!r}; declare it as a field of the recipe's "
+                           f"configuration class (saved: {', '.join(self.saved_fields())})")
+
+    def __getitem__(self, key: str) -> Any:
+        self._check_key(key)
+        return self.other[key] if key in self.other else getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._check_key(key)
+        if key in self.other:
+            self.other[key] = value
+        else:
+            setattr(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"a field of {type(self).__name__} cannot be removed; set it to None")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((*self.saved_fields(), *self.other))
+
+    def __len__(self) -> int:
+        return len(self.saved_fields()) + len(self.other)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """The value of field `key`, set to `default` first if it holds None (a value the run
+        records once, e.g. the data's class names, then keeps on resume).
+
+        Args:
+            key: a saved field.
+            default: the value to record if there is none yet.
+        """
+        if self[key] is None:
+            self[key] = default
+        return self[key]

@@ -1,0 +1,256 @@
+"""Run folders: a new run's directory, its lock and first config.json; the checks that let a run resume; the one
+line of a write that failed."""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from recipes.cli import CommandLine
+from recipes.config import RunConfig
+from recipes.errors import RunComplete, UsageError
+from recipes.run_checks import check_recipe_config
+from trainer.callbacks.tensorboard import has_event_files
+from trainer.checkpoint import atomic_write_text, load_checkpoint, remove_temporary_files
+from trainer.distributed import broadcast_object, is_rank_zero
+from trainer.run_lock import LOCK_FILE, RunLock, RunLockedError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+
+
+def holds_run(path: Path) -> bool:
+    """Whether `path` already holds a run (TensorBoard event files, checkpoints, a run's
+    ``config.json`` or ``metrics.csv``)."""
+    return (any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE))
+            or has_event_files(path, recursive=True) or bool(glob.glob(str(path / "**" / "*.pt"), recursive=True)))
+
+
+def check_new_run_dir(log_dir: str, default_root: str) -> Path:
+    """`log_dir` as the directory of a new run, checked without creating anything: an empty
+    name, a file, or a directory that already holds a run (see `holds_run`) is a `UsageError`."""
+    if not log_dir.strip():
+        raise UsageError("--log-dir '' names no directory; give a new directory, or leave --log-dir out for "
+                         f"a new {default_root}/<timestamp>")
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--log-dir {str(path)!r} is a file, not a directory")
+    if path.is_dir() and holds_run(path):
+        holder = RunLock(path).live_holder()
+        live = f", which is in use by another run ({describe_holder(holder)})" if holder is not None else ""
+        raise UsageError(f"--log-dir {str(path)!r} already holds a run{live}; choose a new directory")
+    return path
+
+
+def make_run_dir(log_dir: str | None, default_root: str) -> Path:
+    """The directory of a new run, created empty and writable.
+
+    Without `log_dir`, a fresh ``<default_root>/<timestamp>`` that no earlier run used (created
+    here, so two runs started in the same second get two directories). An explicit `log_dir`
+    that already holds a run (see `holds_run`) is refused, so no run is ever overwritten; an
+    empty `log_dir` too.
+    """
+    if log_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, suffix = Path(default_root) / stamp, 1
+        while True:
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                path, suffix = Path(default_root) / f"{stamp}-{suffix}", suffix + 1
+            except OSError as exc:
+                raise UsageError(f"cannot create the log directory {str(path)!r}: {exc.strerror or exc}") from None
+    else:
+        path = check_new_run_dir(log_dir, default_root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the log directory {str(path)!r}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"the log directory {str(path)!r} is not writable")
+    return path
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``pid P on HOST since TIME`` from a `RunLock` record."""
+    if not holder:
+        return "a process that is starting"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+
+
+def lock_run_dir(path: Path, what: str) -> RunLock:
+    """Take `path`'s `RunLock` (one writer per folder); another live run holding it, or a
+    folder where the lock file cannot be written, is a `UsageError` naming `what` (the option
+    and value that named the folder)."""
+    try:
+        return RunLock(path).acquire()
+    except RunLockedError as exc:
+        raise UsageError(f"{what} is in use by another run ({describe_holder(exc.holder)}); wait for it to end or "
+                         "choose another directory") from None
+    except OSError as exc:
+        raise UsageError(f"{what} is not writable: cannot create {exc.filename or path / LOCK_FILE}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = None) -> str:
+    """One line for a write that failed (a full disk, a read-only folder) during a run: the path
+    (the run directory when the error names none, as the TensorBoard writer's does), the reason
+    and what is still valid: the last good checkpoint and the command that resumes it (once
+    there is room), else ``best.pt`` if there is one, or that no checkpoint was written."""
+    where = exc.filename or (f"into {run_dir}" if run_dir is not None else "a file")
+    line = f"cannot write {where}: {exc.strerror or exc}; the run stopped"
+    last, best = (run_dir / "last.pt", run_dir / "best.pt") if run_dir is not None else (None, None)
+    if last is not None and last.is_file():
+        return line + f"; the last good checkpoint is {last}" + (f" (resume with: {command})" if command else "")
+    if best is not None and best.is_file():
+        return line + f"; {best} is whole (for predict), but there is no last.pt to resume from"
+    return line + "; no checkpoint was written"
+
+
+#: Errors numbers of a write that a full disk, a quota or the folder's permissions refused.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def start_run_dir(log_dir: str | None, default_root: str,
+                  config: RunConfig | dict[str, Any]) -> tuple[Path, RunLock | None]:
+    """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
+    configuration there first (atomically), so a run killed before its first checkpoint still
+    says what it was. Returns the directory and the lock, which the caller releases when the run
+    ends (None on ranks other than 0).
+
+    A directory another live run holds, or one that came to hold a run between the first look
+    and the lock (two runs started at once), is a `UsageError`, and nothing is written there.
+    Under torchrun, rank 0 creates and locks it, and every rank gets the same path (or the same
+    error).
+    """
+    result: tuple[Path, RunLock | None] | UsageError | None = None
+    if is_rank_zero():
+        lock = None
+        try:
+            path = make_run_dir(log_dir, default_root)
+            lock = lock_run_dir(path, f"--log-dir {str(path)!r}")
+            if holds_run(path):  # another run wrote it between make_run_dir's look and the lock
+                raise UsageError(f"--log-dir {str(path)!r} already holds a run; choose a new directory")
+            try:
+                atomic_write_text(json.dumps(dict(config), indent=2, sort_keys=True), path / CONFIG_FILE)
+            except OSError as exc:
+                raise UsageError(write_error_line(exc, None)) from None
+            result = (path, lock)
+        except UsageError as exc:
+            if lock is not None:
+                lock.release()
+            result = exc
+    shared = broadcast_object(result if not isinstance(result, tuple) else result[0])
+    if isinstance(shared, UsageError):
+        raise shared
+    return shared, (result[1] if is_rank_zero() else None)
+
+
+def describe_folder(path: Path) -> str:
+    """What a run directory holds, for an error message: its visible entries (up to eight),
+    event files counted together."""
+    names, events = [], 0
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name.startswith("events.out.tfevents."):
+            events += 1
+        else:
+            names.append(entry.name + ("/" if entry.is_dir() else ""))
+    if events:
+        names.append(f"{events} TensorBoard event file{'s' if events > 1 else ''}")
+    if not names:
+        return "nothing"
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def resume_run(command: CommandLine, config_class: type[RunConfig] = RunConfig,
+               recipe: str = "") -> tuple[Path, RunConfig, Path, RunLock | None]:
+    """The run directory to resume (``--resume``), its configuration, its last checkpoint and the
+    directory's `RunLock`, which the caller holds until the run ends (None on ranks other than 0,
+    which do not lock).
+
+    The lock is taken first: a run that is still training there, or a directory where the lock
+    cannot be written, is a `UsageError`. A run resumes only from a readable ``last.pt``; without
+    one (removed, a folder in its place, or only ``config.json`` because the run was stopped
+    before its first checkpoint) it is a `UsageError` saying what the directory holds, and
+    nothing there is touched: a resumed run never starts over. Once every check passed, the
+    temporary files that killed writes left there are removed.
+
+    The run keeps its saved options. Those in `RunConfig.RESUMABLE` (``--epochs``, ``--device``...)
+    may change; any other option given on the command line with a value other than the saved one
+    is a `UsageError` naming it, and so is a saved configuration without the fields every run of
+    `config_class` holds (a run of another recipe than `recipe`). A run with nothing left to
+    train (it finished its epochs, stopped early, or ``--epochs`` is not above the epochs it
+    trained) raises `RunComplete`.
+
+    Args:
+        command: the parsed command line, with ``--resume RUN_DIR``.
+        config_class: the recipe's configuration class.
+        recipe: the recipe's name, for the messages.
+    """
+    resume = command.args.resume
+    if not resume.strip():
+        raise UsageError("--resume '' names no run directory")
+    path = Path(resume)
+    if not path.is_dir():
+        raise UsageError(f"--resume {resume!r}: no such run directory")
+    lock = lock_run_dir(path, f"--resume {resume!r}") if is_rank_zero() else None
+    try:
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--resume {resume!r}: the run directory is not writable")
+        config = _resumable_config(command, path, config_class, recipe)
+        if lock is not None:
+            remove_temporary_files(path)
+        return path, config, path / "last.pt", lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _resumable_config(command: CommandLine, path: Path, config_class: type[RunConfig], recipe: str) -> RunConfig:
+    """The configuration `resume_run` continues `path`'s run with (see there)."""
+    args, given, last = command.args, command.given, path / "last.pt"
+    if not last.is_file():
+        found = "last.pt is a folder" if last.is_dir() else "there is no last.pt"
+        raise UsageError(
+            f"--resume {args.resume!r}: {found}, so there is no checkpoint to continue from (the directory holds "
+            f"{describe_folder(path)}); a run stopped before its first checkpoint cannot be resumed: start a new "
+            "run with another --log-dir (nothing here was changed)"
+        )
+    try:
+        state = load_checkpoint(last)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not saved:
+        raise UsageError(f"--resume {args.resume!r}: its checkpoint holds no recipe configuration")
+    check_recipe_config(saved, config_class.required_fields(), last, recipe)
+    if "log_dir" in given:
+        raise UsageError(f"{given['log_dir']} cannot move a resumed run: it continues in {path}")
+    resumable = config_class.RESUMABLE
+    for dest, option in given.items():
+        # Options outside the saved configuration (e.g. --download) do not define the run.
+        if dest not in resumable and dest in saved and getattr(args, dest) != saved[dest]:
+            raise UsageError(
+                f"{option} {getattr(args, dest)} differs from the run's saved {saved.get(dest)!r}; a resumed run keeps "
+                f"its options (only {', '.join('--' + d.replace('_', '-') for d in resumable)} may change): start a "
+                f"new run to change {option}"
+            )
+    config = config_class.from_saved(saved, args)
+    for dest in given.keys() & set(resumable):
+        config[dest] = getattr(args, dest)
+    done = len(state.get("history", []))
+    if state.get("should_stop") and state.get("position") is None:
+        raise RunComplete(f"run {path} is complete: it stopped early after {done} epochs; nothing to resume")
+    if done >= config.epochs:
+        more = "" if "epochs" in given else f"; pass --epochs above {done} to train it further"
+        raise RunComplete(f"run {path} is complete: it trained {done} of {config.epochs} epochs{more}")
+    return config
