@@ -31,20 +31,22 @@ def checkout_env(**extra: str) -> dict[str, str]:
 
 
 class RecipeProcess:
-    """``python -m recipes.nested_unet ARGS`` (or ``python -c CODE ARGS``) in the repository
-    root, its stdout and stderr collected while it runs.
+    """``python -m recipes.nested_unet ARGS`` (or ``python -c CODE ARGS``, or ``python SCRIPT
+    ARGS``) in the repository root, its stdout and stderr collected while it runs.
 
     Args:
         args: the command-line arguments.
         code: run this Python code with the arguments instead of the recipe module.
+        script: run this Python file (a recipe outside the package) with the arguments instead.
         timeout: upper bound in seconds of every wait.
         new_session: start it in a session (and process group) of its own, as a terminal or a
             job scheduler does, so that `signal_group` reaches it and its DataLoader workers alone.
     """
 
     def __init__(self, args: Sequence[str], code: str | None = None, timeout: float = 300.0,
-                 new_session: bool = False) -> None:
-        command = [sys.executable, "-m", "recipes.nested_unet"] if code is None else [sys.executable, "-c", code]
+                 new_session: bool = False, script: str | os.PathLike | None = None) -> None:
+        command = ([sys.executable, "-c", code] if code is not None else [sys.executable, os.fspath(script)]
+                   if script is not None else [sys.executable, "-m", "recipes.nested_unet"])
         self.timeout = timeout
         self.started = time.monotonic()
         self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE,

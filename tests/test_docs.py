@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import shlex
+import signal
 from pathlib import Path
 
 import pytest
+
+from bench.recipe_process import RecipeProcess
+from trainer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "recipes").glob("*.md"))]
@@ -21,10 +26,55 @@ def python_blocks():
 @pytest.mark.parametrize("code", list(python_blocks()))
 def test_code_block_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+    exec(compile(code, "<doc>", "exec", dont_inherit=True), {"__name__": "__doc_example__"})
 
 
 def test_readme_starts_with_the_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
     block = lines[lines.index("```sh") + 1: lines.index("```sh") + 3]
     assert [line.split("#")[0].strip() for line in block] == ["make run", "make test"]
+
+
+def recipe_file_of_the_docs() -> str:
+    """The recipe file docs/extending.md shows (the block that defines ``class Blobs``)."""
+    text = (ROOT / "docs" / "extending.md").read_text()
+    return next(block for block in BLOCK.findall(text) if "class Blobs(Recipe" in block)
+
+
+def resume_line(output: str) -> str:
+    """The command after "resume with: " in `output` (exactly one such line)."""
+    lines = [line.split("resume with: ", 1)[1] for line in output.splitlines() if "resume with: " in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def run_printed(command: str, **kwargs) -> RecipeProcess:
+    """Run `command` as printed, ``python`` being this interpreter."""
+    program, script, *args = shlex.split(command)
+    assert program == "python"
+    return RecipeProcess(args, script=script, timeout=120, **kwargs)
+
+
+def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command(tmp_path):
+    script, run_dir = tmp_path / "blobs.py", tmp_path / "run"
+    script.write_text(recipe_file_of_the_docs())
+    last = run_dir / "last.pt"
+    args = ["--epochs", "3", "--samples", "30000", "--checkpoint-every", "40", "--precision", "32",
+            "--channels-last", "off", "--threads", "1", "--log-dir", str(run_dir)]
+    first = RecipeProcess(args, script=script, timeout=120)
+    assert first.poll_until(last.is_file), first.stderr
+    assert first.stop(signal.SIGTERM) == 128 + signal.SIGTERM, first.stderr
+    command = resume_line(first.stderr)
+    assert command == shlex.join(["python", str(script), "--resume", str(run_dir)])
+
+    second = run_printed(command)
+    step = load_checkpoint(last)["global_step"]
+    assert second.poll_until(lambda: load_checkpoint(last)["global_step"] > step), second.stderr
+    assert second.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    third = run_printed(command)
+    assert third.finish() == 0, third.stderr
+    state = load_checkpoint(last)
+    assert state["epochs_done"] == 3 and state["config"]["samples"] == 30000
+    assert state["history"][-1]["val_acc"] > 0.9
+    assert (run_dir / "best.pt").is_file()
