@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from bench.recipe_process import RecipeProcess
 from tests.conftest import torch_save_on_a_full_disk
 from recipes import nested_unet
+from recipes.cli import parse_command_line
 from recipes.common import UsageError, run_cli, start_run_dir
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import write_png_file
@@ -57,8 +58,8 @@ def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.
     the other `files` with contents of their kind."""
     folder.mkdir(parents=True, exist_ok=True)
     recipe = nested_unet.NestedUNetRecipe()
-    config = recipe.new_config(nested_unet.build_parser().parse_args(TINY))
-    (folder / "config.json").write_text(json.dumps(config))
+    config = recipe.new_config(parse_command_line(nested_unet.build_parser(), TINY))
+    (folder / "config.json").write_text(json.dumps(dict(config)))
     if "metrics.csv" in files:
         (folder / "metrics.csv").write_text("epoch,step,loss,val_loss,val_iou\n0,2,0.9,0.8,0.578\n")
     if "events" in files:
