@@ -59,7 +59,7 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command(tmp_
     script, run_dir = tmp_path / "blobs.py", tmp_path / "run"
     script.write_text(recipe_file_of_the_docs())
     last = run_dir / "last.pt"
-    args = ["--epochs", "3", "--samples", "30000", "--checkpoint-every", "40", "--precision", "32",
+    args = ["--epochs", "3", "--samples", "8000", "--checkpoint-every", "40", "--precision", "32",
             "--channels-last", "off", "--threads", "1", "--log-dir", str(run_dir)]
     first = RecipeProcess(args, script=script, timeout=120)
     assert first.poll_until(last.is_file), first.stderr
@@ -75,6 +75,6 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command(tmp_
     third = run_printed(command)
     assert third.finish() == 0, third.stderr
     state = load_checkpoint(last)
-    assert state["epochs_done"] == 3 and state["config"]["samples"] == 30000
+    assert state["epochs_done"] == 3 and state["config"]["samples"] == 8000
     assert state["history"][-1]["val_acc"] > 0.9
     assert (run_dir / "best.pt").is_file()
