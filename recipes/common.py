@@ -311,7 +311,7 @@ class RunComplete(Exception):
 
 
 #: Options a resumed run may take anew: how far to train, where and how often to save, not what the run is.
-RESUMABLE_OPTIONS = ("resume", "epochs", "device", "checkpoint_every", "threads")
+RESUMABLE_OPTIONS = ("resume", "epochs", "device", "checkpoint_every", "threads", "data_mode")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:

@@ -170,6 +170,8 @@ class SegmentationFolder(Dataset):
         self.num_classes = len(self.classes)
         self.image_size = image_size
         self.images, self.masks = _load_all(layout, ids, image_size)
+        #: The (height, width) of every item.
+        self.size: tuple[int, int] = (int(self.images.shape[-2]), int(self.images.shape[-1]))
         square = self.images.shape[-1] == self.images.shape[-2]
         self.transform = segmentation_augmentation(square=square) if augment else None
         self.seed = seed

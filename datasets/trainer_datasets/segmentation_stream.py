@@ -256,6 +256,8 @@ class SegmentationStream(Dataset):
         self.classes: list[str] = list(index.classes)
         self.num_classes = len(self.classes)
         self.image_size = image_size
+        #: The (height, width) of every item.
+        self.size: tuple[int, int] = (height, width)
         self.transform = segmentation_augmentation(square=height == width) if augment else None
         self.seed = seed
         #: The epoch whose augmentations `__getitem__` draws (see `set_epoch`).
