@@ -141,27 +141,27 @@ def test_a_changed_folder_invalidates_the_index(tmp_path, monkeypatch, change):
             SegmentationStream(data, index_dir=tmp_path / "index")
 
 
-# A data folder of 10 images, 8 augmented training images in 4 steps of 2 per epoch (FOLDER of
-# test_kill_resume), streamed by 2 workers, a step checkpoint every 3 steps.
-STREAMED = ["--arch", "UNet", "--image-size", "16", "--batch-size", "2", "--epochs", "2", "--precision", "32",
+# A data folder of 10 images, 8 augmented training images in 4 steps of 2 (FOLDER of test_kill_resume,
+# one epoch), streamed by 2 workers, a step checkpoint every 2 steps.
+STREAMED = ["--arch", "UNet", "--image-size", "16", "--batch-size", "2", "--epochs", "1", "--precision", "32",
             "--channels-last", "off", "--seed", "2", "--workers", "2", "--data-mode", "stream",
-            "--checkpoint-every", "3"]
+            "--checkpoint-every", "2"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 def test_a_streaming_run_killed_mid_epoch_with_workers_resumes_bit_identical(tmp_path_factory, tmp_path):
-    """SIGKILL at step 7 (epoch 2, batch 3), after the step-6 checkpoint, with 2 workers decoding
-    the streamed folder: the resumed run starts at batch 3 of epoch 2 and ends bit-identical to an
+    """SIGKILL at step 3 (batch 3 of 4), after the step-2 checkpoint, with 2 workers decoding the
+    streamed folder: the resumed run starts at batch 3 and ends bit-identical to an
     uninterrupted streaming run (checkpoints, curves, metrics.csv); config.json records the mode."""
     data = SyntheticNuclei(10, image_size=16, seed=1).save(tmp_path / "data")
     options = [*STREAMED, "--data", str(data)]
     reference = uninterrupted_run(tmp_path_factory, options)
     run_dir = tmp_path / "run"
-    run = Run(["step:7", *options, "--log-dir", str(run_dir)], code=HOLD)
-    run.wait_for(lambda: "held at step" in run.stderr, "step 7")
+    run = Run(["step:3", *options, "--log-dir", str(run_dir)], code=HOLD)
+    run.wait_for(lambda: "held at step" in run.stderr, "step 3")
     assert run.stop() == -signal.SIGKILL
     position = load_checkpoint(run_dir / "last.pt")["position"]
-    assert (position["epoch"], position["batches"]) == (1, 2)
+    assert (position["epoch"], position["batches"]) == (0, 2)
     assert json.loads((run_dir / "config.json").read_text())["data_mode"] == "stream"
 
     run = Run(["--resume", str(run_dir)])
@@ -192,7 +192,7 @@ def test_two_gloo_processes_read_disjoint_files(tmp_path):
     script.write_text(RECORD_DECODES)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                str(tmp_path), "--data", str(data), "--data-mode", "stream", "--arch", "UNet", "--image-size", "16",
-               "--batch-size", "2", "--epochs", "1", "--precision", "32", "--channels-last", "off",
+               "--batch-size", "5", "--epochs", "1", "--precision", "32", "--channels-last", "off",
                "--log-dir", str(tmp_path / "run")]
     result = subprocess.run(command, cwd=ROOT, env=checkout_env(OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=240)
@@ -203,6 +203,6 @@ def test_two_gloo_processes_read_disjoint_files(tmp_path):
     # images), then trains and validates on its shard; rank 1 only trains and validates on its own.
     checked, fixed, shard0 = images[0][:12], images[0][12:14], images[0][14:]
     assert sorted(checked) == sorted(p.name for p in (data / "images").iterdir())
-    assert len(fixed) == 2 and len(shard0) == len(images[1]) == 5 + 1  # 10 training, 2 validation images
+    assert len(fixed) == 2 and len(shard0) == len(images[1]) == 5 + 1  # of 10 training images (batch 5), 2 validation
     assert not set(shard0) & set(images[1])
     assert set(shard0) | set(images[1]) == set(checked)
