@@ -16,13 +16,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainer_datasets import SyntheticNuclei, split_segmentation
+from trainer_datasets.segmentation_stream import DATA_MODES
 from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
 from recipes.cli import CommandLine
@@ -36,6 +37,7 @@ from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_dev
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
+from trainer.distributed import is_rank_zero
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -86,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="built-in data only: validation images (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="data-loading worker processes for --data folders (default: %(default)s)")
+    parser.add_argument("--data-mode", choices=DATA_MODES, default="auto",
+                        help="--data folders: memory decodes every image up front, stream checks them once (an index "
+                             "in the cache folder) and decodes each in the loader's workers, auto streams folders "
+                             "over 1 GiB decoded; both give the same batches, and a resumed run may change it "
+                             "(default: %(default)s)")
     add_run_options(parser, RUNS_ROOT)
     return parser
 
@@ -130,14 +137,14 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
         return materialize(train), materialize(val), list(BUILTIN_CLASSES)
     try:
         train, val = split_segmentation(config["data"], val_fraction=config["val_fraction"], seed=config["seed"],
-                                        image_size=config["image_size"])
+                                        image_size=config["image_size"], mode=config.get("data_mode", "auto"))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    image, mask = train[0]
-    if image.shape[-1] % SIDE_MULTIPLE or image.shape[-2] % SIDE_MULTIPLE:
+    height, width = train.size  # known without decoding an image (a streamed one is decoded in its shard only)
+    if width % SIDE_MULTIPLE or height % SIDE_MULTIPLE:
         raise UsageError(
-            f"images of {config['data']!r} are {image.shape[-2]}x{image.shape[-1]}; the U-Nets need sides that are "
-            f"multiples of {SIDE_MULTIPLE}: pass --image-size (e.g. {nearest_multiple(image.shape[-1])})"
+            f"images of {config['data']!r} are {height}x{width}; the U-Nets need sides that are "
+            f"multiples of {SIDE_MULTIPLE}: pass --image-size (e.g. {nearest_multiple(width)})"
         )
     return train, val, list(train.classes)
 
@@ -204,6 +211,8 @@ class NestedUNetConfig(RunConfig):
         train_samples: training images of the built-in data.
         val_samples: validation images of the built-in data.
         workers: data-loading worker processes for a folder.
+        data_mode: ``memory``, ``stream`` or ``auto`` (see `split_segmentation`); a resumed run may
+            change it (runs from before it read their folder as ``auto``).
         classes: the mask classes, recorded by the first `build`.
         data_files: the data folder's fingerprint (see `recipes.run_checks.data_files`), recorded by
             the first `build` with ``--data``.
@@ -222,8 +231,11 @@ class NestedUNetConfig(RunConfig):
     train_samples: int
     val_samples: int
     workers: int
+    data_mode: str = "auto"
     classes: list[str] | None = None
     data_files: dict[str, int] | None = None
+
+    RESUMABLE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUMABLE, "data_mode")
 
 
 @dataclass(kw_only=True)
@@ -247,13 +259,15 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
 
     def new_config(self, command: CommandLine) -> NestedUNetConfig:
         args, given = command.args, command.given
-        ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers")
+        ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers",
+                                                                                  "data_mode")
         refused = [given[dest] for dest in ignored if dest in given]
         if refused:
             source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
             raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
                              f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
-                             "--val-samples size the built-in data; --val-fraction and --workers apply to --data)")
+                             "--val-samples size the built-in data; --val-fraction, --workers and --data-mode apply "
+                             "to --data)")
         config = super().new_config(command)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
@@ -281,7 +295,13 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
                                   worker_init_fn=ignore_stop_signals)
         val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin,
                                 worker_init_fn=ignore_stop_signals)
-        fixed = next(iter(DataLoader(val_set, batch_size=8)))
+        if is_rank_zero():
+            fixed = next(iter(DataLoader(val_set, batch_size=8)))
+        else:  # only rank 0 draws and logs it (and chooses the precision): the others need its shape, no files read
+            image, mask = val_set[0] if config["data"] is None else (torch.zeros(3, *val_set.size),
+                                                                     torch.zeros(len(classes), *val_set.size))
+            count = min(8, len(val_set))
+            fixed = [image.new_zeros(count, *image.shape), mask.new_zeros(count, *mask.shape)]
         metrics = {"iou": iou, "dice": dice}
         if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
             metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})

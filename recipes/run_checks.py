@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from recipes.errors import UsageError
+from trainer_datasets.fingerprint import data_files  # noqa: F401 - the fingerprint recipes record
 
 
 def check_recipe_config(config: Any, keys: Iterable[str], source: str | os.PathLike, recipe: str) -> None:
@@ -111,19 +112,6 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
                             if isinstance(value, float) and not isinstance(value, bool))
         raise UsageError(f"{type(optimizer).__name__} cannot train with {numbers}: {exc}; choose smaller values "
                          f"(e.g. a lower --lr)") from None
-
-
-def data_files(root: str | os.PathLike, files: Iterable[str | os.PathLike]) -> dict[str, int]:
-    """The fingerprint of the data a run reads: ``{path relative to root: size in bytes}``,
-    sorted. (Sizes, not modification times: a folder copied to another machine keeps its sizes.)
-
-    Args:
-        root: the data folder.
-        files: the files the run reads, inside `root`.
-    """
-    root = Path(root)
-    return {str(Path(file).relative_to(root).as_posix()): Path(file).stat().st_size
-            for file in sorted(map(Path, files))}
 
 
 def check_same_data(saved: Mapping[str, int], current: Mapping[str, int], root: str | os.PathLike,

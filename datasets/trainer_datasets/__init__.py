@@ -15,6 +15,7 @@ from trainer_datasets.segmentation_folder import (
     split_segmentation,
     write_segmentation_folder,
 )
+from trainer_datasets.segmentation_stream import SegmentationStream
 from trainer_datasets.synthetic import SyntheticNuclei
 from trainer_datasets.tensor_loader import TensorBatchLoader
 from trainer_datasets.transforms import RandomRot90, segmentation_augmentation
@@ -27,6 +28,7 @@ __all__ = [
     "RandomRot90",
     "SYSTEM_FILES",
     "SegmentationFolder",
+    "SegmentationStream",
     "SyntheticNuclei",
     "TensorBatchLoader",
     "is_image_file",

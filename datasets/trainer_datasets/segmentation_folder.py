@@ -170,6 +170,8 @@ class SegmentationFolder(Dataset):
         self.num_classes = len(self.classes)
         self.image_size = image_size
         self.images, self.masks = _load_all(layout, ids, image_size)
+        #: The (height, width) of every item.
+        self.size: tuple[int, int] = (int(self.images.shape[-2]), int(self.images.shape[-1]))
         square = self.images.shape[-1] == self.images.shape[-2]
         self.transform = segmentation_augmentation(square=square) if augment else None
         self.seed = seed
@@ -184,16 +186,47 @@ class SegmentationFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.images[index], self.masks[index]
-        if self.transform is not None:
-            with global_stream(self.seed, self.epoch, index):
-                image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-            image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        return image.float().div_(255), mask.float()
+        return make_item(self.images[index], self.masks[index], self.transform, self.seed, self.epoch, index)
 
     def image_file(self, index: int) -> Path:
         """The image file of item `index`."""
         return self.layout.images[self.ids[index]]
+
+
+def make_item(image: torch.Tensor, mask: torch.Tensor, transform: Any, seed: int, epoch: int,
+              index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The item a segmentation dataset gives for a decoded sample: float32 image in [0, 1] and
+    float32 mask, augmented by `transform` (if any) with the draws of ``(seed, epoch, index)``.
+
+    Args:
+        image: the uint8 (3, H, W) image, as `load_sample` decodes it.
+        mask: the uint8 (C, H, W) mask, as `load_sample` decodes it.
+        transform: a joint image/mask transform (`segmentation_augmentation`), or None.
+        seed: the dataset's seed.
+        epoch: the epoch whose draws to use.
+        index: the item's index in its dataset.
+    """
+    if transform is not None:
+        with global_stream(seed, epoch, index):
+            image, mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+    return image.float().div_(255), mask.float()
+
+
+def mixed_sizes_error(first_file: Path, first_size: Sequence[int], image_file: Path,
+                      size: Sequence[int]) -> DatasetError:
+    """The error for images of different sizes loaded without an image size.
+
+    Args:
+        first_file: the first image, of size `first_size` (H, W).
+        first_size: its size.
+        image_file: an image of another size.
+        size: that image's size (H, W).
+    """
+    return DatasetError(
+        f"images have different sizes: {first_file} is {_hw(first_size)} but {image_file} is "
+        f"{_hw(size)}; pass an image size (e.g. image_size=96) to resize all images to one square size"
+    )
 
 
 def split_segmentation(
@@ -203,7 +236,9 @@ def split_segmentation(
     image_size: int | None = None,
     augment_train: bool = True,
     num_classes: int | None = None,
-) -> tuple[SegmentationFolder, SegmentationFolder]:
+    mode: str = "auto",
+    index_dir: str | os.PathLike | None = None,
+) -> tuple[Dataset, Dataset]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
     When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
@@ -219,7 +254,15 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
         image_size: resize every image and mask to this square size (see `SegmentationFolder`).
         augment_train: augment the training set (`segmentation_augmentation`).
         num_classes: if given, the number of mask classes the folder must have.
+        mode: ``"memory"`` (`SegmentationFolder`: every sample decoded up front), ``"stream"``
+            (`SegmentationStream`: checked once, indexed, decoded per item) or ``"auto"``: stream
+            when the decoded folder would take more than
+            `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
+            same items, split and errors.
+        index_dir: where streaming keeps its index files (default: the project's cache folder).
     """
+    from trainer_datasets.segmentation_stream import SegmentationStream, choose_data_mode, segmentation_index
+
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
     root = Path(root)
@@ -231,21 +274,33 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
                 f"found {train_dir if missing is val_dir else val_dir} but not {missing}; give both "
                 f"train/ and val/ sub-folders, or neither to split {root} at random"
             )
-        train = SegmentationFolder(train_dir, image_size, augment_train, num_classes, seed=seed)
-        val = SegmentationFolder(val_dir, image_size, False, num_classes)
+        layouts = [scan_segmentation_folder(d) for d in (train_dir, val_dir)] if mode == "auto" else []
+        if choose_data_mode(mode, layouts, image_size) == "stream":
+            train = SegmentationStream(train_dir, image_size, augment_train, num_classes, seed=seed,
+                                       index_dir=index_dir)
+            val = SegmentationStream(val_dir, image_size, False, num_classes, index_dir=index_dir)
+        else:
+            train = SegmentationFolder(train_dir, image_size, augment_train, num_classes, seed=seed)
+            val = SegmentationFolder(val_dir, image_size, False, num_classes)
         if train.classes != val.classes:
             raise DatasetError(
                 f"{train_dir / 'masks'} has classes {train.classes} but {val_dir / 'masks'} has {val.classes}"
             )
         return train, val
 
-    ids = scan_segmentation_folder(root).ids
+    layout = scan_segmentation_folder(root) if mode != "stream" else None
+    index = segmentation_index(root, index_dir) if choose_data_mode(
+        mode, [layout] if layout is not None else [], image_size) == "stream" else None
+    ids = index.ids if index is not None else layout.ids  # type: ignore[union-attr]
     if len(ids) < 2:
         raise DatasetError(f"{root / 'images'} has {len(ids)} image(s); a train/val split needs at least 2")
     num_val = min(max(1, round(len(ids) * val_fraction)), len(ids) - 1)
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     val_ids = sorted(ids[i] for i in order[:num_val])
     train_ids = sorted(ids[i] for i in order[num_val:])
+    if index is not None:
+        return (SegmentationStream(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, index=index),
+                SegmentationStream(root, image_size, False, num_classes, ids=val_ids, index=index))
     train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed)
     val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids)
     return train, val
@@ -337,10 +392,7 @@ def _load_all(
             if first is None:
                 first = (image_file, size)
             elif size != first[1]:
-                raise DatasetError(
-                    f"images have different sizes: {first[0]} is {_hw(first[1])} but {image_file} is "
-                    f"{_hw(size)}; pass an image size (e.g. image_size=96) to resize all images to one square size"
-                )
+                raise mixed_sizes_error(first[0], first[1], image_file, size)
         images.append(image)
         masks.append(mask)
     return torch.stack(images), torch.stack(masks)
