@@ -2,8 +2,9 @@
 
 from models.blocks import SIDE_MULTIPLE, VGGBlock, nearest_multiple
 from models.cnn import CNN, FashionCNN
-from models.losses import BCEDiceLoss, DeepSupervisionLoss
-from models.metrics import accuracy, class_iou, dice, iou
+from models.losses import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
+from models.metrics import (accuracy, class_iou, confusion_iou, confusion_matrix, dice, iou, label_class_iou,
+                            label_iou)
 from models.nested_unet import NestedUNet
 from models.predict import predict_batch, predict_image
 from models.unet import UNet
@@ -12,6 +13,7 @@ __all__ = [
     "CNN",
     "SIDE_MULTIPLE",
     "BCEDiceLoss",
+    "CEDiceLoss",
     "DeepSupervisionLoss",
     "FashionCNN",
     "NestedUNet",
@@ -19,8 +21,12 @@ __all__ = [
     "VGGBlock",
     "accuracy",
     "class_iou",
+    "confusion_iou",
+    "confusion_matrix",
     "dice",
     "iou",
+    "label_class_iou",
+    "label_iou",
     "nearest_multiple",
     "predict_batch",
     "predict_image",

@@ -1,4 +1,5 @@
-"""Segmentation losses: BCE + soft Dice, and a wrapper for deep-supervision outputs."""
+"""Segmentation losses: BCE + soft Dice (binary or multi-label masks), cross-entropy + soft Dice
+(label maps of exclusive classes), and a wrapper for deep-supervision outputs."""
 
 from __future__ import annotations
 
@@ -52,6 +53,53 @@ class BCEDiceLoss(nn.Module):
             probs.sum(1) + flat_targets.sum(1) + self.smooth
         )
         return self.bce_weight * bce + (1.0 - dice.mean())
+
+
+class CEDiceLoss(nn.Module):
+    """``ce_weight * cross-entropy + (1 - soft Dice)`` for label maps: exactly one class per pixel.
+
+    Logits are (N, K, H, W) and targets (N, H, W) class indices; pixels whose target is
+    `ignore_index` count for neither term (a batch of ignored pixels only gives 0). The soft Dice
+    is computed per image and class on the softmax probabilities of the counted pixels,
+    ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, then averaged over the batch and
+    the classes. Everything is computed in float32, also for bfloat16/float16 logits.
+
+    Args:
+        ignore_index: the target value of pixels of no class.
+        ce_weight: weight of the cross-entropy term.
+        smooth: added to the Dice numerator and denominator; keeps absent classes finite.
+    """
+
+    def __init__(self, ignore_index: int = 255, ce_weight: float = 0.5, smooth: float = 1.0) -> None:
+        super().__init__()
+        if ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
+        if smooth < 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth!r}")
+        self.ignore_index = int(ignore_index)
+        self.ce_weight = float(ce_weight)
+        self.smooth = float(smooth)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the loss of (N, K, ...) `logits` against (N, ...) integer `targets` (0-dim)."""
+        if logits.dim() < 2 or logits.shape[:1] + logits.shape[2:] != targets.shape:
+            raise ValueError(
+                f"{type(self).__name__}: expected logits (N, K, H, W) and class indices (N, H, W), got "
+                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
+        if targets.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: targets must be integer class indices, got {targets.dtype}")
+        logits = logits.float()
+        counted = targets != self.ignore_index
+        # Ignored pixels leave the mean's numerator and denominator alike; none counted gives 0, not NaN.
+        ce = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum") / counted.sum().clamp(min=1)
+        num_classes = logits.shape[1]
+        probs = torch.softmax(logits, dim=1).flatten(2) * counted.flatten(1).unsqueeze(1)
+        one_hot = F.one_hot(torch.where(counted, targets, 0).flatten(1), num_classes).transpose(1, 2)
+        one_hot = one_hot * counted.flatten(1).unsqueeze(1)
+        intersection = (probs * one_hot).sum(2)
+        dice = (2.0 * intersection + self.smooth) / (probs.sum(2) + one_hot.sum(2) + self.smooth)
+        return self.ce_weight * ce + (1.0 - dice.mean())
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -105,6 +105,83 @@ def class_iou(index: int, threshold: float = 0.5) -> Metric:
     return metric
 
 
+def confusion_matrix(
+    predictions: Predictions, targets: torch.Tensor, num_classes: int | None = None, ignore_index: int = 255
+) -> torch.Tensor:
+    """Pixel counts (K, K) of a label-map batch: row = true class, column = predicted class.
+
+    The predicted class is the argmax of the logits; pixels whose target is `ignore_index` are
+    left out, so they change no count. Counts are int64 on the predictions' device.
+
+    Args:
+        predictions: logits (N, K, H, W), or a list of them (the last is scored).
+        targets: class indices (N, H, W), with `ignore_index` for pixels of no class.
+        num_classes: K (default: the logits' channels).
+        ignore_index: the target value of pixels of no class.
+    """
+    logits = _final(predictions)
+    if logits.dim() < 2 or logits.shape[:1] + logits.shape[2:] != targets.shape:
+        raise ValueError(
+            f"confusion_matrix: expected logits (N, K, H, W) and class indices (N, H, W), got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    k = logits.shape[1] if num_classes is None else num_classes
+    counted = targets != ignore_index
+    truth = targets[counted].long()
+    predicted = logits.argmax(1)[counted]
+    return torch.bincount(truth * k + predicted, minlength=k * k)[: k * k].view(k, k)
+
+
+def confusion_iou(matrix: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU (K,) of a confusion matrix (`confusion_matrix`): true positives over
+    true + predicted - true positives. A class absent from both truth and prediction scores 1,
+    as in `iou`.
+
+    Args:
+        matrix: (K, K) counts, row = true class, column = predicted class.
+    """
+    matrix = matrix.float()
+    hits = matrix.diagonal()
+    union = matrix.sum(0) + matrix.sum(1) - hits
+    return torch.where(union > 0, hits / union.clamp(min=1), 1.0)
+
+
+def label_iou(ignore_index: int = 255) -> Metric:
+    """A metric for label maps: the mean over the K classes of each class's IoU, from the
+    batch's confusion matrix (`confusion_matrix`, `confusion_iou`), ignored pixels left out.
+
+    Args:
+        ignore_index: the target value of pixels of no class.
+    """
+
+    def metric(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
+        return confusion_iou(confusion_matrix(predictions, targets, ignore_index=ignore_index)).mean()
+
+    metric.__name__ = "label_iou"
+    return metric
+
+
+def label_class_iou(index: int, ignore_index: int = 255) -> Metric:
+    """A metric for label maps: the IoU of class `index` alone, from the batch's confusion
+    matrix, ignored pixels left out; e.g. ``metrics={"iou": label_iou(), "iou_rim": label_class_iou(2)}``.
+
+    Args:
+        index: the class.
+        ignore_index: the target value of pixels of no class.
+    """
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"class index must be an integer >= 0, got {index!r}")
+
+    def metric(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
+        matrix = confusion_matrix(predictions, targets, ignore_index=ignore_index)
+        if index >= matrix.shape[0]:
+            raise ValueError(f"label_class_iou({index}): the predictions have {matrix.shape[0]} class channel(s)")
+        return confusion_iou(matrix)[index]
+
+    metric.__name__ = f"label_class_iou_{index}"
+    return metric
+
+
 def accuracy(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of samples whose argmax over the class logits equals the label.
 

@@ -46,6 +46,8 @@ def default_overlap(tile: int) -> int:
 
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
+#: How logits become probabilities: per class (binary, multi-label) or across the classes (label maps).
+ACTIVATIONS = ("sigmoid", "softmax")
 
 
 def to_model_input(image: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
@@ -182,6 +184,7 @@ def predict_batch(
     precision: str = "32",
     channels_last: bool = False,
     progress: Callable[[int], None] | None = None,
+    activation: str = "sigmoid",
 ) -> torch.Tensor:
     """Per-class probabilities of a batch of same-sized inputs, at the inputs' size.
 
@@ -207,10 +210,14 @@ def predict_batch(
             autocast), e.g. what the model was trained with.
         channels_last: feed the model channels-last inputs (convert the model too, for speed).
         progress: called after each forward pass with the number of windows it predicted.
+        activation: ``"sigmoid"`` (each class on its own: binary or multi-label masks) or
+            ``"softmax"`` (exclusive classes: label maps; the K probabilities of a pixel sum to 1).
 
     Returns:
-        float32 probabilities (N, K, H, W) in [0, 1] (sigmoid of the logits).
+        float32 probabilities (N, K, H, W) in [0, 1] (the activation of the logits).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"expected a float batch (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}")
     _check_positive("tile", tile)
@@ -236,7 +243,8 @@ def predict_batch(
         for first in range(0, len(windows), per_pass):
             chunk = windows[first:first + per_pass]
             crops = [padded[n, :, rows[y]:rows[y] + window[0], cols[x]:cols[x] + window[1]] for n, y, x in chunk]
-            probabilities = _forward(model, torch.stack(crops), device, precision, channels_last).to(images.device)
+            probabilities = _forward(model, torch.stack(crops), device, precision, channels_last,
+                                     activation).to(images.device)
             if result is None:
                 result = images.new_zeros((count, probabilities.shape[1], *padded.shape[-2:]), dtype=torch.float32)
             for (n, y, x), probability in zip(chunk, probabilities):
@@ -261,6 +269,7 @@ def predict_image(
     overlap: int | None = None,
     precision: str = "32",
     channels_last: bool = False,
+    activation: str = "sigmoid",
 ) -> torch.Tensor:
     """Per-class probabilities of one image, at the image's own size.
 
@@ -278,6 +287,7 @@ def predict_image(
             `default_overlap`).
         precision: ``"32"``, ``"bf16"`` or ``"16-mixed"`` (autocast dtype of the forward pass).
         channels_last: feed the model channels-last inputs.
+        activation: ``"sigmoid"`` (binary or multi-label) or ``"softmax"`` (label maps).
 
     Returns:
         float32 probabilities (K, H, W) in [0, 1], K the model's classes, on the image's device.
@@ -286,12 +296,12 @@ def predict_image(
         raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
     inputs = to_model_input(image, image_size)[None]
     probabilities = predict_batch(model, inputs, tile=tile, overlap=overlap, precision=precision,
-                                  channels_last=channels_last)[0]
+                                  channels_last=channels_last, activation=activation)[0]
     return restore_size(probabilities, tuple(image.shape[-2:]))
 
 
 def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precision: str,
-             channels_last: bool) -> torch.Tensor:
+             channels_last: bool, activation: str = "sigmoid") -> torch.Tensor:
     batch = batch.to(device, non_blocking=True)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -300,6 +310,8 @@ def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precis
     with autocast:
         output = model(batch)
     logits = output[-1] if isinstance(output, (list, tuple)) else output
+    if activation == "softmax":
+        return logits.float().softmax(dim=1).contiguous()
     return logits.float().sigmoid_().contiguous()
 
 

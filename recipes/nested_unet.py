@@ -6,7 +6,9 @@
     python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR   # see predict --help
 
 `--data` takes the folder layout <root>/images/<id>.png with <root>/masks/<class>/<id>.png
-(or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders.
+(or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders. Masks are binary
+(sigmoid per class) unless the folder has a classes.txt or --mask-mode labels is given: then
+masks/<id>.png are label maps of class indices (softmax, cross-entropy + Dice, --ignore-index).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainer_datasets import SyntheticNuclei, split_segmentation
+from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
 from trainer_datasets.segmentation_stream import DATA_MODES
-from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
-                    nearest_multiple)
+from models import (SIDE_MULTIPLE, BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
+                    label_class_iou, label_iou, nearest_multiple)
 from recipes.cli import CommandLine
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError, add_run_options,
                             device_option, fraction, lock_run_dir, non_negative_float, non_negative_int,
@@ -34,8 +36,8 @@ from recipes.prediction import (add_prediction_options, check_images, check_outp
                                 data_folder_above, inference_precision, predict_folder)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
 from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
-from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
-                               TensorBoardCallback)
+from trainer.callbacks import (ConfusionMatrixCallback, GraphCallback, ImageGridCallback, PredictionFigureCallback,
+                               ProgressBar, TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
 
@@ -86,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="built-in data only: training images (default: %(default)s)")
     parser.add_argument("--val-samples", type=positive_int, default=BUILTIN_VAL_SAMPLES,
                         help="built-in data only: validation images (default: %(default)s)")
+    parser.add_argument("--mask-mode", choices=MASK_MODES, default="auto",
+                        help="what --data's masks are: binary masks, one per class folder (each class its own "
+                             "sigmoid: multi-label) or directly in masks/; or labels: masks/<id>.png label maps of "
+                             "class indices (grey or palette PNG), exclusive classes (softmax); auto: labels when "
+                             "the folder has a classes.txt, else binary (default: %(default)s)")
+    parser.add_argument("--ignore-index", type=non_negative_int, default=IGNORE_INDEX,
+                        help="label maps: the value of pixels of no class, left out of loss and metrics "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="data-loading worker processes for --data folders (default: %(default)s)")
     parser.add_argument("--data-mode", choices=DATA_MODES, default="auto",
@@ -103,7 +113,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
         prog="python -m recipes.nested_unet predict",
         description="Write a probability map and a binary mask PNG per image, at the image's own size: "
                     "<out>/<id>_prob.png and <out>/<id>_mask.png, or with several classes "
-                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png. Images of any size, grey, RGB or "
+                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png; for a run trained on label maps, a "
+                    "label map <out>/<id>.png (palette PNG, index = class) and, with --probabilities, "
+                    "<out>/<class>/<id>_prob.png. Images of any size, grey, RGB or "
                     "RGBA, 8 or 16 bits, are predicted at the scale the checkpoint was trained at (--scale), "
                     "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
                     "first: unreadable files are all named in one error and nothing is written. Existing outputs "
@@ -116,7 +128,12 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that --out holds already (default: refuse, naming the first, "
                              "before anything is written)")
-    parser.add_argument("--threshold", type=fraction, default=0.5, help="probability of foreground (default: 0.5)")
+    parser.add_argument("--threshold", type=fraction, default=0.5,
+                        help="binary masks: probability of foreground (default: 0.5); label maps take the most "
+                             "probable class")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="label maps: also write each class's probability map, <out>/<class>/<id>_prob.png "
+                             "(binary masks always have theirs)")
     parser.add_argument("--device", type=device_option, default="auto",
                         help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add_prediction_options(parser)
@@ -128,7 +145,8 @@ BUILTIN_CLASSES = ["nucleus"]
 
 def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
     """Training and validation sets and the names of the mask classes (the class folders, in
-    order; ``mask`` for masks directly in masks/); bad data is a UsageError."""
+    order; ``mask`` for masks directly in masks/; label maps: their classes.txt or indices); bad
+    data is a UsageError. The sets' ``mask_mode`` says whether they hold binary masks or label maps."""
     if config["data"] is None:
         size = config["image_size"]
         train = SyntheticNuclei(config["train_samples"], image_size=size, seed=config["seed"])
@@ -137,7 +155,9 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
         return materialize(train), materialize(val), list(BUILTIN_CLASSES)
     try:
         train, val = split_segmentation(config["data"], val_fraction=config["val_fraction"], seed=config["seed"],
-                                        image_size=config["image_size"], mode=config.get("data_mode", "auto"))
+                                        image_size=config["image_size"], mode=config.get("data_mode", "auto"),
+                                        mask_mode=config.get("mask_mode", "auto"),
+                                        ignore_index=config.get("ignore_index", IGNORE_INDEX))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     height, width = train.size  # known without decoding an image (a streamed one is decoded in its shard only)
@@ -213,6 +233,11 @@ class NestedUNetConfig(RunConfig):
         workers: data-loading worker processes for a folder.
         data_mode: ``memory``, ``stream`` or ``auto`` (see `split_segmentation`); a resumed run may
             change it (runs from before it read their folder as ``auto``).
+        mask_mode: what a folder's masks are: ``auto``, ``binary`` or ``labels`` (see
+            `trainer_datasets.segmentation_folder`).
+        ignore_index: label maps: the value of pixels of no class.
+        mask_type: ``binary`` or ``labels``, what the data turned out to hold, recorded by the
+            first `build`.
         classes: the mask classes, recorded by the first `build`.
         data_files: the data folder's fingerprint (see `recipes.run_checks.data_files`), recorded by
             the first `build` with ``--data``.
@@ -232,6 +257,9 @@ class NestedUNetConfig(RunConfig):
     val_samples: int
     workers: int
     data_mode: str = "auto"
+    mask_mode: str = "auto"
+    ignore_index: int = IGNORE_INDEX
+    mask_type: str | None = None
     classes: list[str] | None = None
     data_files: dict[str, int] | None = None
 
@@ -259,15 +287,15 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
 
     def new_config(self, command: CommandLine) -> NestedUNetConfig:
         args, given = command.args, command.given
-        ignored = ("train_samples", "val_samples") if args.data is not None else ("val_fraction", "workers",
-                                                                                  "data_mode")
+        ignored = (("train_samples", "val_samples") if args.data is not None
+                   else ("val_fraction", "workers", "data_mode", "mask_mode", "ignore_index"))
         refused = [given[dest] for dest in ignored if dest in given]
         if refused:
             source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
             raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
                              f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
-                             "--val-samples size the built-in data; --val-fraction, --workers and --data-mode apply "
-                             "to --data)")
+                             "--val-samples size the built-in data; --val-fraction, --workers, --data-mode, "
+                             "--mask-mode and --ignore-index apply to --data)")
         config = super().new_config(command)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
@@ -282,6 +310,10 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         if config.setdefault("classes", classes) != classes:
             raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now "
                              f"has {classes}")
+        mask_type = getattr(train_set, "mask_mode", "binary")  # the built-in data has binary masks
+        if config.setdefault("mask_type", mask_type) != mask_type:
+            raise UsageError(f"the run was trained on {config['mask_type']} masks, but {config['data']} now holds "
+                             f"{mask_type} masks")
         model = build_model(config, len(classes))
         optimizer, scheduler = build_optimizer(config, model, device)
         workers = config["workers"] if config["data"] is not None else 0
@@ -298,14 +330,23 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         if is_rank_zero():
             fixed = next(iter(DataLoader(val_set, batch_size=8)))
         else:  # only rank 0 draws and logs it (and chooses the precision): the others need its shape, no files read
-            image, mask = val_set[0] if config["data"] is None else (torch.zeros(3, *val_set.size),
-                                                                     torch.zeros(len(classes), *val_set.size))
+            labels = mask_type == "labels"
+            image, mask = val_set[0] if config["data"] is None else (
+                torch.zeros(3, *val_set.size),
+                torch.zeros(*val_set.size, dtype=torch.long) if labels else torch.zeros(len(classes), *val_set.size))
             count = min(8, len(val_set))
             fixed = [image.new_zeros(count, *image.shape), mask.new_zeros(count, *mask.shape)]
-        metrics = {"iou": iou, "dice": dice}
-        if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
-            metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
-        return SegmentationParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
+        if mask_type == "labels":  # exclusive classes: softmax; ignored pixels count nowhere
+            ignore = config["ignore_index"]
+            loss: nn.Module = CEDiceLoss(ignore_index=ignore)
+            metrics = {"iou": label_iou(ignore)}
+            metrics.update({f"iou_{name}": label_class_iou(index, ignore) for index, name in enumerate(classes)})
+        else:
+            loss = BCEDiceLoss()
+            metrics = {"iou": iou, "dice": dice}
+            if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
+                metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
+        return SegmentationParts(model=model, loss_fn=DeepSupervisionLoss(loss), optimizer=optimizer,
                                  train_loader=train_loader, val_loader=val_loader, metrics=metrics,
                                  example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
                                  scheduler=scheduler, fixed=fixed)
@@ -317,13 +358,18 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
         if len(classes) > 1:
             tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
+        ignore = config.get("ignore_index", IGNORE_INDEX)
+        confusion = ([ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
+                     if config.get("mask_type") == "labels" else [])
         return [
             TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
                                 hparams={key: value for key, value in config.items() if key != "data_files"}),
-            ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True),
+            ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True,
+                              ignore_index=ignore),
             GraphCallback(run_dir, example=fixed[0][:2]),
             PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
-                                     stretch=True),
+                                     stretch=True, ignore_index=ignore),
+            *confusion,
             ProgressBar(log_every=5),
         ]
 
@@ -385,7 +431,8 @@ def predict(argv: list[str]) -> int:
         raise UsageError(f"--out {args.out!r} is not writable")
     model, config = load_trained_model(args.checkpoint, args.device)
     files = check_images(args.images)
-    check_outputs(out, files, config["classes"], args.overwrite)
+    labels = config.get("mask_type") == "labels"
+    check_outputs(out, files, config["classes"], args.overwrite, labels, args.probabilities)
 
     if args.image_size is not None:
         image_size, scale = args.image_size, f"every image resized to {args.image_size}x{args.image_size} (--image-size)"
@@ -404,12 +451,16 @@ def predict(argv: list[str]) -> int:
     except OSError as exc:
         raise UsageError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from None
     with lock_run_dir(out, f"--out {args.out!r}"):
-        check_outputs(out, files, config["classes"], args.overwrite)  # again: another command may have written
+        check_outputs(out, files, config["classes"], args.overwrite, labels,  # again: another command may have written
+                      args.probabilities)
         print(f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
               f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}", flush=True)
         predict_folder(model, files, out, config["classes"], image_size, tile=args.tile, overlap=args.overlap,
-                       precision=precision, channels_last=channels_last, threshold=args.threshold)
-    print(f"wrote {len(files)} probability maps and masks to {out}")
+                       precision=precision, channels_last=channels_last, threshold=args.threshold, labels=labels,
+                       probabilities=args.probabilities)
+    what = ("label maps" + (" and probability maps" if args.probabilities else "")) if labels else \
+        "probability maps and masks"
+    print(f"wrote {len(files)} {what} to {out}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The segmentation recipe's ``predict`` command: check a folder of images, predict them at the
 scale the model learned (large ones in blended tiles, same-sized ones batched) and write a
-probability map and a mask per image and class."""
+probability map and a mask per image and class, or for label maps one label map per image (and
+each class's probability map on request)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from models.predict import (DEFAULT_OVERLAP, DEFAULT_TILE, count_windows, defaul
 from recipes.common import UsageError, non_negative_int, positive_int
 from trainer.checkpoint import temporary_path
 from trainer.precision import native_bf16
-from trainer_datasets import DatasetError, is_image_file, is_system_file, not_regular, read_image_rgb, write_png_file
+from trainer_datasets import (DatasetError, is_image_file, is_system_file, not_regular, read_image_rgb, write_label_map,
+                              write_png_file)
 
 #: Errors the image reader raises for a file it cannot use.
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
@@ -162,9 +164,12 @@ def predict_folder(
     precision: str = "32",
     channels_last: bool = False,
     threshold: float = 0.5,
+    labels: bool = False,
+    probabilities: bool = False,
 ) -> None:
     """Predict `files` and write each one's probability maps and masks into `out` (see
-    `write_prediction`), with a tqdm bar counting tiles. A failed write (a full disk) is a
+    `write_prediction`), or for a model trained on label maps each one's label map (see
+    `write_label_prediction`), with a tqdm bar counting tiles. A failed write (a full disk) is a
     `UsageError` naming the file and how many images' outputs are complete.
 
     Args:
@@ -178,6 +183,9 @@ def predict_folder(
         precision: ``"32"``, ``"bf16"`` or ``"16-mixed"`` autocast.
         channels_last: feed channels-last inputs.
         threshold: probability above which a pixel is foreground in the mask.
+        labels: the model predicts exclusive classes (trained on label maps): softmax, and a
+            label map of the most probable class per pixel.
+        probabilities: with `labels`, also write each class's probability map.
     """
     work = batches(files, image_size, tile)
     total = sum(count_windows(*model_side(file, image_size), tile, overlap) for file in files)
@@ -190,12 +198,16 @@ def predict_folder(
                     images.append(to_model_input(read_image_rgb(file.path), image_size))
                 except READ_ERRORS as exc:  # changed since it was checked
                     raise UsageError(str(exc)) from None
-            probabilities = predict_batch(model, torch.stack(images), tile=tile, overlap=overlap,
-                                          precision=precision, channels_last=channels_last, progress=bar.update)
-            for file, probability in zip(batch, probabilities):
+            predicted = predict_batch(model, torch.stack(images), tile=tile, overlap=overlap, precision=precision,
+                                      channels_last=channels_last, progress=bar.update,
+                                      activation="softmax" if labels else "sigmoid")
+            for file, probability in zip(batch, predicted):
+                probability = restore_size(probability, (file.height, file.width))
                 try:
-                    write_prediction(restore_size(probability, (file.height, file.width)), out, file.id, classes,
-                                     threshold)
+                    if labels:
+                        write_label_prediction(probability, out, file.id, classes, probabilities)
+                    else:
+                        write_prediction(probability, out, file.id, classes, threshold)
                 except OSError as exc:  # a full disk or an unwritable folder
                     raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
                                      f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
@@ -203,22 +215,30 @@ def predict_folder(
                 done += 1
 
 
-def output_paths(out: Path, image_id: str, classes: list[str]) -> list[Path]:
+def output_paths(out: Path, image_id: str, classes: list[str], labels: bool = False,
+                 probabilities: bool = False) -> list[Path]:
     """The files `write_prediction` writes for one image, probability map then mask per class.
 
     One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
-    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``.
+    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``. With `labels`, the files of
+    `write_label_prediction`: the label map ``<out>/<id>.png``, then with `probabilities`
+    ``<out>/<class>/<id>_prob.png`` per class.
     """
+    if labels:
+        return [out / f"{image_id}.png", *(out / name / f"{image_id}_prob.png" for name in classes if probabilities)]
     if len(classes) == 1:
         return [out / f"{image_id}_prob.png", out / f"{image_id}_mask.png"]
     return [path for name in classes for path in (out / name / f"{image_id}_prob.png", out / name / f"{image_id}.png")]
 
 
-def check_outputs(out: Path, files: list[ImageFile], classes: list[str], overwrite: bool) -> None:
+def check_outputs(out: Path, files: list[ImageFile], classes: list[str], overwrite: bool, labels: bool = False,
+                  probabilities: bool = False) -> None:
     """Refuse, before anything is written, outputs that would replace files: unless `overwrite`,
-    any output of `files` that exists already is a `UsageError` naming the first of them and
-    how many there are. An output that is a folder is refused in any case."""
-    clashes = [path for file in files for path in output_paths(out, file.id, classes) if path.exists()]
+    any output of `files` (`output_paths` with `labels` and `probabilities`) that exists already
+    is a `UsageError` naming the first of them and how many there are. An output that is a
+    folder is refused in any case."""
+    clashes = [path for file in files for path in output_paths(out, file.id, classes, labels, probabilities)
+               if path.exists()]
     folders = [path for path in clashes if path.is_dir()]
     if folders:
         raise UsageError(f"--out {str(out)!r}: {folders[0]} is a folder where an output file goes; nothing written")
@@ -262,10 +282,34 @@ def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, clas
         _write_png_atomically(mask, next(paths))
 
 
-def _write_png_atomically(image: torch.Tensor, path: Path) -> None:
+def write_label_prediction(probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str],
+                           with_probabilities: bool = False) -> None:
+    """Write one image's label map, the most probable class of each pixel, as a palette PNG
+    (index = class, Pascal VOC colours; `trainer_datasets.read_label_map` reads it back), and
+    with `with_probabilities` each class's probability map (0-255 grey), at the paths of
+    `output_paths`. Each file is written whole or not at all, as in `write_prediction`.
+
+    Args:
+        probabilities: float (K, H, W) in [0, 1] summing to 1 over K (softmax), K = ``len(classes)``.
+        out: the output folder.
+        image_id: the image's file name without extension.
+        classes: the class names.
+        with_probabilities: also write the probability maps.
+    """
+    probabilities = probabilities.cpu()
+    paths = output_paths(out, image_id, classes, labels=True, probabilities=with_probabilities)
+    _write_png_atomically(probabilities.argmax(0), paths[0], label_map=True)
+    for index, path in enumerate(paths[1:]):
+        _write_png_atomically(probabilities[index:index + 1].mul(255).round_().to(torch.uint8), path)
+
+
+def _write_png_atomically(image: torch.Tensor, path: Path, label_map: bool = False) -> None:
     tmp = temporary_path(path)
     try:
-        write_png_file(image, tmp)
+        if label_map:
+            write_label_map(image, tmp)
+        else:
+            write_png_file(image, tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc

@@ -1,7 +1,8 @@
 """Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
 
-from trainer_datasets._imageio import (IMAGE_EXTENSIONS, SYSTEM_FILES, is_image_file, is_system_file, not_regular,
-                                      read_image_rgb, read_mask, write_png_file)
+from trainer_datasets._imageio import (IMAGE_EXTENSIONS, SYSTEM_FILES, is_image_file, is_system_file, label_palette,
+                                      not_regular, read_image_rgb, read_label_map, read_mask, write_label_map,
+                                      write_png_file)
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.fashion_mnist import (
     CLASSES,
@@ -10,7 +11,11 @@ from trainer_datasets.fashion_mnist import (
     write_fashion_mnist_idx,
 )
 from trainer_datasets.segmentation_folder import (
+    CLASSES_FILE,
+    IGNORE_INDEX,
+    MASK_MODES,
     SegmentationFolder,
+    read_classes,
     scan_segmentation_folder,
     split_segmentation,
     write_segmentation_folder,
@@ -22,6 +27,9 @@ from trainer_datasets.transforms import RandomRot90, segmentation_augmentation
 
 __all__ = [
     "CLASSES",
+    "CLASSES_FILE",
+    "IGNORE_INDEX",
+    "MASK_MODES",
     "IMAGE_EXTENSIONS",
     "DataNotFoundError",
     "DatasetError",
@@ -33,16 +41,20 @@ __all__ = [
     "TensorBatchLoader",
     "is_image_file",
     "is_system_file",
+    "label_palette",
     "load_fashion_mnist",
     "make_learnable_fashion_like",
     "not_regular",
     "prepare_dsb2018",
+    "read_classes",
     "read_image_rgb",
+    "read_label_map",
     "read_mask",
     "scan_segmentation_folder",
     "segmentation_augmentation",
     "split_segmentation",
     "write_fashion_mnist_idx",
+    "write_label_map",
     "write_png_file",
     "write_segmentation_folder",
 ]

@@ -152,7 +152,8 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
                 f"mask {path} is colour-coded: its red, green and blue channels differ (e.g. colour "
                 f"{tuple(int(v) for v in colour[y, x])} at x={x}, y={y}); masks are read from grey "
                 "values, so save it as a grey image with background 0 and any non-zero foreground "
-                "(one mask per class in masks/<class>/)"
+                "(one mask per class in masks/<class>/); a label map of class indices is read as one "
+                "when the folder has a classes.txt or mask_mode='labels' (--mask-mode labels) is given"
             )
         array = colour[..., 0]
     if alpha is not None and alpha.min() != alpha.max() and array.min() == array.max():
@@ -163,6 +164,97 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
             "the alpha channel as a grey image with background 0 (e.g. PIL: image.getchannel('A').save(...))"
         )
     return torch.from_numpy((array != 0).astype(np.uint8))
+
+
+def read_label_map(path: str | os.PathLike) -> torch.Tensor:
+    """Decode a label-map mask, one class index per pixel, as an int64 (H, W) tensor of its values.
+
+    Palette PNGs (as in Pascal VOC) give their palette indices, never their colours; 8-bit and
+    16-bit grey files give their grey values; 32-bit integer grey TIFFs their values. The values
+    are returned as stored: checking them against the classes is the caller's job (see
+    `check_labels`). An EXIF orientation tag is applied, as `read_image_rgb` applies it.
+    `DatasetError`, naming the file, is raised for files that hold no class indices: colour
+    (RGB) files, files with an alpha channel, floating-point files, JPEGs (lossy compression
+    invents indices at the edges) and files that cannot be read or decoded.
+
+    Args:
+        path: the mask file.
+    """
+    path = Path(path)
+    image, _ = _open(path)
+    if image.format in ("JPEG", "MPO"):
+        raise DatasetError(
+            f"label map {path} is a JPEG file: its lossy compression changes class indices at the edges "
+            "of regions; save label maps as PNG (grey or palette)"
+        )
+    if image.mode not in ("P", "L", "I", *_GREY_16):
+        raise DatasetError(
+            f"label map {path} is a {image.mode} image; a label map holds one class index per pixel: "
+            "save it as a grey (8- or 16-bit) or palette PNG"
+        )
+    array = np.asarray(image)
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def check_labels(labels: torch.Tensor, path: str | os.PathLike, num_classes: int, ignore_index: int) -> None:
+    """Raise `DatasetError` naming `path` if `labels` hold a value that is neither a class index
+    (0 to ``num_classes - 1``) nor `ignore_index`.
+
+    Args:
+        labels: the decoded label map (`read_label_map`).
+        path: the file it was read from, for the message.
+        num_classes: the number of classes.
+        ignore_index: the value of pixels that count for no class.
+    """
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bad.any():
+        y, x = (int(v) for v in bad.nonzero()[0])
+        values = sorted(int(v) for v in labels[bad].unique()[:5])
+        raise DatasetError(
+            f"label map {path} has value(s) {', '.join(map(str, values))} (e.g. {int(labels[y, x])} at x={x}, y={y}) "
+            f"outside the classes 0-{num_classes - 1} and not the ignore index {ignore_index}; "
+            "fix the file, or list every class in the folder's classes.txt"
+        )
+
+
+def label_palette(count: int = 256) -> list[int]:
+    """The Pascal VOC colour palette as a flat ``[r0, g0, b0, r1, ...]`` list of `count` colours:
+    class 0 black, 1 dark red, 2 dark green, ... (each index's bits spread over the colour bits)."""
+    palette = []
+    for index in range(count):
+        r = g = b = 0
+        value = index
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette.extend((r, g, b))
+    return palette
+
+
+def write_label_map(labels: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write an integer (H, W) label map as a PNG, creating the parent folder: a palette PNG
+    (`label_palette` colours, index = class) when every value is below 256, else 16-bit grey.
+    `read_label_map` reads either back as the same values.
+
+    Args:
+        labels: class indices, 0 to 65535.
+        path: the file to write.
+    """
+    if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"cannot write {path}: expected an integer (H, W) tensor, got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    array = labels.detach().cpu().numpy()
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(f"cannot write {path}: label values must lie in 0-65535, got {array.min()}-{array.max()}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not array.size or array.max() < 256:
+        image = Image.frombytes("P", (array.shape[1], array.shape[0]), np.ascontiguousarray(array, np.uint8).tobytes())
+        image.putpalette(label_palette())
+    else:
+        image = Image.fromarray(array.astype(np.uint16))
+    image.save(path, format="PNG")
 
 
 def write_png_file(tensor: torch.Tensor, path: str | os.PathLike) -> None:

@@ -5,6 +5,20 @@ Layout (the pytorch-nested-unet layout, or its one-class shorthand)::
     <root>/images/<id>.<png|jpg|jpeg|tif|tiff>
     <root>/masks/<class>/<id>.png      one folder per class, classes sorted by folder name
     <root>/masks/<id>.png              or: a single class, masks directly in masks/
+    <root>/masks/<id>.png + <root>/classes.txt   or: label maps, one class index per pixel
+
+Which kind of masks a folder holds (`MASK_MODES`, the ``mask_mode`` argument):
+
+- ``"binary"``: binary masks, 0 background and any non-zero value foreground, one per class
+  folder (several classes are independent: multi-label, a sigmoid per class) or directly in
+  ``masks/`` (one class, named ``mask``).
+- ``"labels"``: label maps, ``masks/<id>.png`` holding one class index per pixel (8- or 16-bit
+  grey, or palette PNG whose palette index is the class, as in Pascal VOC); exactly one class
+  per pixel (softmax), and `ignore_index` (255 by default) for pixels of no class, which count
+  for neither loss nor metrics. Class names come from ``<root>/classes.txt``, one per line, line
+  i naming class i; without it the classes are ``"0"`` ... up to the largest value found.
+- ``"auto"`` (the default): ``"labels"`` when the folder has a ``classes.txt`` (for train/ and
+  val/ sub-folders: in the sub-folder or in the root above them), else ``"binary"``.
 """
 
 from __future__ import annotations
@@ -20,8 +34,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trainer_datasets._imageio import (IMAGE_EXTENSIONS, is_image_file, is_system_file, not_regular, read_image_rgb,
-                                      read_mask, write_png_file)
+from trainer_datasets._imageio import (IMAGE_EXTENSIONS, check_labels, is_image_file, is_system_file, not_regular,
+                                      read_image_rgb, read_label_map, read_mask, write_png_file)
 from trainer_datasets._seeding import global_stream
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.transforms import segmentation_augmentation
@@ -30,6 +44,12 @@ LAYOUT = (
     "expected <root>/images/<id>.png (or .jpg/.jpeg/.tif/.tiff) and masks in "
     "<root>/masks/<class>/<id>.png (one folder per class) or <root>/masks/<id>.png"
 )
+#: What a folder's masks may be: see the module docstring.
+MASK_MODES = ("auto", "binary", "labels")
+#: The file naming a label-map folder's classes, one per line.
+CLASSES_FILE = "classes.txt"
+#: The label-map value of pixels that belong to no class, by default (as in Pascal VOC).
+IGNORE_INDEX = 255
 
 
 @dataclass
@@ -38,11 +58,20 @@ class FolderLayout:
 
     root: Path
     images: dict[str, Path]
-    masks: dict[str, dict[str, Path]]  # class name -> id -> mask file
+    masks: dict[str, dict[str, Path]]  # class name -> id -> mask file; label maps: "labels" -> id -> file
+    #: ``"binary"`` or ``"labels"`` (see the module docstring).
+    mask_mode: str = "binary"
+    #: Label maps: the class names, index i naming class i.
+    label_classes: list[str] | None = None
+    #: Label maps: the value of pixels of no class.
+    ignore_index: int = IGNORE_INDEX
 
     @property
     def classes(self) -> list[str]:
-        """Class names: the mask sub-folder names, sorted; ``["mask"]`` for the flat layout."""
+        """Class names: the mask sub-folder names, sorted; ``["mask"]`` for the flat layout;
+        for label maps, `label_classes` in index order."""
+        if self.mask_mode == "labels":
+            return list(self.label_classes or [])
         return list(self.masks)
 
     @property
@@ -55,15 +84,36 @@ class FolderLayout:
         return sorted([*self.images.values(), *(path for masks in self.masks.values() for path in masks.values())])
 
 
-def scan_segmentation_folder(root: str | os.PathLike) -> FolderLayout:
-    """List and pair the files of a segmentation folder; nothing is decoded.
+def scan_segmentation_folder(
+    root: str | os.PathLike,
+    mask_mode: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
+    label_classes: Sequence[str] | None = None,
+) -> FolderLayout:
+    """List and pair the files of a segmentation folder and tell its kind of masks.
+
+    Nothing is decoded, except label maps without a ``classes.txt``: their classes are ``"0"`` up
+    to the largest value (but `ignore_index`) that any of them holds, so all are read once.
 
     Raises `DataNotFoundError` for a missing root, images/ or masks/ folder or an empty one, and
     `DatasetError` listing every unpaired file (images without masks, masks without images),
     unsupported file, entry that is not a regular file (a FIFO, a dangling or looping symbolic
     link: never opened) or duplicate id in one message. Hidden files and the files operating
     systems leave behind (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are left out.
+    Label maps in class folders, a bad ``classes.txt`` (empty, a blank or repeated name, a name
+    with a ``/``) and an `ignore_index` that is a class index raise `DatasetError`.
+
+    Args:
+        root: the folder.
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring).
+        ignore_index: label maps: the value of pixels of no class (0-65535).
+        label_classes: label maps: the class names, in index order (default: those of
+            ``<root>/classes.txt``, else indices); given, they make ``"auto"`` mean ``"labels"``.
     """
+    if mask_mode not in MASK_MODES:
+        raise DatasetError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not 0 <= ignore_index <= 65535:
+        raise DatasetError(f"ignore_index must be an integer in 0-65535 (a label-map value), got {ignore_index!r}")
     root = Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -105,18 +155,79 @@ def scan_segmentation_folder(root: str | os.PathLike) -> FolderLayout:
             f"segmentation folder {root} is not usable:\n  " + "\n  ".join(problems) + "\n"
             "Each image needs a mask with the same name (any supported extension) in every class folder."
         )
-    return FolderLayout(root, images, masks)
+    classes_file = root / CLASSES_FILE
+    if mask_mode == "auto":
+        mask_mode = "labels" if label_classes is not None or classes_file.is_file() else "binary"
+    if mask_mode == "binary":
+        return FolderLayout(root, images, masks)
+    if class_dirs:
+        raise DatasetError(
+            f"{mask_dir} holds class folders ({', '.join(p.name for p in class_dirs)}), but label maps "
+            f"(mask mode 'labels'{'' if not classes_file.is_file() else ', chosen by ' + str(classes_file)}) are "
+            "one file per image, masks/<id>.png; use binary masks for class folders"
+        )
+    label_masks = {"labels": masks["mask"]}
+    if label_classes is not None:
+        classes = list(label_classes)
+    elif classes_file.is_file():
+        classes = read_classes(classes_file)
+    else:
+        largest = max((_largest_label(path, ignore_index) for path in masks["mask"].values()), default=0)
+        classes = [str(index) for index in range(max(largest + 1, 2))]
+    if ignore_index < len(classes):
+        raise DatasetError(
+            f"the ignore index {ignore_index} is the index of class {classes[ignore_index]!r} of {root}; "
+            f"choose an ignore index of {len(classes)} or more (255 by default)"
+        )
+    return FolderLayout(root, images, label_masks, "labels", classes, ignore_index)
+
+
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """The class names of a ``classes.txt``: one per line, line i naming class i (surrounding
+    spaces and trailing blank lines dropped). An empty file, a single class, a blank or repeated
+    name, or a name with a ``/`` (names become folders and TensorBoard tags) is a `DatasetError`.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read the class names of {path}: {exc}") from exc
+    while lines and not lines[-1]:
+        lines.pop()
+    problems = []
+    if len(lines) < 2:
+        problems.append(f"it names {len(lines)} class(es); label maps need at least 2 (e.g. background and object)")
+    problems += [f"line {i + 1} is blank" for i, name in enumerate(lines) if not name]
+    problems += [f"line {i + 1} ({name!r}) has a '/'" for i, name in enumerate(lines) if "/" in name]
+    problems += [f"{name!r} is on lines {lines.index(name) + 1} and {i + 1}" for i, name in enumerate(lines)
+                 if name and lines.index(name) != i]
+    if problems:
+        raise DatasetError(f"{path} is not a usable class list ({'; '.join(problems)}); write one class name per "
+                           "line, line i naming class index i")
+    return lines
+
+
+def _largest_label(path: Path, ignore_index: int) -> int:
+    labels = read_label_map(path)
+    labels = labels[labels != ignore_index]
+    return int(labels.max()) if labels.numel() else 0
 
 
 class SegmentationFolder(Dataset):
-    """Images and binary masks from a segmentation folder (see the module docstring for the layout).
+    """Images and binary masks or label maps from a segmentation folder (see the module docstring
+    for the layout and the rule that tells the two kinds of masks apart).
 
     Every selected image and mask is decoded once, at construction, and kept in memory as uint8
     (``N * (3 + C) * H * W`` bytes after resizing; about 25 MB for the 670 DSB2018 images at 96x96).
     That costs one decode per file up front and makes every problem surface before training:
     unpaired files (all listed in one error), corrupt images, masks that `read_mask` refuses
     (colour-coded, alpha-only or JPEG masks), masks whose size differs from their image's, and
-    images of mixed sizes without `image_size`, each named. Any non-zero mask value is foreground.
+    images of mixed sizes without `image_size`, each named. In binary masks any non-zero value is
+    foreground; a label-map value that is neither a class index nor `ignore_index` is an error
+    naming the file.
 
     Args:
         root: the folder holding ``images/`` and ``masks/``.
@@ -127,8 +238,13 @@ class SegmentationFolder(Dataset):
         num_classes: if given, the number of mask classes the folder must have.
         ids: use only these sample ids (file names without extension); default all, sorted.
         seed: with the epoch and the item's index, decides its augmentation.
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring).
+        ignore_index: label maps: the value of pixels of no class, kept as it is in the items.
+        label_classes: label maps: the class names (see `scan_segmentation_folder`).
 
-    Items are ``(image, mask)``: float32 (3, H, W) in [0, 1] and float32 (C, H, W) in {0, 1}.
+    Items are ``(image, mask)``: float32 (3, H, W) in [0, 1] and, for binary masks, float32
+    (C, H, W) in {0, 1}; for label maps, int64 (H, W) class indices (and `ignore_index`).
+    ``mask_mode`` is ``"binary"`` or ``"labels"``, whichever the folder holds.
 
     The augmentation of item ``index`` depends on ``(seed, epoch, index)`` alone, not on the
     process that loads it nor on what that process drew before: a `DataLoader` gives the same
@@ -146,9 +262,12 @@ class SegmentationFolder(Dataset):
         num_classes: int | None = None,
         ids: Sequence[str] | None = None,
         seed: int = 0,
+        mask_mode: str = "auto",
+        ignore_index: int = IGNORE_INDEX,
+        label_classes: Sequence[str] | None = None,
     ) -> None:
         _check_image_size(image_size)
-        layout = scan_segmentation_folder(root)
+        layout = scan_segmentation_folder(root, mask_mode, ignore_index, label_classes)
         if num_classes is not None and num_classes != len(layout.classes):
             raise DatasetError(
                 f"num_classes={num_classes} but {layout.root / 'masks'} has {len(layout.classes)} "
@@ -168,6 +287,8 @@ class SegmentationFolder(Dataset):
         self.ids: list[str] = ids
         self.classes: list[str] = layout.classes
         self.num_classes = len(self.classes)
+        self.mask_mode = layout.mask_mode
+        self.ignore_index = layout.ignore_index
         self.image_size = image_size
         self.images, self.masks = _load_all(layout, ids, image_size)
         #: The (height, width) of every item.
@@ -186,7 +307,8 @@ class SegmentationFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_item(self.images[index], self.masks[index], self.transform, self.seed, self.epoch, index)
+        return make_item(self.images[index], self.masks[index], self.transform, self.seed, self.epoch, index,
+                         labels=self.mask_mode == "labels")
 
     def image_file(self, index: int) -> Path:
         """The image file of item `index`."""
@@ -194,23 +316,25 @@ class SegmentationFolder(Dataset):
 
 
 def make_item(image: torch.Tensor, mask: torch.Tensor, transform: Any, seed: int, epoch: int,
-              index: int) -> tuple[torch.Tensor, torch.Tensor]:
+              index: int, labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The item a segmentation dataset gives for a decoded sample: float32 image in [0, 1] and
-    float32 mask, augmented by `transform` (if any) with the draws of ``(seed, epoch, index)``.
+    float32 binary mask (or int64 label map), augmented by `transform` (if any) with the draws of
+    ``(seed, epoch, index)``.
 
     Args:
         image: the uint8 (3, H, W) image, as `load_sample` decodes it.
-        mask: the uint8 (C, H, W) mask, as `load_sample` decodes it.
+        mask: the mask as `load_sample` decodes it: uint8 (C, H, W), or int64 (H, W) for label maps.
         transform: a joint image/mask transform (`segmentation_augmentation`), or None.
         seed: the dataset's seed.
         epoch: the epoch whose draws to use.
         index: the item's index in its dataset.
+        labels: `mask` is a label map, returned as int64 class indices.
     """
     if transform is not None:
         with global_stream(seed, epoch, index):
             image, mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-    return image.float().div_(255), mask.float()
+    return image.float().div_(255), mask.long() if labels else mask.float()
 
 
 def mixed_sizes_error(first_file: Path, first_size: Sequence[int], image_file: Path,
@@ -238,6 +362,8 @@ def split_segmentation(
     num_classes: int | None = None,
     mode: str = "auto",
     index_dir: str | os.PathLike | None = None,
+    mask_mode: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Dataset, Dataset]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
@@ -260,6 +386,9 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
             `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
             same items, split and errors.
         index_dir: where streaming keeps its index files (default: the project's cache folder).
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring); with
+            train/ and val/, a ``classes.txt`` in `root` serves both sub-folders that lack their own.
+        ignore_index: label maps: the value of pixels of no class.
     """
     from trainer_datasets.segmentation_stream import SegmentationStream, choose_data_mode, segmentation_index
 
@@ -274,22 +403,29 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
                 f"found {train_dir if missing is val_dir else val_dir} but not {missing}; give both "
                 f"train/ and val/ sub-folders, or neither to split {root} at random"
             )
-        layouts = [scan_segmentation_folder(d) for d in (train_dir, val_dir)] if mode == "auto" else []
-        if choose_data_mode(mode, layouts, image_size) == "stream":
-            train = SegmentationStream(train_dir, image_size, augment_train, num_classes, seed=seed,
-                                       index_dir=index_dir)
-            val = SegmentationStream(val_dir, image_size, False, num_classes, index_dir=index_dir)
-        else:
-            train = SegmentationFolder(train_dir, image_size, augment_train, num_classes, seed=seed)
-            val = SegmentationFolder(val_dir, image_size, False, num_classes)
+        shared = root / CLASSES_FILE
+
+        def classes(folder: Path) -> list[str] | None:
+            if mask_mode == "binary" or (folder / CLASSES_FILE).is_file() or not shared.is_file():
+                return None
+            return read_classes(shared)
+
+        masks = {"mask_mode": mask_mode, "ignore_index": ignore_index}
+        layouts = ([scan_segmentation_folder(d, label_classes=classes(d), **masks) for d in (train_dir, val_dir)]
+                   if mode == "auto" else [])
+        kind = SegmentationStream if choose_data_mode(mode, layouts, image_size) == "stream" else SegmentationFolder
+        extra = {"index_dir": index_dir} if kind is SegmentationStream else {}
+        train = kind(train_dir, image_size, augment_train, num_classes, seed=seed, label_classes=classes(train_dir),
+                     **masks, **extra)
+        val = kind(val_dir, image_size, False, num_classes, label_classes=classes(val_dir), **masks, **extra)
         if train.classes != val.classes:
             raise DatasetError(
                 f"{train_dir / 'masks'} has classes {train.classes} but {val_dir / 'masks'} has {val.classes}"
             )
         return train, val
 
-    layout = scan_segmentation_folder(root) if mode != "stream" else None
-    index = segmentation_index(root, index_dir) if choose_data_mode(
+    layout = scan_segmentation_folder(root, mask_mode, ignore_index) if mode != "stream" else None
+    index = segmentation_index(root, index_dir, mask_mode, ignore_index) if choose_data_mode(
         mode, [layout] if layout is not None else [], image_size) == "stream" else None
     ids = index.ids if index is not None else layout.ids  # type: ignore[union-attr]
     if len(ids) < 2:
@@ -301,8 +437,13 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
     if index is not None:
         return (SegmentationStream(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, index=index),
                 SegmentationStream(root, image_size, False, num_classes, ids=val_ids, index=index))
-    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed)
-    val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids)
+    # The classes of the whole folder, so both halves agree (without a classes.txt, the largest
+    # value of one half need not be the other's).
+    mode, classes = layout.mask_mode, layout.classes if layout.mask_mode == "labels" else None  # type: ignore[union-attr]
+    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, mask_mode=mode,
+                               ignore_index=ignore_index, label_classes=classes)
+    val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids, mask_mode=mode,
+                             ignore_index=ignore_index, label_classes=classes)
     return train, val
 
 
@@ -399,19 +540,26 @@ def _load_all(
 
 
 def load_sample(layout: FolderLayout, sample_id: str, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one sample of `layout`: its uint8 (3, H, W) image and uint8 (C, H, W) mask.
+    """Decode one sample of `layout`: its uint8 (3, H, W) image and its mask, uint8 (C, H, W) of
+    0/1 for binary masks, int64 (H, W) of class indices (and the ignore index) for label maps.
 
     Both are resized to ``image_size`` squared when it is given (bilinear with antialiasing for
     the image, nearest for the mask). Raises `DatasetError` naming the file for a mask whose size
-    differs from its image's, and whatever `read_image_rgb` / `read_mask` raise for a bad file.
+    differs from its image's, a label-map value that is neither a class nor the ignore index,
+    and whatever `read_image_rgb` / `read_mask` / `read_label_map` raise for a bad file.
     """
     image_file = layout.images[sample_id]
     image = read_image_rgb(image_file)
     size = tuple(image.shape[-2:])
+    labels = layout.mask_mode == "labels"
     channels = []
     for class_masks in layout.masks.values():
         mask_file = class_masks[sample_id]
-        mask = read_mask(mask_file)
+        if labels:
+            mask = read_label_map(mask_file)
+            check_labels(mask, mask_file, len(layout.classes), layout.ignore_index)
+        else:
+            mask = read_mask(mask_file)
         if tuple(mask.shape) != size:
             raise DatasetError(
                 f"mask {mask_file} is {_hw(mask.shape)} but its image {image_file} is {_hw(size)}; "
@@ -422,7 +570,7 @@ def load_sample(layout: FolderLayout, sample_id: str, image_size: int | None) ->
     if image_size is not None:
         image = TF.resize(image, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
         mask = TF.resize(mask, [image_size, image_size], InterpolationMode.NEAREST)
-    return image, mask
+    return image, mask[0] if labels else mask
 
 
 def _hw(shape: Sequence[int]) -> str:

@@ -35,12 +35,12 @@ from torch.utils.data import Dataset
 from trainer_datasets._imageio import is_system_file
 from trainer_datasets.errors import DatasetError
 from trainer_datasets.fingerprint import data_files
-from trainer_datasets.segmentation_folder import (FolderLayout, _check_image_size, load_sample, make_item,
-                                                  mixed_sizes_error, scan_segmentation_folder)
+from trainer_datasets.segmentation_folder import (IGNORE_INDEX, FolderLayout, _check_image_size, load_sample,
+                                                  make_item, mixed_sizes_error, scan_segmentation_folder)
 from trainer_datasets.transforms import segmentation_augmentation
 
 #: The version of the index files' layout; an index of another version is rebuilt.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 #: ``mode="auto"`` streams a folder whose decoded images and masks would take more bytes than this
 #: (1 GiB: about 4,000 RGB images of 256x256 with one mask class).
 STREAM_ABOVE_BYTES = 1 << 30
@@ -65,12 +65,19 @@ class SegmentationIndex:
     Attributes:
         root: the folder.
         classes: the mask classes, in order (``["mask"]`` for masks directly in masks/).
-        samples: ``{id: (image file, [mask file per class], height, width)}``, ids sorted.
+        samples: ``{id: (image file, [mask file per mask folder], height, width)}``, ids sorted.
+        mask_folders: the keys of `FolderLayout.masks`: the class folders, ``["mask"]`` for masks
+            directly in masks/, ``["labels"]`` for label maps.
+        mask_mode: ``"binary"`` or ``"labels"`` (see `trainer_datasets.segmentation_folder`).
+        ignore_index: label maps: the value of pixels of no class.
     """
 
     root: Path
     classes: list[str]
     samples: dict[str, tuple[str, list[str], int, int]]
+    mask_folders: list[str]
+    mask_mode: str = "binary"
+    ignore_index: int = IGNORE_INDEX
 
     @property
     def ids(self) -> list[str]:
@@ -85,11 +92,15 @@ class SegmentationIndex:
         """
         ids = self.ids if ids is None else ids
         images = {i: self.root / self.samples[i][0] for i in ids}
-        masks = {name: {i: self.root / self.samples[i][1][c] for i in ids} for c, name in enumerate(self.classes)}
-        return FolderLayout(self.root, images, masks)
+        masks = {name: {i: self.root / self.samples[i][1][c] for i in ids} for c, name in enumerate(self.mask_folders)}
+        labels = self.mask_mode == "labels"
+        return FolderLayout(self.root, images, masks, self.mask_mode, list(self.classes) if labels else None,
+                            self.ignore_index)
 
 
-def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> SegmentationIndex:
+def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | None = None, mask_mode: str = "auto",
+                       ignore_index: int = IGNORE_INDEX,
+                       label_classes: Sequence[str] | None = None) -> SegmentationIndex:
     """The index of the segmentation folder `root`: read from its index file when the folder's
     fingerprint is unchanged, else built by checking (decoding) every sample and written there.
 
@@ -99,13 +110,17 @@ def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | N
     Args:
         root: the folder (``images/`` and ``masks/``).
         index_dir: the folder of index files (default: ``segmentation-index/`` in `cache_folder`).
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see `scan_segmentation_folder`).
+        ignore_index: label maps: the value of pixels of no class.
+        label_classes: label maps: the class names (see `scan_segmentation_folder`).
     """
+    masks = _mask_options(mask_mode, ignore_index, label_classes)
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _load_or_build(Path(root), index_dir)
+        return _load_or_build(Path(root), index_dir, masks)
     result: Any = None
     if dist.get_rank() == 0:
         try:
-            result = _load_or_build(Path(root), index_dir)
+            result = _load_or_build(Path(root), index_dir, masks)
         except (DatasetError, OSError) as exc:  # every rank raises it, none waits forever
             result = exc
     holder = [result]
@@ -115,32 +130,46 @@ def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | N
     return holder[0]
 
 
-def index_file(root: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> Path:
-    """Where the index of folder `root` is kept (one file per folder, found by its absolute path).
+def index_file(root: str | os.PathLike, index_dir: str | os.PathLike | None = None,
+               masks: dict[str, Any] | None = None) -> Path:
+    """Where the index of folder `root` is kept (one file per folder and way of reading its masks,
+    found by the folder's absolute path).
 
     Args:
         root: the segmentation folder.
         index_dir: the folder of index files (default: ``segmentation-index/`` in `cache_folder`).
+        masks: the mask options the folder is read with (``mask_mode``, ``ignore_index``,
+            ``label_classes``); None for the defaults.
     """
     folder = Path(index_dir) if index_dir is not None else cache_folder() / "segmentation-index"
-    key = hashlib.sha256(os.fsencode(os.path.abspath(root))).hexdigest()[:24]
+    options = json.dumps(masks if masks is not None else _mask_options(), sort_keys=True)
+    key = hashlib.sha256(os.fsencode(os.path.abspath(root)) + b"\0" + options.encode()).hexdigest()[:24]
     return folder / f"{key}.json"
 
 
-def _load_or_build(root: Path, index_dir: str | os.PathLike | None) -> SegmentationIndex:
-    path = index_file(root, index_dir)
+def _mask_options(mask_mode: str = "auto", ignore_index: int = IGNORE_INDEX,
+                  label_classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """How a folder's masks are read (`scan_segmentation_folder`'s arguments): part of the index's key."""
+    return {"mask_mode": mask_mode, "ignore_index": ignore_index,
+            "label_classes": list(label_classes) if label_classes is not None else None}
+
+
+def _load_or_build(root: Path, index_dir: str | os.PathLike | None, masks: dict[str, Any]) -> SegmentationIndex:
+    path = index_file(root, index_dir, masks)
     fingerprint = _fingerprint(root)
     if fingerprint is not None:
         try:
             saved = json.loads(path.read_text())
             if saved.get("version") == INDEX_VERSION and saved.get("files") == fingerprint:
                 samples = {i: (image, list(masks), h, w) for i, image, masks, h, w in saved["samples"]}
-                return SegmentationIndex(root, list(saved["classes"]), samples)
+                return SegmentationIndex(root, list(saved["classes"]), samples, list(saved["mask_folders"]),
+                                         saved["mask_mode"], int(saved["ignore_index"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no index yet, or an unreadable one: checked and written anew
-    index = _build(root)
+    index = _build(root, masks)
     _write(path, {"version": INDEX_VERSION, "root": os.path.abspath(root), "files": _fingerprint(root),
-                  "classes": index.classes,
+                  "classes": index.classes, "mask_folders": index.mask_folders, "mask_mode": index.mask_mode,
+                  "ignore_index": index.ignore_index,
                   "samples": [[i, image, masks, h, w] for i, (image, masks, h, w) in index.samples.items()]})
     return index
 
@@ -165,16 +194,16 @@ def _fingerprint(root: Path) -> dict[str, list[int]] | None:
         return None
 
 
-def _build(root: Path) -> SegmentationIndex:
+def _build(root: Path, masks: dict[str, Any]) -> SegmentationIndex:
     """Check every sample of `root` as `SegmentationFolder` does, keeping no pixels."""
-    layout = scan_segmentation_folder(root)
+    layout = scan_segmentation_folder(root, **masks)
     samples = {}
     for sample_id in layout.ids:
         image, _ = load_sample(layout, sample_id, None)
         image_file = layout.images[sample_id]
         masks = [str(m[sample_id].relative_to(root)) for m in layout.masks.values()]
         samples[sample_id] = (str(image_file.relative_to(root)), masks, int(image.shape[-2]), int(image.shape[-1]))
-    return SegmentationIndex(root, layout.classes, samples)
+    return SegmentationIndex(root, layout.classes, samples, list(layout.masks), layout.mask_mode, layout.ignore_index)
 
 
 def _write(path: Path, content: dict[str, Any]) -> None:
@@ -191,7 +220,7 @@ def _write(path: Path, content: dict[str, Any]) -> None:
 
 
 class SegmentationStream(Dataset):
-    """Images and binary masks from a segmentation folder, decoded when an item is asked for.
+    """Images and binary masks or label maps from a segmentation folder, decoded when an item is asked for.
 
     The same items as `SegmentationFolder` with the same arguments, bit for bit (augmentations
     included, drawn from ``(seed, epoch, index)``), and the same errors, raised at construction:
@@ -211,6 +240,9 @@ class SegmentationStream(Dataset):
         index: the folder's `SegmentationIndex` when the caller has it (`split_segmentation`
             shares one between its two sets); default: `segmentation_index` of `root`.
         index_dir: the folder of index files (default: ``segmentation-index/`` in `cache_folder`).
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see `SegmentationFolder`).
+        ignore_index: label maps: the value of pixels of no class, kept as it is in the items.
+        label_classes: label maps: the class names (see `scan_segmentation_folder`).
     """
 
     def __init__(
@@ -223,9 +255,13 @@ class SegmentationStream(Dataset):
         seed: int = 0,
         index: SegmentationIndex | None = None,
         index_dir: str | os.PathLike | None = None,
+        mask_mode: str = "auto",
+        ignore_index: int = IGNORE_INDEX,
+        label_classes: Sequence[str] | None = None,
     ) -> None:
         _check_image_size(image_size)
-        index = segmentation_index(root, index_dir) if index is None else index
+        if index is None:
+            index = segmentation_index(root, index_dir, mask_mode, ignore_index, label_classes)
         if num_classes is not None and num_classes != len(index.classes):
             raise DatasetError(
                 f"num_classes={num_classes} but {index.root / 'masks'} has {len(index.classes)} "
@@ -255,6 +291,8 @@ class SegmentationStream(Dataset):
         self.ids: list[str] = ids
         self.classes: list[str] = list(index.classes)
         self.num_classes = len(self.classes)
+        self.mask_mode = index.mask_mode
+        self.ignore_index = index.ignore_index
         self.image_size = image_size
         #: The (height, width) of every item.
         self.size: tuple[int, int] = (height, width)
@@ -278,7 +316,7 @@ class SegmentationStream(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample_id = self.ids[index]
         image, mask = load_sample(self.index.layout([sample_id]), sample_id, self.image_size)
-        return make_item(image, mask, self.transform, self.seed, self.epoch, index)
+        return make_item(image, mask, self.transform, self.seed, self.epoch, index, labels=self.mask_mode == "labels")
 
     def image_file(self, index: int) -> Path:
         """The image file of item `index`."""
@@ -306,5 +344,6 @@ def choose_data_mode(mode: str, layouts: Sequence[FolderLayout], image_size: int
             pixels = image.shape[-2] * image.shape[-1]
         else:
             pixels = image_size * image_size
-        total += len(layout.ids) * (3 + len(layout.classes)) * pixels
+        mask_bytes = 8 if layout.mask_mode == "labels" else 1  # label maps are kept as int64
+        total += len(layout.ids) * (3 + len(layout.masks) * mask_bytes) * pixels
     return "stream" if total > STREAM_ABOVE_BYTES else "memory"

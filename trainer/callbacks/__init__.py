@@ -1,6 +1,7 @@
 """Ready-made callbacks."""
 
 from trainer.callbacks.checkpoint import ModelCheckpoint
+from trainer.callbacks.confusion import ConfusionMatrixCallback
 from trainer.callbacks.csv_logger import CSVLogger
 from trainer.callbacks.early_stopping import EarlyStopping
 from trainer.callbacks.figures import PredictionFigureCallback, log_figure
@@ -13,6 +14,7 @@ from trainer.callbacks.tensorboard import TensorBoardCallback, TensorBoardWriter
 
 __all__ = [
     "CSVLogger",
+    "ConfusionMatrixCallback",
     "EarlyStopping",
     "EmbeddingCallback",
     "GraphCallback",

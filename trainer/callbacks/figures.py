@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from trainer.batch import last_output, split_batch
-from trainer.callbacks.palette import class_colours, class_names, colour_masks
+from trainer.callbacks.palette import class_colours, class_names, colour_masks, is_label_batch, label_masks
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
 from trainer.every import Every
 
@@ -230,7 +230,9 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         kind: ``"classification"`` (the tutorial's "predictions vs. actuals") or
             ``"segmentation"`` (two panels per sample, with its IoU: one class, the image and
             an overlay of truth and prediction; several, the image tinted with the true and with
-            the predicted classes; see `segmentation_figure`).
+            the predicted classes; see `segmentation_figure`). For label maps (integer (N, H, W)
+            targets) the predicted class of a pixel is the argmax of its logits, and pixels of
+            `ignore_index` are left uncoloured and out of the IoU.
         batch: ``(inputs, targets)``; default: the first validation (or training) batch.
         num_images: samples shown.
         every_n_steps: log every N optimizer steps; when None, every `every_n_epochs` epochs.
@@ -239,6 +241,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         threshold: probability above which a pixel is foreground (segmentation).
         tag: the tag of the figure.
         stretch: stretch each image's contrast (`stretch_contrast`) for display.
+        ignore_index: label maps: the value of pixels of no class.
     """
 
     def __init__(
@@ -255,8 +258,10 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         threshold: float = 0.5,
         tag: str = "predictions vs. actuals",
         stretch: bool = False,
+        ignore_index: int = 255,
     ) -> None:
         super().__init__(log_dir)
+        self.ignore_index = ignore_index
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.batch, self.num_images = kind, batch, num_images
@@ -288,6 +293,11 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
             images = stretch_contrast(images)
         if self.kind == "classification":
             fig = classification_figure(images, output.softmax(dim=1), targets, self.classes, fig=self._figure)
+        elif is_label_batch(targets, inputs):
+            truth = label_masks(targets.cpu(), output.shape[1], self.ignore_index)
+            counted = (targets.cpu() != self.ignore_index).unsqueeze(1)
+            predicted = label_masks(output.argmax(1), output.shape[1], self.ignore_index) & counted
+            fig = segmentation_figure(images, truth, predicted, self.classes, fig=self._figure)
         else:
             predicted = output.sigmoid() > self.threshold
             fig = segmentation_figure(images, targets > 0.5, predicted, self.classes, fig=self._figure)

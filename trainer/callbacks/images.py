@@ -11,7 +11,7 @@ from torchvision.utils import make_grid
 
 from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
-from trainer.callbacks.palette import class_names, colour_masks
+from trainer.callbacks.palette import class_names, colour_masks, is_label_batch, label_masks
 from trainer.every import Every, positive_int
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
 
@@ -33,7 +33,8 @@ class ImageGridCallback(TensorBoardWriterCallback):
     segmentation batches (targets are masks of the images' size) a grid of the masks is logged
     too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in its
     fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
-    Logged at fit start, and every `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits)
+    Label maps (integer (N, H, W) targets of class indices) are shown the same way, one colour
+    per class, with their `ignore_index` pixels black. Logged at fit start, and every `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits)
     are enlarged by a whole factor, nearest neighbour, until their shorter side is at least
     `min_side` pixels, so that the grid is legible at TensorBoard's card size.
 
@@ -53,6 +54,7 @@ class ImageGridCallback(TensorBoardWriterCallback):
             white); masks are never stretched.
         min_side: enlarge images whose shorter side is below this many pixels (nearest
             neighbour, by a whole factor); None shows them at their own size.
+        ignore_index: label maps: the value of pixels of no class.
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class ImageGridCallback(TensorBoardWriterCallback):
         padding: int = 3,
         stretch: bool = False,
         min_side: int | None = 64,
+        ignore_index: int = 255,
     ) -> None:
         super().__init__(log_dir)
+        self.ignore_index = ignore_index
         self.padding, self.stretch = padding, stretch
         self.min_side = positive_int("min_side", min_side, optional=True)
         self._again = Every(every_n_epochs, "every_n_epochs")
@@ -87,8 +91,11 @@ class ImageGridCallback(TensorBoardWriterCallback):
         if self.stretch:
             shown = stretch_contrast(shown)
         self._grids = {self.tag: self._grid(shown)}
-        if is_mask_batch(targets, images):
-            masks = targets.float().clamp(0, 1)
+        if is_label_batch(targets, images) or is_mask_batch(targets, images):
+            if is_label_batch(targets, images):
+                masks = label_masks(targets, len(self.classes) if self.classes else None, self.ignore_index).float()
+            else:
+                masks = targets.float().clamp(0, 1)
             if masks.shape[1] == 1:
                 self._grids[self.mask_tag] = self._grid(masks)
             else:

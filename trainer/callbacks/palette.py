@@ -31,3 +31,26 @@ def class_names(classes: list[str] | tuple[str, ...] | None, count: int) -> list
     if classes is not None and len(classes) == count:
         return [str(name) for name in classes]
     return [f"class {k}" for k in range(count)]
+
+
+def is_label_batch(targets: object, images: torch.Tensor) -> bool:
+    """Whether `targets` are label maps of `images`: integer (N, H, W) class indices of their size."""
+    return (isinstance(targets, torch.Tensor) and targets.dim() == 3 and not targets.is_floating_point()
+            and targets.shape[-2:] == images.shape[-2:])
+
+
+def label_masks(labels: torch.Tensor, num_classes: int | None = None, ignore_index: int = 255) -> torch.Tensor:
+    """(N, H, W) label maps as (N, K, H, W) boolean masks, one per class, for `colour_masks`
+    and the segmentation figures; pixels of `ignore_index` (or any value outside the K classes)
+    are in no mask, so they show uncoloured.
+
+    Args:
+        labels: integer class indices.
+        num_classes: K (default: the largest index found, but `ignore_index`, plus one).
+        ignore_index: the value of pixels of no class.
+    """
+    if num_classes is None:
+        counted = labels[labels != ignore_index]
+        num_classes = int(counted.max()) + 1 if counted.numel() else 1
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
+    return labels.unsqueeze(1) == classes
