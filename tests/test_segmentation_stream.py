@@ -206,3 +206,19 @@ def test_two_gloo_processes_read_disjoint_files(tmp_path):
     assert len(fixed) == 2 and len(shard0) == len(images[1]) == 5 + 1  # of 10 training images (batch 5), 2 validation
     assert not set(shard0) & set(images[1])
     assert set(shard0) | set(images[1]) == set(checked)
+
+
+def test_streamed_label_maps_equal_the_in_memory_ones(tmp_path):
+    """A label-map folder (palette PNGs, an ignored band, classes.txt) streams the same int64
+    label maps, augmented alike, as it loads in memory; the index keeps its classes and mode."""
+    from tests.test_label_maps import CLASSES, write_palette_folder
+
+    write_palette_folder(tmp_path / "data", count=8)
+    memory = split_segmentation(tmp_path / "data", seed=3, mode="memory")
+    stream = split_segmentation(tmp_path / "data", seed=3, mode="stream", index_dir=tmp_path / "index")
+    again = SegmentationStream(tmp_path / "data", index_dir=tmp_path / "index")  # read back from the index
+    for dataset in (stream[0], again):
+        assert dataset.mask_mode == "labels" and dataset.classes == CLASSES and dataset.ignore_index == 255
+    for got, want in zip(epochs_of_batches(stream[0], workers=0), epochs_of_batches(memory[0], workers=0)):
+        assert got[1].dtype == torch.int64 and (got[1] == 255).any()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
