@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainer_datasets import SyntheticNuclei, split_segmentation
-from models import (SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
+from models import (BASE_FILTERS, SIDE_MULTIPLE, BCEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     nearest_multiple)
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageError, add_run_options, device_option,
                             fraction, lock_run_dir, non_negative_float, non_negative_int, positive_float, positive_int,
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the built-in synthetic nuclei")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="NestedUNet",
                         help="network (default: %(default)s)")
+    parser.add_argument("--base-filters", type=positive_int, default=BASE_FILTERS,
+                        help="channels of the network's first level, doubled at each level below (default: "
+                             "%(default)s; smaller is faster and less accurate)")
     parser.add_argument("--deep-supervision", action="store_true",
                         help="NestedUNet only: train the four heads on X(0,1..4) and average their losses")
     parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
@@ -149,8 +152,11 @@ def materialize(dataset: Dataset) -> TensorDataset:
 def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The configured network."""
     if config["arch"] == "NestedUNet":
-        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"])
-    return UNet(num_classes=num_classes, input_channels=3)
+    width = config.get("base_filters", BASE_FILTERS)  # runs from before the option have the default
+    if config["arch"] == "NestedUNet":
+        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"],
+                          base_filters=width)
+    return UNet(num_classes=num_classes, input_channels=3, base_filters=width)
 
 
 def build_optimizer(config: dict[str, Any], model: nn.Module,
@@ -202,6 +208,7 @@ class NestedUNetRecipe(Recipe):
                              f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
                              "--val-samples size the built-in data; --val-fraction and --workers apply to --data)")
         config = super().new_config(args)
+        config["base_filters"] = args.base_filters  # not in config_keys: runs from before it resume with 32
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
         return config
