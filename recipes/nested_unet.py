@@ -151,7 +151,6 @@ def materialize(dataset: Dataset) -> TensorDataset:
 
 def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The configured network."""
-    if config["arch"] == "NestedUNet":
     width = config.get("base_filters", BASE_FILTERS)  # runs from before the option have the default
     if config["arch"] == "NestedUNet":
         return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"],

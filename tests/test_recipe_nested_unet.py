@@ -62,7 +62,7 @@ def test_summary_lines(tmp_path, capsys):
 
 def test_folder_data_and_unet(tmp_path):
     SyntheticNuclei(10, image_size=32, seed=3).save(tmp_path / "data")
-    argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--epochs", "1", "--batch-size", "4",
+    argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
             "--optimizer", "sgd", "--scheduler", "plateau", "--log-dir", str(tmp_path / "run")]
     assert run(argv) == 0
     config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
@@ -158,7 +158,7 @@ def test_command_line_exit_code_and_single_line():
 
 
 @pytest.mark.parametrize("option, value, saved", [("--lr", "0.01", "0.003"), ("--batch-size", "2", "4"),
-                                                  ("--arch", "UNet", "'NestedUNet'"), ("--seed", "3", "0")])
+                                                  ("--arch", "UNet", "--base-filters", "4", "'NestedUNet'"), ("--seed", "3", "0")])
 def test_resume_refuses_a_changed_option_and_names_it(tiny_run, capsys, option, value, saved):
     assert run(["--resume", str(tiny_run), "--epochs", "3", option, value]) == 2
     err = capsys.readouterr().err
@@ -205,7 +205,7 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
         return original(self, batch)
 
     mocker.patch.object(Trainer, "train_step", spy)
-    argv = ["--data", str(data), "--arch", "UNet", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
+    argv = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
     assert run(argv) == 0
     assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
     assert set(shapes) == {(32, 48)}
@@ -220,7 +220,7 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
 def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
     data = tmp_path / "data"
     SyntheticNuclei(12, image_size=32, seed=5).save(data)
-    base = ["--data", str(data), "--arch", "UNet", "--batch-size", "4", "--workers", "2", "--epochs", "2",
+    base = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--workers", "2", "--epochs", "2",
             "--precision", "32", "--channels-last", "off"]  # nothing probed: both runs train alike
     assert run(base + ["--log-dir", str(tmp_path / "full")]) == 0
     save = ModelCheckpoint.on_epoch_end
@@ -262,7 +262,7 @@ def five_class_folder(root, count=8, size=32):
 def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_per_class(tmp_path):
     data = five_class_folder(tmp_path / "data")
     run_dir = tmp_path / "run"
-    assert run(["--data", str(data), "--arch", "UNet", "--epochs", "1", "--batch-size", "4",
+    assert run(["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
                 "--log-dir", str(run_dir)]) == 0
     events = read(run_dir)
     scalars = events.Tags()["scalars"]
