@@ -61,7 +61,11 @@ def check_positive(name: str, value: int) -> None:
 
 
 def nearest_multiple(side: int) -> int:
-    """The multiple of `SIDE_MULTIPLE` nearest to `side` (at least one): a size the U-Nets take."""
+    """The multiple of `SIDE_MULTIPLE` nearest to `side` (at least one): a size the U-Nets take.
+
+    Args:
+        side: an image's height or width, in pixels.
+    """
     return max(SIDE_MULTIPLE, (side + SIDE_MULTIPLE // 2) // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
 

@@ -65,8 +65,12 @@ def test_folder_data_and_unet(tmp_path):
     argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
             "--optimizer", "sgd", "--scheduler", "plateau", "--log-dir", str(tmp_path / "run")]
     assert run(argv) == 0
-    config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    config = state["config"]
     assert config["arch"] == "UNet" and config["image_size"] is None  # trained at the images' own size
+    assert config["base_filters"] == 4 and state["model"]["conv4_0.conv2.weight"].shape[0] == 4 * 16
+    del config["base_filters"]  # a run from before the option: the reference width
+    assert nested_unet.build_model(config, 1).conv4_0.conv2.out_channels == 32 * 16
 
 
 def test_deep_supervision_run(tmp_path):

@@ -63,6 +63,9 @@ def scan_segmentation_folder(root: str | os.PathLike) -> FolderLayout:
     unsupported file, entry that is not a regular file (a FIFO, a dangling or looping symbolic
     link: never opened) or duplicate id in one message. Hidden files and the files operating
     systems leave behind (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are left out.
+
+    Args:
+        root: the folder holding ``images/`` and ``masks/``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -263,6 +266,12 @@ def write_segmentation_folder(
     PNGs in ``masks/<class index>/`` (or ``masks/`` with ``class_folders=False``, one class only).
     Ids are zero-padded indices (``0000.png``, ...). Refuses a non-empty ``images/`` or ``masks/``
     folder unless ``exist_ok`` (files of the same name are then replaced). Returns `root`.
+
+    Args:
+        dataset: ``(image, mask)`` items, e.g. a `SyntheticNuclei`.
+        root: the folder to write.
+        class_folders: one folder per class under ``masks/``; False writes one class to ``masks/``.
+        exist_ok: write into non-empty ``images/`` and ``masks/`` folders.
     """
     root = Path(root)
     for folder in (root / "images", root / "masks"):
