@@ -257,7 +257,7 @@ runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 
 # 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
-MID_EPOCH = [*TINY[:2], "--train-samples", "64", *TINY[4:], "--epochs", "2", "--checkpoint-every", "3",
+MID_EPOCH = [*TINY[:4], "--train-samples", "64", *TINY[6:], "--epochs", "2", "--checkpoint-every", "3",
              "--val-every", "4"]
 
 
