@@ -1,6 +1,6 @@
 """Models, losses and metrics: the tutorial CNN, UNet and NestedUNet (UNet++)."""
 
-from models.blocks import SIDE_MULTIPLE, VGGBlock, nearest_multiple
+from models.blocks import BASE_FILTERS, SIDE_MULTIPLE, VGGBlock, nearest_multiple
 from models.cnn import CNN, FashionCNN
 from models.losses import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from models.metrics import (accuracy, class_iou, confusion_iou, confusion_matrix, dice, iou, label_class_iou,
@@ -10,6 +10,7 @@ from models.predict import predict_batch, predict_image
 from models.unet import UNet
 
 __all__ = [
+    "BASE_FILTERS",
     "CNN",
     "SIDE_MULTIPLE",
     "BCEDiceLoss",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FILTERS = (32, 64, 128, 256, 512)
+#: The width of the first level, as in the reference code; each deeper level doubles it.
+BASE_FILTERS = 32
 # Four 2x poolings: both spatial sides must divide by 2**4.
 SIDE_MULTIPLE = 16
 
@@ -32,15 +33,18 @@ class VGGBlock(nn.Sequential):
 class UNetEncoder(nn.Module):
     """What UNet and NestedUNet share: the size checks, max-pool down, bilinear x2 up and the
     five encoder blocks ``conv0_0`` .. ``conv4_0`` (layer names as in the reference code, so
-    state dicts match)."""
+    state dicts match). ``self.filters`` holds the five levels' widths: ``base_filters`` doubled
+    at each level (32, 64, 128, 256, 512 by default, as in the reference code)."""
 
-    def __init__(self, num_classes: int, input_channels: int) -> None:
+    def __init__(self, num_classes: int, input_channels: int, base_filters: int = BASE_FILTERS) -> None:
         super().__init__()
         check_positive("num_classes", num_classes)
         check_positive("input_channels", input_channels)
+        check_positive("base_filters", base_filters)
         self.num_classes = num_classes
         self.input_channels = input_channels
-        f = FILTERS
+        self.base_filters = base_filters
+        self.filters = f = tuple(base_filters * 2**level for level in range(5))
         self.pool = nn.MaxPool2d(2, 2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv0_0 = VGGBlock(input_channels, f[0], f[0])
@@ -57,7 +61,11 @@ def check_positive(name: str, value: int) -> None:
 
 
 def nearest_multiple(side: int) -> int:
-    """The multiple of `SIDE_MULTIPLE` nearest to `side` (at least one): a size the U-Nets take."""
+    """The multiple of `SIDE_MULTIPLE` nearest to `side` (at least one): a size the U-Nets take.
+
+    Args:
+        side: an image's height or width, in pixels.
+    """
     return max(SIDE_MULTIPLE, (side + SIDE_MULTIPLE // 2) // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
 

@@ -107,6 +107,9 @@ class DeepSupervisionLoss(nn.Module):
 
     A single tensor prediction is passed to `loss` unchanged, so one loss object serves
     models with and without deep supervision.
+
+    Args:
+        loss: ``loss(prediction, target)`` of one head, e.g. `BCEDiceLoss`.
     """
 
     def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:

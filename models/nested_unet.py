@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import FILTERS, UNetEncoder, VGGBlock, check_input
+from models.blocks import BASE_FILTERS, UNetEncoder, VGGBlock, check_input
 
 
 class NestedUNet(UNetEncoder):
@@ -24,14 +24,17 @@ class NestedUNet(UNetEncoder):
         num_classes: output channels (one logit map per class).
         input_channels: channels of the input images.
         deep_supervision: return the predictions of all four nested decoders.
+        base_filters: channels of the first level, doubled at each of the four levels below
+            (32 as in the reference code; 4 gives a network with 64 times fewer parameters).
     """
 
     def __init__(
-        self, num_classes: int = 1, input_channels: int = 3, deep_supervision: bool = False
+        self, num_classes: int = 1, input_channels: int = 3, deep_supervision: bool = False,
+        base_filters: int = BASE_FILTERS,
     ) -> None:
-        super().__init__(num_classes, input_channels)
+        super().__init__(num_classes, input_channels, base_filters)
         self.deep_supervision = bool(deep_supervision)
-        f = FILTERS
+        f = self.filters
 
         self.conv0_1 = VGGBlock(f[0] + f[1], f[0], f[0])
         self.conv1_1 = VGGBlock(f[1] + f[2], f[1], f[1])

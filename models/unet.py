@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blocks import FILTERS, UNetEncoder, VGGBlock, check_input
+from models.blocks import BASE_FILTERS, UNetEncoder, VGGBlock, check_input
 
 
 class UNet(UNetEncoder):
@@ -17,11 +17,13 @@ class UNet(UNetEncoder):
     Args:
         num_classes: output channels (one logit map per class).
         input_channels: channels of the input images.
+        base_filters: channels of the first level, doubled at each of the four levels below
+            (32 as in the reference code; 4 gives a network with 64 times fewer parameters).
     """
 
-    def __init__(self, num_classes: int = 1, input_channels: int = 3) -> None:
-        super().__init__(num_classes, input_channels)
-        f = FILTERS
+    def __init__(self, num_classes: int = 1, input_channels: int = 3, base_filters: int = BASE_FILTERS) -> None:
+        super().__init__(num_classes, input_channels, base_filters)
+        f = self.filters
         self.conv3_1 = VGGBlock(f[3] + f[4], f[3], f[3])
         self.conv2_2 = VGGBlock(f[2] + f[3], f[2], f[2])
         self.conv1_3 = VGGBlock(f[1] + f[2], f[1], f[1])

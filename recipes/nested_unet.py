@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
 from trainer_datasets.segmentation_stream import DATA_MODES
-from models import (SIDE_MULTIPLE, BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
+from models import (BASE_FILTERS, SIDE_MULTIPLE, BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
                     label_class_iou, label_iou, nearest_multiple)
 from recipes.cli import CommandLine
 from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError, add_run_options,
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the built-in synthetic nuclei")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="NestedUNet",
                         help="network (default: %(default)s)")
+    parser.add_argument("--base-filters", type=positive_int, default=BASE_FILTERS,
+                        help="channels of the network's first level, doubled at each level below (default: "
+                             "%(default)s; smaller is faster and less accurate)")
     parser.add_argument("--deep-supervision", action="store_true",
                         help="NestedUNet only: train the four heads on X(0,1..4) and average their losses")
     parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
@@ -177,9 +180,11 @@ def materialize(dataset: Dataset) -> TensorDataset:
 
 def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The configured network."""
+    width = config.get("base_filters", BASE_FILTERS)  # runs from before the option have the default
     if config["arch"] == "NestedUNet":
-        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"])
-    return UNet(num_classes=num_classes, input_channels=3)
+        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"],
+                          base_filters=width)
+    return UNet(num_classes=num_classes, input_channels=3, base_filters=width)
 
 
 def build_optimizer(config: dict[str, Any], model: nn.Module,
@@ -220,6 +225,7 @@ class NestedUNetConfig(RunConfig):
     Attributes:
         data: the segmentation folder, or None for the built-in synthetic nuclei.
         arch: ``NestedUNet`` or ``UNet``.
+        base_filters: channels of the network's first level (runs from before it: 32).
         deep_supervision: NestedUNet trains its four heads.
         batch_size: samples per step.
         lr: initial learning rate.
@@ -246,6 +252,7 @@ class NestedUNetConfig(RunConfig):
     data: str | None
     arch: str
     deep_supervision: bool
+    base_filters: int = BASE_FILTERS
     batch_size: int
     lr: float
     weight_decay: float

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import matplotlib
 import pytest
@@ -132,3 +133,27 @@ def read_only_folder(tmp_path):
         _unmount(folder)
     elif folder.exists():
         folder.chmod(0o755)
+
+
+class FakeClock:
+    """A stand-in for `time.monotonic` that moves only when told: by `advance`, and by `tick`
+    seconds after each reading. Time limits tested on it stop at a known step, whatever the load."""
+
+    def __init__(self, start: float, tick: float = 0.0) -> None:
+        self.now, self.tick = start, tick
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.tick
+        return now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """`time.monotonic` replaced by a `FakeClock` for the test (the Trainer's time limit reads it)."""
+    clock = FakeClock(time.monotonic())
+    monkeypatch.setattr(time, "monotonic", clock)
+    return clock

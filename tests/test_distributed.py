@@ -122,7 +122,7 @@ def test_drop_last_is_decided_per_shard(tmp_path):
 
 def test_recipe_runs_unchanged_under_torchrun(tmp_path):
     run = tmp_path / "run"
-    result = torchrun("-m", "recipes.nested_unet", "--train-samples", "8", "--val-samples", "4", "--image-size", "32",
+    result = torchrun("-m", "recipes.nested_unet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32",
                       "--batch-size", "2", "--epochs", "1", "--log-dir", str(run))
     assert result.stdout.count("best validation IoU") == 1  # printed by rank 0 only
     assert len(glob.glob(str(run / "events.out.tfevents.*"))) == 1 and (run / "last.pt").is_file()

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX sig
 
 EPOCHS = 3
 # The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
-TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
+TINY = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
         "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
 TIMED = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
@@ -257,7 +257,7 @@ runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 
 # 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
-MID_EPOCH = [*TINY[:2], "--train-samples", "64", *TINY[4:], "--epochs", "2", "--checkpoint-every", "3",
+MID_EPOCH = [*TINY[:4], "--train-samples", "64", *TINY[6:], "--epochs", "2", "--checkpoint-every", "3",
              "--val-every", "4"]
 
 
@@ -314,7 +314,7 @@ def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):
 
 # A data folder of 10 images, split into 8 augmented training images and 2 for validation, loaded by
 # 2 worker processes: 4 steps per epoch.
-FOLDER = ["--arch", "UNet", "--image-size", "16", "--batch-size", "2", "--epochs", "2", "--precision", "32",
+FOLDER = ["--arch", "UNet", "--base-filters", "4", "--image-size", "16", "--batch-size", "2", "--epochs", "2", "--precision", "32",
           "--channels-last", "off", "--seed", "2"]
 
 

@@ -60,11 +60,22 @@ def test_fashion_cnn_rejects_wrong_input_shape():
         (lambda: NestedUNet(), 9_163_329),
         (lambda: NestedUNet(deep_supervision=True), 9_163_428),
         (lambda: UNet(num_classes=1, input_channels=3), 7_852_545),
+        (lambda: UNet(base_filters=4), 123_761),
+        (lambda: NestedUNet(base_filters=4), 144_473),
     ],
-    ids=["unet", "nested", "nested-deep-supervision", "unet-explicit-args"],
+    ids=["unet", "nested", "nested-deep-supervision", "unet-explicit-args", "unet-width-4", "nested-width-4"],
 )
 def test_segmentation_parameter_counts(make, expected):
     assert n_params(make()) == expected
+
+
+@pytest.mark.parametrize("model_cls", [UNet, NestedUNet])
+def test_base_filters_doubles_the_width_at_each_level(model_cls):
+    model = model_cls(num_classes=2, base_filters=6)
+    assert [getattr(model, f"conv{level}_0").conv2.out_channels for level in range(5)] == [6, 12, 24, 48, 96]
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 2, 16, 16)
+    with pytest.raises(ValueError, match="base_filters must be a positive integer, got 0"):
+        model_cls(base_filters=0)
 
 
 def test_vgg_block_keeps_size_and_has_two_conv_bn_relu():
@@ -84,7 +95,7 @@ def test_nested_unet_layer_names():
 @pytest.mark.parametrize("model_cls", [UNet, NestedUNet])
 def test_output_shape_multi_class(model_cls):
     torch.manual_seed(0)
-    model = model_cls(num_classes=3, input_channels=1)
+    model = model_cls(num_classes=3, input_channels=1, base_filters=4)
     out = model(torch.randn(2, 1, 16, 32))
     assert isinstance(out, torch.Tensor)
     assert out.shape == (2, 3, 16, 32)
@@ -92,7 +103,7 @@ def test_output_shape_multi_class(model_cls):
 
 def test_deep_supervision_returns_four_predictions():
     torch.manual_seed(0)
-    model = NestedUNet(num_classes=2, input_channels=3, deep_supervision=True)
+    model = NestedUNet(num_classes=2, input_channels=3, deep_supervision=True, base_filters=4)
     out = model(torch.randn(2, 3, 32, 16))
     assert isinstance(out, list) and len(out) == 4
     for prediction in out:

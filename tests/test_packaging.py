@@ -30,7 +30,7 @@ def test_hugging_face_datasets_and_this_projects_datasets_in_one_process(tmp_pat
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "stand-in nuclei 2\n"
-    run = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--train-samples", "4", "--val-samples", "2",
+    run = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--base-filters", "4", "--train-samples", "4", "--val-samples", "2",
                           "--image-size", "16", "--batch-size", "2", "--epochs", "1", "--precision", "32",
                           "--channels-last", "off", "--log-dir", str(tmp_path / "run")],
                          cwd=cwd, env=stand_in, capture_output=True, text=True, timeout=300)

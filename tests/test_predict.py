@@ -268,7 +268,7 @@ def test_inference_precision_follows_the_run_where_the_cpu_computes_it(mocker, t
 def resized_run(tmp_path_factory):
     """A tiny run trained on images resized to 32x32."""
     run_dir = tmp_path_factory.mktemp("resized") / "run"
-    assert run(["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size",
+    assert run(["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size",
                 "4", "--epochs", "1", "--precision", "32", "--channels-last", "off", "--log-dir", str(run_dir)]) == 0
     return run_dir / "last.pt"
 
@@ -278,7 +278,7 @@ def native_run(tmp_path_factory):
     """A tiny run trained on a folder of 32x32 images at their own resolution."""
     root = tmp_path_factory.mktemp("native")
     SyntheticNuclei(6, image_size=32, seed=3).save(root / "data")
-    assert run(["--data", str(root / "data"), "--arch", "UNet", "--batch-size", "4", "--epochs", "1", "--precision",
+    assert run(["--data", str(root / "data"), "--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--epochs", "1", "--precision",
                 "32", "--channels-last", "off", "--log-dir", str(root / "run")]) == 0
     return root / "run" / "last.pt"
 

@@ -21,7 +21,7 @@ from trainer.callbacks import ModelCheckpoint
 from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
 
-TINY = ["--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
+TINY = ["--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
 
 
 def run(argv):
@@ -62,11 +62,15 @@ def test_summary_lines(tmp_path, capsys):
 
 def test_folder_data_and_unet(tmp_path):
     SyntheticNuclei(10, image_size=32, seed=3).save(tmp_path / "data")
-    argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--epochs", "1", "--batch-size", "4",
+    argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
             "--optimizer", "sgd", "--scheduler", "plateau", "--log-dir", str(tmp_path / "run")]
     assert run(argv) == 0
-    config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    config = state["config"]
     assert config["arch"] == "UNet" and config["image_size"] is None  # trained at the images' own size
+    assert config["base_filters"] == 4 and state["model"]["conv4_0.conv2.weight"].shape[0] == 4 * 16
+    del config["base_filters"]  # a run from before the option: the reference width
+    assert nested_unet.build_model(config, 1).conv4_0.conv2.out_channels == 32 * 16
 
 
 def test_deep_supervision_run(tmp_path):
@@ -205,7 +209,7 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
         return original(self, batch)
 
     mocker.patch.object(Trainer, "train_step", spy)
-    argv = ["--data", str(data), "--arch", "UNet", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
+    argv = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
     assert run(argv) == 0
     assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
     assert set(shapes) == {(32, 48)}
@@ -220,7 +224,7 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
 def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
     data = tmp_path / "data"
     SyntheticNuclei(12, image_size=32, seed=5).save(data)
-    base = ["--data", str(data), "--arch", "UNet", "--batch-size", "4", "--workers", "2", "--epochs", "2",
+    base = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--workers", "2", "--epochs", "2",
             "--precision", "32", "--channels-last", "off"]  # nothing probed: both runs train alike
     assert run(base + ["--log-dir", str(tmp_path / "full")]) == 0
     save = ModelCheckpoint.on_epoch_end
@@ -262,7 +266,7 @@ def five_class_folder(root, count=8, size=32):
 def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_per_class(tmp_path):
     data = five_class_folder(tmp_path / "data")
     run_dir = tmp_path / "run"
-    assert run(["--data", str(data), "--arch", "UNet", "--epochs", "1", "--batch-size", "4",
+    assert run(["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
                 "--log-dir", str(run_dir)]) == 0
     events = read(run_dir)
     scalars = events.Tags()["scalars"]

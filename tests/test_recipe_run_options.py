@@ -13,7 +13,7 @@ from recipes.common import run_cli
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
 
-SEGMENTATION = ["--arch", "UNet", "--train-samples", "16", "--val-samples", "8", "--image-size", "32",
+SEGMENTATION = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "16", "--val-samples", "8", "--image-size", "32",
                 "--batch-size", "4", "--precision", "32", "--channels-last", "off"]
 
 
@@ -62,9 +62,10 @@ def test_every_run_writes_metrics_csv_one_row_per_epoch(idx_dir, tmp_path):
         assert set(rows[0]) == {"epoch", "step", *history[0]}
 
 
-def test_max_time_stops_with_a_checkpoint_and_the_resume_command(tmp_path, capsys):
+def test_max_time_stops_with_a_checkpoint_and_the_resume_command(tmp_path, capsys, fake_clock):
     run_dir = tmp_path / "run"
     options = [*SEGMENTATION, "--arch", "NestedUNet", "--train-samples", "64", "--epochs", "3"]
+    fake_clock.tick = 0.4  # the limit of 1 s passes within a few steps
     assert run_cli(nested_unet.main, [*options, "--max-time", "00:00:01", "--log-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "time limit 0:00:01 reached after global step" in out
@@ -72,6 +73,7 @@ def test_max_time_stops_with_a_checkpoint_and_the_resume_command(tmp_path, capsy
     state = load_checkpoint(run_dir / "last.pt")
     stopped_at = state["global_step"]
     assert 0 < stopped_at < 3 * 16
+    fake_clock.tick = 0.0
     assert run_cli(nested_unet.main, ["--resume", str(run_dir)]) == 0
     state = load_checkpoint(run_dir / "last.pt")
     assert state["global_step"] == 3 * 16 and len(state["history"]) == 3

@@ -11,7 +11,7 @@ import torch
 from bench.recipe_process import ROOT, checkout_env
 from trainer.checkpoint import load_checkpoint
 
-TINY = ["--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "2",
+TINY = ["--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "2",
         "--seed", "3"]
 
 

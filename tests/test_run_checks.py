@@ -13,7 +13,7 @@ from recipes import fashion_mnist, nested_unet
 from recipes.common import run_cli
 from trainer_datasets import SyntheticNuclei, make_learnable_fashion_like, write_fashion_mnist_idx
 
-SEGMENTATION = ["--arch", "UNet", "--batch-size", "4", "--precision", "32", "--channels-last", "off"]
+SEGMENTATION = ["--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--precision", "32", "--channels-last", "off"]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from trainer_datasets import write_png_file
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
 
 # The recipe's quickest configuration: UNet on 16x16 images, 2 steps per epoch.
-TINY = ["--arch", "UNet", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
+TINY = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
         "--epochs", "1", "--precision", "32", "--channels-last", "off"]
 TIMEOUT = 300.0
 

@@ -155,10 +155,10 @@ def test_durations():
     assert format_duration(5405) == "1:30:05" and parse_duration(format_duration(2 * 86400 + 1)) == 2 * 86400 + 1
 
 
-def test_time_limit_stops_after_the_first_step_past_it(tmp_path):
+def test_time_limit_stops_after_the_first_step_past_it(tmp_path, fake_clock):
     class Slow(Callback):
         def on_batch_end(self, trainer, batch, outputs):
-            time.sleep(0.3)
+            fake_clock.advance(0.3)
 
     checkpoint = ModelCheckpoint(tmp_path, monitor=None)
     trainer, train, val = make([Slow(), checkpoint], epochs=3, max_time=0.75)

@@ -26,8 +26,12 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     """Return `batch` with every tensor moved to `device` (``non_blocking=True``).
 
-    Tuples, lists and dicts are walked recursively; other values pass through. With
-    `channels_last`, 4-D tensors also take the channels-last memory format.
+    Tuples, lists and dicts are walked recursively; other values pass through.
+
+    Args:
+        batch: a tensor, or tuples, lists and dicts holding tensors (and other values).
+        device: where the tensors go.
+        channels_last: 4-D tensors also take the channels-last memory format.
     """
 
     def move(tensor: torch.Tensor) -> torch.Tensor:

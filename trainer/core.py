@@ -83,7 +83,10 @@ class TimeLimitReached(TrainingInterrupted):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators with `seed`."""
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators.
+
+    Args:
+        seed: the seed of every generator."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

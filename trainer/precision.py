@@ -74,9 +74,14 @@ class Setting(NamedTuple):
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """The settings a run trains with and why: `precision` (``"32"``, ``"bf16"`` or
-    ``"16-mixed"``), `channels_last`, a human-readable `reason` and `onednn` (False: CPU
-    convolutions use PyTorch's own kernels instead of oneDNN's; see `convolution_kernels`)."""
+    """The settings a run trains with and why.
+
+    Attributes:
+        precision: ``"32"``, ``"bf16"`` or ``"16-mixed"``.
+        channels_last: whether 4-D inputs and the model take the channels-last memory format.
+        reason: a human-readable line saying why these settings were chosen.
+        onednn: False: CPU convolutions use PyTorch's own kernels instead of oneDNN's (see
+            `convolution_kernels`)."""
 
     precision: str
     channels_last: bool

@@ -30,14 +30,20 @@ SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether `path` has one of the supported image extensions (case-insensitive)."""
+    """Whether `path` has one of the supported image extensions (case-insensitive).
+
+    Args:
+        path: a file's path; only its name is read."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def is_system_file(path: Path) -> bool:
     """Whether `path` is a hidden file or folder (its name starts with a dot: ``.DS_Store``,
     ``._0001.png``, ``.ipynb_checkpoints``) or one of `SYSTEM_FILES` (``Thumbs.db``,
-    ``desktop.ini``): entries that training and prediction leave out of a data folder."""
+    ``desktop.ini``): entries that training and prediction leave out of a data folder.
+
+    Args:
+        path: an entry's path; only its name is read."""
     return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
 
 

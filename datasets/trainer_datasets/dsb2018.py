@@ -76,6 +76,11 @@ def prepare_dsb2018(src: str | os.PathLike, dst: str | os.PathLike, size: int | 
     antialiased bilinear interpolation; merged masks are resized with nearest neighbour so they
     stay 0/255. ``size=None`` keeps the original sizes. Everything is read and checked before the
     first file is written, so bad input leaves `dst` untouched.
+
+    Args:
+        src: the unpacked DSB2018 ``stage1_train`` folder (``<id>/images/<id>.png``, ``<id>/masks/*.png``).
+        dst: the segmentation folder to write.
+        size: the square side images and masks are resized to; None keeps their sizes.
     """
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise DatasetError(f"size must be a positive int, got {size!r}")

@@ -459,6 +459,12 @@ def write_segmentation_folder(
     PNGs in ``masks/<class index>/`` (or ``masks/`` with ``class_folders=False``, one class only).
     Ids are zero-padded indices (``0000.png``, ...). Refuses a non-empty ``images/`` or ``masks/``
     folder unless ``exist_ok`` (files of the same name are then replaced). Returns `root`.
+
+    Args:
+        dataset: ``(image, mask)`` items, e.g. a `SyntheticNuclei`.
+        root: the folder to write.
+        class_folders: one folder per class under ``masks/``; False writes one class to ``masks/``.
+        exist_ok: write into non-empty ``images/`` and ``masks/`` folders.
     """
     root = Path(root)
     for folder in (root / "images", root / "masks"):

@@ -12,7 +12,9 @@ from torchvision.transforms import v2
 class RandomRot90(v2.Transform):
     """Rotate images and masks together by a random multiple of 90 degrees (exact, no resampling).
 
-    With ``square=False`` only 0 or 180 degrees are drawn, so non-square inputs keep their shape.
+    Args:
+        square: draw 0, 90, 180 or 270 degrees; with False only 0 or 180 degrees, so
+            non-square inputs keep their shape.
     """
 
     def __init__(self, square: bool = True) -> None:

@@ -236,6 +236,7 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
         batch: ``(inputs, targets)``; default: the first validation (or training) batch.
         num_images: samples shown.
         every_n_steps: log every N optimizer steps; when None, every `every_n_epochs` epochs.
+        every_n_epochs: log at the end of every N-th epoch (when `every_n_steps` is None).
         classes: class names: of the classification titles, or of the segmentation legend.
         mean, std: the inputs' normalisation, undone for display.
         threshold: probability above which a pixel is foreground (segmentation).

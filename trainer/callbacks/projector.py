@@ -25,6 +25,7 @@ class PRCurveCallback(TensorBoardWriterCallback):
         classes: class names; each names its curve, ``<tag_prefix><index> <name>`` (``pr/0
             T-shirt/top``), so that TensorBoard lists the curves in class order.
         loader: ``(inputs, labels)`` batches; default: the validation loader of `fit`.
+        tag_prefix: the start of every curve's tag.
     """
 
     rank_zero_only = False  # every rank predicts its own shard; only rank 0 has a writer
