@@ -225,7 +225,11 @@ def check_labels(labels: torch.Tensor, path: str | os.PathLike, num_classes: int
 
 def label_palette(count: int = 256) -> list[int]:
     """The Pascal VOC colour palette as a flat ``[r0, g0, b0, r1, ...]`` list of `count` colours:
-    class 0 black, 1 dark red, 2 dark green, ... (each index's bits spread over the colour bits)."""
+    class 0 black, 1 dark red, 2 dark green, ... (each index's bits spread over the colour bits).
+
+    Args:
+        count: the number of colours (classes); 256 fills a PNG palette.
+    """
     palette = []
     for index in range(count):
         r = g = b = 0
