@@ -405,19 +405,23 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
             )
         shared = root / CLASSES_FILE
 
-        def classes(folder: Path) -> list[str] | None:
+        def shared_classes(folder: Path) -> list[str] | None:
             if mask_mode == "binary" or (folder / CLASSES_FILE).is_file() or not shared.is_file():
                 return None
             return read_classes(shared)
 
-        masks = {"mask_mode": mask_mode, "ignore_index": ignore_index}
-        layouts = ([scan_segmentation_folder(d, label_classes=classes(d), **masks) for d in (train_dir, val_dir)]
+        layouts = ([scan_segmentation_folder(d, mask_mode, ignore_index, shared_classes(d)) for d in (train_dir, val_dir)]
                    if mode == "auto" else [])
-        kind = SegmentationStream if choose_data_mode(mode, layouts, image_size) == "stream" else SegmentationFolder
-        extra = {"index_dir": index_dir} if kind is SegmentationStream else {}
-        train = kind(train_dir, image_size, augment_train, num_classes, seed=seed, label_classes=classes(train_dir),
-                     **masks, **extra)
-        val = kind(val_dir, image_size, False, num_classes, label_classes=classes(val_dir), **masks, **extra)
+        sets: list[SegmentationFolder | SegmentationStream] = []
+        for folder, augment in ((train_dir, augment_train), (val_dir, False)):
+            if choose_data_mode(mode, layouts, image_size) == "stream":
+                sets.append(SegmentationStream(folder, image_size, augment, num_classes, seed=seed, index_dir=index_dir,
+                                               mask_mode=mask_mode, ignore_index=ignore_index,
+                                               label_classes=shared_classes(folder)))
+            else:
+                sets.append(SegmentationFolder(folder, image_size, augment, num_classes, seed=seed, mask_mode=mask_mode,
+                                               ignore_index=ignore_index, label_classes=shared_classes(folder)))
+        train, val = sets
         if train.classes != val.classes:
             raise DatasetError(
                 f"{train_dir / 'masks'} has classes {train.classes} but {val_dir / 'masks'} has {val.classes}"
@@ -427,7 +431,7 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
     layout = scan_segmentation_folder(root, mask_mode, ignore_index) if mode != "stream" else None
     index = segmentation_index(root, index_dir, mask_mode, ignore_index) if choose_data_mode(
         mode, [layout] if layout is not None else [], image_size) == "stream" else None
-    ids = index.ids if index is not None else layout.ids  # type: ignore[union-attr]
+    ids = index.ids if index is not None else layout.ids if layout is not None else []
     if len(ids) < 2:
         raise DatasetError(f"{root / 'images'} has {len(ids)} image(s); a train/val split needs at least 2")
     num_val = min(max(1, round(len(ids) * val_fraction)), len(ids) - 1)
@@ -439,10 +443,11 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
                 SegmentationStream(root, image_size, False, num_classes, ids=val_ids, index=index))
     # The classes of the whole folder, so both halves agree (without a classes.txt, the largest
     # value of one half need not be the other's).
-    mode, classes = layout.mask_mode, layout.classes if layout.mask_mode == "labels" else None  # type: ignore[union-attr]
-    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, mask_mode=mode,
+    assert layout is not None
+    kind, classes = layout.mask_mode, layout.classes if layout.mask_mode == "labels" else None
+    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, mask_mode=kind,
                                ignore_index=ignore_index, label_classes=classes)
-    val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids, mask_mode=mode,
+    val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids, mask_mode=kind,
                              ignore_index=ignore_index, label_classes=classes)
     return train, val
 

@@ -197,12 +197,12 @@ def _fingerprint(root: Path) -> dict[str, list[int]] | None:
 def _build(root: Path, masks: dict[str, Any]) -> SegmentationIndex:
     """Check every sample of `root` as `SegmentationFolder` does, keeping no pixels."""
     layout = scan_segmentation_folder(root, **masks)
-    samples = {}
+    samples: dict[str, tuple[str, list[str], int, int]] = {}
     for sample_id in layout.ids:
         image, _ = load_sample(layout, sample_id, None)
         image_file = layout.images[sample_id]
-        masks = [str(m[sample_id].relative_to(root)) for m in layout.masks.values()]
-        samples[sample_id] = (str(image_file.relative_to(root)), masks, int(image.shape[-2]), int(image.shape[-1]))
+        files = [str(m[sample_id].relative_to(root)) for m in layout.masks.values()]
+        samples[sample_id] = (str(image_file.relative_to(root)), files, int(image.shape[-2]), int(image.shape[-1]))
     return SegmentationIndex(root, layout.classes, samples, list(layout.masks), layout.mask_mode, layout.ignore_index)
 
 
