@@ -240,10 +240,9 @@ class NestedUNetRecipe(Recipe):
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
         fixed, classes = parts.extras["fixed"], config["classes"]
         # The tag scheme of trainer.callbacks.tags: `Loss/training loss` every 10 steps, `Loss/...` and
-        # `Validation/...` per epoch; the metrics get their usual names.
+        # `Validation/...` per epoch; the metrics get their usual names (and each class's IoU,
+        # `iou_<class>`, follows as `Validation/IoU/<class>`).
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
-        if len(classes) > 1:
-            tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         return [
             TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
                                 hparams={key: value for key, value in config.items() if key != "data_files"}),
