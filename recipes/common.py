@@ -585,6 +585,9 @@ class RecipeParts:
         scheduler: a learning-rate scheduler (or None).
         extras: whatever the recipe's `Recipe.callbacks` need from `Recipe.build` (fixed batches
             for visuals, decoded images...).
+        data: the data's sizing and class names, saved in every checkpoint (``classes``,
+            ``image_size``: None for each image's own size, ``input_channels``), which
+            ``predict`` reads.
     """
 
     model: torch.nn.Module
@@ -596,6 +599,7 @@ class RecipeParts:
     metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
     scheduler: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe:
@@ -693,7 +697,7 @@ class Recipe:
             callbacks = [*self.callbacks(run_dir, config, parts), CSVLogger(run_dir / METRICS_FILE),
                          *([HistogramCallback(run_dir)] if config.get("histograms") or fast else []),
                          ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=config,
-                                         every_n_steps=config.get("checkpoint_every"))]
+                                         every_n_steps=config.get("checkpoint_every"), data=parts.data)]
             trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
                               max_epochs=1 if fast else config["epochs"], device=device, metrics=parts.metrics,
                               scheduler=parts.scheduler, precision=choice, seed=config["seed"],

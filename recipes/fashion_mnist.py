@@ -123,6 +123,7 @@ class FashionMNIST(Recipe):
             example=normalized(train_images[: config["batch_size"]]),
             metrics={"acc": accuracy},
             extras={"train": (train_images, train_labels), "test": (test_images, test_labels)},
+            data={"classes": list(CLASSES), "image_size": 28, "input_channels": 1},
         )
 
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:

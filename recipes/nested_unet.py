@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageErro
 from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
                                 data_folder_above, inference_precision, predict_folder)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
-from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
+from trainer import Callback, ResumableSampler, ignore_stop_signals, load_model, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
@@ -101,7 +102,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
                     "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
                     "images/ and masks/), and one predict at a time writes into a folder.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of a segmentation run (RUN/best.pt or last.pt) of this recipe or any "
+                             "other whose model is one of the project's (UNet, NestedUNet)")
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
     parser.add_argument("--overwrite", action="store_true",
@@ -235,7 +238,8 @@ class NestedUNetRecipe(Recipe):
         return RecipeParts(model=model, loss_fn=DeepSupervisionLoss(BCEDiceLoss()), optimizer=optimizer,
                            train_loader=train_loader, val_loader=val_loader, metrics=metrics,
                            example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
-                           scheduler=scheduler, extras={"fixed": fixed})
+                           scheduler=scheduler, extras={"fixed": fixed},
+                           data={"classes": classes, "image_size": config["image_size"], "input_channels": 3})
 
     def callbacks(self, run_dir: Path, config: dict[str, Any], parts: RecipeParts) -> list[Callback]:
         fixed, classes = parts.extras["fixed"], config["classes"]
@@ -259,32 +263,53 @@ def train(argv: list[str] | None) -> int:
     return NestedUNetRecipe().train(argv)
 
 
-def load_trained_model(checkpoint: str | os.PathLike,
-                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained network of a checkpoint of this recipe and the run's configuration.
+def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+                       allowed: Iterable[type] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of a segmentation checkpoint (of this recipe or any other that records
+    its model, see `trainer.load_model`) and what predicting needs to know of the run.
 
     The network has the checkpoint's weights, sits on `device` in eval mode, and is channels-last
-    if the run trained so. Its configuration holds ``image_size`` (None: trained at the images'
-    own resolution), ``classes``, ``precision`` and the other options of the run. A missing or
-    unreadable file, or one that is not a checkpoint of this recipe, is a `UsageError`.
+    if the run trained so. The returned configuration is the run's, with ``classes`` (one per
+    output channel) and ``image_size`` (None: trained at the images' own resolution) taken from
+    the checkpoint's ``data`` where it records them. A missing or unreadable file, one that does
+    not rebuild its model, or one that records no class names is a `UsageError` saying what the
+    file is and what it lacks.
 
     Args:
-        checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a run of this recipe.
+        checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a segmentation run.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a `torch.device`.
+        allowed: model classes to rebuild besides PyTorch's layers and the project's models.
     """
     try:
         state = load_checkpoint(checkpoint)
         device = resolve_device(device)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    config = state.get("config")
-    check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
+    config = dict(state.get("config") or {})
+    data = state.get("data") or {}
+    if "model_spec" in state or "arch" not in config:
+        try:
+            model = load_model(state, allowed=allowed)
+        except ValueError as exc:
+            raise UsageError(str(exc).replace("the checkpoint", str(checkpoint), 1)) from None
+    else:  # this recipe's, written before checkpoints recorded their model: rebuilt from its options
+        check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
+        if not config.get("classes"):
+            raise UsageError(f"{checkpoint} records no mask classes: it has no format_version, so an older version "
+                             "of this recipe wrote it; train it again with this one")
+        model = build_model(config, num_classes=len(config["classes"]))
+        check_weights(model, state, checkpoint)
+        model.load_state_dict(state["model"])
+    config.update({key: data[key] for key in ("classes", "image_size") if key in data})
+    what = f"{checkpoint} (a checkpoint of {type(model).__name__})"
     if not config.get("classes"):
-        raise UsageError(f"{str(checkpoint)!r} records no mask classes; it was written by an older version of this "
-                         "recipe: train it again with this one")
-    model = build_model(config, num_classes=len(config["classes"]))
-    check_weights(model, state, checkpoint)
-    model.load_state_dict(state["model"])
+        raise UsageError(f"{what} records no class names (no 'classes' in its data or config); predict names "
+                         "its outputs after them: train with ModelCheckpoint(data={'classes': [...]}) or a recipe "
+                         "whose RecipeParts.data gives them")
+    config.setdefault("image_size", None)
+    channels = data.get("input_channels", getattr(model, "input_channels", 3))
+    if channels != 3:
+        raise UsageError(f"{what} takes {channels}-channel inputs; predict feeds RGB images (3 channels)")
     model.to(device).eval()
     if config.get("channels_last") is True:
         model.to(memory_format=torch.channels_last)
