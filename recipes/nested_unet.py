@@ -4,6 +4,7 @@
     python -m recipes.nested_unet --data inputs/dsb2018_96 --epochs 100 --image-size 96
     python -m recipes.nested_unet --resume runs/nested_unet/20261127-101500
     python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR   # see predict --help
+    python -m recipes.nested_unet export --checkpoint RUN/best.pt --out model.pt   # weights only, for deployment
 
 `--data` takes the folder layout <root>/images/<id>.png with <root>/masks/<class>/<id>.png
 (or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders.
@@ -35,6 +36,7 @@ from trainer import Callback, ResumableSampler, ignore_stop_signals, load_model,
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
+from trainer.trained_model import export_model
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -364,11 +366,40 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    """The `export` command's options."""
+    parser = RecipeArgumentParser(
+        prog="python -m recipes.nested_unet export",
+        description="Write the weights and the description of a checkpoint's model (class, constructor arguments, "
+                    "classes, image size, run options) without the optimizer and training state: a third of the "
+                    "size, for deployment. `predict` and trainer.load_model read it; it cannot resume a run.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of a run (RUN/best.pt or last.pt)")
+    parser.add_argument("--out", required=True, help="the file to write (e.g. model.pt); never replaced")
+    return parser
+
+
+def export(argv: list[str]) -> int:
+    """Write a weights-only copy of a checkpoint; returns the exit code."""
+    args = build_export_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"--out {args.out!r} exists already; choose another file (nothing written)")
+    try:
+        export_model(args.checkpoint, out)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m recipes.nested_unet [predict] ...`."""
+    """`python -m recipes.nested_unet [predict|export] ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return predict(argv[1:])
+    if argv and argv[0] == "export":
+        return export(argv[1:])
     return train(argv)
 
 
