@@ -509,3 +509,22 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     model, config = nested_unet.load_trained_model(own, allowed=[OwnNet])
     assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
     assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resized_run, tmp_path, capsys):
+    from trainer import load_model
+    from trainer.trained_model import MODEL_KEYS
+
+    exported = tmp_path / "model.pt"
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(exported)]) == 0
+    assert set(load_checkpoint(exported)) == set(MODEL_KEYS)
+    assert exported.stat().st_size < resized_run.stat().st_size / 2  # no Adam moments
+    assert isinstance(load_model(exported), UNet)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png_file(random_image(32, 32), images / "a.png")
+    assert predict_cli(exported, images, tmp_path / "out") == 0
+    assert (tmp_path / "out" / "a_mask.png").is_file()
+    capsys.readouterr()
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(exported)]) == 2
+    assert "exists already" in capsys.readouterr().err
