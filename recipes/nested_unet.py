@@ -32,11 +32,11 @@ from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, UsageErro
 from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
                                 data_folder_above, inference_precision, predict_folder)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
-from trainer import Callback, ResumableSampler, ignore_stop_signals, load_model, resolve_device
+from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
 from trainer.callbacks import (GraphCallback, ImageGridCallback, PredictionFigureCallback, ProgressBar,
                                TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
-from trainer.trained_model import export_model
+from trainer.trained_model import export_model, model_from_state
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -291,9 +291,9 @@ def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device
     data = state.get("data") or {}
     if "model_spec" in state or "arch" not in config:
         try:
-            model = load_model(state, allowed=allowed)
+            model = model_from_state(state, checkpoint, allowed=allowed)
         except ValueError as exc:
-            raise UsageError(str(exc).replace("the checkpoint", str(checkpoint), 1)) from None
+            raise UsageError(str(exc)) from None
     else:  # this recipe's, written before checkpoints recorded their model: rebuilt from its options
         check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
         if not config.get("classes"):

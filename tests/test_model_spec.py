@@ -121,6 +121,11 @@ def test_unrecordable_arguments_fail_before_training_and_model_args_fix_it(tmp_p
         _, _, counter = fit(Opaque(5), tmp_path / "refused", make_classification(16))
     assert not (tmp_path / "refused").exists()  # nothing trained, nothing written
 
+    _, checkpoint, _ = fit(Opaque(5), tmp_path / "resume-only", make_classification(16), describe_model=False)
+    assert "model_spec" not in load_checkpoint(checkpoint.last_path)
+    with pytest.raises(ValueError, match=r"holds weights but no model_spec .*the run did not record it"):
+        load_model(checkpoint.last_path)
+
     model = Opaque(5)
     trainer, checkpoint, counter = fit(model, tmp_path / "given", make_classification(16), model_args={"width": 5})
     assert counter.batches == 2

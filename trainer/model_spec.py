@@ -32,7 +32,8 @@ PROJECT_MODELS = ("models.unet.UNet", "models.nested_unet.NestedUNet", "models.c
 #: Constructor parameters that place weights rather than shape them: not recorded.
 _PLACEMENT = ("device", "dtype")
 _PLAIN = (bool, int, float, str, type(None))
-_FIX = "pass the keyword arguments that rebuild it: ModelCheckpoint(..., model_args={...})"
+_FIX = ("pass the keyword arguments that rebuild it: ModelCheckpoint(..., model_args={...}), or "
+        "ModelCheckpoint(..., describe_model=False) for checkpoints that resume but do not rebuild the model")
 
 
 class ModelSpecError(ValueError):

@@ -40,17 +40,21 @@ FORMAT_VERSION = 2
 MODEL_KEYS = ("format_version", "model_spec", "model", "data", "config")
 
 
-def describe(model_spec: dict[str, Any], data: Mapping[str, Any] | None,
+def describe(model_spec: dict[str, Any] | None, data: Mapping[str, Any] | None,
              config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The keys that make a checkpoint self-describing (all of `MODEL_KEYS` but ``model``).
 
     Args:
-        model_spec: `trainer.model_spec.record_model` of the model.
+        model_spec: `trainer.model_spec.record_model` of the model (None: not recorded, the
+            key is left out).
         data: the data's sizing and class names (None: none given).
         config: the run's configuration (None: none given).
     """
-    return {"format_version": FORMAT_VERSION, "model_spec": model_spec, "data": dict(data or {}),
-            "config": dict(config or {})}
+    described = {"format_version": FORMAT_VERSION, "model_spec": model_spec, "data": dict(data or {}),
+                 "config": dict(config or {})}
+    if model_spec is None:
+        del described["model_spec"]
+    return described
 
 
 def weights_only(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,9 +119,22 @@ def load_model(
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a `torch.device`).
     """
     if isinstance(checkpoint, Mapping):
-        state, source = checkpoint, "the checkpoint"
-    else:
-        state, source = load_checkpoint(checkpoint), str(checkpoint)
+        return model_from_state(checkpoint, "the checkpoint", allowed, trusted, device)
+    return model_from_state(load_checkpoint(checkpoint), checkpoint, allowed, trusted, device)
+
+
+def model_from_state(state: Mapping[str, Any], source: str | os.PathLike, allowed: Iterable[type] = (),
+                     trusted: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """`load_model` of a checkpoint loaded already, with `source` naming it in messages.
+
+    Args:
+        state: the loaded checkpoint.
+        source: the file it was loaded from.
+        allowed: further model classes to rebuild.
+        trusted: rebuild any class the file names, importing its module.
+        device: where the model goes.
+    """
+    source = str(source)
     check_model_state(state, source)
     model = rebuild_model(state["model_spec"], allowed=allowed, trusted=trusted, source=_what(source, state))
     try:

@@ -69,6 +69,9 @@ class ModelCheckpoint(Callback):
         best_weights_only: ``best.pt`` and the top K hold the weights and the description only
             (`trainer.trained_model.MODEL_KEYS`), for deployment: a third of the size with Adam;
             they cannot resume a run (``last.pt`` still can).
+        describe_model: record the model's ``model_spec``; False saves checkpoints without it,
+            for a model that cannot be rebuilt from plain arguments (they resume a run, but
+            `trainer.load_model` refuses them).
     """
 
     rank_zero_only = False  # every rank gathers the position's loss sums; rank 0 writes
@@ -86,6 +89,7 @@ class ModelCheckpoint(Callback):
         model_args: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
         best_weights_only: bool = False,
+        describe_model: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, check_mode(mode)
@@ -103,6 +107,7 @@ class ModelCheckpoint(Callback):
         self._validation: float | None = None  # a step validation's value, saved at its batch's end
         self._saved_at: tuple[int, int, int] | None = None
         self.model_args, self.data, self.best_weights_only = model_args, dict(data or {}), best_weights_only
+        self.describe_model = describe_model
         self._model_spec: dict[str, Any] | None = None
 
     @property
@@ -120,7 +125,8 @@ class ModelCheckpoint(Callback):
         return [self.dirpath / name for _, name in self.top_k]
 
     def on_fit_start(self, trainer) -> None:
-        self._model_spec = record_model(trainer.module, self.model_args)  # an unrecordable model fails here
+        if self.describe_model:  # an unrecordable model fails here, before any training
+            self._model_spec = record_model(trainer.module, self.model_args)
         self._validation = None
         self._step_point.start(trainer.global_step)
         if not is_rank_zero():
