@@ -189,6 +189,11 @@ def test_errors_say_what_the_checkpoint_is_and_lacks(tmp_path):
         load_model(tmp_path / "mixed.pt")
 
 
+def test_data_that_a_checkpoint_cannot_hold_is_refused_at_once(tmp_path):
+    with pytest.raises(ValueError, match=r"ModelCheckpoint\(data=\.\.\.\): 'root' holds a PosixPath"):
+        ModelCheckpoint(tmp_path, data={"classes": ["a"], "root": tmp_path})
+
+
 def test_best_weights_only_and_export(tmp_path):
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     data = make_classification(16)

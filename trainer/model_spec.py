@@ -49,13 +49,19 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
+    """Whether `value` is plain data that ``weights_only`` loading reads back: numbers, strings,
+    bools, None, and lists, tuples and str-keyed dicts of them.
+
+    Args:
+        value: the value.
+    """
     if isinstance(value, _PLAIN):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
+        return all(is_plain(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
     return False
 
 
@@ -63,7 +69,7 @@ def _value(value: Any, owner: str, name: str) -> Any:
     """`value` as a spec holds it: plain values as they are, modules as nested specs."""
     if isinstance(value, nn.Module):
         return {MODULE_KEY: _record(value, None)}
-    if not _plain(value):
+    if not is_plain(value):
         raise ModelSpecError(f"cannot record the argument {name!r} of {owner}: its value is a "
                              f"{type(value).__name__}, not a number, string, bool, None, list or dict; {_FIX}")
     return value

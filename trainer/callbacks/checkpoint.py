@@ -14,7 +14,7 @@ from trainer.checkpoint import atomic_save
 from trainer.core import NonFiniteLossError, TrainingInterrupted
 from trainer.distributed import is_rank_zero
 from trainer.every import Every, positive_int
-from trainer.model_spec import record_model
+from trainer.model_spec import is_plain, record_model
 from trainer.sampler import RESUMABLE_LOADERS, resumable
 from trainer.trained_model import describe, weights_only
 
@@ -106,6 +106,10 @@ class ModelCheckpoint(Callback):
         self.top_k: list[list[Any]] = []
         self._validation: float | None = None  # a step validation's value, saved at its batch's end
         self._saved_at: tuple[int, int, int] | None = None
+        bad = [key for key, value in (data or {}).items() if not (isinstance(key, str) and is_plain(value))]
+        if bad:
+            raise ValueError(f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(data[bad[0]]).__name__}; data "
+                             "holds numbers, strings, bools, None, and lists or dicts of them")
         self.model_args, self.data, self.best_weights_only = model_args, dict(data or {}), best_weights_only
         self.describe_model = describe_model
         self._model_spec: dict[str, Any] | None = None
