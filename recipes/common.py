@@ -103,6 +103,9 @@ class RecipeParts:
         example: model inputs at the training batch's shape, on which the precision probe runs.
         metrics: validation metrics, as for `Trainer`.
         scheduler: a learning-rate scheduler (or None).
+        data: the data's sizing and class names, saved in every checkpoint (``classes``,
+            ``image_size``: None for each image's own size, ``input_channels``), which
+            ``predict`` reads.
     """
 
     model: torch.nn.Module
@@ -113,6 +116,7 @@ class RecipeParts:
     example: Any
     metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
     scheduler: Any = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
@@ -243,7 +247,7 @@ class Recipe(Generic[ConfigT, PartsT]):
         callbacks = [*self.callbacks(run_dir, config, parts), CSVLogger(run_dir / METRICS_FILE),
                      *([HistogramCallback(run_dir)] if config.histograms or fast else []),
                      ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=dict(config),
-                                     every_n_steps=config.checkpoint_every)]
+                                     every_n_steps=config.checkpoint_every, data=parts.data)]
         trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
                           max_epochs=1 if fast else config.epochs, device=device, metrics=parts.metrics,
                           scheduler=parts.scheduler, precision=choice, val_every_n_steps=config.val_every,

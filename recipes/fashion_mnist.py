@@ -160,6 +160,7 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
             example=normalized(train_images[: config["batch_size"]]),
             metrics={"acc": accuracy},
             train=(train_images, train_labels), test=(test_images, test_labels),
+            data={"classes": list(CLASSES), "image_size": 28, "input_channels": 1},
         )
 
     def callbacks(self, run_dir: Path, config: FashionMNISTConfig, parts: TutorialParts) -> list[Callback]:

@@ -4,6 +4,7 @@
     python -m recipes.nested_unet --data inputs/dsb2018_96 --epochs 100 --image-size 96
     python -m recipes.nested_unet --resume runs/nested_unet/20261127-101500
     python -m recipes.nested_unet predict --checkpoint RUN/best.pt --images DIR --out DIR   # see predict --help
+    python -m recipes.nested_unet export --checkpoint RUN/best.pt --out model.pt   # weights only, for deployment
 
 `--data` takes the folder layout <root>/images/<id>.png with <root>/masks/<class>/<id>.png
 (or <root>/masks/<id>.png), optionally split into train/ and val/ sub-folders. Masks are binary
@@ -17,6 +18,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +42,7 @@ from trainer.callbacks import (ConfusionMatrixCallback, GraphCallback, ImageGrid
                                ProgressBar, TensorBoardCallback)
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
+from trainer.trained_model import export_model, model_from_state
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -125,7 +128,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
                     "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
                     "images/ and masks/), and one predict at a time writes into a folder.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint of this recipe (RUN/best.pt or last.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of a segmentation run (RUN/best.pt or last.pt) of this recipe or any "
+                             "other whose model is one of the project's (UNet, NestedUNet)")
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
     parser.add_argument("--overwrite", action="store_true",
@@ -356,15 +361,16 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         return SegmentationParts(model=model, loss_fn=DeepSupervisionLoss(loss), optimizer=optimizer,
                                  train_loader=train_loader, val_loader=val_loader, metrics=metrics,
                                  example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
-                                 scheduler=scheduler, fixed=fixed)
+                                 scheduler=scheduler, fixed=fixed,
+                                 data={"classes": classes, "image_size": config["image_size"], "input_channels": 3,
+                                       "mask_type": mask_type, "ignore_index": config["ignore_index"]})
 
     def callbacks(self, run_dir: Path, config: NestedUNetConfig, parts: SegmentationParts) -> list[Callback]:
         fixed, classes = parts.fixed, config["classes"]
         # The tag scheme of trainer.callbacks.tags: `Loss/training loss` every 10 steps, `Loss/...` and
-        # `Validation/...` per epoch; the metrics get their usual names.
+        # `Validation/...` per epoch; the metrics get their usual names (and each class's IoU,
+        # `iou_<class>`, follows as `Validation/IoU/<class>`).
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
-        if len(classes) > 1:
-            tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         ignore = config.get("ignore_index", IGNORE_INDEX)
         confusion = ([ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
                      if config.get("mask_type") == "labels" else [])
@@ -386,32 +392,54 @@ def train(argv: list[str] | None) -> int:
     return NestedUNetRecipe().train(argv)
 
 
-def load_trained_model(checkpoint: str | os.PathLike,
-                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained network of a checkpoint of this recipe and the run's configuration.
+def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+                       allowed: Iterable[type] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of a segmentation checkpoint (of this recipe or any other that records
+    its model, see `trainer.load_model`) and what predicting needs to know of the run.
 
     The network has the checkpoint's weights, sits on `device` in eval mode, and is channels-last
-    if the run trained so. Its configuration holds ``image_size`` (None: trained at the images'
-    own resolution), ``classes``, ``precision`` and the other options of the run. A missing or
-    unreadable file, or one that is not a checkpoint of this recipe, is a `UsageError`.
+    if the run trained so. The returned configuration is the run's, with ``classes`` (one per
+    output channel), ``image_size`` (None: trained at the images' own resolution) and
+    ``mask_type`` (``labels`` for label maps, else binary masks) taken from the checkpoint's
+    ``data`` where it records them. A missing or unreadable file, one that does
+    not rebuild its model, or one that records no class names is a `UsageError` saying what the
+    file is and what it lacks.
 
     Args:
-        checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a run of this recipe.
+        checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a segmentation run.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a `torch.device`.
+        allowed: model classes to rebuild besides PyTorch's layers and the project's models.
     """
     try:
         state = load_checkpoint(checkpoint)
         device = resolve_device(device)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    config = state.get("config")
-    check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
+    config = dict(state.get("config") or {})
+    data = state.get("data") or {}
+    if "model_spec" in state or "arch" not in config:
+        try:
+            model = model_from_state(state, checkpoint, allowed=allowed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:  # this recipe's, written before checkpoints recorded their model: rebuilt from its options
+        check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
+        if not config.get("classes"):
+            raise UsageError(f"{checkpoint} records no mask classes: it has no format_version, so an older version "
+                             "of this recipe wrote it; train it again with this one")
+        model = build_model(config, num_classes=len(config["classes"]))
+        check_weights(model, state, checkpoint)
+        model.load_state_dict(state["model"])
+    config.update({key: data[key] for key in ("classes", "image_size", "mask_type") if key in data})
+    what = f"{checkpoint} (a checkpoint of {type(model).__name__})"
     if not config.get("classes"):
-        raise UsageError(f"{str(checkpoint)!r} records no mask classes; it was written by an older version of this "
-                         "recipe: train it again with this one")
-    model = build_model(config, num_classes=len(config["classes"]))
-    check_weights(model, state, checkpoint)
-    model.load_state_dict(state["model"])
+        raise UsageError(f"{what} records no class names (no 'classes' in its data or config); predict names "
+                         "its outputs after them: train with ModelCheckpoint(data={'classes': [...]}) or a recipe "
+                         "whose RecipeParts.data gives them")
+    config.setdefault("image_size", None)
+    channels = data.get("input_channels", getattr(model, "input_channels", 3))
+    if channels != 3:
+        raise UsageError(f"{what} takes {channels}-channel inputs; predict feeds RGB images (3 channels)")
     model.to(device).eval()
     if config.get("channels_last") is True:
         model.to(memory_format=torch.channels_last)
@@ -471,11 +499,40 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    """The `export` command's options."""
+    parser = RecipeArgumentParser(
+        prog="python -m recipes.nested_unet export",
+        description="Write the weights and the description of a checkpoint's model (class, constructor arguments, "
+                    "classes, image size, run options) without the optimizer and training state: a third of the "
+                    "size, for deployment. `predict` and trainer.load_model read it; it cannot resume a run.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of a run (RUN/best.pt or last.pt)")
+    parser.add_argument("--out", required=True, help="the file to write (e.g. model.pt); never replaced")
+    return parser
+
+
+def export(argv: list[str]) -> int:
+    """Write a weights-only copy of a checkpoint; returns the exit code."""
+    args = build_export_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"--out {args.out!r} exists already; choose another file (nothing written)")
+    try:
+        export_model(args.checkpoint, out)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m recipes.nested_unet [predict] ...`."""
+    """`python -m recipes.nested_unet [predict|export] ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return predict(argv[1:])
+    if argv and argv[0] == "export":
+        return export(argv[1:])
     return train(argv)
 
 

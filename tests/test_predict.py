@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -446,3 +447,84 @@ def test_entries_that_are_no_files_are_named_and_system_files_left_out_as_in_tra
                                                    "files, nothing written: fifo.png is a FIFO; gone.png is a "
                                                    "dangling symbolic link; loop.png is a symbolic link loop")
     assert not (tmp_path / "out2").exists()
+
+
+# --- checkpoints of other recipes ----------------------------------------------------------------
+
+
+class OwnNet(nn.Module):
+    """A user's segmentation network (allowed only when passed)."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.head = nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def own_run(run_dir, model, data):
+    """A run of a recipe of one's own: a Trainer with ModelCheckpoint, other metric names."""
+    from trainer import Trainer
+    from trainer.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g)
+    masks = (images[:, :2] > 0.5).float()[:, : model.num_classes]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=2)
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), max_epochs=1, device="cpu",
+            metrics={"overlap": lambda p, t: ((p > 0) == t.bool()).float().mean()},
+            callbacks=[ModelCheckpoint(run_dir, monitor="val_overlap", mode="max", data=data,
+                                       config={"lr": 0.01})]).fit(loader, loader)
+    return run_dir / "best.pt"
+
+
+def test_predict_takes_the_checkpoint_of_a_recipe_of_ones_own(tmp_path, capsys):
+    checkpoint = own_run(tmp_path / "run", UNet(num_classes=2), {"classes": ["cell", "edge"], "image_size": 32})
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png_file(random_image(40, 24), images / "a.png")
+    assert predict_cli(checkpoint, images, tmp_path / "out") == 0
+    assert "every image resized to 32x32, as the run trained" in capsys.readouterr().out
+    for name in ("cell", "edge"):
+        assert read_png(tmp_path / "out" / name / "a.png").shape == (1, 40, 24)
+        assert (tmp_path / "out" / name / "a_prob.png").is_file()
+
+
+def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png_file(random_image(32, 32), images / "a.png")
+    no_classes = own_run(tmp_path / "bare", UNet(num_classes=1), {})
+    assert predict_cli(no_classes, images, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older" not in err
+    assert f"{no_classes} (a checkpoint of UNet) records no class names (no 'classes' in its data or config)" in err
+
+    own = own_run(tmp_path / "own", OwnNet(), {"classes": ["a", "b"]})
+    assert predict_cli(own, images, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"names the model class (tests\.)?test_predict\.OwnNet .*not allowed", err)
+    model, config = nested_unet.load_trained_model(own, allowed=[OwnNet])
+    assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resized_run, tmp_path, capsys):
+    from trainer import load_model
+    from trainer.trained_model import MODEL_KEYS
+
+    exported = tmp_path / "model.pt"
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(exported)]) == 0
+    assert set(load_checkpoint(exported)) == set(MODEL_KEYS)
+    assert exported.stat().st_size < resized_run.stat().st_size / 2  # no Adam moments
+    assert isinstance(load_model(exported), UNet)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png_file(random_image(32, 32), images / "a.png")
+    assert predict_cli(exported, images, tmp_path / "out") == 0
+    assert (tmp_path / "out" / "a_mask.png").is_file()
+    capsys.readouterr()
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(exported)]) == 2
+    assert "exists already" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_a_checkpoint_of_the_other_recipe_is_refused_by_name(runs, tmp_path, cap
             "is not a run of recipes.nested_unet (another recipe's?): its configuration has no --data, --arch")
     refused(nested_unet.main, ["predict", "--checkpoint", str(runs / "fm" / "best.pt"), "--images",
                                str(runs / "data" / "images"), "--out", str(tmp_path / "out")], capsys, tmp_path,
-            "is not a run of recipes.nested_unet")
+            "(a checkpoint of FashionCNN) takes 1-channel inputs; predict feeds RGB images (3 channels)")
     assert not (tmp_path / "out").exists()
 
 
@@ -71,12 +71,14 @@ def test_weights_that_do_not_fit_the_configuration_are_refused(runs, tmp_path, c
     run_dir = copy_run(runs, "seg", tmp_path)
     state = torch.load(run_dir / "last.pt", weights_only=True)
     state["config"]["arch"] = "NestedUNet"  # the weights stay UNet's
+    state["model_spec"]["class"] = "models.nested_unet.NestedUNet"
     torch.save(state, run_dir / "last.pt")
     message = f"{run_dir / 'last.pt'} holds weights of another network than its configuration describes (NestedUNet)"
     refused(nested_unet.main, ["--resume", str(run_dir), "--epochs", "2"], capsys, run_dir, message)
     refused(nested_unet.main, ["predict", "--checkpoint", str(run_dir / "last.pt"), "--images",
                                str(runs / "data" / "images"), "--out", str(tmp_path / "out")], capsys, tmp_path,
-            message)
+            f"the weights of {run_dir / 'last.pt'} (checkpoint format 2) do not fit NestedUNet built from its "
+            "model_spec")
     assert not (tmp_path / "out").exists()
 
 

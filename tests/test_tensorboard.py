@@ -122,6 +122,34 @@ def test_epoch_tags_of_the_scheme():
         "epoch/grad_norm"]
 
 
+def class_accuracy(index):
+    def metric(pred, target):
+        chosen = target == index
+        return ((pred.argmax(1) == target) & chosen).float().sum() / chosen.sum().clamp(min=1)
+    return metric
+
+
+def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
+    metrics = {"acc": accuracy, "acc_cat": class_accuracy(0), "acc_dog_big": class_accuracy(1),
+               "recall_at_2": class_accuracy(2)}
+    callback = TensorBoardCallback(tmp_path, log_every=100, monitor="val_acc", mode="max")
+    trainer, history = fit([callback], metrics=metrics)
+    acc = read(tmp_path)
+    assert set(acc.Tags()["scalars"]) == {"Loss/training (epoch mean)", "Loss/validation", "learning rate",
+                                          "Validation/acc", "Validation/acc/cat", "Validation/acc/dog_big",
+                                          "Validation/recall_at_2"}
+    assert [e.value for e in acc.Scalars("Validation/acc/dog_big")] == pytest.approx(
+        [h["val_acc_dog_big"] for h in history], rel=1e-6)
+    experiment, _ = hparams_data(acc)
+    assert [m.name.tag for m in experiment.metric_infos][:3] == ["Validation/acc", "Loss/validation",
+                                                                  "Validation/acc/cat"]
+
+    renamed = TensorBoardCallback(tmp_path / "renamed", log_every=100, tags={"val_acc": "Validation/Accuracy"})
+    fit([renamed], metrics=metrics)
+    assert {"Validation/Accuracy", "Validation/Accuracy/cat", "Validation/Accuracy/dog_big",
+            "Validation/recall_at_2"} <= set(read(tmp_path / "renamed").Tags()["scalars"])
+
+
 def test_running_loss_is_mean_over_window(tmp_path):
     losses = []
 

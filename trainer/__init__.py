@@ -12,11 +12,13 @@ from trainer.core import (
     seed_everything,
 )
 from trainer.every import Every
+from trainer.model_spec import ModelSpecError
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.resources import FitResources
 from trainer.run_lock import RunLock, RunLockedError
 from trainer.running import EpochLoss, RunningLoss
 from trainer.sampler import ResumableSampler
+from trainer.trained_model import load_model
 from trainer.workers import ignore_stop_signals
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "EpochLoss",
     "Every",
     "FitResources",
+    "ModelSpecError",
     "NonFiniteLossError",
     "PrecisionChoice",
     "ResumableSampler",
@@ -37,6 +40,7 @@ __all__ = [
     "TrainingInterrupted",
     "choose_precision",
     "ignore_stop_signals",
+    "load_model",
     "move_to_device",
     "resolve_device",
     "seed_everything",

@@ -87,15 +87,17 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by `atomic_save`: a dict of tensors and plain values.
 
     Raises `FileNotFoundError` for a missing file and `ValueError` naming the file and what is
     wrong for an empty one, one that is not a checkpoint or is damaged, and one that holds
-    something other than a dict. Only tensors and plain values are ever unpickled.
+    something other than a dict (or, with `resume`, no training state). Only tensors and plain
+    values are ever unpickled.
 
     Args:
         path: the checkpoint file.
+        resume: the file is to resume a run: refuse a weights-only one (no optimizer state).
     """
     path = Path(path)
     if not path.is_file():
@@ -111,6 +113,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint (a dict with the model, "
                          "optimizer and run state); use a file this project saved (last.pt, best.pt)")
+    if resume and "optimizer" not in state:
+        kind = "a weights-only checkpoint (the model alone)" if "model" in state else "no training state"
+        raise ValueError(f"{str(path)!r} holds {kind}: it rebuilds the model (trainer.load_model), but cannot "
+                         "resume a run; resume from the run's last.pt")
     return state
 
 

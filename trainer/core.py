@@ -473,7 +473,7 @@ class Trainer:
         exception propagates. Without one, an error in `on_fit_end` propagates after every
         callback's `on_fit_end` ran.
         """
-        state = load_checkpoint(resume_from) if resume_from is not None else None
+        state = load_checkpoint(resume_from, resume=True) if resume_from is not None else None
         self.device = init_distributed(self.device)  # under torchrun: the process group starts here
         if is_distributed():
             if not isinstance(self.model, nn.parallel.DistributedDataParallel):

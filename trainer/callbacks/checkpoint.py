@@ -14,7 +14,9 @@ from trainer.checkpoint import atomic_save
 from trainer.core import NonFiniteLossError, TrainingInterrupted
 from trainer.distributed import is_rank_zero
 from trainer.every import Every, positive_int
+from trainer.model_spec import is_plain, record_model
 from trainer.sampler import RESUMABLE_LOADERS, resumable
+from trainer.trained_model import describe, weights_only
 
 
 class ModelCheckpoint(Callback):
@@ -23,8 +25,13 @@ class ModelCheckpoint(Callback):
 
     A checkpoint holds `Trainer.state_dict()` (model, optimizer, scheduler, grad scaler, epochs
     done, global step, history, random generators, callback states, and the position inside the
-    epoch for one taken there) and `config`, e.g. the recipe's options. Continue a run with
-    ``trainer.fit(..., resume_from=checkpoint.last_path)``.
+    epoch for one taken there) and describes itself: its format version, the model's class and
+    constructor arguments (``model_spec``, recorded when the fit starts, before any training: a
+    model whose arguments cannot be read raises `trainer.model_spec.ModelSpecError` there, naming
+    the class and the argument; pass `model_args` then), `data` and `config`, e.g. the recipe's
+    options (keys: `trainer.trained_model`). Continue a run with
+    ``trainer.fit(..., resume_from=checkpoint.last_path)``; rebuild the trained model with
+    ``trainer.load_model(checkpoint.best_path)``.
 
     - `every_n_steps`: also write ``last.pt`` every N optimizer steps, holding the position
       inside the epoch: a resumed run continues at the next batch (not on an epoch's last batch,
@@ -55,6 +62,16 @@ class ModelCheckpoint(Callback):
         config: saved in every checkpoint under ``"config"`` (e.g. the recipe's options).
         every_n_steps: also write ``last.pt`` every N optimizer steps, inside epochs.
         save_top_k: also keep the K best states by `monitor`, each in its own file.
+        model_args: the keyword arguments that rebuild the model, ``type(model)(**model_args)``,
+            for a model whose arguments cannot be read from the instance (see `trainer.model_spec`).
+        data: the data's sizing and class names, saved under ``"data"`` (e.g. ``{"classes": [...],
+            "image_size": 96, "input_channels": 3}``), which `predict` reads.
+        best_weights_only: ``best.pt`` and the top K hold the weights and the description only
+            (`trainer.trained_model.MODEL_KEYS`), for deployment: a third of the size with Adam;
+            they cannot resume a run (``last.pt`` still can).
+        describe_model: record the model's ``model_spec``; False saves checkpoints without it,
+            for a model that cannot be rebuilt from plain arguments (they resume a run, but
+            `trainer.load_model` refuses them).
     """
 
     rank_zero_only = False  # every rank gathers the position's loss sums; rank 0 writes
@@ -69,6 +86,10 @@ class ModelCheckpoint(Callback):
         config: dict[str, Any] | None = None,
         every_n_steps: int | None = None,
         save_top_k: int | None = None,
+        model_args: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        best_weights_only: bool = False,
+        describe_model: bool = True,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.monitor, self.mode = monitor, check_mode(mode)
@@ -85,6 +106,13 @@ class ModelCheckpoint(Callback):
         self.top_k: list[list[Any]] = []
         self._validation: float | None = None  # a step validation's value, saved at its batch's end
         self._saved_at: tuple[int, int, int] | None = None
+        bad = [key for key, value in (data or {}).items() if not (isinstance(key, str) and is_plain(value))]
+        if bad:
+            raise ValueError(f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(data[bad[0]]).__name__}; data "
+                             "holds numbers, strings, bools, None, and lists or dicts of them")
+        self.model_args, self.data, self.best_weights_only = model_args, dict(data or {}), best_weights_only
+        self.describe_model = describe_model
+        self._model_spec: dict[str, Any] | None = None
 
     @property
     def last_path(self) -> Path:
@@ -101,6 +129,8 @@ class ModelCheckpoint(Callback):
         return [self.dirpath / name for _, name in self.top_k]
 
     def on_fit_start(self, trainer) -> None:
+        if self.describe_model:  # an unrecordable model fails here, before any training
+            self._model_spec = record_model(trainer.module, self.model_args)
         self._validation = None
         self._step_point.start(trainer.global_step)
         if not is_rank_zero():
@@ -149,14 +179,14 @@ class ModelCheckpoint(Callback):
         if not is_rank_zero():
             return
         trainer.resources.flush()
-        state = trainer.state_dict()
-        state["config"] = self.config
+        state = {**trainer.state_dict(), **describe(self._model_spec, self.data, self.config)}
+        best = weights_only(state) if self.best_weights_only else state
         # The top K and best.pt before last.pt: a crash between them resumes from the previous
         # last.pt, redoes this epoch and rewrites them, instead of continuing with files that miss it.
         if entry:
-            atomic_save(state, self.dirpath / entry)
+            atomic_save(best, self.dirpath / entry)
         if improved:
-            atomic_save(state, self.best_path)
+            atomic_save(best, self.best_path)
         if last:
             atomic_save(state, self.last_path)
             self._saved_at = self._position(trainer)

@@ -3,8 +3,10 @@
 - ``Loss/training loss``: the mean training loss over the last `log_every` optimizer steps (the
   running loss of the PyTorch TensorBoard tutorial, whose name it keeps, in the ``Loss`` group).
 - ``Loss/training (epoch mean)`` and ``Loss/validation``: the epoch's training and validation loss.
-- ``Validation/<metric>``: each validation metric at each epoch's end (``Validation/IoU``,
-  ``Validation/accuracy``; one class's IoU: ``Validation/IoU/<class>``).
+- ``Validation/<metric>``: each validation metric at each epoch's end, under the name it was
+  passed with (``metrics={"iou": ...}``: ``Validation/iou``). A metric named ``<metric>_<class>``
+  beside a metric ``<metric>`` holds one class's value and goes under the parent's tag:
+  ``Validation/iou/<class>`` (or ``Validation/IoU/<class>`` where ``tags=`` renames the parent).
 - ``throughput (samples per second)``: training samples per second of wall time, at the running
   loss's points.
 - ``learning rate``: the optimizer's learning rate after the scheduler's step, per epoch.
@@ -21,6 +23,8 @@ tab only, never as a one-point scalar chart.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 #: The running training loss, every `log_every` steps.
 RUNNING_LOSS = "Loss/training loss"
@@ -40,6 +44,26 @@ def epoch_tag(key: str) -> str:
     if key.startswith("val_"):
         return VALIDATION + key[len("val_"):]
     return f"epoch/{key}"
+
+
+def parent_metric(key: str, keys: Iterable[str]) -> str | None:
+    """The validation metric among `keys` that `key` is one class's (or part's) value of:
+    ``val_iou`` for ``val_iou_nucleus`` when ``val_iou`` is also among `keys` (the shortest such
+    name, so class names may hold ``_``); None for any other key.
+
+    Args:
+        key: an epoch log key.
+        keys: the keys logged with it.
+    """
+    if not key.startswith("val_") or key == "val_loss":
+        return None
+    keys = set(keys)
+    start = len("val_")
+    while (cut := key.find("_", start + 1)) != -1:
+        if key[:cut] in keys and key[:cut] != "val_loss":
+            return key[:cut]
+        start = cut
+    return None
 
 
 def pr_curve_tags(classes: list[str], prefix: str = "pr/") -> list[str]:

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +221,10 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     - Every epoch end: each value of the epoch's logs at the global step, so one x axis serves
       all curves: ``loss`` as ``Loss/training (epoch mean)``, ``val_loss`` as
       ``Loss/validation``, ``val_<metric>`` as ``Validation/<metric>``, ``lr`` as
-      ``learning rate``; `tags` renames any of them (``{"val_iou": "Validation/IoU"}``). After
+      ``learning rate``; a metric ``<metric>_<class>`` beside ``<metric>`` (one class's value)
+      under the parent's tag and ``/<class>`` (``Validation/iou/nucleus``, see
+      `trainer.callbacks.tags.parent_metric`); `tags` renames any of them
+      (``{"val_iou": "Validation/IoU"}``, which also gives ``Validation/IoU/<class>``). After
       each step validation (`Trainer(val_every_n_steps=...)`) its values, under the same tags.
       A "Custom Scalars" chart overlays the running, epoch and validation losses.
     - At the start of a new run (not of a resumed one): `hparams` (or, by default, learning
@@ -236,7 +239,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
         log_every: optimizer steps between running-loss points.
         running_loss_tag: the tag of the running loss.
-        tags: epoch log key -> tag, replacing the default of `trainer.callbacks.tags.epoch_tag`.
+        tags: epoch log key -> tag, replacing the default of `trainer.callbacks.tags.epoch_tag`
+            (and of the per-class values of a renamed metric).
         hparams: the run's options for the HParams tab (default: what the trainer knows).
         monitor, mode: the value the run is judged by (``"min"`` or ``"max"`` is better, as for
             `ModelCheckpoint`); its curve is the HParams tab's first metric.
@@ -269,9 +273,20 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self.main_hparams = tuple(main_hparams)
         self._running = RunningLoss()
 
-    def tag(self, key: str) -> str:
-        """The TensorBoard tag of an epoch log key."""
-        return self.tags.get(key) or scheme.epoch_tag(key)
+    def tag(self, key: str, keys: Iterable[str] = ()) -> str:
+        """The TensorBoard tag of an epoch log key.
+
+        Args:
+            key: the key (``val_iou``).
+            keys: the keys logged with it, which tell one class's value (``val_iou_nucleus``
+                beside ``val_iou``) from a metric of its own.
+        """
+        if key in self.tags:
+            return self.tags[key]
+        parent = scheme.parent_metric(key, keys)
+        if parent is not None:
+            return f"{self.tag(parent, keys)}/{key[len(parent) + 1:]}"
+        return scheme.epoch_tag(key)
 
     def on_fit_start(self, trainer) -> None:
         self._clock = (time.perf_counter(), trainer.epoch_loss.added)  # throughput counts from here
@@ -296,17 +311,17 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     def on_validation_end(self, trainer, logs) -> None:
         if trainer.in_step_validation:
             for key, value in logs.items():
-                self.writer.add_scalar(self.tag(key), value, trainer.global_step)
+                self.writer.add_scalar(self.tag(key, logs), value, trainer.global_step)
 
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
-            self.writer.add_scalar(self.tag(key), value, trainer.global_step)
+            self.writer.add_scalar(self.tag(key, logs), value, trainer.global_step)
 
     def metric_tags(self, keys: Sequence[str]) -> list[str]:
         """The HParams tab's metrics among the epoch log `keys`: `monitor`, the validation loss,
         the other validation metrics, then the training loss (the first five show by default)."""
         ordered = [self.monitor, "val_loss", *sorted(k for k in keys if k.startswith("val_")), "loss"]
-        return [self.tag(key) for key in dict.fromkeys(ordered) if key in keys]
+        return [self.tag(key, keys) for key in dict.fromkeys(ordered) if key in keys]
 
     def state_dict(self) -> dict[str, Any]:
         """The running loss's state, so that a run resumed inside an epoch logs the same means."""
