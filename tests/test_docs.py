@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.recipe_process import RecipeProcess
+from bench.recipe_process import RecipeProcess, checkout_env
 from trainer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +57,7 @@ def run_printed(command: str, **kwargs) -> RecipeProcess:
     return RecipeProcess(args, script=script, timeout=120, **kwargs)
 
 
-def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command(tmp_path):
+def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_its_model_loads(tmp_path):
     script, run_dir = tmp_path / "blobs.py", tmp_path / "run"
     script.write_text(recipe_file_of_the_docs())
     last = run_dir / "last.pt"
@@ -78,3 +80,12 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command(tmp_
     assert state["epochs_done"] == 3 and state["config"]["samples"] == 8000
     assert state["history"][-1]["val_acc"] > 0.9
     assert (run_dir / "best.pt").is_file()
+
+    # The generic loader rebuilds the trained model from its checkpoint, outside the recipe.
+    text = (ROOT / "docs" / "extending.md").read_text()
+    predictor = tmp_path / "predict_blobs.py"
+    predictor.write_text(next(block for block in BLOCK.findall(text) if "load_model(sys.argv[1])" in block))
+    done = subprocess.run([sys.executable, str(predictor), str(run_dir / "best.pt")], capture_output=True, text=True,
+                          env=checkout_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 1, 2, 3]\n"
