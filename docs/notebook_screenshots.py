@@ -1,7 +1,7 @@
 """Check `trainer.board.show` in a real JupyterLab with headless Chromium, and make the screenshots
-of docs/notebooks.md and the README.
+of docs/notebooks.md and docs/tensorboard.md.
 
-A notebook trains the README's library example with the TensorBoard callbacks and calls
+A notebook trains the library example of docs/tensorboard.md with the TensorBoard callbacks and calls
 ``trainer.board.show(run)``; it is executed in a Jupyter kernel (nbclient) and saved, then opened in
 JupyterLab by headless Chromium in four situations:
 

@@ -1,4 +1,4 @@
-"""Make the README's TensorBoard screenshots for both recipes with headless Chromium.
+"""Make the TensorBoard screenshots of docs/tensorboard.md for both recipes with headless Chromium.
 
 For each recipe this trains a fresh short run in a temporary directory, serves it with
 ``python -m trainer.board``, and captures five TensorBoard tabs with headless Chromium:
@@ -15,7 +15,7 @@ uses in its URL fragment. The PNGs go to ``docs/images/<recipe>-<tab>.png``, e.g
 
 What the captures show is what a user sees first on TensorBoard's default settings: a fresh
 Chromium profile, no stored settings, no pinned cards, no filter, a 1400 x 1000 window; where a
-click is needed to see more (a collapsed group, an expanded graph node), the README says so. Two
+click is needed to see more (a collapsed group, an expanded graph node), docs/tensorboard.md says so. Two
 things make the pages finish within Chromium's virtual time budget without changing what they
 show: charts are drawn as SVG (TensorBoard's ``?forceSVG=true``) rather than by a WebGL worker,
 and a run is captured only once the server lists it and its scalar tags have stopped changing.
@@ -295,7 +295,7 @@ def shoot_run(recipe: str, run_dir: Path, chromium: str, out_dir: Path, budget_m
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(prog="python -m docs.screenshots",
-                                     description="Make the README's TensorBoard screenshots with headless Chromium.")
+                                     description="Make the TensorBoard screenshots of docs/tensorboard.md with headless Chromium.")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
                         help="recipes to train and capture (default: both)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: docs/images)")

@@ -1,4 +1,4 @@
-"""The TensorBoard tag scheme every callback and recipe follows (README, "TensorBoard tags").
+"""The TensorBoard tag scheme every callback and recipe follows (docs/tensorboard.md, "TensorBoard tags").
 
 - ``Loss/training loss``: the mean training loss over the last `log_every` optimizer steps (the
   running loss of the PyTorch TensorBoard tutorial, whose name it keeps, in the ``Loss`` group).

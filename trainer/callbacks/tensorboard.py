@@ -211,7 +211,7 @@ def stretch_contrast(images: torch.Tensor, low: float = 0.01, high: float = 0.99
 
 class TensorBoardCallback(TensorBoardWriterCallback):
     """Scalars for TensorBoard: running training loss, throughput, per-epoch logs and the run's
-    hparams, under the tags of `trainer.callbacks.tags` (README, "TensorBoard tags").
+    hparams, under the tags of `trainer.callbacks.tags` (docs/tensorboard.md, "TensorBoard tags").
 
     - Every `log_every` optimizer steps: the mean training loss since the previous point,
       under `running_loss_tag` (``Loss/training loss``; x axis: global step), and the training
