@@ -85,7 +85,7 @@ def whole(tmp_path_factory):
         write_png_file(image[:, y:y + SIDE, x:x + SIDE], root / "data/val/images" / f"{i:04d}.png")
         write_png_file(mask[:, y:y + SIDE, x:x + SIDE] * 255, root / "data/val/masks" / f"{i:04d}.png")
     write_png_file(image, root / "images" / "big.png")
-    assert run(["--data", str(root / "data"), "--arch", "UNet", "--batch-size", "8", "--epochs", "4",
+    assert run(["--data", str(root / "data"), "--arch", "UNet", "--base-filters", "8", "--batch-size", "8", "--epochs", "4",
                 "--precision", "32", "--channels-last", "off", "--log-dir", str(root / "run")]) == 0
     return {"root": root, "checkpoint": root / "run" / "best.pt", "image": image, "mask": mask}
 

@@ -263,10 +263,10 @@ def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tm
 
 
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(small_disk):
-    """A real recipe on a tmpfs that holds the first epoch's two checkpoints (about 95 MB each)
-    but not a third: the second epoch's first checkpoint write fills it."""
-    folder = small_disk.mount("240m") / "run"
-    full = RecipeProcess([*TINY, "--epochs", "2", "--log-dir", str(folder)], timeout=TIMEOUT)
+    """A real recipe on a tmpfs that holds the first epoch's two checkpoints (UNet of width 16:
+    about 24 MB each) but not a third: the second epoch's first checkpoint write fills it."""
+    folder = small_disk.mount("60m") / "run"
+    full = RecipeProcess([*TINY, "--base-filters", "16", "--epochs", "2", "--log-dir", str(folder)], timeout=TIMEOUT)
     assert full.finish() == 2, full.stderr[-3000:]
     line = one_error_line(full.stderr)
     assert "Exception in thread" not in full.stderr
@@ -278,7 +278,7 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(
     assert load_checkpoint(folder / "best.pt")["epochs_done"] == 1
     assert json.loads((folder / "config.json").read_text())["epochs"] == 2
 
-    small_disk.remount("500m")
+    small_disk.remount("125m")
     resumed = RecipeProcess(["--resume", str(folder)], timeout=TIMEOUT)
     assert resumed.finish() == 0, resumed.stderr[-3000:]
     assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
