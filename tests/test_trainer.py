@@ -46,7 +46,7 @@ def expected_calls(epochs, train_batches, val_batches):
     calls = ["on_fit_start"]
     for _ in range(epochs):
         calls.append("on_epoch_start")
-        calls += ["on_batch_start", "on_batch_end"] * train_batches
+        calls += ["on_batch_start", "on_after_backward", "on_before_optimizer_step", "on_batch_end"] * train_batches
         if val_batches is not None:
             calls.append("on_validation_start")
             calls += ["on_validation_batch_end"] * val_batches
@@ -77,8 +77,9 @@ def test_only_overridden_hooks_are_dispatched(linear_model, regression_loaders):
 
     trainer = make_trainer(linear_model, [EpochOnly()])
     trainer.fit(regression_loaders[0])
-    assert len(trainer._hooks["on_epoch_end"]) == 1
-    assert trainer._hooks["on_batch_end"] == [] and trainer._hooks["on_batch_start"] == []
+    table = {line.split()[0]: line.split()[1:] for line in trainer.describe().splitlines()}
+    assert table["on_epoch_end"] == ["EpochOnly"]
+    assert all(names == ["-"] for hook, names in table.items() if hook != "on_epoch_end")
 
 
 def test_callbacks_run_in_given_order(linear_model, regression_loaders):

@@ -11,7 +11,7 @@ from typing import Any
 from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 from trainer.checkpoint import atomic_save
-from trainer.core import NonFiniteLossError, TrainingInterrupted
+from trainer.errors import NonFiniteLossError, TrainingInterrupted
 from trainer.distributed import is_rank_zero
 from trainer.every import Every, positive_int
 from trainer.sampler import RESUMABLE_LOADERS, resumable
