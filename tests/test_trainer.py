@@ -658,3 +658,55 @@ def test_a_failing_loss_says_so_with_shapes_and_dtypes_and_keeps_its_type():
     note = caught.value.__notes__[-1]
     assert "loss function CrossEntropyLoss(predictions, targets)" in note
     assert "predictions float32 (4,) and targets int64 (4,)" in note
+
+
+def test_predict_and_validate_before_fit_with_auto_precision_compute_in_float32(linear_model, regression_loaders):
+    # "auto" is resolved by fit; before it, nothing may autocast (float16 autocast on the CPU was the bug).
+    seen = []
+
+    class Dtypes(Callback):
+        def on_validation_batch_end(self, trainer, batch, outputs):
+            seen.append(outputs.predictions.dtype)
+
+    trainer = make_trainer(linear_model, [Dtypes()], precision="auto")
+    assert trainer.predict(torch.randn(4, 3)).dtype == torch.float32
+    trainer.validate(regression_loaders[1])
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_validate_runs_the_callbacks_the_trainer_has_now(linear_model, regression_loaders):
+    calls = []
+
+    class Named(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_validation_end(self, trainer, logs):
+            calls.append(self.name)
+
+    first, second = Named("first"), Named("second")
+    trainer = make_trainer(linear_model, [first], max_epochs=1)
+    trainer.fit(*regression_loaders)
+    trainer.add_callback(second)
+    trainer.remove_callback(first)
+    calls.clear()
+    trainer.validate(regression_loaders[1])
+    assert calls == ["second"]
+
+
+def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linear_model, regression_loaders):
+    events = []
+
+    class Grads(Callback):
+        def on_after_backward(self, trainer):
+            events.append(("backward", trainer.batch_idx, linear_model.weight.grad is not None))
+
+        def on_before_optimizer_step(self, trainer, optimizer):
+            norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in linear_model.parameters()]))
+            events.append(("step", trainer.global_step, round(norm.item(), 4) <= 0.5))
+
+    # 3 batches, 2 per step: steps after batch 2 and (a shorter window) after batch 3.
+    make_trainer(linear_model, [Grads()], max_epochs=1, accumulate_grad_batches=2,
+                 grad_clip_norm=0.5).fit(regression_loaders[0])
+    assert events == [("backward", 0, True), ("backward", 1, True), ("step", 0, True),
+                      ("backward", 2, True), ("step", 1, True)]

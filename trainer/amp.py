@@ -20,7 +20,12 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def check_device(precision: str, device: torch.device) -> None:
-    """A ValueError when `device` cannot train in `precision` (float16 with a grad scaler needs CUDA)."""
+    """A ValueError when `device` cannot train in `precision` (float16 with a grad scaler needs CUDA).
+
+    Args:
+        precision: ``"32"``, ``"bf16"`` or ``"16-mixed"``.
+        device: where the model trains.
+    """
     if precision == "16-mixed" and device.type != "cuda":
         raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
 
@@ -59,24 +64,39 @@ class Precision:
     @contextlib.contextmanager
     def evaluating(self, model: nn.Module) -> Iterator[nn.Module]:
         """`model` in eval mode under no grad, this autocast and these kernels; its training mode
-        is restored afterwards. Everything that runs the model outside the loop goes through it."""
+        is restored afterwards. Everything that runs the model outside the loop goes through it.
+
+        Args:
+            model: the (unwrapped) model.
+        """
         with evaluating(model), self.autocast(), self.kernels():
             yield model
 
     def backward(self, loss: torch.Tensor) -> None:
-        """The backward pass of `loss` (scaled by the grad scaler with ``16-mixed``)."""
+        """The backward pass of `loss` (scaled by the grad scaler with ``16-mixed``).
+
+        Args:
+            loss: the (accumulation-scaled) batch loss.
+        """
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, parameters: Callable[[], Iterator[nn.Parameter]],
              before: Callable[[], None]) -> None:
-        """One optimizer step: unscale the gradients (``16-mixed``), call `before` (the
-        ``on_before_optimizer_step`` hooks), clip to `grad_clip_norm` over `parameters()`, step
-        (through the scaler, which skips steps with infinite gradients) and zero the gradients."""
+        """One optimizer step: unscale the gradients (``16-mixed``), clip them to
+        `grad_clip_norm` over `parameters()`, call `before` (the ``on_before_optimizer_step``
+        hooks, which see the gradients the optimizer uses), step (through the scaler, which skips
+        steps with infinite gradients) and zero the gradients.
+
+        Args:
+            optimizer: the optimizer to step.
+            parameters: returns the parameters whose gradients are clipped.
+            before: called just before the step.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        before()
         if self.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(parameters(), self.grad_clip_norm)
+        before()
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -88,7 +108,11 @@ class Precision:
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode under no grad; its training mode is restored afterwards. The one eval
-    path of the trainer package (with `Precision.evaluating` adding autocast and kernels)."""
+    path of the trainer package (with `Precision.evaluating` adding autocast and kernels).
+
+    Args:
+        model: the model to run.
+    """
     was_training = model.training
     model.eval()
     try:

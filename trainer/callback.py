@@ -98,8 +98,8 @@ class Callback:
         ``16-mixed``, summed so far when accumulating) are on the parameters."""
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        """Called before each optimizer step, with the step's final (unscaled, clipped) gradients;
-        `trainer.global_step` is the number of steps done before this one."""
+        """Called before each optimizer step, with the gradients it uses (unscaled, clipped);
+        `trainer.global_step` counts the steps done before this one."""
 
     def on_batch_end(self, trainer: Trainer, batch: Any, outputs: StepOutput) -> None:
         """Called after each training step. `outputs.loss` is detached and still on the device."""

@@ -119,6 +119,13 @@ class ModelCheckpoint(Callback):
                 if path.name not in kept:
                     path.unlink(missing_ok=True)
 
+    def idle_hooks(self, trainer) -> frozenset[str]:
+        """Without step checkpoints and step validations it saves at epoch ends only."""
+        if self.every_n_steps is None and not (self.monitor is not None
+                                               and decides_at_validations(trainer, self.monitor)):
+            return frozenset({"on_batch_end", "on_validation_end"})
+        return frozenset()
+
     def on_validation_end(self, trainer, logs) -> None:
         if trainer.in_step_validation and self.monitor is not None and self.monitor.startswith("val_"):
             self._validation = check_monitor("ModelCheckpoint", self.monitor, logs)
