@@ -245,13 +245,13 @@ class NestedUNetRecipe(Recipe):
         if len(classes) > 1:
             tags.update({f"val_iou_{name}": f"Validation/IoU/{name}" for name in classes})
         return [
-            TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
+            TensorBoardCallback(run_dir, every_n_steps=10, tags=tags, monitor="val_iou", mode="max",
                                 hparams={key: value for key, value in config.items() if key != "data_files"}),
             ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True),
             GraphCallback(run_dir, example=fixed[0][:2]),
             PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
                                      stretch=True),
-            ProgressBar(log_every=5),
+            ProgressBar(every_n_steps=5),
         ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -28,3 +30,13 @@ def test_readme_starts_with_the_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
     block = lines[lines.index("```sh") + 1: lines.index("```sh") + 3]
     assert [line.split("#")[0].strip() for line in block] == ["make run", "make test"]
+
+
+def test_architecture_shows_what_describe_prints(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    example = re.search(r"^```python\n(.*?trainer\.describe\(\)\n)```\n\nprints\n\n```\n(.*?)```", text, re.S | re.M)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example.group(1), "<architecture.md>", "exec"), {"__name__": "__doc_example__"})
+    assert out.getvalue() == example.group(2)

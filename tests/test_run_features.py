@@ -61,7 +61,7 @@ class Validations(Callback):
 # ------------------------------------------------------------------------------------------ step validation
 def test_step_validation_runs_every_n_steps_and_is_logged_at_the_global_step(tmp_path):
     seen = Validations()
-    trainer, train, val = make([seen, TensorBoardCallback(tmp_path, log_every=100)], val_every_n_steps=3)
+    trainer, train, val = make([seen, TensorBoardCallback(tmp_path, every_n_steps=100)], val_every_n_steps=3)
     history = trainer.fit(train, val)
     # Epochs of 10 steps: 3, 6, 9 inside epoch 1 (10 is its end), 12, 15, 18 inside epoch 2 (20 its end).
     assert [(step, inside) for step, inside, _ in seen.seen] == [
@@ -279,7 +279,7 @@ def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mo
         return len(syncs), time.perf_counter() - started
 
     without, _ = fit([])
-    with_tensorboard, elapsed = fit([TensorBoardCallback(tmp_path, log_every=5)])
+    with_tensorboard, elapsed = fit([TensorBoardCallback(tmp_path, every_n_steps=5)])
     assert with_tensorboard == without + 4  # one per running-loss point: none for the throughput
     points = read(tmp_path).Scalars("throughput (samples per second)")
     assert [e.step for e in points] == [5, 10, 15, 20]
@@ -298,6 +298,6 @@ def test_progress_bar_of_a_resumed_epoch_starts_at_its_batch(tmp_path):
     with pytest.raises(TimeLimitReached):
         trainer.fit(train, val)
     out = io.StringIO()
-    trainer, train, val = make([ModelCheckpoint(tmp_path), ProgressBar(log_every=2, file=out)], epochs=1)
+    trainer, train, val = make([ModelCheckpoint(tmp_path), ProgressBar(every_n_steps=2, file=out)], epochs=1)
     trainer.fit(train, val, resume_from=tmp_path / "last.pt")
     assert " 4/10 [" in out.getvalue() and "10/10" in out.getvalue()

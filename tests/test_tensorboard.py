@@ -101,7 +101,7 @@ EPOCH_TAGS = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation
 
 
 def test_scalars_equal_history(tmp_path):
-    trainer, history = fit([TensorBoardCallback(tmp_path, log_every=2)])
+    trainer, history = fit([TensorBoardCallback(tmp_path, every_n_steps=2)])
     acc = read(tmp_path)
     steps_per_epoch = 6
     for key, tag in EPOCH_TAGS.items():
@@ -129,7 +129,7 @@ def test_running_loss_is_mean_over_window(tmp_path):
         def on_batch_end(self, trainer, batch, outputs):
             losses.append(outputs.loss.item())
 
-    fit([Keep(), TensorBoardCallback(tmp_path, log_every=3)], epochs=1)
+    fit([Keep(), TensorBoardCallback(tmp_path, every_n_steps=3)], epochs=1)
     running = read(tmp_path).Scalars("Loss/training loss")
     assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
 
@@ -145,7 +145,7 @@ def hparams_data(acc):
 
 
 def test_custom_tags_and_overlay_chart(tmp_path):
-    callback = TensorBoardCallback(tmp_path, log_every=2, running_loss_tag="running (loss)",
+    callback = TensorBoardCallback(tmp_path, every_n_steps=2, running_loss_tag="running (loss)",
                                    tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"})
     fit([callback])
     acc = read(tmp_path)
@@ -166,7 +166,7 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
 
     hparams = {"seed": 3, "data": None, "deep_supervision": False, "arch": "NestedUNet", "classes": ["a", "b"],
                "epochs": 2, "lr": 0.05, "optimizer": "adam", "model": TinyNet, "batch_size": 4, "precision": "32"}
-    callback = TensorBoardCallback(tmp_path, log_every=2, hparams=hparams, monitor="val_acc", mode="max")
+    callback = TensorBoardCallback(tmp_path, every_n_steps=2, hparams=hparams, monitor="val_acc", mode="max")
     _, history = fit([callback])
     acc = read(tmp_path)
     experiment, start = hparams_data(acc)
@@ -479,7 +479,7 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
         def on_batch_end(self, trainer, batch, outputs):
             calls_per_batch.append((trainer.global_step, len(writer.method_calls)))
 
-    fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
+    fit([TensorBoardCallback(tmp_path, every_n_steps=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
     points = ("Loss/training loss", "throughput (samples per second)")
     assert [(tag, step) for tag, _, step in scalar_calls if tag in points] == [(tag, 4) for tag in points]
@@ -500,7 +500,7 @@ def test_unwritable_log_dir_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("factory", [
-    lambda p: TensorBoardCallback(p, log_every=0),
+    lambda p: TensorBoardCallback(p, every_n_steps=0),
     lambda p: ImageGridCallback(p, every_n_epochs=0),
     lambda p: PredictionFigureCallback(p, kind="regression"),
     lambda p: PredictionFigureCallback(p, every_n_steps=-2),

@@ -442,8 +442,8 @@ def test_no_device_sync_per_batch(mocker):
 
     assert count_syncs(5) == count_syncs(50) == 4  # per epoch: training loss, validation values
     with open("/dev/null", "w") as sink:
-        few = count_syncs(50, [ProgressBar(log_every=25, file=sink)])
-        many = count_syncs(50, [ProgressBar(log_every=5, file=sink)])
+        few = count_syncs(50, [ProgressBar(every_n_steps=25, file=sink)])
+        many = count_syncs(50, [ProgressBar(every_n_steps=5, file=sink)])
     assert few == 4 + 2 * 2 and many == 4 + 2 * 10
 
 
