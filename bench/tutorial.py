@@ -16,7 +16,7 @@ plot_classes_preds(...))`` with the tutorial's pyplot helpers (Agg backend).
 
 B, the recipe path (`recipes.fashion_mnist`): `load_fashion_mnist`, the recipe's `make_loader`
 (a `TensorBatchLoader` of batch 4, shuffled), the same model, loss and optimizer, and a
-`Trainer` with the recipe's tutorial-tag TensorBoard callbacks at ``log_every=1000``:
+`Trainer` with the recipe's tutorial-tag TensorBoard callbacks at ``every_n_steps=1000``:
 `TensorBoardCallback` ('training loss'), `ImageGridCallback` ('four_fashion_mnist_images'),
 `GraphCallback` and `PredictionFigureCallback` (every 1000 steps, with `CLASSES`), and the
 recipe's default automatic precision choice (`choose_precision`, probe included in the time). The recipe's

@@ -65,7 +65,7 @@ train_loader = DataLoader(TensorDataset(x[:192], y[:192]), batch_size=32, shuffl
 val_loader = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=64)
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
 fit = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
-              callbacks=[TensorBoardCallback("runs/readme_example", log_every=2)], max_epochs=5, device="cpu")
+              callbacks=[TensorBoardCallback("runs/readme_example", every_n_steps=2)], max_epochs=5, device="cpu")
 history = fit.fit(train_loader, val_loader)'''
 SHOW = 'trainer.board.show("runs/readme_example", height=640)'
 

@@ -89,7 +89,7 @@ def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor
     every `log_every` steps)."""
     shown = (normalized(test_images[:4]), test_labels[:4])
     return [
-        TensorBoardCallback(run_dir, log_every=log_every, tags={"val_acc": "Validation/accuracy"}, hparams=hparams,
+        TensorBoardCallback(run_dir, every_n_steps=log_every, tags={"val_acc": "Validation/accuracy"}, hparams=hparams,
                             monitor="val_acc", mode="max"),
         ImageGridCallback(run_dir, batch=(normalized(train_images[:4]), train_labels[:4]), num_images=4, mean=MEAN,
                           std=STD, nrow=4, tag="four_fashion_mnist_images"),
@@ -170,7 +170,7 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
                                 hparams={**config, "optimizer": "SGD"}),
             PRCurveCallback(run_dir, CLASSES),
             EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
-            ProgressBar(log_every=min(config["log_every"], 200)),
+            ProgressBar(every_n_steps=min(config["log_every"], 200)),
         ]
 
     def after_fit(self, trainer: Trainer, config: FashionMNISTConfig) -> None:

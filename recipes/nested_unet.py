@@ -375,7 +375,7 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         confusion = ([ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
                      if config.get("mask_type") == "labels" else [])
         return [
-            TensorBoardCallback(run_dir, log_every=10, tags=tags, monitor="val_iou", mode="max",
+            TensorBoardCallback(run_dir, every_n_steps=10, tags=tags, monitor="val_iou", mode="max",
                                 hparams={key: value for key, value in config.items() if key != "data_files"}),
             ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True,
                               ignore_index=ignore),
@@ -383,7 +383,7 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
             PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
                                      stretch=True, ignore_index=ignore),
             *confusion,
-            ProgressBar(log_every=5),
+            ProgressBar(every_n_steps=5),
         ]
 
 

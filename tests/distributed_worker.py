@@ -69,7 +69,7 @@ def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) ->
     batch_size, drop_last = int(os.environ.get("WORKER_BATCH_SIZE", "4")), os.environ.get("WORKER_DROP_LAST") == "1"
     run = Path(out) / "run"
     every = os.environ.get("WORKER_CHECKPOINT_EVERY")
-    callbacks = [TensorBoardCallback(run, log_every=2), PRCurveCallback(run, ["a", "b", "c"]), EarlyStopping(patience=50),
+    callbacks = [TensorBoardCallback(run, every_n_steps=2), PRCurveCallback(run, ["a", "b", "c"]), EarlyStopping(patience=50),
                  ModelCheckpoint(run, every_n_steps=int(every) if every else None)]
     if os.environ.get("WORKER_EXIT_AT"):
         callbacks.append(ExitAt(int(os.environ["WORKER_EXIT_AT"])))

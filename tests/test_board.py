@@ -107,7 +107,7 @@ def tiny_trainer(callbacks: list, epochs: int = 2) -> Trainer:
 
 def train_tiny_run(log_dir: Path) -> Trainer:
     """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
-    t = tiny_trainer([TensorBoardCallback(log_dir, log_every=1), ImageGridCallback(log_dir, num_images=4),
+    t = tiny_trainer([TensorBoardCallback(log_dir, every_n_steps=1), ImageGridCallback(log_dir, num_images=4),
                       GraphCallback(log_dir)])
     t.fit(*tiny_loaders())
     assert t.global_step == 4
@@ -329,13 +329,13 @@ def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
     from trainer.callbacks import ModelCheckpoint
 
     run = tmp_path / "run"
-    first = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=2)
+    first = tiny_trainer([TensorBoardCallback(run, every_n_steps=1), ModelCheckpoint(run)], epochs=2)
     first.fit(*tiny_loaders())
     # The killed process went on past its last checkpoint (step 4): these points are orphans.
     with SummaryWriter(run) as orphan:
         for step in (5, 6):
             orphan.add_scalar("Loss/training loss", 99.0, step)
-    resumed = tiny_trainer([TensorBoardCallback(run, log_every=1), ModelCheckpoint(run)], epochs=4)
+    resumed = tiny_trainer([TensorBoardCallback(run, every_n_steps=1), ModelCheckpoint(run)], epochs=4)
     resumed.fit(*tiny_loaders(), resume_from=run / "last.pt")
     with board.start(run) as b:
         points = scalar_steps_served(b.url, "run", "Loss/training loss", 8)
@@ -348,9 +348,9 @@ def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
 
 def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_path, capsys):
     run = tmp_path / "run"
-    first = tiny_trainer([TensorBoardCallback(run, log_every=1)])
+    first = tiny_trainer([TensorBoardCallback(run, every_n_steps=1)])
     first.fit(*tiny_loaders())
-    again = tiny_trainer([TensorBoardCallback(run, log_every=1)])  # the notebook cell, run again
+    again = tiny_trainer([TensorBoardCallback(run, every_n_steps=1)])  # the notebook cell, run again
     again.fit(*tiny_loaders())
     assert f"{run} already holds a run, so this one logs to {run / 'version_1'}" in capsys.readouterr().out
     with board.start(run) as b:

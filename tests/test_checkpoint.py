@@ -105,7 +105,7 @@ def test_empty_random_and_non_dict_checkpoints_say_what_is_wrong(tmp_path):
 
 def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
     run = tmp_path / "run"
-    first, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=2)
+    first, train, val = build([TensorBoardCallback(run, every_n_steps=2), ModelCheckpoint(run)], epochs=2)
     first.fit(train, val)
     # An interrupted process logged past its last checkpoint: these points must disappear.
     from torch.utils.tensorboard import SummaryWriter
@@ -113,7 +113,7 @@ def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
     with SummaryWriter(run) as orphan:
         for step in (12, 14):
             orphan.add_scalar("Loss/training loss", 99.0, step)
-    resumed, train, val = build([TensorBoardCallback(run, log_every=2), ModelCheckpoint(run)], epochs=4)
+    resumed, train, val = build([TensorBoardCallback(run, every_n_steps=2), ModelCheckpoint(run)], epochs=4)
     history = resumed.fit(train, val, resume_from=run / "last.pt")
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
@@ -135,7 +135,7 @@ def test_non_finite_loss_caught_at_log_point_names_step_and_checkpoint(tmp_path)
                     trainer.module[0].weight.fill_(float("nan"))
 
     checkpoint = ModelCheckpoint(tmp_path)
-    trainer, train, val = build([PoisonAfterEpochOne(), TensorBoardCallback(tmp_path / "tb", log_every=2),
+    trainer, train, val = build([PoisonAfterEpochOne(), TensorBoardCallback(tmp_path / "tb", every_n_steps=2),
                                  checkpoint], epochs=3)
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(train, val)

@@ -88,7 +88,7 @@ class SyncGuard(Callback):
 @pytest.mark.parametrize("precision", ["bf16", "16-mixed"])
 def test_no_host_sync_between_log_points(tmp_path, precision):
     opener, closer = SyncGuard(opens=True), SyncGuard(opens=False)
-    callbacks = [opener, TensorBoardCallback(tmp_path, log_every=4), ProgressBar(log_every=4), closer]
+    callbacks = [opener, TensorBoardCallback(tmp_path, every_n_steps=4), ProgressBar(every_n_steps=4), closer]
     trainer = make_trainer(precision, callbacks, channels_last=True, epochs=2)
     train, val = loaders(batch_size=4)
     try:

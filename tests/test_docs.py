@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import signal
@@ -89,3 +91,13 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_
                           env=checkout_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 1, 2, 3]\n"
+
+
+def test_architecture_shows_what_describe_prints(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    example = re.search(r"^```python\n(.*?trainer\.describe\(\)\n)```\n\nprints\n\n```\n(.*?)```", text, re.S | re.M)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example.group(1), "<architecture.md>", "exec"), {"__name__": "__doc_example__"})
+    assert out.getvalue() == example.group(2)

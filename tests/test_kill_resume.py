@@ -391,7 +391,7 @@ def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, regression_loaders
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=2,
-                          callbacks=[TensorBoardCallback(tmp_path, log_every=1), ModelCheckpoint(tmp_path)],
+                          callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
                           device="cpu")
         trainer.fit(train, val, resume_from=resume_from)
     events = read_events(tmp_path)
@@ -408,7 +408,7 @@ def test_a_run_resumed_with_more_epochs_holds_one_hparams_entry(tmp_path, regres
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=epochs,
-                          callbacks=[TensorBoardCallback(tmp_path, log_every=1), ModelCheckpoint(tmp_path)],
+                          callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
                           device="cpu")
         trainer.fit(train, val, resume_from=resume_from)
     trainer.max_epochs = 4

@@ -53,7 +53,7 @@ def build(run_dir, callbacks=(), epochs=3, kind="sampler", init_seed=0, **option
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.9)
     data = make_classification(40)
-    callbacks = [TensorBoardCallback(run_dir, log_every=3), CSVLogger(run_dir / "metrics.csv"),
+    callbacks = [TensorBoardCallback(run_dir, every_n_steps=3), CSVLogger(run_dir / "metrics.csv"),
                  ModelCheckpoint(run_dir, every_n_steps=4), *callbacks]
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs, device="cpu",
                       scheduler=scheduler, scheduler_interval="step", seed=7,

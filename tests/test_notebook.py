@@ -31,8 +31,8 @@ x = torch.rand(16, 1, 8, 8)
 loader = DataLoader(TensorDataset(x, x.mean(dim=(1, 2, 3)).gt(0.5).long()), batch_size=8)
 model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), max_epochs=2,
-                  device="cpu", callbacks=[TensorBoardCallback("runs/tiny", log_every=1),
-                                           ImageGridCallback("runs/tiny", num_images=4), ProgressBar(log_every=1)])
+                  device="cpu", callbacks=[TensorBoardCallback("runs/tiny", every_n_steps=1),
+                                           ImageGridCallback("runs/tiny", num_images=4), ProgressBar(every_n_steps=1)])
 trainer.fit(loader, loader)
 '''
 SHOW = 'import trainer.board\nserver = trainer.board.show("runs/tiny")\nprint(server.pid, server.port)'

@@ -20,7 +20,7 @@ def fit(log_dir, trainer: Trainer | None = None, epochs: int = 2) -> Trainer:
     if trainer is None:
         model = nn.Linear(4, 4)
         trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                          callbacks=[TensorBoardCallback(log_dir, log_every=1)], max_epochs=epochs, device="cpu")
+                          callbacks=[TensorBoardCallback(log_dir, every_n_steps=1)], max_epochs=epochs, device="cpu")
     trainer.max_epochs = epochs
     trainer.fit(loader)
     return trainer

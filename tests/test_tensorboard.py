@@ -101,7 +101,7 @@ EPOCH_TAGS = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation
 
 
 def test_scalars_equal_history(tmp_path):
-    trainer, history = fit([TensorBoardCallback(tmp_path, log_every=2)])
+    trainer, history = fit([TensorBoardCallback(tmp_path, every_n_steps=2)])
     acc = read(tmp_path)
     steps_per_epoch = 6
     for key, tag in EPOCH_TAGS.items():
@@ -132,7 +132,7 @@ def class_accuracy(index):
 def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
     metrics = {"acc": accuracy, "acc_cat": class_accuracy(0), "acc_dog_big": class_accuracy(1),
                "recall_at_2": class_accuracy(2)}
-    callback = TensorBoardCallback(tmp_path, log_every=100, monitor="val_acc", mode="max")
+    callback = TensorBoardCallback(tmp_path, every_n_steps=100, monitor="val_acc", mode="max")
     trainer, history = fit([callback], metrics=metrics)
     acc = read(tmp_path)
     assert set(acc.Tags()["scalars"]) == {"Loss/training (epoch mean)", "Loss/validation", "learning rate",
@@ -144,7 +144,7 @@ def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
     assert [m.name.tag for m in experiment.metric_infos][:3] == ["Validation/acc", "Loss/validation",
                                                                   "Validation/acc/cat"]
 
-    renamed = TensorBoardCallback(tmp_path / "renamed", log_every=100, tags={"val_acc": "Validation/Accuracy"})
+    renamed = TensorBoardCallback(tmp_path / "renamed", every_n_steps=100, tags={"val_acc": "Validation/Accuracy"})
     fit([renamed], metrics=metrics)
     assert {"Validation/Accuracy", "Validation/Accuracy/cat", "Validation/Accuracy/dog_big",
             "Validation/recall_at_2"} <= set(read(tmp_path / "renamed").Tags()["scalars"])
@@ -157,7 +157,7 @@ def test_running_loss_is_mean_over_window(tmp_path):
         def on_batch_end(self, trainer, batch, outputs):
             losses.append(outputs.loss.item())
 
-    fit([Keep(), TensorBoardCallback(tmp_path, log_every=3)], epochs=1)
+    fit([Keep(), TensorBoardCallback(tmp_path, every_n_steps=3)], epochs=1)
     running = read(tmp_path).Scalars("Loss/training loss")
     assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
 
@@ -173,7 +173,7 @@ def hparams_data(acc):
 
 
 def test_custom_tags_and_overlay_chart(tmp_path):
-    callback = TensorBoardCallback(tmp_path, log_every=2, running_loss_tag="running (loss)",
+    callback = TensorBoardCallback(tmp_path, every_n_steps=2, running_loss_tag="running (loss)",
                                    tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"})
     fit([callback])
     acc = read(tmp_path)
@@ -194,7 +194,7 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
 
     hparams = {"seed": 3, "data": None, "deep_supervision": False, "arch": "NestedUNet", "classes": ["a", "b"],
                "epochs": 2, "lr": 0.05, "optimizer": "adam", "model": TinyNet, "batch_size": 4, "precision": "32"}
-    callback = TensorBoardCallback(tmp_path, log_every=2, hparams=hparams, monitor="val_acc", mode="max")
+    callback = TensorBoardCallback(tmp_path, every_n_steps=2, hparams=hparams, monitor="val_acc", mode="max")
     _, history = fit([callback])
     acc = read(tmp_path)
     experiment, start = hparams_data(acc)
@@ -507,7 +507,7 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
         def on_batch_end(self, trainer, batch, outputs):
             calls_per_batch.append((trainer.global_step, len(writer.method_calls)))
 
-    fit([TensorBoardCallback(tmp_path, log_every=4), Watch()], epochs=1)
+    fit([TensorBoardCallback(tmp_path, every_n_steps=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
     points = ("Loss/training loss", "throughput (samples per second)")
     assert [(tag, step) for tag, _, step in scalar_calls if tag in points] == [(tag, 4) for tag in points]
@@ -528,7 +528,7 @@ def test_unwritable_log_dir_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("factory", [
-    lambda p: TensorBoardCallback(p, log_every=0),
+    lambda p: TensorBoardCallback(p, every_n_steps=0),
     lambda p: ImageGridCallback(p, every_n_epochs=0),
     lambda p: PredictionFigureCallback(p, kind="regression"),
     lambda p: PredictionFigureCallback(p, every_n_steps=-2),

@@ -46,7 +46,7 @@ def expected_calls(epochs, train_batches, val_batches):
     calls = ["on_fit_start"]
     for _ in range(epochs):
         calls.append("on_epoch_start")
-        calls += ["on_batch_start", "on_batch_end"] * train_batches
+        calls += ["on_batch_start", "on_after_backward", "on_before_optimizer_step", "on_batch_end"] * train_batches
         if val_batches is not None:
             calls.append("on_validation_start")
             calls += ["on_validation_batch_end"] * val_batches
@@ -77,8 +77,9 @@ def test_only_overridden_hooks_are_dispatched(linear_model, regression_loaders):
 
     trainer = make_trainer(linear_model, [EpochOnly()])
     trainer.fit(regression_loaders[0])
-    assert len(trainer._hooks["on_epoch_end"]) == 1
-    assert trainer._hooks["on_batch_end"] == [] and trainer._hooks["on_batch_start"] == []
+    table = {line.split()[0]: line.split()[1:] for line in trainer.describe().splitlines()}
+    assert table["on_epoch_end"] == ["EpochOnly"]
+    assert all(names == ["-"] for hook, names in table.items() if hook != "on_epoch_end")
 
 
 def test_callbacks_run_in_given_order(linear_model, regression_loaders):
@@ -441,8 +442,8 @@ def test_no_device_sync_per_batch(mocker):
 
     assert count_syncs(5) == count_syncs(50) == 4  # per epoch: training loss, validation values
     with open("/dev/null", "w") as sink:
-        few = count_syncs(50, [ProgressBar(log_every=25, file=sink)])
-        many = count_syncs(50, [ProgressBar(log_every=5, file=sink)])
+        few = count_syncs(50, [ProgressBar(every_n_steps=25, file=sink)])
+        many = count_syncs(50, [ProgressBar(every_n_steps=5, file=sink)])
     assert few == 4 + 2 * 2 and many == 4 + 2 * 10
 
 
@@ -578,8 +579,9 @@ def test_callbacks_run_by_order_then_as_given_and_describe_shows_it(linear_model
     assert capsys.readouterr().out.strip() == text.strip()
     lines = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()}
     assert lines["on_epoch_end"] == "EarlyStopping, Named, Named, Named, ProgressBar, ModelCheckpoint"
-    assert lines["on_batch_start"] == "-" and lines["on_batch_end"] == "ProgressBar, ModelCheckpoint"
-    assert lines["on_validation_end"] == "EarlyStopping, ModelCheckpoint"
+    # ModelCheckpoint without step checkpoints is idle per batch, so it is not dispatched there.
+    assert lines["on_batch_start"] == "-" and lines["on_batch_end"] == "ProgressBar"
+    assert lines["on_validation_end"] == "EarlyStopping"
     assert text.splitlines()[0].startswith("on_fit_start") and "    on_batch_end" in text
 
 
@@ -657,3 +659,55 @@ def test_a_failing_loss_says_so_with_shapes_and_dtypes_and_keeps_its_type():
     note = caught.value.__notes__[-1]
     assert "loss function CrossEntropyLoss(predictions, targets)" in note
     assert "predictions float32 (4,) and targets int64 (4,)" in note
+
+
+def test_predict_and_validate_before_fit_with_auto_precision_compute_in_float32(linear_model, regression_loaders):
+    # "auto" is resolved by fit; before it, nothing may autocast (float16 autocast on the CPU was the bug).
+    seen = []
+
+    class Dtypes(Callback):
+        def on_validation_batch_end(self, trainer, batch, outputs):
+            seen.append(outputs.predictions.dtype)
+
+    trainer = make_trainer(linear_model, [Dtypes()], precision="auto")
+    assert trainer.predict(torch.randn(4, 3)).dtype == torch.float32
+    trainer.validate(regression_loaders[1])
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_validate_runs_the_callbacks_the_trainer_has_now(linear_model, regression_loaders):
+    calls = []
+
+    class Named(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_validation_end(self, trainer, logs):
+            calls.append(self.name)
+
+    first, second = Named("first"), Named("second")
+    trainer = make_trainer(linear_model, [first], max_epochs=1)
+    trainer.fit(*regression_loaders)
+    trainer.add_callback(second)
+    trainer.remove_callback(first)
+    calls.clear()
+    trainer.validate(regression_loaders[1])
+    assert calls == ["second"]
+
+
+def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linear_model, regression_loaders):
+    events = []
+
+    class Grads(Callback):
+        def on_after_backward(self, trainer):
+            events.append(("backward", trainer.batch_idx, linear_model.weight.grad is not None))
+
+        def on_before_optimizer_step(self, trainer, optimizer):
+            norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in linear_model.parameters()]))
+            events.append(("step", trainer.global_step, round(norm.item(), 4) <= 0.5))
+
+    # 3 batches, 2 per step: steps after batch 2 and (a shorter window) after batch 3.
+    make_trainer(linear_model, [Grads()], max_epochs=1, accumulate_grad_batches=2,
+                 grad_clip_norm=0.5).fit(regression_loaders[0])
+    assert events == [("backward", 0, True), ("backward", 1, True), ("step", 0, True),
+                      ("backward", 2, True), ("step", 1, True)]

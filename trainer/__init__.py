@@ -2,38 +2,32 @@
 
 from trainer.batch import move_to_device
 from trainer.callback import HOOKS, Callback
-from trainer.core import (
-    NonFiniteLossError,
-    StepOutput,
-    TimeLimitReached,
-    Trainer,
-    TrainingInterrupted,
-    resolve_device,
-    seed_everything,
-)
+from trainer.checkpoint import seed_everything
+from trainer.core import Trainer
+from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.every import Every
 from trainer.model_spec import ModelSpecError
+from trainer.options import resolve_device
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.resources import FitResources
 from trainer.run_lock import RunLock, RunLockedError
 from trainer.running import EpochLoss, RunningLoss
 from trainer.sampler import ResumableSampler
+from trainer.steps import StepOutput
 from trainer.trained_model import load_model
 from trainer.workers import ignore_stop_signals
 
+# HOOKS, EpochLoss, RunningLoss and FitResources stay importable here (and from their modules)
+# but are not part of the surface a user needs.
 __all__ = [
-    "HOOKS",
     "Callback",
-    "EpochLoss",
     "Every",
-    "FitResources",
     "ModelSpecError",
     "NonFiniteLossError",
     "PrecisionChoice",
     "ResumableSampler",
     "RunLock",
     "RunLockedError",
-    "RunningLoss",
     "StepOutput",
     "TimeLimitReached",
     "Trainer",

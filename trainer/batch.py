@@ -33,13 +33,35 @@ def move_to_device(batch: Any, device: torch.device, channels_last: bool = False
         device: where the tensors go.
         channels_last: 4-D tensors also take the channels-last memory format.
     """
+    return mover(device, channels_last)(batch)
+
+
+def mover(device: torch.device, channels_last: bool = False) -> Callable[[Any], Any]:
+    """A function that does `move_to_device` to `device` (the trainer builds it once per fit).
+
+    Args:
+        device: where tensors go.
+        channels_last: whether 4-D tensors also take the channels-last memory format.
+    """
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
         if channels_last and tensor.dim() == 4:
             return tensor.to(device, non_blocking=True, memory_format=torch.channels_last)
         return tensor.to(device, non_blocking=True)
 
-    return map_tensors(batch, move)
+    def move_batch(batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return move(batch)
+        return map_tensors(batch, move)
+
+    return move_batch
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested value (tuples, lists, dicts), depth first."""
+    found: list[torch.Tensor] = []
+    map_tensors(value, lambda t: found.append(t) or t)
+    return found
 
 
 def detach(value: Any) -> Any:

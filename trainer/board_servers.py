@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from trainer.checkpoint import atomic_write_text
+
 #: How long `spawn` waits for a new server to answer; TensorBoard starts in a few seconds.
 START_TIMEOUT = 120.0
 _children: dict[int, subprocess.Popen] = {}  # servers this process started, reaped when stopped
@@ -94,12 +96,7 @@ def _alive(pid: int) -> bool:
 
 def register(server: BoardServer) -> Path:
     """Record `server` in the registry (atomically: a reader never sees half a file)."""
-    path = entry_path(server.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(asdict(server)))
-    os.replace(temporary, path)
-    return path
+    return atomic_write_text(json.dumps(asdict(server)), entry_path(server.path))
 
 
 def unregister(folder: str | os.PathLike, pid: int) -> None:

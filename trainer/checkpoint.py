@@ -1,4 +1,4 @@
-"""Atomic checkpoint files and the random-generator state they carry."""
+"""Atomic checkpoint files, and the random generators: their state, which checkpoints carry, and seeding."""
 
 from __future__ import annotations
 
@@ -129,6 +129,17 @@ def _load_failure(exc: Exception) -> str:
     if "zip archive" in text or "central directory" in text:
         return f"damaged or not a file written by torch.save: {text.split('. ', 1)[0]}"
     return text or type(exc).__name__
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators.
+
+    Args:
+        seed: the seed of every generator.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

@@ -27,6 +27,8 @@ from tensorboard.compat.proto.versions_pb2 import VersionDef
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from trainer.amp import evaluating
+
 # The GraphDef producer version TensorBoard expects from PyTorch (as `add_graph` writes it).
 PRODUCER = 22
 
@@ -65,13 +67,8 @@ def first_line(exc: BaseException) -> str:
 def _graphing(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for `model`, and nothing printed: a failed export prints its partial
     graph and logs warnings to stderr, while the caller reports a failure once, in one line."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        model.train(was_training)
+    with evaluating(model), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _exported(model: nn.Module, example: Any) -> tuple[fx.Graph, dict[str, str]]:

@@ -19,6 +19,14 @@ def check_batch_limit(name: str, value: Any) -> int | float | None:
     return value
 
 
+def loader_length(loader: Any) -> int | None:
+    """``len(loader)``, or None for a loader without a length (an iterable dataset, a generator)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def limited(name: str, limit: int | float | None, count: int | None) -> int | None:
     """How many of `count` batches (None: unknown) a pass takes under `limit` (see
     `check_batch_limit`); None for all of an unknown number. A fraction keeps at least one batch."""

@@ -40,7 +40,8 @@ except ImportError:  # Windows: runs started at the same moment may both measure
 import torch
 from torch import nn
 
-from trainer.batch import map_tensors
+from trainer.batch import map_tensors, tensors
+from trainer.checkpoint import atomic_write_text
 
 #: Accepted spellings of each precision.
 PRECISIONS = {
@@ -300,8 +301,7 @@ def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
     """What a measurement depends on, as a short hash: this CPU (its model name and native
     features), torch's version and thread count, the model's class and parameter shapes, the
     example's shapes and dtypes, and the candidates."""
-    shapes: list[Any] = []
-    map_tensors(example, lambda t: shapes.append([list(t.shape), str(t.dtype)]) or t)
+    shapes = [[list(t.shape), str(t.dtype)] for t in tensors(example)]
     described = {
         "cpu": _cpu_model_name(), "features": cpu_features(), "machine": platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -348,13 +348,9 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
     """Add `entry` under `key` to the cache file atomically; the reason it failed, or None."""
     data = _read_cache(path)
     data[key] = entry
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_text(json.dumps(data, indent=1, sort_keys=True), path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         return f"{path}: {exc.strerror or exc}"
     return None
 
@@ -448,7 +444,7 @@ def _pass(model: nn.Module, inputs: Any, setting: Setting, device: torch.device)
         with convolution_kernels(setting.onednn):
             with torch.enable_grad(), autocast:
                 output = model(inputs)
-            total = sum(t.float().sum() for t in _tensors(output))
+            total = sum(t.float().sum() for t in tensors(output))
             if params and isinstance(total, torch.Tensor) and total.requires_grad:
                 torch.autograd.grad(total, params, allow_unused=True)
         if device.type == "cuda":
@@ -479,12 +475,6 @@ def _timed(run: Callable[[], None]) -> float:
     except (RuntimeError, ValueError, TypeError, NotImplementedError):
         return math.inf
     return time.perf_counter() - start
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_tensors(value, lambda t: found.append(t) or t)
-    return found
 
 
 def _to(tensor: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:

@@ -36,9 +36,14 @@ class FitResources:
             if callable(getattr(item, "flush", None)):
                 item.flush()
 
-    def close(self) -> None:
+    def close(self, cause: BaseException | None = None) -> None:
         """Close every object that can be closed, newest first, and forget them all; the first
-        error is raised once all were closed."""
+        error is raised once all were closed, or, given the `cause` that stopped training, added
+        to it as a note (never hiding it).
+
+        Args:
+            cause: the exception that ended the fit, or None.
+        """
         items, self._items = list(self._items.values()), {}
         error: Exception | None = None
         for item in reversed(items):
@@ -47,5 +52,7 @@ class FitResources:
                     item.close()
             except Exception as exc:  # noqa: BLE001 - close the others first
                 error = error or exc
-        if error is not None:
+        if error is not None and cause is not None:
+            cause.add_note(f"closing the fit's resources also raised {type(error).__name__}: {error}")
+        elif error is not None:
             raise error

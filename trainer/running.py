@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer.errors import NonFiniteLossError
+
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
 
@@ -64,8 +66,6 @@ class RunningLoss:
         mean = (total - self._sum) / (samples - self._samples)
         self._sum, self._samples = total, samples
         if not math.isfinite(mean):
-            from trainer.core import NonFiniteLossError
-
             raise NonFiniteLossError(
                 f"training loss is {mean} at global step {trainer.global_step} "
                 f"(epoch {trainer.epoch + 1}/{trainer.max_epochs}); "

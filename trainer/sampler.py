@@ -66,15 +66,14 @@ def batches_from(loader: Iterable, first: int) -> Iterable | None:
     """
     if first == 0:
         return loader
-    if isinstance(loader, Sequence):
+    how = _late_start(loader)
+    if how == "sequence":
         return itertools.islice(loader, first, None)
-    if callable(getattr(loader, "skip_batches", None)):
-        loader.skip_batches(first)
-        return loader
-    if can_skip_samples(loader):
-        loader.sampler.skip(first * loader.batch_size)  # type: ignore[union-attr]
-        return loader
-    return None
+    if how == "skip_batches":
+        loader.skip_batches(first)  # type: ignore[attr-defined]
+    elif how == "sampler":
+        loader.sampler.skip(first * loader.batch_size)  # type: ignore[attr-defined]
+    return loader if how else None
 
 
 def can_skip_samples(loader: Any) -> bool:
@@ -84,9 +83,19 @@ def can_skip_samples(loader: Any) -> bool:
 
 
 def resumable(loader: Iterable) -> bool:
-    """Whether the trainer can start `loader` inside an epoch (see `batches_from`)."""
-    return (isinstance(loader, Sequence) or callable(getattr(loader, "skip_batches", None))
-            or can_skip_samples(loader))
+    """Whether the trainer can start `loader` inside an epoch: what `batches_from` accepts."""
+    return _late_start(loader) is not None
+
+
+def _late_start(loader: Iterable) -> str | None:
+    """How `loader` starts late: ``"sequence"``, ``"skip_batches"``, ``"sampler"``, or None."""
+    if isinstance(loader, Sequence):
+        return "sequence"
+    if callable(getattr(loader, "skip_batches", None)):
+        return "skip_batches"
+    if can_skip_samples(loader):
+        return "sampler"
+    return None
 
 
 def start_epoch(loader: Iterable, epoch: int) -> None:

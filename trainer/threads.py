@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.every import positive_int
+
 #: Where cgroup file systems are mounted.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -117,8 +119,7 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
     use (affinity, capped by the cgroup CPU quota rounded up) shared evenly among the local
     training processes, at least one."""
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads must be a positive integer, got {requested!r}")
+        positive_int("threads", requested)
         return ThreadChoice(requested, "as asked")
     cpus, reasons = affinity_cpus(), []
     reasons.append(f"{cpus} CPU{'s' if cpus != 1 else ''} in this process's affinity")

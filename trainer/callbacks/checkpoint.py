@@ -11,7 +11,7 @@ from typing import Any
 from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 from trainer.checkpoint import atomic_save
-from trainer.core import NonFiniteLossError, TrainingInterrupted
+from trainer.errors import NonFiniteLossError, TrainingInterrupted
 from trainer.distributed import is_rank_zero
 from trainer.every import Every, positive_int
 from trainer.model_spec import is_plain, record_model
@@ -148,6 +148,13 @@ class ModelCheckpoint(Callback):
             for path in self.dirpath.glob(f"epoch=*-step=*-{glob.escape(self.monitor)}=*.pt"):
                 if path.name not in kept:
                     path.unlink(missing_ok=True)
+
+    def idle_hooks(self, trainer) -> frozenset[str]:
+        """Without step checkpoints and step validations it saves at epoch ends only."""
+        if self.every_n_steps is None and not (self.monitor is not None
+                                               and decides_at_validations(trainer, self.monitor)):
+            return frozenset({"on_batch_end", "on_validation_end"})
+        return frozenset()
 
     def on_validation_end(self, trainer, logs) -> None:
         if trainer.in_step_validation and self.monitor is not None and self.monitor.startswith("val_"):

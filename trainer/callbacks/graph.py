@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tensorboard.compat.proto.event_pb2 import Event
 
+from trainer.amp import evaluating
 from trainer.batch import split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, take_batch
 from trainer.graph_def import first_line, graph_def
@@ -57,11 +58,9 @@ class GraphCallback(TensorBoardWriterCallback):
 
     def _trace_or_warn(self, model: torch.nn.Module, example: Any, reasons: str) -> None:
         """The last resort: TorchScript tracing through `add_graph`, where torch.jit still works."""
-        was_training = model.training
-        model.eval()
         try:
             # add_graph prints trace errors itself; they reach the user once, as the warning below.
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with evaluating(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -73,5 +72,3 @@ class GraphCallback(TensorBoardWriterCallback):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        finally:
-            model.train(was_training)

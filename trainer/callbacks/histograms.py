@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import torch
 
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback
@@ -16,9 +14,9 @@ class HistogramCallback(TensorBoardWriterCallback):
     (``weights/<name>``) and of its gradient at the epoch's last optimizer step
     (``gradients/<name>``), at the global step (Histograms and Distributions tabs).
 
-    The gradients are the ones the optimizer used: an optimizer step hook keeps a reference to
-    them at the epoch's last step (at every step of a loader without a length), before they are
-    cleared; no copy, no extra forward or backward pass. Histograms need the values on the CPU,
+    The gradients are the ones the optimizer used: at the epoch's last step (at every step of a
+    loader without a length) ``on_before_optimizer_step`` keeps a reference to them, unscaled and
+    clipped, before they are cleared; no copy, no extra forward or backward pass. Histograms need the values on the CPU,
     so this costs a device sync per parameter at those epoch ends only.
 
     Args:
@@ -30,21 +28,17 @@ class HistogramCallback(TensorBoardWriterCallback):
         super().__init__(log_dir)
         self.every_n_epochs = positive_int("every_n_epochs", every_n_epochs)
         self._grads: dict[str, torch.Tensor] = {}
-        self._handle: Any = None
 
     def _due(self, trainer) -> bool:
         return (trainer.epoch + 1) % self.every_n_epochs == 0
 
     def on_fit_start(self, trainer) -> None:
         self._grads = {}
-        params = dict(trainer.module.named_parameters())
 
-        def keep_gradients(optimizer, args, kwargs) -> None:
-            last = trainer.num_batches is None or trainer.batch_idx + 1 >= trainer.num_batches
-            if last and self._due(trainer):
-                self._grads = {name: p.grad for name, p in params.items() if p.grad is not None}
-
-        self._handle = trainer.optimizer.register_step_post_hook(keep_gradients)
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        last = trainer.num_batches is None or trainer.batch_idx + 1 >= trainer.num_batches
+        if last and self._due(trainer):
+            self._grads = {name: p.grad for name, p in trainer.module.named_parameters() if p.grad is not None}
 
     def on_epoch_end(self, trainer, logs) -> None:
         if not self._due(trainer):
@@ -57,7 +51,4 @@ class HistogramCallback(TensorBoardWriterCallback):
         self._grads = {}
 
     def on_fit_end(self, trainer) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
         self._grads = {}

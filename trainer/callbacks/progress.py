@@ -8,7 +8,7 @@ from tqdm.std import tqdm as text_bar
 
 from trainer.callback import Callback
 from trainer.notebook import has_widgets, in_notebook
-from trainer.every import Every
+from trainer.every import Every, renamed_option
 from trainer.running import RunningLoss
 
 
@@ -31,21 +31,24 @@ class ProgressBar(Callback):
     """Show a tqdm progress bar per epoch (a widget in Jupyter where ipywidgets is installed,
     text elsewhere; see `bar_class`).
 
-    The bar moves and shows the running training loss every `log_every` batches (one device
-    sync there, none in between); at the end of the epoch it shows the epoch's logs (loss,
-    validation loss and metrics, learning rate).
+    The bar counts batches; it moves and shows the running training loss every `every_n_steps`
+    optimizer steps, as `TensorBoardCallback` logs it (one device sync there, none in between);
+    at the end of the epoch it shows the epoch's logs (loss, validation loss and metrics,
+    learning rate).
 
     Args:
-        log_every: batches between updates of the bar.
+        every_n_steps: optimizer steps between updates of the bar.
         leave: keep each epoch's finished bar on screen (False clears it).
         file: where the bar is drawn (default: standard error).
+        log_every: the former name of `every_n_steps` (deprecated).
     """
 
     rank_zero_only = True
 
-    def __init__(self, log_every: int = 20, leave: bool = True, file: IO[str] | None = None) -> None:
-        self.log_every = log_every
-        self._log_point = Every(log_every, "log_every")
+    def __init__(self, every_n_steps: int = 20, leave: bool = True, file: IO[str] | None = None, *,
+                 log_every: int | None = None) -> None:
+        self.every_n_steps = renamed_option("ProgressBar", "log_every", log_every, "every_n_steps", every_n_steps)
+        self._log_point = Every(self.every_n_steps, "every_n_steps")
         self.leave = leave
         self.file = file
         self._bar: Any = None
@@ -63,11 +66,11 @@ class ProgressBar(Callback):
             unit="batch",
         )
         self._shown = trainer.batch_idx
-        self._log_point.reset()
+        self._log_point.start(trainer.global_step)
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
-        done = trainer.batch_idx + 1
-        if self._log_point(done):
+        if self._log_point(trainer.global_step):
+            done = trainer.batch_idx + 1
             self._bar.update(done - self._shown)
             self._shown = done
             loss = self._running.pop(trainer)

@@ -1,6 +1,6 @@
 """The TensorBoard tag scheme every callback and recipe follows (docs/tensorboard.md, "TensorBoard tags").
 
-- ``Loss/training loss``: the mean training loss over the last `log_every` optimizer steps (the
+- ``Loss/training loss``: the mean training loss over the last `every_n_steps` optimizer steps (the
   running loss of the PyTorch TensorBoard tutorial, whose name it keeps, in the ``Loss`` group).
 - ``Loss/training (epoch mean)`` and ``Loss/validation``: the epoch's training and validation loss.
 - ``Validation/<metric>``: each validation metric at each epoch's end, under the name it was
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-#: The running training loss, every `log_every` steps.
+#: The running training loss, every `every_n_steps` steps.
 RUNNING_LOSS = "Loss/training loss"
 #: Training samples per second of wall time, at the running loss's points.
 THROUGHPUT = "throughput (samples per second)"

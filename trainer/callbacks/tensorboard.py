@@ -28,7 +28,7 @@ from trainer.callbacks import tags as scheme
 from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
 from trainer.callbacks.monitor import check_mode
 from trainer.distributed import get_world_size, is_rank_zero
-from trainer.every import Every
+from trainer.every import Every, renamed_option
 from trainer.running import RunningLoss
 
 def has_event_files(path: str | os.PathLike, recursive: bool = False) -> bool:
@@ -213,7 +213,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     """Scalars for TensorBoard: running training loss, throughput, per-epoch logs and the run's
     hparams, under the tags of `trainer.callbacks.tags` (docs/tensorboard.md, "TensorBoard tags").
 
-    - Every `log_every` optimizer steps: the mean training loss since the previous point,
+    - Every `every_n_steps` optimizer steps: the mean training loss since the previous point,
       under `running_loss_tag` (``Loss/training loss``; x axis: global step), and the training
       samples per second of wall time since the previous point (of all processes under
       torchrun), under `throughput_tag`. Nothing is done between log points; the throughput
@@ -237,7 +237,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
 
     Args:
         log_dir: the run directory (shared with the run's other TensorBoard callbacks).
-        log_every: optimizer steps between running-loss points.
+        every_n_steps: optimizer steps between running-loss points.
         running_loss_tag: the tag of the running loss.
         tags: epoch log key -> tag, replacing the default of `trainer.callbacks.tags.epoch_tag`
             (and of the per-class values of a renamed metric).
@@ -246,12 +246,13 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             `ModelCheckpoint`); its curve is the HParams tab's first metric.
         main_hparams: the options shown first, in this order (`hparams.MAIN_HPARAMS`).
         throughput_tag: the tag of the training throughput (``throughput (samples per second)``).
+        log_every: the former name of `every_n_steps` (deprecated).
     """
 
     def __init__(
         self,
         log_dir: str | os.PathLike,
-        log_every: int = 100,
+        every_n_steps: int = 100,
         running_loss_tag: str = scheme.RUNNING_LOSS,
         tags: dict[str, str] | None = None,
         hparams: dict[str, Any] | None = None,
@@ -259,11 +260,14 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         mode: str = "min",
         main_hparams: Sequence[str] = MAIN_HPARAMS,
         throughput_tag: str = scheme.THROUGHPUT,
+        *,
+        log_every: int | None = None,
     ) -> None:
         super().__init__(log_dir)
         check_mode(mode)
-        self.log_every = log_every
-        self._log_point = Every(log_every, "log_every")
+        self.every_n_steps = renamed_option("TensorBoardCallback", "log_every", log_every, "every_n_steps",
+                                            every_n_steps)
+        self._log_point = Every(self.every_n_steps, "every_n_steps")
         self.running_loss_tag = running_loss_tag
         self.throughput_tag = throughput_tag
         self._clock = (0.0, 0)  # wall time and samples trained at the last point (or the fit's start)
