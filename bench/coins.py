@@ -55,10 +55,11 @@ def write_crops(image: np.ndarray, labels: np.ndarray, root: Path, count: int, s
     height, width = image.shape
     for index in range(count):
         y, x = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-        crop = torch.from_numpy(image[y:y + side, x:x + side].copy())
+        crop = torch.from_numpy(image[y : y + side, x : x + side].copy())
         write_png_file(crop.expand(3, -1, -1).contiguous(), root / "images" / f"{index:03d}.png")
-        write_label_map(torch.from_numpy(labels[y:y + side, x:x + side].astype(np.int64)),
-                        root / "masks" / f"{index:03d}.png")
+        write_label_map(
+            torch.from_numpy(labels[y : y + side, x : x + side].astype(np.int64)), root / "masks" / f"{index:03d}.png"
+        )
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
 
 
@@ -84,32 +85,70 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         raise SystemExit("error: bench.coins needs scikit-image: pip install -e .[bench]") from None
     features = cpu_features()
-    print(f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
+        f"{torch.get_num_threads()} threads"
+    )
     image = data.coins()
     labels = coin_labels(image, args.rim)
     shares = np.bincount(labels.ravel(), minlength=3) / labels.size
-    print(f"coins image {image.shape[1]}x{image.shape[0]}: " +
-          ", ".join(f"{name} {100 * share:.1f}%" for name, share in zip(CLASSES, shares)))
+    print(
+        f"coins image {image.shape[1]}x{image.shape[0]}: "
+        + ", ".join(f"{name} {100 * share:.1f}%" for name, share in zip(CLASSES, shares))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_crops(image, labels, work / "data", args.crops, args.side, args.seed)
         write_png_file(torch.from_numpy(image).expand(3, -1, -1).contiguous(), work / "whole" / "coins.png")
         start = time.perf_counter()
-        run([sys.executable, "-m", "recipes.nested_unet", "--data", str(work / "data"), "--arch", args.arch,
-             "--epochs", str(args.epochs), "--batch-size", "4", "--lr", "0.003", "--seed", str(args.seed),
-             "--log-dir", str(work / "run")])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "recipes.nested_unet",
+                "--data",
+                str(work / "data"),
+                "--arch",
+                args.arch,
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                "4",
+                "--lr",
+                "0.003",
+                "--seed",
+                str(args.seed),
+                "--log-dir",
+                str(work / "run"),
+            ]
+        )
         trained = time.perf_counter() - start
-        run([sys.executable, "-m", "recipes.nested_unet", "predict", "--checkpoint", str(work / "run" / "best.pt"),
-             "--images", str(work / "whole"), "--out", str(work / "out"), "--device", "cpu"])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "recipes.nested_unet",
+                "predict",
+                "--checkpoint",
+                str(work / "run" / "best.pt"),
+                "--images",
+                str(work / "whole"),
+                "--out",
+                str(work / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
         predicted = read_label_map(work / "out" / "coins.png")
     truth = torch.from_numpy(labels.astype(np.int64))
     matrix = torch.bincount(truth.flatten() * 3 + predicted.flatten(), minlength=9).view(3, 3)
     ious = confusion_iou(matrix)
-    print(f"{args.arch}, {args.epochs} epochs on {args.crops} crops of {args.side}x{args.side}, trained in "
-          f"{trained:.0f} s; whole-image IoU: " +
-          ", ".join(f"{name} {value:.3f}" for name, value in zip(CLASSES, ious.tolist())) +
-          f"; mean {ious.mean():.3f}")
+    print(
+        f"{args.arch}, {args.epochs} epochs on {args.crops} crops of {args.side}x{args.side}, trained in "
+        f"{trained:.0f} s; whole-image IoU: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in zip(CLASSES, ious.tolist()))
+        + f"; mean {ious.mean():.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ import torch
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--threads`` (torch threads; 0 keeps torch's default)."""
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine",
+    )
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -9,8 +9,8 @@ otherwise). Each measurement runs in a fresh Python process, so that its peak me
 resident set's high-water mark, ``getrusage``) is its own:
 
 - start: the seconds from `split_segmentation` (augmented, as the recipe does; imports not
-  counted) to the end of one training step of a one-convolution model, in each mode; streaming twice, first with an empty index folder (every file
-  checked) then with the index that start wrote (nothing decoded before the step);
+  counted) to the end of one training step of a one-convolution model, in each mode; streaming
+  twice, first with an empty index folder (every file checked) then with the index that start wrote (nothing decoded before the step);
 - throughput: training samples per second of the same model over `--steps` steps after 3 warm-up
   steps, with each `--workers` count. The model is deliberately tiny, so that the figure is what
   the data side can deliver, not the network's speed.
@@ -102,8 +102,13 @@ def generate_folder(root: Path, images: int, size: int) -> Path:
 
 def measure(settings: dict) -> dict:
     """Run `CHILD` with `settings` in a fresh process; its results."""
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(settings)], cwd=ROOT,
-                            env=checkout_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(settings)],
+        cwd=ROOT,
+        env=checkout_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"error: the {settings['mode']} measurement failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -132,8 +137,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         print(f"{args.images} images of {args.size}x{args.size}, one mask class, in {folder}")
         print(f"{'start':<28}{'time to first step':>20}{'peak memory':>14}")
-        starts = [(mode, label) for mode in modes
-                  for label in (("memory",) if mode == "memory" else ("stream, first start", "stream, index reused"))]
+        starts = [
+            (mode, label)
+            for mode in modes
+            for label in (("memory",) if mode == "memory" else ("stream, first start", "stream, index reused"))
+        ]
         for mode, label in starts:
             found = measure({**common, "mode": mode, "workers": 0, "steps": 0})
             rows.append({"what": label, **found})

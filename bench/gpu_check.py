@@ -42,9 +42,24 @@ def cuda_tests() -> bool:
     """Part 1: the CUDA tests of the suite."""
     # The GPU machine's packages may deprecate things this project's pinned versions do not: this part
     # checks the CUDA behaviour, so deprecations are reported there instead of failing it.
-    code, output = run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                        "-W", "default::DeprecationWarning", "-W", "default::FutureWarning", "tests/test_cuda.py"],
-                       timeout=150)
+    code, output = run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "default::DeprecationWarning",
+            "-W",
+            "default::FutureWarning",
+            "tests/test_cuda.py",
+        ],
+        timeout=150,
+    )
     print("\n".join(output.strip().splitlines()[-15:]))
     return code == 0
 
@@ -59,17 +74,47 @@ def recipes() -> bool:
             images, labels = make_learnable_fashion_like(count, seed=int(train))
             write_fashion_mnist_idx(tmp, images, labels, train=train)
         commands = {
-            "nested_unet": [sys.executable, "-m", "recipes.nested_unet", "--device", "cuda", "--epochs", "2",
-                            "--train-samples", "128", "--val-samples", "32", "--log-dir", f"{tmp}/nested_unet"],
-            "fashion_mnist": [sys.executable, "-m", "recipes.fashion_mnist", "--device", "cuda", "--epochs", "1",
-                              "--batch-size", "64", "--log-every", "8", "--data-dir", tmp,
-                              "--log-dir", f"{tmp}/fashion_mnist"],
+            "nested_unet": [
+                sys.executable,
+                "-m",
+                "recipes.nested_unet",
+                "--device",
+                "cuda",
+                "--epochs",
+                "2",
+                "--train-samples",
+                "128",
+                "--val-samples",
+                "32",
+                "--log-dir",
+                f"{tmp}/nested_unet",
+            ],
+            "fashion_mnist": [
+                sys.executable,
+                "-m",
+                "recipes.fashion_mnist",
+                "--device",
+                "cuda",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--log-every",
+                "8",
+                "--data-dir",
+                tmp,
+                "--log-dir",
+                f"{tmp}/fashion_mnist",
+            ],
         }
         for name, command in commands.items():
             started = time.perf_counter()
             code, output = run(command, timeout=150)
-            lines = [line for line in output.replace("\r", "\n").splitlines()
-                     if line.startswith(("precision:", "best validation", "test accuracy", "error"))]
+            lines = [
+                line
+                for line in output.replace("\r", "\n").splitlines()
+                if line.startswith(("precision:", "best validation", "test accuracy", "error"))
+            ]
             print(f"{name}: exit {code} in {time.perf_counter() - started:.1f} s; " + " | ".join(lines))
             if code != 0:
                 print(output[-3000:])
@@ -90,15 +135,21 @@ def throughput(steps: int, compile_too: bool) -> bool:
     initial = NestedUNet().state_dict()
     choice = choose_precision(NestedUNet().to(device), device, images)
     print(f"automatic choice: {choice}")
-    settings = {"fp32 eager": ("32", False), f"auto ({choice.precision}, "
-                f"{'channels-last' if choice.channels_last else 'contiguous'})": (choice.precision, choice.channels_last)}
+    settings = {
+        "fp32 eager": ("32", False),
+        f"auto ({choice.precision}, {'channels-last' if choice.channels_last else 'contiguous'})": (
+            choice.precision,
+            choice.channels_last,
+        ),
+    }
     results: dict[str, float] = {}
-    for compiled in ([False, True] if compile_too else [False]):
+    for compiled in [False, True] if compile_too else [False]:
         for name, (precision, channels_last) in settings.items():
             label = f"{name}{' + compile' if compiled else ''}"
             try:
-                compile_s, per_step = time_steps(initial, images, masks, precision, channels_last, compiled, steps,
-                                                 NestedUNet, BCEDiceLoss)
+                compile_s, per_step = time_steps(
+                    initial, images, masks, precision, channels_last, compiled, steps, NestedUNet, BCEDiceLoss
+                )
             except Exception as exc:  # noqa: BLE001 - report and go on with the other settings
                 print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
                 continue
@@ -112,8 +163,9 @@ def throughput(steps: int, compile_too: bool) -> bool:
     return "fp32 eager" in results and len(results) >= 2
 
 
-def time_steps(initial, images, masks, precision: str, channels_last: bool, compiled: bool, steps: int,
-               model_class, loss_class) -> tuple[float, float]:
+def time_steps(
+    initial, images, masks, precision: str, channels_last: bool, compiled: bool, steps: int, model_class, loss_class
+) -> tuple[float, float]:
     """(seconds of the first three steps, seconds per step after them) for one setting."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model_class().cuda()
@@ -152,8 +204,9 @@ def time_steps(initial, images, masks, precision: str, channels_last: bool, comp
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three parts; 0 when all passed."""
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per throughput setting")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     args = parser.parse_args(argv)
@@ -161,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU here; the GPU check needs one", file=sys.stderr)
         return 2
     props = torch.cuda.get_device_properties(0)
-    print(f"torch {torch.__version__}, {props.name}, compute capability {props.major}.{props.minor}, "
-          f"{props.total_memory / 2**30:.0f} GiB")
+    print(
+        f"torch {torch.__version__}, {props.name}, compute capability {props.major}.{props.minor}, "
+        f"{props.total_memory / 2**30:.0f} GiB"
+    )
     parts: dict[str, Callable[[], bool]] = {
         "CUDA tests": cuda_tests,
         "recipes on cuda": recipes,
@@ -181,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {'passed' if ok else 'FAILED'} ({time.perf_counter() - started:.1f} s)", flush=True)
         if not ok:
             failed.append(name)
-    print(f"GPU check {'passed' if not failed else 'FAILED: ' + ', '.join(failed)} "
-          f"in {time.perf_counter() - began:.1f} s")
+    print(
+        f"GPU check {'passed' if not failed else 'FAILED: ' + ', '.join(failed)} in {time.perf_counter() - began:.1f} s"
+    )
     return 1 if failed else 0
 
 

@@ -6,8 +6,8 @@ Prints the CPU's native capabilities (AVX2 / AVX-512 / AVX512-BF16 / AMX), then 
 ``precision="auto"`` with ``channels_last="auto"`` chooses on this machine (and how long its
 probe took), then one row per setting: float32 eager (the reference loop of the widely used
 pytorch-nested-unet code), channels-last, bf16 autocast, channels-last + bf16, float32 with
-PyTorch's own convolution kernels instead of oneDNN's, and the automatic choice. All rows run the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved
-in one process; medians of `--repeats` runs. The defaults are the recipe's own workload.
+PyTorch's own convolution kernels instead of oneDNN's, and the automatic choice. All rows run
+the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved in one process; medians of `--repeats` runs. The defaults are the recipe's own workload.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     masks = (torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=g) > 0.7).float()
 
     features = cpu_features()
-    print(f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
+        f"{torch.get_num_threads()} threads"
+    )
     torch.manual_seed(0)
     started = time.perf_counter()
     choice = choose_precision(NestedUNet(), torch.device("cpu"), images)
@@ -82,13 +84,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     auto_name = f"auto ({auto})"
     variants[auto_name] = make_step(auto, images, masks, args.steps)
     medians = interleaved(variants, repeats=args.repeats)
-    print(f"NestedUNet, {args.steps} steps of {args.batch_size}x3x{args.image_size}x{args.image_size}, "
-          f"median of {args.repeats}")
+    print(
+        f"NestedUNet, {args.steps} steps of {args.batch_size}x3x{args.image_size}x{args.image_size}, "
+        f"median of {args.repeats}"
+    )
     print_ratios(medians, "fp32 eager", work=args.steps * args.batch_size)
     fastest = min(SETTINGS, key=medians.get)
     gap = medians[auto_name] / medians[fastest]
-    print(f"automatic choice vs the fastest fixed setting ({fastest}): {gap:.3f}x the time "
-          f"({'within' if gap <= 1.03 else 'outside'} 3%)")
+    print(
+        f"automatic choice vs the fastest fixed setting ({fastest}): {gap:.3f}x the time "
+        f"({'within' if gap <= 1.03 else 'outside'} 3%)"
+    )
     return medians
 
 

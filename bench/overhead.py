@@ -91,31 +91,49 @@ def _variants(setup: _Setup, batch_size: int, extras: bool) -> dict[str, Callabl
         def run():
             model, optimizer = setup.fresh()
             Trainer(model, optimizer, setup.loss_fn, callbacks=make_callbacks(), device="cpu").fit(loader)
+
         return run
 
     def recipe_callbacks():
         run_dir = setup.run_dir()
-        return [TensorBoardCallback(run_dir, every_n_steps=1000), ProgressBar(every_n_steps=200, file=setup.devnull),
-                CSVLogger(os.path.join(run_dir, "metrics.csv")), ModelCheckpoint(run_dir, monitor="loss")]
+        return [
+            TensorBoardCallback(run_dir, every_n_steps=1000),
+            ProgressBar(every_n_steps=200, file=setup.devnull),
+            CSVLogger(os.path.join(run_dir, "metrics.csv")),
+            ModelCheckpoint(run_dir, monitor="loss"),
+        ]
 
-    variants = {"plain loop": plain_loop, "Trainer": with_trainer(list),
-                "Trainer + recipes' callbacks": with_trainer(recipe_callbacks)}
+    variants = {
+        "plain loop": plain_loop,
+        "Trainer": with_trainer(list),
+        "Trainer + recipes' callbacks": with_trainer(recipe_callbacks),
+    }
     if extras:
+
         def tensorboard_callbacks():
             run_dir = setup.run_dir()
-            return [TensorBoardCallback(run_dir), ImageGridCallback(run_dir), GraphCallback(run_dir),
-                    PredictionFigureCallback(run_dir)]
+            return [
+                TensorBoardCallback(run_dir),
+                ImageGridCallback(run_dir),
+                GraphCallback(run_dir),
+                PredictionFigureCallback(run_dir),
+            ]
 
         def long_run_callbacks():
             run_dir = setup.run_dir()
-            return [TensorBoardCallback(run_dir), CSVLogger(os.path.join(run_dir, "metrics.csv")),
-                    ModelCheckpoint(run_dir, monitor="loss", every_n_steps=500)]
+            return [
+                TensorBoardCallback(run_dir),
+                CSVLogger(os.path.join(run_dir, "metrics.csv")),
+                ModelCheckpoint(run_dir, monitor="loss", every_n_steps=500),
+            ]
 
-        variants.update({
-            "Trainer + ProgressBar": with_trainer(lambda: [ProgressBar(file=setup.devnull)]),
-            "Trainer + TensorBoard x4": with_trainer(tensorboard_callbacks),
-            "Trainer + throughput, CSV, step checkpoints": with_trainer(long_run_callbacks),
-        })
+        variants.update(
+            {
+                "Trainer + ProgressBar": with_trainer(lambda: [ProgressBar(file=setup.devnull)]),
+                "Trainer + TensorBoard x4": with_trainer(tensorboard_callbacks),
+                "Trainer + throughput, CSV, step checkpoints": with_trainer(long_run_callbacks),
+            }
+        )
     return variants
 
 
@@ -138,8 +156,10 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     for index, batch_size in enumerate(args.batch_sizes):
         medians = interleaved(_variants(setup, batch_size, extras=index == 0), repeats=args.repeats)
         steps = -(-args.samples // batch_size)
-        print(f"\n{steps} steps of batch {batch_size} over a DataLoader, {torch.get_num_threads()} threads, "
-              f"median of {args.repeats}")
+        print(
+            f"\n{steps} steps of batch {batch_size} over a DataLoader, {torch.get_num_threads()} threads, "
+            f"median of {args.repeats}"
+        )
         print_ratios(medians, "plain loop", work=args.samples)
         for name, (baseline, floor) in FLOORS.items():
             if name in medians:

@@ -48,28 +48,60 @@ def run(command: list[str]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=4096, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--arch", choices=["UNet", "NestedUNet"], action="append",
-                        help="architecture (repeatable; default: both)")
+    parser.add_argument(
+        "--arch", choices=["UNet", "NestedUNet"], action="append", help="architecture (repeatable; default: both)"
+    )
     parser.add_argument("--tile", type=int, default=None, help="predict's --tile (default: its own)")
     args = parser.parse_args(argv)
     features = cpu_features()
-    print(f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"CPU: {describe_cpu(features)} ({', '.join(k for k, v in features.items() if v) or 'none'}); "
+        f"{torch.get_num_threads()} threads"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_png_file(large_image(args.side), work / "images" / "large.png")
         SyntheticNuclei(8, image_size=32, seed=1).save(work / "tiles")
         for arch in args.arch or ["UNet", "NestedUNet"]:
             run_dir = work / f"run-{arch}"
-            run([sys.executable, "-m", "recipes.nested_unet", "--data", str(work / "tiles"), "--arch", arch,
-                 "--epochs", "1", "--precision", "32", "--log-dir", str(run_dir)])
-            command = [sys.executable, "-m", "recipes.nested_unet", "predict", "--checkpoint", str(run_dir / "best.pt"),
-                       "--images", str(work / "images"), "--out", str(work / f"out-{arch}"), "--device", "cpu"]
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "recipes.nested_unet",
+                    "--data",
+                    str(work / "tiles"),
+                    "--arch",
+                    arch,
+                    "--epochs",
+                    "1",
+                    "--precision",
+                    "32",
+                    "--log-dir",
+                    str(run_dir),
+                ]
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "recipes.nested_unet",
+                "predict",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--images",
+                str(work / "images"),
+                "--out",
+                str(work / f"out-{arch}"),
+                "--device",
+                "cpu",
+            ]
             if args.tile is not None:
                 command += ["--tile", str(args.tile)]
             seconds, peak = run(command)
-            print(f"{arch:>10}: {args.side}x{args.side} image predicted in {seconds:.1f} s, "
-                  f"peak resident memory {peak:.2f} GiB")
+            print(
+                f"{arch:>10}: {args.side}x{args.side} image predicted in {seconds:.1f} s, "
+                f"peak resident memory {peak:.2f} GiB"
+            )
 
 
 if __name__ == "__main__":

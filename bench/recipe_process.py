@@ -43,17 +43,36 @@ class RecipeProcess:
             job scheduler does, so that `signal_group` reaches it and its DataLoader workers alone.
     """
 
-    def __init__(self, args: Sequence[str], code: str | None = None, timeout: float = 300.0,
-                 new_session: bool = False, script: str | os.PathLike | None = None) -> None:
-        command = ([sys.executable, "-c", code] if code is not None else [sys.executable, os.fspath(script)]
-                   if script is not None else [sys.executable, "-m", "recipes.nested_unet"])
+    def __init__(
+        self,
+        args: Sequence[str],
+        code: str | None = None,
+        timeout: float = 300.0,
+        new_session: bool = False,
+        script: str | os.PathLike | None = None,
+    ) -> None:
+        command = (
+            [sys.executable, "-c", code]
+            if code is not None
+            else [sys.executable, os.fspath(script)]
+            if script is not None
+            else [sys.executable, "-m", "recipes.nested_unet"]
+        )
         self.timeout = timeout
         self.started = time.monotonic()
-        self.process = subprocess.Popen([*command, *args], cwd=ROOT, env=checkout_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, start_new_session=new_session)
+        self.process = subprocess.Popen(
+            [*command, *args],
+            cwd=ROOT,
+            env=checkout_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=new_session,
+        )
         self._chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-        self._readers = [threading.Thread(target=self._read, args=(stream, key), daemon=True)
-                         for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))]
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream, key), daemon=True)
+            for stream, key in ((self.process.stdout, "out"), (self.process.stderr, "err"))
+        ]
         for reader in self._readers:
             reader.start()
 

@@ -73,9 +73,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bench.recipe_process import RecipeProcess
+from trainer.checkpoint import load_checkpoint
 from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer_datasets.fashion_mnist import make_learnable_fashion_like, raw_folder, write_fashion_mnist_idx
-from trainer.checkpoint import load_checkpoint
 
 TIMEOUT = 600.0  # upper bound of every wait
 TIMED_TAGS = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
@@ -83,8 +83,28 @@ TIMED_TAGS = {"throughput (samples per second)"}  # wall-clock values: only thei
 
 def tiny_config(arch: str, epochs: int) -> list[str]:
     """The recipe options of every interrupted run: a few seconds of training on the CPU."""
-    return ["--arch", arch, "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
-            "--epochs", str(epochs), "--precision", "32", "--channels-last", "off", "--seed", "2", "--device", "cpu"]
+    return [
+        "--arch",
+        arch,
+        "--train-samples",
+        "8",
+        "--val-samples",
+        "4",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--epochs",
+        str(epochs),
+        "--precision",
+        "32",
+        "--channels-last",
+        "off",
+        "--seed",
+        "2",
+        "--device",
+        "cpu",
+    ]
 
 
 def workers_config(arch: str, epochs: int, data: Path) -> list[str]:
@@ -92,7 +112,7 @@ def workers_config(arch: str, epochs: int, data: Path) -> list[str]:
     per epoch) loaded by 2 worker processes."""
     config = tiny_config(arch, epochs)
     for option in ("--train-samples", "--val-samples"):  # built-in data only
-        del config[config.index(option):config.index(option) + 2]
+        del config[config.index(option) : config.index(option) + 2]
     return [*config, "--data", str(data), "--workers", "2"]
 
 
@@ -101,7 +121,7 @@ def default_config(arch: str, epochs: int) -> list[str]:
     --channels-last, --threads)."""
     config = tiny_config(arch, epochs)
     for option in ("--precision", "--channels-last"):
-        del config[config.index(option):config.index(option) + 2]
+        del config[config.index(option) : config.index(option) + 2]
     return config
 
 
@@ -352,8 +372,9 @@ def finish_and_compare(run_dir: Path, args: list[str], reference: Reference, not
     return Trial(not problems, notes + problems[:3])
 
 
-def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                       epochs: int) -> Trial:
+def trial_random_kills(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """SIGKILL at a random moment of a fresh run, again at a random moment of its resume, then finish.
 
     A moment is a random milestone still ahead of the process (its run directory being recorded,
@@ -380,8 +401,11 @@ def trial_random_kills(run_dir: Path, config: list[str], reference: Reference, r
 def resume_point(run_dir: Path) -> str:
     """Where a run stopped inside an epoch resumes, from its ``last.pt``'s position."""
     position = load_checkpoint(run_dir / "last.pt").get("position")
-    return (f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}" if position
-            else "resumed at an epoch's end")
+    return (
+        f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}"
+        if position
+        else "resumed at an epoch's end"
+    )
 
 
 def check_stop_output(run: Run, run_dir: Path, signum: int, code: int) -> list[str]:
@@ -395,12 +419,19 @@ def check_stop_output(run: Run, run_dir: Path, signum: int, code: int) -> list[s
     if lines != [f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]:
         problems.append(f"resume lines: {lines}")
     if "Traceback" in run.stderr:
-        problems.append("a traceback: " + run.stderr[run.stderr.index("Traceback"):][-300:])
+        problems.append("a traceback: " + run.stderr[run.stderr.index("Traceback") :][-300:])
     return problems
 
 
-def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, signum: int,
-                 epochs: int, group: bool = False) -> Trial:
+def trial_signal(
+    run_dir: Path,
+    config: list[str],
+    reference: Reference,
+    rng: random.Random,
+    signum: int,
+    epochs: int,
+    group: bool = False,
+) -> Trial:
     """`signum` at a random moment of a random epoch: exit 128 + signum, one "stopping" line, one
     resume line, then finish with the printed command.
 
@@ -424,12 +455,12 @@ def trial_signal(run_dir: Path, config: list[str], reference: Reference, rng: ra
     if problems:
         return Trial(False, [*notes, *problems])
     line = next(line for line in run.stderr.splitlines() if "--resume" in line)
-    return finish_and_compare(run_dir, shlex.split(line.split(": ", 1)[1])[3:], reference,
-                              [resume_point(run_dir)])
+    return finish_and_compare(run_dir, shlex.split(line.split(": ", 1)[1])[3:], reference, [resume_point(run_dir)])
 
 
-def trial_validation_signal(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                            epochs: int) -> Trial:
+def trial_validation_signal(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """SIGINT during the validation at the end of a random epoch (the run held there until its
     handler has seen the signal): exit 130, one stopping line, one resume line, then finish."""
     epoch = rng.randint(1, epochs)
@@ -441,12 +472,10 @@ def trial_validation_signal(run_dir: Path, config: list[str], reference: Referen
     problems = check_stop_output(run, run_dir, signal.SIGINT, code)
     if problems:
         return Trial(False, [f"epoch {epoch}", *problems])
-    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference,
-                              [f"validation of epoch {epoch}"])
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [f"validation of epoch {epoch}"])
 
 
-def trial_time_limit(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                     epochs: int) -> Trial:
+def trial_time_limit(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
     """``--max-time`` of 1 or 2 s (random), resumed with the command it prints and the same limit
     until the run ends (at most 30 processes), then compared with the reference."""
     limit = f"00:00:0{rng.randint(1, 2)}"
@@ -467,8 +496,9 @@ def trial_time_limit(run_dir: Path, config: list[str], reference: Reference, rng
     return Trial(not problems, [f"--max-time {limit}: {stops} stops", *problems[:3]])
 
 
-def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                           epochs: int) -> Trial:
+def trial_checkpoint_write(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """SIGKILL as soon as a random checkpoint file of a random epoch is being written, then finish."""
     epoch = rng.randint(1, epochs)
     name = rng.choice(["best.pt", "last.pt"]) if reference.improved[epoch - 1] else "last.pt"
@@ -491,8 +521,9 @@ def trial_checkpoint_write(run_dir: Path, config: list[str], reference: Referenc
     return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
 
 
-def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                         epochs: int) -> Trial:
+def trial_mid_epoch_kill(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """SIGKILL at a random moment of a random epoch (not the last, whose end the kill could miss)
     of a run with step checkpoints, then finish.
 
@@ -502,8 +533,9 @@ def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference,
     epoch = rng.randint(1, epochs - 1)
     run = Run([*config, "--log-dir", str(run_dir)])
     conditions = milestones(run, run_dir, epochs)
-    if not wait_random(run, conditions[f"epoch {epoch}"], rng.uniform(0.0, reference.gap(f"epoch {epoch}", epochs)),
-                       lambda: False):
+    if not wait_random(
+        run, conditions[f"epoch {epoch}"], rng.uniform(0.0, reference.gap(f"epoch {epoch}", epochs)), lambda: False
+    ):
         run.finish()
         return Trial(False, [f"in epoch {epoch}", "the run ended before the kill"])
     run.stop()
@@ -513,8 +545,9 @@ def trial_mid_epoch_kill(run_dir: Path, config: list[str], reference: Reference,
     return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [resume_point(run_dir)])
 
 
-def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                                  epochs: int) -> Trial:
+def trial_before_first_checkpoint(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """SIGKILL at a random moment between config.json and the first checkpoint write: the resume
     is refused without changing anything, and the run started anew finishes as the reference."""
     run = Run([*config, "--log-dir", str(run_dir)])
@@ -526,8 +559,11 @@ def trial_before_first_checkpoint(run_dir: Path, config: list[str], reference: R
     run.stop()
     if (run_dir / "last.pt").is_file():
         return Trial(False, ["missed: the first checkpoint was written before the kill"])
-    notes = ["during the first checkpoint write" if temporary_files(run_dir) else (
-        "during epoch 1" if conditions["epoch 1"]() else "before epoch 1")]
+    notes = [
+        "during the first checkpoint write"
+        if temporary_files(run_dir)
+        else ("during epoch 1" if conditions["epoch 1"]() else "before epoch 1")
+    ]
     return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
@@ -541,8 +577,7 @@ def one_error_line(run: Run) -> str | None:
     return lines[0] if len(lines) == 1 else None
 
 
-def trial_two_at_once(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                      epochs: int) -> Trial:
+def trial_two_at_once(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
     """Two runs started together on one new ``--log-dir``: one trains to the end (equal to the
     reference), the other exits with 2 and one line naming the holder of the folder."""
     runs = [Run([*config, "--log-dir", str(run_dir)]) for _ in range(2)]
@@ -557,8 +592,7 @@ def trial_two_at_once(run_dir: Path, config: list[str], reference: Reference, rn
     return Trial(not problems, [f"run {codes.index(0) + 1} trained", *problems[:3]])
 
 
-def trial_resume_live(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                      epochs: int) -> Trial:
+def trial_resume_live(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
     """``--resume`` of a run that is still training, at a random epoch's checkpoint: the run is
     paused (SIGSTOP, so it stays alive whatever the timing) once ``last.pt`` records that epoch;
     the resume must exit with 2 naming the holder and change nothing; the run then continues
@@ -605,8 +639,7 @@ def fill(path: Path) -> None:
             pass
 
 
-def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                    epochs: int) -> Trial:
+def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
     """The run's file system (a 400 MiB tmpfs mounted for the trial: room for the checkpoints of
     these runs, about 94 MB each) filled up at a random moment in the first quarter of the epoch after
     the checkpoint of a random epoch (not the last): one ``error:`` line naming the path and the last good
@@ -621,10 +654,20 @@ def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng:
         epoch = rng.randint(1, epochs - 1)
         length = (reference.seen[f"epoch {epochs}"] - reference.seen["epoch 1"]) / (epochs - 1)
         run = Run([*config, "--log-dir", str(run_dir)])
-        if not wait_random(run, lambda: (run_dir / "last.pt").is_file() and epochs_done(run_dir) >= epoch,
-                           rng.uniform(0.0, length / 4), lambda: False):
+        if not wait_random(
+            run,
+            lambda: (run_dir / "last.pt").is_file() and epochs_done(run_dir) >= epoch,
+            rng.uniform(0.0, length / 4),
+            lambda: False,
+        ):
             run.finish()
-            return Trial(False, [f"the run ended before the disk filled (epoch {epoch}, exit {run.process.returncode}): {run.stderr[-300:]}"])
+            return Trial(
+                False,
+                [
+                    f"the run ended before the disk filled (epoch {epoch}, exit {run.process.returncode}): "
+                    f"{run.stderr[-300:]}"
+                ],
+            )
         fill(mount / "filler")
         code, line = run.finish(), one_error_line(run)
         if code == 0:
@@ -642,8 +685,9 @@ def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng:
 
 
 # ----------------------------------------------------------------------------------------- reproducible
-def trial_default_under_load(run_dir: Path, config: list[str], reference: Reference, rng: random.Random,
-                             epochs: int) -> Trial:
+def trial_default_under_load(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
     """Two runs of the default precision, layout and threads with one seed and a fresh precision
     cache: the first on the idle machine, the second beside a CPU-bound process; the weights,
     history and curves of both must be identical."""
@@ -695,7 +739,9 @@ def fashion_folder(root: Path, damage: Callable[[Path], None]) -> Path:
     """A Fashion-MNIST folder of small uncompressed IDX files under `root`, its
     ``train-images-idx3-ubyte`` or labels file then damaged by `damage` (given the raw folder)."""
     for train, samples in ((True, 20), (False, 10)):
-        for packed in write_fashion_mnist_idx(root, *make_learnable_fashion_like(samples, seed=int(train)), train=train):
+        for packed in write_fashion_mnist_idx(
+            root, *make_learnable_fashion_like(samples, seed=int(train)), train=train
+        ):
             packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
             packed.unlink()
     damage(raw_folder(root))
@@ -705,6 +751,7 @@ def fashion_folder(root: Path, damage: Callable[[Path], None]) -> Path:
 def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     """The bad-input faults, with the data folders they need written under `root`; `checkpoint`
     is a finished run's ``best.pt`` (for predict)."""
+
     def folder(name: str, samples: int = 6) -> Path:
         path = root / name
         SyntheticNuclei(samples, image_size=16, seed=1).save(path)
@@ -771,47 +818,90 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     faults = [
         BadInput("missing data folder", ["--data", str(root / "nope"), *data], f"{root / 'nope'} does not exist"),
         BadInput("empty data folder", ["--data", str(empty), *data], f"no images in {empty / images}"),
-        BadInput("unpaired files", ["--data", str(unpaired), *data],
-                 "images without a mask in every class: images/0002.png"),
-        BadInput("corrupt image (truncated PNG)", ["--data", str(truncated), *data],
-                 f"cannot decode {truncated / images / '0001.png'}"),
-        BadInput("corrupt image (PNG signature, broken header)", ["--data", str(damaged), *data],
-                 f"cannot decode {damaged / images / '0001.png'}"),
-        BadInput("colour-coded mask", ["--data", str(colour_coded), *data],
-                 f"mask {colour_coded / masks / '0003.png'} is colour-coded"),
-        BadInput("mask of the wrong size", ["--data", str(wrong_size), *data],
-                 f"mask {wrong_size / masks / '0004.png'} is 8x8"),
-        BadInput("mixed image sizes without --image-size", ["--data", str(mixed), *data],
-                 "images have different sizes"),
+        BadInput(
+            "unpaired files", ["--data", str(unpaired), *data], "images without a mask in every class: images/0002.png"
+        ),
+        BadInput(
+            "corrupt image (truncated PNG)",
+            ["--data", str(truncated), *data],
+            f"cannot decode {truncated / images / '0001.png'}",
+        ),
+        BadInput(
+            "corrupt image (PNG signature, broken header)",
+            ["--data", str(damaged), *data],
+            f"cannot decode {damaged / images / '0001.png'}",
+        ),
+        BadInput(
+            "colour-coded mask",
+            ["--data", str(colour_coded), *data],
+            f"mask {colour_coded / masks / '0003.png'} is colour-coded",
+        ),
+        BadInput(
+            "mask of the wrong size",
+            ["--data", str(wrong_size), *data],
+            f"mask {wrong_size / masks / '0004.png'} is 8x8",
+        ),
+        BadInput(
+            "mixed image sizes without --image-size", ["--data", str(mixed), *data], "images have different sizes"
+        ),
         BadInput("--epochs 0", ["--epochs", "0"], "argument --epochs: expected a positive integer"),
         BadInput("--batch-size 0", ["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
         BadInput("--lr 0", ["--lr", "0"], "argument --lr: expected a positive number"),
         BadInput("unknown --arch", ["--arch", "ResNet"], "argument --arch: invalid choice: 'ResNet'"),
         BadInput("unknown --optimizer", ["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
         BadInput("unknown --scheduler", ["--scheduler", "step"], "argument --scheduler: invalid choice"),
-        BadInput(f"unwritable --log-dir ({how})",
-                 ["--train-samples", "8", "--val-samples", "4", *data, "--log-dir", str(unwritable)],
-                 f"cannot create the log directory '{unwritable}'"),
+        BadInput(
+            f"unwritable --log-dir ({how})",
+            ["--train-samples", "8", "--val-samples", "4", *data, "--log-dir", str(unwritable)],
+            f"cannot create the log directory '{unwritable}'",
+        ),
         BadInput("--image-size 30 (not a multiple of 16)", ["--image-size", "30"], "not a multiple of 16; try 32"),
         BadInput("a FIFO in images/", ["--data", str(fifo), *data], "a FIFO"),
         BadInput("--device meta", ["--device", "meta"], "argument --device: expected"),
         BadInput("--seed 99999999999999999999999", ["--seed", "99999999999999999999999"], "argument --seed"),
         BadInput("--lr 1e300", ["--lr", "1e300"], "argument --lr: expected a positive number up to"),
-        BadInput("Fashion-MNIST: truncated IDX images file", ["--data-dir", str(truncated_idx), "--epochs", "1"],
-                 "train-images-idx3-ubyte is not a valid IDX images file", code=FASHION),
-        BadInput("Fashion-MNIST: IDX labels file with a wrong magic number",
-                 ["--data-dir", str(magic_idx), "--epochs", "1"],
-                 "train-labels-idx1-ubyte is not a valid IDX labels file", code=FASHION),
-        BadInput("--resume of a folder without last.pt (only config.json)", ["--resume", str(no_last)],
-                 "no last.pt", log_dir=False),
-        BadInput("predict: a checkpoint of another recipe", [*predict[:2], str(other), *predict[3:], "--out",
-                 str(root / "out-other")], "is not a run of recipes.nested_unet", log_dir=False),
-        BadInput("predict: a checkpoint that is not a dict", [*predict[:2], str(not_dict), *predict[3:], "--out",
-                 str(root / "out-list")], str(not_dict), log_dir=False),
-        BadInput("predict --out onto existing outputs, no --overwrite", [*predict, "--out", str(predicted)],
-                 "already holds", log_dir=False),
-        BadInput("predict --out inside a training data folder", [*predict, "--out", str(fifo / "masks" / "0")],
-                 f"{fifo}", log_dir=False),
+        BadInput(
+            "Fashion-MNIST: truncated IDX images file",
+            ["--data-dir", str(truncated_idx), "--epochs", "1"],
+            "train-images-idx3-ubyte is not a valid IDX images file",
+            code=FASHION,
+        ),
+        BadInput(
+            "Fashion-MNIST: IDX labels file with a wrong magic number",
+            ["--data-dir", str(magic_idx), "--epochs", "1"],
+            "train-labels-idx1-ubyte is not a valid IDX labels file",
+            code=FASHION,
+        ),
+        BadInput(
+            "--resume of a folder without last.pt (only config.json)",
+            ["--resume", str(no_last)],
+            "no last.pt",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint of another recipe",
+            [*predict[:2], str(other), *predict[3:], "--out", str(root / "out-other")],
+            "is not a run of recipes.nested_unet",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint that is not a dict",
+            [*predict[:2], str(not_dict), *predict[3:], "--out", str(root / "out-list")],
+            str(not_dict),
+            log_dir=False,
+        ),
+        BadInput(
+            "predict --out onto existing outputs, no --overwrite",
+            [*predict, "--out", str(predicted)],
+            "already holds",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict --out inside a training data folder",
+            [*predict, "--out", str(fifo / "masks" / "0")],
+            f"{fifo}",
+            log_dir=False,
+        ),
     ]
     if not torch.cuda.is_available():
         faults.append(BadInput("--device cuda without a GPU", ["--device", "cuda"], "no CUDA GPU is available"))
@@ -821,8 +911,11 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
 def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
     """Run one faulty command line; problems with its exit code, message or writes."""
     args = [*fault.args, "--log-dir", str(log_dir)] if fault.log_dir and "--log-dir" not in fault.args else fault.args
-    watched = [Path(args[args.index(option) + 1])
-               for option in ("--log-dir", "--data", "--data-dir", "--resume", "--out", "--checkpoint") if option in args]
+    watched = [
+        Path(args[args.index(option) + 1])
+        for option in ("--log-dir", "--data", "--data-dir", "--resume", "--out", "--checkpoint")
+        if option in args
+    ]
     before = {path: snapshot(path) for path in watched}
     run = Run(args, code=fault.code)
     code = run.finish()
@@ -831,8 +924,11 @@ def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
     if code != 2:
         problems.append(f"exit code {code}")
     if message.count("\n") != 1 or not message.endswith("\n"):
-        problems.append(f"{message.count(chr(10))} lines on stderr, the first {message.splitlines()[0]!r}"
-                        if message else "nothing on stderr")
+        problems.append(
+            f"{message.count(chr(10))} lines on stderr, the first {message.splitlines()[0]!r}"
+            if message
+            else "nothing on stderr"
+        )
     if fault.expected not in message:
         problems.append(f"message {message.strip()!r} lacks {fault.expected!r}")
     if any(snapshot(path) != before[path] for path in watched):
@@ -843,6 +939,7 @@ def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
 def snapshot(path: Path) -> list[tuple[str, int, int]]:
     """Names, sizes and modification times of everything under `path` (empty when it does not
     exist; -1 for folders and other non-files)."""
+
     def entry(p: Path, name: str) -> tuple[str, int, int]:
         stat = p.stat()
         return (name, stat.st_size, stat.st_mtime_ns) if p.is_file() else (name, -1, -1)
@@ -868,12 +965,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=2, help="trials per interruption fault (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random moments (default: %(default)s)")
-    parser.add_argument("--arch", choices=["UNet", "NestedUNet"], default="UNet",
-                        help="network of the interrupted runs (default: %(default)s, the faster one)")
+    parser.add_argument(
+        "--arch",
+        choices=["UNet", "NestedUNet"],
+        default="UNet",
+        help="network of the interrupted runs (default: %(default)s, the faster one)",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the interrupted runs (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="one trial of each fault whose outcome does not depend on timing (two runs at once, "
-                             "resume of a live run, full disk, runs under load), --trials of the others")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one trial of each fault whose outcome does not depend on timing (two runs at once, "
+        "resume of a live run, full disk, runs under load), --trials of the others",
+    )
     args = parser.parse_args(argv)
     if args.trials < 1 or args.epochs < 2:
         parser.error("--trials must be >= 1 and --epochs >= 2")
@@ -892,50 +996,101 @@ def main(argv: list[str] | None = None) -> int:
         data = SyntheticNuclei(20, image_size=16, seed=1).save(root / "nuclei")
         workers = workers_config(args.arch, args.epochs, data)
         workers_reference = run_reference(root, workers, args.epochs, "reference-workers")
-        progress(f"reference runs: {reference.seen['end']:.1f} s, with step checkpoints "
-                 f"{mid_reference.seen['end']:.1f} s, with --data and 2 workers {workers_reference.seen['end']:.1f} s")
+        progress(
+            f"reference runs: {reference.seen['end']:.1f} s, with step checkpoints "
+            f"{mid_reference.seen['end']:.1f} s, with --data and 2 workers {workers_reference.seen['end']:.1f} s"
+        )
         same = "state bit-identical, same curves, no duplicated steps"
         success = "resumed, " + same
         stopped = "one stopping line, one resume line, " + success
         once = 1 if args.quick else args.trials
         interruptions: list[tuple[str, Callable[[Path], Trial], str, int]] = [
-            ("SIGKILL at random moments (2 per trial)",
-             lambda d: trial_random_kills(d, config, reference, rng, args.epochs), success, args.trials),
-            ("SIGTERM during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGTERM, args.epochs),
-             "exit 143, " + stopped, args.trials),
-            ("SIGINT during training", lambda d: trial_signal(d, config, reference, rng, signal.SIGINT, args.epochs),
-             "exit 130, " + stopped, args.trials),
-            ("SIGTERM to the process group, --data with augmentation, --workers 2",
-             lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGTERM, args.epochs, group=True),
-             "exit 143, " + stopped, args.trials),
-            ("SIGINT to the process group, --data with augmentation, --workers 2",
-             lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGINT, args.epochs, group=True),
-             "exit 130, " + stopped, args.trials),
-            ("SIGINT during the end-of-epoch validation, --workers 2",
-             lambda d: trial_validation_signal(d, workers, workers_reference, rng, args.epochs),
-             "exit 130, " + stopped, args.trials),
-            ("--max-time stops, resumed each time, --workers 2",
-             lambda d: trial_time_limit(d, workers, workers_reference, rng, args.epochs),
-             "exit 0 with a resume line at each stop, " + success, args.trials),
-            ("SIGKILL during a checkpoint write",
-             lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs), success, args.trials),
-            ("SIGKILL inside an epoch with step checkpoints",
-             lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs), success, args.trials),
-            ("SIGKILL before the first checkpoint",
-             lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
-             "resume refused (exit 2, folder unchanged), started anew, " + same, args.trials),
-            ("two runs started at once on one --log-dir",
-             lambda d: trial_two_at_once(d, config, reference, rng, args.epochs),
-             "one trained (" + same + "), the other exit 2 naming the holder", once),
-            ("--resume of a live run (paused after a random epoch)",
-             lambda d: trial_resume_live(d, config, reference, rng, args.epochs),
-             "exit 2 naming the holder, folder unchanged; the run finished, " + same, once),
-            ("full disk (tmpfs filled after a random epoch)",
-             lambda d: trial_full_disk(d, config, reference, rng, args.epochs),
-             "exit 2, one line naming the path and the last good checkpoint, no temporary file; " + success, once),
-            ("default precision, layout, threads: same seed idle and beside a CPU-bound process",
-             lambda d: trial_default_under_load(d, default_config(args.arch, args.epochs), reference, rng, args.epochs),
-             "identical weights, history and curves", once),
+            (
+                "SIGKILL at random moments (2 per trial)",
+                lambda d: trial_random_kills(d, config, reference, rng, args.epochs),
+                success,
+                args.trials,
+            ),
+            (
+                "SIGTERM during training",
+                lambda d: trial_signal(d, config, reference, rng, signal.SIGTERM, args.epochs),
+                "exit 143, " + stopped,
+                args.trials,
+            ),
+            (
+                "SIGINT during training",
+                lambda d: trial_signal(d, config, reference, rng, signal.SIGINT, args.epochs),
+                "exit 130, " + stopped,
+                args.trials,
+            ),
+            (
+                "SIGTERM to the process group, --data with augmentation, --workers 2",
+                lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGTERM, args.epochs, group=True),
+                "exit 143, " + stopped,
+                args.trials,
+            ),
+            (
+                "SIGINT to the process group, --data with augmentation, --workers 2",
+                lambda d: trial_signal(d, workers, workers_reference, rng, signal.SIGINT, args.epochs, group=True),
+                "exit 130, " + stopped,
+                args.trials,
+            ),
+            (
+                "SIGINT during the end-of-epoch validation, --workers 2",
+                lambda d: trial_validation_signal(d, workers, workers_reference, rng, args.epochs),
+                "exit 130, " + stopped,
+                args.trials,
+            ),
+            (
+                "--max-time stops, resumed each time, --workers 2",
+                lambda d: trial_time_limit(d, workers, workers_reference, rng, args.epochs),
+                "exit 0 with a resume line at each stop, " + success,
+                args.trials,
+            ),
+            (
+                "SIGKILL during a checkpoint write",
+                lambda d: trial_checkpoint_write(d, config, reference, rng, args.epochs),
+                success,
+                args.trials,
+            ),
+            (
+                "SIGKILL inside an epoch with step checkpoints",
+                lambda d: trial_mid_epoch_kill(d, mid_config, mid_reference, rng, args.epochs),
+                success,
+                args.trials,
+            ),
+            (
+                "SIGKILL before the first checkpoint",
+                lambda d: trial_before_first_checkpoint(d, config, reference, rng, args.epochs),
+                "resume refused (exit 2, folder unchanged), started anew, " + same,
+                args.trials,
+            ),
+            (
+                "two runs started at once on one --log-dir",
+                lambda d: trial_two_at_once(d, config, reference, rng, args.epochs),
+                "one trained (" + same + "), the other exit 2 naming the holder",
+                once,
+            ),
+            (
+                "--resume of a live run (paused after a random epoch)",
+                lambda d: trial_resume_live(d, config, reference, rng, args.epochs),
+                "exit 2 naming the holder, folder unchanged; the run finished, " + same,
+                once,
+            ),
+            (
+                "full disk (tmpfs filled after a random epoch)",
+                lambda d: trial_full_disk(d, config, reference, rng, args.epochs),
+                "exit 2, one line naming the path and the last good checkpoint, no temporary file; " + success,
+                once,
+            ),
+            (
+                "default precision, layout, threads: same seed idle and beside a CPU-bound process",
+                lambda d: trial_default_under_load(
+                    d, default_config(args.arch, args.epochs), reference, rng, args.epochs
+                ),
+                "identical weights, history and curves",
+                once,
+            ),
         ]
         for fault, trial, outcome, count in interruptions:
             if fault.startswith("full disk") and os.geteuid() != 0:
@@ -952,12 +1107,20 @@ def main(argv: list[str] | None = None) -> int:
             problems = check_bad_input(fault, root / "bad-input" / str(index))
             progress(f"{fault.fault}: {'ok' if not problems else problems}")
             all_ok &= not problems
-            rows.append((fault.fault, 1, "exit 2, one line naming it, nothing written: "
-                         + ("1/1" if not problems else f"0/1 ({'; '.join(problems)})")))
+            rows.append(
+                (
+                    fault.fault,
+                    1,
+                    "exit 2, one line naming it, nothing written: "
+                    + ("1/1" if not problems else f"0/1 ({'; '.join(problems)})"),
+                )
+            )
         minutes = (time.monotonic() - started) / 60
 
-    print(f"`python -m bench.reliability --trials {args.trials} --seed {args.seed} --arch {args.arch} "
-          f"--epochs {args.epochs}{' --quick' if args.quick else ''}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n")
+    print(
+        f"`python -m bench.reliability --trials {args.trials} --seed {args.seed} --arch {args.arch} "
+        f"--epochs {args.epochs}{' --quick' if args.quick else ''}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n"
+    )
     print("| fault | trials | outcome |")
     print("|---|---|---|")
     for fault, trials, outcome in rows:

@@ -65,6 +65,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from bench.common import interleaved, print_ratios  # noqa: E402
+from models import FashionCNN, accuracy  # noqa: E402
+from recipes.fashion_mnist import make_loader, normalized, tutorial_callbacks  # noqa: E402
+from trainer import Trainer, choose_precision  # noqa: E402
 from trainer_datasets import (  # noqa: E402
     CLASSES,
     DataNotFoundError,
@@ -73,9 +76,6 @@ from trainer_datasets import (  # noqa: E402
     write_fashion_mnist_idx,
 )
 from trainer_datasets.fashion_mnist import raw_folder  # noqa: E402
-from models import FashionCNN, accuracy  # noqa: E402
-from recipes.fashion_mnist import make_loader, normalized, tutorial_callbacks  # noqa: E402
-from trainer import Trainer, choose_precision  # noqa: E402
 
 TRAIN_SAMPLES, TEST_SAMPLES = 60_000, 10_000
 BATCH_SIZE = 4  # the tutorial's
@@ -117,8 +117,8 @@ def test_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), 1000):
-            inputs = normalized(images[start:start + 1000])
-            correct += int((model(inputs).argmax(dim=1) == labels[start:start + 1000]).sum())
+            inputs = normalized(images[start : start + 1000])
+            correct += int((model(inputs).argmax(dim=1) == labels[start : start + 1000]).sum())
     model.train()
     return correct / len(images)
 
@@ -154,7 +154,7 @@ def plot_classes_preds(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
         ax = fig.add_subplot(1, 4, idx + 1, xticks=[], yticks=[])
         matplotlib_imshow(images[idx], one_channel=True)
         ax.set_title(
-            "{0}, {1:.1f}%\n(label: {2})".format(CLASSES[preds[idx]], probs[idx] * 100.0, CLASSES[labels[idx]]),
+            f"{CLASSES[preds[idx]]}, {probs[idx] * 100.0:.1f}%\n(label: {CLASSES[labels[idx]]})",
             color=("green" if preds[idx] == labels[idx].item() else "red"),
         )
     return fig
@@ -193,8 +193,11 @@ def run_tutorial(data_dir: str, log_dir: str, steps: int, initial: dict[str, tor
             # ...log the running loss
             writer.add_scalar("training loss", running_loss / 1000, epoch * len(trainloader) + i)
             # ...log a Matplotlib Figure showing the model's predictions on a random mini-batch
-            writer.add_figure("predictions vs. actuals", plot_classes_preds(net, inputs, labels),
-                              global_step=epoch * len(trainloader) + i)
+            writer.add_figure(
+                "predictions vs. actuals",
+                plot_classes_preds(net, inputs, labels),
+                global_step=epoch * len(trainloader) + i,
+            )
             running_loss = 0.0
         if i + 1 == steps:
             break  # leaving the loop drops its iterator, which shuts the worker processes down
@@ -243,8 +246,17 @@ def run_recipe(data_dir: str, log_dir: str, steps: int, initial: dict[str, torch
     choice = choose_precision(model, torch.device("cpu"), normalized(train_images[:BATCH_SIZE]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     callbacks = tutorial_callbacks(Path(log_dir), LOG_EVERY, train_images, train_labels, test_images, test_labels)
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=1, device="cpu",
-                      metrics={"acc": accuracy}, seed=SEED, precision=choice)
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=1,
+        device="cpu",
+        metrics={"acc": accuracy},
+        seed=SEED,
+        precision=choice,
+    )
     CHOICES.append(str(choice))
     trainer.fit(loader)
     if trainer.global_step != steps:
@@ -276,17 +288,27 @@ BARE_DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 # --------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print times, throughput, the B/A ratio and test accuracies."""
-    parser = argparse.ArgumentParser(prog="python -m bench.tutorial", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000,
-                        help=f"optimizer steps of batch {BATCH_SIZE} per run, at most one epoch "
-                             f"({TRAIN_SAMPLES // BATCH_SIZE}) (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tutorial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3000,
+        help=f"optimizer steps of batch {BATCH_SIZE} per run, at most one epoch "
+        f"({TRAIN_SAMPLES // BATCH_SIZE}) (default: %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (default: %(default)s)")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                        help="folder for FashionMNIST/raw/ (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads of this process, both sides; 0: torch's default "
-                             f"({torch.get_num_threads()} here) (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help="folder for FashionMNIST/raw/ (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of this process, both sides; 0: torch's default "
+        f"({torch.get_num_threads()} here) (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.steps <= TRAIN_SAMPLES // BATCH_SIZE:
         parser.error(f"--steps must be in 1..{TRAIN_SAMPLES // BATCH_SIZE} (one epoch), got {args.steps}")
@@ -313,35 +335,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     BARE_DATA[data_dir] = (normalized(train_images[order]), train_labels[order])
     models: dict[str, nn.Module] = {}
 
-    def side(name: str, run: Callable[[str, str, int, dict[str, torch.Tensor]], tuple[nn.Module, float]]
-             ) -> Callable[[], None]:
+    def side(
+        name: str, run: Callable[[str, str, int, dict[str, torch.Tensor]], tuple[nn.Module, float]]
+    ) -> Callable[[], None]:
         def timed() -> None:
             model, seconds = run(data_dir, os.path.join(logs, f"run{next(run_count)}"), args.steps, initial)
             models[name] = model
             first_batch[name].append(seconds)
+
         return timed
 
-    medians = interleaved({"A tutorial": side("A tutorial", run_tutorial),
-                           "B recipe": side("B recipe", run_recipe),
-                           "C bare loop": side("C bare loop", run_bare)}, repeats=args.repeats)
+    medians = interleaved(
+        {
+            "A tutorial": side("A tutorial", run_tutorial),
+            "B recipe": side("B recipe", run_recipe),
+            "C bare loop": side("C bare loop", run_bare),
+        },
+        repeats=args.repeats,
+    )
     samples = args.steps * BATCH_SIZE
-    print(f"{args.steps} steps of batch {BATCH_SIZE} ({samples} samples) per run, CPU, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats} interleaved runs after 1 untimed round")
+    print(
+        f"{args.steps} steps of batch {BATCH_SIZE} ({samples} samples) per run, CPU, "
+        f"torch threads {torch.get_num_threads()}, median of {args.repeats} interleaved runs after 1 untimed round"
+    )
     print_ratios(medians, "A tutorial", work=samples)
     print(f"B recipe's automatic choice (last run): {CHOICES[-1]}")
     for name, seconds in first_batch.items():
         if name.startswith("C"):
             continue
         timed = seconds[1:]  # the first value is the untimed round's
-        print(f"{name}: time to first batch (dataset, loader{', workers' if name.startswith('A') else ''}) "
-              f"median {statistics.median(timed):.3f} s")
+        print(
+            f"{name}: time to first batch (dataset, loader{', workers' if name.startswith('A') else ''}) "
+            f"median {statistics.median(timed):.3f} s"
+        )
     speedup = medians["A tutorial"] / medians["B recipe"]
     verdict = "meets" if speedup >= 2.7 else "is below"
-    print(f"throughput B/A: {speedup:.2f}x ({verdict} the 2.7x floor); the bare loop C/A: "
-          f"{medians['A tutorial'] / medians['C bare loop']:.2f}x")
+    print(
+        f"throughput B/A: {speedup:.2f}x ({verdict} the 2.7x floor); the bare loop C/A: "
+        f"{medians['A tutorial'] / medians['C bare loop']:.2f}x"
+    )
     for name, model in models.items():
-        print(f"{name}: test accuracy after {args.steps} steps {test_accuracy(model, test_images, test_labels):.4f} "
-              f"(last run, {TEST_SAMPLES} test images)")
+        print(
+            f"{name}: test accuracy after {args.steps} steps {test_accuracy(model, test_images, test_labels):.4f} "
+            f"(last run, {TEST_SAMPLES} test images)"
+        )
     print(f"total {time.perf_counter() - began:.1f} s; TensorBoard logs in {logs}")
     return medians
 

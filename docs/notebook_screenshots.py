@@ -50,7 +50,7 @@ SITUATIONS = ("local", "remote", "restarted", "saved")
 #: What the cell must show in each situation (see `cell_state`).
 EXPECTED = {"local": "live TensorBoard", "remote": "live TensorBoard", "restarted": "message", "saved": "picture"}
 
-TRAIN = '''import torch
+TRAIN = """import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,8 +66,9 @@ val_loader = DataLoader(TensorDataset(x[192:], y[192:]), batch_size=64)
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
 fit = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
               callbacks=[TensorBoardCallback("runs/readme_example", every_n_steps=2)], max_epochs=5, device="cpu")
-history = fit.fit(train_loader, val_loader)'''
+history = fit.fit(train_loader, val_loader)"""
 SHOW = 'trainer.board.show("runs/readme_example", height=640)'
+
 
 class NotebookCheckError(RuntimeError):
     """A step failed; the message says which and why."""
@@ -108,8 +109,9 @@ def execute_notebook(work: Path) -> Path:
     previous = dict(os.environ)
     os.environ.update(child_env())
     try:
-        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(work)}}).execute()
+        nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+        ).execute()
     finally:
         os.environ.clear()
         os.environ.update(previous)
@@ -155,10 +157,14 @@ class Gate:
                 path = parts.path + (f"?{parts.query}" if parts.query else "")
                 # One request per connection: what follows on a kept-alive one would reach the
                 # server in proxy form (absolute URLs), which it does not route.
-                lines = [line for line in rest.split(b"\r\n")
-                         if not line.lower().startswith((b"proxy-connection", b"connection"))]
-                head = (f"{method} {path or '/'} {version}\r\nConnection: close\r\n".encode("latin-1")
-                        + b"\r\n".join(lines))
+                lines = [
+                    line
+                    for line in rest.split(b"\r\n")
+                    if not line.lower().startswith((b"proxy-connection", b"connection"))
+                ]
+                head = f"{method} {path or '/'} {version}\r\nConnection: close\r\n".encode("latin-1") + b"\r\n".join(
+                    lines
+                )
             if where != self.allowed:
                 self.refused.append(where)
                 client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -190,20 +196,34 @@ def pipe(a: socket.socket, b: socket.socket) -> None:
 
 def start_lab(work: Path, host: str, port: int, log: Path) -> subprocess.Popen:
     """JupyterLab serving `work` on `host`:`port`, without token (a throwaway local server)."""
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.ip={host}",
-               f"--ServerApp.port={port}", "--ServerApp.token=", "--ServerApp.password=",
-               "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={work}",
-               "--ServerApp.allow_remote_access=True", "--LabApp.news_url=None",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        f"--ServerApp.ip={host}",
+        f"--ServerApp.port={port}",
+        "--ServerApp.token=",
+        "--ServerApp.password=",
+        "--ServerApp.disable_check_xsrf=True",
+        f"--ServerApp.root_dir={work}",
+        "--ServerApp.allow_remote_access=True",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # a container's root
     settings = work / ".lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news prompt
     command.append(f"--LabApp.user_settings_dir={work / '.lab-settings'}")
-    process = subprocess.Popen(command, cwd=work, env=child_env(JUPYTER_CONFIG_DIR=str(work / ".jupyter-config"),
-                                                                   JUPYTER_DATA_DIR=str(work / ".jupyter-data")),
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command,
+        cwd=work,
+        env=child_env(JUPYTER_CONFIG_DIR=str(work / ".jupyter-config"), JUPYTER_DATA_DIR=str(work / ".jupyter-data")),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -236,9 +256,18 @@ def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str,
     import websocket  # websocket-client, a dependency of jupyter_server
 
     debug = free_port()
-    command = [shutil.which("chromium") or "/usr/bin/chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
-               "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1400,1000",
-               f"--remote-debugging-port={debug}", "--remote-allow-origins=*", "about:blank"]
+    command = [
+        shutil.which("chromium") or "/usr/bin/chromium",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+        f"--remote-debugging-port={debug}",
+        "--remote-allow-origins=*",
+        "about:blank",
+    ]
     if proxy is not None:  # everything, loopback included, through the gate
         command[1:1] = [f"--proxy-server=http://127.0.0.1:{proxy}", "--proxy-bypass-list=<-loopback>"]
     shutil.rmtree(profile, ignore_errors=True)
@@ -258,8 +287,11 @@ def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str,
         targets: list = []
         while not targets and time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
-                targets = [t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug}/json/list", timeout=5))
-                           if t.get("type") == "page"]
+                targets = [
+                    t
+                    for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug}/json/list", timeout=5))
+                    if t.get("type") == "page"
+                ]
             time.sleep(0.5)
         if not targets:
             raise NotebookCheckError("chromium did not start")
@@ -308,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             __import__(module)
         except ImportError:
-            print(f"error: needs {module} (pip install jupyterlab jupyter-server-proxy nbclient ipykernel, in a "
-                  "virtual environment of its own)", file=sys.stderr)
+            print(
+                f"error: needs {module} (pip install jupyterlab jupyter-server-proxy nbclient ipykernel, in a "
+                "virtual environment of its own)",
+                file=sys.stderr,
+            )
             return 2
     work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="notebook-screenshots-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -343,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             gate = Gate(allowed) if allowed else None
             try:
                 out = args.out / f"notebook-{situation}.png"
-                dom = chromium(url, out, work / "chromium-profile", gate.port if gate else None,
-                               EXPECTED[situation])
+                dom = chromium(url, out, work / "chromium-profile", gate.port if gate else None, EXPECTED[situation])
             finally:
                 if gate:
                     gate.close()
@@ -364,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     wrong = {s: got for s, got in results.items() if got != EXPECTED[s]}
     if wrong:
-        print("error: " + "; ".join(f"{s} showed {got}, expected {EXPECTED[s]}" for s, got in wrong.items()),
-              file=sys.stderr)
+        print(
+            "error: " + "; ".join(f"{s} showed {got}, expected {EXPECTED[s]}" for s, got in wrong.items()),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

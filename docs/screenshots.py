@@ -101,8 +101,7 @@ def run_recipe(args: list[str], log: Path) -> None:
     print("$ python " + " ".join(args), flush=True)
     start = time.monotonic()
     with open(log, "w") as out:
-        code = subprocess.call([sys.executable, *args], cwd=ROOT, env=child_env(), stdout=out,
-                               stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, *args], cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise ScreenshotError(f"`python {' '.join(args)}` exited with {code}:\n" + "\n".join(tail))
@@ -116,8 +115,23 @@ def train_nested_unet(work: Path) -> Path:
     """
     run_dir = work / "nested_unet"
     if not reuse(run_dir):
-        run_recipe(["-m", "recipes.nested_unet", "--train-samples", "64", "--val-samples", "16", "--epochs", "3",
-                    "--batch-size", "4", "--log-dir", str(run_dir)], work / "nested_unet.log")
+        run_recipe(
+            [
+                "-m",
+                "recipes.nested_unet",
+                "--train-samples",
+                "64",
+                "--val-samples",
+                "16",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "4",
+                "--log-dir",
+                str(run_dir),
+            ],
+            work / "nested_unet.log",
+        )
     return run_dir
 
 
@@ -156,9 +170,25 @@ def train_fashion_mnist(work: Path) -> Path:
         return run_dir
     data_dir = work / "idx"
     write_fashion_idx(data_dir)
-    run_recipe(["-m", "recipes.fashion_mnist", "--data-dir", str(data_dir), "--log-dir", str(run_dir),
-                "--epochs", "2", "--log-every", "20", "--batch-size", "8", "--lr", "0.02"],
-               work / "fashion_mnist.log")
+    run_recipe(
+        [
+            "-m",
+            "recipes.fashion_mnist",
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(run_dir),
+            "--epochs",
+            "2",
+            "--log-every",
+            "20",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.02",
+        ],
+        work / "fashion_mnist.log",
+    )
     return run_dir
 
 
@@ -171,8 +201,12 @@ class Board:
     def __init__(self, run_dir: Path, timeout: float = 120.0) -> None:
         self.run_dir = run_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.board", str(run_dir)], cwd=ROOT, env=child_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "trainer.board", str(run_dir)],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.output: list[str] = []
         found = threading.Event()
@@ -234,9 +268,18 @@ def capture(chromium: str, url: str, out: Path, width: int, height: int, budget_
     `budget_ms` is Chromium's virtual time budget: how long the page may load and run scripts
     before the capture. `profile` is a fresh Chromium profile folder. Tries twice.
     """
-    command = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url]
+    command = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        f"--virtual-time-budget={budget_ms}",
+        f"--screenshot={out}",
+        url,
+    ]
     error = ""
     for _ in range(2):
         out.unlink(missing_ok=True)
@@ -294,16 +337,31 @@ def shoot_run(recipe: str, run_dir: Path, chromium: str, out_dir: Path, budget_m
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m docs.screenshots",
-                                     description="Make the TensorBoard screenshots of docs/tensorboard.md with headless Chromium.")
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
-                        help="recipes to train and capture (default: both)")
+    parser = argparse.ArgumentParser(
+        prog="python -m docs.screenshots",
+        description="Make the TensorBoard screenshots of docs/tensorboard.md with headless Chromium.",
+    )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=RECIPES,
+        default=list(RECIPES),
+        help="recipes to train and capture (default: both)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: docs/images)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="train into this folder and keep it; runs already there are reused "
-                             "(default: a temporary folder, removed at the end)")
-    parser.add_argument("--budget-ms", type=int, default=15000,
-                        help="Chromium's virtual time budget per page in ms (default: %(default)s)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="train into this folder and keep it; runs already there are reused "
+        "(default: a temporary folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--budget-ms",
+        type=int,
+        default=15000,
+        help="Chromium's virtual time budget per page in ms (default: %(default)s)",
+    )
     return parser
 
 
@@ -312,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     chromium = find_chromium()
     if chromium is None:
-        print("error: headless screenshots need Chromium at /usr/bin/chromium: install the Debian `chromium` package",
-              file=sys.stderr)
+        print(
+            "error: headless screenshots need Chromium at /usr/bin/chromium: install the Debian `chromium` package",
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     temporary = None

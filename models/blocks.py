@@ -78,9 +78,7 @@ def check_input(model_name: str, x: torch.Tensor, input_channels: int) -> None:
     if torch.jit.is_tracing():
         return
     if x.dim() != 4:
-        raise ValueError(
-            f"{model_name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{model_name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     if channels != input_channels:
         raise ValueError(

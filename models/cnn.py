@@ -28,9 +28,7 @@ class FashionCNN(nn.Module):
         """Map a (N, 1, 28, 28) batch to (N, 10) logits."""
         # Skipped while tracing (model graphs): traced sizes are tensors, not ints.
         if not torch.jit.is_tracing() and (x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28)):
-            raise ValueError(
-                f"FashionCNN expects input of shape (N, 1, 28, 28), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"FashionCNN expects input of shape (N, 1, 28, 28), got {tuple(x.shape)}")
         x = self.pool(F.relu(self.conv1(x)))
         x = self.pool(F.relu(self.conv2(x)))
         # flatten (not view): the activations may be channels-last, hence non-contiguous.

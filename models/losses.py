@@ -49,9 +49,7 @@ class BCEDiceLoss(nn.Module):
         probs = torch.sigmoid(logits).flatten(1)
         flat_targets = targets.flatten(1)
         intersection = (probs * flat_targets).sum(1)
-        dice = (2.0 * intersection + self.smooth) / (
-            probs.sum(1) + flat_targets.sum(1) + self.smooth
-        )
+        dice = (2.0 * intersection + self.smooth) / (probs.sum(1) + flat_targets.sum(1) + self.smooth)
         return self.bce_weight * bce + (1.0 - dice.mean())
 
 
@@ -92,7 +90,9 @@ class CEDiceLoss(nn.Module):
         logits = logits.float()
         counted = targets != self.ignore_index
         # Ignored pixels leave the mean's numerator and denominator alike; none counted gives 0, not NaN.
-        ce = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum") / counted.sum().clamp(min=1)
+        ce = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum") / counted.sum().clamp(
+            min=1
+        )
         num_classes = logits.shape[1]
         probs = torch.softmax(logits, dim=1).flatten(2) * counted.flatten(1).unsqueeze(1)
         one_hot = F.one_hot(torch.where(counted, targets, 0).flatten(1), num_classes).transpose(1, 2)
@@ -116,9 +116,7 @@ class DeepSupervisionLoss(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(
-        self, predictions: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, predictions: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """Return the (mean) loss of `predictions` against `targets`."""
         if isinstance(predictions, (list, tuple)):
             if not predictions:

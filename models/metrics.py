@@ -99,7 +99,7 @@ def class_iou(index: int, threshold: float = 0.5) -> Metric:
         pred, true = _binarize("class_iou", predictions, targets, threshold)
         if index >= pred.shape[1]:
             raise ValueError(f"class_iou({index}): the predictions have {pred.shape[1]} class channel(s)")
-        return _per_class_iou(pred[:, index:index + 1], true[:, index:index + 1]).mean()
+        return _per_class_iou(pred[:, index : index + 1], true[:, index : index + 1]).mean()
 
     metric.__name__ = f"class_iou_{index}"
     return metric
@@ -192,7 +192,6 @@ def accuracy(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
     logits = _final(predictions)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(
-            f"accuracy expects logits (N, C) and labels (N,), got {tuple(logits.shape)} "
-            f"and {tuple(targets.shape)}"
+            f"accuracy expects logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     return (logits.argmax(1) == targets).float().mean()

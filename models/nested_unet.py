@@ -29,7 +29,10 @@ class NestedUNet(UNetEncoder):
     """
 
     def __init__(
-        self, num_classes: int = 1, input_channels: int = 3, deep_supervision: bool = False,
+        self,
+        num_classes: int = 1,
+        input_channels: int = 3,
+        deep_supervision: bool = False,
         base_filters: int = BASE_FILTERS,
     ) -> None:
         super().__init__(num_classes, input_channels, base_filters)

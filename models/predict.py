@@ -39,6 +39,7 @@ DEFAULT_TILE = 512
 #: a trained U-Net's probabilities by up to 0.9 within 32 pixels of it and by under 0.04 beyond.
 DEFAULT_OVERLAP = 128
 
+
 def default_overlap(tile: int) -> int:
     """The overlap used when none is given: `DEFAULT_OVERLAP`, or half of a smaller `tile`
     (rounded down to a multiple of 16)."""
@@ -241,15 +242,16 @@ def predict_batch(
     result: torch.Tensor | None = None
     with _eval_mode(model), torch.no_grad():
         for first in range(0, len(windows), per_pass):
-            chunk = windows[first:first + per_pass]
-            crops = [padded[n, :, rows[y]:rows[y] + window[0], cols[x]:cols[x] + window[1]] for n, y, x in chunk]
-            probabilities = _forward(model, torch.stack(crops), device, precision, channels_last,
-                                     activation).to(images.device)
+            chunk = windows[first : first + per_pass]
+            crops = [padded[n, :, rows[y] : rows[y] + window[0], cols[x] : cols[x] + window[1]] for n, y, x in chunk]
+            probabilities = _forward(model, torch.stack(crops), device, precision, channels_last, activation).to(
+                images.device
+            )
             if result is None:
                 result = images.new_zeros((count, probabilities.shape[1], *padded.shape[-2:]), dtype=torch.float32)
             for (n, y, x), probability in zip(chunk, probabilities):
                 weight = weights_y[y][:, None] * weights_x[x][None, :]
-                target = result[n, :, rows[y]:rows[y] + window[0], cols[x]:cols[x] + window[1]]
+                target = result[n, :, rows[y] : rows[y] + window[0], cols[x] : cols[x] + window[1]]
                 target.addcmul_(probability, weight.to(probability.device))
             if progress is not None:
                 progress(len(chunk))
@@ -295,13 +297,26 @@ def predict_image(
     if image.dim() != 3:
         raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
     inputs = to_model_input(image, image_size)[None]
-    probabilities = predict_batch(model, inputs, tile=tile, overlap=overlap, precision=precision,
-                                  channels_last=channels_last, activation=activation)[0]
+    probabilities = predict_batch(
+        model,
+        inputs,
+        tile=tile,
+        overlap=overlap,
+        precision=precision,
+        channels_last=channels_last,
+        activation=activation,
+    )[0]
     return restore_size(probabilities, tuple(image.shape[-2:]))
 
 
-def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precision: str,
-             channels_last: bool, activation: str = "sigmoid") -> torch.Tensor:
+def _forward(
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    activation: str = "sigmoid",
+) -> torch.Tensor:
     batch = batch.to(device, non_blocking=True)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -329,7 +344,7 @@ def _pad_to_multiple(images: torch.Tensor) -> torch.Tensor:
 def _weight_sum(starts: list[int], weights: list[torch.Tensor], length: int) -> torch.Tensor:
     total = torch.zeros(length)
     for start, weight in zip(starts, weights):
-        total[start:start + len(weight)] += weight
+        total[start : start + len(weight)] += weight
     return total
 
 

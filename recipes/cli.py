@@ -100,8 +100,14 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return CommandLine(args=args, given=given, argv=argv)
 
 
-def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, wanted: str,
-             below: float = math.inf, maximum: float = math.inf) -> Callable[[str], Any]:
+def _bounded(
+    convert: Callable[[str], float],
+    minimum: float,
+    inclusive: bool,
+    wanted: str,
+    below: float = math.inf,
+    maximum: float = math.inf,
+) -> Callable[[str], Any]:
     """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`,
     strictly below `below` and at most `maximum`."""
 
@@ -110,8 +116,13 @@ def _bounded(convert: Callable[[str], float], minimum: float, inclusive: bool, w
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if (not math.isfinite(value) or value < minimum or (value == minimum and not inclusive)
-                or value >= below or value > maximum):
+        if (
+            not math.isfinite(value)
+            or value < minimum
+            or (value == minimum and not inclusive)
+            or value >= below
+            or value > maximum
+        ):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
@@ -137,10 +148,12 @@ def positive_int(text: str) -> int:
 
 positive_int.__name__ = "a positive integer"
 non_negative_int = _bounded(int, 0, True, "an integer >= 0")
-positive_float = _bounded(float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)",
-                          maximum=FLOAT32_MAX)
-non_negative_float = _bounded(float, 0.0, True, f"a number from 0 to {FLOAT32_MAX:.4g} (the float32 limit)",
-                              maximum=FLOAT32_MAX)
+positive_float = _bounded(
+    float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)", maximum=FLOAT32_MAX
+)
+non_negative_float = _bounded(
+    float, 0.0, True, f"a number from 0 to {FLOAT32_MAX:.4g} (the float32 limit)", maximum=FLOAT32_MAX
+)
 fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
 seed_int = _bounded(int, 0, True, f"an integer from 0 to {MAX_SEED}", maximum=MAX_SEED)
 
@@ -152,8 +165,9 @@ def duration(text: str) -> float:
     except ValueError:
         parts = text.strip().split(":")
         if len(parts) in (3, 4) and all(part.isdigit() and int(part) == 0 for part in parts):
-            raise argparse.ArgumentTypeError(f"must be above zero, got {text!r} (e.g. 00:30:00 for half an "
-                                             "hour)") from None
+            raise argparse.ArgumentTypeError(
+                f"must be above zero, got {text!r} (e.g. 00:30:00 for half an hour)"
+            ) from None
         raise argparse.ArgumentTypeError(f"expected HH:MM:SS (or D:HH:MM:SS), got {text!r}") from None
 
 
@@ -171,15 +185,15 @@ def device_option(text: str) -> str:
     except (RuntimeError, TypeError):
         raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r} (the recipes train on the CPU or CUDA "
-                                         "only)")
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r} (the recipes train on the CPU or CUDA only)")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise argparse.ArgumentTypeError(f"{text!r} was asked for but no CUDA GPU is available; use cpu or auto")
         if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r} was asked for but this machine has {count} CUDA GPU(s): "
-                                             f"cuda:0 to cuda:{count - 1}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} was asked for but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            )
     return text
 
 
@@ -204,43 +218,77 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
         parser: the recipe's parser (a `RecipeArgumentParser`).
         runs_root: the folder new runs go to, for the help of ``--log-dir``.
     """
-    parser.add_argument("--device", type=device_option, default="auto",
-                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--precision", choices=["auto", "32", "bf16", "16-mixed"], default="auto",
-                        help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
-                             "on CPUs and GPUs with native bf16); 32: float32; bf16: bf16 autocast; 16-mixed: "
-                             "float16 with a grad scaler, CUDA only (default: %(default)s)")
-    parser.add_argument("--channels-last", type=layout_option, default="auto", metavar="{auto,on,off}",
-                        help="memory format of the model and images: auto measures it with the precision once per "
-                             "machine, model and batch shape and keeps the result in a cache file (the path is "
-                             "printed), so every later run chooses the same (on CUDA: on for convolutions) "
-                             "(default: auto)")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="CPU threads of each process (default: the CPUs this process may use, after its "
-                             "container's CPU quota, shared among torchrun's local processes). The same "
-                             "command and --seed give bit-identical weights on the same machine, busy or idle; "
-                             "another thread count, precision, torch version or machine changes the last bits")
-    parser.add_argument("--seed", type=seed_int, default=0,
-                        help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
-    parser.add_argument("--log-dir", metavar="DIR",
-                        help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last checkpoint, with its options "
-                             "(only --epochs, --device and --checkpoint-every may change)")
-    parser.add_argument("--checkpoint-every", type=positive_int, metavar="N",
-                        help="also save last.pt every N optimizer steps; a resumed run continues at the next batch "
-                             "(default: at epoch ends only)")
-    parser.add_argument("--val-every", type=positive_int, metavar="N",
-                        help="also validate every N optimizer steps, logged at the global step (default: at epoch "
-                             "ends only)")
-    parser.add_argument("--max-time", type=duration, metavar="HH:MM:SS",
-                        help="stop after the first step past this much training time, save the position reached "
-                             "and print the command that resumes it (exit code 0)")
-    parser.add_argument("--histograms", action="store_true",
-                        help="log weights and gradients per layer as TensorBoard histograms every epoch")
-    parser.add_argument("--fast-dev-run", action="store_true",
-                        help="check the whole setup: one training and one validation batch through the model and "
-                             "every callback, in a temporary directory that is removed; prints one line")
+    parser.add_argument(
+        "--device", type=device_option, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "32", "bf16", "16-mixed"],
+        default="auto",
+        help="auto: what this machine computes fastest, never slower than float32 (bf16 only "
+        "on CPUs and GPUs with native bf16); 32: float32; bf16: bf16 autocast; 16-mixed: "
+        "float16 with a grad scaler, CUDA only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        type=layout_option,
+        default="auto",
+        metavar="{auto,on,off}",
+        help="memory format of the model and images: auto measures it with the precision once per "
+        "machine, model and batch shape and keeps the result in a cache file (the path is "
+        "printed), so every later run chooses the same (on CUDA: on for convolutions) "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads of each process (default: the CPUs this process may use, after its "
+        "container's CPU quota, shared among torchrun's local processes). The same "
+        "command and --seed give bit-identical weights on the same machine, busy or idle; "
+        "another thread count, precision, torch version or machine changes the last bits",
+    )
+    parser.add_argument("--seed", type=seed_int, default=0, help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
+    parser.add_argument(
+        "--log-dir", metavar="DIR", help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint, with its options "
+        "(only --epochs, --device and --checkpoint-every may change)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        metavar="N",
+        help="also save last.pt every N optimizer steps; a resumed run continues at the next batch "
+        "(default: at epoch ends only)",
+    )
+    parser.add_argument(
+        "--val-every",
+        type=positive_int,
+        metavar="N",
+        help="also validate every N optimizer steps, logged at the global step (default: at epoch ends only)",
+    )
+    parser.add_argument(
+        "--max-time",
+        type=duration,
+        metavar="HH:MM:SS",
+        help="stop after the first step past this much training time, save the position reached "
+        "and print the command that resumes it (exit code 0)",
+    )
+    parser.add_argument(
+        "--histograms",
+        action="store_true",
+        help="log weights and gradients per layer as TensorBoard histograms every epoch",
+    )
+    parser.add_argument(
+        "--fast-dev-run",
+        action="store_true",
+        help="check the whole setup: one training and one validation batch through the model and "
+        "every callback, in a temporary directory that is removed; prints one line",
+    )
 
 
 def resume_command(recipe_module: str, run_dir: str | Path) -> str:

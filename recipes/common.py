@@ -17,16 +17,43 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 
 from recipes import WAIT_POLICY
-from recipes.cli import (FLOAT32_MAX, MAX_SEED, CommandLine, RecipeArgumentParser, add_run_options, device_option,
-                         duration, fraction, layout_option, non_negative_float, non_negative_int, parse_command_line,
-                         positive_float, positive_int, resume_command, run_cli, seed_int)
+from recipes.cli import (
+    FLOAT32_MAX,
+    MAX_SEED,
+    CommandLine,
+    RecipeArgumentParser,
+    add_run_options,
+    device_option,
+    duration,
+    fraction,
+    layout_option,
+    non_negative_float,
+    non_negative_int,
+    parse_command_line,
+    positive_float,
+    positive_int,
+    resume_command,
+    run_cli,
+    seed_int,
+)
 from recipes.config import PER_COMMAND, RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.interrupts import Interrupted, training_interrupts
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_weights
-from recipes.run_dir import (CONFIG_FILE, METRICS_FILE, WRITE_ERRNOS, check_new_run_dir, describe_folder,
-                             describe_holder, holds_run, lock_run_dir, make_run_dir, resume_run, start_run_dir,
-                             write_error_line)
+from recipes.run_dir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    WRITE_ERRNOS,
+    check_new_run_dir,
+    describe_folder,
+    describe_holder,
+    holds_run,
+    lock_run_dir,
+    make_run_dir,
+    resume_run,
+    start_run_dir,
+    write_error_line,
+)
 from trainer import Callback, TimeLimitReached, Trainer, resolve_device, seed_everything
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
@@ -35,18 +62,51 @@ from trainer.precision import PrecisionChoice, choose_precision
 from trainer.threads import ThreadChoice, use_threads
 
 __all__ = [
-    "CONFIG_FILE", "FLOAT32_MAX", "MAX_SEED", "METRICS_FILE", "PER_COMMAND", "WRITE_ERRNOS", "CommandLine",
-    "Interrupted", "Recipe", "RecipeArgumentParser", "RecipeParts", "RunComplete", "RunConfig", "UsageError",
-    "add_run_options", "check_new_run_dir", "choose_run_precision", "describe_folder", "describe_holder",
-    "device_option", "duration", "fraction", "holds_run", "layout_option", "lock_run_dir", "make_run_dir",
-    "non_negative_float", "non_negative_int", "parse_command_line", "positive_float", "positive_int",
-    "print_run_summary", "resume_command", "resume_run", "run_cli", "seed_int", "start_run_dir",
-    "training_interrupts", "write_error_line",
+    "CONFIG_FILE",
+    "FLOAT32_MAX",
+    "MAX_SEED",
+    "METRICS_FILE",
+    "PER_COMMAND",
+    "WRITE_ERRNOS",
+    "CommandLine",
+    "Interrupted",
+    "Recipe",
+    "RecipeArgumentParser",
+    "RecipeParts",
+    "RunComplete",
+    "RunConfig",
+    "UsageError",
+    "add_run_options",
+    "check_new_run_dir",
+    "choose_run_precision",
+    "describe_folder",
+    "describe_holder",
+    "device_option",
+    "duration",
+    "fraction",
+    "holds_run",
+    "layout_option",
+    "lock_run_dir",
+    "make_run_dir",
+    "non_negative_float",
+    "non_negative_int",
+    "parse_command_line",
+    "positive_float",
+    "positive_int",
+    "print_run_summary",
+    "resume_command",
+    "resume_run",
+    "run_cli",
+    "seed_int",
+    "start_run_dir",
+    "training_interrupts",
+    "write_error_line",
 ]
 
 
-def choose_run_precision(model: torch.nn.Module, device: torch.device, example: Any,
-                         config: RunConfig, threads: ThreadChoice | None = None) -> PrecisionChoice:
+def choose_run_precision(
+    model: torch.nn.Module, device: torch.device, example: Any, config: RunConfig, threads: ThreadChoice | None = None
+) -> PrecisionChoice:
     """The precision, memory format and CPU convolution kernels a run trains with, printed in one
     line (with the `threads` the process uses, on the CPU) and recorded in `config`
     (``precision``, ``channels_last``, ``onednn``, ``precision_reason``), so that a resumed run,
@@ -60,15 +120,23 @@ def choose_run_precision(model: torch.nn.Module, device: torch.device, example: 
     if config.precision == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
     if config.precision_reason is not None:
-        choice = PrecisionChoice(config.precision, config.channels_last,  # type: ignore[arg-type]
-                                 f"saved with the run: {config.precision_reason}",
-                                 True if config.onednn is None else config.onednn)
+        choice = PrecisionChoice(
+            config.precision,
+            config.channels_last,  # type: ignore[arg-type]
+            f"saved with the run: {config.precision_reason}",
+            True if config.onednn is None else config.onednn,
+        )
     else:
-        choice = (choose_precision(model, device, example, config.precision, config.channels_last)
-                  if is_rank_zero() else None)
+        choice = (
+            choose_precision(model, device, example, config.precision, config.channels_last) if is_rank_zero() else None
+        )
         choice = broadcast_object(choice)
-        config.update(precision=choice.precision, channels_last=choice.channels_last, onednn=choice.onednn,
-                      precision_reason=choice.reason)
+        config.update(
+            precision=choice.precision,
+            channels_last=choice.channels_last,
+            onednn=choice.onednn,
+            precision_reason=choice.reason,
+        )
     if is_rank_zero():
         cpu = f"; threads: {threads}; {WAIT_POLICY}" if threads is not None and device.type == "cpu" else ""
         print(f"{choice}{cpu}", flush=True)
@@ -244,15 +312,34 @@ class Recipe(Generic[ConfigT, PartsT]):
             run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config)
             if lock is not None:
                 stack.callback(lock.release)
-        callbacks = [*self.callbacks(run_dir, config, parts), CSVLogger(run_dir / METRICS_FILE),
-                     *([HistogramCallback(run_dir)] if config.histograms or fast else []),
-                     ModelCheckpoint(run_dir, monitor=self.monitor, mode=self.mode, config=dict(config),
-                                     every_n_steps=config.checkpoint_every, data=parts.data)]
-        trainer = Trainer(parts.model, parts.optimizer, parts.loss_fn, callbacks=callbacks,
-                          max_epochs=1 if fast else config.epochs, device=device, metrics=parts.metrics,
-                          scheduler=parts.scheduler, precision=choice, val_every_n_steps=config.val_every,
-                          max_time=config.max_time, limit_train_batches=1 if fast else None,
-                          limit_val_batches=1 if fast else None)
+        callbacks = [
+            *self.callbacks(run_dir, config, parts),
+            CSVLogger(run_dir / METRICS_FILE),
+            *([HistogramCallback(run_dir)] if config.histograms or fast else []),
+            ModelCheckpoint(
+                run_dir,
+                monitor=self.monitor,
+                mode=self.mode,
+                config=dict(config),
+                every_n_steps=config.checkpoint_every,
+                data=parts.data,
+            ),
+        ]
+        trainer = Trainer(
+            parts.model,
+            parts.optimizer,
+            parts.loss_fn,
+            callbacks=callbacks,
+            max_epochs=1 if fast else config.epochs,
+            device=device,
+            metrics=parts.metrics,
+            scheduler=parts.scheduler,
+            precision=choice,
+            val_every_n_steps=config.val_every,
+            max_time=config.max_time,
+            limit_train_batches=1 if fast else None,
+            limit_val_batches=1 if fast else None,
+        )
         command = resume_command(type(self).__module__, run_dir)
         started = time.monotonic()
         try:
@@ -270,9 +357,11 @@ class Recipe(Generic[ConfigT, PartsT]):
         if fast:
             if is_rank_zero():
                 names = ", ".join(type(cb).__name__ for cb in callbacks)
-                print(f"fast dev run passed in {time.monotonic() - started:.1f} s: one training and one "
-                      f"validation batch through {type(parts.model).__name__} and {len(callbacks)} callbacks "
-                      f"({names}); nothing was kept on disk")
+                print(
+                    f"fast dev run passed in {time.monotonic() - started:.1f} s: one training and one "
+                    f"validation batch through {type(parts.model).__name__} and {len(callbacks)} callbacks "
+                    f"({names}); nothing was kept on disk"
+                )
             return 0
         self.after_fit(trainer, config)
         print_run_summary(trainer, run_dir, self.monitor, self.monitor_label, self.mode)

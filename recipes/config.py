@@ -76,8 +76,11 @@ class RunConfig(MutableMapping[str, Any]):
     @classmethod
     def required_fields(cls) -> tuple[str, ...]:
         """Names of the saved fields without a default: every saved run of the recipe holds them."""
-        return tuple(field.name for field in dataclasses.fields(cls) if _saved(field)
-                     and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING)
+        return tuple(
+            field.name
+            for field in dataclasses.fields(cls)
+            if _saved(field) and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
 
     @classmethod
     def from_options(cls, args: argparse.Namespace) -> RunConfig:
@@ -102,15 +105,22 @@ class RunConfig(MutableMapping[str, Any]):
         """
         fields = dataclasses.fields(cls)
         values = {field.name: saved[field.name] for field in fields if _saved(field) and field.name in saved}
-        values.update({field.name: getattr(args, field.name) for field in fields
-                       if not _saved(field) and hasattr(args, field.name)})
+        values.update(
+            {
+                field.name: getattr(args, field.name)
+                for field in fields
+                if not _saved(field) and hasattr(args, field.name)
+            }
+        )
         known = {field.name for field in fields}
         return cls(**values, other={key: value for key, value in saved.items() if key not in known})
 
     def _check_key(self, key: str) -> None:
         if key not in self.saved_fields() and key not in self.other:
-            raise KeyError(f"{type(self).__name__} saves no {key!r}; declare it as a field of the recipe's "
-                           f"configuration class (saved: {', '.join(self.saved_fields())})")
+            raise KeyError(
+                f"{type(self).__name__} saves no {key!r}; declare it as a field of the recipe's "
+                f"configuration class (saved: {', '.join(self.saved_fields())})"
+            )
 
     def __getitem__(self, key: str) -> Any:
         self._check_key(key)

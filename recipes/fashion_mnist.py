@@ -22,15 +22,33 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
 from models import FashionCNN, accuracy
-from recipes.common import (PER_COMMAND, Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError,
-                            add_run_options, non_negative_float, non_negative_int, positive_float, positive_int,
-                            run_cli)
+from recipes.common import (
+    PER_COMMAND,
+    Recipe,
+    RecipeArgumentParser,
+    RecipeParts,
+    RunConfig,
+    UsageError,
+    add_run_options,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from trainer import Callback, ResumableSampler, Trainer, ignore_stop_signals
-from trainer.callbacks import (EmbeddingCallback, GraphCallback, ImageGridCallback, PRCurveCallback,
-                               PredictionFigureCallback, ProgressBar, TensorBoardCallback)
+from trainer.callbacks import (
+    EmbeddingCallback,
+    GraphCallback,
+    ImageGridCallback,
+    PRCurveCallback,
+    PredictionFigureCallback,
+    ProgressBar,
+    TensorBoardCallback,
+)
 from trainer.distributed import is_rank_zero
+from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
 
 RUNS_ROOT = "runs/fashion_mnist"
 MEAN, STD = 0.5, 0.5  # the tutorial's Normalize((0.5,), (0.5,))
@@ -38,21 +56,39 @@ MEAN, STD = 0.5, 0.5  # the tutorial's Normalize((0.5,), (0.5,))
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's options."""
-    parser = RecipeArgumentParser(prog="python -m recipes.fashion_mnist", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = RecipeArgumentParser(
+        prog="python -m recipes.fashion_mnist",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--epochs", type=positive_int, default=2, help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=4,
-                        help="samples per step; the tutorial's is 4 (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=4,
+        help="samples per step; the tutorial's is 4 (default: %(default)s)",
+    )
     parser.add_argument("--lr", type=positive_float, default=0.001, help="SGD learning rate (default: %(default)s)")
     parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default: %(default)s)")
-    parser.add_argument("--log-every", type=positive_int, default=1000,
-                        help="batches between running-loss points and prediction figures (default: %(default)s)")
-    parser.add_argument("--data-dir", default="./data",
-                        help="folder holding FashionMNIST/raw/ with the IDX files (default: %(default)s)")
+    parser.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=1000,
+        help="batches between running-loss points and prediction figures (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default="./data",
+        help="folder holding FashionMNIST/raw/ with the IDX files (default: %(default)s)",
+    )
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST into --data-dir if missing")
-    parser.add_argument("--workers", type=non_negative_int, default=0,
-                        help="0: batches cut from the decoded tensor in this process (fastest); N: a DataLoader "
-                             "with N worker processes over the same tensor (default: %(default)s)")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="0: batches cut from the decoded tensor in this process (fastest); N: a DataLoader "
+        "with N worker processes over the same tensor (default: %(default)s)",
+    )
     add_run_options(parser, RUNS_ROOT)
     return parser
 
@@ -63,16 +99,24 @@ def normalize_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     return (torch.stack(images).float() / 255.0 - MEAN) / STD, torch.stack(labels)
 
 
-def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, config: dict[str, Any],
-                pin_memory: bool) -> Any:
+def make_loader(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, config: dict[str, Any], pin_memory: bool
+) -> Any:
     """Batches of (normalised images, labels): in-process, or from worker processes."""
     if config["workers"] == 0:
-        return TensorBatchLoader(images, labels, batch_size, shuffle=shuffle, seed=config["seed"], mean=MEAN,
-                                 std=STD, pin_memory=pin_memory)
+        return TensorBatchLoader(
+            images, labels, batch_size, shuffle=shuffle, seed=config["seed"], mean=MEAN, std=STD, pin_memory=pin_memory
+        )
     dataset = TensorDataset(images.unsqueeze(1), labels)
-    return DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, config["seed"]),
-                      num_workers=config["workers"], collate_fn=normalize_batch, pin_memory=pin_memory,
-                      worker_init_fn=ignore_stop_signals)  # not persistent: see ignore_stop_signals
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ResumableSampler(dataset, shuffle, config["seed"]),
+        num_workers=config["workers"],
+        collate_fn=normalize_batch,
+        pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
+    )  # not persistent: see ignore_stop_signals
 
 
 def normalized(images: torch.Tensor) -> torch.Tensor:
@@ -80,22 +124,42 @@ def normalized(images: torch.Tensor) -> torch.Tensor:
     return (images.unsqueeze(1).float() / 255.0 - MEAN) / STD
 
 
-def tutorial_callbacks(run_dir: Path, log_every: int, train_images: torch.Tensor, train_labels: torch.Tensor,
-                       test_images: torch.Tensor, test_labels: torch.Tensor,
-                       hparams: dict[str, Any] | None = None) -> list[Callback]:
+def tutorial_callbacks(
+    run_dir: Path,
+    log_every: int,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    hparams: dict[str, Any] | None = None,
+) -> list[Callback]:
     """The callbacks that log the tutorial's tags: the running `training loss` every `log_every`
     steps, as ``Loss/training loss`` (and the epoch values of `trainer.callbacks.tags`),
     `four_fashion_mnist_images`, the graph and `predictions vs. actuals` (on four test images,
     every `log_every` steps)."""
     shown = (normalized(test_images[:4]), test_labels[:4])
     return [
-        TensorBoardCallback(run_dir, every_n_steps=log_every, tags={"val_acc": "Validation/accuracy"}, hparams=hparams,
-                            monitor="val_acc", mode="max"),
-        ImageGridCallback(run_dir, batch=(normalized(train_images[:4]), train_labels[:4]), num_images=4, mean=MEAN,
-                          std=STD, nrow=4, tag="four_fashion_mnist_images"),
+        TensorBoardCallback(
+            run_dir,
+            every_n_steps=log_every,
+            tags={"val_acc": "Validation/accuracy"},
+            hparams=hparams,
+            monitor="val_acc",
+            mode="max",
+        ),
+        ImageGridCallback(
+            run_dir,
+            batch=(normalized(train_images[:4]), train_labels[:4]),
+            num_images=4,
+            mean=MEAN,
+            std=STD,
+            nrow=4,
+            tag="four_fashion_mnist_images",
+        ),
         GraphCallback(run_dir, example=shown[0][:1]),
-        PredictionFigureCallback(run_dir, kind="classification", batch=shown, every_n_steps=log_every,
-                                 classes=CLASSES, mean=MEAN, std=STD),
+        PredictionFigureCallback(
+            run_dir, kind="classification", batch=shown, every_n_steps=log_every, classes=CLASSES, mean=MEAN, std=STD
+        ),
     ]
 
 
@@ -159,15 +223,23 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
             val_loader=make_loader(test_images, test_labels, 1000, False, config, pin),
             example=normalized(train_images[: config["batch_size"]]),
             metrics={"acc": accuracy},
-            train=(train_images, train_labels), test=(test_images, test_labels),
+            train=(train_images, train_labels),
+            test=(test_images, test_labels),
             data={"classes": list(CLASSES), "image_size": 28, "input_channels": 1},
         )
 
     def callbacks(self, run_dir: Path, config: FashionMNISTConfig, parts: TutorialParts) -> list[Callback]:
         (train_images, train_labels), (test_images, test_labels) = parts.train, parts.test
         return [
-            *tutorial_callbacks(run_dir, config["log_every"], train_images, train_labels, test_images, test_labels,
-                                hparams={**config, "optimizer": "SGD"}),
+            *tutorial_callbacks(
+                run_dir,
+                config["log_every"],
+                train_images,
+                train_labels,
+                test_images,
+                test_labels,
+                hparams={**config, "optimizer": "SGD"},
+            ),
             PRCurveCallback(run_dir, CLASSES),
             EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
             ProgressBar(every_n_steps=min(config["log_every"], 200)),

@@ -65,8 +65,10 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
         if watcher.signum is not None:
             raise KeyboardInterrupt
         watcher.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the current step "
-              f"(send it again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the current step (send it again to stop at once)",
+            file=sys.stderr,
+        )
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:

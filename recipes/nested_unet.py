@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,23 +26,62 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
-from trainer_datasets.segmentation_stream import DATA_MODES
-from models import (BASE_FILTERS, SIDE_MULTIPLE, BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou,
-                    label_class_iou, label_iou, nearest_multiple)
+from models import (
+    BASE_FILTERS,
+    SIDE_MULTIPLE,
+    BCEDiceLoss,
+    CEDiceLoss,
+    DeepSupervisionLoss,
+    NestedUNet,
+    UNet,
+    class_iou,
+    dice,
+    iou,
+    label_class_iou,
+    label_iou,
+    nearest_multiple,
+)
 from recipes.cli import CommandLine
-from recipes.common import (Recipe, RecipeArgumentParser, RecipeParts, RunConfig, UsageError, add_run_options,
-                            device_option, fraction, lock_run_dir, non_negative_float, non_negative_int,
-                            positive_float, positive_int, run_cli)
-from recipes.prediction import (add_prediction_options, check_images, check_outputs, check_prediction_options,
-                                data_folder_above, inference_precision, predict_folder)
+from recipes.common import (
+    Recipe,
+    RecipeArgumentParser,
+    RecipeParts,
+    RunConfig,
+    UsageError,
+    add_run_options,
+    device_option,
+    fraction,
+    lock_run_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from recipes.prediction import (
+    add_prediction_options,
+    check_images,
+    check_outputs,
+    check_prediction_options,
+    data_folder_above,
+    inference_precision,
+    predict_folder,
+)
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
 from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
-from trainer.callbacks import (ConfusionMatrixCallback, GraphCallback, ImageGridCallback, PredictionFigureCallback,
-                               ProgressBar, TensorBoardCallback)
+from trainer.callbacks import (
+    ConfusionMatrixCallback,
+    GraphCallback,
+    ImageGridCallback,
+    PredictionFigureCallback,
+    ProgressBar,
+    TensorBoardCallback,
+)
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
 from trainer.trained_model import export_model, model_from_state
+from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
+from trainer_datasets.segmentation_stream import DATA_MODES
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -58,57 +97,111 @@ DEFAULT_EPOCHS = 4
 def build_parser() -> argparse.ArgumentParser:
     """The training command's options."""
     parser = RecipeArgumentParser(
-        prog="python -m recipes.nested_unet", description=__doc__,
+        prog="python -m recipes.nested_unet",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", metavar="PATH",
-                        help="segmentation folder (images/ and masks/, or train/ and val/ holding them); "
-                             "default: the built-in synthetic nuclei")
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="NestedUNet",
-                        help="network (default: %(default)s)")
-    parser.add_argument("--base-filters", type=positive_int, default=BASE_FILTERS,
-                        help="channels of the network's first level, doubled at each level below (default: "
-                             "%(default)s; smaller is faster and less accurate)")
-    parser.add_argument("--deep-supervision", action="store_true",
-                        help="NestedUNet only: train the four heads on X(0,1..4) and average their losses")
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
-                        help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="samples per step (default: %(default)s)")
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="segmentation folder (images/ and masks/, or train/ and val/ holding them); "
+        "default: the built-in synthetic nuclei",
+    )
+    parser.add_argument(
+        "--arch", choices=sorted(ARCHITECTURES), default="NestedUNet", help="network (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--base-filters",
+        type=positive_int,
+        default=BASE_FILTERS,
+        help="channels of the network's first level, doubled at each level below (default: "
+        "%(default)s; smaller is faster and less accurate)",
+    )
+    parser.add_argument(
+        "--deep-supervision",
+        action="store_true",
+        help="NestedUNet only: train the four heads on X(0,1..4) and average their losses",
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="training epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="samples per step (default: %(default)s)"
+    )
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="initial learning rate (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
-                        help="L2 weight decay (default: %(default)s)")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                        help="adam, or sgd with Nesterov momentum 0.9 (default: %(default)s)")
-    parser.add_argument("--scheduler", choices=["cosine", "plateau", "none"], default="cosine",
-                        help="learning-rate schedule: cosine annealing over the epochs, x0.1 when the "
-                             "validation loss plateaus for 2 epochs, or constant (default: %(default)s)")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="square side images are resized to, a multiple of 16 (default: "
-                             f"{BUILTIN_IMAGE_SIZE} for the built-in data; a folder's own size, which must then "
-                             "be the same for every image)")
-    parser.add_argument("--val-fraction", type=fraction, default=0.2,
-                        help="share of a --data folder held out for validation when it has no train/ and "
-                             "val/ sub-folders (default: %(default)s)")
-    parser.add_argument("--train-samples", type=positive_int, default=BUILTIN_TRAIN_SAMPLES,
-                        help="built-in data only: training images (default: %(default)s)")
-    parser.add_argument("--val-samples", type=positive_int, default=BUILTIN_VAL_SAMPLES,
-                        help="built-in data only: validation images (default: %(default)s)")
-    parser.add_argument("--mask-mode", choices=MASK_MODES, default="auto",
-                        help="what --data's masks are: binary masks, one per class folder (each class its own "
-                             "sigmoid: multi-label) or directly in masks/; or labels: masks/<id>.png label maps of "
-                             "class indices (grey or palette PNG), exclusive classes (softmax); auto: labels when "
-                             "the folder has a classes.txt, else binary (default: %(default)s)")
-    parser.add_argument("--ignore-index", type=non_negative_int, default=IGNORE_INDEX,
-                        help="label maps: the value of pixels of no class, left out of loss and metrics "
-                             "(default: %(default)s)")
-    parser.add_argument("--workers", type=non_negative_int, default=0,
-                        help="data-loading worker processes for --data folders (default: %(default)s)")
-    parser.add_argument("--data-mode", choices=DATA_MODES, default="auto",
-                        help="--data folders: memory decodes every image up front, stream checks them once (an index "
-                             "in the cache folder) and decodes each in the loader's workers, auto streams folders "
-                             "over 1 GiB decoded; both give the same batches, and a resumed run may change it "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--weight-decay", type=non_negative_float, default=1e-4, help="L2 weight decay (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="adam, or sgd with Nesterov momentum 0.9 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=["cosine", "plateau", "none"],
+        default="cosine",
+        help="learning-rate schedule: cosine annealing over the epochs, x0.1 when the "
+        "validation loss plateaus for 2 epochs, or constant (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="square side images are resized to, a multiple of 16 (default: "
+        f"{BUILTIN_IMAGE_SIZE} for the built-in data; a folder's own size, which must then "
+        "be the same for every image)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.2,
+        help="share of a --data folder held out for validation when it has no train/ and "
+        "val/ sub-folders (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-samples",
+        type=positive_int,
+        default=BUILTIN_TRAIN_SAMPLES,
+        help="built-in data only: training images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-samples",
+        type=positive_int,
+        default=BUILTIN_VAL_SAMPLES,
+        help="built-in data only: validation images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mask-mode",
+        choices=MASK_MODES,
+        default="auto",
+        help="what --data's masks are: binary masks, one per class folder (each class its own "
+        "sigmoid: multi-label) or directly in masks/; or labels: masks/<id>.png label maps of "
+        "class indices (grey or palette PNG), exclusive classes (softmax); auto: labels when "
+        "the folder has a classes.txt, else binary (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ignore-index",
+        type=non_negative_int,
+        default=IGNORE_INDEX,
+        help="label maps: the value of pixels of no class, left out of loss and metrics (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="data-loading worker processes for --data folders (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-mode",
+        choices=DATA_MODES,
+        default="auto",
+        help="--data folders: memory decodes every image up front, stream checks them once (an index "
+        "in the cache folder) and decodes each in the loader's workers, auto streams folders "
+        "over 1 GiB decoded; both give the same batches, and a resumed run may change it "
+        "(default: %(default)s)",
+    )
     add_run_options(parser, RUNS_ROOT)
     return parser
 
@@ -118,32 +211,45 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser = RecipeArgumentParser(
         prog="python -m recipes.nested_unet predict",
         description="Write a probability map and a binary mask PNG per image, at the image's own size: "
-                    "<out>/<id>_prob.png and <out>/<id>_mask.png, or with several classes "
-                    "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png; for a run trained on label maps, a "
-                    "label map <out>/<id>.png (palette PNG, index = class) and, with --probabilities, "
-                    "<out>/<class>/<id>_prob.png. Images of any size, grey, RGB or "
-                    "RGBA, 8 or 16 bits, are predicted at the scale the checkpoint was trained at (--scale), "
-                    "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
-                    "first: unreadable files are all named in one error and nothing is written. Existing outputs "
-                    "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
-                    "images/ and masks/), and one predict at a time writes into a folder.",
+        "<out>/<id>_prob.png and <out>/<id>_mask.png, or with several classes "
+        "<out>/<class>/<id>_prob.png and <out>/<class>/<id>.png; for a run trained on label maps, a "
+        "label map <out>/<id>.png (palette PNG, index = class) and, with --probabilities, "
+        "<out>/<class>/<id>_prob.png. Images of any size, grey, RGB or "
+        "RGBA, 8 or 16 bits, are predicted at the scale the checkpoint was trained at (--scale), "
+        "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
+        "first: unreadable files are all named in one error and nothing is written. Existing outputs "
+        "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
+        "images/ and masks/), and one predict at a time writes into a folder.",
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of a segmentation run (RUN/best.pt or last.pt) of this recipe or any "
-                             "other whose model is one of the project's (UNet, NestedUNet)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint of a segmentation run (RUN/best.pt or last.pt) of this recipe or any "
+        "other whose model is one of the project's (UNet, NestedUNet)",
+    )
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
     parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace output files that --out holds already (default: refuse, naming the first, "
-                             "before anything is written)")
-    parser.add_argument("--threshold", type=fraction, default=0.5,
-                        help="binary masks: probability of foreground (default: 0.5); label maps take the most "
-                             "probable class")
-    parser.add_argument("--probabilities", action="store_true",
-                        help="label maps: also write each class's probability map, <out>/<class>/<id>_prob.png "
-                             "(binary masks always have theirs)")
-    parser.add_argument("--device", type=device_option, default="auto",
-                        help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace output files that --out holds already (default: refuse, naming the first, "
+        "before anything is written)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=fraction,
+        default=0.5,
+        help="binary masks: probability of foreground (default: 0.5); label maps take the most probable class",
+    )
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="label maps: also write each class's probability map, <out>/<class>/<id>_prob.png "
+        "(binary masks always have theirs)",
+    )
+    parser.add_argument(
+        "--device", type=device_option, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
+    )
     add_prediction_options(parser)
     return parser
 
@@ -162,10 +268,15 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
         # Generated once into memory: each epoch then reads plain tensors.
         return materialize(train), materialize(val), list(BUILTIN_CLASSES)
     try:
-        train, val = split_segmentation(config["data"], val_fraction=config["val_fraction"], seed=config["seed"],
-                                        image_size=config["image_size"], mode=config.get("data_mode", "auto"),
-                                        mask_mode=config.get("mask_mode", "auto"),
-                                        ignore_index=config.get("ignore_index", IGNORE_INDEX))
+        train, val = split_segmentation(
+            config["data"],
+            val_fraction=config["val_fraction"],
+            seed=config["seed"],
+            image_size=config["image_size"],
+            mode=config.get("data_mode", "auto"),
+            mask_mode=config.get("mask_mode", "auto"),
+            ignore_index=config.get("ignore_index", IGNORE_INDEX),
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     height, width = train.size  # known without decoding an image (a streamed one is decoded in its shard only)
@@ -187,25 +298,33 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The configured network."""
     width = config.get("base_filters", BASE_FILTERS)  # runs from before the option have the default
     if config["arch"] == "NestedUNet":
-        return NestedUNet(num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"],
-                          base_filters=width)
+        return NestedUNet(
+            num_classes=num_classes, input_channels=3, deep_supervision=config["deep_supervision"], base_filters=width
+        )
     return UNet(num_classes=num_classes, input_channels=3, base_filters=width)
 
 
-def build_optimizer(config: dict[str, Any], model: nn.Module,
-                    device: torch.device | None = None) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(
+    config: dict[str, Any], model: nn.Module, device: torch.device | None = None
+) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer and learning-rate scheduler of the configuration. On CUDA the optimizer is the
     fused kernel, which also lets a grad scaler skip steps without waiting on the device."""
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if config["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"],
-                                     **fused)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], **fused)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True,
-                                    weight_decay=config["weight_decay"], **fused)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config["lr"],
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=config["weight_decay"],
+            **fused,
+        )
     if config["scheduler"] == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"],
-                                                               eta_min=config["lr"] * 0.01)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config["epochs"], eta_min=config["lr"] * 0.01
+        )
     elif config["scheduler"] == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
     else:
@@ -218,8 +337,10 @@ def validate_config(config: dict[str, Any]) -> None:
     if config["deep_supervision"] and config["arch"] != "NestedUNet":
         raise UsageError("--deep-supervision needs --arch NestedUNet")
     if config["image_size"] is not None and config["image_size"] % SIDE_MULTIPLE:
-        raise UsageError(f"--image-size {config['image_size']} is not a multiple of {SIDE_MULTIPLE}; try "
-                         f"{nearest_multiple(config['image_size'])}")
+        raise UsageError(
+            f"--image-size {config['image_size']} is not a multiple of {SIDE_MULTIPLE}; try "
+            f"{nearest_multiple(config['image_size'])}"
+        )
 
 
 @dataclass(kw_only=True, eq=False)
@@ -299,15 +420,20 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
 
     def new_config(self, command: CommandLine) -> NestedUNetConfig:
         args, given = command.args, command.given
-        ignored = (("train_samples", "val_samples") if args.data is not None
-                   else ("val_fraction", "workers", "data_mode", "mask_mode", "ignore_index"))
+        ignored = (
+            ("train_samples", "val_samples")
+            if args.data is not None
+            else ("val_fraction", "workers", "data_mode", "mask_mode", "ignore_index")
+        )
         refused = [given[dest] for dest in ignored if dest in given]
         if refused:
             source = f"--data {args.data}" if args.data is not None else "the built-in data (no --data)"
-            raise UsageError(f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
-                             f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
-                             "--val-samples size the built-in data; --val-fraction, --workers, --data-mode, "
-                             "--mask-mode and --ignore-index apply to --data)")
+            raise UsageError(
+                f"{' and '.join(refused)} {'has' if len(refused) == 1 else 'have'} no effect with "
+                f"{source}; leave {'it' if len(refused) == 1 else 'them'} out (--train-samples and "
+                "--val-samples size the built-in data; --val-fraction, --workers, --data-mode, "
+                "--mask-mode and --ignore-index apply to --data)"
+            )
         config = super().new_config(command)
         if config["data"] is None and config["image_size"] is None:
             config["image_size"] = BUILTIN_IMAGE_SIZE
@@ -320,12 +446,14 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
             files = data_files(config["data"], {*train_set.layout.files(), *val_set.layout.files()})
             check_same_data(config.setdefault("data_files", files), files, config["data"], "--data")
         if config.setdefault("classes", classes) != classes:
-            raise UsageError(f"the run was trained on the classes {config['classes']}, but {config['data']} now "
-                             f"has {classes}")
+            raise UsageError(
+                f"the run was trained on the classes {config['classes']}, but {config['data']} now has {classes}"
+            )
         mask_type = getattr(train_set, "mask_mode", "binary")  # the built-in data has binary masks
         if config.setdefault("mask_type", mask_type) != mask_type:
-            raise UsageError(f"the run was trained on {config['mask_type']} masks, but {config['data']} now holds "
-                             f"{mask_type} masks")
+            raise UsageError(
+                f"the run was trained on {config['mask_type']} masks, but {config['data']} now holds {mask_type} masks"
+            )
         model = build_model(config, len(classes))
         optimizer, scheduler = build_optimizer(config, model, device)
         workers = config["workers"] if config["data"] is not None else 0
@@ -333,19 +461,36 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         # The order of each epoch, and each sample's augmentation, depend on the seed, the epoch and
         # the sample alone: a run resumed inside an epoch starts at its next batch and draws what the
         # uninterrupted run drew, with any number of workers. Workers leave stop signals to this process.
-        train_loader = DataLoader(train_set, batch_size=config["batch_size"],
-                                  sampler=ResumableSampler(train_set, seed=config["seed"]), num_workers=workers,
-                                  drop_last=len(train_set) > config["batch_size"], pin_memory=pin,
-                                  worker_init_fn=ignore_stop_signals)
-        val_loader = DataLoader(val_set, batch_size=config["batch_size"], num_workers=workers, pin_memory=pin,
-                                worker_init_fn=ignore_stop_signals)
+        train_loader = DataLoader(
+            train_set,
+            batch_size=config["batch_size"],
+            sampler=ResumableSampler(train_set, seed=config["seed"]),
+            num_workers=workers,
+            drop_last=len(train_set) > config["batch_size"],
+            pin_memory=pin,
+            worker_init_fn=ignore_stop_signals,
+        )
+        val_loader = DataLoader(
+            val_set,
+            batch_size=config["batch_size"],
+            num_workers=workers,
+            pin_memory=pin,
+            worker_init_fn=ignore_stop_signals,
+        )
         if is_rank_zero():
             fixed = next(iter(DataLoader(val_set, batch_size=8)))
         else:  # only rank 0 draws and logs it (and chooses the precision): the others need its shape, no files read
             labels = mask_type == "labels"
-            image, mask = val_set[0] if config["data"] is None else (
-                torch.zeros(3, *val_set.size),
-                torch.zeros(*val_set.size, dtype=torch.long) if labels else torch.zeros(len(classes), *val_set.size))
+            image, mask = (
+                val_set[0]
+                if config["data"] is None
+                else (
+                    torch.zeros(3, *val_set.size),
+                    torch.zeros(*val_set.size, dtype=torch.long)
+                    if labels
+                    else torch.zeros(len(classes), *val_set.size),
+                )
+            )
             count = min(8, len(val_set))
             fixed = [image.new_zeros(count, *image.shape), mask.new_zeros(count, *mask.shape)]
         if mask_type == "labels":  # exclusive classes: softmax; ignored pixels count nowhere
@@ -358,12 +503,24 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
             metrics = {"iou": iou, "dice": dice}
             if len(classes) > 1:  # each class's IoU as its own scalar, named after its folder
                 metrics.update({f"iou_{name}": class_iou(index) for index, name in enumerate(classes)})
-        return SegmentationParts(model=model, loss_fn=DeepSupervisionLoss(loss), optimizer=optimizer,
-                                 train_loader=train_loader, val_loader=val_loader, metrics=metrics,
-                                 example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
-                                 scheduler=scheduler, fixed=fixed,
-                                 data={"classes": classes, "image_size": config["image_size"], "input_channels": 3,
-                                       "mask_type": mask_type, "ignore_index": config["ignore_index"]})
+        return SegmentationParts(
+            model=model,
+            loss_fn=DeepSupervisionLoss(loss),
+            optimizer=optimizer,
+            train_loader=train_loader,
+            val_loader=val_loader,
+            metrics=metrics,
+            example=fixed[0][:1].expand(config["batch_size"], -1, -1, -1).contiguous(),
+            scheduler=scheduler,
+            fixed=fixed,
+            data={
+                "classes": classes,
+                "image_size": config["image_size"],
+                "input_channels": 3,
+                "mask_type": mask_type,
+                "ignore_index": config["ignore_index"],
+            },
+        )
 
     def callbacks(self, run_dir: Path, config: NestedUNetConfig, parts: SegmentationParts) -> list[Callback]:
         fixed, classes = parts.fixed, config["classes"]
@@ -372,16 +529,33 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         # `iou_<class>`, follows as `Validation/IoU/<class>`).
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
         ignore = config.get("ignore_index", IGNORE_INDEX)
-        confusion = ([ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
-                     if config.get("mask_type") == "labels" else [])
+        confusion = (
+            [ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
+            if config.get("mask_type") == "labels"
+            else []
+        )
         return [
-            TensorBoardCallback(run_dir, every_n_steps=10, tags=tags, monitor="val_iou", mode="max",
-                                hparams={key: value for key, value in config.items() if key != "data_files"}),
-            ImageGridCallback(run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True,
-                              ignore_index=ignore),
+            TensorBoardCallback(
+                run_dir,
+                every_n_steps=10,
+                tags=tags,
+                monitor="val_iou",
+                mode="max",
+                hparams={key: value for key, value in config.items() if key != "data_files"},
+            ),
+            ImageGridCallback(
+                run_dir, batch=fixed, num_images=8, nrow=4, classes=classes, stretch=True, ignore_index=ignore
+            ),
             GraphCallback(run_dir, example=fixed[0][:2]),
-            PredictionFigureCallback(run_dir, kind="segmentation", batch=fixed, num_images=4, classes=classes,
-                                     stretch=True, ignore_index=ignore),
+            PredictionFigureCallback(
+                run_dir,
+                kind="segmentation",
+                batch=fixed,
+                num_images=4,
+                classes=classes,
+                stretch=True,
+                ignore_index=ignore,
+            ),
             *confusion,
             ProgressBar(every_n_steps=5),
         ]
@@ -392,8 +566,9 @@ def train(argv: list[str] | None) -> int:
     return NestedUNetRecipe().train(argv)
 
 
-def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
-                       allowed: Iterable[type] = ()) -> tuple[nn.Module, dict[str, Any]]:
+def load_trained_model(
+    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", allowed: Iterable[type] = ()
+) -> tuple[nn.Module, dict[str, Any]]:
     """The trained network of a segmentation checkpoint (of this recipe or any other that records
     its model, see `trainer.load_model`) and what predicting needs to know of the run.
 
@@ -425,17 +600,21 @@ def load_trained_model(checkpoint: str | os.PathLike, device: str | torch.device
     else:  # this recipe's, written before checkpoints recorded their model: rebuilt from its options
         check_recipe_config(config, ("arch", "deep_supervision"), checkpoint, NestedUNetRecipe.name)
         if not config.get("classes"):
-            raise UsageError(f"{checkpoint} records no mask classes: it has no format_version, so an older version "
-                             "of this recipe wrote it; train it again with this one")
+            raise UsageError(
+                f"{checkpoint} records no mask classes: it has no format_version, so an older version "
+                "of this recipe wrote it; train it again with this one"
+            )
         model = build_model(config, num_classes=len(config["classes"]))
         check_weights(model, state, checkpoint)
         model.load_state_dict(state["model"])
     config.update({key: data[key] for key in ("classes", "image_size", "mask_type") if key in data})
     what = f"{checkpoint} (a checkpoint of {type(model).__name__})"
     if not config.get("classes"):
-        raise UsageError(f"{what} records no class names (no 'classes' in its data or config); predict names "
-                         "its outputs after them: train with ModelCheckpoint(data={'classes': [...]}) or a recipe "
-                         "whose RecipeParts.data gives them")
+        raise UsageError(
+            f"{what} records no class names (no 'classes' in its data or config); predict names "
+            "its outputs after them: train with ModelCheckpoint(data={'classes': [...]}) or a recipe "
+            "whose RecipeParts.data gives them"
+        )
     config.setdefault("image_size", None)
     channels = data.get("input_channels", getattr(model, "input_channels", 3))
     if channels != 3:
@@ -459,9 +638,11 @@ def predict(argv: list[str]) -> int:
         raise UsageError("--out must not be the --images folder: its outputs would be read as images next time")
     data = data_folder_above(out.resolve())
     if data is not None:
-        raise UsageError(f"--out {args.out!r} lies in the training data folder {str(data)!r} (it holds images/ and "
-                         "masks/): predictions there would mix with, or replace, its images and masks; choose a "
-                         "folder outside it")
+        raise UsageError(
+            f"--out {args.out!r} lies in the training data folder {str(data)!r} (it holds images/ and "
+            "masks/): predictions there would mix with, or replace, its images and masks; choose a "
+            "folder outside it"
+        )
     if out.is_dir() and not os.access(out, os.W_OK):
         raise UsageError(f"--out {args.out!r} is not writable")
     model, config = load_trained_model(args.checkpoint, args.device)
@@ -470,14 +651,19 @@ def predict(argv: list[str]) -> int:
     check_outputs(out, files, config["classes"], args.overwrite, labels, args.probabilities)
 
     if args.image_size is not None:
-        image_size, scale = args.image_size, f"every image resized to {args.image_size}x{args.image_size} (--image-size)"
+        image_size, scale = (
+            args.image_size,
+            f"every image resized to {args.image_size}x{args.image_size} (--image-size)",
+        )
     elif args.scale == "native" or config["image_size"] is None:
         image_size, scale = None, "each image at its own resolution"
         scale += " (--scale native)" if config["image_size"] is not None else ", as the run trained"
     else:
         image_size = config["image_size"]
-        scale = (f"every image resized to {image_size}x{image_size}, as the run trained (--scale native: each "
-                 f"image at its own resolution)")
+        scale = (
+            f"every image resized to {image_size}x{image_size}, as the run trained (--scale native: each "
+            f"image at its own resolution)"
+        )
     device = next(model.parameters()).device
     precision, reason = inference_precision(config, device)
     channels_last = config.get("channels_last") is True
@@ -486,15 +672,38 @@ def predict(argv: list[str]) -> int:
     except OSError as exc:
         raise UsageError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from None
     with lock_run_dir(out, f"--out {args.out!r}"):
-        check_outputs(out, files, config["classes"], args.overwrite, labels,  # again: another command may have written
-                      args.probabilities)
-        print(f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
-              f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}", flush=True)
-        predict_folder(model, files, out, config["classes"], image_size, tile=args.tile, overlap=args.overlap,
-                       precision=precision, channels_last=channels_last, threshold=args.threshold, labels=labels,
-                       probabilities=args.probabilities)
-    what = ("label maps" + (" and probability maps" if args.probabilities else "")) if labels else \
-        "probability maps and masks"
+        check_outputs(
+            out,
+            files,
+            config["classes"],
+            args.overwrite,
+            labels,  # again: another command may have written
+            args.probabilities,
+        )
+        print(
+            f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
+            f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}",
+            flush=True,
+        )
+        predict_folder(
+            model,
+            files,
+            out,
+            config["classes"],
+            image_size,
+            tile=args.tile,
+            overlap=args.overlap,
+            precision=precision,
+            channels_last=channels_last,
+            threshold=args.threshold,
+            labels=labels,
+            probabilities=args.probabilities,
+        )
+    what = (
+        ("label maps" + (" and probability maps" if args.probabilities else ""))
+        if labels
+        else "probability maps and masks"
+    )
     print(f"wrote {len(files)} {what} to {out}")
     return 0
 
@@ -504,8 +713,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser = RecipeArgumentParser(
         prog="python -m recipes.nested_unet export",
         description="Write the weights and the description of a checkpoint's model (class, constructor arguments, "
-                    "classes, image size, run options) without the optimizer and training state: a third of the "
-                    "size, for deployment. `predict` and trainer.load_model read it; it cannot resume a run.",
+        "classes, image size, run options) without the optimizer and training state: a third of the "
+        "size, for deployment. `predict` and trainer.load_model read it; it cannot resume a run.",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of a run (RUN/best.pt or last.pt)")
     parser.add_argument("--out", required=True, help="the file to write (e.g. model.pt); never replaced")

@@ -65,8 +65,9 @@ def _own_ticks() -> float:
     return times.user + times.system
 
 
-def choose_wait_policy(threads: int | None = None, environ: dict[str, str] | None = None,
-                       measure: Callable[[], float | None] = busy_cpus) -> str:
+def choose_wait_policy(
+    threads: int | None = None, environ: dict[str, str] | None = None, measure: Callable[[], float | None] = busy_cpus
+) -> str:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in `environ` (default: this process's environment) when
     other processes keep more CPUs busy than `threads` threads leave free, and return a few words
     saying what was chosen. A policy the user set is kept; after torch is loaded it is too late

@@ -17,13 +17,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.blocks import SIDE_MULTIPLE, nearest_multiple
-from models.predict import (DEFAULT_OVERLAP, DEFAULT_TILE, count_windows, default_overlap, predict_batch, restore_size,
-                            to_model_input)
+from models.predict import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    count_windows,
+    default_overlap,
+    predict_batch,
+    restore_size,
+    to_model_input,
+)
 from recipes.common import UsageError, non_negative_int, positive_int
 from trainer.checkpoint import temporary_path
 from trainer.precision import native_bf16
-from trainer_datasets import (DatasetError, is_image_file, is_system_file, not_regular, read_image_rgb, write_label_map,
-                              write_png_file)
+from trainer_datasets import (
+    DatasetError,
+    is_image_file,
+    is_system_file,
+    not_regular,
+    read_image_rgb,
+    write_label_map,
+    write_png_file,
+)
 
 #: Errors the image reader raises for a file it cannot use.
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
@@ -46,21 +60,38 @@ class ImageFile:
 def add_prediction_options(parser: argparse.ArgumentParser) -> None:
     """Add the scale (``--scale``, ``--image-size``) and tiling (``--tile``, ``--overlap``) options."""
     scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--scale", choices=["trained", "native"], default="trained",
-                       help="trained: the scale the checkpoint was trained at (each image at its own resolution "
-                            "if the run had no --image-size, else resized to its --image-size square, as "
-                            "training resized); native: each image at its own resolution (default: %(default)s)")
-    scale.add_argument("--image-size", type=positive_int, metavar="N",
-                       help="resize every image to N x N (bilinear, antialiased) instead")
-    parser.add_argument("--tile", type=positive_int, default=DEFAULT_TILE, metavar="N",
-                        help="largest side the network sees at once, a multiple of 16: larger images are "
-                             "predicted in overlapping N x N tiles blended without seams, which bounds memory "
-                             "(a 512 tile: under 1 GB for NestedUNet on the CPU) (default: %(default)s)")
-    parser.add_argument("--overlap", type=non_negative_int, metavar="PX",
-                        help="least overlap of neighbouring tiles in pixels, below --tile: of each overlap, the "
-                             "quarter next to a tile's edge is dropped and the next quarter fades in (default: "
-                             f"{DEFAULT_OVERLAP}, beyond the U-Nets' 110-pixel receptive-field radius, or half a "
-                             f"--tile below {2 * DEFAULT_OVERLAP})")
+    scale.add_argument(
+        "--scale",
+        choices=["trained", "native"],
+        default="trained",
+        help="trained: the scale the checkpoint was trained at (each image at its own resolution "
+        "if the run had no --image-size, else resized to its --image-size square, as "
+        "training resized); native: each image at its own resolution (default: %(default)s)",
+    )
+    scale.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="N",
+        help="resize every image to N x N (bilinear, antialiased) instead",
+    )
+    parser.add_argument(
+        "--tile",
+        type=positive_int,
+        default=DEFAULT_TILE,
+        metavar="N",
+        help="largest side the network sees at once, a multiple of 16: larger images are "
+        "predicted in overlapping N x N tiles blended without seams, which bounds memory "
+        "(a 512 tile: under 1 GB for NestedUNet on the CPU) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=non_negative_int,
+        metavar="PX",
+        help="least overlap of neighbouring tiles in pixels, below --tile: of each overlap, the "
+        "quarter next to a tile's edge is dropped and the next quarter fades in (default: "
+        f"{DEFAULT_OVERLAP}, beyond the U-Nets' 110-pixel receptive-field radius, or half a "
+        f"--tile below {2 * DEFAULT_OVERLAP})",
+    )
 
 
 def check_prediction_options(args: argparse.Namespace) -> None:
@@ -91,8 +122,9 @@ def check_images(folder: str) -> list[ImageFile]:
     kinds = {p: not_regular(p) for p in entries}
     irregular = [f"{p.name} is {kind}" for p, kind in kinds.items() if kind not in (None, "a folder")]
     if irregular:  # never opened: reading a FIFO would wait forever
-        raise UsageError(f"--images {folder!r} holds entries that are not image files, nothing written: "
-                         + "; ".join(irregular))
+        raise UsageError(
+            f"--images {folder!r} holds entries that are not image files, nothing written: " + "; ".join(irregular)
+        )
     paths = [p for p, kind in kinds.items() if kind is None]
     if not paths:
         raise UsageError(f"--images {folder!r} holds no .png, .jpg or .tif images")
@@ -109,8 +141,10 @@ def check_images(folder: str) -> list[ImageFile]:
             continue
         files.append(ImageFile(path, image.shape[-2], image.shape[-1]))
     if problems:
-        raise UsageError(f"{len(problems)} of the {len(paths)} images in {folder} cannot be predicted, nothing "
-                         f"written: " + "; ".join(problems))
+        raise UsageError(
+            f"{len(problems)} of the {len(paths)} images in {folder} cannot be predicted, nothing "
+            f"written: " + "; ".join(problems)
+        )
     return files
 
 
@@ -149,7 +183,7 @@ def batches(files: list[ImageFile], image_size: int | None, tile: int) -> list[l
     for (height, width), group in groups.items():
         padded = (height + -height % SIDE_MULTIPLE) * (width + -width % SIDE_MULTIPLE)
         size = max(1, tile * tile // padded)
-        result.extend(group[i:i + size] for i in range(0, len(group), size))
+        result.extend(group[i : i + size] for i in range(0, len(group), size))
     return result
 
 
@@ -198,9 +232,16 @@ def predict_folder(
                     images.append(to_model_input(read_image_rgb(file.path), image_size))
                 except READ_ERRORS as exc:  # changed since it was checked
                     raise UsageError(str(exc)) from None
-            predicted = predict_batch(model, torch.stack(images), tile=tile, overlap=overlap, precision=precision,
-                                      channels_last=channels_last, progress=bar.update,
-                                      activation="softmax" if labels else "sigmoid")
+            predicted = predict_batch(
+                model,
+                torch.stack(images),
+                tile=tile,
+                overlap=overlap,
+                precision=precision,
+                channels_last=channels_last,
+                progress=bar.update,
+                activation="softmax" if labels else "sigmoid",
+            )
             for file, probability in zip(batch, predicted):
                 probability = restore_size(probability, (file.height, file.width))
                 try:
@@ -209,14 +250,17 @@ def predict_folder(
                     else:
                         write_prediction(probability, out, file.id, classes, threshold)
                 except OSError as exc:  # a full disk or an unwritable folder
-                    raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
-                                     f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
-                                     "complete, no partial file was left") from None
+                    raise UsageError(
+                        f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
+                        f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
+                        "complete, no partial file was left"
+                    ) from None
                 done += 1
 
 
-def output_paths(out: Path, image_id: str, classes: list[str], labels: bool = False,
-                 probabilities: bool = False) -> list[Path]:
+def output_paths(
+    out: Path, image_id: str, classes: list[str], labels: bool = False, probabilities: bool = False
+) -> list[Path]:
     """The files `write_prediction` writes for one image, probability map then mask per class.
 
     One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
@@ -231,21 +275,30 @@ def output_paths(out: Path, image_id: str, classes: list[str], labels: bool = Fa
     return [path for name in classes for path in (out / name / f"{image_id}_prob.png", out / name / f"{image_id}.png")]
 
 
-def check_outputs(out: Path, files: list[ImageFile], classes: list[str], overwrite: bool, labels: bool = False,
-                  probabilities: bool = False) -> None:
+def check_outputs(
+    out: Path,
+    files: list[ImageFile],
+    classes: list[str],
+    overwrite: bool,
+    labels: bool = False,
+    probabilities: bool = False,
+) -> None:
     """Refuse, before anything is written, outputs that would replace files: unless `overwrite`,
     any output of `files` (`output_paths` with `labels` and `probabilities`) that exists already
     is a `UsageError` naming the first of them and how many there are. An output that is a
     folder is refused in any case."""
-    clashes = [path for file in files for path in output_paths(out, file.id, classes, labels, probabilities)
-               if path.exists()]
+    clashes = [
+        path for file in files for path in output_paths(out, file.id, classes, labels, probabilities) if path.exists()
+    ]
     folders = [path for path in clashes if path.is_dir()]
     if folders:
         raise UsageError(f"--out {str(out)!r}: {folders[0]} is a folder where an output file goes; nothing written")
     if clashes and not overwrite:
         more = f" and {len(clashes) - 1} more of the outputs" if len(clashes) > 1 else ""
-        raise UsageError(f"--out {str(out)!r} already holds {clashes[0]}{more}; nothing written: pass --overwrite to "
-                         "replace them, or choose another --out")
+        raise UsageError(
+            f"--out {str(out)!r} already holds {clashes[0]}{more}; nothing written: pass --overwrite to "
+            "replace them, or choose another --out"
+        )
 
 
 def data_folder_above(path: Path) -> Path | None:
@@ -257,8 +310,9 @@ def data_folder_above(path: Path) -> Path | None:
     return None
 
 
-def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str],
-                     threshold: float) -> None:
+def write_prediction(
+    probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str], threshold: float
+) -> None:
     """Write one image's probability maps (0-255) and masks (0/255) as grey PNGs, at the paths
     of `output_paths`.
 
@@ -275,15 +329,16 @@ def write_prediction(probabilities: torch.Tensor, out: Path, image_id: str, clas
     probabilities = probabilities.cpu()
     paths = iter(output_paths(out, image_id, classes))
     for index in range(len(classes)):
-        channel = probabilities[index:index + 1]
+        channel = probabilities[index : index + 1]
         prob = channel.mul(255).round_().to(torch.uint8)
         mask = (channel > threshold).to(torch.uint8) * 255
         _write_png_atomically(prob, next(paths))
         _write_png_atomically(mask, next(paths))
 
 
-def write_label_prediction(probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str],
-                           with_probabilities: bool = False) -> None:
+def write_label_prediction(
+    probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str], with_probabilities: bool = False
+) -> None:
     """Write one image's label map, the most probable class of each pixel, as a palette PNG
     (index = class, Pascal VOC colours; `trainer_datasets.read_label_map` reads it back), and
     with `with_probabilities` each class's probability map (0-255 grey), at the paths of
@@ -300,7 +355,7 @@ def write_label_prediction(probabilities: torch.Tensor, out: Path, image_id: str
     paths = output_paths(out, image_id, classes, labels=True, probabilities=with_probabilities)
     _write_png_atomically(probabilities.argmax(0), paths[0], label_map=True)
     for index, path in enumerate(paths[1:]):
-        _write_png_atomically(probabilities[index:index + 1].mul(255).round_().to(torch.uint8), path)
+        _write_png_atomically(probabilities[index : index + 1].mul(255).round_().to(torch.uint8), path)
 
 
 def _write_png_atomically(image: torch.Tensor, path: Path, label_map: bool = False) -> None:

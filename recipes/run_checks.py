@@ -30,8 +30,9 @@ def check_recipe_config(config: Any, keys: Iterable[str], source: str | os.PathL
     missing = [key for key in keys if key not in config]
     if missing:
         shown = ", ".join("--" + key.replace("_", "-") for key in missing[:4]) + (", ..." if len(missing) > 4 else "")
-        raise UsageError(f"{source} is not a run of recipes.{recipe} (another recipe's?): its configuration has no "
-                         f"{shown}")
+        raise UsageError(
+            f"{source} is not a run of recipes.{recipe} (another recipe's?): its configuration has no {shown}"
+        )
 
 
 def check_weights(model: torch.nn.Module, state: Mapping[str, Any], source: str | os.PathLike) -> None:
@@ -49,22 +50,29 @@ def check_weights(model: torch.nn.Module, state: Mapping[str, Any], source: str 
     expected = model.state_dict()
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]
-    reshaped = [key for key in expected if key in weights and tuple(getattr(weights[key], "shape", ())) != tuple(
-        expected[key].shape)]
+    reshaped = [
+        key
+        for key in expected
+        if key in weights and tuple(getattr(weights[key], "shape", ())) != tuple(expected[key].shape)
+    ]
     if not (missing or unexpected or reshaped):
         return
     problems = []
     if reshaped:
         key = reshaped[0]
-        problems.append(f"{len(reshaped)} tensor(s) of other shapes (e.g. {key}: {list(weights[key].shape)}, the "
-                        f"network has {list(expected[key].shape)})")
+        problems.append(
+            f"{len(reshaped)} tensor(s) of other shapes (e.g. {key}: {list(weights[key].shape)}, the "
+            f"network has {list(expected[key].shape)})"
+        )
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
         problems.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
-    raise UsageError(f"{source} holds weights of another network than its configuration describes "
-                     f"({type(model).__name__}): {'; '.join(problems)}; the file was changed or mixed up with "
-                     "another run's")
+    raise UsageError(
+        f"{source} holds weights of another network than its configuration describes "
+        f"({type(model).__name__}): {'; '.join(problems)}; the file was changed or mixed up with "
+        "another run's"
+    )
 
 
 def check_metrics_csv(path: str | os.PathLike) -> None:
@@ -83,8 +91,9 @@ def check_metrics_csv(path: str | os.PathLike) -> None:
         with open(path, newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
             if not {"epoch", "step"} <= set(reader.fieldnames or ()):
-                raise UsageError(f"{path} is not a metrics file of this project (its header has no epoch and step "
-                                 f"columns); {fix}")
+                raise UsageError(
+                    f"{path} is not a metrics file of this project (its header has no epoch and step columns); {fix}"
+                )
             for row in reader:
                 int(row["step"] or "")
     except UnicodeDecodeError as exc:
@@ -108,14 +117,17 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     try:
         type(optimizer)([weight], **settings).step()
     except (RuntimeError, OverflowError) as exc:
-        numbers = ", ".join(f"{key}={value:g}" for key, value in settings.items()
-                            if isinstance(value, float) and not isinstance(value, bool))
-        raise UsageError(f"{type(optimizer).__name__} cannot train with {numbers}: {exc}; choose smaller values "
-                         f"(e.g. a lower --lr)") from None
+        numbers = ", ".join(
+            f"{key}={value:g}"
+            for key, value in settings.items()
+            if isinstance(value, float) and not isinstance(value, bool)
+        )
+        raise UsageError(
+            f"{type(optimizer).__name__} cannot train with {numbers}: {exc}; choose smaller values (e.g. a lower --lr)"
+        ) from None
 
 
-def check_same_data(saved: Mapping[str, int], current: Mapping[str, int], root: str | os.PathLike,
-                    option: str) -> None:
+def check_same_data(saved: Mapping[str, int], current: Mapping[str, int], root: str | os.PathLike, option: str) -> None:
     """Refuse a resume whose data folder differs from the one the run started on (files added,
     removed or of another size): a `UsageError` naming the changes.
 
@@ -128,13 +140,17 @@ def check_same_data(saved: Mapping[str, int], current: Mapping[str, int], root: 
     if dict(saved) == dict(current):
         return
     changes = []
-    for what, names in (("added", [n for n in current if n not in saved]),
-                        ("removed", [n for n in saved if n not in current]),
-                        ("changed in size", [n for n in current if n in saved and current[n] != saved[n]])):
+    for what, names in (
+        ("added", [n for n in current if n not in saved]),
+        ("removed", [n for n in saved if n not in current]),
+        ("changed in size", [n for n in current if n in saved and current[n] != saved[n]]),
+    ):
         if names:
             changes.append(f"{len(names)} {what} ({_first(names)})")
-    raise UsageError(f"{option} {root} changed since the run started: {'; '.join(changes)}; a resumed run must train "
-                     "on the same data: restore the folder, or start a new run on it")
+    raise UsageError(
+        f"{option} {root} changed since the run started: {'; '.join(changes)}; a resumed run must train "
+        "on the same data: restore the folder, or start a new run on it"
+    )
 
 
 def _first(names: Sequence[str], count: int = 3) -> str:

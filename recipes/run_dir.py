@@ -27,16 +27,21 @@ METRICS_FILE = "metrics.csv"
 def holds_run(path: Path) -> bool:
     """Whether `path` already holds a run (TensorBoard event files, checkpoints, a run's
     ``config.json`` or ``metrics.csv``)."""
-    return (any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE))
-            or has_event_files(path, recursive=True) or bool(glob.glob(str(path / "**" / "*.pt"), recursive=True)))
+    return (
+        any((path / name).exists() for name in (CONFIG_FILE, METRICS_FILE))
+        or has_event_files(path, recursive=True)
+        or bool(glob.glob(str(path / "**" / "*.pt"), recursive=True))
+    )
 
 
 def check_new_run_dir(log_dir: str, default_root: str) -> Path:
     """`log_dir` as the directory of a new run, checked without creating anything: an empty
     name, a file, or a directory that already holds a run (see `holds_run`) is a `UsageError`."""
     if not log_dir.strip():
-        raise UsageError("--log-dir '' names no directory; give a new directory, or leave --log-dir out for "
-                         f"a new {default_root}/<timestamp>")
+        raise UsageError(
+            "--log-dir '' names no directory; give a new directory, or leave --log-dir out for "
+            f"a new {default_root}/<timestamp>"
+        )
     path = Path(log_dir)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--log-dir {str(path)!r} is a file, not a directory")
@@ -91,11 +96,14 @@ def lock_run_dir(path: Path, what: str) -> RunLock:
     try:
         return RunLock(path).acquire()
     except RunLockedError as exc:
-        raise UsageError(f"{what} is in use by another run ({describe_holder(exc.holder)}); wait for it to end or "
-                         "choose another directory") from None
+        raise UsageError(
+            f"{what} is in use by another run ({describe_holder(exc.holder)}); wait for it to end or "
+            "choose another directory"
+        ) from None
     except OSError as exc:
-        raise UsageError(f"{what} is not writable: cannot create {exc.filename or path / LOCK_FILE}: "
-                         f"{exc.strerror or exc}") from None
+        raise UsageError(
+            f"{what} is not writable: cannot create {exc.filename or path / LOCK_FILE}: {exc.strerror or exc}"
+        ) from None
 
 
 def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = None) -> str:
@@ -117,8 +125,9 @@ def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = N
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def start_run_dir(log_dir: str | None, default_root: str,
-                  config: RunConfig | dict[str, Any]) -> tuple[Path, RunLock | None]:
+def start_run_dir(
+    log_dir: str | None, default_root: str, config: RunConfig | dict[str, Any]
+) -> tuple[Path, RunLock | None]:
     """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
     configuration there first (atomically), so a run killed before its first checkpoint still
     says what it was. Returns the directory and the lock, which the caller releases when the run
@@ -170,8 +179,9 @@ def describe_folder(path: Path) -> str:
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def resume_run(command: CommandLine, config_class: type[RunConfig] = RunConfig,
-               recipe: str = "") -> tuple[Path, RunConfig, Path, RunLock | None]:
+def resume_run(
+    command: CommandLine, config_class: type[RunConfig] = RunConfig, recipe: str = ""
+) -> tuple[Path, RunConfig, Path, RunLock | None]:
     """The run directory to resume (``--resume``), its configuration, its last checkpoint and the
     directory's `RunLock`, which the caller holds until the run ends (None on ranks other than 0,
     which do not lock).

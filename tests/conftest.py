@@ -78,8 +78,12 @@ def _mount_tmpfs(path, size: str) -> bool:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return False
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def _unmount(path) -> None:

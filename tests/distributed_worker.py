@@ -21,7 +21,7 @@ def tiny_problem(train_samples: int = 32) -> tuple[nn.Module, TensorDataset, Ten
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(45, 1, 8, 8, generator=g)
-    y = (x[:, 0, 0, :3].argmax(1))
+    y = x[:, 0, 0, :3].argmax(1)
     return model, TensorDataset(x[:train_samples], y[:train_samples]), TensorDataset(x[32:], y[32:])
 
 
@@ -69,17 +69,39 @@ def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) ->
     batch_size, drop_last = int(os.environ.get("WORKER_BATCH_SIZE", "4")), os.environ.get("WORKER_DROP_LAST") == "1"
     run = Path(out) / "run"
     every = os.environ.get("WORKER_CHECKPOINT_EVERY")
-    callbacks = [TensorBoardCallback(run, every_n_steps=2), PRCurveCallback(run, ["a", "b", "c"]), EarlyStopping(patience=50),
-                 ModelCheckpoint(run, every_n_steps=int(every) if every else None)]
+    callbacks = [
+        TensorBoardCallback(run, every_n_steps=2),
+        PRCurveCallback(run, ["a", "b", "c"]),
+        EarlyStopping(patience=50),
+        ModelCheckpoint(run, every_n_steps=int(every) if every else None),
+    ]
     if os.environ.get("WORKER_EXIT_AT"):
         callbacks.append(ExitAt(int(os.environ["WORKER_EXIT_AT"])))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), nn.CrossEntropyLoss(),
-                      callbacks=callbacks, max_epochs=epochs, device="cpu", metrics={"acc": accuracy}, seed=3)
-    trainer.fit(DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
-                DataLoader(val, batch_size=4), resume_from=run / "last.pt" if resume else None)
-    torch.save({"model": trainer.module.state_dict(), "history": trainer.history,
-                "global_step": trainer.global_step,
-                "collectives": collectives, "device": str(trainer.device)}, Path(out) / f"rank{get_rank()}.pt")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        metrics={"acc": accuracy},
+        seed=3,
+    )
+    trainer.fit(
+        DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
+        DataLoader(val, batch_size=4),
+        resume_from=run / "last.pt" if resume else None,
+    )
+    torch.save(
+        {
+            "model": trainer.module.state_dict(),
+            "history": trainer.history,
+            "global_step": trainer.global_step,
+            "collectives": collectives,
+            "device": str(trainer.device),
+        },
+        Path(out) / f"rank{get_rank()}.pt",
+    )
 
 
 if __name__ == "__main__":

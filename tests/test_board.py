@@ -48,8 +48,11 @@ def get_json(url: str, route: str, **params: str):
 
 
 def post_json(url: str, route: str, body: dict):
-    request = urllib.request.Request(f"{url.rstrip('/')}/{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/{route}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"},
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read().decode())
 
@@ -83,9 +86,8 @@ def assert_scalars_served(url: str, run: str) -> None:
     tags = poll_json(url, "data/plugin/scalars/tags", lambda d: set(SCALAR_STEPS) <= set(d.get(run, {})))
     assert set(SCALAR_STEPS) <= set(tags[run])
     for tag, steps in SCALAR_STEPS.items():
-        points = poll_json(
-            url, "data/plugin/scalars/scalars", lambda d, n=len(steps): len(d) >= n, run=run, tag=tag
-        )
+        count = len(steps)
+        points = poll_json(url, "data/plugin/scalars/scalars", lambda d, n=count: len(d) >= n, run=run, tag=tag)
         assert [step for _, step, _ in points] == steps  # each point is [wall_time, step, value]
 
 
@@ -101,14 +103,25 @@ def tiny_trainer(callbacks: list, epochs: int = 2) -> Trainer:
     """A tiny CNN on 8x8 images with `callbacks`, for `epochs` epochs of 2 steps."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
-                   callbacks=callbacks, max_epochs=epochs, device="cpu")
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+    )
 
 
 def train_tiny_run(log_dir: Path) -> Trainer:
     """Two epochs of a tiny CNN on 8x8 images, logged by the TensorBoard callbacks."""
-    t = tiny_trainer([TensorBoardCallback(log_dir, every_n_steps=1), ImageGridCallback(log_dir, num_images=4),
-                      GraphCallback(log_dir)])
+    t = tiny_trainer(
+        [
+            TensorBoardCallback(log_dir, every_n_steps=1),
+            ImageGridCallback(log_dir, num_images=4),
+            GraphCallback(log_dir),
+        ]
+    )
     t.fit(*tiny_loaders())
     assert t.global_step == 4
     return t
@@ -139,7 +152,10 @@ def test_command_line_serves_scalars_images_and_graph(runs):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.board", str(runs), "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = read_line(proc)
@@ -177,9 +193,17 @@ def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_
         assert get_json(b.url, "data/environment")["data_location"] == str(runs / "tiny")  # not the link's folder
         assert_scalars_served(b.url, "tiny")
         # The HParams tab's trial is the run, under the same name.
-        groups = post_json(b.url, "data/plugin/hparams/session_groups",
-                           {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
-                            "colParams": [], "startIndex": 0, "sliceSize": 10})
+        groups = post_json(
+            b.url,
+            "data/plugin/hparams/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
+                "colParams": [],
+                "startIndex": 0,
+                "sliceSize": 10,
+            },
+        )
         assert [group["name"] for group in groups["sessionGroups"]] == ["tiny"]
     finally:
         b.stop()
@@ -242,7 +266,10 @@ def test_command_line_rejects_a_missing_path(tmp_path):
     missing = tmp_path / "nope"
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.board", str(missing)],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -289,7 +316,9 @@ def test_show_outside_a_notebook_prints_the_url_and_reuses_one_server_per_folder
 def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    board_servers.register(board_servers.BoardServer(str(runs), dead.pid, free_port(), "127.0.0.1", "http://127.0.0.1:1/"))
+    board_servers.register(
+        board_servers.BoardServer(str(runs), dead.pid, free_port(), "127.0.0.1", "http://127.0.0.1:1/")
+    )
     assert board_servers.find(runs) is None and not board_servers.entry_path(runs).exists()
 
 
@@ -303,8 +332,14 @@ def test_show_rejects_a_bad_proxy_url_before_starting_a_server(runs, registry):
 def test_command_line_stopped_by_a_signal_removes_its_temporary_files(runs, registry, sig):
     run = runs / "tiny"
     env = {**os.environ, "TMPDIR": str(registry)}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.board", str(run)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.board", str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = read_line(proc).split(": ", 1)[1].strip()
         assert len(list(registry.glob("trainer-board-*/tiny"))) == 1  # the link that names the run

@@ -22,18 +22,25 @@ def environ(mocker):
     return os.environ
 
 
-@pytest.mark.parametrize(("variables", "expected"), [
-    ({}, Frontend("jupyter", None)),  # same machine, or any Jupyter: resolved in the page
-    ({"JUPYTERHUB_SERVICE_PREFIX": "/user/ada/"}, Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/")),
-    ({"JUPYTERHUB_SERVICE_PREFIX": "/user/ada"}, Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/")),
-    ({"TENSORBOARD_PROXY_URL": "https://vm.example.org/ports/%PORT%/"},
-     Frontend("TENSORBOARD_PROXY_URL", f"https://vm.example.org/ports/{PORT}/")),
-    ({"TENSORBOARD_PROXY_URL": "/proxy/%PORT%/", "JUPYTERHUB_SERVICE_PREFIX": "/user/ada/"},
-     Frontend("TENSORBOARD_PROXY_URL", f"/proxy/{PORT}/")),  # the explicit setting wins
-    ({"COLAB_RELEASE_TAG": "release-colab_20261201"}, Frontend("colab", None)),
-    ({"VSCODE_PID": "4242"}, Frontend("vscode", f"http://localhost:{PORT}/")),
-    ({"VSCODE_IPC_HOOK_CLI": "/run/user/1000/vscode-ipc.sock"}, Frontend("vscode", f"http://localhost:{PORT}/")),
-])
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, Frontend("jupyter", None)),  # same machine, or any Jupyter: resolved in the page
+        ({"JUPYTERHUB_SERVICE_PREFIX": "/user/ada/"}, Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/")),
+        ({"JUPYTERHUB_SERVICE_PREFIX": "/user/ada"}, Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/")),
+        (
+            {"TENSORBOARD_PROXY_URL": "https://vm.example.org/ports/%PORT%/"},
+            Frontend("TENSORBOARD_PROXY_URL", f"https://vm.example.org/ports/{PORT}/"),
+        ),
+        (
+            {"TENSORBOARD_PROXY_URL": "/proxy/%PORT%/", "JUPYTERHUB_SERVICE_PREFIX": "/user/ada/"},
+            Frontend("TENSORBOARD_PROXY_URL", f"/proxy/{PORT}/"),
+        ),  # the explicit setting wins
+        ({"COLAB_RELEASE_TAG": "release-colab_20261201"}, Frontend("colab", None)),
+        ({"VSCODE_PID": "4242"}, Frontend("vscode", f"http://localhost:{PORT}/")),
+        ({"VSCODE_IPC_HOOK_CLI": "/run/user/1000/vscode-ipc.sock"}, Frontend("vscode", f"http://localhost:{PORT}/")),
+    ],
+)
 def test_each_frontend_gets_its_address(environ, variables, expected):
     environ.update(variables)
     assert frontend(PORT) == expected
@@ -47,7 +54,8 @@ def test_colab_is_recognised_by_its_module(environ, mocker):
 def test_an_explicit_proxy_url_wins_over_everything(environ):
     environ.update(TENSORBOARD_PROXY_URL="/other/%PORT%/", JUPYTERHUB_SERVICE_PREFIX="/user/ada/", VSCODE_PID="1")
     assert frontend(PORT, proxy_url="https://lab.example.org/tb/%PORT%/") == Frontend(
-        "proxy_url", f"https://lab.example.org/tb/{PORT}/")
+        "proxy_url", f"https://lab.example.org/tb/{PORT}/"
+    )
 
 
 @pytest.mark.parametrize("source", ["argument", "environment"])
@@ -68,7 +76,7 @@ def test_the_cell_holds_the_picture_and_what_to_run_before_any_script_runs():
     encoded = base64.b64encode(b"\x89PNG fake").decode()
     out = cell_output(SERVER, Frontend("jupyter", None), 640, b"\x89PNG fake")
     page = out["text/html"]
-    note = page[:page.index("<script>")]  # what a renderer without scripts (GitHub, nbviewer) shows
+    note = page[: page.index("<script>")]  # what a renderer without scripts (GitHub, nbviewer) shows
     assert "trainer.board.show(&#x27;/home/ada/runs/tiny&#x27;)" in note
     assert "python -m trainer.board /home/ada/runs/tiny" in note
     assert f'src="data:image/png;base64,{encoded}"' in note
@@ -85,8 +93,9 @@ def test_the_page_resolves_the_jupyter_address_from_its_own_location_and_base_ur
     assert "No picture of the run was made" in page and "<img" not in page
 
 
-@pytest.mark.parametrize("target", [Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/"),
-                                    Frontend("vscode", f"http://localhost:{PORT}/")])
+@pytest.mark.parametrize(
+    "target", [Frontend("jupyterhub", f"/user/ada/proxy/{PORT}/"), Frontend("vscode", f"http://localhost:{PORT}/")]
+)
 def test_a_known_address_is_used_as_it_is(target):
     out = cell_output(SERVER, target, 800, None)
     assert f"return new URL({target.url!r}".replace("'", '"') in out["text/html"]

@@ -13,8 +13,15 @@ from trainer.callbacks import EarlyStopping, ModelCheckpoint
 def make_trainer(callbacks, epochs=1, **kwargs):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.MSELoss(), callbacks=callbacks,
-                   max_epochs=epochs, device="cpu", **kwargs)
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        nn.MSELoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        **kwargs,
+    )
 
 
 def hook_table(trainer):

@@ -25,9 +25,17 @@ def build(callbacks, epochs, init_seed=0):
     data = make_classification(40)
     train = DataLoader(data, batch_size=8, shuffle=True)
     val = DataLoader(data, batch_size=16)
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs,
-                      device="cpu", scheduler=scheduler, seed=7,
-                      metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()})
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        scheduler=scheduler,
+        seed=7,
+        metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()},
+    )
     return trainer, train, val
 
 
@@ -53,8 +61,17 @@ def test_checkpoint_contents_and_best(tmp_path):
     trainer, train, val = build([checkpoint], epochs=3)
     history = trainer.fit(train, val)
     last, best = load_checkpoint(checkpoint.last_path), load_checkpoint(checkpoint.best_path)
-    assert set(last) >= {"model", "optimizer", "scheduler", "epochs_done", "global_step", "history", "rng",
-                         "callbacks", "config"}
+    assert set(last) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epochs_done",
+        "global_step",
+        "history",
+        "rng",
+        "callbacks",
+        "config",
+    }
     assert last["config"] == {"lr": 0.01} and last["epochs_done"] == 3
     best_epoch = max(range(3), key=lambda e: (history[e]["val_acc"], -e))
     assert best["epochs_done"] == best_epoch + 1 == checkpoint.best_epoch + 1
@@ -135,8 +152,9 @@ def test_non_finite_loss_caught_at_log_point_names_step_and_checkpoint(tmp_path)
                     trainer.module[0].weight.fill_(float("nan"))
 
     checkpoint = ModelCheckpoint(tmp_path)
-    trainer, train, val = build([PoisonAfterEpochOne(), TensorBoardCallback(tmp_path / "tb", every_n_steps=2),
-                                 checkpoint], epochs=3)
+    trainer, train, val = build(
+        [PoisonAfterEpochOne(), TensorBoardCallback(tmp_path / "tb", every_n_steps=2), checkpoint], epochs=3
+    )
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(train, val)
     assert "global step 6" in str(info.value)  # the first log point after the weights broke (epoch 1: steps 6..10)
@@ -155,8 +173,9 @@ def test_cli_reports_non_finite_loss_in_one_line(capsys):
         raise error
 
     assert run_cli(main, []) == 1
-    assert capsys.readouterr().err == ("error: training loss is nan at global step 3 (epoch 0); "
-                                       "last good checkpoint: runs/x/last.pt\n")
+    assert capsys.readouterr().err == (
+        "error: training loss is nan at global step 3 (epoch 0); last good checkpoint: runs/x/last.pt\n"
+    )
 
 
 def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
@@ -164,8 +183,9 @@ def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
     trainer, train, val = build([stopper, ModelCheckpoint(tmp_path)], epochs=5)
     history = trainer.fit(train, val)
     assert len(history) == 2 and trainer.should_stop
-    resumed, train, val = build([EarlyStopping("val_loss", mode="max", patience=0), ModelCheckpoint(tmp_path)],
-                                epochs=5)
+    resumed, train, val = build(
+        [EarlyStopping("val_loss", mode="max", patience=0), ModelCheckpoint(tmp_path)], epochs=5
+    )
     assert len(resumed.fit(train, val, resume_from=tmp_path / "last.pt")) == 2
     assert resumed.global_step == trainer.global_step
 
@@ -189,8 +209,15 @@ def cosine_run(tmp_path, epochs, resume=False, crash_after=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
     callbacks = [ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs, device="cpu",
-                      scheduler=scheduler)
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        scheduler=scheduler,
+    )
     loader = DataLoader(make_classification(16), batch_size=8)
     try:
         trainer.fit(loader, resume_from=tmp_path / "last.pt" if resume else None)
@@ -207,7 +234,7 @@ def test_cosine_schedule_resumed_with_more_epochs_decays_to_its_minimum_at_the_n
     history = cosine_run(tmp_path, epochs=8, resume=True)
     rates = [logs["lr"] for logs in history]
     assert len(rates) == 8 and rates[:done] == [logs["lr"] for logs in first]
-    later = rates[done - 1:]
+    later = rates[done - 1 :]
     assert all(b <= a + 1e-12 for a, b in zip(later, later[1:])), rates  # never climbs back up
     assert rates[-1] == pytest.approx(0.01)
     if done == 2:

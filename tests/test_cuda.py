@@ -35,15 +35,25 @@ def conv_model() -> nn.Module:
 def make_trainer(precision: str, callbacks=(), channels_last="auto", epochs: int = 2) -> Trainer:
     model = conv_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
-    return Trainer(model, optimizer, nn.BCEWithLogitsLoss(), callbacks=list(callbacks), max_epochs=epochs,
-                   device="cuda", precision=precision, channels_last=channels_last,
-                   metrics={"acc": lambda p, t: ((p > 0) == (t > 0.5)).float().mean()})
+    return Trainer(
+        model,
+        optimizer,
+        nn.BCEWithLogitsLoss(),
+        callbacks=list(callbacks),
+        max_epochs=epochs,
+        device="cuda",
+        precision=precision,
+        channels_last=channels_last,
+        metrics={"acc": lambda p, t: ((p > 0) == (t > 0.5)).float().mean()},
+    )
 
 
 def loaders(batch_size: int = 8):
     data = conv_problem()
-    return (DataLoader(data, batch_size=batch_size, shuffle=True, pin_memory=True),
-            DataLoader(data, batch_size=16, pin_memory=True))
+    return (
+        DataLoader(data, batch_size=batch_size, shuffle=True, pin_memory=True),
+        DataLoader(data, batch_size=16, pin_memory=True),
+    )
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16", "16-mixed"])

@@ -339,17 +339,34 @@ def test_entries_that_are_no_regular_files_are_named_and_never_opened(tmp_path):
     with pytest.raises(DatasetError) as info:
         SegmentationFolder(tmp_path)
     message = str(info.value)
-    assert ("entries that are not regular files: images/fifo.png (a FIFO), images/gone.png (a dangling symbolic "
-            "link)") in message
+    assert (
+        "entries that are not regular files: images/fifo.png (a FIFO), images/gone.png (a dangling symbolic link)"
+    ) in message
     assert "masks/loop.png (a symbolic link loop)" in message and "linked" not in message
 
 
 def test_training_on_a_folder_with_a_fifo_stops_at_once_naming_it(tmp_path):
     SyntheticNuclei(4, image_size=16, seed=0).save(tmp_path / "data")
     os.mkfifo(tmp_path / "data" / "images" / "x.png")
-    result = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--data", str(tmp_path / "data"), "--epochs",
-                             "1", "--batch-size", "2", "--log-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, env=checkout_env(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.nested_unet",
+            "--data",
+            str(tmp_path / "data"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--log-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "images/x.png (a FIFO)" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -61,8 +61,13 @@ def test_logged_val_loss_equals_single_process_evaluation(two_ranks):
     state = load_checkpoint(two_ranks / "run" / "last.pt")
     model, _, val = tiny_problem()
     model.load_state_dict(state["model"])
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(),
-                      device="cpu", metrics={"acc": accuracy})
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        torch.nn.CrossEntropyLoss(),
+        device="cpu",
+        metrics={"acc": accuracy},
+    )
     logs = trainer.validate(DataLoader(val, batch_size=13))
     assert state["history"][-1]["val_loss"] == pytest.approx(logs["val_loss"], rel=1e-5)
     assert state["history"][-1]["val_acc"] == pytest.approx(logs["val_acc"], rel=1e-6)
@@ -72,8 +77,9 @@ def test_a_run_killed_after_a_step_checkpoint_logs_the_uninterrupted_epoch_loss(
     """Both processes end at step 7 (epoch 2, batch 3), after the step-6 checkpoint: it holds every
     rank's loss sums of epoch 2 so far, so the resumed run logs the uninterrupted run's epoch loss
     (not an estimate from rank 0's share) and ends with the same history."""
-    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "fresh", WORKER_CHECKPOINT_EVERY="3",
-             WORKER_EXIT_AT="7")
+    torchrun(
+        "tests/distributed_worker.py", str(tmp_path), "2", "fresh", WORKER_CHECKPOINT_EVERY="3", WORKER_EXIT_AT="7"
+    )
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["global_step"] == 6 and state["position"]["batches"] == 2
     assert len(state["position"]["loss_samples"]) == 2
@@ -115,14 +121,37 @@ def test_pr_curves_cover_every_ranks_validation_samples(two_ranks):
 
 def test_drop_last_is_decided_per_shard(tmp_path):
     # 10 samples, batch 8, drop_last: each rank's shard of 5 would otherwise yield no batch at all.
-    torchrun("tests/distributed_worker.py", str(tmp_path), "1", "fresh", WORKER_TRAIN_SAMPLES="10",
-             WORKER_BATCH_SIZE="8", WORKER_DROP_LAST="1")
+    torchrun(
+        "tests/distributed_worker.py",
+        str(tmp_path),
+        "1",
+        "fresh",
+        WORKER_TRAIN_SAMPLES="10",
+        WORKER_BATCH_SIZE="8",
+        WORKER_DROP_LAST="1",
+    )
     assert torch.load(tmp_path / "rank0.pt")["global_step"] == 1
 
 
 def test_recipe_runs_unchanged_under_torchrun(tmp_path):
     run = tmp_path / "run"
-    result = torchrun("-m", "recipes.nested_unet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32",
-                      "--batch-size", "2", "--epochs", "1", "--log-dir", str(run))
+    result = torchrun(
+        "-m",
+        "recipes.nested_unet",
+        "--base-filters",
+        "4",
+        "--train-samples",
+        "8",
+        "--val-samples",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--log-dir",
+        str(run),
+    )
     assert result.stdout.count("best validation IoU") == 1  # printed by rank 0 only
     assert len(glob.glob(str(run / "events.out.tfevents.*"))) == 1 and (run / "last.pt").is_file()

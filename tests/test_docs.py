@@ -35,7 +35,7 @@ def test_code_block_runs(code, tmp_path, monkeypatch):
 
 def test_readme_starts_with_the_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
-    block = lines[lines.index("```sh") + 1: lines.index("```sh") + 3]
+    block = lines[lines.index("```sh") + 1 : lines.index("```sh") + 3]
     assert [line.split("#")[0].strip() for line in block] == ["make run", "make test"]
 
 
@@ -63,8 +63,22 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_
     script, run_dir = tmp_path / "blobs.py", tmp_path / "run"
     script.write_text(recipe_file_of_the_docs())
     last = run_dir / "last.pt"
-    args = ["--epochs", "3", "--samples", "8000", "--checkpoint-every", "40", "--precision", "32",
-            "--channels-last", "off", "--threads", "1", "--log-dir", str(run_dir)]
+    args = [
+        "--epochs",
+        "3",
+        "--samples",
+        "8000",
+        "--checkpoint-every",
+        "40",
+        "--precision",
+        "32",
+        "--channels-last",
+        "off",
+        "--threads",
+        "1",
+        "--log-dir",
+        str(run_dir),
+    ]
     first = RecipeProcess(args, script=script, timeout=120)
     assert first.poll_until(last.is_file), first.stderr
     assert first.stop(signal.SIGTERM) == 128 + signal.SIGTERM, first.stderr
@@ -87,8 +101,13 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_
     text = (ROOT / "docs" / "extending.md").read_text()
     predictor = tmp_path / "predict_blobs.py"
     predictor.write_text(next(block for block in BLOCK.findall(text) if "load_model(sys.argv[1])" in block))
-    done = subprocess.run([sys.executable, str(predictor), str(run_dir / "best.pt")], capture_output=True, text=True,
-                          env=checkout_env(), timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(predictor), str(run_dir / "best.pt")],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 1, 2, 3]\n"
 

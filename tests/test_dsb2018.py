@@ -113,6 +113,10 @@ def test_bad_mask_late_in_the_tree_writes_nothing(raw_tree, tmp_path):
 
 def test_help_runs_as_a_module():
     result = subprocess.run(
-        [sys.executable, "-m", "trainer_datasets.dsb2018", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "trainer_datasets.dsb2018", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and "--src" in result.stdout and "--size" in result.stdout

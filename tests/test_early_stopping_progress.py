@@ -27,8 +27,14 @@ class FakeLogs(Callback):
 def fit_with(callbacks, loaders, max_epochs=10):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
-                      callbacks=callbacks, max_epochs=max_epochs, device="cpu")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.MSELoss(),
+        callbacks=callbacks,
+        max_epochs=max_epochs,
+        device="cpu",
+    )
     return trainer, trainer.fit(*loaders)
 
 
@@ -92,8 +98,14 @@ def test_progress_bar_counts_optimizer_steps_like_tensorboard(regression_loaders
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), accumulate_grad_batches=2,
-            callbacks=[Spy(every_n_steps=1, file=io.StringIO())], device="cpu").fit(regression_loaders[0])
+    Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.MSELoss(),
+        accumulate_grad_batches=2,
+        callbacks=[Spy(every_n_steps=1, file=io.StringIO())],
+        device="cpu",
+    ).fit(regression_loaders[0])
     assert shown == [0, 2, 2]
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from bench.recipe_process import checkout_env
 from trainer_datasets import (
     CLASSES,
     DataNotFoundError,
@@ -18,7 +19,6 @@ from trainer_datasets import (
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
-from bench.recipe_process import checkout_env
 from trainer_datasets.fashion_mnist import FILES, raw_folder
 
 
@@ -34,7 +34,16 @@ def fashion_dir(tmp_path):
 
 def test_classes_are_the_tutorial_names():
     assert CLASSES == (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     )
 
 
@@ -200,19 +209,33 @@ def edit(path, change):
 
 
 IDX_FAULTS = {
-    "truncated": ("train-images-idx3-ubyte", lambda b: b[:1000],
-                  "its header claims 50 items but the file holds only 1 (1000 bytes, 39216 expected)"),
-    "claims more": ("train-labels-idx1-ubyte", lambda b: b[:4] + (1000).to_bytes(4, "big") + b[8:],
-                    "its header claims 1000 items but the file holds only 50"),
-    "wrong magic": ("train-images-idx3-ubyte", lambda b: b"\x1f\x8b\x08\x03" + b[4:],
-                    "magic number 0x1f8b0803, not an IDX file's"),
+    "truncated": (
+        "train-images-idx3-ubyte",
+        lambda b: b[:1000],
+        "its header claims 50 items but the file holds only 1 (1000 bytes, 39216 expected)",
+    ),
+    "claims more": (
+        "train-labels-idx1-ubyte",
+        lambda b: b[:4] + (1000).to_bytes(4, "big") + b[8:],
+        "its header claims 1000 items but the file holds only 50",
+    ),
+    "wrong magic": (
+        "train-images-idx3-ubyte",
+        lambda b: b"\x1f\x8b\x08\x03" + b[4:],
+        "magic number 0x1f8b0803, not an IDX file's",
+    ),
     "float data": ("train-images-idx3-ubyte", lambda b: b"\x00\x00\x0d\x03" + b[4:], "it has data type float (0x0d)"),
     "labels in images": ("train-labels-idx1-ubyte", None, "not a valid IDX labels file: it has 3 dimension(s)"),
-    "label out of range": ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([200]) + b[9:],
-                           "has label 200 at item 0 (1 of its 50 labels are out of range); Fashion-MNIST labels are "
-                           "0 to 9"),
-    "32x32 images": ("train-images-idx3-ubyte", lambda b: b[:8] + (32).to_bytes(4, "big") * 2 + b[16:],
-                     "its images are 32x32, Fashion-MNIST's are 28x28"),
+    "label out of range": (
+        "train-labels-idx1-ubyte",
+        lambda b: b[:8] + bytes([200]) + b[9:],
+        "has label 200 at item 0 (1 of its 50 labels are out of range); Fashion-MNIST labels are 0 to 9",
+    ),
+    "32x32 images": (
+        "train-images-idx3-ubyte",
+        lambda b: b[:8] + (32).to_bytes(4, "big") * 2 + b[16:],
+        "its images are 32x32, Fashion-MNIST's are 28x28",
+    ),
 }
 
 
@@ -246,10 +269,16 @@ def test_the_recipe_reports_a_damaged_idx_file_in_one_line_and_writes_nothing(fa
     root, _, _ = fashion_dir
     raw = unpacked(root)
     edit(raw / "t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([10]) + b[9:])
-    result = subprocess.run([sys.executable, "-m", "recipes.fashion_mnist", "--data-dir", str(root),
-                             "--log-dir", str(tmp_path / "run")], capture_output=True, text=True,
-                            env=checkout_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.fashion_mnist", "--data-dir", str(root), "--log-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr == (f"error: {raw / 't10k-labels-idx1-ubyte'} has label 10 at item 0 (1 of its 20 labels "
-                             "are out of range); Fashion-MNIST labels are 0 to 9\n")
+    assert result.stderr == (
+        f"error: {raw / 't10k-labels-idx1-ubyte'} has label 10 at item 0 (1 of its 20 labels "
+        "are out of range); Fashion-MNIST labels are 0 to 9\n"
+    )
     assert not (tmp_path / "run").exists()

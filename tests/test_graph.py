@@ -47,14 +47,31 @@ def dict_example() -> dict[str, torch.Tensor]:
 
 # model, example, a layer (scope), the op of its first node, that node's output shape, the output shapes
 CASES = {
-    "FashionCNN": (FashionCNN, lambda: torch.randn(2, 1, 28, 28), "conv1", "aten::conv2d", [2, 6, 24, 24],
-                   [[2, 10]]),
-    "UNet": (UNet, lambda: torch.randn(2, 3, 32, 32), "conv0_0/conv1", "aten::conv2d", [2, 32, 32, 32],
-             [[2, 1, 32, 32]]),
-    "NestedUNet": (NestedUNet, lambda: torch.randn(2, 3, 32, 32), "conv0_0/conv1", "aten::conv2d",
-                   [2, 32, 32, 32], [[2, 1, 32, 32]]),
-    "NestedUNet-deep-supervision": (lambda: NestedUNet(deep_supervision=True), lambda: torch.randn(2, 3, 32, 32),
-                                    "conv0_0/conv1", "aten::conv2d", [2, 32, 32, 32], [[2, 1, 32, 32]] * 4),
+    "FashionCNN": (FashionCNN, lambda: torch.randn(2, 1, 28, 28), "conv1", "aten::conv2d", [2, 6, 24, 24], [[2, 10]]),
+    "UNet": (
+        UNet,
+        lambda: torch.randn(2, 3, 32, 32),
+        "conv0_0/conv1",
+        "aten::conv2d",
+        [2, 32, 32, 32],
+        [[2, 1, 32, 32]],
+    ),
+    "NestedUNet": (
+        NestedUNet,
+        lambda: torch.randn(2, 3, 32, 32),
+        "conv0_0/conv1",
+        "aten::conv2d",
+        [2, 32, 32, 32],
+        [[2, 1, 32, 32]],
+    ),
+    "NestedUNet-deep-supervision": (
+        lambda: NestedUNet(deep_supervision=True),
+        lambda: torch.randn(2, 3, 32, 32),
+        "conv0_0/conv1",
+        "aten::conv2d",
+        [2, 32, 32, 32],
+        [[2, 1, 32, 32]] * 4,
+    ),
     "DictNet": (DictNet, dict_example, "extra_encoder", "aten::linear", [2, 4], [[2, 2]]),
 }
 
@@ -62,8 +79,9 @@ CASES = {
 def log_graph(log_dir, model, example) -> Trainer:
     """What a fit does at its start with a GraphCallback, with every warning an error."""
     callback = GraphCallback(log_dir, example=example)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p, t: p.sum() * 0,
-                      callbacks=[callback], device="cpu")
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p, t: p.sum() * 0, callbacks=[callback], device="cpu"
+    )
     callback.trainer = trainer  # as fit binds its callbacks
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DeprecationWarning, FutureWarning or any other warning
@@ -117,8 +135,11 @@ def test_batchnorm_buffers_feed_batchnorm_and_stay_untouched(tmp_path, no_torchs
     assert model.training
     assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
     nodes = {node.name: node for node in read_graph(tmp_path).node}
-    (norm,) = [node for name, node in nodes.items() if name.startswith("NestedUNet/conv0_0/bn1/")
-               and node.op == "aten::batch_norm"]
+    (norm,) = [
+        node
+        for name, node in nodes.items()
+        if name.startswith("NestedUNet/conv0_0/bn1/") and node.op == "aten::batch_norm"
+    ]
     running_mean = "NestedUNet/conv0_0/bn1/running_mean"
     assert running_mean in norm.input and nodes[running_mean].op == "Buffer"
     assert "NestedUNet/conv0_0/bn1/num_batches_tracked" not in nodes  # unused in eval mode
@@ -135,8 +156,14 @@ def test_graph_during_a_fit_from_the_loaders_dict_inputs(tmp_path, no_torchscrip
 
     torch.manual_seed(0)
     model = DictNet()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
-                      callbacks=[GraphCallback(tmp_path)], max_epochs=1, device="cpu")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        callbacks=[GraphCallback(tmp_path)],
+        max_epochs=1,
+        device="cpu",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         warnings.simplefilter("error", FutureWarning)
@@ -179,8 +206,14 @@ def test_a_model_nothing_can_graph_warns_once_and_training_goes_on(tmp_path, no_
 
     data = TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     model = Ungraphable()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
-                      callbacks=[GraphCallback(tmp_path)], max_epochs=1, device="cpu")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.cross_entropy,
+        callbacks=[GraphCallback(tmp_path)],
+        max_epochs=1,
+        device="cpu",
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = trainer.fit(DataLoader(data, batch_size=2))

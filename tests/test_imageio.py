@@ -19,7 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_datasets import DatasetError, SegmentationFolder, SyntheticNuclei, read_image_rgb, read_mask, write_png_file
+from trainer_datasets import (
+    DatasetError,
+    SegmentationFolder,
+    SyntheticNuclei,
+    read_image_rgb,
+    read_mask,
+    write_png_file,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +40,7 @@ def save(array: np.ndarray, path: Path, mode: str | None = None, **options) -> P
 
 def png_bytes(array: np.ndarray, colour_type: int) -> bytes:
     """A 16-bit PNG of `array` ((H, W) or (H, W, C) uint16), built chunk by chunk."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -70,8 +78,10 @@ def test_image_kinds_become_uint8_rgb(tmp_path):
         "rgba.png": (save(rgba, tmp_path / "rgba.png"), rgb.transpose(2, 0, 1)),
         "palette.png": (save(rgb, tmp_path / "palette.png", "P"), None),  # colours quantised by Pillow
         "rgb.tif": (save(rgb, tmp_path / "rgb.tif"), rgb.transpose(2, 0, 1)),
-        "grey_alpha.tif": (premultiplied_grey_alpha_tiff(grey, np.full((4, 4), 255, np.uint8),
-                                                         tmp_path / "grey_alpha.tif"), np.stack([grey] * 3)),
+        "grey_alpha.tif": (
+            premultiplied_grey_alpha_tiff(grey, np.full((4, 4), 255, np.uint8), tmp_path / "grey_alpha.tif"),
+            np.stack([grey] * 3),
+        ),
         "rgba.tiff": (save(rgba, tmp_path / "rgba.tiff"), rgb.transpose(2, 0, 1)),
         "grey.jpg": (save(grey, tmp_path / "grey.jpg", quality=100), None),  # lossy: shape and type only
     }
@@ -177,11 +187,14 @@ def alpha_only_white_rgba():
     return rgba
 
 
-@pytest.mark.parametrize("make, what", [
-    (alpha_only_rgba, "colour is the same \\(0\\)"),
-    (alpha_only_grey_alpha, "grey is the same \\(128\\)"),
-    (alpha_only_white_rgba, "colour is the same \\(255\\)"),
-])
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (alpha_only_rgba, "colour is the same \\(0\\)"),
+        (alpha_only_grey_alpha, "grey is the same \\(128\\)"),
+        (alpha_only_white_rgba, "colour is the same \\(255\\)"),
+    ],
+)
 def test_mask_with_shapes_only_in_alpha_is_refused(tmp_path, make, what):
     path = save(make(), tmp_path / "alpha.png")
     with pytest.raises(DatasetError) as info:
@@ -194,8 +207,11 @@ def test_mask_with_shapes_only_in_alpha_is_refused(tmp_path, make, what):
 def test_colour_coded_mask_is_refused(tmp_path):
     rgb = np.zeros((4, 4, 3), np.uint8)
     rgb[0, 1], rgb[2, 2] = (255, 0, 0), (0, 255, 0)
-    for path in (save(rgb, tmp_path / "classes.png"), save(rgb, tmp_path / "classes_palette.png", "P"),
-                 save(rgb, tmp_path / "classes.tif")):
+    for path in (
+        save(rgb, tmp_path / "classes.png"),
+        save(rgb, tmp_path / "classes_palette.png", "P"),
+        save(rgb, tmp_path / "classes.tif"),
+    ):
         with pytest.raises(DatasetError) as info:
             read_mask(path)
         message = str(info.value)
@@ -259,9 +275,23 @@ def test_broken_png_header_gives_one_line_on_stderr(tmp_path):
     broken = tmp_path / "data" / "images" / "0001.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.nested_unet", "--data", str(tmp_path / "data"), "--epochs", "1",
-         "--batch-size", "2", "--log-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "recipes.nested_unet",
+            "--data",
+            str(tmp_path / "data"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--log-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: cannot decode {broken}: ") and result.stderr.count("\n") == 1
@@ -283,10 +313,13 @@ def test_write_png_file_round_trips_grey_and_rgb(tmp_path):
     assert torch.equal(read_image_rgb(tmp_path / "grey.png"), rgb[:1].expand(3, -1, -1))
 
 
-@pytest.mark.parametrize("tensor", [torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4),
-                                    torch.zeros(4, 4, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "tensor", [torch.zeros(2, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4), torch.zeros(4, 4, dtype=torch.uint8)]
+)
 def test_write_png_file_refuses_other_tensors(tmp_path, tensor):
-    with pytest.raises(ValueError, match=r"cannot write .*bad\.png: expected a uint8 \(C, H, W\) tensor with C = 1 or 3"):
+    with pytest.raises(
+        ValueError, match=r"cannot write .*bad\.png: expected a uint8 \(C, H, W\) tensor with C = 1 or 3"
+    ):
         write_png_file(tensor, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 
@@ -331,8 +364,11 @@ def test_a_float_mask_with_nan_is_refused_by_name(tmp_path, fill):
     if fill == "one":
         array[3, 5] = np.nan
     path = save(array, tmp_path / "nan.tif")
-    with pytest.raises(DatasetError, match=rf"mask {path} has NaN values \((64|1) pixels?, e\.g\. at x=(0|5), "
-                                          r"y=(0|3)\), which are neither background nor foreground"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"mask {path} has NaN values \((64|1) pixels?, e\.g\. at x=(0|5), "
+        r"y=(0|3)\), which are neither background nor foreground",
+    ):
         read_mask(path)
 
 

@@ -34,19 +34,39 @@ from tensorboard.plugins.hparams import metadata
 from torch import nn
 
 from bench.recipe_process import RecipeProcess
-from trainer_datasets import SyntheticNuclei
 from recipes import nested_unet
 from recipes.common import run_cli
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import load_checkpoint
+from trainer_datasets import SyntheticNuclei
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 
 EPOCHS = 3
 # The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
-TINY = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
-        "--epochs", str(EPOCHS), "--precision", "32", "--channels-last", "off", "--seed", "2"]
+TINY = [
+    "--arch",
+    "UNet",
+    "--base-filters",
+    "4",
+    "--train-samples",
+    "8",
+    "--val-samples",
+    "4",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--epochs",
+    str(EPOCHS),
+    "--precision",
+    "32",
+    "--channels-last",
+    "off",
+    "--seed",
+    "2",
+]
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
 TIMED = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
 
@@ -257,8 +277,18 @@ runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 
 # 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
-MID_EPOCH = [*TINY[:4], "--train-samples", "64", *TINY[6:], "--epochs", "2", "--checkpoint-every", "3",
-             "--val-every", "4"]
+MID_EPOCH = [
+    *TINY[:4],
+    "--train-samples",
+    "64",
+    *TINY[6:],
+    "--epochs",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--val-every",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +344,24 @@ def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):
 
 # A data folder of 10 images, split into 8 augmented training images and 2 for validation, loaded by
 # 2 worker processes: 4 steps per epoch.
-FOLDER = ["--arch", "UNet", "--base-filters", "4", "--image-size", "16", "--batch-size", "2", "--epochs", "2", "--precision", "32",
-          "--channels-last", "off", "--seed", "2"]
+FOLDER = [
+    "--arch",
+    "UNet",
+    "--base-filters",
+    "4",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "2",
+    "--epochs",
+    "2",
+    "--precision",
+    "32",
+    "--channels-last",
+    "off",
+    "--seed",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -344,12 +390,15 @@ def test_sigint_during_the_epoch_end_validation_resumes_bit_identical(workers_re
     one resume line, and the resumed run validates epoch 1 again from the random state it had
     before that validation, ending bit-identical to the uninterrupted run."""
     run_dir = tmp_path / "run"
-    run = Run(["validation:1:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir",
-               str(run_dir)], code=HOLD)
+    run = Run(
+        ["validation:1:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
+        code=HOLD,
+    )
     run.wait_for(lambda: "held at validation" in run.stderr, "the validation of epoch 1")
     assert run.stop(signal.SIGINT) == 130, run.stderr[-3000:]
     assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
-        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]
+        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"
+    ]
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epochs_done"] == 0 and state["position"]["batches"] == 4  # epoch 1 trained, not validated
 
@@ -358,23 +407,27 @@ def test_sigint_during_the_epoch_end_validation_resumes_bit_identical(workers_re
     assert_matches_reference(run_dir, workers_reference)
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_process_group_with_workers_stops_once_and_resumes_bit_identical(
-        workers_reference, data_folder, tmp_path, signum, code):
+    workers_reference, data_folder, tmp_path, signum, code
+):
     """SIGTERM (as Slurm and systemd send it) or SIGINT (Ctrl-C) sent to the whole process group at
     step 2 of epoch 1, while the 2 DataLoader workers run: the workers ignore it and the main process
     stops once: one "stopping" line, the resume line, no traceback, exit 143 or 130, the position
     inside the epoch saved; the resumed run ends bit-identical to the uninterrupted one."""
     run_dir = tmp_path / "run"
-    run = Run(["step:2:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
-              code=HOLD, new_session=True)
+    run = Run(
+        ["step:2:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
+        code=HOLD,
+        new_session=True,
+    )
     run.wait_for(lambda: "held at step" in run.stderr, "step 2")
     assert run.signal_group(signum) == code, run.stderr[-3000:]
     name = signal.Signals(signum).name
     assert run.stderr.count(f"{name}: stopping after the current step") == 1, run.stderr[-3000:]
     assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
-        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]
+        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"
+    ]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     position = load_checkpoint(run_dir / "last.pt")["position"]
     assert (position["epoch"], position["batches"]) == (0, 2)
@@ -390,9 +443,14 @@ def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, regression_loaders
     for resume_from in (None, tmp_path / "last.pt"):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=2,
-                          callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
-                          device="cpu")
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            nn.MSELoss(),
+            max_epochs=2,
+            callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
+            device="cpu",
+        )
         trainer.fit(train, val, resume_from=resume_from)
     events = read_events(tmp_path)
     assert_no_duplicated_steps(events)
@@ -407,9 +465,14 @@ def test_a_run_resumed_with_more_epochs_holds_one_hparams_entry(tmp_path, regres
     for epochs, resume_from in ((2, None), (3, tmp_path / "last.pt")):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), max_epochs=epochs,
-                          callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
-                          device="cpu")
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            nn.MSELoss(),
+            max_epochs=epochs,
+            callbacks=[TensorBoardCallback(tmp_path, every_n_steps=1), ModelCheckpoint(tmp_path)],
+            device="cpu",
+        )
         trainer.fit(train, val, resume_from=resume_from)
     trainer.max_epochs = 4
     trainer.fit(train, val)
@@ -419,8 +482,9 @@ def test_a_run_resumed_with_more_epochs_holds_one_hparams_entry(tmp_path, regres
     assert [event.step for event in starts] == [0]
     content = events.PluginTagToContent("hparams")
     assert metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG]).hparams["epochs"]
-    metrics = [info.name.tag for info in metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG]
-                                                                                ).metric_infos]
+    metrics = [
+        info.name.tag for info in metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG]).metric_infos
+    ]
     assert metrics == ["Loss/validation", "Loss/training (epoch mean)"]
     assert [e.step for e in events.Scalars("Loss/validation")][-1] == trainer.global_step
 

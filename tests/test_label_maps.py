@@ -16,8 +16,14 @@ from models import CEDiceLoss, confusion_iou, confusion_matrix, label_class_iou,
 from recipes import nested_unet
 from recipes.common import run_cli
 from trainer.checkpoint import load_checkpoint
-from trainer_datasets import (DatasetError, SegmentationFolder, read_label_map, split_segmentation, write_label_map,
-                              write_png_file)
+from trainer_datasets import (
+    DatasetError,
+    SegmentationFolder,
+    read_label_map,
+    split_segmentation,
+    write_label_map,
+    write_png_file,
+)
 
 CLASSES = ["background", "interior", "rim"]
 
@@ -155,8 +161,22 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     data = tmp_path / "data"
     write_palette_folder(data, count=10)
     run_dir = tmp_path / "run"
-    argv = ["--data", str(data), "--arch", "UNet", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.2",
-            "--lr", "0.01", "--log-dir", str(run_dir)]
+    argv = [
+        "--data",
+        str(data),
+        "--arch",
+        "UNet",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.2",
+        "--lr",
+        "0.01",
+        "--log-dir",
+        str(run_dir),
+    ]
     assert run_cli(nested_unet.main, argv) == 0
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
@@ -166,8 +186,7 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     history = load_checkpoint(run_dir / "last.pt")["history"]
     per_class = [history[-1][f"val_iou_{name}"] for name in CLASSES]
     assert history[-1]["val_iou"] == pytest.approx(sum(per_class) / 3, abs=1e-5)  # one validation batch
-    assert [e.value for e in events.Scalars("Validation/IoU/rim")] == pytest.approx(
-        [h["val_iou_rim"] for h in history])
+    assert [e.value for e in events.Scalars("Validation/IoU/rim")] == pytest.approx([h["val_iou_rim"] for h in history])
     images = set(events.Tags()["images"])
     assert {"confusion matrix", "masks", "predictions vs. actuals"} <= images
     assert len(events.Images("confusion matrix")) == 2  # one per validation
@@ -176,8 +195,16 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     assert config["mask_type"] == "labels" and config["classes"] == CLASSES and config["ignore_index"] == 255
 
     out = tmp_path / "predicted"
-    argv = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(data / "images"), "--out", str(out),
-            "--probabilities"]
+    argv = [
+        "predict",
+        "--checkpoint",
+        str(run_dir / "best.pt"),
+        "--images",
+        str(data / "images"),
+        "--out",
+        str(out),
+        "--probabilities",
+    ]
     assert run_cli(nested_unet.main, argv) == 0
     with Image.open(out / "03.png") as label_map:
         assert label_map.mode == "P" and label_map.size == (32, 32)
@@ -185,5 +212,7 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     assert set(predicted.unique().tolist()) <= {0, 1, 2}
     probabilities = [np.asarray(Image.open(out / name / "03_prob.png"), dtype=np.float64) for name in CLASSES]
     assert np.abs(sum(probabilities) - 255).max() <= 3  # softmax: the classes share each pixel
-    assert torch.equal(predicted, torch.from_numpy(np.argmax(np.stack(probabilities), 0)).long()) or \
-        (predicted != torch.from_numpy(np.argmax(np.stack(probabilities), 0))).float().mean() < 0.01
+    assert (
+        torch.equal(predicted, torch.from_numpy(np.argmax(np.stack(probabilities), 0)).long())
+        or (predicted != torch.from_numpy(np.argmax(np.stack(probabilities), 0))).float().mean() < 0.01
+    )

@@ -40,7 +40,7 @@ def loaders(kind, data):
         return DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=3))
     if kind == "list":
         x, y = data.tensors
-        return [(x[i:i + 4], y[i:i + 4]) for i in range(0, len(x), 4)]
+        return [(x[i : i + 4], y[i : i + 4]) for i in range(0, len(x), 4)]
     images = (data.tensors[0].view(-1, 1, 2, 2) * 40 + 128).clamp(0, 255).to(torch.uint8)
     return TensorBatchLoader(images, data.tensors[1], batch_size=4, seed=3)
 
@@ -53,11 +53,25 @@ def build(run_dir, callbacks=(), epochs=3, kind="sampler", init_seed=0, **option
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.9)
     data = make_classification(40)
-    callbacks = [TensorBoardCallback(run_dir, every_n_steps=3), CSVLogger(run_dir / "metrics.csv"),
-                 ModelCheckpoint(run_dir, every_n_steps=4), *callbacks]
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs, device="cpu",
-                      scheduler=scheduler, scheduler_interval="step", seed=7,
-                      metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()}, **options)
+    callbacks = [
+        TensorBoardCallback(run_dir, every_n_steps=3),
+        CSVLogger(run_dir / "metrics.csv"),
+        ModelCheckpoint(run_dir, every_n_steps=4),
+        *callbacks,
+    ]
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        scheduler=scheduler,
+        scheduler_interval="step",
+        seed=7,
+        metrics={"acc": lambda p, t: (p.argmax(1) == t).float().mean()},
+        **options,
+    )
     return trainer, loaders(kind, data), DataLoader(data, batch_size=16)
 
 
@@ -70,8 +84,10 @@ def run(run_dir, callbacks=(), resume=False, **options):
 def scalars(run_dir):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, None if tag in TIMED_TAGS else e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]}
+    return {
+        tag: [(e.step, None if tag in TIMED_TAGS else e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
 
 
 def assert_same_state(actual, expected, where="state"):
@@ -145,8 +161,9 @@ def test_a_time_limit_after_every_batch_resumed_each_time_equals_the_uninterrupt
         except TimeLimitReached as exc:
             fits += 1
             assert "reached after global step" in str(exc)
-            assert exc.__notes__ == [f"saved {tmp_path / 'last.pt'}: continue with fit(..., "
-                                     f"resume_from={str(tmp_path / 'last.pt')!r})"]
+            assert exc.__notes__ == [
+                f"saved {tmp_path / 'last.pt'}: continue with fit(..., resume_from={str(tmp_path / 'last.pt')!r})"
+            ]
             assert fits < 40
             continue
         break
@@ -192,7 +209,7 @@ def test_a_loader_that_cannot_start_late_warns_and_resumes_at_the_epochs_end(tmp
     def stream():
         data = make_classification(40)
         for i in range(0, 40, 4):
-            yield data.tensors[0][i:i + 4], data.tensors[1][i:i + 4]
+            yield data.tensors[0][i : i + 4], data.tensors[1][i : i + 4]
 
     class Stream:
         def __iter__(self):
@@ -202,9 +219,14 @@ def test_a_loader_that_cannot_start_late_warns_and_resumes_at_the_epochs_end(tmp
     model = nn.Linear(4, 3)
 
     def fit(resume, callbacks=()):
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                          callbacks=[ModelCheckpoint(tmp_path, monitor=None, every_n_steps=3), *callbacks],
-                          max_epochs=2, device="cpu")
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.CrossEntropyLoss(),
+            callbacks=[ModelCheckpoint(tmp_path, monitor=None, every_n_steps=3), *callbacks],
+            max_epochs=2,
+            device="cpu",
+        )
         trainer.fit(Stream(), resume_from=tmp_path / "last.pt" if resume else None)
         return trainer
 
@@ -313,11 +335,23 @@ def test_a_stop_after_every_batch_with_workers_and_augmentation_trains_as_one_un
         torch.manual_seed(0)
         dataset = SegmentationFolder(data, augment=True, seed=4)
         model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3), nn.Conv2d(4, 1, 1))
-        loader = DataLoader(dataset, batch_size=2, sampler=ResumableSampler(dataset, seed=4), num_workers=workers,
-                            worker_init_fn=ignore_stop_signals if workers else None)
-        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
-                          callbacks=[ModelCheckpoint(run_dir, monitor=None)], max_epochs=2, device="cpu", seed=7,
-                          max_time=max_time)
+        loader = DataLoader(
+            dataset,
+            batch_size=2,
+            sampler=ResumableSampler(dataset, seed=4),
+            num_workers=workers,
+            worker_init_fn=ignore_stop_signals if workers else None,
+        )
+        trainer = Trainer(
+            model,
+            torch.optim.Adam(model.parameters(), lr=0.01),
+            nn.BCEWithLogitsLoss(),
+            callbacks=[ModelCheckpoint(run_dir, monitor=None)],
+            max_epochs=2,
+            device="cpu",
+            seed=7,
+            max_time=max_time,
+        )
         trainer.fit(loader, resume_from=run_dir / "last.pt" if resume else None)
         return trainer
 

@@ -53,10 +53,18 @@ class CountBatches(Callback):
 def fit(model, run_dir, dataset, epochs=1, batch_size=8, loss=None, validate=True, **checkpoint_options):
     counter = CountBatches()
     checkpoint = ModelCheckpoint(run_dir, **({} if validate else {"monitor": None}), **checkpoint_options)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), loss or nn.CrossEntropyLoss(),
-                      callbacks=[counter, checkpoint], max_epochs=epochs, device="cpu", seed=3)
-    trainer.fit(DataLoader(dataset, batch_size=batch_size),
-                DataLoader(dataset, batch_size=batch_size) if validate else None)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        loss or nn.CrossEntropyLoss(),
+        callbacks=[counter, checkpoint],
+        max_epochs=epochs,
+        device="cpu",
+        seed=3,
+    )
+    trainer.fit(
+        DataLoader(dataset, batch_size=batch_size), DataLoader(dataset, batch_size=batch_size) if validate else None
+    )
     return trainer, checkpoint, counter
 
 
@@ -70,19 +78,28 @@ def test_checkpoint_records_format_model_data_and_config(tmp_path):
     assert state["data"] == data and state["config"] == {"lr": 0.01}
     spec = state["model_spec"]
     assert spec["class"] == "torch.nn.modules.container.Sequential"
-    assert spec["args"][3] == {MODULE_KEY: {"class": "torch.nn.modules.linear.Linear", "args": [],
-                                            "kwargs": {"in_features": 16, "out_features": 3, "bias": False}}}
+    assert spec["args"][3] == {
+        MODULE_KEY: {
+            "class": "torch.nn.modules.linear.Linear",
+            "args": [],
+            "kwargs": {"in_features": 16, "out_features": 3, "bias": False},
+        }
+    }
     rebuilt = load_model(checkpoint.best_path)
     x = torch.randn(5, 4)
     assert not rebuilt.training
     assert torch.equal(rebuilt(x), trainer.model.eval()(x))
 
 
-@pytest.mark.parametrize("build, shape", [
-    (lambda: UNet(num_classes=2, input_channels=1), (2, 1, 16, 16)),
-    (lambda: NestedUNet(num_classes=1, input_channels=3, deep_supervision=True), (2, 3, 16, 16)),
-    (lambda: FashionCNN(), (1, 1, 28, 28)),
-], ids=["UNet", "NestedUNet", "FashionCNN"])
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: UNet(num_classes=2, input_channels=1), (2, 1, 16, 16)),
+        (lambda: NestedUNet(num_classes=1, input_channels=3, deep_supervision=True), (2, 3, 16, 16)),
+        (lambda: FashionCNN(), (1, 1, 28, 28)),
+    ],
+    ids=["UNet", "NestedUNet", "FashionCNN"],
+)
 def test_load_model_rebuilds_the_project_models(tmp_path, build, shape):
     torch.manual_seed(0)
     model = build()
@@ -91,8 +108,10 @@ def test_load_model_rebuilds_the_project_models(tmp_path, build, shape):
         data, loss = TensorDataset(x, torch.tensor([2] * shape[0])), nn.CrossEntropyLoss()
     else:
         data = TensorDataset(x, (torch.rand(shape[0], model.num_classes, *shape[2:]) > 0.5).float())
-        loss = lambda out, y: sum(nn.functional.binary_cross_entropy_with_logits(o, y)  # noqa: E731
-                                  for o in (out if isinstance(out, list) else [out]))
+        loss = lambda out, y: sum(
+            nn.functional.binary_cross_entropy_with_logits(o, y)  # noqa: E731
+            for o in (out if isinstance(out, list) else [out])
+        )
     trainer, checkpoint, counter = fit(model, tmp_path, data, batch_size=2, loss=loss, validate=False)
     assert counter.batches == 1
     rebuilt = load_model(checkpoint.last_path)
@@ -105,9 +124,12 @@ def test_load_model_rebuilds_the_project_models(tmp_path, build, shape):
 def test_a_user_class_is_rebuilt_only_when_allowed(tmp_path):
     model = ScaledNet(4, hidden=6, scale=0.5)
     trainer, checkpoint, _ = fit(model, tmp_path, make_classification(16))
-    with pytest.raises(ModelSpecError, match=r"names the model class (tests\.)?test_model_spec\.ScaledNet "
-                                             r"\(ScaledNet\(features=4, hidden=6, scale=0\.5\)\), which is not "
-                                             r"allowed.*allowed=\[ScaledNet\].*trusted=True"):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"names the model class (tests\.)?test_model_spec\.ScaledNet "
+        r"\(ScaledNet\(features=4, hidden=6, scale=0\.5\)\), which is not "
+        r"allowed.*allowed=\[ScaledNet\].*trusted=True",
+    ):
         load_model(checkpoint.last_path)
     rebuilt = load_model(checkpoint.last_path, allowed=[ScaledNet])
     x = torch.randn(3, 4)
@@ -116,8 +138,11 @@ def test_a_user_class_is_rebuilt_only_when_allowed(tmp_path):
 
 
 def test_unrecordable_arguments_fail_before_training_and_model_args_fix_it(tmp_path):
-    with pytest.raises(ModelSpecError, match=r"argument 'width' of (tests\.)?test_model_spec\.Opaque: the model has no "
-                                             r"attribute 'width'.*ModelCheckpoint\(\.\.\., model_args="):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"argument 'width' of (tests\.)?test_model_spec\.Opaque: the model has no "
+        r"attribute 'width'.*ModelCheckpoint\(\.\.\., model_args=",
+    ):
         _, _, counter = fit(Opaque(5), tmp_path / "refused", make_classification(16))
     assert not (tmp_path / "refused").exists()  # nothing trained, nothing written
 
@@ -136,10 +161,18 @@ def test_unrecordable_arguments_fail_before_training_and_model_args_fix_it(tmp_p
 def test_wrong_model_args_fail_before_training(tmp_path):
     counter = CountBatches()
     model = Opaque(5)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), device="cpu",
-                      callbacks=[counter, ModelCheckpoint(tmp_path, model_args={"width": 6})])
-    with pytest.raises(ModelSpecError, match=r"do not rebuild (tests\.)?test_model_spec\.Opaque: Opaque\(width=6\) has "
-                                             r"other weights"):
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.CrossEntropyLoss(),
+        device="cpu",
+        callbacks=[counter, ModelCheckpoint(tmp_path, model_args={"width": 6})],
+    )
+    with pytest.raises(
+        ModelSpecError,
+        match=r"do not rebuild (tests\.)?test_model_spec\.Opaque: Opaque\(width=6\) has "
+        r"other weights",
+    ):
         trainer.fit(DataLoader(make_classification(8), batch_size=4))
     assert counter.batches == 0
 
@@ -152,22 +185,34 @@ Net = torch.nn.Linear
 """
 
 
-@pytest.mark.parametrize("spec", [
-    {"class": "evil_checkpoint_module.Net", "args": [], "kwargs": {"in_features": 4, "out_features": 3}},
-    {"class": "os.system", "args": ["touch {marker}"], "kwargs": {}},
-    {"class": "torch.nn.modules.container.Sequential", "args": [
-        {MODULE_KEY: {"class": "evil_checkpoint_module.Net", "args": [4, 3], "kwargs": {}}}], "kwargs": {}},
-], ids=["module-that-writes-on-import", "os.system", "nested-in-sequential"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"class": "evil_checkpoint_module.Net", "args": [], "kwargs": {"in_features": 4, "out_features": 3}},
+        {"class": "os.system", "args": ["touch {marker}"], "kwargs": {}},
+        {
+            "class": "torch.nn.modules.container.Sequential",
+            "args": [{MODULE_KEY: {"class": "evil_checkpoint_module.Net", "args": [4, 3], "kwargs": {}}}],
+            "kwargs": {},
+        },
+    ],
+    ids=["module-that-writes-on-import", "os.system", "nested-in-sequential"],
+)
 def test_a_module_path_a_file_names_is_never_imported(tmp_path, monkeypatch, spec):
     marker = tmp_path / "marker"
     (tmp_path / "evil_checkpoint_module.py").write_text(EVIL_MODULE.format(marker=str(marker)))
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = eval(repr(spec).replace("{marker}", str(marker)))  # noqa: S307 - the test's own literal
     model = nn.Linear(4, 3)
-    atomic_save({"format_version": FORMAT_VERSION, "model_spec": spec, "model": model.state_dict(), "data": {},
-                 "config": {}}, tmp_path / "evil.pt")
-    with pytest.raises(ModelSpecError, match=r"evil\.pt \(checkpoint format 2\) names the model class "
-                                             r"(evil_checkpoint_module\.Net|os\.system).*not allowed"):
+    atomic_save(
+        {"format_version": FORMAT_VERSION, "model_spec": spec, "model": model.state_dict(), "data": {}, "config": {}},
+        tmp_path / "evil.pt",
+    )
+    with pytest.raises(
+        ModelSpecError,
+        match=r"evil\.pt \(checkpoint format 2\) names the model class "
+        r"(evil_checkpoint_module\.Net|os\.system).*not allowed",
+    ):
         load_model(tmp_path / "evil.pt")
     assert not marker.exists() and "evil_checkpoint_module" not in sys.modules
 
@@ -178,12 +223,23 @@ def test_errors_say_what_the_checkpoint_is_and_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"old\.pt holds weights but no model_spec .*it has no format_version"):
         load_model(tmp_path / "old.pt")
     atomic_save(model.state_dict(), tmp_path / "bare.pt")
-    with pytest.raises(ValueError, match=r"bare\.pt holds no model weights \(no 'model' state dict; it holds bias, "
-                                         r"weight\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bare\.pt holds no model weights \(no 'model' state dict; it holds bias, "
+        r"weight\)",
+    ):
         load_model(tmp_path / "bare.pt")
-    state = {"format_version": FORMAT_VERSION, "model": model.state_dict(), "data": {}, "config": {},
-             "model_spec": {"class": "torch.nn.modules.linear.Linear", "args": [],
-                            "kwargs": {"in_features": 4, "out_features": 5}}}
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "data": {},
+        "config": {},
+        "model_spec": {
+            "class": "torch.nn.modules.linear.Linear",
+            "args": [],
+            "kwargs": {"in_features": 4, "out_features": 5},
+        },
+    }
     atomic_save(state, tmp_path / "mixed.pt")
     with pytest.raises(ModelSpecError, match=r"weights of .*mixed\.pt \(checkpoint format 2\) do not fit Linear"):
         load_model(tmp_path / "mixed.pt")
@@ -203,8 +259,9 @@ def test_best_weights_only_and_export(tmp_path):
     assert {"optimizer", "rng"} <= set(load_checkpoint(checkpoint.last_path))
     load_model(checkpoint.best_path)
     with pytest.raises(ValueError, match=r"best\.pt' holds a weights-only checkpoint .* resume from the run's last"):
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), device="cpu",
-                max_epochs=3).fit(DataLoader(data, batch_size=8), resume_from=checkpoint.best_path)
+        Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), device="cpu", max_epochs=3
+        ).fit(DataLoader(data, batch_size=8), resume_from=checkpoint.best_path)
 
     exported = export_model(checkpoint.last_path, tmp_path / "deploy" / "model.pt")
     assert set(load_checkpoint(exported)) == set(MODEL_KEYS)

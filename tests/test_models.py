@@ -208,7 +208,7 @@ def test_bce_dice_loss_matches_hand_computation():
     bce = -sum(ti * math.log(s) + (1 - ti) * math.log(1 - s) for s, ti in zip(sig, t)) / len(x)
     dices = []
     for image in range(2):
-        s, ti = sig[4 * image:4 * image + 4], t[4 * image:4 * image + 4]
+        s, ti = sig[4 * image : 4 * image + 4], t[4 * image : 4 * image + 4]
         inter = sum(a * b for a, b in zip(s, ti))
         dices.append((2 * inter + 1.0) / (sum(s) + sum(ti) + 1.0))
     expected = 0.5 * bce + 1 - sum(dices) / 2
@@ -297,11 +297,11 @@ def test_iou_and_dice_average_per_image_not_pooled():
 def test_iou_and_dice_hand_values_on_partial_overlap():
     targets = torch.zeros(2, 1, 4, 4)
     predicted = torch.zeros(2, 1, 4, 4)
-    targets[0, 0, 0, :3] = 1          # 3 pixels
-    predicted[0, 0, 0, 1:4] = 1       # 3 pixels, 2 shared: IoU 2/4, Dice 4/6
-    targets[1, 0, :2, :2] = 1         # 4 pixels
-    predicted[1, 0, :2, :1] = 1       # 2 pixels inside: IoU 2/4, Dice 4/6
-    predicted[1, 0, 3, 3] = 1         # plus one false positive: IoU 2/5, Dice 4/7
+    targets[0, 0, 0, :3] = 1  # 3 pixels
+    predicted[0, 0, 0, 1:4] = 1  # 3 pixels, 2 shared: IoU 2/4, Dice 4/6
+    targets[1, 0, :2, :2] = 1  # 4 pixels
+    predicted[1, 0, :2, :1] = 1  # 2 pixels inside: IoU 2/4, Dice 4/6
+    predicted[1, 0, 3, 3] = 1  # plus one false positive: IoU 2/5, Dice 4/7
     logits = logits_from_mask(predicted)
     assert iou(logits, targets).item() == pytest.approx((2 / 4 + 2 / 5) / 2)
     assert dice(logits, targets).item() == pytest.approx((4 / 6 + 4 / 7) / 2)
@@ -309,10 +309,10 @@ def test_iou_and_dice_hand_values_on_partial_overlap():
 
 def test_metrics_average_the_classes_of_an_image():
     targets = torch.zeros(1, 2, 4, 4)
-    targets[0, 0, :2] = 1             # class 0: 8 pixels
-    targets[0, 1, 3, 3] = 1           # class 1: 1 pixel
+    targets[0, 0, :2] = 1  # class 0: 8 pixels
+    targets[0, 1, 3, 3] = 1  # class 1: 1 pixel
     predicted = torch.zeros_like(targets)
-    predicted[0, 0, :2] = 1           # class 0 right, class 1 missed
+    predicted[0, 0, :2] = 1  # class 0 right, class 1 missed
     logits = logits_from_mask(predicted)
     assert iou(logits, targets).item() == pytest.approx((1 + 0) / 2)  # pooled pixels would give 8/9
     assert dice(logits, targets).item() == pytest.approx((1 + 0) / 2)

@@ -15,11 +15,12 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from bench.recipe_process import checkout_env  # noqa: E402
 from nbclient.util import run_sync  # noqa: E402
+
+from bench.recipe_process import checkout_env  # noqa: E402
 from trainer import board_servers  # noqa: E402
 
-TRAIN = '''
+TRAIN = """
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,7 +35,7 @@ trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEn
                   device="cpu", callbacks=[TensorBoardCallback("runs/tiny", every_n_steps=1),
                                            ImageGridCallback("runs/tiny", num_images=4), ProgressBar(every_n_steps=1)])
 trainer.fit(loader, loader)
-'''
+"""
 SHOW = 'import trainer.board\nserver = trainer.board.show("runs/tiny")\nprint(server.pid, server.port)'
 
 
@@ -54,8 +55,9 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_re
     fresh = "print('fresh kernel:', 'server' not in globals())\n"
     cells = [TRAIN, SHOW, SHOW, fresh + SHOW, "print(trainer.board.stop_all())"]
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in cells])
-    client = nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     with client.setup_kernel():
         for index in range(3):
             client.execute_cell(notebook.cells[index], index)
@@ -82,7 +84,7 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_re
     nbformat.write(notebook, path)  # a saved notebook, reopened where no server runs
     [display] = outputs(nbformat.read(path, as_version=4).cells[1], "display_data")
     page = display.data["text/html"]
-    static = page[:page.index("<script>")]  # what shows where scripts do not run (GitHub, nbviewer)
+    static = page[: page.index("<script>")]  # what shows where scripts do not run (GitHub, nbviewer)
     assert "To open TensorBoard live, run <code>trainer.board.show(" in static
     assert f"python -m trainer.board {tmp_path / 'runs' / 'tiny'}" in static
     picture = base64.b64decode(display.data["image/png"])
@@ -90,8 +92,10 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_re
     assert "<iframe" not in static
 
 
-@pytest.mark.parametrize(("kernel", "widgets", "bar"), [(True, True, "notebook"), (True, False, "std"),
-                                                         (False, True, "std"), (False, False, "std")])
+@pytest.mark.parametrize(
+    ("kernel", "widgets", "bar"),
+    [(True, True, "notebook"), (True, False, "std"), (False, True, "std"), (False, False, "std")],
+)
 def test_progress_bar_is_a_widget_only_in_a_kernel_with_ipywidgets(mocker, kernel, widgets, bar):
     from trainer.callbacks import progress
 

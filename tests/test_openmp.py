@@ -52,15 +52,18 @@ def test_too_late_once_torch_is_loaded():
 def test_the_recipe_command_decides_before_torch_loads_and_prints_it(tmp_path):
     """A real recipe process beside a busy CPU: the policy is set before torch loads, and the
     line that reports the precision says so."""
-    code = ("import sys, os, recipes; assert 'torch' not in sys.modules or os.environ.get('OMP_WAIT_POLICY'); "
-            "import torch; print(recipes.WAIT_POLICY); print(os.environ.get('OMP_WAIT_POLICY'))")
+    code = (
+        "import sys, os, recipes; assert 'torch' not in sys.modules or os.environ.get('OMP_WAIT_POLICY'); "
+        "import torch; print(recipes.WAIT_POLICY); print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
     env = checkout_env()
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         env.pop(name, None)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
     finally:
         for burner in burners:
             burner.kill()

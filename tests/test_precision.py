@@ -48,8 +48,9 @@ def fake_probe(timings):
 
 def test_avx2_only_cpu_trains_in_float32_without_trying_bf16(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
-    spy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 2.0}))
+    spy = mocker.patch.object(
+        precision_module, "probe", side_effect=fake_probe({("32", False): 1.0, ("32", True): 2.0})
+    )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
     assert "no native bf16" in choice.reason
@@ -59,8 +60,11 @@ def test_avx2_only_cpu_trains_in_float32_without_trying_bf16(mocker):
 
 def test_native_bf16_cpu_whose_probe_is_faster_picks_bf16(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 0.95, ("bf16", False): 0.6, ("bf16", True): 0.4}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 0.95, ("bf16", False): 0.6, ("bf16", True): 0.4}),
+    )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("bf16", True)
     assert "2.50x float32" in choice.reason and "AMX" in choice.reason
@@ -68,24 +72,29 @@ def test_native_bf16_cpu_whose_probe_is_faster_picks_bf16(mocker):
 
 def test_native_bf16_cpu_whose_probe_is_slower_stays_float32(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 1.2, ("bf16", False): 3.0, ("bf16", True): 1.5}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 1.2, ("bf16", False): 3.0, ("bf16", True): 1.5}),
+    )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
 
 
 def test_gains_within_timer_noise_keep_float32_contiguous(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 0.99, ("bf16", False): 0.995, ("bf16", True): 1.2}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 0.99, ("bf16", False): 0.995, ("bf16", True): 1.2}),
+    )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last) == ("32", False)
 
 
 def test_explicit_precision_is_respected_even_where_slow(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
-    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), precision="bf16",
-                              channels_last=False)
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), precision="bf16", channels_last=False)
     assert (choice.precision, choice.channels_last) == ("bf16", False)
     assert "as asked" in choice.reason
 
@@ -128,8 +137,11 @@ def test_real_probe_times_each_candidate_and_leaves_the_model_as_it_was():
 
 def test_native_convolution_kernels_where_they_measure_faster(mocker):
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 1.1, ("32", False, False): 0.7}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 1.1, ("32", False, False): 0.7}),
+    )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last, choice.onednn) == ("32", False, False)
     assert "native convolution kernels" in str(choice) and "1.43x float32" in choice.reason
@@ -144,14 +156,27 @@ def test_trainer_runs_with_the_chosen_kernels_and_restores_them():
 
     model = small_cnn()
     choice = PrecisionChoice("32", False, "measured", onednn=False)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), [Watch()],
-                      max_epochs=1, device="cpu", precision=choice)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        [Watch()],
+        max_epochs=1,
+        device="cpu",
+        precision=choice,
+    )
     before = torch.backends.mkldnn.enabled
     trainer.fit(loaders()[0])
     assert seen == [False] * 3 and torch.backends.mkldnn.enabled == before
     with pytest.raises(ValueError, match="contradicts the PrecisionChoice"):
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), device="cpu",
-                precision=choice, channels_last=True)
+        Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            nn.BCEWithLogitsLoss(),
+            device="cpu",
+            precision=choice,
+            channels_last=True,
+        )
 
 
 def test_avx512_features_count_only_where_torch_dispatches_avx512_kernels(mocker):
@@ -183,12 +208,23 @@ def loaders():
 def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
     mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}),
+    )
     model = small_cnn()
     ckpt = ModelCheckpoint(tmp_path, monitor=None)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), [ckpt],
-                      max_epochs=1, device="cpu", precision="auto", channels_last="auto")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        [ckpt],
+        max_epochs=1,
+        device="cpu",
+        precision="auto",
+        channels_last="auto",
+    )
     assert trainer.precision == "auto"
     train, val = loaders()
     trainer.fit(train, val)
@@ -197,11 +233,21 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
     assert "Trainer: precision: bf16, channels-last" in capsys.readouterr().out
 
     # This machine now measures float32 faster, but the resumed run keeps the saved choice.
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 0.1, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 0.1, ("32", True): 0.9, ("bf16", False): 0.7, ("bf16", True): 0.5}),
+    )
     model = small_cnn()
-    resumed = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
-                      max_epochs=2, device="cpu", precision="auto", channels_last="auto")
+    resumed = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        max_epochs=2,
+        device="cpu",
+        precision="auto",
+        channels_last="auto",
+    )
     resumed.fit(train, val, resume_from=ckpt.last_path)
     assert (resumed.precision, resumed.channels_last) == ("bf16", True)
     assert resumed.precision_choice == PrecisionChoice("bf16", True, "saved in the checkpoint")
@@ -210,19 +256,28 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
 def test_trainer_auto_keeps_explicit_half_of_the_choice(mocker, tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("bf16", False): 1.0, ("bf16", True): 0.5}))
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe({("bf16", False): 1.0, ("bf16", True): 0.5}))
     model = small_cnn()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(),
-                      max_epochs=1, device="cpu", precision="bf16", channels_last="auto")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        max_epochs=1,
+        device="cpu",
+        precision="bf16",
+        channels_last="auto",
+    )
     trainer.fit(loaders()[0])
     assert (trainer.precision, trainer.channels_last) == ("bf16", True)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"precision": "fp8"}, "unknown precision 'fp8'"),
-    ({"channels_last": "yes"}, "channels_last must be True, False or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"precision": "fp8"}, "unknown precision 'fp8'"),
+        ({"channels_last": "yes"}, "channels_last must be True, False or 'auto'"),
+    ],
+)
 def test_bad_precision_options_are_refused(kwargs, message):
     model = small_cnn()
     with pytest.raises(ValueError, match=message):
@@ -233,15 +288,21 @@ def test_measured_choice_is_kept_and_later_runs_read_it_however_the_machine_meas
     """Same command, same machine: the second run chooses what the first measured, without timing."""
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
     cache = tmp_path / "precision.json"
-    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 0.5, ("32", False, False): 2.0}))
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 0.5, ("32", False, False): 2.0}),
+    )
     first = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
     assert (first.precision, first.channels_last, first.onednn) == ("32", True, True)
     assert f"kept in {cache}" in first.reason and cache.is_file()
 
     # Busy now: this probe would pick PyTorch's own kernels. It is not even run.
-    busy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe(
-        {("32", False): 1.0, ("32", True): 3.0, ("32", False, False): 0.2}))
+    busy = mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 3.0, ("32", False, False): 0.2}),
+    )
     again = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
     busy.assert_not_called()
     assert (again.precision, again.channels_last, again.onednn) == ("32", True, True)

@@ -37,10 +37,10 @@ from trainer_datasets import SegmentationFolder, SyntheticNuclei, read_image_rgb
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
-CELL = 64          # the big image is a mosaic of 6 x 8 synthetic 64x64 fields
+CELL = 64  # the big image is a mosaic of 6 x 8 synthetic 64x64 fields
 ROWS, COLS = 6, 8  # 384 x 512 pixels
-SPLIT = 256        # tiles for training come from columns < SPLIT, the held-out region is the rest
-SIDE = 64          # training and validation tile side, as in the usual workflow (and the issue it fixes)
+SPLIT = 256  # tiles for training come from columns < SPLIT, the held-out region is the rest
+SIDE = 64  # training and validation tile side, as in the usual workflow (and the issue it fixes)
 TRAIN_TILES = 128  # 4 epochs of 16 steps at batch 8
 
 
@@ -79,14 +79,37 @@ def whole(tmp_path_factory):
     for i in range(TRAIN_TILES):
         y = int(torch.randint(0, image.shape[1] - SIDE + 1, (), generator=g))
         x = int(torch.randint(0, SPLIT - SIDE + 1, (), generator=g))
-        write_png_file(image[:, y:y + SIDE, x:x + SIDE], root / "data/train/images" / f"{i:04d}.png")
-        write_png_file(mask[:, y:y + SIDE, x:x + SIDE] * 255, root / "data/train/masks" / f"{i:04d}.png")
-    for i, (y, x) in enumerate((y, x) for y in range(0, image.shape[1], SIDE) for x in range(SPLIT, image.shape[2], SIDE)):
-        write_png_file(image[:, y:y + SIDE, x:x + SIDE], root / "data/val/images" / f"{i:04d}.png")
-        write_png_file(mask[:, y:y + SIDE, x:x + SIDE] * 255, root / "data/val/masks" / f"{i:04d}.png")
+        write_png_file(image[:, y : y + SIDE, x : x + SIDE], root / "data/train/images" / f"{i:04d}.png")
+        write_png_file(mask[:, y : y + SIDE, x : x + SIDE] * 255, root / "data/train/masks" / f"{i:04d}.png")
+    for i, (y, x) in enumerate(
+        (y, x) for y in range(0, image.shape[1], SIDE) for x in range(SPLIT, image.shape[2], SIDE)
+    ):
+        write_png_file(image[:, y : y + SIDE, x : x + SIDE], root / "data/val/images" / f"{i:04d}.png")
+        write_png_file(mask[:, y : y + SIDE, x : x + SIDE] * 255, root / "data/val/masks" / f"{i:04d}.png")
     write_png_file(image, root / "images" / "big.png")
-    assert run(["--data", str(root / "data"), "--arch", "UNet", "--base-filters", "8", "--batch-size", "8", "--epochs", "4",
-                "--precision", "32", "--channels-last", "off", "--log-dir", str(root / "run")]) == 0
+    assert (
+        run(
+            [
+                "--data",
+                str(root / "data"),
+                "--arch",
+                "UNet",
+                "--base-filters",
+                "8",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "4",
+                "--precision",
+                "32",
+                "--channels-last",
+                "off",
+                "--log-dir",
+                str(root / "run"),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "checkpoint": root / "run" / "best.pt", "image": image, "mask": mask}
 
 
@@ -126,11 +149,18 @@ def test_tiled_and_whole_predictions_agree(whole):
     assert count_windows(384, 512, tile=256, overlap=128) == 2 * 3
     difference = (tiled - untiled).abs()
     disagree = ((tiled > 0.5) != (untiled > 0.5)).float().mean().item()
-    print(f"tiled vs whole: max |p| difference {difference.max():.4f}, mean {difference.mean():.5f}, "
-          f"mask pixels that differ {disagree:.4%}")
+    print(
+        f"tiled vs whole: max |p| difference {difference.max():.4f}, mean {difference.mean():.5f}, "
+        f"mask pixels that differ {disagree:.4%}"
+    )
     assert difference.mean() < 0.005 and disagree < 0.005
-    assert abs(iou(tiled[:, :, SPLIT:] > 0.5, whole["mask"][:, :, SPLIT:])
-               - iou(untiled[:, :, SPLIT:] > 0.5, whole["mask"][:, :, SPLIT:])) < 0.01
+    assert (
+        abs(
+            iou(tiled[:, :, SPLIT:] > 0.5, whole["mask"][:, :, SPLIT:])
+            - iou(untiled[:, :, SPLIT:] > 0.5, whole["mask"][:, :, SPLIT:])
+        )
+        < 0.01
+    )
 
     # The U-Nets upsample with align_corners=True, which ties their geometry to the input's size:
     # no crop of an image predicts exactly as the whole does (hence the differences above). With a
@@ -155,8 +185,13 @@ class SmallFCN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(8, 2, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 2, 3, padding=1),
+        )
         self.sides = []
 
     def forward(self, x):
@@ -184,8 +219,10 @@ def test_tiles_are_exact_where_the_receptive_field_fits_the_dropped_margin():
     assert (seams - whole).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("length, tile, overlap", [(16, 512, 128), (512, 512, 128), (528, 512, 128),
-                                                   (4096, 512, 128), (1008, 256, 100), (400, 64, 0), (96, 32, 16)])
+@pytest.mark.parametrize(
+    "length, tile, overlap",
+    [(16, 512, 128), (512, 512, 128), (528, 512, 128), (4096, 512, 128), (1008, 256, 100), (400, 64, 0), (96, 32, 16)],
+)
 def test_windows_cover_the_side_on_the_pooling_grid_and_blend_to_one(length, tile, overlap):
     starts = plan_windows(length, tile, overlap)
     size = min(tile, length)
@@ -194,7 +231,7 @@ def test_windows_cover_the_side_on_the_pooling_grid_and_blend_to_one(length, til
     assert all(0 < b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # at least `overlap` shared
     full = torch.zeros(length)
     for start, weights in zip(starts, side_weights(starts, size, length, overlap)):
-        full[start:start + size] = torch.maximum(full[start:start + size], weights)
+        full[start : start + size] = torch.maximum(full[start : start + size], weights)
     assert (full == 1).all()  # every pixel has one window at full weight: no division by ~0
 
 
@@ -210,9 +247,11 @@ def test_blend_window_drops_the_outer_quarter_and_rises_smoothly():
 def test_predict_batch_checks_its_arguments():
     model = SmallFCN()
     images = torch.rand(1, 3, 32, 32)
-    for kwargs, message in [({"tile": 100}, "tile must be a multiple of 16"),
-                            ({"overlap": 512}, "overlap must be an integer >= 0 and smaller than the tile"),
-                            ({"precision": "fp8"}, "precision must be one of")]:
+    for kwargs, message in [
+        ({"tile": 100}, "tile must be a multiple of 16"),
+        ({"overlap": 512}, "overlap must be an integer >= 0 and smaller than the tile"),
+        ({"precision": "fp8"}, "precision must be one of"),
+    ]:
         with pytest.raises(ValueError, match=message):
             predict_batch(model, images, **kwargs)
     with pytest.raises(ValueError, match="expected a float batch"):
@@ -225,8 +264,9 @@ def test_small_tiles_get_an_overlap_they_can_hold():
     assert default_overlap(128) == 64 and default_overlap(48) == 16 and default_overlap(16) == 0
     model = SmallFCN()
     image = torch.rand(3, 100, 150)
-    torch.testing.assert_close(predict_image(model, image, tile=64), predict_image(model, image, tile=256),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        predict_image(model, image, tile=64), predict_image(model, image, tile=256), atol=1e-6, rtol=0
+    )
     assert count_windows(100, 150, tile=64) == len(plan_windows(112, 64, 32)) * len(plan_windows(160, 64, 32))
 
 
@@ -243,9 +283,15 @@ def test_predict_image_restores_the_eval_train_mode_and_runs_without_grad():
 def test_precision_and_channels_last_reach_the_forward_pass():
     model = SmallFCN()
     seen = []
-    model.register_forward_pre_hook(lambda module, inputs: seen.append(
-        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
-         inputs[0].is_contiguous(memory_format=torch.channels_last))))
+    model.register_forward_pre_hook(
+        lambda module, inputs: seen.append(
+            (
+                torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"),
+                inputs[0].is_contiguous(memory_format=torch.channels_last),
+            )
+        )
+    )
     image = torch.rand(3, 32, 48)
     plain = predict_image(model, image)
     fast = predict_image(model, image, precision="bf16", channels_last=True)
@@ -254,8 +300,10 @@ def test_precision_and_channels_last_reach_the_forward_pass():
     assert fast.dtype == torch.float32 and (fast - plain).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("trained, native, expected", [
-    ("bf16", True, "bf16"), ("bf16", False, "32"), ("32", True, "32"), ("16-mixed", False, "32")])
+@pytest.mark.parametrize(
+    "trained, native, expected",
+    [("bf16", True, "bf16"), ("bf16", False, "32"), ("32", True, "32"), ("16-mixed", False, "32")],
+)
 def test_inference_precision_follows_the_run_where_the_cpu_computes_it(mocker, trained, native, expected):
     mocker.patch("recipes.prediction.native_bf16", return_value=native)
     precision, reason = inference_precision({"precision": trained}, torch.device("cpu"))
@@ -269,8 +317,33 @@ def test_inference_precision_follows_the_run_where_the_cpu_computes_it(mocker, t
 def resized_run(tmp_path_factory):
     """A tiny run trained on images resized to 32x32."""
     run_dir = tmp_path_factory.mktemp("resized") / "run"
-    assert run(["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size",
-                "4", "--epochs", "1", "--precision", "32", "--channels-last", "off", "--log-dir", str(run_dir)]) == 0
+    assert (
+        run(
+            [
+                "--arch",
+                "UNet",
+                "--base-filters",
+                "4",
+                "--train-samples",
+                "8",
+                "--val-samples",
+                "4",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--precision",
+                "32",
+                "--channels-last",
+                "off",
+                "--log-dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
     return run_dir / "last.pt"
 
 
@@ -279,8 +352,29 @@ def native_run(tmp_path_factory):
     """A tiny run trained on a folder of 32x32 images at their own resolution."""
     root = tmp_path_factory.mktemp("native")
     SyntheticNuclei(6, image_size=32, seed=3).save(root / "data")
-    assert run(["--data", str(root / "data"), "--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--epochs", "1", "--precision",
-                "32", "--channels-last", "off", "--log-dir", str(root / "run")]) == 0
+    assert (
+        run(
+            [
+                "--data",
+                str(root / "data"),
+                "--arch",
+                "UNet",
+                "--base-filters",
+                "4",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--precision",
+                "32",
+                "--channels-last",
+                "off",
+                "--log-dir",
+                str(root / "run"),
+            ]
+        )
+        == 0
+    )
     return root / "run" / "last.pt"
 
 
@@ -292,7 +386,9 @@ def forward_sides(mocker):
 
 
 def random_image(height, width, channels=3, seed=0):
-    return torch.randint(0, 256, (channels, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (channels, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def save_pil(array, path):
@@ -313,8 +409,16 @@ def mixed_folder(root):
     write_png_file(random_image(5, 7), root / "tiny.png")  # too small to reflect: edge pixels repeat
     (root / "notes.txt").write_text("not an image: skipped")
     (root / ".hidden.png").write_bytes(b"not an image either: hidden files are skipped")
-    return {"grey8": (37, 53), "grey_alpha": (20, 90), "rgba": (40, 56), "photo": (48, 64), "grey16": (50, 70), "grey16_tif": (33, 17),
-            "rgb": (40, 56), "tiny": (5, 7)}
+    return {
+        "grey8": (37, 53),
+        "grey_alpha": (20, 90),
+        "rgba": (40, 56),
+        "photo": (48, 64),
+        "grey16": (50, 70),
+        "grey16_tif": (33, 17),
+        "rgb": (40, 56),
+        "tiny": (5, 7),
+    }
 
 
 def test_mixed_folder_predicts_in_one_command_at_each_images_size(native_run, tmp_path, forward_sides):
@@ -322,8 +426,9 @@ def test_mixed_folder_predicts_in_one_command_at_each_images_size(native_run, tm
     sizes = mixed_folder(images)
     out = tmp_path / "out"
     assert predict_cli(native_run, images, out) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}_{kind}.png" for name in sizes
-                                                           for kind in ("mask", "prob"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{name}_{kind}.png" for name in sizes for kind in ("mask", "prob")
+    )
     model = load_model(native_run)
     for name, size in sizes.items():
         mask, prob = read_png(out / f"{name}_mask.png"), read_png(out / f"{name}_prob.png")
@@ -333,9 +438,9 @@ def test_mixed_folder_predicts_in_one_command_at_each_images_size(native_run, tm
         expected = predict_image(model, read_image_rgb(path))  # the library call gives the same maps
         assert (prob.float() - expected.mul(255).round()).abs().max() <= 1
     # Same-sized images share a forward pass: rgba.png and rgb.tiff are both 40x56 (padded 48x64).
-    assert sorted(forward_sides()[:len(sizes) - 1]) == sorted(
-        [(1, 3, 48, 64), (1, 3, 48, 64), (2, 3, 48, 64), (1, 3, 64, 80), (1, 3, 48, 32), (1, 3, 32, 96),
-         (1, 3, 16, 16)])
+    assert sorted(forward_sides()[: len(sizes) - 1]) == sorted(
+        [(1, 3, 48, 64), (1, 3, 48, 64), (2, 3, 48, 64), (1, 3, 64, 80), (1, 3, 48, 32), (1, 3, 32, 96), (1, 3, 16, 16)]
+    )
 
 
 def test_a_small_tile_on_the_command_line_takes_half_of_it_as_overlap(native_run, tmp_path, capsys):
@@ -351,11 +456,13 @@ def test_the_checkpoints_scale_and_its_overrides(resized_run, native_run, tmp_pa
     write_png_file(random_image(40, 56), images / "a.png")
     write_png_file(random_image(40, 56, seed=1), images / "b.png")
     write_png_file(random_image(24, 24, seed=2), images / "c.png")
-    cases = [(resized_run, [], [(3, 3, 32, 32)]),                                      # as trained: all 32x32, one batch
-             (resized_run, ["--scale", "native"], [(2, 3, 48, 64), (1, 3, 32, 32)]),   # own sizes, padded
-             (resized_run, ["--image-size", "48"], [(3, 3, 48, 48)]),
-             (native_run, [], [(2, 3, 48, 64), (1, 3, 32, 32)]),
-             (native_run, ["--image-size", "64"], [(3, 3, 64, 64)])]
+    cases = [
+        (resized_run, [], [(3, 3, 32, 32)]),  # as trained: all 32x32, one batch
+        (resized_run, ["--scale", "native"], [(2, 3, 48, 64), (1, 3, 32, 32)]),  # own sizes, padded
+        (resized_run, ["--image-size", "48"], [(3, 3, 48, 48)]),
+        (native_run, [], [(2, 3, 48, 64), (1, 3, 32, 32)]),
+        (native_run, ["--image-size", "64"], [(3, 3, 64, 64)]),
+    ]
     for index, (checkpoint, extra, sides) in enumerate(cases):
         before = len(forward_sides())
         out = tmp_path / f"out{index}"
@@ -393,12 +500,15 @@ def test_bad_files_are_named_in_one_error_and_nothing_is_written(native_run, tmp
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--scale", "native", "--image-size", "32"], "argument --image-size: not allowed with argument --scale"),
-    (["--tile", "100"], "--tile 100 is not a multiple of 16; try 96"),
-    (["--overlap", "512"], "--overlap 512 must be smaller than --tile 512"),
-    (["--scale", "half"], "argument --scale: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scale", "native", "--image-size", "32"], "argument --image-size: not allowed with argument --scale"),
+        (["--tile", "100"], "--tile 100 is not a multiple of 16; try 96"),
+        (["--overlap", "512"], "--overlap 512 must be smaller than --tile 512"),
+        (["--scale", "half"], "argument --scale: invalid choice"),
+    ],
+)
 def test_bad_prediction_options_are_one_line(native_run, tmp_path, capsys, extra, message):
     images = tmp_path / "images"
     write_png_file(random_image(32, 32), images / "a.png")
@@ -413,8 +523,17 @@ def test_bad_prediction_options_are_one_line(native_run, tmp_path, capsys, extra
 
 def test_predict_help_names_every_option():
     text = nested_unet.build_predict_parser().format_help()
-    for option in ("--checkpoint", "--images", "--out", "--threshold", "--device", "--scale", "--image-size", "--tile",
-                   "--overlap"):
+    for option in (
+        "--checkpoint",
+        "--images",
+        "--out",
+        "--threshold",
+        "--device",
+        "--scale",
+        "--image-size",
+        "--tile",
+        "--overlap",
+    ):
         assert option in text
     assert all(action.help for action in nested_unet.build_predict_parser()._actions)
 
@@ -443,9 +562,11 @@ def test_entries_that_are_no_files_are_named_and_system_files_left_out_as_in_tra
     (images / "loop.png").symlink_to(images / "loop.png")
     assert predict_cli(native_run, images, tmp_path / "out2") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: --images {str(images)!r} holds entries that are not image "
-                                                   "files, nothing written: fifo.png is a FIFO; gone.png is a "
-                                                   "dangling symbolic link; loop.png is a symbolic link loop")
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: --images {str(images)!r} holds entries that are not image "
+        "files, nothing written: fifo.png is a FIFO; gone.png is a "
+        "dangling symbolic link; loop.png is a symbolic link loop"
+    )
     assert not (tmp_path / "out2").exists()
 
 
@@ -473,10 +594,15 @@ def own_run(run_dir, model, data):
     images = torch.rand(2, 3, 32, 32, generator=g)
     masks = (images[:, :2] > 0.5).float()[:, : model.num_classes]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=2)
-    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.BCEWithLogitsLoss(), max_epochs=1, device="cpu",
-            metrics={"overlap": lambda p, t: ((p > 0) == t.bool()).float().mean()},
-            callbacks=[ModelCheckpoint(run_dir, monitor="val_overlap", mode="max", data=data,
-                                       config={"lr": 0.01})]).fit(loader, loader)
+    Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        max_epochs=1,
+        device="cpu",
+        metrics={"overlap": lambda p, t: ((p > 0) == t.bool()).float().mean()},
+        callbacks=[ModelCheckpoint(run_dir, monitor="val_overlap", mode="max", data=data, config={"lr": 0.01})],
+    ).fit(loader, loader)
     return run_dir / "best.pt"
 
 
@@ -505,7 +631,9 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     own = own_run(tmp_path / "own", OwnNet(), {"classes": ["a", "b"]})
     assert predict_cli(own, images, tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(r"names the model class (tests\.)?test_predict\.OwnNet .*not allowed", err)
+    assert err.count("\n") == 1 and re.search(
+        r"names the model class (tests\.)?test_predict\.OwnNet .*not allowed", err
+    )
     model, config = nested_unet.load_trained_model(own, allowed=[OwnNet])
     assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
     assert not (tmp_path / "out").exists()

@@ -23,10 +23,28 @@ def test_the_resume_command_of_an_importable_recipe_is_its_module():
 
 
 def test_a_config_json_of_an_older_run_resumes_with_defaults_and_keeps_unknown_values():
-    saved = {"data": None, "arch": "UNet", "deep_supervision": False, "epochs": 2, "batch_size": 4, "lr": 0.003,
-             "weight_decay": 0.0001, "optimizer": "adam", "scheduler": "cosine", "image_size": 16,
-             "val_fraction": 0.2, "train_samples": 8, "val_samples": 4, "workers": 0, "device": "cpu",
-             "precision": "32", "channels_last": False, "seed": 2, "classes": ["nucleus"], "retired_option": 7}
+    saved = {
+        "data": None,
+        "arch": "UNet",
+        "deep_supervision": False,
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.003,
+        "weight_decay": 0.0001,
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "image_size": 16,
+        "val_fraction": 0.2,
+        "train_samples": 8,
+        "val_samples": 4,
+        "workers": 0,
+        "device": "cpu",
+        "precision": "32",
+        "channels_last": False,
+        "seed": 2,
+        "classes": ["nucleus"],
+        "retired_option": 7,
+    }
     config = NestedUNetConfig.from_saved(saved, argparse.Namespace(resume="run", max_time=60.0))
     assert (config.threads, config.histograms, config.checkpoint_every) == (None, False, None)
     assert (config.resume, config.max_time, config.log_dir) == ("run", 60.0, None)

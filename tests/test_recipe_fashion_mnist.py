@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer_datasets import CLASSES, make_learnable_fashion_like, write_fashion_mnist_idx
 from recipes import fashion_mnist
 from recipes.common import run_cli
+from trainer_datasets import CLASSES, make_learnable_fashion_like, write_fashion_mnist_idx
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,20 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "fm"
-    argv = ["--data-dir", str(data_dir), "--log-dir", str(run_dir), "--epochs", "3", "--batch-size", "16",
-            "--lr", "0.02", "--log-every", "20"]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--log-dir",
+        str(run_dir),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.02",
+        "--log-every",
+        "20",
+    ]
     assert run_cli(fashion_mnist.main, argv) == 0
     return run_dir
 
@@ -34,8 +46,14 @@ def test_every_tutorial_tag_is_logged(finished_run):
     acc.Reload()
     tags = acc.Tags()
     assert {"four_fashion_mnist_images", "predictions vs. actuals"} <= set(tags["images"])
-    assert set(tags["scalars"]) == {"Loss/training loss", "throughput (samples per second)", "Loss/training (epoch mean)",
-                                    "Loss/validation", "Validation/accuracy", "learning rate"}
+    assert set(tags["scalars"]) == {
+        "Loss/training loss",
+        "throughput (samples per second)",
+        "Loss/training (epoch mean)",
+        "Loss/validation",
+        "Validation/accuracy",
+        "learning rate",
+    }
     assert tags["graph"]
     assert [e.step for e in acc.Scalars("Loss/training loss")] == list(range(20, 181, 20))
     assert [e.step for e in acc.Images("predictions vs. actuals")] == list(range(20, 181, 20))
@@ -50,8 +68,18 @@ def test_accuracy_well_above_chance(finished_run):
 
 
 def test_prints_test_accuracy(data_dir, tmp_path, capsys):
-    argv = ["--data-dir", str(data_dir), "--log-dir", str(tmp_path / "r"), "--epochs", "1", "--batch-size", "32",
-            "--workers", "1"]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--log-dir",
+        str(tmp_path / "r"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+    ]
     assert run_cli(fashion_mnist.main, argv) == 0
     out = capsys.readouterr().out
     assert "test accuracy: " in out and "python -m trainer.board" in out
@@ -61,8 +89,12 @@ def test_missing_data_names_the_files_and_folder(tmp_path, capsys):
     assert run_cli(fashion_mnist.main, ["--data-dir", str(tmp_path / "nothing"), "--log-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--download" in err
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert name in err
     assert str(tmp_path / "nothing" / "FashionMNIST" / "raw") in err
     assert not (tmp_path / "r").exists()
@@ -70,6 +102,18 @@ def test_missing_data_names_the_files_and_folder(tmp_path, capsys):
 
 def test_help_lists_every_option():
     text = fashion_mnist.build_parser().format_help()
-    for option in ("--epochs", "--batch-size", "--lr", "--momentum", "--log-every", "--data-dir", "--log-dir",
-                   "--download", "--device", "--seed", "--workers", "--resume"):
+    for option in (
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--log-every",
+        "--data-dir",
+        "--log-dir",
+        "--download",
+        "--device",
+        "--seed",
+        "--workers",
+        "--resume",
+    ):
         assert option in text

@@ -13,15 +13,28 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer_datasets import SyntheticNuclei, write_png_file
 from recipes import nested_unet
 from recipes.common import run_cli
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint
 from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
+from trainer_datasets import SyntheticNuclei, write_png_file
 
-TINY = ["--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
+TINY = [
+    "--base-filters",
+    "4",
+    "--train-samples",
+    "8",
+    "--val-samples",
+    "4",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+]
 
 
 def run(argv):
@@ -43,14 +56,18 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_tag(tiny_run, capsys):
     tags = read(tiny_run).Tags()
-    assert set(tags["scalars"]) == {"Loss/training (epoch mean)", "Loss/validation", "Validation/IoU",
-                                    "Validation/Dice", "learning rate"}  # 4 steps: no running loss at 10
+    assert set(tags["scalars"]) == {
+        "Loss/training (epoch mean)",
+        "Loss/validation",
+        "Validation/IoU",
+        "Validation/Dice",
+        "learning rate",
+    }  # 4 steps: no running loss at 10
     assert {"images", "masks", "predictions vs. actuals"} <= set(tags["images"])
     assert tags["graph"]
     assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
     history = load_checkpoint(tiny_run / "last.pt")["history"]
-    assert [e.value for e in read(tiny_run).Scalars("Validation/IoU")] == pytest.approx(
-        [h["val_iou"] for h in history])
+    assert [e.value for e in read(tiny_run).Scalars("Validation/IoU")] == pytest.approx([h["val_iou"] for h in history])
 
 
 def test_summary_lines(tmp_path, capsys):
@@ -62,8 +79,24 @@ def test_summary_lines(tmp_path, capsys):
 
 def test_folder_data_and_unet(tmp_path):
     SyntheticNuclei(10, image_size=32, seed=3).save(tmp_path / "data")
-    argv = ["--data", str(tmp_path / "data"), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
-            "--optimizer", "sgd", "--scheduler", "plateau", "--log-dir", str(tmp_path / "run")]
+    argv = [
+        "--data",
+        str(tmp_path / "data"),
+        "--arch",
+        "UNet",
+        "--base-filters",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--optimizer",
+        "sgd",
+        "--scheduler",
+        "plateau",
+        "--log-dir",
+        str(tmp_path / "run"),
+    ]
     assert run(argv) == 0
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     config = state["config"]
@@ -104,14 +137,17 @@ def test_resume_continues_at_next_epoch(tmp_path):
     assert steps == [2, 4]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
-    (["--batch-size", "-3"], "argument --batch-size: expected a positive integer"),
-    (["--lr", "0"], "argument --lr: expected a positive number"),
-    (["--arch", "ResNet"], "argument --arch: invalid choice: 'ResNet'"),
-    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
-    (["--scheduler", "step"], "argument --scheduler: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--batch-size", "-3"], "argument --batch-size: expected a positive integer"),
+        (["--lr", "0"], "argument --lr: expected a positive number"),
+        (["--arch", "ResNet"], "argument --arch: invalid choice: 'ResNet'"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice"),
+        (["--scheduler", "step"], "argument --scheduler: invalid choice"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert run(argv + ["--log-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -119,12 +155,15 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--image-size", "30"], "--image-size 30 is not a multiple of 16; try 32"),
-    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
-    (["--arch", "UNet", "--deep-supervision"], "--deep-supervision needs --arch NestedUNet"),
-    (["--resume", "/nonexistent/run"], "no such run directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image-size", "30"], "--image-size 30 is not a multiple of 16; try 32"),
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--arch", "UNet", "--deep-supervision"], "--deep-supervision needs --arch NestedUNet"),
+        (["--resume", "/nonexistent/run"], "no such run directory"),
+    ],
+)
 def test_bad_input_is_refused_before_training(tmp_path, capsys, argv, message):
     assert run(argv + ["--log-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -148,21 +187,44 @@ def test_log_dir_holding_a_run_is_refused(tiny_run, capsys):
 
 def test_help_explains_every_option():
     text = nested_unet.build_parser().format_help()
-    for option in ("--data", "--arch", "--deep-supervision", "--epochs", "--batch-size", "--lr", "--weight-decay",
-                   "--optimizer", "--scheduler", "--image-size", "--val-fraction", "--workers", "--device",
-                   "--precision", "--channels-last", "--seed", "--log-dir", "--resume"):
+    for option in (
+        "--data",
+        "--arch",
+        "--deep-supervision",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--weight-decay",
+        "--optimizer",
+        "--scheduler",
+        "--image-size",
+        "--val-fraction",
+        "--workers",
+        "--device",
+        "--precision",
+        "--channels-last",
+        "--seed",
+        "--log-dir",
+        "--resume",
+    ):
         assert option in text
     assert all(action.help for action in nested_unet.build_parser()._actions)
 
 
 def test_command_line_exit_code_and_single_line():
-    result = subprocess.run([sys.executable, "-m", "recipes.nested_unet", "--epochs", "0"], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.nested_unet", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--epochs" in result.stderr
 
 
-@pytest.mark.parametrize("option, value, saved", [("--lr", "0.01", "0.003"), ("--batch-size", "2", "4"),
-                                                  ("--arch", "UNet", "'NestedUNet'"), ("--seed", "3", "0")])
+@pytest.mark.parametrize(
+    "option, value, saved",
+    [("--lr", "0.01", "0.003"), ("--batch-size", "2", "4"), ("--arch", "UNet", "'NestedUNet'"), ("--seed", "3", "0")],
+)
 def test_resume_refuses_a_changed_option_and_names_it(tiny_run, capsys, option, value, saved):
     assert run(["--resume", str(tiny_run), "--epochs", "3", option, value]) == 2
     err = capsys.readouterr().err
@@ -209,14 +271,29 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
         return original(self, batch)
 
     mocker.patch.object(Trainer, "train_step", spy)
-    argv = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "2", "--epochs", "1", "--log-dir", str(run_dir)]
+    argv = [
+        "--data",
+        str(data),
+        "--arch",
+        "UNet",
+        "--base-filters",
+        "4",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--log-dir",
+        str(run_dir),
+    ]
     assert run(argv) == 0
     assert run(["--resume", str(run_dir), "--epochs", "2"]) == 0
     assert set(shapes) == {(32, 48)}
     assert load_checkpoint(run_dir / "last.pt")["config"]["image_size"] is None
     out = tmp_path / "pred"
-    assert run(["predict", "--checkpoint", str(run_dir / "last.pt"), "--images", str(data / "images"),
-                "--out", str(out)]) == 0
+    assert (
+        run(["predict", "--checkpoint", str(run_dir / "last.pt"), "--images", str(data / "images"), "--out", str(out)])
+        == 0
+    )
     with Image.open(out / "0_mask.png") as mask:
         assert mask.size == (48, 32)
 
@@ -224,8 +301,24 @@ def test_non_square_folder_trains_resumes_and_predicts_at_its_own_size(tmp_path,
 def test_resume_with_data_workers_is_bit_identical(tmp_path, mocker):
     data = tmp_path / "data"
     SyntheticNuclei(12, image_size=32, seed=5).save(data)
-    base = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--batch-size", "4", "--workers", "2", "--epochs", "2",
-            "--precision", "32", "--channels-last", "off"]  # nothing probed: both runs train alike
+    base = [
+        "--data",
+        str(data),
+        "--arch",
+        "UNet",
+        "--base-filters",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--epochs",
+        "2",
+        "--precision",
+        "32",
+        "--channels-last",
+        "off",
+    ]  # nothing probed: both runs train alike
     assert run(base + ["--log-dir", str(tmp_path / "full")]) == 0
     save = ModelCheckpoint.on_epoch_end
 
@@ -256,7 +349,7 @@ def five_class_folder(root, count=8, size=32):
         for k, name in enumerate(CLASSES):
             part = torch.zeros_like(mask)
             if k < 4:
-                part[..., k * band:(k + 1) * band] = mask[..., k * band:(k + 1) * band]
+                part[..., k * band : (k + 1) * band] = mask[..., k * band : (k + 1) * band]
             else:
                 part[..., : size // 2] = mask[..., : size // 2]
             write_png_file((part * 255).to(torch.uint8), root / "masks" / name / f"{i}.png")
@@ -266,8 +359,25 @@ def five_class_folder(root, count=8, size=32):
 def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_per_class(tmp_path):
     data = five_class_folder(tmp_path / "data")
     run_dir = tmp_path / "run"
-    assert run(["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "4",
-                "--log-dir", str(run_dir)]) == 0
+    assert (
+        run(
+            [
+                "--data",
+                str(data),
+                "--arch",
+                "UNet",
+                "--base-filters",
+                "4",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--log-dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
     events = read(run_dir)
     scalars = events.Tags()["scalars"]
     assert {f"Validation/IoU/{name}" for name in CLASSES} <= set(scalars) and "Validation/IoU" in scalars
@@ -286,8 +396,10 @@ def test_five_classes_train_log_per_class_iou_coloured_grid_figure_and_predict_p
     assert state["config"]["classes"] == CLASSES and state["model"]["final.weight"].shape[0] == 5
 
     out = tmp_path / "pred"
-    assert run(["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(data / "images"),
-                "--out", str(out)]) == 0
+    assert (
+        run(["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(data / "images"), "--out", str(out)])
+        == 0
+    )
     for name in CLASSES:
         with Image.open(out / name / "0.png") as mask:
             assert mask.size == (32, 32) and set(np.unique(mask).tolist()) <= {0, 255}

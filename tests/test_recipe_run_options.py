@@ -13,8 +13,24 @@ from recipes.common import run_cli
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
 
-SEGMENTATION = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "16", "--val-samples", "8", "--image-size", "32",
-                "--batch-size", "4", "--precision", "32", "--channels-last", "off"]
+SEGMENTATION = [
+    "--arch",
+    "UNet",
+    "--base-filters",
+    "4",
+    "--train-samples",
+    "16",
+    "--val-samples",
+    "8",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--precision",
+    "32",
+    "--channels-last",
+    "off",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +103,24 @@ def test_bad_max_time_is_one_line(capsys):
 
 def test_histograms_step_validation_and_step_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli(nested_unet.main, [*SEGMENTATION, "--epochs", "2", "--histograms", "--val-every", "3",
-                                      "--checkpoint-every", "2", "--log-dir", str(run_dir)]) == 0
+    assert (
+        run_cli(
+            nested_unet.main,
+            [
+                *SEGMENTATION,
+                "--epochs",
+                "2",
+                "--histograms",
+                "--val-every",
+                "3",
+                "--checkpoint-every",
+                "2",
+                "--log-dir",
+                str(run_dir),
+            ],
+        )
+        == 0
+    )
     acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
     histograms = acc.Tags()["histograms"]
@@ -99,18 +131,24 @@ def test_histograms_step_validation_and_step_checkpoints(tmp_path):
     assert [int(row["step"]) for row in read_csv(run_dir / "metrics.csv")] == [3, 4, 6, 8]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device", "mps"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
-    (["--device", "meta"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
-    (["--device", "tpu7"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu7'"),
-    (["--seed", "99999999999999999999999"], "argument --seed: expected an integer from 0 to 9223372036854775807"),
-    (["--seed", "-1"], "argument --seed: expected an integer from 0 to 9223372036854775807, got '-1'"),
-    (["--lr", "1e300"], "argument --lr: expected a positive number up to 3.403e+38 (the float32 limit), got '1e300'"),
-    (["--weight-decay", "1e308"], "argument --weight-decay: expected a number from 0 to 3.403e+38"),
-    (["--lr", "1e38"], "Adam cannot train with lr=1e+38"),  # fits a float32, overflows in Adam's first step
-    (["--checkpoint_every", "2"], "unrecognized arguments: --checkpoint_every 2; did you mean --checkpoint-every?"),
-    (["--max-time", "00:00:00"], "argument --max-time: must be above zero, got '00:00:00'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "mps"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
+        (["--device", "meta"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'meta'"),
+        (["--device", "tpu7"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu7'"),
+        (["--seed", "99999999999999999999999"], "argument --seed: expected an integer from 0 to 9223372036854775807"),
+        (["--seed", "-1"], "argument --seed: expected an integer from 0 to 9223372036854775807, got '-1'"),
+        (
+            ["--lr", "1e300"],
+            "argument --lr: expected a positive number up to 3.403e+38 (the float32 limit), got '1e300'",
+        ),
+        (["--weight-decay", "1e308"], "argument --weight-decay: expected a number from 0 to 3.403e+38"),
+        (["--lr", "1e38"], "Adam cannot train with lr=1e+38"),  # fits a float32, overflows in Adam's first step
+        (["--checkpoint_every", "2"], "unrecognized arguments: --checkpoint_every 2; did you mean --checkpoint-every?"),
+        (["--max-time", "00:00:00"], "argument --max-time: must be above zero, got '00:00:00'"),
+    ],
+)
 def test_values_that_would_fail_later_are_refused_before_the_run_folder(tmp_path, capsys, argv, message):
     assert run_cli(nested_unet.main, [*SEGMENTATION, *argv, "--log-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -118,11 +156,16 @@ def test_values_that_would_fail_later_are_refused_before_the_run_folder(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "x", "--val-samples", "3"], "--val-samples has no effect with --data x; leave it out"),
-    (["--train-samples", "8", "--val-fraction", "0.3", "--workers", "1"],
-     "--val-fraction and --workers have no effect with the built-in data (no --data); leave them out"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "x", "--val-samples", "3"], "--val-samples has no effect with --data x; leave it out"),
+        (
+            ["--train-samples", "8", "--val-fraction", "0.3", "--workers", "1"],
+            "--val-fraction and --workers have no effect with the built-in data (no --data); leave them out",
+        ),
+    ],
+)
 def test_options_the_data_source_ignores_are_refused_not_recorded(tmp_path, capsys, argv, message):
     assert run_cli(nested_unet.main, [*argv, "--log-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

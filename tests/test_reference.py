@@ -37,8 +37,11 @@ def parameters(obj: object) -> list[str]:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return []
-    return [p.name for p in signature.parameters.values()
-            if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
 def documentation(obj: object) -> str:
@@ -61,7 +64,7 @@ def described_arguments(text: str) -> dict[str, str]:
         if line.strip() not in ("Args:", "Arguments:", "Attributes:"):
             continue
         outer, entry_indent, names = len(line) - len(line.lstrip()), None, []
-        for line in lines[start + 1:]:
+        for line in lines[start + 1 :]:
             if not line.strip():
                 continue
             indent = len(line) - len(line.lstrip())
@@ -89,10 +92,14 @@ def signature_of(obj: object) -> str:
 
 def render() -> str:
     """The text of docs/reference.md."""
-    lines = ["# Reference", "",
-             "Every class and function that `trainer`, `trainer.callbacks`, `models` and `trainer_datasets`",
-             "export, with all their arguments. Made from the docstrings by `python -m tests.test_reference`;",
-             "the test suite checks that it matches them.", ""]
+    lines = [
+        "# Reference",
+        "",
+        "Every class and function that `trainer`, `trainer.callbacks`, `models` and `trainer_datasets`",
+        "export, with all their arguments. Made from the docstrings by `python -m tests.test_reference`;",
+        "the test suite checks that it matches them.",
+        "",
+    ]
     for package in PACKAGES:
         lines += [f"## `{package}`", ""]
         for _, name, obj in (entry for entry in exported() if entry[0] == package):
@@ -120,8 +127,12 @@ def test_an_argument_named_in_prose_is_not_described():
         a, b: the two ends.
         lr:
     """
-    assert described_arguments(text) == {"model": "the network to train, on any device.", "a": "the two ends.",
-                                         "b": "the two ends.", "lr": ""}
+    assert described_arguments(text) == {
+        "model": "the network to train, on any device.",
+        "a": "the two ends.",
+        "b": "the two ends.",
+        "lr": "",
+    }
 
 
 def test_reference_matches_the_docstrings():

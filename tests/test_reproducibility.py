@@ -11,15 +11,34 @@ import torch
 from bench.recipe_process import ROOT, checkout_env
 from trainer.checkpoint import load_checkpoint
 
-TINY = ["--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "32", "--batch-size", "4", "--epochs", "2",
-        "--seed", "3"]
+TINY = [
+    "--base-filters",
+    "4",
+    "--train-samples",
+    "8",
+    "--val-samples",
+    "4",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--seed",
+    "3",
+]
 
 
 def train(run_dir, cache_dir) -> str:
     """Run the default recipe (no --precision, --channels-last or --threads) and return its stdout."""
-    done = subprocess.run([sys.executable, "-m", "recipes.nested_unet", *TINY, "--log-dir", str(run_dir)], cwd=ROOT,
-                          env=checkout_env(TRAINER_CACHE_DIR=str(cache_dir)), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "recipes.nested_unet", *TINY, "--log-dir", str(run_dir)],
+        cwd=ROOT,
+        env=checkout_env(TRAINER_CACHE_DIR=str(cache_dir)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -20,18 +20,36 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from bench.recipe_process import RecipeProcess
-from tests.conftest import torch_save_on_a_full_disk
 from recipes import nested_unet
 from recipes.cli import parse_command_line
 from recipes.common import UsageError, run_cli, start_run_dir
+from tests.conftest import torch_save_on_a_full_disk
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import write_png_file
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
 
 # The recipe's quickest configuration: UNet on 16x16 images, 2 steps per epoch.
-TINY = ["--arch", "UNet", "--base-filters", "4", "--train-samples", "8", "--val-samples", "4", "--image-size", "16", "--batch-size", "4",
-        "--epochs", "1", "--precision", "32", "--channels-last", "off"]
+TINY = [
+    "--arch",
+    "UNet",
+    "--base-filters",
+    "4",
+    "--train-samples",
+    "8",
+    "--val-samples",
+    "4",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--precision",
+    "32",
+    "--channels-last",
+    "off",
+]
 TIMEOUT = 300.0
 
 
@@ -72,8 +90,10 @@ def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.
 
 @pytest.mark.parametrize("case", ["last.pt deleted", "last.pt is a folder", "config.json only"])
 def test_resume_without_last_pt_changes_nothing_and_says_what_is_there(tmp_path, capsys, case):
-    folder = earlier_run(tmp_path / "run", ("config.json",) if case == "config.json only" else
-                         ("config.json", "metrics.csv", "events", "best.pt"))
+    folder = earlier_run(
+        tmp_path / "run",
+        ("config.json",) if case == "config.json only" else ("config.json", "metrics.csv", "events", "best.pt"),
+    )
     if case == "last.pt is a folder":
         (folder / "last.pt").mkdir()
         (folder / "last.pt" / "note.txt").write_text("kept")
@@ -137,8 +157,14 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of the recipe (a UNet, one class, 16x16) as predict reads it."""
-    config = {"arch": "UNet", "deep_supervision": False, "classes": ["nucleus"], "image_size": 16,
-              "precision": "32", "channels_last": False}
+    config = {
+        "arch": "UNet",
+        "deep_supervision": False,
+        "classes": ["nucleus"],
+        "image_size": 16,
+        "precision": "32",
+        "channels_last": False,
+    }
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
     torch.save({"model": nested_unet.build_model(config, 1).state_dict(), "config": config}, path)
@@ -182,8 +208,7 @@ def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint,
     assert snapshot(data) == before and not (data / "predictions").exists()
 
 
-def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys,
-                                                                         mocker):
+def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys, mocker):
     from recipes import prediction
 
     real_write, calls = prediction.write_png_file, []
@@ -237,14 +262,19 @@ def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_writes_noth
     events = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents.")]
     assert len(events) == 1 and f".{winner.process.pid}." in events[0].name
     assert sorted(p.name for p in folder.iterdir() if p not in events) == [
-        "best.pt", "config.json", "last.pt", "metrics.csv"]
+        "best.pt",
+        "config.json",
+        "last.pt",
+        "metrics.csv",
+    ]
     assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # the header and one epoch
 
 
 def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
     folder = tmp_path / "run"
-    live = RecipeProcess([*TINY, "--epochs", "2", "--log-dir", str(folder)], code=HOLD_AFTER_FIRST_EPOCH,
-                         timeout=TIMEOUT)
+    live = RecipeProcess(
+        [*TINY, "--epochs", "2", "--log-dir", str(folder)], code=HOLD_AFTER_FIRST_EPOCH, timeout=TIMEOUT
+    )
     assert live.poll_until(lambda: "held" in live.stderr), live.stderr[-3000:]
     before = snapshot(folder)
     assert run(["--resume", str(folder)]) == 2

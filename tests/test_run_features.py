@@ -19,8 +19,14 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import make_classification
 from trainer import Callback, ResumableSampler, TimeLimitReached, Trainer
-from trainer.callbacks import (CSVLogger, EarlyStopping, HistogramCallback, ModelCheckpoint, ProgressBar,
-                               TensorBoardCallback)
+from trainer.callbacks import (
+    CSVLogger,
+    EarlyStopping,
+    HistogramCallback,
+    ModelCheckpoint,
+    ProgressBar,
+    TensorBoardCallback,
+)
 from trainer.checkpoint import load_checkpoint
 from trainer.limits import format_duration, parse_duration
 
@@ -36,8 +42,17 @@ def make(callbacks=(), epochs=2, n=40, scheduler=None, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = scheduler(optimizer) if scheduler else None
     data = make_classification(n)
-    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), callbacks=callbacks, max_epochs=epochs, device="cpu",
-                      metrics={"acc": accuracy}, scheduler=scheduler, **options)
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        metrics={"acc": accuracy},
+        scheduler=scheduler,
+        **options,
+    )
     train = DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=1))
     return trainer, train, DataLoader(data, batch_size=8)
 
@@ -65,7 +80,15 @@ def test_step_validation_runs_every_n_steps_and_is_logged_at_the_global_step(tmp
     history = trainer.fit(train, val)
     # Epochs of 10 steps: 3, 6, 9 inside epoch 1 (10 is its end), 12, 15, 18 inside epoch 2 (20 its end).
     assert [(step, inside) for step, inside, _ in seen.seen] == [
-        (3, True), (6, True), (9, True), (10, False), (12, True), (15, True), (18, True), (20, False)]
+        (3, True),
+        (6, True),
+        (9, True),
+        (10, False),
+        (12, True),
+        (15, True),
+        (18, True),
+        (20, False),
+    ]
     curve = [(e.step, e.value) for e in read(tmp_path).Scalars("Loss/validation")]
     assert curve == [(step, pytest.approx(loss)) for step, _, loss in seen.seen]
     assert [logs["val_loss"] for logs in history] == [seen.seen[3][2], seen.seen[7][2]]
@@ -95,8 +118,9 @@ def test_early_stopping_and_checkpoints_decide_after_each_validation(tmp_path):
 
 
 def test_plateau_scheduler_steps_after_each_validation(mocker):
-    trainer, train, val = make(epochs=2, val_every_n_steps=4,
-                               scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0))
+    trainer, train, val = make(
+        epochs=2, val_every_n_steps=4, scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+    )
     seen = Validations()
     trainer.add_callback(seen)
     spy = mocker.spy(trainer.scheduler, "step")
@@ -125,18 +149,25 @@ def test_limit_batches(limits, batches, val_batches):
 
     trainer, train, val = make([Count()], epochs=1, limit_train_batches=limits[0], limit_val_batches=limits[1])
     trainer.fit(train, val)
-    assert (Count.train, Count.val, trainer.num_batches, trainer.global_step) == (batches, val_batches, batches,
-                                                                                 batches)
+    assert (Count.train, Count.val, trainer.num_batches, trainer.global_step) == (
+        batches,
+        val_batches,
+        batches,
+        batches,
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"limit_train_batches": 0}, "limit_train_batches must be a number of batches"),
-    ({"limit_val_batches": 1.5}, "limit_val_batches must be a number of batches"),
-    ({"limit_train_batches": True}, "limit_train_batches must be"),
-    ({"val_every_n_steps": 0}, "val_every_n_steps must be a positive integer"),
-    ({"max_time": "1:2"}, "max_time must be a positive number of seconds"),
-    ({"max_time": -1}, "max_time must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"limit_train_batches": 0}, "limit_train_batches must be a number of batches"),
+        ({"limit_val_batches": 1.5}, "limit_val_batches must be a number of batches"),
+        ({"limit_train_batches": True}, "limit_train_batches must be"),
+        ({"val_every_n_steps": 0}, "val_every_n_steps must be a positive integer"),
+        ({"max_time": "1:2"}, "max_time must be a positive number of seconds"),
+        ({"max_time": -1}, "max_time must be"),
+    ],
+)
 def test_bad_options_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
@@ -175,11 +206,18 @@ def test_csv_logger_writes_every_value_of_every_epoch_and_step_validation(tmp_pa
     history = trainer.fit(train, val)
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     assert list(rows[0]) == ["epoch", "step", "val_loss", "val_acc", "loss", "lr"]
-    assert [(row["epoch"], row["step"]) for row in rows] == [("0", "4"), ("0", "8"), ("0", "10"), ("1", "12"),
-                                                             ("1", "16"), ("1", "20")]
+    assert [(row["epoch"], row["step"]) for row in rows] == [
+        ("0", "4"),
+        ("0", "8"),
+        ("0", "10"),
+        ("1", "12"),
+        ("1", "16"),
+        ("1", "20"),
+    ]
     epoch_rows = [row for row in rows if row["loss"]]
-    assert [{key: float(value) for key, value in row.items() if key not in ("epoch", "step")} for row in epoch_rows] \
-        == history
+    assert [
+        {key: float(value) for key, value in row.items() if key not in ("epoch", "step")} for row in epoch_rows
+    ] == history
     assert rows[0]["loss"] == "" and not list(tmp_path.glob("logs/.*"))
 
 
@@ -225,14 +263,17 @@ def test_histograms_of_weights_and_of_the_gradients_of_each_epochs_last_step(tmp
 
     histograms = HistogramCallback(tmp_path, every_n_epochs=2)
     trainer, train, val = make([histograms], epochs=4)
-    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: keep(opt, args, kwargs)
-                                             if trainer.batch_idx + 1 == trainer.num_batches and trainer.epoch == 3
-                                             else None)
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: (
+            keep(opt, args, kwargs) if trainer.batch_idx + 1 == trainer.num_batches and trainer.epoch == 3 else None
+        )
+    )
     trainer.fit(train, val)
     events = read(tmp_path)
     tags = events.Tags()["histograms"]
-    assert sorted(tags) == sorted([f"{kind}/{name}" for kind in ("weights", "gradients")
-                                   for name in ("0.weight", "0.bias", "2.weight", "2.bias")])
+    assert sorted(tags) == sorted(
+        [f"{kind}/{name}" for kind in ("weights", "gradients") for name in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    )
     assert [e.step for e in events.Histograms("gradients/0.weight")] == [20, 40]
     last = events.Histograms("gradients/2.bias")[-1].histogram_value
     expected = grads["last"][3]
@@ -254,7 +295,8 @@ def test_save_top_k_keeps_the_k_best_with_the_value_in_the_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "best.pt", "last.pt"])
     assert load_checkpoint(tmp_path / names[0])["global_step"] == ranked[0][0]
     assert load_checkpoint(tmp_path / "last.pt")["callbacks"]["ModelCheckpoint"]["top_k"] == [
-        [loss, name] for (_, _, loss), name in zip(ranked, names)]
+        [loss, name] for (_, _, loss), name in zip(ranked, names)
+    ]
 
 
 def test_save_top_k_needs_a_monitor(tmp_path):

@@ -30,8 +30,9 @@ HOLDER = textwrap.dedent("""
 @pytest.fixture
 def holder(tmp_path):
     """A live process holding `tmp_path`'s lock."""
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=checkout_env(),
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], env=checkout_env(), stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "locked\n"
     yield process
     process.kill()

@@ -4,9 +4,9 @@ there; new, it logs to a sibling ``version_N`` folder; the two never share a cur
 from __future__ import annotations
 
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer import Trainer
 from trainer.callbacks import TensorBoardCallback
@@ -19,8 +19,14 @@ def fit(log_dir, trainer: Trainer | None = None, epochs: int = 2) -> Trainer:
     loader = DataLoader(TensorDataset(x, x.argmax(1)), batch_size=8)
     if trainer is None:
         model = nn.Linear(4, 4)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                          callbacks=[TensorBoardCallback(log_dir, every_n_steps=1)], max_epochs=epochs, device="cpu")
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.CrossEntropyLoss(),
+            callbacks=[TensorBoardCallback(log_dir, every_n_steps=1)],
+            max_epochs=epochs,
+            device="cpu",
+        )
     trainer.max_epochs = epochs
     trainer.fit(loader)
     return trainer

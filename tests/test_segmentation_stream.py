@@ -19,8 +19,14 @@ from recipes.common import run_cli
 from tests.test_kill_resume import HOLD, Run, assert_matches_reference, uninterrupted_run
 from trainer import ResumableSampler
 from trainer.checkpoint import load_checkpoint
-from trainer_datasets import DatasetError, SegmentationFolder, SegmentationStream, SyntheticNuclei, split_segmentation
-from trainer_datasets import segmentation_folder
+from trainer_datasets import (
+    DatasetError,
+    SegmentationFolder,
+    SegmentationStream,
+    SyntheticNuclei,
+    segmentation_folder,
+    split_segmentation,
+)
 from trainer_datasets.segmentation_stream import index_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +102,13 @@ def test_a_bad_file_among_many_is_named_before_training_as_in_memory(tmp_path, c
     assert str(streamed.value) == str(in_memory.value) and name in str(streamed.value)
     assert not (tmp_path / "index").exists() or not any((tmp_path / "index").iterdir())  # nothing kept
 
-    assert run_cli(nested_unet.main, ["--data", str(data), "--data-mode", "stream", "--image-size", "16",
-                                      "--log-dir", str(tmp_path / "run")]) == 2
+    assert (
+        run_cli(
+            nested_unet.main,
+            ["--data", str(data), "--data-mode", "stream", "--image-size", "16", "--log-dir", str(tmp_path / "run")],
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and name in err
     assert not (tmp_path / "run").exists()
@@ -143,9 +154,28 @@ def test_a_changed_folder_invalidates_the_index(tmp_path, monkeypatch, change):
 
 # A data folder of 10 images, 8 augmented training images in 4 steps of 2 (FOLDER of test_kill_resume,
 # one epoch), streamed by 2 workers, a step checkpoint every 2 steps.
-STREAMED = ["--arch", "UNet", "--image-size", "16", "--batch-size", "2", "--epochs", "1", "--precision", "32",
-            "--channels-last", "off", "--seed", "2", "--workers", "2", "--data-mode", "stream",
-            "--checkpoint-every", "2"]
+STREAMED = [
+    "--arch",
+    "UNet",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "2",
+    "--epochs",
+    "1",
+    "--precision",
+    "32",
+    "--channels-last",
+    "off",
+    "--seed",
+    "2",
+    "--workers",
+    "2",
+    "--data-mode",
+    "stream",
+    "--checkpoint-every",
+    "2",
+]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
@@ -190,12 +220,36 @@ def test_two_gloo_processes_read_disjoint_files(tmp_path):
     data = SyntheticNuclei(12, image_size=16, seed=1).save(tmp_path / "data")
     script = tmp_path / "record_decodes.py"
     script.write_text(RECORD_DECODES)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(tmp_path), "--data", str(data), "--data-mode", "stream", "--arch", "UNet", "--image-size", "16",
-               "--batch-size", "5", "--epochs", "1", "--precision", "32", "--channels-last", "off",
-               "--log-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=ROOT, env=checkout_env(OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=240)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+        "--data",
+        str(data),
+        "--data-mode",
+        "stream",
+        "--arch",
+        "UNet",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "5",
+        "--epochs",
+        "1",
+        "--precision",
+        "32",
+        "--channels-last",
+        "off",
+        "--log-dir",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=checkout_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = {rank: (tmp_path / f"decoded-{rank}.txt").read_text().splitlines() for rank in (0, 1)}
     images = {rank: [Path(p).name for p in files if "/images/" in p] for rank, files in decoded.items()}

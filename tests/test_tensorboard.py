@@ -80,9 +80,15 @@ def fit(callbacks, epochs=2, batch_size=4, model=None, data=None, loss=None, met
     data = data or image_data()
     train = DataLoader(data, batch_size=batch_size)
     val = DataLoader(data, batch_size=batch_size * 2)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), loss or nn.CrossEntropyLoss(),
-                      callbacks=callbacks, max_epochs=epochs, device="cpu",
-                      metrics=metrics if metrics is not None else {"acc": accuracy})
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        loss or nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        metrics=metrics if metrics is not None else {"acc": accuracy},
+    )
     return trainer, trainer.fit(train, val)
 
 
@@ -96,8 +102,12 @@ def event_files(run_dir):
     return glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
 
 
-EPOCH_TAGS = {"loss": "Loss/training (epoch mean)", "val_loss": "Loss/validation", "val_acc": "Validation/acc",
-              "lr": "learning rate"}
+EPOCH_TAGS = {
+    "loss": "Loss/training (epoch mean)",
+    "val_loss": "Loss/validation",
+    "val_acc": "Validation/acc",
+    "lr": "learning rate",
+}
 
 
 def test_scalars_equal_history(tmp_path):
@@ -110,7 +120,11 @@ def test_scalars_equal_history(tmp_path):
         assert [e.value for e in events] == pytest.approx([h[key] for h in history], rel=1e-6)
     running = acc.Scalars("Loss/training loss")
     assert [e.step for e in running] == [2, 4, 6, 8, 10, 12]
-    assert set(acc.Tags()["scalars"]) == {"Loss/training loss", "throughput (samples per second)", *EPOCH_TAGS.values()}  # nothing else, no one-point values
+    assert set(acc.Tags()["scalars"]) == {
+        "Loss/training loss",
+        "throughput (samples per second)",
+        *EPOCH_TAGS.values(),
+    }  # nothing else, no one-point values
     assert len(event_files(tmp_path)) == 1
 
 
@@ -118,36 +132,60 @@ def test_epoch_tags_of_the_scheme():
     from trainer.callbacks.tags import epoch_tag
 
     assert [epoch_tag(k) for k in ("loss", "val_loss", "lr", "val_iou", "val_iou_cell", "grad_norm")] == [
-        "Loss/training (epoch mean)", "Loss/validation", "learning rate", "Validation/iou", "Validation/iou_cell",
-        "epoch/grad_norm"]
+        "Loss/training (epoch mean)",
+        "Loss/validation",
+        "learning rate",
+        "Validation/iou",
+        "Validation/iou_cell",
+        "epoch/grad_norm",
+    ]
 
 
 def class_accuracy(index):
     def metric(pred, target):
         chosen = target == index
         return ((pred.argmax(1) == target) & chosen).float().sum() / chosen.sum().clamp(min=1)
+
     return metric
 
 
 def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
-    metrics = {"acc": accuracy, "acc_cat": class_accuracy(0), "acc_dog_big": class_accuracy(1),
-               "recall_at_2": class_accuracy(2)}
+    metrics = {
+        "acc": accuracy,
+        "acc_cat": class_accuracy(0),
+        "acc_dog_big": class_accuracy(1),
+        "recall_at_2": class_accuracy(2),
+    }
     callback = TensorBoardCallback(tmp_path, every_n_steps=100, monitor="val_acc", mode="max")
     trainer, history = fit([callback], metrics=metrics)
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == {"Loss/training (epoch mean)", "Loss/validation", "learning rate",
-                                          "Validation/acc", "Validation/acc/cat", "Validation/acc/dog_big",
-                                          "Validation/recall_at_2"}
+    assert set(acc.Tags()["scalars"]) == {
+        "Loss/training (epoch mean)",
+        "Loss/validation",
+        "learning rate",
+        "Validation/acc",
+        "Validation/acc/cat",
+        "Validation/acc/dog_big",
+        "Validation/recall_at_2",
+    }
     assert [e.value for e in acc.Scalars("Validation/acc/dog_big")] == pytest.approx(
-        [h["val_acc_dog_big"] for h in history], rel=1e-6)
+        [h["val_acc_dog_big"] for h in history], rel=1e-6
+    )
     experiment, _ = hparams_data(acc)
-    assert [m.name.tag for m in experiment.metric_infos][:3] == ["Validation/acc", "Loss/validation",
-                                                                  "Validation/acc/cat"]
+    assert [m.name.tag for m in experiment.metric_infos][:3] == [
+        "Validation/acc",
+        "Loss/validation",
+        "Validation/acc/cat",
+    ]
 
     renamed = TensorBoardCallback(tmp_path / "renamed", every_n_steps=100, tags={"val_acc": "Validation/Accuracy"})
     fit([renamed], metrics=metrics)
-    assert {"Validation/Accuracy", "Validation/Accuracy/cat", "Validation/Accuracy/dog_big",
-            "Validation/recall_at_2"} <= set(read(tmp_path / "renamed").Tags()["scalars"])
+    assert {
+        "Validation/Accuracy",
+        "Validation/Accuracy/cat",
+        "Validation/Accuracy/dog_big",
+        "Validation/recall_at_2",
+    } <= set(read(tmp_path / "renamed").Tags()["scalars"])
 
 
 def test_running_loss_is_mean_over_window(tmp_path):
@@ -173,12 +211,22 @@ def hparams_data(acc):
 
 
 def test_custom_tags_and_overlay_chart(tmp_path):
-    callback = TensorBoardCallback(tmp_path, every_n_steps=2, running_loss_tag="running (loss)",
-                                   tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"})
+    callback = TensorBoardCallback(
+        tmp_path,
+        every_n_steps=2,
+        running_loss_tag="running (loss)",
+        tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"},
+    )
     fit([callback])
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == {"running (loss)", "Loss/train", "Loss/validation", "Validation/accuracy",
-                                          "learning rate", "throughput (samples per second)"}
+    assert set(acc.Tags()["scalars"]) == {
+        "running (loss)",
+        "Loss/train",
+        "Loss/validation",
+        "Validation/accuracy",
+        "learning rate",
+        "throughput (samples per second)",
+    }
     raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     (chart,) = layout_pb2.Layout.FromString(raw).category[0].chart
     patterns = list(chart.multiline.tag)  # TensorBoard reads them as regular expressions
@@ -186,14 +234,28 @@ def test_custom_tags_and_overlay_chart(tmp_path):
     import re
 
     assert [tag for tag in sorted(acc.Tags()["scalars"]) if any(re.search(p, tag) for p in patterns)] == [
-        "Loss/train", "Loss/validation", "running (loss)"]
+        "Loss/train",
+        "Loss/validation",
+        "running (loss)",
+    ]
 
 
 def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tmp_path):
     from tensorboard.plugins.hparams import api_pb2
 
-    hparams = {"seed": 3, "data": None, "deep_supervision": False, "arch": "NestedUNet", "classes": ["a", "b"],
-               "epochs": 2, "lr": 0.05, "optimizer": "adam", "model": TinyNet, "batch_size": 4, "precision": "32"}
+    hparams = {
+        "seed": 3,
+        "data": None,
+        "deep_supervision": False,
+        "arch": "NestedUNet",
+        "classes": ["a", "b"],
+        "epochs": 2,
+        "lr": 0.05,
+        "optimizer": "adam",
+        "model": TinyNet,
+        "batch_size": 4,
+        "precision": "32",
+    }
     callback = TensorBoardCallback(tmp_path, every_n_steps=2, hparams=hparams, monitor="val_acc", mode="max")
     _, history = fit([callback])
     acc = read(tmp_path)
@@ -201,8 +263,18 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
     shown = [info.display_name for info in experiment.hparam_infos]
     # TensorBoard orders them by stored name and shows the first five by default
     assert sorted(experiment.hparam_infos, key=lambda info: info.name) == list(experiment.hparam_infos)
-    assert shown == ["lr", "epochs", "batch_size", "precision", "arch", "optimizer", "classes", "deep_supervision",
-                     "model", "seed"]  # main options first, then by name; None left out
+    assert shown == [
+        "lr",
+        "epochs",
+        "batch_size",
+        "precision",
+        "arch",
+        "optimizer",
+        "classes",
+        "deep_supervision",
+        "model",
+        "seed",
+    ]  # main options first, then by name; None left out
     types = {info.display_name: api_pb2.DataType.Name(info.type) for info in experiment.hparam_infos}
     assert types["deep_supervision"] == "DATA_TYPE_BOOL" and types["lr"] == "DATA_TYPE_FLOAT64"
     assert types["arch"] == types["classes"] == types["model"] == "DATA_TYPE_STRING"
@@ -222,18 +294,31 @@ def test_default_hparams_are_the_main_options(tmp_path):
     fit([TensorBoardCallback(tmp_path)])
     experiment, start = hparams_data(read(tmp_path))
     # The five TensorBoard shows by default, precision among them; integers as text (2, not 2.0000).
-    assert [info.display_name for info in experiment.hparam_infos] == ["lr", "epochs", "batch_size", "precision",
-                                                                       "optimizer"]
+    assert [info.display_name for info in experiment.hparam_infos] == [
+        "lr",
+        "epochs",
+        "batch_size",
+        "precision",
+        "optimizer",
+    ]
     assert {info.display_name: start.hparams[info.name].WhichOneof("kind") for info in experiment.hparam_infos} == {
-        "lr": "number_value", "epochs": "string_value", "batch_size": "string_value", "optimizer": "string_value",
-        "precision": "string_value"}
+        "lr": "number_value",
+        "epochs": "string_value",
+        "batch_size": "string_value",
+        "optimizer": "string_value",
+        "precision": "string_value",
+    }
 
 
 def test_all_callbacks_share_one_event_stream(tmp_path, mocker):
     opened = mocker.spy(tb, "open_writer")
     closed = mocker.spy(SummaryWriter, "close")
-    callbacks = [TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), GraphCallback(tmp_path),
-                 PredictionFigureCallback(tmp_path, classes=["a", "b", "c"])]
+    callbacks = [
+        TensorBoardCallback(tmp_path),
+        ImageGridCallback(tmp_path),
+        GraphCallback(tmp_path),
+        PredictionFigureCallback(tmp_path, classes=["a", "b", "c"]),
+    ]
     trainer, _ = fit(callbacks)
     assert len(event_files(tmp_path)) == 1
     assert opened.call_count == 1 and closed.call_count == 1  # one writer, closed at the end of fit
@@ -271,9 +356,14 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
     data = seg_data()
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     normalised = TensorDataset((data.tensors[0] - 0.5) / 0.25, data.tensors[1])
-    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1,
-                                 min_side=None)
-    fit([callback], model=TinySegNet(), data=normalised, loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
+    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1, min_side=None)
+    fit(
+        [callback],
+        model=TinySegNet(),
+        data=normalised,
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+        metrics={},
+    )
     acc = read(tmp_path)
     images, masks = acc.Images("images"), acc.Images("masks")
     assert [e.step for e in images] == [0, 2, 4]
@@ -287,8 +377,14 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
 def test_grid_tiles_are_framed_in_grey_so_masks_never_merge(tmp_path):
     masks = torch.ones(4, 1, 8, 8)  # all foreground: with black padding, the tiles would be one white block
     callback = ImageGridCallback(tmp_path, batch=(torch.rand(4, 3, 8, 8), masks), nrow=2, min_side=None)
-    fit([callback], model=TinySegNet(), data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+    fit(
+        [callback],
+        model=TinySegNet(),
+        data=seg_data(),
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+        metrics={},
+        epochs=1,
+    )
     grid = callback._grids["masks"]
     assert grid.shape == (3, 2 * 8 + 3 * 3, 2 * 8 + 3 * 3)
     between = grid[:, :, 11:14]  # the column between the two tiles of a row
@@ -304,8 +400,14 @@ def test_tiny_images_are_enlarged_to_a_legible_grid_unless_told_not_to(tmp_path)
     native = ImageGridCallback(tmp_path / "b", batch=(images, masks), nrow=2, min_side=None)
     wide = ImageGridCallback(tmp_path / "c", batch=(torch.rand(2, 3, 20, 50, generator=g), None), min_side=64)
     for callback in (enlarged, native, wide):
-        fit([callback], model=TinySegNet(), data=seg_data(),
-            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+        fit(
+            [callback],
+            model=TinySegNet(),
+            data=seg_data(),
+            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+            metrics={},
+            epochs=1,
+        )
     acc = read(tmp_path / "a")
     assert (acc.Images("images")[0].width, acc.Images("images")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
     assert (acc.Images("masks")[0].width, acc.Images("masks")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
@@ -330,16 +432,28 @@ def test_contrast_stretch_brightens_dim_images_one_by_one(tmp_path):
     grid_run = ImageGridCallback(tmp_path, batch=(dim, (dim > 0.1).float()), stretch=True, min_side=None)
     plain_run = ImageGridCallback(tmp_path / "plain", batch=(dim, (dim > 0.1).float()), min_side=None)
     for callback in (grid_run, plain_run):
-        fit([callback], model=TinySegNet(), data=seg_data(),
-            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={}, epochs=1)
+        fit(
+            [callback],
+            model=TinySegNet(),
+            data=seg_data(),
+            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+            metrics={},
+            epochs=1,
+        )
     first_tile = (slice(None), slice(3, 19), slice(3, 19))  # the dim image
     assert grid_run._grids["images"][first_tile].mean() > 3 * plain_run._grids["images"][first_tile].mean()
     assert torch.equal(grid_run._grids["masks"], plain_run._grids["masks"])  # masks are never stretched
 
 
 def test_graph_has_layer_names_for_list_outputs_and_no_deprecation_noise(tmp_path, recwarn):
-    fit([GraphCallback(tmp_path)], model=TinySegNet(), data=seg_data(),
-        loss=lambda p, t: sum(nn.functional.binary_cross_entropy_with_logits(o, t) for o in p), metrics={}, epochs=1)
+    fit(
+        [GraphCallback(tmp_path)],
+        model=TinySegNet(),
+        data=seg_data(),
+        loss=lambda p, t: sum(nn.functional.binary_cross_entropy_with_logits(o, t) for o in p),
+        metrics={},
+        epochs=1,
+    )
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     graph = read(tmp_path).Graph()
     names = " ".join(node.name for node in graph.node)
@@ -350,8 +464,13 @@ def test_graph_keeps_batchnorm_statistics(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1))
     callback = GraphCallback(tmp_path, example=torch.randn(2, 3, 16, 16) * 5)
     torch.manual_seed(0)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda p, t: p.mean() * 0,
-                      callbacks=[callback], device="cpu")
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        lambda p, t: p.mean() * 0,
+        callbacks=[callback],
+        device="cpu",
+    )
     callback.trainer = trainer  # as fit binds its callbacks
     callback.on_fit_start(trainer)
     trainer.resources.close()
@@ -385,8 +504,13 @@ def test_classification_figures_at_requested_steps(tmp_path):
 
 def test_segmentation_figures_every_epoch(tmp_path):
     callback = PredictionFigureCallback(tmp_path, kind="segmentation", num_images=3)
-    fit([callback], model=TinySegNet(), data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t), metrics={})
+    fit(
+        [callback],
+        model=TinySegNet(),
+        data=seg_data(),
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+        metrics={},
+    )
     figures = read(tmp_path).Images("predictions vs. actuals")
     assert [e.step for e in figures] == [2, 4]
     assert (figures[0].width, figures[0].height) == (480, 32 + 3 * 249 + 8)  # legend, one row per sample
@@ -396,8 +520,9 @@ def visible_texts(fig):
     return [text for text in fig.findobj(matplotlib.text.Text) if text.get_visible() and text.get_text()]
 
 
-@pytest.mark.parametrize("kind, count, classes", [("classification", 4, 10), ("segmentation", 4, 1),
-                                                   ("segmentation", 3, 5)])
+@pytest.mark.parametrize(
+    "kind, count, classes", [("classification", 4, 10), ("segmentation", 4, 1), ("segmentation", 3, 5)]
+)
 def test_figures_are_legible_at_tensorboards_card_width(kind, count, classes):
     """TensorBoard scales an image to its card's width (about 340 px): the figure is 480 px wide,
     two panels per row, and every text at least 10 px high on the card."""
@@ -406,13 +531,18 @@ def test_figures_are_legible_at_tensorboards_card_width(kind, count, classes):
     g = torch.Generator().manual_seed(0)
     if kind == "classification":
         probs = torch.rand(count, classes, generator=g).softmax(1)
-        fig = classification_figure(torch.rand(count, 1, 28, 28, generator=g), probs,
-                                    torch.arange(count) % classes, [f"class {i}" for i in range(classes)])
+        fig = classification_figure(
+            torch.rand(count, 1, 28, 28, generator=g),
+            probs,
+            torch.arange(count) % classes,
+            [f"class {i}" for i in range(classes)],
+        )
         expected_height = 8 + 2 * (2 * 23 + 216 + 10) + 8  # margin, two rows (two-line titles, panel, gap), margin
     else:
         truth = torch.rand(count, classes, 64, 64, generator=g) > 0.5
-        fig = segmentation_figure(torch.rand(count, 3, 64, 64, generator=g), truth, ~truth,
-                                  [f"class {i}" for i in range(classes)])
+        fig = segmentation_figure(
+            torch.rand(count, 3, 64, 64, generator=g), truth, ~truth, [f"class {i}" for i in range(classes)]
+        )
         legend = 8 + (1 if classes == 1 else 2) * 24  # one line: 3 overlay colours; two: 5 classes, 4 a line
         expected_height = legend + count * (23 + 216 + 10) + 8  # rows: a title, the panels, a gap
     pixels = figure_to_array(fig)
@@ -487,13 +617,21 @@ def test_visual_callbacks_do_not_change_training(tmp_path):
     def run(callbacks):
         torch.manual_seed(0)
         model = TinyNet()
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(),
-                          callbacks=callbacks, max_epochs=2, device="cpu", seed=1)
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            nn.CrossEntropyLoss(),
+            callbacks=callbacks,
+            max_epochs=2,
+            device="cpu",
+            seed=1,
+        )
         return trainer.fit(shuffled, shuffled)
 
     base = run([])
-    visual = run([ImageGridCallback(tmp_path / "a"), GraphCallback(tmp_path / "a"),
-                  PredictionFigureCallback(tmp_path / "a")])
+    visual = run(
+        [ImageGridCallback(tmp_path / "a"), GraphCallback(tmp_path / "a"), PredictionFigureCallback(tmp_path / "a")]
+    )
     assert base == visual
 
 
@@ -527,12 +665,15 @@ def test_unwritable_log_dir_is_a_clear_error(tmp_path):
         fit([TensorBoardCallback(blocker / "run")])
 
 
-@pytest.mark.parametrize("factory", [
-    lambda p: TensorBoardCallback(p, every_n_steps=0),
-    lambda p: ImageGridCallback(p, every_n_epochs=0),
-    lambda p: PredictionFigureCallback(p, kind="regression"),
-    lambda p: PredictionFigureCallback(p, every_n_steps=-2),
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: TensorBoardCallback(p, every_n_steps=0),
+        lambda p: ImageGridCallback(p, every_n_epochs=0),
+        lambda p: PredictionFigureCallback(p, kind="regression"),
+        lambda p: PredictionFigureCallback(p, every_n_steps=-2),
+    ],
+)
 def test_bad_options(tmp_path, factory):
     with pytest.raises(ValueError):
         factory(tmp_path)

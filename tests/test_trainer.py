@@ -190,8 +190,9 @@ def test_errors_in_on_fit_end_alone_raise_after_every_callback_ran(linear_model,
     assert ended == ["one", "two"] and "two failed" in caught.value.__notes__[0]
 
 
-def test_shared_writer_is_released_when_a_tensorboard_callback_fails_at_the_end(tmp_path, linear_model,
-                                                                               regression_loaders, mocker):
+def test_shared_writer_is_released_when_a_tensorboard_callback_fails_at_the_end(
+    tmp_path, linear_model, regression_loaders, mocker
+):
     from torch.utils.tensorboard import SummaryWriter
 
     from trainer.callbacks import PRCurveCallback, TensorBoardCallback
@@ -277,8 +278,14 @@ def test_list_outputs_go_to_loss_whole_and_metrics_use_the_last():
         return (pred.argmax(1) == target).float().mean()
 
     data = DataLoader(make_classification(), batch_size=8)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, max_epochs=1,
-                      device="cpu", metrics={"acc": accuracy})
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn,
+        max_epochs=1,
+        device="cpu",
+        metrics={"acc": accuracy},
+    )
     logs = trainer.fit(data, data)[0]
     assert set(seen_by_loss) == {2}
     with torch.no_grad():
@@ -297,8 +304,10 @@ def test_nested_batches_are_moved_and_passed_whole():
             return self.lin(inputs["x"]) + inputs["extra"][0]
 
     ds = make_regression(8)
-    batches = [{"inputs": {"x": ds.tensors[0][i:i + 4], "extra": (torch.zeros(4, 1),)},
-                "targets": ds.tensors[1][i:i + 4]} for i in (0, 4)]
+    batches = [
+        {"inputs": {"x": ds.tensors[0][i : i + 4], "extra": (torch.zeros(4, 1),)}, "targets": ds.tensors[1][i : i + 4]}
+        for i in (0, 4)
+    ]
     seen = []
 
     class Spy(Callback):
@@ -306,8 +315,9 @@ def test_nested_batches_are_moved_and_passed_whole():
             seen.append(batch["inputs"]["extra"][0].device)
 
     model = DictModel()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
-                      callbacks=[Spy()], device="cpu")
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), callbacks=[Spy()], device="cpu"
+    )
     logs = trainer.fit(batches, batches)[0]
     assert math.isfinite(logs["val_loss"]) and seen == [torch.device("cpu")] * 2
 
@@ -337,8 +347,9 @@ def test_custom_train_step_by_subclassing():
 def _one_update(model_seed, batches, **kwargs):
     torch.manual_seed(model_seed)
     model = nn.Linear(3, 1)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
-                      max_epochs=1, device="cpu", **kwargs)
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), max_epochs=1, device="cpu", **kwargs
+    )
     trainer.fit(batches)
     return model, trainer
 
@@ -358,7 +369,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_accumulation_steps_on_leftover_batches():
     ds = make_regression(12)
     x, y = ds.tensors
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
     _, trainer = _one_update(0, batches, accumulate_grad_batches=2)
     assert trainer.global_step == 2
 
@@ -367,7 +378,7 @@ def test_last_partial_accumulation_window_is_averaged_over_its_own_batches():
     # 3 batches, accumulation 2: the second update uses batch 3 alone, at full weight.
     ds = make_regression(12)
     x, y = ds.tensors
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
     accumulated, trainer = _one_update(0, batches, accumulate_grad_batches=2)
     by_hand, _ = _one_update(0, [(x[:8], y[:8]), (x[8:], y[8:])])  # one big batch, then the last alone
     assert trainer.global_step == 2
@@ -399,10 +410,11 @@ def test_epoch_scheduler_and_logged_lr(linear_model, regression_loaders):
 def test_step_scheduler(linear_model, regression_loaders):
     opt = torch.optim.SGD(linear_model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    trainer = Trainer(linear_model, opt, nn.MSELoss(), max_epochs=1, device="cpu", scheduler=sched,
-                      scheduler_interval="step")
+    trainer = Trainer(
+        linear_model, opt, nn.MSELoss(), max_epochs=1, device="cpu", scheduler=sched, scheduler_interval="step"
+    )
     history = trainer.fit(regression_loaders[0])
-    assert history[0]["lr"] == 0.5 ** 3
+    assert history[0]["lr"] == 0.5**3
 
 
 def test_plateau_scheduler_is_fed_val_loss(linear_model, regression_loaders, mocker):
@@ -422,9 +434,15 @@ def test_no_device_sync_per_batch(mocker):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         x, y = make_regression(num_batches * 2).tensors
-        batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, len(x), 2)]
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(),
-                          callbacks=callbacks, max_epochs=2, device="cpu")
+        batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2)]
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            nn.MSELoss(),
+            callbacks=callbacks,
+            max_epochs=2,
+            device="cpu",
+        )
         count = {"n": 0}
         real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
 
@@ -432,6 +450,7 @@ def test_no_device_sync_per_batch(mocker):
             def wrapper(self, *args):
                 count["n"] += 1
                 return real(self, *args)
+
             return wrapper
 
         mocker.patch.object(torch.Tensor, "item", counted(real_item))
@@ -460,8 +479,9 @@ def test_seed_makes_runs_repeatable(regression_loaders):
         model = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 1))
         torch.randn(noise)  # the seed resets the generators at fit start, whatever came before
         train = DataLoader(make_regression(16), batch_size=4, shuffle=True)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
-                          max_epochs=2, device="cpu", seed=123)
+        trainer = Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), max_epochs=2, device="cpu", seed=123
+        )
         return trainer.fit(train)
 
     assert run(1) == run(5)
@@ -476,8 +496,15 @@ def test_bf16_autocast_on_cpu_trains(regression_loaders):
         def on_batch_end(self, trainer, batch, outputs):
             dtypes.append(outputs.predictions.dtype)
 
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.MSELoss(), max_epochs=5,
-                      device="cpu", precision="bf16", callbacks=[Spy()])
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        nn.MSELoss(),
+        max_epochs=5,
+        device="cpu",
+        precision="bf16",
+        callbacks=[Spy()],
+    )
     history = trainer.fit(*regression_loaders)
     assert set(dtypes) == {torch.bfloat16}
     assert history[-1]["loss"] < history[0]["loss"]
@@ -492,21 +519,30 @@ def test_channels_last_model_and_inputs():
             seen.append(batch[0].is_contiguous(memory_format=torch.channels_last))
 
     x = torch.randn(2, 3, 8, 8)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01),
-                      lambda p, t: p.mean(), device="cpu", channels_last=True, callbacks=[Spy()])
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        lambda p, t: p.mean(),
+        device="cpu",
+        channels_last=True,
+        callbacks=[Spy()],
+    )
     trainer.fit([(x, torch.zeros(2))])
     assert model.weight.is_contiguous(memory_format=torch.channels_last) and seen == [True]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_epochs": 0}, "max_epochs must be a positive integer"),
-    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-    ({"grad_clip_norm": -1.0}, "grad_clip_norm must be positive"),
-    ({"precision": "int8"}, "unknown precision 'int8'"),
-    ({"precision": "16-mixed"}, "needs a CUDA device"),
-    ({"scheduler_interval": "week"}, "'epoch' or 'step'"),
-    ({"device": "tpu9"}, "unknown device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_epochs": 0}, "max_epochs must be a positive integer"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+        ({"grad_clip_norm": -1.0}, "grad_clip_norm must be positive"),
+        ({"precision": "int8"}, "unknown precision 'int8'"),
+        ({"precision": "16-mixed"}, "needs a CUDA device"),
+        ({"scheduler_interval": "week"}, "'epoch' or 'step'"),
+        ({"device": "tpu9"}, "unknown device"),
+    ],
+)
 def test_bad_options_have_clear_errors(linear_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(linear_model, **kwargs)
@@ -707,7 +743,13 @@ def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linea
             events.append(("step", trainer.global_step, round(norm.item(), 4) <= 0.5))
 
     # 3 batches, 2 per step: steps after batch 2 and (a shorter window) after batch 3.
-    make_trainer(linear_model, [Grads()], max_epochs=1, accumulate_grad_batches=2,
-                 grad_clip_norm=0.5).fit(regression_loaders[0])
-    assert events == [("backward", 0, True), ("backward", 1, True), ("step", 0, True),
-                      ("backward", 2, True), ("step", 1, True)]
+    make_trainer(linear_model, [Grads()], max_epochs=1, accumulate_grad_batches=2, grad_clip_norm=0.5).fit(
+        regression_loaders[0]
+    )
+    assert events == [
+        ("backward", 0, True),
+        ("backward", 1, True),
+        ("step", 0, True),
+        ("backward", 2, True),
+        ("step", 1, True),
+    ]

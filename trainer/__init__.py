@@ -1,7 +1,8 @@
 """A small PyTorch training framework: a `Trainer` that fires hooks into pluggable callbacks."""
 
 from trainer.batch import move_to_device
-from trainer.callback import HOOKS, Callback
+from trainer.callback import HOOKS as HOOKS
+from trainer.callback import Callback
 from trainer.checkpoint import seed_everything
 from trainer.core import Trainer
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
@@ -9,9 +10,10 @@ from trainer.every import Every
 from trainer.model_spec import ModelSpecError
 from trainer.options import resolve_device
 from trainer.precision import PrecisionChoice, choose_precision
-from trainer.resources import FitResources
+from trainer.resources import FitResources as FitResources
 from trainer.run_lock import RunLock, RunLockedError
-from trainer.running import EpochLoss, RunningLoss
+from trainer.running import EpochLoss as EpochLoss
+from trainer.running import RunningLoss as RunningLoss
 from trainer.sampler import ResumableSampler
 from trainer.steps import StepOutput
 from trainer.trained_model import load_model

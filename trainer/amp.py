@@ -41,8 +41,9 @@ class Precision:
         grad_clip_norm: clip the gradients' global 2-norm to this value before each step (None: no clipping).
     """
 
-    def __init__(self, precision: str, device: torch.device, onednn: bool = True,
-                 grad_clip_norm: float | None = None) -> None:
+    def __init__(
+        self, precision: str, device: torch.device, onednn: bool = True, grad_clip_norm: float | None = None
+    ) -> None:
         check_device(precision, device)
         self.precision, self.device, self.onednn, self.grad_clip_norm = precision, device, onednn, grad_clip_norm
         self.dtype = AUTOCAST_DTYPES.get(precision)
@@ -80,8 +81,12 @@ class Precision:
         """
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, parameters: Callable[[], Iterator[nn.Parameter]],
-             before: Callable[[], None]) -> None:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        parameters: Callable[[], Iterator[nn.Parameter]],
+        before: Callable[[], None],
+    ) -> None:
         """One optimizer step: unscale the gradients (``16-mixed``), clip them to
         `grad_clip_norm` over `parameters()`, call `before` (the ``on_before_optimizer_step``
         hooks, which see the gradients the optimizer uses), step (through the scaler, which skips
@@ -122,8 +127,14 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def resolve_choice(module: nn.Module, device: torch.device, loader: Iterable, precision: str,
-                   channels_last: bool | str, saved: dict[str, Any] | None) -> PrecisionChoice:
+def resolve_choice(
+    module: nn.Module,
+    device: torch.device,
+    loader: Iterable,
+    precision: str,
+    channels_last: bool | str,
+    saved: dict[str, Any] | None,
+) -> PrecisionChoice:
     """The choice ``"auto"`` precision or memory format resolve to at the start of a fit: the
     one a resumed checkpoint saved, else the machine's (`choose_precision` on rank 0, on the
     first batch of `loader`; every rank applies the same), printed once. Explicit values win.
@@ -137,8 +148,9 @@ def resolve_choice(module: nn.Module, device: torch.device, loader: Iterable, pr
         saved: the ``"precision"`` entry of the checkpoint resumed from, or None.
     """
     if saved is not None:
-        choice = PrecisionChoice(saved["precision"], saved["channels_last"], "saved in the checkpoint",
-                                 saved.get("onednn", True))
+        choice = PrecisionChoice(
+            saved["precision"], saved["channels_last"], "saved in the checkpoint", saved.get("onednn", True)
+        )
     elif is_rank_zero():
         choice = choose_precision(module, device, split_batch(peek_batch(loader))[0], precision, channels_last)
     else:

@@ -114,9 +114,7 @@ def batch_size(inputs: Any) -> int:
     """Number of samples in `inputs`: the first dimension of its first tensor."""
     tensor = first_tensor(inputs)
     if tensor is None or tensor.dim() == 0:
-        raise TypeError(
-            f"cannot tell the batch size: no tensor with a batch dimension in {type(inputs).__name__}"
-        )
+        raise TypeError(f"cannot tell the batch size: no tensor with a batch dimension in {type(inputs).__name__}")
     return tensor.shape[0]
 
 
@@ -130,8 +128,10 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         return batch[0], batch[1]
     if isinstance(batch, dict) and "inputs" in batch and "targets" in batch:
         return batch["inputs"], batch["targets"]
-    shape = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else (
-        f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else f"a {type(batch).__name__}"
+    shape = (
+        f"a {type(batch).__name__} of length {len(batch)}"
+        if isinstance(batch, (tuple, list))
+        else (f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else f"a {type(batch).__name__}")
     )
     raise TypeError(
         f"the default train/eval step expects (inputs, targets) or a dict with 'inputs' and "

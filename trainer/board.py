@@ -105,8 +105,9 @@ class Board:
         host: the address it is bound to.
     """
 
-    def __init__(self, path: Path, url: str, port: int, host: str, server: Any, ingester: Any,
-                 links: str | None = None) -> None:
+    def __init__(
+        self, path: Path, url: str, port: int, host: str, server: Any, ingester: Any, links: str | None = None
+    ) -> None:
         self.path = path
         self.url = url
         self.port = port
@@ -248,10 +249,14 @@ def start(path: str | os.PathLike, port: int | None = None, host: str = "127.0.0
     tensorboard.configure(
         argv=[
             None,
-            "--logdir", links or os.fspath(root),
-            "--host", host,
-            "--port", str(port or 0),  # 0: the OS picks a free port
-            "--load_fast", "false",  # in-process loader: no data-server subprocess to manage
+            "--logdir",
+            links or os.fspath(root),
+            "--host",
+            host,
+            "--port",
+            str(port or 0),  # 0: the OS picks a free port
+            "--load_fast",
+            "false",  # in-process loader: no data-server subprocess to manage
         ]
     )
     try:

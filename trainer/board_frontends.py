@@ -59,13 +59,19 @@ class Frontend:
 def check_proxy_url(proxy_url: str, source: str = "proxy_url") -> str:
     """`proxy_url` if it holds ``%PORT%``; else a ValueError naming `source`."""
     if not isinstance(proxy_url, str) or PORT_PLACEHOLDER not in proxy_url:
-        raise ValueError(f"{source} must hold {PORT_PLACEHOLDER} where the server's port goes "
-                         f"(e.g. 'https://example.org/proxy/{PORT_PLACEHOLDER}/'), got {proxy_url!r}")
+        raise ValueError(
+            f"{source} must hold {PORT_PLACEHOLDER} where the server's port goes "
+            f"(e.g. 'https://example.org/proxy/{PORT_PLACEHOLDER}/'), got {proxy_url!r}"
+        )
     return proxy_url
 
 
-def frontend(port: int, proxy_url: str | None = None, environ: Mapping[str, str] | None = None,
-             modules: Mapping[str, Any] | None = None) -> Frontend:
+def frontend(
+    port: int,
+    proxy_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    modules: Mapping[str, Any] | None = None,
+) -> Frontend:
     """The address of the server on `port` for the notebook frontend, by the module's rules.
 
     Args:
@@ -115,8 +121,10 @@ def _resolver(server: Any, target: Frontend) -> str:
 def restart_hint(path: str) -> str:
     """What to run to see the run live again (HTML)."""
     literal = html.escape(repr(os.fspath(path)))
-    return (f"run <code>trainer.board.show({literal})</code> in a running notebook, or "
-            f"<code>python -m trainer.board {html.escape(os.fspath(path))}</code> in a shell")
+    return (
+        f"run <code>trainer.board.show({literal})</code> in a running notebook, or "
+        f"<code>python -m trainer.board {html.escape(os.fspath(path))}</code> in a shell"
+    )
 
 
 def cell_output(server: Any, target: Frontend, height: int, picture: bytes | None) -> dict[str, str]:
@@ -132,16 +140,20 @@ def cell_output(server: Any, target: Frontend, height: int, picture: bytes | Non
     hint = restart_hint(server.path)
     what = "A picture of the run when this cell ran" if picture else "No picture of the run was made"
     note = f"{what} ({html.escape(server.path)}). To open TensorBoard live, {hint}."
-    gone = (f"TensorBoard does not answer at <code>%URL%</code>. If its server stopped (kernel or "
-            f"machine restarted, <code>trainer.board.stop</code>), {hint}. If this browser cannot "
-            f"reach the notebook's machine, install jupyter-server-proxy there, or set "
-            f"<code>TENSORBOARD_PROXY_URL</code> or <code>proxy_url=</code>.")
+    gone = (
+        f"TensorBoard does not answer at <code>%URL%</code>. If its server stopped (kernel or "
+        f"machine restarted, <code>trainer.board.stop</code>), {hint}. If this browser cannot "
+        f"reach the notebook's machine, install jupyter-server-proxy there, or set "
+        f"<code>TENSORBOARD_PROXY_URL</code> or <code>proxy_url=</code>."
+    )
     image = ""
     bundle = {"text/plain": f"TensorBoard on {server.path}: {target.url or server.url}"}
     if picture:
         encoded = base64.b64encode(picture).decode()
-        image = (f'<img class="trainer-board-picture" style="max-width:100%" '
-                 f'alt="loss curves and latest figure of the run" src="data:image/png;base64,{encoded}">')
+        image = (
+            f'<img class="trainer-board-picture" style="max-width:100%" '
+            f'alt="loss curves and latest figure of the run" src="data:image/png;base64,{encoded}">'
+        )
         bundle["image/png"] = encoded
     bundle["text/html"] = f"""<div id="{box}">
 <p class="trainer-board-note">{note}</p>

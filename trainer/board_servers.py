@@ -154,8 +154,9 @@ def spawn(folder: str | os.PathLike, port: int | None = None, host: str = "127.0
         command = [sys.executable, "-m", "trainer.board", os.fspath(folder), "--host", host]
         if port is not None:
             command += ["--port", str(port)]
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
+        )
         _children[child.pid] = child
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -167,8 +168,10 @@ def spawn(folder: str | os.PathLike, port: int | None = None, host: str = "127.0
                 lines = [line for line in log.read().splitlines() if line.strip()]
                 if lines and lines[-1].startswith("error: "):  # its own one-line error names the folder
                     raise OSError(lines[-1].removeprefix("error: "))
-                raise OSError(f"TensorBoard could not serve {os.fspath(folder)!r}: "
-                              f"{lines[-1] if lines else f'exit status {child.returncode}'}")
+                raise OSError(
+                    f"TensorBoard could not serve {os.fspath(folder)!r}: "
+                    f"{lines[-1] if lines else f'exit status {child.returncode}'}"
+                )
             time.sleep(0.1)
         child.terminate()
         child.wait()

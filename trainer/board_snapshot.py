@@ -48,8 +48,9 @@ def snapshot_png(path: str | os.PathLike) -> bytes | None:
         tags = events.Tags()
         for tag in sorted(filter(_is_loss, tags["scalars"])):
             points = events.Scalars(tag)
-            curves.append((f"{name}: {tag}" if len(runs) > 1 else tag,
-                           [p.step for p in points], [p.value for p in points]))
+            curves.append(
+                (f"{name}: {tag}" if len(runs) > 1 else tag, [p.step for p in points], [p.value for p in points])
+            )
         images = [t for t in FIGURE_TAGS if t in tags["images"]] or sorted(tags["images"])
         if images:
             latest = (images[0], events.Images(images[0])[-1])

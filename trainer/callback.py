@@ -121,5 +121,8 @@ def overridden_hooks(callbacks: list[Callback], hook: str, trainer: Trainer | No
     """The bound `hook` methods of those `callbacks` whose class overrides it, in order; given a
     `trainer`, without the callbacks that are idle there (`Callback.idle_hooks`)."""
     base = getattr(Callback, hook)
-    return [getattr(cb, hook) for cb in callbacks if getattr(type(cb), hook, base) is not base
-            and (trainer is None or hook not in cb.idle_hooks(trainer))]
+    return [
+        getattr(cb, hook)
+        for cb in callbacks
+        if getattr(type(cb), hook, base) is not base and (trainer is None or hook not in cb.idle_hooks(trainer))
+    ]

@@ -14,8 +14,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
 
 #: How deep each hook sits in the loop, for `CallbackList.describe`.
-_DEPTH = {"on_fit_start": 0, "on_fit_end": 0, "on_exception": 0, "on_batch_start": 2, "on_after_backward": 2,
-          "on_before_optimizer_step": 2, "on_batch_end": 2, "on_validation_batch_end": 2}
+_DEPTH = {
+    "on_fit_start": 0,
+    "on_fit_end": 0,
+    "on_exception": 0,
+    "on_batch_start": 2,
+    "on_after_backward": 2,
+    "on_before_optimizer_step": 2,
+    "on_batch_end": 2,
+    "on_validation_batch_end": 2,
+}
 
 
 def is_stateful(callback: Callback) -> bool:
@@ -59,8 +67,10 @@ class CallbackList:
         if is_stateful(callback):
             key = callback.state_key
             if any(is_stateful(cb) and cb.state_key == key for cb in self.callbacks):
-                raise ValueError(f"two callbacks save their state under the key {key!r}; set a distinct "
-                                 f"state_key on one of them (e.g. callback.state_key = '{key}-2')")
+                raise ValueError(
+                    f"two callbacks save their state under the key {key!r}; set a distinct "
+                    f"state_key on one of them (e.g. callback.state_key = '{key}-2')"
+                )
         self.callbacks.append(callback)
         self.callbacks.sort(key=lambda cb: cb.order)
 
@@ -126,9 +136,13 @@ class CallbackList:
             if key in unused:
                 cb.load_state_dict(unused.pop(key))  # type: ignore[attr-defined]
         if unused:
-            warnings.warn(f"the checkpoint holds the state of callbacks this trainer does not have "
-                          f"({', '.join(sorted(unused))}); it is not restored. Known keys: "
-                          f"{', '.join(sorted(self.stateful())) or 'none'}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"the checkpoint holds the state of callbacks this trainer does not have "
+                f"({', '.join(sorted(unused))}); it is not restored. Known keys: "
+                f"{', '.join(sorted(self.stateful())) or 'none'}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def describe(self, file: IO[str] | None = None) -> str:
         """Print (to `file`, default stdout) and return, hook by hook in the loop's order, which

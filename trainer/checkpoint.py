@@ -103,20 +103,28 @@ def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{str(path)!r} is empty (0 bytes), not a checkpoint: its write was cut short or it was "
-                         "truncated; use another checkpoint of the run (last.pt, best.pt)")
+        raise ValueError(
+            f"{str(path)!r} is empty (0 bytes), not a checkpoint: its write was cut short or it was "
+            "truncated; use another checkpoint of the run (last.pt, best.pt)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint ({_load_failure(exc)}); use a file this "
-                         "project saved (last.pt, best.pt)") from exc
+        raise ValueError(
+            f"{str(path)!r} is not a readable checkpoint ({_load_failure(exc)}); use a file this "
+            "project saved (last.pt, best.pt)"
+        ) from exc
     if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint (a dict with the model, "
-                         "optimizer and run state); use a file this project saved (last.pt, best.pt)")
+        raise ValueError(
+            f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint (a dict with the model, "
+            "optimizer and run state); use a file this project saved (last.pt, best.pt)"
+        )
     if resume and "optimizer" not in state:
         kind = "a weights-only checkpoint (the model alone)" if "model" in state else "no training state"
-        raise ValueError(f"{str(path)!r} holds {kind}: it rebuilds the model (trainer.load_model), but cannot "
-                         "resume a run; resume from the run's last.pt")
+        raise ValueError(
+            f"{str(path)!r} holds {kind}: it rebuilds the model (trainer.load_model), but cannot "
+            "resume a run; resume from the run's last.pt"
+        )
     return state
 
 

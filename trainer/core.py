@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
 import torch
@@ -23,8 +23,8 @@ from trainer.distributed import init_distributed, is_distributed, launched_devic
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
 from trainer.loop import TrainingLoop
-from trainer.position import LoopPosition
 from trainer.options import check_options, precision_options, resolve_device
+from trainer.position import LoopPosition
 from trainer.precision import PrecisionChoice
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
@@ -33,8 +33,16 @@ from trainer.scheduling import SchedulerStepping
 from trainer.state import CheckpointState
 from trainer.steps import Metric, StepOutput
 
-__all__ = ["Metric", "NonFiniteLossError", "StepOutput", "TimeLimitReached", "Trainer", "TrainingInterrupted",
-           "resolve_device", "seed_everything"]
+__all__ = [
+    "Metric",
+    "NonFiniteLossError",
+    "StepOutput",
+    "TimeLimitReached",
+    "Trainer",
+    "TrainingInterrupted",
+    "resolve_device",
+    "seed_everything",
+]
 
 
 def _name(fn: Any) -> str:
@@ -114,7 +122,6 @@ class Trainer(TrainingLoop, CheckpointState):
     model's modes directly.
     """
 
-
     def __init__(
         self,
         model: nn.Module,
@@ -137,8 +144,9 @@ class Trainer(TrainingLoop, CheckpointState):
         limit_val_batches: int | float | None = None,
         max_time: float | str | Any = None,
     ) -> None:
-        check_options(max_epochs, accumulate_grad_batches, val_every_n_steps, val_at_epoch_end, grad_clip_norm,
-                       scheduler_interval)
+        check_options(
+            max_epochs, accumulate_grad_batches, val_every_n_steps, val_at_epoch_end, grad_clip_norm, scheduler_interval
+        )
         self.limit_train_batches = check_batch_limit("limit_train_batches", limit_train_batches)
         self.limit_val_batches = check_batch_limit("limit_val_batches", limit_val_batches)
         #: Seconds a `fit` may train (None: no limit).
@@ -147,8 +155,9 @@ class Trainer(TrainingLoop, CheckpointState):
         self.device = launched_device(resolve_device(device))
         self.grad_clip_norm = grad_clip_norm
         self._init_precision(*precision_options(precision, channels_last))
-        self.model: nn.Module = model.to(self.device, memory_format=(
-            torch.channels_last if self.channels_last is True else torch.preserve_format))
+        self.model: nn.Module = model.to(
+            self.device, memory_format=(torch.channels_last if self.channels_last is True else torch.preserve_format)
+        )
         self.optimizer, self.loss_fn, self.metrics = optimizer, loss_fn, dict(metrics or {})
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.accumulate_grad_batches, self.seed, self.max_epochs = accumulate_grad_batches, seed, max_epochs
@@ -223,8 +232,9 @@ class Trainer(TrainingLoop, CheckpointState):
         """The `Precision` of the current settings (``"auto"`` computes in float32 until `fit`
         resolves it), and the device mover; a grad scaler carries over to keep its scale."""
         old = self._amp
-        self._amp = Precision("32" if self.precision == "auto" else self.precision, self.device, self.onednn,
-                              self.grad_clip_norm)
+        self._amp = Precision(
+            "32" if self.precision == "auto" else self.precision, self.device, self.onednn, self.grad_clip_norm
+        )
         if old is not None and old.scaler is not None and self._amp.scaler is not None:
             self._amp.scaler = old.scaler
         self._move = mover(self.device, self.channels_last is True)
@@ -281,8 +291,10 @@ class Trainer(TrainingLoop, CheckpointState):
             loss = self.loss_fn(predictions, targets)
         except Exception as exc:
             # PyTorch's own message rarely says which call failed or what it was given.
-            exc.add_note(f"raised by the loss function {_name(self.loss_fn)}(predictions, targets) with predictions "
-                         f"{describe_tensors(predictions)} and targets {describe_tensors(targets)}")
+            exc.add_note(
+                f"raised by the loss function {_name(self.loss_fn)}(predictions, targets) with predictions "
+                f"{describe_tensors(predictions)} and targets {describe_tensors(targets)}"
+            )
             raise
         return StepOutput(loss, predictions, targets)
 
@@ -334,8 +346,10 @@ class Trainer(TrainingLoop, CheckpointState):
         if not isinstance(self.model, nn.parallel.DistributedDataParallel):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        return (shard_loader(train_loader, train=True),
-                shard_loader(val_loader, train=False) if val_loader is not None else None)
+        return (
+            shard_loader(train_loader, train=True),
+            shard_loader(val_loader, train=False) if val_loader is not None else None,
+        )
 
     def _warn_unfused_scaler(self) -> None:
         if self._amp.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
@@ -343,7 +357,8 @@ class Trainer(TrainingLoop, CheckpointState):
                 f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
                 f"waits on the GPU at every step to check for infinite gradients; create the optimizer with "
                 f"fused=True to keep the loop free of host syncs",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def _prepare_fit(self, train_loader: Iterable, val_loader: Iterable | None, fresh: bool) -> None:

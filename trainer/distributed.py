@@ -153,8 +153,9 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
                 shuffle, seed = original.shuffle, original.seed
             else:
                 shuffle, seed = isinstance(original, RandomSampler), 0
-            sampler: Sampler = ResumableSampler(loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world,
-                                                rank=rank)
+            sampler: Sampler = ResumableSampler(
+                loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world, rank=rank
+            )
         else:
             sampler = ShardSampler(len(loader.dataset), rank, world)
         workers = loader.num_workers
@@ -162,9 +163,15 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
         # dropping every sample (DistributedSampler gives every rank the same length).
         drop_last = loader.drop_last and loader.batch_size is not None and len(sampler) >= loader.batch_size
         return DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
-            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
             persistent_workers=loader.persistent_workers if workers else False,
             prefetch_factor=loader.prefetch_factor if workers else None,
         )

@@ -29,8 +29,11 @@ def renamed_option(owner: str, old: str, old_value: Any, new: str, value: Any) -
     """
     if old_value is None:
         return value
-    warnings.warn(f"{owner}({old}=...) is deprecated: pass {new}={old_value!r} (counted in optimizer steps)",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{owner}({old}=...) is deprecated: pass {new}={old_value!r} (counted in optimizer steps)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return old_value
 
 

@@ -52,11 +52,13 @@ def parse_duration(value: Any, name: str = "max_time") -> float:
         if len(parts) in (3, 4) and all(part.isdigit() for part in parts):
             *days, hours, minutes, secs = (int(part) for part in parts)
             if minutes < 60 and secs < 60:
-                seconds = timedelta(days=days[0] if days else 0, hours=hours, minutes=minutes,
-                                    seconds=secs).total_seconds()
+                seconds = timedelta(
+                    days=days[0] if days else 0, hours=hours, minutes=minutes, seconds=secs
+                ).total_seconds()
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, a timedelta or 'HH:MM:SS' "
-                         f"(or 'D:HH:MM:SS'), got {value!r}")
+        raise ValueError(
+            f"{name} must be a positive number of seconds, a timedelta or 'HH:MM:SS' (or 'D:HH:MM:SS'), got {value!r}"
+        )
     return seconds
 
 

@@ -71,7 +71,8 @@ class TrainingLoop:
             warnings.warn(
                 f"{type(loader).__name__} cannot start an epoch at a given batch, so this run resumes at the end "
                 f"of epoch {self.epoch + 1}: the batches after batch {first} of it are skipped. {RESUMABLE_LOADERS}",
-                RuntimeWarning, stacklevel=5,
+                RuntimeWarning,
+                stacklevel=5,
             )
             return ()
         if self.limit_train_batches is not None:
@@ -177,15 +178,20 @@ class TrainingLoop:
 
     def _time_limit_reached(self) -> TimeLimitReached:
         where = f"batch {self.batch_idx + 1}" + (f" of {self.num_batches}" if self.num_batches else "")
-        return TimeLimitReached(f"time limit {format_duration(self.max_time)} reached after global step "
-                                f"{self.global_step} (epoch {self.epoch + 1}, {where})")
+        return TimeLimitReached(
+            f"time limit {format_duration(self.max_time)} reached after global step "
+            f"{self.global_step} (epoch {self.epoch + 1}, {where})"
+        )
 
     # ----------------------------------------------------------------------------- validation
     def _maybe_validate_at_step(self, val_loader: Iterable | None, last_batch: bool) -> None:
         """After an optimizer step: validate if the global step is a multiple of
         `val_every_n_steps`, unless the epoch-end validation follows at once (`last_batch`)."""
-        if (val_loader is not None and self.global_step % self.val_every_n_steps == 0
-                and not (last_batch and self.val_at_epoch_end)):
+        if (
+            val_loader is not None
+            and self.global_step % self.val_every_n_steps == 0
+            and not (last_batch and self.val_at_epoch_end)
+        ):
             self.in_step_validation = True
             try:
                 logs = self._validate(val_loader)
@@ -199,8 +205,9 @@ class TrainingLoop:
         broadcast_buffers(self.module)
         self._callbacks.fire("on_validation_start")
         if self.limit_val_batches is not None:
-            loader = itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches,
-                                                      loader_length(loader)))
+            loader = itertools.islice(
+                loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader))
+            )
         sums = self._validation_sums(loader)
         # One device sync (and under torchrun one reduction) for all values of the validation.
         *values, samples = all_reduce(sums).tolist()

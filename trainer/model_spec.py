@@ -32,8 +32,10 @@ PROJECT_MODELS = ("models.unet.UNet", "models.nested_unet.NestedUNet", "models.c
 #: Constructor parameters that place weights rather than shape them: not recorded.
 _PLACEMENT = ("device", "dtype")
 _PLAIN = (bool, int, float, str, type(None))
-_FIX = ("pass the keyword arguments that rebuild it: ModelCheckpoint(..., model_args={...}), or "
-        "ModelCheckpoint(..., describe_model=False) for checkpoints that resume but do not rebuild the model")
+_FIX = (
+    "pass the keyword arguments that rebuild it: ModelCheckpoint(..., model_args={...}), or "
+    "ModelCheckpoint(..., describe_model=False) for checkpoints that resume but do not rebuild the model"
+)
 
 
 class ModelSpecError(ValueError):
@@ -70,8 +72,10 @@ def _value(value: Any, owner: str, name: str) -> Any:
     if isinstance(value, nn.Module):
         return {MODULE_KEY: _record(value, None)}
     if not is_plain(value):
-        raise ModelSpecError(f"cannot record the argument {name!r} of {owner}: its value is a "
-                             f"{type(value).__name__}, not a number, string, bool, None, list or dict; {_FIX}")
+        raise ModelSpecError(
+            f"cannot record the argument {name!r} of {owner}: its value is a "
+            f"{type(value).__name__}, not a number, string, bool, None, list or dict; {_FIX}"
+        )
     return value
 
 
@@ -79,8 +83,11 @@ def _record(model: nn.Module, explicit: Mapping[str, Any] | None) -> dict[str, A
     cls = type(model)
     owner = class_path(cls)
     if explicit is not None:
-        return {"class": owner, "args": [],
-                "kwargs": {str(name): _value(value, owner, str(name)) for name, value in explicit.items()}}
+        return {
+            "class": owner,
+            "args": [],
+            "kwargs": {str(name): _value(value, owner, str(name)) for name, value in explicit.items()},
+        }
     if isinstance(model, nn.Sequential) and all(name == str(i) for i, name in enumerate(model._modules)):
         return {"class": owner, "args": [_value(m, owner, str(i)) for i, m in enumerate(model)], "kwargs": {}}
     args, kwargs = [], {}
@@ -88,12 +95,16 @@ def _record(model: nn.Module, explicit: Mapping[str, Any] | None) -> dict[str, A
         if name == "self" or name in _PLACEMENT:
             continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise ModelSpecError(f"cannot record the arguments of {owner}: its __init__ takes "
-                                 f"{'*' if param.kind is param.VAR_POSITIONAL else '**'}{name}, which the instance "
-                                 f"does not keep; {_FIX}")
+            raise ModelSpecError(
+                f"cannot record the arguments of {owner}: its __init__ takes "
+                f"{'*' if param.kind is param.VAR_POSITIONAL else '**'}{name}, which the instance "
+                f"does not keep; {_FIX}"
+            )
         if not hasattr(model, name):
-            raise ModelSpecError(f"cannot record the argument {name!r} of {owner}: the model has no attribute "
-                                 f"{name!r} holding it; {_FIX}")
+            raise ModelSpecError(
+                f"cannot record the argument {name!r} of {owner}: the model has no attribute "
+                f"{name!r} holding it; {_FIX}"
+            )
         value = getattr(model, name)
         if name == "bias" and isinstance(param.default, bool) and (value is None or isinstance(value, torch.Tensor)):
             value = value is not None  # PyTorch layers keep the bias tensor (or None) under the flag's name
@@ -123,14 +134,18 @@ def record_model(model: nn.Module, model_args: Mapping[str, Any] | None = None) 
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             rebuilt = _build(spec, lambda path: _class_of(path, model))
     except Exception as exc:  # noqa: BLE001 - whatever the class raises, the record does not rebuild it
-        raise ModelSpecError(f"the recorded arguments do not rebuild {spec['class']}: {_call(spec)} raised "
-                             f"{type(exc).__name__}: {exc}; {_FIX}") from exc
+        raise ModelSpecError(
+            f"the recorded arguments do not rebuild {spec['class']}: {_call(spec)} raised "
+            f"{type(exc).__name__}: {exc}; {_FIX}"
+        ) from exc
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if got != expected:
         differ = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
-        raise ModelSpecError(f"the recorded arguments do not rebuild {spec['class']}: {_call(spec)} has other "
-                             f"weights (e.g. {differ[0]}); {_FIX}")
+        raise ModelSpecError(
+            f"the recorded arguments do not rebuild {spec['class']}: {_call(spec)} has other "
+            f"weights (e.g. {differ[0]}); {_FIX}"
+        )
     return spec
 
 
@@ -184,8 +199,9 @@ def _torch_layer(path: str) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) and class_path(cls) == path else None
 
 
-def rebuild_model(spec: Mapping[str, Any], allowed: Iterable[type] = (), trusted: bool = False,
-                  source: str = "the checkpoint") -> nn.Module:
+def rebuild_model(
+    spec: Mapping[str, Any], allowed: Iterable[type] = (), trusted: bool = False, source: str = "the checkpoint"
+) -> nn.Module:
     """A new, untrained instance of the model `spec` describes.
 
     A class is built only when it is allowed: PyTorch's own layers, the project's models
@@ -201,8 +217,12 @@ def rebuild_model(spec: Mapping[str, Any], allowed: Iterable[type] = (), trusted
             that module's code; use it only for files you wrote.
         source: what the spec comes from, for messages (the checkpoint's path).
     """
-    if not (isinstance(spec, Mapping) and isinstance(spec.get("class"), str) and isinstance(spec.get("args"), list)
-            and isinstance(spec.get("kwargs"), dict)):
+    if not (
+        isinstance(spec, Mapping)
+        and isinstance(spec.get("class"), str)
+        and isinstance(spec.get("args"), list)
+        and isinstance(spec.get("kwargs"), dict)
+    ):
         raise ModelSpecError(f"{source} holds a damaged model_spec: {spec!r:.200}")
     extra = {class_path(cls): cls for cls in allowed}
 
@@ -213,13 +233,15 @@ def rebuild_model(spec: Mapping[str, Any], allowed: Iterable[type] = (), trusted
             try:
                 cls = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError) as exc:
-                raise ModelSpecError(f"{source} names the model class {path}, which cannot be imported here: "
-                                     f"{exc}") from exc
+                raise ModelSpecError(
+                    f"{source} names the model class {path}, which cannot be imported here: {exc}"
+                ) from exc
         if cls is None:
             raise ModelSpecError(
                 f"{source} names the model class {path} ({_call(spec)}), which is not allowed to be rebuilt: "
                 f"pass it, e.g. load_model(path, allowed=[{path.rsplit('.', 1)[-1]}]) with the class imported from "
-                f"your code, or trusted=True if you wrote the file yourself (that imports {module_of(path)!r})")
+                f"your code, or trusted=True if you wrote the file yourself (that imports {module_of(path)!r})"
+            )
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ModelSpecError(f"{source} names {path}, which is not an nn.Module class")
         return cls

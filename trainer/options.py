@@ -22,14 +22,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {str(device)!r} was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
-        )
+        raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use 'cpu' or 'auto'")
     return resolved
 
 
-def check_options(max_epochs: int, accumulate_grad_batches: int, val_every_n_steps: int | None,
-                   val_at_epoch_end: bool, grad_clip_norm: float | None, scheduler_interval: str) -> None:
+def check_options(
+    max_epochs: int,
+    accumulate_grad_batches: int,
+    val_every_n_steps: int | None,
+    val_at_epoch_end: bool,
+    grad_clip_norm: float | None,
+    scheduler_interval: str,
+) -> None:
     """A ValueError naming the first of the Trainer's plain options that is out of range.
 
     Args:
@@ -47,8 +51,9 @@ def check_options(max_epochs: int, accumulate_grad_batches: int, val_every_n_ste
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
 
 
-def precision_options(precision: str | PrecisionChoice,
-                       channels_last: bool | str | None) -> tuple[str, bool | str, PrecisionChoice | None]:
+def precision_options(
+    precision: str | PrecisionChoice, channels_last: bool | str | None
+) -> tuple[str, bool | str, PrecisionChoice | None]:
     """The precision (canonical name or ``"auto"``), the memory format and the `PrecisionChoice`
     given as `precision` (or None), checked.
 
@@ -59,8 +64,13 @@ def precision_options(precision: str | PrecisionChoice,
     given = precision if isinstance(precision, PrecisionChoice) else None
     if given is not None:
         if channels_last is not None and channels_last != given.channels_last:
-            raise ValueError(f"channels_last={channels_last!r} contradicts the PrecisionChoice given as "
-                             f"precision (channels_last={given.channels_last}); pass one or the other")
+            raise ValueError(
+                f"channels_last={channels_last!r} contradicts the PrecisionChoice given as "
+                f"precision (channels_last={given.channels_last}); pass one or the other"
+            )
         precision, channels_last = given.precision, given.channels_last
-    return (normalize_precision(precision), check_channels_last(False if channels_last is None else channels_last),
-            given)
+    return (
+        normalize_precision(precision),
+        check_channels_last(False if channels_last is None else channels_last),
+        given,
+    )

@@ -45,9 +45,14 @@ from trainer.checkpoint import atomic_write_text
 
 #: Accepted spellings of each precision.
 PRECISIONS = {
-    "32": "32", "32-true": "32", "fp32": "32",
-    "bf16": "bf16", "bf16-mixed": "bf16",
-    "16-mixed": "16-mixed", "16": "16-mixed", "fp16": "16-mixed",
+    "32": "32",
+    "32-true": "32",
+    "fp32": "32",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+    "16-mixed": "16-mixed",
+    "16": "16-mixed",
+    "fp16": "16-mixed",
 }
 #: bf16 must beat float32 by this factor in the probe to be chosen: a smaller gain on one sample
 #: may not hold at the training batch size.
@@ -255,15 +260,24 @@ def choose_precision(
         kept = _read_cache(path).get(key) if path is not None else None
         if kept is not None:
             pick = Setting(kept["precision"], kept["channels_last"], kept["onednn"])
-            reasons.append(f"measured once on this machine ({kept['measured']}), kept in {path}; delete it to "
-                           f"measure again")
+            reasons.append(
+                f"measured once on this machine ({kept['measured']}), kept in {path}; delete it to measure again"
+            )
             return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
         timings = probe(model, device, example, candidates, repeats=REPEATS)
         pick, measured = _pick(timings, precisions, layouts)
         reasons.append(f"probe on {type(model).__name__}: {measured}")
         if path is not None:
-            saved = _write_cache(path, key, {"precision": pick.precision, "channels_last": pick.channels_last,
-                                             "onednn": pick.onednn, "measured": measured})
+            saved = _write_cache(
+                path,
+                key,
+                {
+                    "precision": pick.precision,
+                    "channels_last": pick.channels_last,
+                    "onednn": pick.onednn,
+                    "measured": measured,
+                },
+            )
             reasons.append(f"kept in {path}" if saved is None else f"not kept: {saved}")
     return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
 
@@ -292,8 +306,9 @@ def cache_path() -> Path:
     ``$XDG_CACHE_HOME/trainer/precision.json``, else ``~/.cache/trainer/precision.json``."""
     root = os.environ.get("TRAINER_CACHE_DIR")
     if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "trainer")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "trainer"
+        )
     return Path(root) / "precision.json"
 
 
@@ -303,11 +318,16 @@ def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
     example's shapes and dtypes, and the candidates."""
     shapes = [[list(t.shape), str(t.dtype)] for t in tensors(example)]
     described = {
-        "cpu": _cpu_model_name(), "features": cpu_features(), "machine": platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": _cpu_model_name(),
+        "features": cpu_features(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()],
-        "inputs": shapes, "candidates": [list(c) for c in candidates], "version": 1,
+        "inputs": shapes,
+        "candidates": [list(c) for c in candidates],
+        "version": 1,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -355,7 +375,9 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def _choose_cuda(device: torch.device, precision: str, channels_last: bool | str, convolutional: bool) -> PrecisionChoice:
+def _choose_cuda(
+    device: torch.device, precision: str, channels_last: bool | str, convolutional: bool
+) -> PrecisionChoice:
     reasons = []
     if precision == "auto":
         major, minor = torch.cuda.get_device_capability(device)
@@ -364,8 +386,9 @@ def _choose_cuda(device: torch.device, precision: str, channels_last: bool | str
             reasons.append(f"this GPU computes bf16 natively (compute capability {major}.{minor})")
         else:
             precision = "16-mixed"
-            reasons.append(f"this GPU has no native bf16 (compute capability {major}.{minor}): float16 "
-                           f"with a grad scaler")
+            reasons.append(
+                f"this GPU has no native bf16 (compute capability {major}.{minor}): float16 with a grad scaler"
+            )
     else:
         reasons.append(f"precision {precision} as asked")
     if channels_last == "auto":
@@ -419,8 +442,10 @@ def probe(
         for setting in map(Setting._make, candidates):
             if setting.channels_last not in replicas:
                 fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
-                replicas[setting.channels_last] = (copy.deepcopy(model).to(memory_format=fmt).train(),
-                                                   map_tensors(inputs, lambda t: _to(t, device, fmt)))
+                replicas[setting.channels_last] = (
+                    copy.deepcopy(model).to(memory_format=fmt).train(),
+                    map_tensors(inputs, lambda t, fmt=fmt: _to(t, device, fmt)),
+                )
             runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
         timed: list[Setting] = []
         for candidate, run in runs.items():

@@ -35,8 +35,11 @@ class RunLockedError(RuntimeError):
 
     def __init__(self, folder: Path, holder: dict[str, Any]) -> None:
         self.folder, self.holder = folder, holder
-        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-               if holder else "a process that has not written its pid yet")
+        who = (
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+            if holder
+            else "a process that has not written its pid yet"
+        )
         super().__init__(f"{folder} is in use by another run ({who}); wait for it to end or use another folder")
 
 
@@ -89,8 +92,9 @@ class RunLock:
             os.close(fd)
         try:
             self.taken_over = _read_holder(fd) or None
-            text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+            text = json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            )
             os.ftruncate(fd, 0)
             if os.pwrite(fd, text.encode(), 0) != len(text):
                 raise OSError(28, os.strerror(28), str(self.path))
@@ -144,8 +148,9 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.release()
 
 

@@ -16,8 +16,10 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 #: What a loader needs to be to continue at the next batch (for warnings about one that is not).
-RESUMABLE_LOADERS = ("A list of batches, a DataLoader with sampler=trainer.ResumableSampler(dataset) or a loader "
-                     "with skip_batches() continues at the next batch")
+RESUMABLE_LOADERS = (
+    "A list of batches, a DataLoader with sampler=trainer.ResumableSampler(dataset) or a loader "
+    "with skip_batches() continues at the next batch"
+)
 
 
 class ResumableSampler(DistributedSampler):
@@ -39,8 +41,9 @@ class ResumableSampler(DistributedSampler):
         num_replicas, rank: the processes sharing the data (default: this process alone).
     """
 
-    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self._skip = 0
 
@@ -78,8 +81,11 @@ def batches_from(loader: Iterable, first: int) -> Iterable | None:
 
 def can_skip_samples(loader: Any) -> bool:
     """Whether `loader` is a `DataLoader` with a batch size whose sampler can `skip`."""
-    return (isinstance(loader, DataLoader) and loader.batch_size is not None
-            and callable(getattr(loader.sampler, "skip", None)))
+    return (
+        isinstance(loader, DataLoader)
+        and loader.batch_size is not None
+        and callable(getattr(loader.sampler, "skip", None))
+    )
 
 
 def resumable(loader: Iterable) -> bool:
@@ -102,8 +108,10 @@ def start_epoch(loader: Iterable, epoch: int) -> None:
     """Tell `loader` that its next pass is `epoch`: ``loader.set_epoch(epoch)``, or its sampler's
     (the order of `ResumableSampler`, `DistributedSampler`), and its dataset's (e.g. the
     augmentations of `trainer_datasets.SegmentationFolder`), where they have one."""
-    targets = [loader if callable(getattr(loader, "set_epoch", None)) else getattr(loader, "sampler", None),
-               getattr(loader, "dataset", None)]
+    targets = [
+        loader if callable(getattr(loader, "set_epoch", None)) else getattr(loader, "sampler", None),
+        getattr(loader, "dataset", None),
+    ]
     for target in targets:
         set_epoch = getattr(target, "set_epoch", None)
         if callable(set_epoch):
@@ -115,10 +123,16 @@ def check_epoch_reaches_workers(loader: Iterable) -> None:
     a dataset with ``set_epoch``: the workers hold the copy of the dataset made at the first pass,
     so they never see a later epoch."""
     dataset = getattr(loader, "dataset", None)
-    if (isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
-            and callable(getattr(dataset, "set_epoch", None))):
+    if (
+        isinstance(loader, DataLoader)
+        and loader.persistent_workers
+        and loader.num_workers > 0
+        and callable(getattr(dataset, "set_epoch", None))
+    ):
         warnings.warn(
             f"the DataLoader keeps its workers between epochs (persistent_workers=True), so they never see "
             f"{type(dataset).__name__}.set_epoch: every epoch draws what the first drew; pass "
-            f"persistent_workers=False", RuntimeWarning, stacklevel=3,
+            f"persistent_workers=False",
+            RuntimeWarning,
+            stacklevel=3,
         )

@@ -51,8 +51,12 @@ class CheckpointState:
         if not self._pos.inside_epoch or not is_distributed():
             return
         loss = self.epoch_loss
-        local = torch.stack([loss.total.detach().to(torch.float64),
-                             torch.tensor(float(loss.samples), dtype=torch.float64, device=self.device)])
+        local = torch.stack(
+            [
+                loss.total.detach().to(torch.float64),
+                torch.tensor(float(loss.samples), dtype=torch.float64, device=self.device),
+            ]
+        )
         ranks = [(sums[0].to(loss.total.dtype), int(sums[1].item())) for sums in all_gather(local)]
         self._pos.gathered = ((self.epoch, self._pos.batches_done), ranks)
 
@@ -72,7 +76,8 @@ class CheckpointState:
             "loss_samples": [samples for _, samples in ranks],
             "pending": pos.pending,
             "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.module.parameters()]
-            if pos.pending else None,
+            if pos.pending
+            else None,
             "validated_at": pos.validated_at,
         }
 
@@ -116,8 +121,11 @@ class CheckpointState:
         """A `fit` called again after one that stopped inside an epoch continues there."""
         pos = self._pos
         if pos.inside_epoch:
-            pos.resume = {"epoch": self.epoch, "batches": pos.batches_done,
-                          "rng": pos.epoch_end_rng if pos.epoch_end_rng is not None else rng_state()}
+            pos.resume = {
+                "epoch": self.epoch,
+                "batches": pos.batches_done,
+                "rng": pos.epoch_end_rng if pos.epoch_end_rng is not None else rng_state(),
+            }
             pos.epoch_end_rng = None
 
     def _stretch_schedule(self, saved_epochs: int | None) -> None:
@@ -125,6 +133,10 @@ class CheckpointState:
         # climb back up after its end; it continues instead from the current rate down to its
         # minimum at the new last epoch (the chained cosine step follows T_max from here on).
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR
-        if (isinstance(self.scheduler, cosine) and self.scheduler_interval == "epoch" and saved_epochs
-                and self.scheduler.T_max == saved_epochs != self.max_epochs):
+        if (
+            isinstance(self.scheduler, cosine)
+            and self.scheduler_interval == "epoch"
+            and saved_epochs
+            and self.scheduler.T_max == saved_epochs != self.max_epochs
+        ):
             self.scheduler.T_max = self.max_epochs

@@ -40,8 +40,9 @@ FORMAT_VERSION = 2
 MODEL_KEYS = ("format_version", "model_spec", "model", "data", "config")
 
 
-def describe(model_spec: dict[str, Any] | None, data: Mapping[str, Any] | None,
-             config: Mapping[str, Any] | None) -> dict[str, Any]:
+def describe(
+    model_spec: dict[str, Any] | None, data: Mapping[str, Any] | None, config: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The keys that make a checkpoint self-describing (all of `MODEL_KEYS` but ``model``).
 
     Args:
@@ -50,8 +51,12 @@ def describe(model_spec: dict[str, Any] | None, data: Mapping[str, Any] | None,
         data: the data's sizing and class names (None: none given).
         config: the run's configuration (None: none given).
     """
-    described = {"format_version": FORMAT_VERSION, "model_spec": model_spec, "data": dict(data or {}),
-                 "config": dict(config or {})}
+    described = {
+        "format_version": FORMAT_VERSION,
+        "model_spec": model_spec,
+        "data": dict(data or {}),
+        "config": dict(config or {}),
+    }
     if model_spec is None:
         del described["model_spec"]
     return described
@@ -83,14 +88,21 @@ def check_model_state(state: Mapping[str, Any], source: str | os.PathLike) -> No
     source = str(source)
     if not isinstance(state.get("model"), Mapping):
         keys = ", ".join(sorted(map(str, state))[:8]) or "nothing"
-        raise ValueError(f"{_what(source, state)} holds no model weights (no 'model' state dict; it holds "
-                         f"{keys}); use a checkpoint ModelCheckpoint wrote (last.pt, best.pt)")
+        raise ValueError(
+            f"{_what(source, state)} holds no model weights (no 'model' state dict; it holds "
+            f"{keys}); use a checkpoint ModelCheckpoint wrote (last.pt, best.pt)"
+        )
     if "model_spec" not in state:
-        age = ("it has no format_version: written before checkpoints recorded their model"
-               if "format_version" not in state else "the run did not record it")
-        raise ValueError(f"{_what(source, state)} holds weights but no model_spec (the model's class and "
-                         f"constructor arguments; {age}); build the model yourself and load its weights with "
-                         "model.load_state_dict(load_checkpoint(path)['model'])")
+        age = (
+            "it has no format_version: written before checkpoints recorded their model"
+            if "format_version" not in state
+            else "the run did not record it"
+        )
+        raise ValueError(
+            f"{_what(source, state)} holds weights but no model_spec (the model's class and "
+            f"constructor arguments; {age}); build the model yourself and load its weights with "
+            "model.load_state_dict(load_checkpoint(path)['model'])"
+        )
 
 
 def load_model(
@@ -123,8 +135,13 @@ def load_model(
     return model_from_state(load_checkpoint(checkpoint), checkpoint, allowed, trusted, device)
 
 
-def model_from_state(state: Mapping[str, Any], source: str | os.PathLike, allowed: Iterable[type] = (),
-                     trusted: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+def model_from_state(
+    state: Mapping[str, Any],
+    source: str | os.PathLike,
+    allowed: Iterable[type] = (),
+    trusted: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
     """`load_model` of a checkpoint loaded already, with `source` naming it in messages.
 
     Args:
@@ -140,8 +157,10 @@ def model_from_state(state: Mapping[str, Any], source: str | os.PathLike, allowe
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise ModelSpecError(f"the weights of {_what(source, state)} do not fit {type(model).__name__} built from "
-                             f"its model_spec: {' '.join(str(exc).split())[:400]}") from exc
+        raise ModelSpecError(
+            f"the weights of {_what(source, state)} do not fit {type(model).__name__} built from "
+            f"its model_spec: {' '.join(str(exc).split())[:400]}"
+        ) from exc
     return model.to(device).eval()
 
 

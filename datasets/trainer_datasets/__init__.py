@@ -1,8 +1,18 @@
 """Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
 
-from trainer_datasets._imageio import (IMAGE_EXTENSIONS, SYSTEM_FILES, is_image_file, is_system_file, label_palette,
-                                      not_regular, read_image_rgb, read_label_map, read_mask, write_label_map,
-                                      write_png_file)
+from trainer_datasets._imageio import (
+    IMAGE_EXTENSIONS,
+    SYSTEM_FILES,
+    is_image_file,
+    is_system_file,
+    label_palette,
+    not_regular,
+    read_image_rgb,
+    read_label_map,
+    read_mask,
+    write_label_map,
+    write_png_file,
+)
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.fashion_mnist import (
     CLASSES,

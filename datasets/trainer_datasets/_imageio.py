@@ -63,8 +63,13 @@ def not_regular(path: str | os.PathLike) -> str | None:
         return "a symbolic link loop" if exc.errno == errno.ELOOP else f"not readable ({exc.strerror or exc})"
     if stat.S_ISREG(mode):
         return None
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"
@@ -253,8 +258,9 @@ def write_label_map(labels: torch.Tensor, path: str | os.PathLike) -> None:
         path: the file to write.
     """
     if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"cannot write {path}: expected an integer (H, W) tensor, got {labels.dtype} of shape "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"cannot write {path}: expected an integer (H, W) tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     array = labels.detach().cpu().numpy()
     if array.size and (array.min() < 0 or array.max() > 65535):
         raise ValueError(f"cannot write {path}: label values must lie in 0-65535, got {array.min()}-{array.max()}")

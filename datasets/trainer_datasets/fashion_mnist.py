@@ -79,8 +79,10 @@ def load_fashion_mnist(
     wrong = (labels >= len(CLASSES)).nonzero()
     if len(wrong):
         index = int(wrong[0])
-        raise DatasetError(f"{raw / split[1]} has label {int(labels[index])} at item {index} ({len(wrong)} of its "
-                           f"{len(labels)} labels are out of range); Fashion-MNIST labels are 0 to {len(CLASSES) - 1}")
+        raise DatasetError(
+            f"{raw / split[1]} has label {int(labels[index])} at item {index} ({len(wrong)} of its "
+            f"{len(labels)} labels are out of range); Fashion-MNIST labels are 0 to {len(CLASSES) - 1}"
+        )
     return images, labels
 
 
@@ -107,8 +109,9 @@ def check_idx_file(path: str | os.PathLike) -> None:
         header = file.read(header_size)
     fix = "replace it with a good copy (or remove it and pass --download)"
     if len(header) < header_size:
-        raise DatasetError(f"{path} is not a valid IDX {kind} file: {size} bytes, shorter than the {header_size}-byte "
-                           f"header; {fix}")
+        raise DatasetError(
+            f"{path} is not a valid IDX {kind} file: {size} bytes, shorter than the {header_size}-byte header; {fix}"
+        )
     found = int.from_bytes(header[:4], "big")
     if found != magic:
         dtype, ndim = header[2], header[3]
@@ -118,19 +121,25 @@ def check_idx_file(path: str | os.PathLike) -> None:
             what = f"data type {_IDX_TYPES[dtype]} (0x{dtype:02x})"
         else:
             what = f"{ndim} dimension(s)"
-        raise DatasetError(f"{path} is not a valid IDX {kind} file: it has {what}; Fashion-MNIST {kind} are "
-                           f"unsigned bytes in {1 + len(item_shape)} dimension(s) (magic number 0x{magic:08x}); "
-                           f"{fix}")
-    count, *shape = (int.from_bytes(header[i:i + 4], "big") for i in range(4, header_size, 4))
+        raise DatasetError(
+            f"{path} is not a valid IDX {kind} file: it has {what}; Fashion-MNIST {kind} are "
+            f"unsigned bytes in {1 + len(item_shape)} dimension(s) (magic number 0x{magic:08x}); "
+            f"{fix}"
+        )
+    count, *shape = (int.from_bytes(header[i : i + 4], "big") for i in range(4, header_size, 4))
     if tuple(shape) != item_shape:
-        raise DatasetError(f"{path} is not a valid IDX {kind} file for Fashion-MNIST: its images are "
-                           f"{'x'.join(map(str, shape))}, Fashion-MNIST's are 28x28 (the CNN needs that size)")
+        raise DatasetError(
+            f"{path} is not a valid IDX {kind} file for Fashion-MNIST: its images are "
+            f"{'x'.join(map(str, shape))}, Fashion-MNIST's are 28x28 (the CNN needs that size)"
+        )
     expected = header_size + count * math.prod(item_shape)
     if size != expected:
         held = (size - header_size) // max(1, math.prod(item_shape))
         how = f"holds only {held}" if size < expected else f"has {size - expected} bytes more than"
-        raise DatasetError(f"{path} is not a valid IDX {kind} file: its header claims {count} items but the file "
-                           f"{how} ({size} bytes, {expected} expected); it is truncated or damaged: {fix}")
+        raise DatasetError(
+            f"{path} is not a valid IDX {kind} file: its header claims {count} items but the file "
+            f"{how} ({size} bytes, {expected} expected); it is truncated or damaged: {fix}"
+        )
 
 
 def write_fashion_mnist_idx(

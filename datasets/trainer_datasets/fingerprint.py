@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def data_files(root: str | os.PathLike, files: Iterable[str | os.PathLike],
-               times: bool = False) -> dict[str, int] | dict[str, list[int]]:
+def data_files(
+    root: str | os.PathLike, files: Iterable[str | os.PathLike], times: bool = False
+) -> dict[str, int] | dict[str, list[int]]:
     """The fingerprint of the data a run reads: ``{path relative to root: size in bytes}``,
     sorted. (Sizes, not modification times: a folder copied to another machine keeps its sizes.)
 

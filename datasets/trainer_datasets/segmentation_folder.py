@@ -24,9 +24,10 @@ Which kind of masks a folder holds (`MASK_MODES`, the ``mask_mode`` argument):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -34,8 +35,17 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trainer_datasets._imageio import (IMAGE_EXTENSIONS, check_labels, is_image_file, is_system_file, not_regular,
-                                      read_image_rgb, read_label_map, read_mask, write_png_file)
+from trainer_datasets._imageio import (
+    IMAGE_EXTENSIONS,
+    check_labels,
+    is_image_file,
+    is_system_file,
+    not_regular,
+    read_image_rgb,
+    read_label_map,
+    read_mask,
+    write_png_file,
+)
 from trainer_datasets._seeding import global_stream
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.transforms import segmentation_augmentation
@@ -202,11 +212,16 @@ def read_classes(path: str | os.PathLike) -> list[str]:
         problems.append(f"it names {len(lines)} class(es); label maps need at least 2 (e.g. background and object)")
     problems += [f"line {i + 1} is blank" for i, name in enumerate(lines) if not name]
     problems += [f"line {i + 1} ({name!r}) has a '/'" for i, name in enumerate(lines) if "/" in name]
-    problems += [f"{name!r} is on lines {lines.index(name) + 1} and {i + 1}" for i, name in enumerate(lines)
-                 if name and lines.index(name) != i]
+    problems += [
+        f"{name!r} is on lines {lines.index(name) + 1} and {i + 1}"
+        for i, name in enumerate(lines)
+        if name and lines.index(name) != i
+    ]
     if problems:
-        raise DatasetError(f"{path} is not a usable class list ({'; '.join(problems)}); write one class name per "
-                           "line, line i naming class index i")
+        raise DatasetError(
+            f"{path} is not a usable class list ({'; '.join(problems)}); write one class name per "
+            "line, line i naming class index i"
+        )
     return lines
 
 
@@ -307,16 +322,24 @@ class SegmentationFolder(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_item(self.images[index], self.masks[index], self.transform, self.seed, self.epoch, index,
-                         labels=self.mask_mode == "labels")
+        return make_item(
+            self.images[index],
+            self.masks[index],
+            self.transform,
+            self.seed,
+            self.epoch,
+            index,
+            labels=self.mask_mode == "labels",
+        )
 
     def image_file(self, index: int) -> Path:
         """The image file of item `index`."""
         return self.layout.images[self.ids[index]]
 
 
-def make_item(image: torch.Tensor, mask: torch.Tensor, transform: Any, seed: int, epoch: int,
-              index: int, labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def make_item(
+    image: torch.Tensor, mask: torch.Tensor, transform: Any, seed: int, epoch: int, index: int, labels: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The item a segmentation dataset gives for a decoded sample: float32 image in [0, 1] and
     float32 binary mask (or int64 label map), augmented by `transform` (if any) with the draws of
     ``(seed, epoch, index)``.
@@ -337,8 +360,9 @@ def make_item(image: torch.Tensor, mask: torch.Tensor, transform: Any, seed: int
     return image.float().div_(255), mask.long() if labels else mask.float()
 
 
-def mixed_sizes_error(first_file: Path, first_size: Sequence[int], image_file: Path,
-                      size: Sequence[int]) -> DatasetError:
+def mixed_sizes_error(
+    first_file: Path, first_size: Sequence[int], image_file: Path, size: Sequence[int]
+) -> DatasetError:
     """The error for images of different sizes loaded without an image size.
 
     Args:
@@ -367,28 +391,28 @@ def split_segmentation(
 ) -> tuple[Dataset, Dataset]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
-    When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
-    used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
-    at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
-    `seed` always gives the same split. The validation set is never augmented; the training set's
-augmentations are drawn from `seed` too (see `SegmentationFolder`).
+        When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
+        used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
+        at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
+        `seed` always gives the same split. The validation set is never augmented; the training set's
+    augmentations are drawn from `seed` too (see `SegmentationFolder`).
 
-    Args:
-        root: the folder (see `SegmentationFolder` for its layout).
-        val_fraction: the fraction of the ids held out for validation, without train/ and val/.
-        seed: seeds the split and the training set's augmentations.
-        image_size: resize every image and mask to this square size (see `SegmentationFolder`).
-        augment_train: augment the training set (`segmentation_augmentation`).
-        num_classes: if given, the number of mask classes the folder must have.
-        mode: ``"memory"`` (`SegmentationFolder`: every sample decoded up front), ``"stream"``
-            (`SegmentationStream`: checked once, indexed, decoded per item) or ``"auto"``: stream
-            when the decoded folder would take more than
-            `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
-            same items, split and errors.
-        index_dir: where streaming keeps its index files (default: the project's cache folder).
-        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring); with
-            train/ and val/, a ``classes.txt`` in `root` serves both sub-folders that lack their own.
-        ignore_index: label maps: the value of pixels of no class.
+        Args:
+            root: the folder (see `SegmentationFolder` for its layout).
+            val_fraction: the fraction of the ids held out for validation, without train/ and val/.
+            seed: seeds the split and the training set's augmentations.
+            image_size: resize every image and mask to this square size (see `SegmentationFolder`).
+            augment_train: augment the training set (`segmentation_augmentation`).
+            num_classes: if given, the number of mask classes the folder must have.
+            mode: ``"memory"`` (`SegmentationFolder`: every sample decoded up front), ``"stream"``
+                (`SegmentationStream`: checked once, indexed, decoded per item) or ``"auto"``: stream
+                when the decoded folder would take more than
+                `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
+                same items, split and errors.
+            index_dir: where streaming keeps its index files (default: the project's cache folder).
+            mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring); with
+                train/ and val/, a ``classes.txt`` in `root` serves both sub-folders that lack their own.
+            ignore_index: label maps: the value of pixels of no class.
     """
     from trainer_datasets.segmentation_stream import SegmentationStream, choose_data_mode, segmentation_index
 
@@ -410,17 +434,40 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
                 return None
             return read_classes(shared)
 
-        layouts = ([scan_segmentation_folder(d, mask_mode, ignore_index, shared_classes(d)) for d in (train_dir, val_dir)]
-                   if mode == "auto" else [])
+        layouts = (
+            [scan_segmentation_folder(d, mask_mode, ignore_index, shared_classes(d)) for d in (train_dir, val_dir)]
+            if mode == "auto"
+            else []
+        )
         sets: list[SegmentationFolder | SegmentationStream] = []
         for folder, augment in ((train_dir, augment_train), (val_dir, False)):
             if choose_data_mode(mode, layouts, image_size) == "stream":
-                sets.append(SegmentationStream(folder, image_size, augment, num_classes, seed=seed, index_dir=index_dir,
-                                               mask_mode=mask_mode, ignore_index=ignore_index,
-                                               label_classes=shared_classes(folder)))
+                sets.append(
+                    SegmentationStream(
+                        folder,
+                        image_size,
+                        augment,
+                        num_classes,
+                        seed=seed,
+                        index_dir=index_dir,
+                        mask_mode=mask_mode,
+                        ignore_index=ignore_index,
+                        label_classes=shared_classes(folder),
+                    )
+                )
             else:
-                sets.append(SegmentationFolder(folder, image_size, augment, num_classes, seed=seed, mask_mode=mask_mode,
-                                               ignore_index=ignore_index, label_classes=shared_classes(folder)))
+                sets.append(
+                    SegmentationFolder(
+                        folder,
+                        image_size,
+                        augment,
+                        num_classes,
+                        seed=seed,
+                        mask_mode=mask_mode,
+                        ignore_index=ignore_index,
+                        label_classes=shared_classes(folder),
+                    )
+                )
         train, val = sets
         if train.classes != val.classes:
             raise DatasetError(
@@ -429,8 +476,11 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
         return train, val
 
     layout = scan_segmentation_folder(root, mask_mode, ignore_index) if mode != "stream" else None
-    index = segmentation_index(root, index_dir, mask_mode, ignore_index) if choose_data_mode(
-        mode, [layout] if layout is not None else [], image_size) == "stream" else None
+    index = (
+        segmentation_index(root, index_dir, mask_mode, ignore_index)
+        if choose_data_mode(mode, [layout] if layout is not None else [], image_size) == "stream"
+        else None
+    )
     ids = index.ids if index is not None else layout.ids if layout is not None else []
     if len(ids) < 2:
         raise DatasetError(f"{root / 'images'} has {len(ids)} image(s); a train/val split needs at least 2")
@@ -439,16 +489,35 @@ augmentations are drawn from `seed` too (see `SegmentationFolder`).
     val_ids = sorted(ids[i] for i in order[:num_val])
     train_ids = sorted(ids[i] for i in order[num_val:])
     if index is not None:
-        return (SegmentationStream(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, index=index),
-                SegmentationStream(root, image_size, False, num_classes, ids=val_ids, index=index))
+        return (
+            SegmentationStream(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, index=index),
+            SegmentationStream(root, image_size, False, num_classes, ids=val_ids, index=index),
+        )
     # The classes of the whole folder, so both halves agree (without a classes.txt, the largest
     # value of one half need not be the other's).
     assert layout is not None
     kind, classes = layout.mask_mode, layout.classes if layout.mask_mode == "labels" else None
-    train = SegmentationFolder(root, image_size, augment_train, num_classes, ids=train_ids, seed=seed, mask_mode=kind,
-                               ignore_index=ignore_index, label_classes=classes)
-    val = SegmentationFolder(root, image_size, False, num_classes, ids=val_ids, mask_mode=kind,
-                             ignore_index=ignore_index, label_classes=classes)
+    train = SegmentationFolder(
+        root,
+        image_size,
+        augment_train,
+        num_classes,
+        ids=train_ids,
+        seed=seed,
+        mask_mode=kind,
+        ignore_index=ignore_index,
+        label_classes=classes,
+    )
+    val = SegmentationFolder(
+        root,
+        image_size,
+        False,
+        num_classes,
+        ids=val_ids,
+        mask_mode=kind,
+        ignore_index=ignore_index,
+        label_classes=classes,
+    )
     return train, val
 
 
@@ -520,9 +589,7 @@ def _index_files(folder: Path, root: Path, problems: list[str]) -> dict[str, Pat
         else:
             found[path.stem] = path
     if unsupported:
-        problems.append(
-            f"unsupported entries (supported: {', '.join(IMAGE_EXTENSIONS)}): {_names(unsupported, root)}"
-        )
+        problems.append(f"unsupported entries (supported: {', '.join(IMAGE_EXTENSIONS)}): {_names(unsupported, root)}")
     if irregular:
         problems.append("entries that are not regular files: " + ", ".join(irregular))
     return found
@@ -532,9 +599,7 @@ def _names(paths: Sequence[Path], root: Path) -> str:
     return ", ".join(str(p.relative_to(root)) for p in paths)
 
 
-def _load_all(
-    layout: FolderLayout, ids: Sequence[str], image_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_all(layout: FolderLayout, ids: Sequence[str], image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = [], []
     first: tuple[Path, tuple[int, ...]] | None = None
     for sample_id in ids:

@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,15 @@ from torch.utils.data import Dataset
 from trainer_datasets._imageio import is_system_file
 from trainer_datasets.errors import DatasetError
 from trainer_datasets.fingerprint import data_files
-from trainer_datasets.segmentation_folder import (IGNORE_INDEX, FolderLayout, _check_image_size, load_sample,
-                                                  make_item, mixed_sizes_error, scan_segmentation_folder)
+from trainer_datasets.segmentation_folder import (
+    IGNORE_INDEX,
+    FolderLayout,
+    _check_image_size,
+    load_sample,
+    make_item,
+    mixed_sizes_error,
+    scan_segmentation_folder,
+)
 from trainer_datasets.transforms import segmentation_augmentation
 
 #: The version of the index files' layout; an index of another version is rebuilt.
@@ -52,8 +60,9 @@ def cache_folder() -> Path:
     else ``$XDG_CACHE_HOME/trainer``, else ``~/.cache/trainer``."""
     root = os.environ.get("TRAINER_CACHE_DIR")
     if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "trainer")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "trainer"
+        )
     return Path(root)
 
 
@@ -94,13 +103,18 @@ class SegmentationIndex:
         images = {i: self.root / self.samples[i][0] for i in ids}
         masks = {name: {i: self.root / self.samples[i][1][c] for i in ids} for c, name in enumerate(self.mask_folders)}
         labels = self.mask_mode == "labels"
-        return FolderLayout(self.root, images, masks, self.mask_mode, list(self.classes) if labels else None,
-                            self.ignore_index)
+        return FolderLayout(
+            self.root, images, masks, self.mask_mode, list(self.classes) if labels else None, self.ignore_index
+        )
 
 
-def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | None = None, mask_mode: str = "auto",
-                       ignore_index: int = IGNORE_INDEX,
-                       label_classes: Sequence[str] | None = None) -> SegmentationIndex:
+def segmentation_index(
+    root: str | os.PathLike,
+    index_dir: str | os.PathLike | None = None,
+    mask_mode: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
+    label_classes: Sequence[str] | None = None,
+) -> SegmentationIndex:
     """The index of the segmentation folder `root`: read from its index file when the folder's
     fingerprint is unchanged, else built by checking (decoding) every sample and written there.
 
@@ -130,8 +144,9 @@ def segmentation_index(root: str | os.PathLike, index_dir: str | os.PathLike | N
     return holder[0]
 
 
-def index_file(root: str | os.PathLike, index_dir: str | os.PathLike | None = None,
-               masks: dict[str, Any] | None = None) -> Path:
+def index_file(
+    root: str | os.PathLike, index_dir: str | os.PathLike | None = None, masks: dict[str, Any] | None = None
+) -> Path:
     """Where the index of folder `root` is kept (one file per folder and way of reading its masks,
     found by the folder's absolute path).
 
@@ -147,11 +162,15 @@ def index_file(root: str | os.PathLike, index_dir: str | os.PathLike | None = No
     return folder / f"{key}.json"
 
 
-def _mask_options(mask_mode: str = "auto", ignore_index: int = IGNORE_INDEX,
-                  label_classes: Sequence[str] | None = None) -> dict[str, Any]:
+def _mask_options(
+    mask_mode: str = "auto", ignore_index: int = IGNORE_INDEX, label_classes: Sequence[str] | None = None
+) -> dict[str, Any]:
     """How a folder's masks are read (`scan_segmentation_folder`'s arguments): part of the index's key."""
-    return {"mask_mode": mask_mode, "ignore_index": ignore_index,
-            "label_classes": list(label_classes) if label_classes is not None else None}
+    return {
+        "mask_mode": mask_mode,
+        "ignore_index": ignore_index,
+        "label_classes": list(label_classes) if label_classes is not None else None,
+    }
 
 
 def _load_or_build(root: Path, index_dir: str | os.PathLike | None, masks: dict[str, Any]) -> SegmentationIndex:
@@ -162,15 +181,30 @@ def _load_or_build(root: Path, index_dir: str | os.PathLike | None, masks: dict[
             saved = json.loads(path.read_text())
             if saved.get("version") == INDEX_VERSION and saved.get("files") == fingerprint:
                 samples = {i: (image, list(masks), h, w) for i, image, masks, h, w in saved["samples"]}
-                return SegmentationIndex(root, list(saved["classes"]), samples, list(saved["mask_folders"]),
-                                         saved["mask_mode"], int(saved["ignore_index"]))
+                return SegmentationIndex(
+                    root,
+                    list(saved["classes"]),
+                    samples,
+                    list(saved["mask_folders"]),
+                    saved["mask_mode"],
+                    int(saved["ignore_index"]),
+                )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no index yet, or an unreadable one: checked and written anew
     index = _build(root, masks)
-    _write(path, {"version": INDEX_VERSION, "root": os.path.abspath(root), "files": _fingerprint(root),
-                  "classes": index.classes, "mask_folders": index.mask_folders, "mask_mode": index.mask_mode,
-                  "ignore_index": index.ignore_index,
-                  "samples": [[i, image, masks, h, w] for i, (image, masks, h, w) in index.samples.items()]})
+    _write(
+        path,
+        {
+            "version": INDEX_VERSION,
+            "root": os.path.abspath(root),
+            "files": _fingerprint(root),
+            "classes": index.classes,
+            "mask_folders": index.mask_folders,
+            "mask_mode": index.mask_mode,
+            "ignore_index": index.ignore_index,
+            "samples": [[i, image, masks, h, w] for i, (image, masks, h, w) in index.samples.items()],
+        },
+    )
     return index
 
 
@@ -211,8 +245,9 @@ def _write(path: Path, content: dict[str, Any]) -> None:
     next start a new check."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp",
-                                         delete=False) as file:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp", delete=False
+        ) as file:
             json.dump(content, file)
         os.replace(file.name, path)
     except OSError:
@@ -281,8 +316,9 @@ class SegmentationStream(Dataset):
             for sample_id in ids:
                 size = index.samples[sample_id][2:]
                 if size != first[2:]:
-                    raise mixed_sizes_error(index.root / first[0], first[2:], index.root / index.samples[sample_id][0],
-                                            size)
+                    raise mixed_sizes_error(
+                        index.root / first[0], first[2:], index.root / index.samples[sample_id][0], size
+                    )
             height, width = first[2:]
         else:
             height = width = image_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -72,7 +72,7 @@ class TensorBatchLoader:
         self._total = len(images)  # samples before sharding
         self._shard: tuple[int, int, bool] | None = None  # (rank, world_size, equal_sizes)
 
-    def shard(self, rank: int, world_size: int, train: bool) -> "TensorBatchLoader":
+    def shard(self, rank: int, world_size: int, train: bool) -> TensorBatchLoader:
         """This process's part of the data when `world_size` processes train together.
 
         Every rank draws the same permutation per epoch and keeps every `world_size`-th sample
@@ -121,5 +121,5 @@ class TensorBatchLoader:
             if self.pin_memory:
                 inputs, labels = inputs.pin_memory(), labels.pin_memory()
             for start in range(0, last - first, self.batch_size):
-                yield inputs[start:start + self.batch_size], labels[start:start + self.batch_size]
+                yield inputs[start : start + self.batch_size], labels[start : start + self.batch_size]
         self.epoch = epoch + 1

@@ -11,8 +11,8 @@ from typing import Any
 from trainer.callback import Callback
 from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_validations, improves, worst
 from trainer.checkpoint import atomic_save
-from trainer.errors import NonFiniteLossError, TrainingInterrupted
 from trainer.distributed import is_rank_zero
+from trainer.errors import NonFiniteLossError, TrainingInterrupted
 from trainer.every import Every, positive_int
 from trainer.model_spec import is_plain, record_model
 from trainer.sampler import RESUMABLE_LOADERS, resumable
@@ -108,8 +108,10 @@ class ModelCheckpoint(Callback):
         self._saved_at: tuple[int, int, int] | None = None
         bad = [key for key, value in (data or {}).items() if not (isinstance(key, str) and is_plain(value))]
         if bad:
-            raise ValueError(f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(data[bad[0]]).__name__}; data "
-                             "holds numbers, strings, bools, None, and lists or dicts of them")
+            raise ValueError(
+                f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(data[bad[0]]).__name__}; data "
+                "holds numbers, strings, bools, None, and lists or dicts of them"
+            )
         self.model_args, self.data, self.best_weights_only = model_args, dict(data or {}), best_weights_only
         self.describe_model = describe_model
         self._model_spec: dict[str, Any] | None = None
@@ -140,7 +142,8 @@ class ModelCheckpoint(Callback):
                 f"ModelCheckpoint(every_n_steps={self.every_n_steps}): {type(trainer.train_loader).__name__} cannot "
                 f"start an epoch at a given batch, so a run resumed from a step checkpoint continues at the end of "
                 f"that epoch, skipping the batches it had not trained. {RESUMABLE_LOADERS}",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
         if self.save_top_k is not None and trainer.start_step > 0:
             # Written by an interrupted process after the checkpoint it resumes from: redone anyway.
@@ -151,8 +154,9 @@ class ModelCheckpoint(Callback):
 
     def idle_hooks(self, trainer) -> frozenset[str]:
         """Without step checkpoints and step validations it saves at epoch ends only."""
-        if self.every_n_steps is None and not (self.monitor is not None
-                                               and decides_at_validations(trainer, self.monitor)):
+        if self.every_n_steps is None and not (
+            self.monitor is not None and decides_at_validations(trainer, self.monitor)
+        ):
             return frozenset({"on_batch_end", "on_validation_end"})
         return frozenset()
 
@@ -207,7 +211,7 @@ class ModelCheckpoint(Callback):
             return None, []
         name = f"epoch={trainer.epoch + 1}-step={trainer.global_step}-{self.monitor}={value:.4f}.pt"
         ranked = sorted([*self.top_k, [value, name]], key=lambda e: e[0], reverse=self.mode == "max")  # stable
-        self.top_k, dropped = ranked[: self.save_top_k], [e[1] for e in ranked[self.save_top_k:]]
+        self.top_k, dropped = ranked[: self.save_top_k], [e[1] for e in ranked[self.save_top_k :]]
         if name in dropped:
             return None, []
         return name, dropped
@@ -220,23 +224,30 @@ class ModelCheckpoint(Callback):
         if isinstance(exception, NonFiniteLossError):
             saved = self.last_path if self.last_path.is_file() else None
             exception.add_note(f"last good checkpoint: {saved}" if saved else "no checkpoint was written yet")
-        elif isinstance(exception, TrainingInterrupted) and self.save_last and (
-                self.every_n_steps is not None or resumable(trainer.train_loader)):
+        elif (
+            isinstance(exception, TrainingInterrupted)
+            and self.save_last
+            and (self.every_n_steps is not None or resumable(trainer.train_loader))
+        ):
             if self._saved_at != self._position(trainer):
                 # No gathering: under torchrun the ranks need not be at the same step here.
                 self._save(trainer, None, last=True, every_rank=False)
             if is_rank_zero():
-                exception.add_note(f"saved {self.last_path}: continue with fit(..., "
-                                   f"resume_from={str(self.last_path)!r})")
+                exception.add_note(
+                    f"saved {self.last_path}: continue with fit(..., resume_from={str(self.last_path)!r})"
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far, its epoch and step, and the top K kept."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "top_k": [list(entry) for entry in self.top_k]}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "top_k": [list(entry) for entry in self.top_k],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.best_step = state.get("best_step")
         self.top_k = [list(entry) for entry in state.get("top_k", [])]
-

@@ -40,12 +40,18 @@ def confusion_figure(counts: torch.Tensor, classes: Sequence[str] | None = None)
     small = max(8, FONT_SIZE - 2 * max(0, k - 4))
     if k <= 12:  # beyond that the cells are too small for text
         for (row, column), share in np.ndenumerate(shares):
-            ax.text(column, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=small,
-                    color="white" if share > 0.5 else "black")
+            ax.text(
+                column,
+                row,
+                f"{100 * share:.0f}",
+                ha="center",
+                va="center",
+                fontsize=small,
+                color="white" if share > 0.5 else "black",
+            )
     ax.set_xticks(range(k), names, rotation=45, ha="left", fontsize=small)
     ax.xaxis.tick_top()
-    ax.set_yticks(range(k), [f"{name} ({int(n)})" for name, n in zip(names, counts.sum(1).tolist())],
-                  fontsize=small)
+    ax.set_yticks(range(k), [f"{name} ({int(n)})" for name, n in zip(names, counts.sum(1).tolist())], fontsize=small)
     ax.set_xlabel("predicted class", fontsize=FONT_SIZE)
     ax.set_ylabel("true class (pixels)", fontsize=FONT_SIZE)
     fig.suptitle("% of each true class", fontsize=FONT_SIZE, x=0.63, y=0.99)
@@ -70,8 +76,9 @@ class ConfusionMatrixCallback(TensorBoardWriterCallback):
 
     rank_zero_only = False  # every rank counts its share of the validation data
 
-    def __init__(self, log_dir: str | os.PathLike, classes: Sequence[str], ignore_index: int = 255,
-                 tag: str = "confusion matrix") -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike, classes: Sequence[str], ignore_index: int = 255, tag: str = "confusion matrix"
+    ) -> None:
         super().__init__(log_dir)
         if len(classes) < 2:
             raise ValueError(f"a confusion matrix needs at least 2 classes, got {list(classes)}")

@@ -25,8 +25,7 @@ class EarlyStopping(Callback):
 
     order = -10
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
-                 min_delta: float = 0.0) -> None:
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0) -> None:
         check_mode(mode)
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
@@ -57,8 +56,12 @@ class EarlyStopping(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The counters needed to continue after a resume."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
-                "stopped_epoch": self.stopped_epoch}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters saved by `state_dict`."""

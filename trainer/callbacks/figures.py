@@ -50,8 +50,7 @@ def _height(count: int, title_lines: int, top: int) -> int:
     return top + _rows(count) * (title_lines * _TITLE_LINE + _PANEL + _ROW_GAP) + _MARGIN // 2
 
 
-def _panel(fig: Figure, index: int, top: int, title_lines: int, image: torch.Tensor, title: str,
-           **style: Any) -> None:
+def _panel(fig: Figure, index: int, top: int, title_lines: int, image: torch.Tensor, title: str, **style: Any) -> None:
     """Show a (C, H, W) image in [0, 1] titled `title` as panel `index`, left to right and top to
     bottom, `COLUMNS` per row, under a band of `top` pixels.
 
@@ -93,9 +92,18 @@ def _new_or_reused(fig: Figure | None, panels: int, height: int) -> tuple[Figure
 def _legend(fig: Figure, colours: Sequence[Any], names: Sequence[str], columns: int) -> None:
     """A legend of coloured patches across the top of `fig`."""
     handles = [Patch(facecolor=c, edgecolor="0.3", label=n) for c, n in zip(colours, names)]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=columns, frameon=False,
-               fontsize=LEGEND_FONT_SIZE, handlelength=1.0, handletextpad=0.4, columnspacing=1.0,
-               borderaxespad=0.3)
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=columns,
+        frameon=False,
+        fontsize=LEGEND_FONT_SIZE,
+        handlelength=1.0,
+        handletextpad=0.4,
+        columnspacing=1.0,
+        borderaxespad=0.3,
+    )
 
 
 def _legend_height(entries: int, columns: int) -> int:
@@ -139,13 +147,25 @@ def image_with_legend(image: torch.Tensor, names: Sequence[str]) -> torch.Tensor
     ax.imshow(np.transpose(image.numpy(), (1, 2, 0)), interpolation="nearest")
     ax.set_axis_off()
     handles = [Patch(facecolor=c, label=n) for c, n in zip(class_colours(len(names)).tolist(), names)]
-    fig.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=LEGEND_FONT_SIZE - 1,
-               handlelength=1.0, handletextpad=0.4, columnspacing=1.0, borderaxespad=0.2)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=columns,
+        frameon=False,
+        fontsize=LEGEND_FONT_SIZE - 1,
+        handlelength=1.0,
+        handletextpad=0.4,
+        columnspacing=1.0,
+        borderaxespad=0.2,
+    )
     return torch.from_numpy(figure_to_array(fig)).permute(2, 0, 1)
 
 
 def classification_figure(
-    images: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None,
+    images: torch.Tensor,
+    probabilities: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str] | None = None,
     fig: Figure | None = None,
 ) -> Figure:
     """The PyTorch TensorBoard tutorial's "predictions vs. actuals": each image titled with its
@@ -178,8 +198,13 @@ def mask_iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return torch.where(union > 0, intersection / union.clamp(min=1), 1.0).mean().item()
 
 
-def segmentation_figure(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor,
-                        classes: Sequence[str] | None = None, fig: Figure | None = None) -> Figure:
+def segmentation_figure(
+    images: torch.Tensor,
+    truth: torch.Tensor,
+    predicted: torch.Tensor,
+    classes: Sequence[str] | None = None,
+    fig: Figure | None = None,
+) -> Figure:
     """Per sample, one row of two panels, with the sample's IoU (mean over classes) in the
     second panel's title and a colour legend across the top.
 
@@ -209,9 +234,11 @@ def segmentation_figure(images: torch.Tensor, truth: torch.Tensor, predicted: to
             overlay[1] = torch.maximum(overlay[1], truth[i, 0].float())
             panels = [(image, f"#{i} image"), (overlay, f"overlay, IoU {iou:.3f}")]
         else:
-            def tint(masks: torch.Tensor) -> torch.Tensor:
-                return torch.where(masks.any(0, keepdim=True), 0.4 * image + 0.6 * colour_masks(masks[None])[0],
-                                   0.8 * image)
+
+            def tint(masks: torch.Tensor, image: torch.Tensor = image) -> torch.Tensor:
+                return torch.where(
+                    masks.any(0, keepdim=True), 0.4 * image + 0.6 * colour_masks(masks[None])[0], 0.8 * image
+                )
 
             panels = [(tint(truth[i]), f"#{i} truth"), (tint(predicted[i]), f"prediction, mean IoU {iou:.3f}")]
         for j, (panel, title) in enumerate(panels):

@@ -52,12 +52,14 @@ def hparam_value(value: Any) -> bool | float | str | None:
 
 
 def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
-                                        tensor=metadata.NULL_TENSOR)])
+    return Summary(
+        value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)]
+    )
 
 
-def hparams_summaries(hparams: Mapping[str, Any], metric_tags: Sequence[str],
-                      main: Sequence[str] = MAIN_HPARAMS) -> tuple[Summary, Summary, Summary]:
+def hparams_summaries(
+    hparams: Mapping[str, Any], metric_tags: Sequence[str], main: Sequence[str] = MAIN_HPARAMS
+) -> tuple[Summary, Summary, Summary]:
     """The experiment, session-start and session-end summaries of one run.
 
     Args:
@@ -86,10 +88,14 @@ def hparams_summaries(hparams: Mapping[str, Any], metric_tags: Sequence[str],
             info.domain_discrete.extend([value])  # what TensorBoard itself infers from one run
         infos.append(info)
     infos.sort(key=lambda info: info.name)  # TensorBoard's own order
-    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), description="the last value of the curve")
-               for tag in metric_tags]
+    metrics = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), description="the last value of the curve")
+        for tag in metric_tags
+    ]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
-    return (_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
-            _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
-            _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)))
+    return (
+        _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+        _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+    )

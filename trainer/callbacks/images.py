@@ -12,8 +12,8 @@ from torchvision.utils import make_grid
 from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
 from trainer.callbacks.palette import class_names, colour_masks, is_label_batch, label_masks
-from trainer.every import Every, positive_int
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
+from trainer.every import Every, positive_int
 
 #: The grey of the lines between tiles: neither the black background nor a white mask.
 BORDER = 0.5
@@ -34,8 +34,8 @@ class ImageGridCallback(TensorBoardWriterCallback):
     too, under `mask_tag`: white on black for one class; for K >= 2 classes each class in its
     fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
     Label maps (integer (N, H, W) targets of class indices) are shown the same way, one colour
-    per class, with their `ignore_index` pixels black. Logged at fit start, and every `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits)
-    are enlarged by a whole factor, nearest neighbour, until their shorter side is at least
+    per class, with their `ignore_index` pixels black. Logged at fit start, and every
+    `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits) are enlarged by a whole factor, nearest neighbour, until their shorter side is at least
     `min_side` pixels, so that the grid is legible at TensorBoard's card size.
 
     Args:

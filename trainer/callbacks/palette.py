@@ -6,10 +6,26 @@ import torch
 
 # Strong, distinguishable colours first (a colour-blind-aware qualitative set), then lighter ones.
 _PALETTE = (
-    (0.90, 0.10, 0.29), (0.24, 0.71, 0.29), (0.00, 0.51, 0.78), (1.00, 0.88, 0.10), (0.96, 0.51, 0.19),
-    (0.57, 0.12, 0.71), (0.27, 0.94, 0.94), (0.94, 0.20, 0.90), (0.82, 0.96, 0.24), (0.98, 0.75, 0.83),
-    (0.00, 0.50, 0.50), (0.86, 0.75, 1.00), (0.67, 0.43, 0.16), (1.00, 0.98, 0.78), (0.50, 0.00, 0.00),
-    (0.67, 1.00, 0.76), (0.50, 0.50, 0.00), (1.00, 0.84, 0.71), (0.00, 0.00, 0.50), (0.50, 0.50, 0.50),
+    (0.90, 0.10, 0.29),
+    (0.24, 0.71, 0.29),
+    (0.00, 0.51, 0.78),
+    (1.00, 0.88, 0.10),
+    (0.96, 0.51, 0.19),
+    (0.57, 0.12, 0.71),
+    (0.27, 0.94, 0.94),
+    (0.94, 0.20, 0.90),
+    (0.82, 0.96, 0.24),
+    (0.98, 0.75, 0.83),
+    (0.00, 0.50, 0.50),
+    (0.86, 0.75, 1.00),
+    (0.67, 0.43, 0.16),
+    (1.00, 0.98, 0.78),
+    (0.50, 0.00, 0.00),
+    (0.67, 1.00, 0.76),
+    (0.50, 0.50, 0.00),
+    (1.00, 0.84, 0.71),
+    (0.00, 0.00, 0.50),
+    (0.50, 0.50, 0.50),
 )
 
 
@@ -35,8 +51,12 @@ def class_names(classes: list[str] | tuple[str, ...] | None, count: int) -> list
 
 def is_label_batch(targets: object, images: torch.Tensor) -> bool:
     """Whether `targets` are label maps of `images`: integer (N, H, W) class indices of their size."""
-    return (isinstance(targets, torch.Tensor) and targets.dim() == 3 and not targets.is_floating_point()
-            and targets.shape[-2:] == images.shape[-2:])
+    return (
+        isinstance(targets, torch.Tensor)
+        and targets.dim() == 3
+        and not targets.is_floating_point()
+        and targets.shape[-2:] == images.shape[-2:]
+    )
 
 
 def label_masks(labels: torch.Tensor, num_classes: int | None = None, ignore_index: int = 255) -> torch.Tensor:

@@ -7,8 +7,8 @@ from typing import IO, Any
 from tqdm.std import tqdm as text_bar
 
 from trainer.callback import Callback
-from trainer.notebook import has_widgets, in_notebook
 from trainer.every import Every, renamed_option
+from trainer.notebook import has_widgets, in_notebook
 from trainer.running import RunningLoss
 
 
@@ -45,8 +45,9 @@ class ProgressBar(Callback):
 
     rank_zero_only = True
 
-    def __init__(self, every_n_steps: int = 20, leave: bool = True, file: IO[str] | None = None, *,
-                 log_every: int | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int = 20, leave: bool = True, file: IO[str] | None = None, *, log_every: int | None = None
+    ) -> None:
         self.every_n_steps = renamed_option("ProgressBar", "log_every", log_every, "every_n_steps", every_n_steps)
         self._log_point = Every(self.every_n_steps, "every_n_steps")
         self.leave = leave

@@ -30,8 +30,9 @@ class PRCurveCallback(TensorBoardWriterCallback):
 
     rank_zero_only = False  # every rank predicts its own shard; only rank 0 has a writer
 
-    def __init__(self, log_dir: str | os.PathLike, classes: Sequence[str], loader: Any = None,
-                 tag_prefix: str = "pr/") -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike, classes: Sequence[str], loader: Any = None, tag_prefix: str = "pr/"
+    ) -> None:
         super().__init__(log_dir)
         self.classes, self.loader, self.tag_prefix = list(classes), loader, tag_prefix
         self._failed = False
@@ -83,9 +84,18 @@ class EmbeddingCallback(TensorBoardWriterCallback):
         tag: the embedding's name in the projector.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,
-                 classes: Sequence[str], num_samples: int = 100, mean: Any = None, std: Any = None,
-                 seed: int = 0, tag: str = "images") -> None:
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        num_samples: int = 100,
+        mean: Any = None,
+        std: Any = None,
+        seed: int = 0,
+        tag: str = "images",
+    ) -> None:
         super().__init__(log_dir)
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
@@ -103,5 +113,6 @@ class EmbeddingCallback(TensorBoardWriterCallback):
     def on_fit_start(self, trainer) -> None:
         if not self.resumed:
             features = self.thumbnails.flatten(1)
-            self.writer.add_embedding(features, metadata=self.labels, label_img=self.thumbnails,
-                                      global_step=trainer.global_step, tag=self.tag)
+            self.writer.add_embedding(
+                features, metadata=self.labels, label_img=self.thumbnails, global_step=trainer.global_step, tag=self.tag
+            )

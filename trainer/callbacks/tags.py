@@ -42,7 +42,7 @@ def epoch_tag(key: str) -> str:
     if key in EPOCH:
         return EPOCH[key]
     if key.startswith("val_"):
-        return VALIDATION + key[len("val_"):]
+        return VALIDATION + key[len("val_") :]
     return f"epoch/{key}"
 
 

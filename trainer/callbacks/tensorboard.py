@@ -31,6 +31,7 @@ from trainer.distributed import get_world_size, is_rank_zero
 from trainer.every import Every, renamed_option
 from trainer.running import RunningLoss
 
+
 def has_event_files(path: str | os.PathLike, recursive: bool = False) -> bool:
     """Whether `path` (or, `recursive`, a folder below it) holds TensorBoard event files."""
     pattern = os.path.join(glob.escape(os.fspath(path)), "**" if recursive else "", EVENT_FILE_PATTERN)
@@ -84,8 +85,10 @@ def holds_run(path: str | os.PathLike) -> bool:
 
     for file in sorted(glob.glob(os.path.join(glob.escape(os.fspath(path)), EVENT_FILE_PATTERN))):
         for event in EventFileLoader(file).Load():
-            if any(value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars"
-                   for value in event.summary.value):
+            if any(
+                value.HasField("simple_value") or value.metadata.plugin_data.plugin_name == "scalars"
+                for value in event.summary.value
+            ):
                 return True
     return False
 
@@ -96,7 +99,7 @@ def run_versions(log_dir: str | os.PathLike) -> list[Path]:
     root = Path(log_dir)
     numbered = []
     for child in root.glob(f"{VERSION_PREFIX}*"):
-        number = child.name[len(VERSION_PREFIX):]
+        number = child.name[len(VERSION_PREFIX) :]
         if number.isdigit() and holds_run(child):
             numbered.append((int(number), child))
     return ([root] if holds_run(root) else []) + [child for _, child in sorted(numbered)]
@@ -115,8 +118,11 @@ def writer_dir(log_dir: str | os.PathLike, resumed: bool) -> Path:
         return versions[-1] if versions else Path(log_dir)
     if not versions:
         return Path(log_dir)
-    numbers = [int(p.name[len(VERSION_PREFIX):]) for p in Path(log_dir).glob(f"{VERSION_PREFIX}*")
-               if p.name[len(VERSION_PREFIX):].isdigit()]
+    numbers = [
+        int(p.name[len(VERSION_PREFIX) :])
+        for p in Path(log_dir).glob(f"{VERSION_PREFIX}*")
+        if p.name[len(VERSION_PREFIX) :].isdigit()
+    ]
     return Path(log_dir) / f"{VERSION_PREFIX}{max(numbers, default=0) + 1}"
 
 
@@ -164,8 +170,10 @@ class TensorBoardWriterCallback(Callback):
         def create() -> SummaryWriter:
             where = writer_dir(self.log_dir, self.resumed)
             if not self.resumed and where != Path(self.log_dir):
-                print(f"TensorBoard: {self.log_dir} already holds a run, so this one logs to {os.fspath(where)} "
-                      "(to continue a run instead, fit with resume_from=)")
+                print(
+                    f"TensorBoard: {self.log_dir} already holds a run, so this one logs to {os.fspath(where)} "
+                    "(to continue a run instead, fit with resume_from=)"
+                )
             # The start marker at the fit's first step (see the class docstring).
             return open_writer(where, trainer.start_step + 1 if self.resumed else 0)
 
@@ -265,8 +273,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     ) -> None:
         super().__init__(log_dir)
         check_mode(mode)
-        self.every_n_steps = renamed_option("TensorBoardCallback", "log_every", log_every, "every_n_steps",
-                                            every_n_steps)
+        self.every_n_steps = renamed_option(
+            "TensorBoardCallback", "log_every", log_every, "every_n_steps", every_n_steps
+        )
         self._log_point = Every(self.every_n_steps, "every_n_steps")
         self.running_loss_tag = running_loss_tag
         self.throughput_tag = throughput_tag
@@ -289,7 +298,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             return self.tags[key]
         parent = scheme.parent_metric(key, keys)
         if parent is not None:
-            return f"{self.tag(parent, keys)}/{key[len(parent) + 1:]}"
+            return f"{self.tag(parent, keys)}/{key[len(parent) + 1 :]}"
         return scheme.epoch_tag(key)
 
     def on_fit_start(self, trainer) -> None:
@@ -297,8 +306,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self._log_point.start(trainer.global_step)
         if not self.resumed:
             losses = [self.running_loss_tag, self.tag("loss"), self.tag("val_loss")]
-            self.writer.add_custom_scalars({"losses": {
-                "training and validation loss": ["Multiline", [f"^{re.escape(tag)}$" for tag in losses]]}})
+            self.writer.add_custom_scalars(
+                {"losses": {"training and validation loss": ["Multiline", [f"^{re.escape(tag)}$" for tag in losses]]}}
+            )
             self._write_hparams(trainer)
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
