@@ -10,7 +10,8 @@ resident set's high-water mark, ``getrusage``) is its own:
 
 - start: the seconds from `split_segmentation` (augmented, as the recipe does; imports not
   counted) to the end of one training step of a one-convolution model, in each mode; streaming
-  twice, first with an empty index folder (every file checked) then with the index that start wrote (nothing decoded before the step);
+  twice, first with an empty index folder (every file checked) then with the index that start wrote
+  (nothing decoded before the step);
 - throughput: training samples per second of the same model over `--steps` steps after 3 warm-up
   steps, with each `--workers` count. The model is deliberately tiny, so that the figure is what
   the data side can deliver, not the network's speed.

@@ -7,7 +7,8 @@ Prints the CPU's native capabilities (AVX2 / AVX-512 / AVX512-BF16 / AMX), then 
 probe took), then one row per setting: float32 eager (the reference loop of the widely used
 pytorch-nested-unet code), channels-last, bf16 autocast, channels-last + bf16, float32 with
 PyTorch's own convolution kernels instead of oneDNN's, and the automatic choice. All rows run
-the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved in one process; medians of `--repeats` runs. The defaults are the recipe's own workload.
+the same optimizer steps (Adam, BCEDiceLoss) on the same data, interleaved in one process; medians
+of `--repeats` runs. The defaults are the recipe's own workload.
 """
 
 from __future__ import annotations

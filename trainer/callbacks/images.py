@@ -35,7 +35,8 @@ class ImageGridCallback(TensorBoardWriterCallback):
     fixed colour (`palette.class_colours`) with a legend of the class names under the grid.
     Label maps (integer (N, H, W) targets of class indices) are shown the same way, one colour
     per class, with their `ignore_index` pixels black. Logged at fit start, and every
-    `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits) are enlarged by a whole factor, nearest neighbour, until their shorter side is at least
+    `every_n_epochs` epochs if set. Tiny images (e.g. 8x8 digits) are enlarged by a whole factor,
+    nearest neighbour, until their shorter side is at least
     `min_side` pixels, so that the grid is legible at TensorBoard's card size.
 
     Args:
