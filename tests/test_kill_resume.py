@@ -110,6 +110,7 @@ def on_batch_end(self, trainer, batch, outputs, original=ModelCheckpoint.on_batc
         hold(trainer)
 
 Trainer.eval_step, ModelCheckpoint.on_epoch_end, ModelCheckpoint.on_batch_end = eval_step, on_epoch_end, on_batch_end
+ModelCheckpoint.idle_hooks = lambda self, trainer: frozenset()  # its on_batch_end holds the run at any step
 runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
 """
 

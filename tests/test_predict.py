@@ -95,7 +95,7 @@ def whole(tmp_path_factory):
                 "--arch",
                 "UNet",
                 "--base-filters",
-                "8",
+                "16",
                 "--batch-size",
                 "8",
                 "--epochs",
