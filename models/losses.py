@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,9 @@ class DeepSupervisionLoss(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, predictions: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, predictions: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], targets: torch.Tensor
+    ) -> torch.Tensor:
         """Return the (mean) loss of `predictions` against `targets`."""
         if isinstance(predictions, (list, tuple)):
             if not predictions:

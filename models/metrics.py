@@ -8,11 +8,11 @@ device. `predictions` are the model's raw logits; for a deep-supervision list th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-Predictions = torch.Tensor | Sequence[torch.Tensor]
+Predictions = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 Metric = Callable[[Predictions, torch.Tensor], torch.Tensor]
 
 

@@ -306,7 +306,7 @@ def predict_image(
         channels_last=channels_last,
         activation=activation,
     )[0]
-    return restore_size(probabilities, tuple(image.shape[-2:]))
+    return restore_size(probabilities, (image.shape[-2], image.shape[-1]))
 
 
 def _forward(

@@ -202,7 +202,7 @@ device_option.__name__ = "device"
 
 def layout_option(text: str) -> bool | str:
     """argparse type of ``--channels-last``: ``on`` -> True, ``off`` -> False, ``auto``."""
-    values = {"on": True, "off": False, "auto": "auto"}
+    values: dict[str, bool | str] = {"on": True, "off": False, "auto": "auto"}
     if text not in values:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
     return values[text]

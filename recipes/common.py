@@ -127,10 +127,10 @@ def choose_run_precision(
             True if config.onednn is None else config.onednn,
         )
     else:
-        choice = (
+        local = (
             choose_precision(model, device, example, config.precision, config.channels_last) if is_rank_zero() else None
         )
-        choice = broadcast_object(choice)
+        choice = broadcast_object(local)
         config.update(
             precision=choice.precision,
             channels_last=choice.channels_last,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,12 @@ def normalize_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
 
 
 def make_loader(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, config: dict[str, Any], pin_memory: bool
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    shuffle: bool,
+    config: Mapping[str, Any],
+    pin_memory: bool,
 ) -> Any:
     """Batches of (normalised images, labels): in-process, or from worker processes."""
     if config["workers"] == 0:

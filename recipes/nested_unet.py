@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from models import (
     BASE_FILTERS,
@@ -81,7 +81,13 @@ from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
 from trainer.trained_model import export_model, model_from_state
 from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
-from trainer_datasets.segmentation_stream import DATA_MODES
+from trainer_datasets.segmentation_folder import SegmentationFolder
+from trainer_datasets.segmentation_stream import DATA_MODES, SegmentationStream
+
+#: A data set `load_data` makes: the built-in data in memory, or a folder's (``--data``).
+LoadedSet = TensorDataset | SegmentationFolder | SegmentationStream
+#: A data set made from a folder (``--data``).
+FolderSet = SegmentationFolder | SegmentationStream
 
 ARCHITECTURES = {"NestedUNet": NestedUNet, "UNet": UNet}
 RUNS_ROOT = "runs/nested_unet"
@@ -257,16 +263,24 @@ def build_predict_parser() -> argparse.ArgumentParser:
 BUILTIN_CLASSES = ["nucleus"]
 
 
-def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
+class PairDataset(Protocol):
+    """A map-style data set of (image, mask) pairs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def load_data(config: Mapping[str, Any]) -> tuple[LoadedSet, LoadedSet, list[str]]:
     """Training and validation sets and the names of the mask classes (the class folders, in
     order; ``mask`` for masks directly in masks/; label maps: their classes.txt or indices); bad
     data is a UsageError. The sets' ``mask_mode`` says whether they hold binary masks or label maps."""
     if config["data"] is None:
         size = config["image_size"]
-        train = SyntheticNuclei(config["train_samples"], image_size=size, seed=config["seed"])
-        val = SyntheticNuclei(config["val_samples"], image_size=size, seed=config["seed"] + 10_000)
+        builtin_train = SyntheticNuclei(config["train_samples"], image_size=size, seed=config["seed"])
+        builtin_val = SyntheticNuclei(config["val_samples"], image_size=size, seed=config["seed"] + 10_000)
         # Generated once into memory: each epoch then reads plain tensors.
-        return materialize(train), materialize(val), list(BUILTIN_CLASSES)
+        return materialize(builtin_train), materialize(builtin_val), list(BUILTIN_CLASSES)
     try:
         train, val = split_segmentation(
             config["data"],
@@ -288,13 +302,13 @@ def load_data(config: dict[str, Any]) -> tuple[Dataset, Dataset, list[str]]:
     return train, val, list(train.classes)
 
 
-def materialize(dataset: Dataset) -> TensorDataset:
+def materialize(dataset: PairDataset) -> TensorDataset:
     """Stack a small map-style dataset of (image, mask) pairs into tensors."""
     images, masks = zip(*(dataset[i] for i in range(len(dataset))))
     return TensorDataset(torch.stack(images), torch.stack(masks))
 
 
-def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
+def build_model(config: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The configured network."""
     width = config.get("base_filters", BASE_FILTERS)  # runs from before the option have the default
     if config["arch"] == "NestedUNet":
@@ -305,13 +319,16 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
 
 
 def build_optimizer(
-    config: dict[str, Any], model: nn.Module, device: torch.device | None = None
-) -> tuple[torch.optim.Optimizer, Any]:
+    config: Mapping[str, Any], model: nn.Module, device: torch.device | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """Optimizer and learning-rate scheduler of the configuration. On CUDA the optimizer is the
     fused kernel, which also lets a grad scaler skip steps without waiting on the device."""
-    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
+    fused = True if device is not None and device.type == "cuda" else None  # None: the optimizer's default
+    optimizer: torch.optim.Optimizer
     if config["optimizer"] == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], **fused)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], fused=fused
+        )
     else:
         optimizer = torch.optim.SGD(
             model.parameters(),
@@ -319,8 +336,9 @@ def build_optimizer(
             momentum=0.9,
             nesterov=True,
             weight_decay=config["weight_decay"],
-            **fused,
+            fused=fused,
         )
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     if config["scheduler"] == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=config["epochs"], eta_min=config["lr"] * 0.01
@@ -332,7 +350,7 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def validate_config(config: dict[str, Any]) -> None:
+def validate_config(config: Mapping[str, Any]) -> None:
     """Checks that need no data: option combinations."""
     if config["deep_supervision"] and config["arch"] != "NestedUNet":
         raise UsageError("--deep-supervision needs --arch NestedUNet")
@@ -443,7 +461,8 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         validate_config(config)
         train_set, val_set, classes = load_data(config)
         if config["data"] is not None:  # a resumed run must see the files it started on
-            files = data_files(config["data"], {*train_set.layout.files(), *val_set.layout.files()})
+            folders = cast("tuple[FolderSet, FolderSet]", (train_set, val_set))  # made from --data
+            files = data_files(config["data"], {*folders[0].layout.files(), *folders[1].layout.files()})
             check_same_data(config.setdefault("data_files", files), files, config["data"], "--data")
         if config.setdefault("classes", classes) != classes:
             raise UsageError(
@@ -481,16 +500,12 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
             fixed = next(iter(DataLoader(val_set, batch_size=8)))
         else:  # only rank 0 draws and logs it (and chooses the precision): the others need its shape, no files read
             labels = mask_type == "labels"
-            image, mask = (
-                val_set[0]
-                if config["data"] is None
-                else (
-                    torch.zeros(3, *val_set.size),
-                    torch.zeros(*val_set.size, dtype=torch.long)
-                    if labels
-                    else torch.zeros(len(classes), *val_set.size),
-                )
-            )
+            if config["data"] is None:
+                image, mask = val_set[0]
+            else:
+                side = cast("FolderSet", val_set).size  # made from --data
+                image = torch.zeros(3, *side)
+                mask = torch.zeros(*side, dtype=torch.long) if labels else torch.zeros(len(classes), *side)
             count = min(8, len(val_set))
             fixed = [image.new_zeros(count, *image.shape), mask.new_zeros(count, *mask.shape)]
         if mask_type == "labels":  # exclusive classes: softmax; ignored pixels count nowhere

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 #: Environment variables with which a user chooses the policy; when one is set it is kept.
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -66,7 +66,9 @@ def _own_ticks() -> float:
 
 
 def choose_wait_policy(
-    threads: int | None = None, environ: dict[str, str] | None = None, measure: Callable[[], float | None] = busy_cpus
+    threads: int | None = None,
+    environ: MutableMapping[str, str] | None = None,
+    measure: Callable[[], float | None] = busy_cpus,
 ) -> str:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in `environ` (default: this process's environment) when
     other processes keep more CPUs busy than `threads` threads leave free, and return a few words

@@ -128,7 +128,9 @@ def check_images(folder: str) -> list[ImageFile]:
     paths = [p for p, kind in kinds.items() if kind is None]
     if not paths:
         raise UsageError(f"--images {folder!r} holds no .png, .jpg or .tif images")
-    files, problems, seen = [], [], {}
+    files: list[ImageFile] = []
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:
             problems.append(f"{seen[path.stem].name} and {path.name} share the id {path.stem!r} that names the outputs")
@@ -179,7 +181,7 @@ def batches(files: list[ImageFile], image_size: int | None, tile: int) -> list[l
     groups: dict[tuple[int, int], list[ImageFile]] = {}
     for file in files:
         groups.setdefault(model_side(file, image_size), []).append(file)
-    result = []
+    result: list[list[ImageFile]] = []
     for (height, width), group in groups.items():
         padded = (height + -height % SIDE_MULTIPLE) * (width + -width % SIDE_MULTIPLE)
         size = max(1, tile * tile // padded)

@@ -127,7 +127,9 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
         ) from None
 
 
-def check_same_data(saved: Mapping[str, int], current: Mapping[str, int], root: str | os.PathLike, option: str) -> None:
+def check_same_data(
+    saved: Mapping[str, object], current: Mapping[str, object], root: str | os.PathLike, option: str
+) -> None:
     """Refuse a resume whose data folder differs from the one the run started on (files added,
     removed or of another size): a `UsageError` naming the changes.
 

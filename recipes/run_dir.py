@@ -158,7 +158,7 @@ def start_run_dir(
     shared = broadcast_object(result if not isinstance(result, tuple) else result[0])
     if isinstance(shared, UsageError):
         raise shared
-    return shared, (result[1] if is_rank_zero() else None)
+    return shared, (result[1] if isinstance(result, tuple) else None)  # the lock: rank 0 only
 
 
 def describe_folder(path: Path) -> str:

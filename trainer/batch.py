@@ -60,7 +60,12 @@ def mover(device: torch.device, channels_last: bool = False) -> Callable[[Any], 
 def tensors(value: Any) -> list[torch.Tensor]:
     """Every tensor in a nested value (tuples, lists, dicts), depth first."""
     found: list[torch.Tensor] = []
-    map_tensors(value, lambda t: found.append(t) or t)
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:
+        found.append(tensor)
+        return tensor
+
+    map_tensors(value, collect)
     return found
 
 

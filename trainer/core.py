@@ -155,7 +155,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self.device = launched_device(resolve_device(device))
         self.grad_clip_norm = grad_clip_norm
         self._init_precision(*precision_options(precision, channels_last))
-        self.model: nn.Module = model.to(
+        self.model: nn.Module = model.to(  # type: ignore[call-overload]  # the stubs lack device with memory_format
             self.device, memory_format=(torch.channels_last if self.channels_last is True else torch.preserve_format)
         )
         self.optimizer, self.loss_fn, self.metrics = optimizer, loss_fn, dict(metrics or {})
@@ -174,8 +174,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self.precision_choice: PrecisionChoice | None = given
         #: Whether CPU convolutions use oneDNN (False where the probe measured PyTorch's own faster).
         self.onednn = given.onednn if given is not None else True
-        self._amp: Precision | None = None
-        self._build_precision()  # "16-mixed" without CUDA fails here, before the model is moved
+        self._set_precision(None)  # "16-mixed" without CUDA fails here, before the model is moved
 
     def _init_progress(self) -> None:
         self.epoch = self.global_step = self.start_step = self.batch_idx = 0
@@ -231,12 +230,15 @@ class Trainer(TrainingLoop, CheckpointState):
     def _build_precision(self) -> None:
         """The `Precision` of the current settings (``"auto"`` computes in float32 until `fit`
         resolves it), and the device mover; a grad scaler carries over to keep its scale."""
-        old = self._amp
-        self._amp = Precision(
+        self._set_precision(self._amp)
+
+    def _set_precision(self, old: Precision | None) -> None:
+        amp = Precision(
             "32" if self.precision == "auto" else self.precision, self.device, self.onednn, self.grad_clip_norm
         )
-        if old is not None and old.scaler is not None and self._amp.scaler is not None:
-            self._amp.scaler = old.scaler
+        if old is not None and old.scaler is not None and amp.scaler is not None:
+            amp.scaler = old.scaler
+        self._amp = amp
         self._move = mover(self.device, self.channels_last is True)
 
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:

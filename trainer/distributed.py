@@ -9,8 +9,8 @@ from __future__ import annotations
 import atexit
 import os
 import warnings
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -153,11 +153,11 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
                 shuffle, seed = original.shuffle, original.seed
             else:
                 shuffle, seed = isinstance(original, RandomSampler), 0
-            sampler: Sampler = ResumableSampler(
+            sampler: ResumableSampler | ShardSampler = ResumableSampler(
                 loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world, rank=rank
             )
         else:
-            sampler = ShardSampler(len(loader.dataset), rank, world)
+            sampler = ShardSampler(len(cast(Sized, loader.dataset)), rank, world)  # map-style: it has a length
         workers = loader.num_workers
         # Decided per shard: a shard smaller than one batch keeps its partial batch instead of
         # dropping every sample (DistributedSampler gives every rank the same length).
@@ -175,8 +175,9 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
             persistent_workers=loader.persistent_workers if workers else False,
             prefetch_factor=loader.prefetch_factor if workers else None,
         )
-    if callable(getattr(loader, "shard", None)):
-        return loader.shard(rank, world, train)
+    shard = getattr(loader, "shard", None)
+    if callable(shard):
+        return shard(rank, world, train)
     warnings.warn(
         f"{type(loader).__name__} cannot be sharded across {world} processes: every process uses "
         f"all of it; use a DataLoader over a map-style dataset or give the loader a shard() method",

@@ -157,8 +157,9 @@ def _module(node: fx.Node) -> tuple[str, str]:
 
 def _op_name(target: Callable | str) -> str:
     """``aten::conv2d`` for an ATen operator (overload dropped), else the function's name."""
-    if callable(getattr(target, "name", None)):
-        return target.name().split(".")[0]
+    name = getattr(target, "name", None)
+    if callable(name):
+        return name().split(".")[0]
     return getattr(target, "__name__", str(target))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trainer.attributes import TrainerAttributes
 from trainer.batch import batch_size, detach, last_output
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
@@ -25,7 +26,7 @@ from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
 from trainer.steps import StepOutput
 
 
-class TrainingLoop:
+class TrainingLoop(TrainerAttributes):
     """The epochs of a fit, as methods of the `Trainer` (which holds the state they read)."""
 
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
@@ -75,7 +76,7 @@ class TrainingLoop:
                 stacklevel=5,
             )
             return ()
-        if self.limit_train_batches is not None:
+        if self.limit_train_batches is not None and last is not None:  # a limit always gives a count
             return itertools.islice(batches, last - first)
         return batches
 
@@ -178,6 +179,7 @@ class TrainingLoop:
 
     def _time_limit_reached(self) -> TimeLimitReached:
         where = f"batch {self.batch_idx + 1}" + (f" of {self.num_batches}" if self.num_batches else "")
+        assert self.max_time is not None  # only a fit with a time limit has a deadline
         return TimeLimitReached(
             f"time limit {format_duration(self.max_time)} reached after global step "
             f"{self.global_step} (epoch {self.epoch + 1}, {where})"
@@ -187,9 +189,11 @@ class TrainingLoop:
     def _maybe_validate_at_step(self, val_loader: Iterable | None, last_batch: bool) -> None:
         """After an optimizer step: validate if the global step is a multiple of
         `val_every_n_steps`, unless the epoch-end validation follows at once (`last_batch`)."""
+        every = self.val_every_n_steps
         if (
             val_loader is not None
-            and self.global_step % self.val_every_n_steps == 0
+            and every is not None
+            and self.global_step % every == 0
             and not (last_batch and self.val_at_epoch_end)
         ):
             self.in_step_validation = True

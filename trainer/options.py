@@ -61,8 +61,9 @@ def precision_options(
         precision: the `Trainer`'s ``precision`` argument.
         channels_last: the `Trainer`'s ``channels_last`` argument.
     """
-    given = precision if isinstance(precision, PrecisionChoice) else None
-    if given is not None:
+    given = None
+    if isinstance(precision, PrecisionChoice):
+        given = precision
         if channels_last is not None and channels_last != given.channels_last:
             raise ValueError(
                 f"channels_last={channels_last!r} contradicts the PrecisionChoice given as "

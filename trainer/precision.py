@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 try:
     import fcntl
@@ -113,7 +114,7 @@ def normalize_precision(precision: str) -> str:
     return PRECISIONS[str(precision)]
 
 
-def check_channels_last(channels_last: Any) -> bool | str:
+def check_channels_last(channels_last: Any) -> bool | Literal["auto"]:
     """`channels_last` if it is True, False or ``"auto"``; a clear ValueError otherwise."""
     if channels_last is True or channels_last is False or channels_last == "auto":
         return channels_last
@@ -223,10 +224,10 @@ def choose_precision(
             every time.
     """
     precision = normalize_precision(precision)
-    channels_last = check_channels_last(channels_last)
+    layout = check_channels_last(channels_last)
     convolutional = is_convolutional(model)
     if device.type == "cuda":
-        return _choose_cuda(device, precision, channels_last, convolutional)
+        return _choose_cuda(device, precision, layout, convolutional)
 
     reasons = []
     if precision == "auto":
@@ -240,12 +241,12 @@ def choose_precision(
     else:
         precisions = [precision]
         reasons.append(f"precision {precision} as asked")
-    if channels_last == "auto":
+    if layout == "auto":
         layouts = [False, True] if convolutional else [False]
         if not convolutional:
             reasons.append("no convolutions")
     else:
-        layouts = [channels_last]
+        layouts = [layout]
     if len(precisions) * len(layouts) == 1:
         return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons))
     if example is None:
@@ -376,7 +377,7 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
 
 
 def _choose_cuda(
-    device: torch.device, precision: str, channels_last: bool | str, convolutional: bool
+    device: torch.device, precision: str, channels_last: bool | Literal["auto"], convolutional: bool
 ) -> PrecisionChoice:
     reasons = []
     if precision == "auto":
@@ -444,7 +445,7 @@ def probe(
                 fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
                 replicas[setting.channels_last] = (
                     copy.deepcopy(model).to(memory_format=fmt).train(),
-                    map_tensors(inputs, lambda t, fmt=fmt: _to(t, device, fmt)),
+                    map_tensors(inputs, functools.partial(_to, device=device, fmt=fmt)),
                 )
             runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
         timed: list[Setting] = []
@@ -486,7 +487,7 @@ def convolution_kernels(onednn: bool = True) -> Iterator[None]:
         yield
         return
     previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = onednn
+    torch.backends.mkldnn.enabled = onednn  # type: ignore[assignment]  # a module property the stubs type as its descriptor
     try:
         yield
     finally:

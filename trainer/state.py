@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
+from trainer.attributes import TrainerAttributes
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_gather, get_rank, get_world_size, is_distributed
 
 
-class CheckpointState:
+class CheckpointState(TrainerAttributes):
     """The checkpoint state of a `Trainer`, as methods of it (which holds what they read)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -48,7 +49,8 @@ class CheckpointState:
         `state_dict` taken next at this position (on rank 0) holds them all and a run resumed
         from it logs that epoch's loss exactly. Every rank must call it at the same point of the
         loop; outside an epoch, and in a single process, it does nothing."""
-        if not self._pos.inside_epoch or not is_distributed():
+        batches_done = self._pos.batches_done
+        if batches_done is None or not is_distributed():  # outside an epoch
             return
         loss = self.epoch_loss
         local = torch.stack(
@@ -58,7 +60,7 @@ class CheckpointState:
             ]
         )
         ranks = [(sums[0].to(loss.total.dtype), int(sums[1].item())) for sums in all_gather(local)]
-        self._pos.gathered = ((self.epoch, self._pos.batches_done), ranks)
+        self._pos.gathered = ((self.epoch, batches_done), ranks)
 
     def _position_state(self) -> dict[str, Any] | None:
         pos = self._pos

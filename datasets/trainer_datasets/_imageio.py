@@ -235,7 +235,7 @@ def label_palette(count: int = 256) -> list[int]:
     Args:
         count: the number of colours (classes); 256 fills a PNG palette.
     """
-    palette = []
+    palette: list[int] = []
     for index in range(count):
         r = g = b = 0
         value = index
@@ -315,7 +315,7 @@ def _open(path: Path) -> tuple[Image.Image, bool]:
     except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the file is unusable: name it
         raise _decode_failed(path, exc) from exc
     if image.mode == "La":  # grey + premultiplied alpha (TIFF), which Pillow converts to LA only
-        image = image.convert("LA")
+        return image.convert("LA"), reduced
     return image, reduced
 
 

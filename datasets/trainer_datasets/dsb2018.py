@@ -87,7 +87,7 @@ def prepare_dsb2018(src: str | os.PathLike, dst: str | os.PathLike, size: int | 
     results = []
     for sample_id, image_file, mask_files in find_dsb2018_samples(src):
         image = read_image_rgb(image_file)
-        mask = merge_instance_masks(mask_files, tuple(image.shape[-2:]), image_file)
+        mask = merge_instance_masks(mask_files, (image.shape[-2], image.shape[-1]), image_file)
         mask = mask.to(torch.uint8).mul_(255).unsqueeze(0)
         if size is not None:
             image = TF.resize(image, [size, size], InterpolationMode.BILINEAR, antialias=True)

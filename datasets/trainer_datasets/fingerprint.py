@@ -22,7 +22,7 @@ def data_files(
     root = os.fspath(root)
     found: dict = {}
     # Plain strings rather than Path objects: a folder of 100,000 files costs no more memory than its names.
-    for file in map(os.fspath, files):
+    for file in (os.fspath(path) for path in files):
         info = os.stat(file)
         name = Path(os.path.relpath(file, root)).as_posix() if os.sep != "/" else os.path.relpath(file, root)
         found[name] = [info.st_size, info.st_mtime_ns] if times else info.st_size

@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -49,6 +49,9 @@ from trainer_datasets._imageio import (
 from trainer_datasets._seeding import global_stream
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.transforms import segmentation_augmentation
+
+if TYPE_CHECKING:
+    from trainer_datasets.segmentation_stream import SegmentationStream
 
 LAYOUT = (
     "expected <root>/images/<id>.png (or .jpg/.jpeg/.tif/.tiff) and masks in "
@@ -388,7 +391,7 @@ def split_segmentation(
     index_dir: str | os.PathLike | None = None,
     mask_mode: str = "auto",
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[Dataset, Dataset]:
+) -> tuple[SegmentationFolder | SegmentationStream, SegmentationFolder | SegmentationStream]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
         When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are

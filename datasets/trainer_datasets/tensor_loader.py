@@ -55,8 +55,8 @@ class TensorBatchLoader:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise DatasetError(f"images must be a uint8 tensor of shape (N, H, W) or (N, C, H, W), got {got}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or len(labels) != len(images):
-            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise DatasetError(f"labels must be a 1-D tensor with one label per image ({len(images)}), got {got}")
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise DatasetError(f"labels must be a 1-D tensor with one label per image ({len(images)}), got {shape}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DatasetError(f"batch_size must be a positive int, got {batch_size!r}")
         if not std > 0:

@@ -106,10 +106,11 @@ class ModelCheckpoint(Callback):
         self.top_k: list[list[Any]] = []
         self._validation: float | None = None  # a step validation's value, saved at its batch's end
         self._saved_at: tuple[int, int, int] | None = None
-        bad = [key for key, value in (data or {}).items() if not (isinstance(key, str) and is_plain(value))]
+        given = data or {}
+        bad = [key for key, value in given.items() if not (isinstance(key, str) and is_plain(value))]
         if bad:
             raise ValueError(
-                f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(data[bad[0]]).__name__}; data "
+                f"ModelCheckpoint(data=...): {bad[0]!r} holds a {type(given[bad[0]]).__name__}; data "
                 "holds numbers, strings, bools, None, and lists or dicts of them"
             )
         self.model_args, self.data, self.best_weights_only = model_args, dict(data or {}), best_weights_only
@@ -145,7 +146,7 @@ class ModelCheckpoint(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self.save_top_k is not None and trainer.start_step > 0:
+        if self.save_top_k is not None and self.monitor is not None and trainer.start_step > 0:
             # Written by an interrupted process after the checkpoint it resumes from: redone anyway.
             kept = {name for _, name in self.top_k}
             for path in self.dirpath.glob(f"epoch=*-step=*-{glob.escape(self.monitor)}=*.pt"):
@@ -179,8 +180,9 @@ class ModelCheckpoint(Callback):
     def _save(self, trainer, value: float | None, last: bool, every_rank: bool = True) -> None:
         """Write what is due (on rank 0). With `every_rank`, every rank calls it at the same point
         and the loss sums of every rank are gathered for the position saved."""
-        improved = value is not None and improves(value, self.best, self.mode)
-        if improved:
+        improved = False
+        if value is not None and improves(value, self.best, self.mode):
+            improved = True
             self.best, self.best_epoch, self.best_step = value, trainer.epoch, trainer.global_step
         entry, dropped = self._rank(trainer, value)
         if not (improved or last or entry):

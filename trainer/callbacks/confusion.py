@@ -99,10 +99,12 @@ class ConfusionMatrixCallback(TensorBoardWriterCallback):
             )
         counted = targets != self.ignore_index
         cells = targets[counted].long() * k + logits.argmax(1)[counted]
+        assert self.counts is not None  # made by on_validation_start
         self.counts.add_(torch.bincount(cells, minlength=k * k)[: k * k])
 
     def on_validation_end(self, trainer, logs) -> None:
         k = len(self.classes)
+        assert self.counts is not None  # made by on_validation_start
         self.counts = all_reduce(self.counts).view(k, k)
         if self.writer is not None:
             log_figure(self.writer, self.tag, confusion_figure(self.counts.cpu(), self.classes), trainer.global_step)

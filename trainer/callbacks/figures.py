@@ -314,6 +314,8 @@ class PredictionFigureCallback(TensorBoardWriterCallback):
 
     def log_figure(self, trainer) -> None:
         """Predict on the fixed batch and add the figure at the current global step."""
+        if self._fixed is None:
+            raise RuntimeError(f"{type(self).__name__}.log_figure needs the batch that on_fit_start takes")
         inputs, targets = self._fixed
         output = last_output(trainer.predict(inputs)).float().cpu()
         images = denormalize(inputs, self.mean, self.std)

@@ -54,7 +54,9 @@ class GraphCallback(TensorBoardWriterCallback):
             self._trace_or_warn(model, example, str(exc))
         else:
             # The event TensorBoard's Graphs tab reads, written to the run's one event stream.
-            self.writer.file_writer.add_event(Event(graph_def=graph.SerializeToString()))
+            self._rank_zero_writer().file_writer.add_event(  # type: ignore[attr-defined]  # open during a fit
+                Event(graph_def=graph.SerializeToString())
+            )
 
     def _trace_or_warn(self, model: torch.nn.Module, example: Any, reasons: str) -> None:
         """The last resort: TorchScript tracing through `add_graph`, where torch.jit still works."""
@@ -64,7 +66,7 @@ class GraphCallback(TensorBoardWriterCallback):
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                self.writer.add_graph(model, example, use_strict_trace=False)
+                self._rank_zero_writer().add_graph(model, example, use_strict_trace=False)
         except Exception as exc:  # noqa: BLE001 - a graph is a nicety; training must go on
             warnings.warn(
                 f"GraphCallback: could not graph {type(model).__name__} ({reasons}; "

@@ -46,9 +46,9 @@ class HistogramCallback(TensorBoardWriterCallback):
             return
         step = trainer.global_step
         for name, param in trainer.module.named_parameters():
-            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            self._rank_zero_writer().add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
             if name in self._grads:
-                self.writer.add_histogram(f"gradients/{name}", self._grads[name].float().cpu(), step)
+                self._rank_zero_writer().add_histogram(f"gradients/{name}", self._grads[name].float().cpu(), step)
         self._grads = {}
 
     def on_fit_end(self, trainer) -> None:

@@ -45,7 +45,7 @@ def hparam_value(value: Any) -> bool | float | str | None:
     if isinstance(value, Integral):
         return str(value)
     if isinstance(value, Number):
-        return float(value)
+        return float(value)  # type: ignore[arg-type]  # the Number ABC declares no __float__
     if isinstance(value, (list, tuple)):
         return ", ".join(str(item) for item in value)
     return str(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torchvision.utils import make_grid
@@ -19,7 +19,7 @@ from trainer.every import Every, positive_int
 BORDER = 0.5
 
 
-def is_mask_batch(targets: Any, images: torch.Tensor) -> bool:
+def is_mask_batch(targets: Any, images: torch.Tensor) -> TypeGuard[torch.Tensor]:
     """Whether `targets` are per-pixel masks of `images` (segmentation) rather than labels."""
     return isinstance(targets, torch.Tensor) and targets.dim() == 4 and targets.shape[-2:] == images.shape[-2:]
 
@@ -117,4 +117,4 @@ class ImageGridCallback(TensorBoardWriterCallback):
 
     def _write(self, trainer) -> None:
         for tag, grid in self._grids.items():
-            self.writer.add_image(tag, grid, trainer.global_step)
+            self._rank_zero_writer().add_image(tag, grid, trainer.global_step)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeGuard
+
 import torch
 
 # Strong, distinguishable colours first (a colour-blind-aware qualitative set), then lighter ones.
@@ -42,14 +45,14 @@ def colour_masks(masks: torch.Tensor) -> torch.Tensor:
     return (weights * colours).amax(dim=1)
 
 
-def class_names(classes: list[str] | tuple[str, ...] | None, count: int) -> list[str]:
+def class_names(classes: Sequence[str] | None, count: int) -> list[str]:
     """`classes` when it names `count` classes, else ``class 0`` ... ``class count-1``."""
     if classes is not None and len(classes) == count:
         return [str(name) for name in classes]
     return [f"class {k}" for k in range(count)]
 
 
-def is_label_batch(targets: object, images: torch.Tensor) -> bool:
+def is_label_batch(targets: object, images: torch.Tensor) -> TypeGuard[torch.Tensor]:
     """Whether `targets` are label maps of `images`: integer (N, H, W) class indices of their size."""
     return (
         isinstance(targets, torch.Tensor)

@@ -45,15 +45,16 @@ class PRCurveCallback(TensorBoardWriterCallback):
         loader = trainer.val_loader if sharded else self.loader
         if loader is None or self._failed or not trainer.history or not (sharded or is_rank_zero()):
             return
-        parts = self.predict(trainer, loader)
-        parts = gather_to_rank_zero(parts) if sharded else [parts]
-        if self.writer is None:  # ranks other than 0 only contributed their shard
+        local = self.predict(trainer, loader)
+        gathered = gather_to_rank_zero(local) if sharded else [local]
+        writer = self.writer
+        if writer is None or gathered is None:  # ranks other than 0 only contributed their shard
             return
-        parts = [part for part in parts if len(part[0])]  # ranks whose shard was empty
+        parts = [part for part in gathered if len(part[0])]  # ranks whose shard was empty
         probabilities = torch.cat([p for p, _ in parts])
         labels = torch.cat([t for _, t in parts])
         for index, tag in enumerate(pr_curve_tags(self.classes, self.tag_prefix)):
-            self.writer.add_pr_curve(tag, labels == index, probabilities[:, index], global_step=trainer.global_step)
+            writer.add_pr_curve(tag, labels == index, probabilities[:, index], global_step=trainer.global_step)
 
     @staticmethod
     def predict(trainer, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +114,6 @@ class EmbeddingCallback(TensorBoardWriterCallback):
     def on_fit_start(self, trainer) -> None:
         if not self.resumed:
             features = self.thumbnails.flatten(1)
-            self.writer.add_embedding(
+            self._rank_zero_writer().add_embedding(
                 features, metadata=self.labels, label_img=self.thumbnails, global_step=trainer.global_step, tag=self.tag
             )

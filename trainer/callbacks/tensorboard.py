@@ -179,6 +179,13 @@ class TensorBoardWriterCallback(Callback):
 
         return trainer.resources.get(("SummaryWriter", os.path.realpath(self.log_dir)), create)
 
+    def _rank_zero_writer(self) -> SummaryWriter:
+        """`writer` in a hook that runs on rank 0 only (``rank_zero_only``), where it is there."""
+        writer = self.writer
+        if writer is None:
+            raise RuntimeError(f"{type(self).__name__} writes on rank 0 only")
+        return writer
+
 
 def take_batch(trainer, batch: Any, num: int | None = None) -> Any:
     """A fixed batch for visuals: `batch` if given, else the first validation batch (or first
@@ -306,7 +313,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self._log_point.start(trainer.global_step)
         if not self.resumed:
             losses = [self.running_loss_tag, self.tag("loss"), self.tag("val_loss")]
-            self.writer.add_custom_scalars(
+            self._rank_zero_writer().add_custom_scalars(
                 {"losses": {"training and validation loss": ["Multiline", [f"^{re.escape(tag)}$" for tag in losses]]}}
             )
             self._write_hparams(trainer)
@@ -315,21 +322,21 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         if self._log_point(trainer.global_step):
             loss = self._running.pop(trainer)
             if loss is not None:
-                self.writer.add_scalar(self.running_loss_tag, loss, trainer.global_step)
+                self._rank_zero_writer().add_scalar(self.running_loss_tag, loss, trainer.global_step)
             now, added = time.perf_counter(), trainer.epoch_loss.added
             if added > self._clock[1]:
                 rate = (added - self._clock[1]) * get_world_size() / (now - self._clock[0])
-                self.writer.add_scalar(self.throughput_tag, rate, trainer.global_step)
+                self._rank_zero_writer().add_scalar(self.throughput_tag, rate, trainer.global_step)
             self._clock = (now, added)
 
     def on_validation_end(self, trainer, logs) -> None:
         if trainer.in_step_validation:
             for key, value in logs.items():
-                self.writer.add_scalar(self.tag(key, logs), value, trainer.global_step)
+                self._rank_zero_writer().add_scalar(self.tag(key, logs), value, trainer.global_step)
 
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
-            self.writer.add_scalar(self.tag(key, logs), value, trainer.global_step)
+            self._rank_zero_writer().add_scalar(self.tag(key, logs), value, trainer.global_step)
 
     def metric_tags(self, keys: Sequence[str]) -> list[str]:
         """The HParams tab's metrics among the epoch log `keys`: `monitor`, the validation loss,
@@ -355,7 +362,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
             keys += ["val_loss", *(f"val_{name}" for name in trainer.metrics)]
         summaries = hparams_summaries(hparams, self.metric_tags(keys), self.main_hparams)
         for summary in summaries:  # in this run's own stream (add_hparams would make a sub-run)
-            self.writer.file_writer.add_summary(summary, trainer.global_step)
+            self._rank_zero_writer().file_writer.add_summary(  # type: ignore[attr-defined]  # open during a fit
+                summary, trainer.global_step
+            )
 
 
 def default_hparams(trainer) -> dict[str, Any]:
