@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 run: $(STAMP)
 	$(PY) -m recipes.nested_unet $(ARGS)
 
-test: $(STAMP)
+test: lint $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint and format) over the repository, mypy over the library packages (pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m bench.overhead
