@@ -24,8 +24,9 @@ Which kind of masks a folder holds (`MASK_MODES`, the ``mask_mode`` argument):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -286,20 +287,7 @@ class SegmentationFolder(Dataset):
     ) -> None:
         _check_image_size(image_size)
         layout = scan_segmentation_folder(root, mask_mode, ignore_index, label_classes)
-        if num_classes is not None and num_classes != len(layout.classes):
-            raise DatasetError(
-                f"num_classes={num_classes} but {layout.root / 'masks'} has {len(layout.classes)} "
-                f"class(es): {', '.join(layout.classes)}"
-            )
-        if ids is None:
-            ids = layout.ids
-        else:
-            ids = list(ids)
-            unknown = [i for i in ids if i not in layout.images]
-            if unknown:
-                raise DatasetError(f"ids not found in {layout.root / 'images'}: {', '.join(unknown)}")
-            if not ids:
-                raise DatasetError(f"ids is empty: select at least one sample of {layout.root / 'images'}")
+        ids = select_samples(layout.root, layout.classes, layout.ids, num_classes, ids)
         self.root = layout.root
         self.layout = layout
         self.ids: list[str] = ids
@@ -442,36 +430,23 @@ def split_segmentation(
             if mode == "auto"
             else []
         )
-        sets: list[SegmentationFolder | SegmentationStream] = []
-        for folder, augment in ((train_dir, augment_train), (val_dir, False)):
-            if choose_data_mode(mode, layouts, image_size) == "stream":
-                sets.append(
-                    SegmentationStream(
-                        folder,
-                        image_size,
-                        augment,
-                        num_classes,
-                        seed=seed,
-                        index_dir=index_dir,
-                        mask_mode=mask_mode,
-                        ignore_index=ignore_index,
-                        label_classes=shared_classes(folder),
-                    )
-                )
-            else:
-                sets.append(
-                    SegmentationFolder(
-                        folder,
-                        image_size,
-                        augment,
-                        num_classes,
-                        seed=seed,
-                        mask_mode=mask_mode,
-                        ignore_index=ignore_index,
-                        label_classes=shared_classes(folder),
-                    )
-                )
-        train, val = sets
+        stream = choose_data_mode(mode, layouts, image_size) == "stream"
+        make: Callable[..., SegmentationFolder | SegmentationStream] = (
+            partial(SegmentationStream, index_dir=index_dir) if stream else SegmentationFolder
+        )
+        train, val = (
+            make(
+                folder,
+                image_size,
+                augment,
+                num_classes,
+                seed=seed,
+                mask_mode=mask_mode,
+                ignore_index=ignore_index,
+                label_classes=shared_classes(folder),
+            )
+            for folder, augment in ((train_dir, augment_train), (val_dir, False))
+        )
         if train.classes != val.classes:
             raise DatasetError(
                 f"{train_dir / 'masks'} has classes {train.classes} but {val_dir / 'masks'} has {val.classes}"
@@ -560,6 +535,35 @@ def write_segmentation_folder(
             folder = root / "masks" / str(c) if class_folders else root / "masks"
             write_png_file((mask[c : c + 1] > 0.5).to(torch.uint8) * 255, folder / name)
     return root
+
+
+def select_samples(
+    root: Path, classes: Sequence[str], all_ids: Sequence[str], num_classes: int | None, ids: Sequence[str] | None
+) -> list[str]:
+    """The ids a dataset of folder `root` uses: `ids`, or `all_ids` when None. A `num_classes`
+    other than the folder's count of `classes`, an unknown id or an empty selection is a
+    `DatasetError`.
+
+    Args:
+        root: the folder, for the messages.
+        classes: the folder's mask classes.
+        all_ids: every sample id of the folder.
+        num_classes: if given, the number of classes the folder must have.
+        ids: the ids asked for, or None for all.
+    """
+    if num_classes is not None and num_classes != len(classes):
+        raise DatasetError(
+            f"num_classes={num_classes} but {root / 'masks'} has {len(classes)} class(es): {', '.join(classes)}"
+        )
+    if ids is None:
+        return list(all_ids)
+    ids, known = list(ids), set(all_ids)
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise DatasetError(f"ids not found in {root / 'images'}: {', '.join(unknown)}")
+    if not ids:
+        raise DatasetError(f"ids is empty: select at least one sample of {root / 'images'}")
+    return ids
 
 
 def _check_image_size(image_size: Any) -> None:

@@ -44,6 +44,7 @@ from trainer_datasets.segmentation_folder import (
     make_item,
     mixed_sizes_error,
     scan_segmentation_folder,
+    select_samples,
 )
 from trainer_datasets.transforms import segmentation_augmentation
 
@@ -297,20 +298,7 @@ class SegmentationStream(Dataset):
         _check_image_size(image_size)
         if index is None:
             index = segmentation_index(root, index_dir, mask_mode, ignore_index, label_classes)
-        if num_classes is not None and num_classes != len(index.classes):
-            raise DatasetError(
-                f"num_classes={num_classes} but {index.root / 'masks'} has {len(index.classes)} "
-                f"class(es): {', '.join(index.classes)}"
-            )
-        if ids is None:
-            ids = index.ids
-        else:
-            ids = list(ids)
-            unknown = [i for i in ids if i not in index.samples]
-            if unknown:
-                raise DatasetError(f"ids not found in {index.root / 'images'}: {', '.join(unknown)}")
-            if not ids:
-                raise DatasetError(f"ids is empty: select at least one sample of {index.root / 'images'}")
+        ids = select_samples(index.root, index.classes, index.ids, num_classes, ids)
         if image_size is None:
             first = index.samples[ids[0]]
             for sample_id in ids:
