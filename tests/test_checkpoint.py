@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.conftest import make_classification, torch_save_on_a_full_disk
+from tests.helpers import Validations, make
 from trainer import Callback, Trainer
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import atomic_save, load_checkpoint
@@ -261,3 +262,24 @@ def test_atomic_save_turns_torch_saves_full_disk_error_into_an_oserror_naming_th
         atomic_save({"v": 2}, path)
     assert full.value.errno == errno.ENOSPC and full.value.filename == str(path)
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ------------------------------------------------------------------------------------------ save_top_k
+def test_save_top_k_keeps_the_k_best_with_the_value_in_the_name(tmp_path):
+    seen = Validations()
+    checkpoint = ModelCheckpoint(tmp_path, monitor="val_loss", save_top_k=2)
+    trainer, train, val = make([seen, checkpoint], epochs=4, val_every_n_steps=5, val_at_epoch_end=False)
+    trainer.fit(train, val)
+    ranked = sorted(seen.seen, key=lambda v: v[2])[:2]
+    names = [f"epoch={step // 10 + (step % 10 > 0)}-step={step}-val_loss={loss:.4f}.pt" for step, _, loss in ranked]
+    assert [p.name for p in checkpoint.top_k_paths()] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "best.pt", "last.pt"])
+    assert load_checkpoint(tmp_path / names[0])["global_step"] == ranked[0][0]
+    assert load_checkpoint(tmp_path / "last.pt")["callbacks"]["ModelCheckpoint"]["top_k"] == [
+        [loss, name] for (_, _, loss), name in zip(ranked, names)
+    ]
+
+
+def test_save_top_k_needs_a_monitor(tmp_path):
+    with pytest.raises(ValueError, match="save_top_k needs a monitor"):
+        ModelCheckpoint(tmp_path, monitor=None, save_top_k=3)

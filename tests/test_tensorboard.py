@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import time
 import warnings
 
 import matplotlib.pyplot as plt
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
+from tests.helpers import make
 from trainer import Callback, Trainer
 from trainer.callbacks import (
     GraphCallback,
@@ -749,3 +751,28 @@ def test_a_full_disk_under_the_event_writer_raises_oserror_in_the_callers_thread
     events.Reload()
     steps = [event.step for event in events.Scalars("value")]
     assert steps == list(range(len(steps))) and len(steps) > 10
+
+
+# ------------------------------------------------------------------------------------------ throughput
+def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mocker):
+    syncs, item = [], torch.Tensor.item
+
+    def counted(self):
+        syncs.append(1)
+        return item(self)
+
+    def fit(callbacks):
+        trainer, train, val = make(callbacks, epochs=2)
+        mocker.patch.object(torch.Tensor, "item", counted)
+        syncs.clear()
+        started = time.perf_counter()
+        trainer.fit(train, val)
+        mocker.stopall()
+        return len(syncs), time.perf_counter() - started
+
+    without, _ = fit([])
+    with_tensorboard, elapsed = fit([TensorBoardCallback(tmp_path, every_n_steps=5)])
+    assert with_tensorboard == without + 4  # one per running-loss point: none for the throughput
+    points = read(tmp_path).Scalars("throughput (samples per second)")
+    assert [e.step for e in points] == [5, 10, 15, 20]
+    assert all(20 / elapsed < e.value < 1e9 for e in points)  # 20 samples per point, all within `elapsed`

@@ -1,0 +1,67 @@
+"""Helpers shared by test files: small fits and readers used by the tests of several modules."""
+
+from __future__ import annotations
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tests.conftest import make_classification
+from trainer import Callback, ResumableSampler, Trainer
+
+
+def fit_with(callbacks, loaders, max_epochs=10):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.MSELoss(),
+        callbacks=callbacks,
+        max_epochs=max_epochs,
+        device="cpu",
+    )
+    return trainer, trainer.fit(*loaders)
+
+
+def accuracy(p, t):
+    return (p.argmax(1) == t).float().mean()
+
+
+def make(callbacks=(), epochs=2, n=40, scheduler=None, **options):
+    """A small classifier on `n` samples, batches of 4 (10 per epoch for 40 samples)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = scheduler(optimizer) if scheduler else None
+    data = make_classification(n)
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        metrics={"acc": accuracy},
+        scheduler=scheduler,
+        **options,
+    )
+    train = DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=1))
+    return trainer, train, DataLoader(data, batch_size=8)
+
+
+def read(run_dir):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+class Validations(Callback):
+    """Records (global step, in_step_validation, val_loss) of every validation."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_end(self, trainer, logs):
+        self.seen.append((trainer.global_step, trainer.in_step_validation, logs["val_loss"]))
