@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -65,3 +68,26 @@ class Validations(Callback):
 
     def on_validation_end(self, trainer, logs):
         self.seen.append((trainer.global_step, trainer.in_step_validation, logs["val_loss"]))
+
+
+def write_png(tensor: torch.Tensor, path: str) -> None:
+    """A uint8 (C, H, W) tensor, C = 1 or 3, saved as a PNG by Pillow."""
+    array = tensor.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+
+
+def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=255, ext="png", seed=0):
+    """One random RGB image and a binary mask (per class folder in `classes`, or flat)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    mask = (torch.rand(1, h, w, generator=g) > 0.5).to(torch.uint8) * value
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if ext == "png":
+        write_png(image, str(root / "images" / f"{sample_id}.png"))
+    else:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "images" / f"{sample_id}.{ext}")
+    for folder in [root / "masks" / c for c in classes] if classes else [root / "masks"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(mask, str(folder / f"{sample_id}.png"))
+    return image, mask

@@ -1,4 +1,4 @@
-"""The run options both recipes share: --fast-dev-run, --max-time, --histograms, --checkpoint-every,
+"""`recipes.common`: the run options both recipes share: --fast-dev-run, --max-time, --histograms, --checkpoint-every,
 --val-every and the run's metrics.csv."""
 
 from __future__ import annotations

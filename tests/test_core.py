@@ -1,4 +1,4 @@
-"""The Trainer core: hook order, stopping, exceptions, weighted logs, steps, precision."""
+"""`trainer.core`, the Trainer: hook order, stopping, exceptions, weighted logs, steps, precision."""
 
 from __future__ import annotations
 

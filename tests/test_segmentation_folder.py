@@ -1,11 +1,11 @@
-"""SyntheticNuclei, SegmentationFolder, split_segmentation and the joint augmentation."""
+"""`trainer_datasets.segmentation_folder`: SegmentationFolder, split_segmentation and
+write_segmentation_folder."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from bench.recipe_process import checkout_env
+from tests.helpers import write_png, write_sample
 from trainer_datasets import (
     DataNotFoundError,
     DatasetError,
@@ -21,85 +22,6 @@ from trainer_datasets import (
     split_segmentation,
     write_segmentation_folder,
 )
-
-
-def write_png(tensor: torch.Tensor, path: str) -> None:
-    """A uint8 (C, H, W) tensor, C = 1 or 3, saved as a PNG by Pillow."""
-    array = tensor.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
-
-
-def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=255, ext="png", seed=0):
-    """One random RGB image and a binary mask (per class folder in `classes`, or flat)."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = size
-    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-    mask = (torch.rand(1, h, w, generator=g) > 0.5).to(torch.uint8) * value
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    if ext == "png":
-        write_png(image, str(root / "images" / f"{sample_id}.png"))
-    else:
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "images" / f"{sample_id}.{ext}")
-    for folder in [root / "masks" / c for c in classes] if classes else [root / "masks"]:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_png(mask, str(folder / f"{sample_id}.png"))
-    return image, mask
-
-
-@pytest.fixture(scope="module")
-def nuclei():
-    return SyntheticNuclei(12, image_size=48, seed=3)
-
-
-# SyntheticNuclei
-
-
-def test_synthetic_shapes_ranges_and_binary_masks(nuclei):
-    assert len(nuclei) == 12
-    for i in range(len(nuclei)):
-        image, mask = nuclei[i]
-        assert image.dtype == mask.dtype == torch.float32
-        assert image.shape == (3, 48, 48) and mask.shape == (1, 48, 48)
-        assert 0 <= image.min() and image.max() <= 1
-        assert set(mask.unique().tolist()) == {0.0, 1.0}
-        assert 0.02 < mask.mean() < 0.5
-        # nuclei are brighter than the background, but not trivially separable
-        inside, outside = image[:, mask[0] > 0].mean(), image[:, mask[0] == 0].mean()
-        assert inside > outside + 0.05
-
-
-def test_synthetic_is_deterministic_and_independent_of_length(nuclei):
-    again = SyntheticNuclei(5, image_size=48, seed=3)
-    for i in range(5):
-        assert torch.equal(again[i][0], nuclei[i][0]) and torch.equal(again[i][1], nuclei[i][1])
-    assert not torch.equal(nuclei[0][0], nuclei[1][0])
-    assert not torch.equal(SyntheticNuclei(1, image_size=48, seed=4)[0][0], nuclei[0][0])
-    shifted = SyntheticNuclei(2, image_size=48, seed=3, offset=4)
-    assert torch.equal(shifted[0][0], nuclei[4][0])
-    with pytest.raises(IndexError):
-        nuclei[12]
-
-
-def test_synthetic_rejects_bad_arguments():
-    with pytest.raises(DatasetError, match="image_size"):
-        SyntheticNuclei(2, image_size=0)
-    with pytest.raises(DatasetError, match="num_samples"):
-        SyntheticNuclei(-1)
-
-
-def test_synthetic_save_and_load_back_is_exact(nuclei, tmp_path):
-    nuclei.save(tmp_path / "set")
-    assert sorted(p.name for p in (tmp_path / "set" / "images").iterdir())[:2] == ["0000.png", "0001.png"]
-    assert (tmp_path / "set" / "masks" / "0" / "0000.png").is_file()
-    loaded = SegmentationFolder(tmp_path / "set")
-    assert len(loaded) == len(nuclei) and loaded.classes == ["0"]
-    for i in range(len(nuclei)):
-        image, mask = loaded[i]
-        assert torch.allclose(image, nuclei[i][0], atol=1 / 255 + 1e-6)
-        assert torch.equal(mask, nuclei[i][1])
-    with pytest.raises(DatasetError, match="not empty"):
-        nuclei.save(tmp_path / "set")
-
 
 # SegmentationFolder: layouts
 
@@ -223,52 +145,6 @@ def test_bad_image_size_value(tmp_path):
     write_sample(tmp_path, "a")
     with pytest.raises(DatasetError, match="image_size"):
         SegmentationFolder(tmp_path, image_size=0)
-
-
-# Augmentation
-
-
-def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    mask = (torch.rand(1, 16, 16, generator=g) > 0.7).to(torch.uint8)
-    mask[0, :3, :5] = 1  # asymmetric, so every flip and rotation changes it
-    image = torch.cat([mask * 255, torch.full((2, 16, 16), 128, dtype=torch.uint8)])
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    write_png(image, str(tmp_path / "images" / "a.png"))
-    write_png(mask * 255, str(tmp_path / "masks" / "a.png"))
-    data = SegmentationFolder(tmp_path, augment=True)
-    seen = set()
-    for epoch in range(24):
-        data.set_epoch(epoch)
-        image_out, mask_out = data[0]
-        assert set(mask_out.unique().tolist()) <= {0.0, 1.0}
-        # colour jitter changes values but not which pixels are bright: channel 0 marks the mask
-        assert torch.equal(image_out[0] > image_out[0].mean(), mask_out[0] > 0.5)
-        seen.add(mask_out.numpy().tobytes())
-    assert len(seen) >= 4  # flips and rotations were applied, a new draw each epoch
-
-
-def test_an_items_augmentation_depends_on_seed_epoch_and_index_alone(tmp_path):
-    """Whatever the global generator holds and whatever was loaded before, item i of epoch e
-    is the same; loading it leaves the global generator where it was."""
-    for i in range(3):
-        write_sample(tmp_path, f"s{i}", seed=i)
-    data = SegmentationFolder(tmp_path, augment=True, seed=4)
-    data.set_epoch(2)
-    torch.manual_seed(0)
-    state = torch.get_rng_state()
-    first = [data[i] for i in range(3)]
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(1)
-    again = SegmentationFolder(tmp_path, augment=True, seed=4)
-    again.set_epoch(2)
-    for i in (2, 0, 1, 0):
-        assert all(torch.equal(a, b) for a, b in zip(again[i], first[i]))
-    for other_seed, other_epoch in ((5, 2), (4, 3)):
-        other = SegmentationFolder(tmp_path, augment=True, seed=other_seed)
-        other.set_epoch(other_epoch)
-        assert any(not torch.equal(other[i][0], first[i][0]) for i in range(3))
 
 
 # split_segmentation

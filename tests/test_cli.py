@@ -1,5 +1,5 @@
-"""The recipes' command line and typed configuration: which options a command gave, the resume
-command, and config.json of older runs read back."""
+"""`recipes.cli` and `recipes.config`: the recipes' command line and typed configuration: which
+options a command gave, the resume command, and config.json of older runs read back."""
 
 from __future__ import annotations
 
