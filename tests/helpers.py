@@ -91,3 +91,7 @@ def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=
         folder.mkdir(parents=True, exist_ok=True)
         write_png(mask, str(folder / f"{sample_id}.png"))
     return image, mask
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
