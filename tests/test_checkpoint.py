@@ -1,4 +1,4 @@
-"""ModelCheckpoint and exact resume."""
+"""`trainer.callbacks.checkpoint` and `trainer.checkpoint`: ModelCheckpoint (save_top_k too) and exact resume."""
 
 from __future__ import annotations
 
