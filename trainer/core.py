@@ -19,7 +19,7 @@ from trainer.batch import describe_tensors, mover, split_batch
 from trainer.callback import Callback
 from trainer.callback_list import CallbackList
 from trainer.checkpoint import load_checkpoint, seed_everything
-from trainer.distributed import init_distributed, is_distributed, launched_device, shard_loader
+from trainer.distributed import init_distributed, is_distributed, launched_device, shard_loader, wait_for_all
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
 from trainer.loop import TrainingLoop
@@ -338,6 +338,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self._prepare_fit(train_loader, val_loader, fresh=state is None)
         with self._amp.kernels():
             self._run_fit(train_loader, val_loader)
+        wait_for_all(self.device)  # no rank leaves fit while another still communicates
         return self.history
 
     def _distribute(self, train_loader: Iterable, val_loader: Iterable | None) -> tuple[Iterable, Iterable | None]:

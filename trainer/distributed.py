@@ -75,6 +75,16 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+def wait_for_all(device: torch.device) -> None:
+    """Block until every rank got here (a barrier); a no-op in one process.
+
+    `Trainer.fit` calls it when it ends without an error, so that no rank leaves `fit`, and goes on
+    to exit, while another still has a collective in flight: a gloo process that is torn down then
+    aborts at exit (``terminate called without an active exception``)."""
+    if is_distributed():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's `value` on every rank (returned unchanged in a single process)."""
     if not is_distributed():
