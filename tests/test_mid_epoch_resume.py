@@ -106,10 +106,14 @@ def assert_same_state(actual, expected, where="state"):
 
 
 def assert_same_run(run_dir, reference):
+    """The run in `run_dir` ends as the `reference` run: each artefact compared on its own, so a
+    failure names the one that differs."""
     assert_same_state(load_checkpoint(run_dir / "last.pt"), load_checkpoint(reference / "last.pt"), "last.pt")
+    assert (run_dir / "metrics.csv").read_text() == (reference / "metrics.csv").read_text(), "metrics.csv differs"
     curves, expected = scalars(run_dir), scalars(reference)
-    assert curves == expected  # same steps (none twice), same values
-    assert (run_dir / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
+    assert sorted(curves) == sorted(expected), "TensorBoard tags differ"
+    for tag in expected:  # same steps (none twice), same values
+        assert curves[tag] == expected[tag], f"TensorBoard curve {tag!r} differs"
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,7 @@ def test_killed_after_a_step_checkpoint_resumes_bit_identical(tmp_path, referenc
     """Killed at step 15 (epoch 2, batch 5): last.pt is the step-12 checkpoint (epoch 2, batch 2)
     and TensorBoard holds a running-loss point at step 15; the resumed run ends as an
     uninterrupted one, with the running loss at the same steps with the same values, none twice."""
+    expected = reference(kind)  # built before this test's own fits
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path, [Crash(15)], kind=kind)
     state = load_checkpoint(tmp_path / "last.pt")
@@ -147,13 +152,14 @@ def test_killed_after_a_step_checkpoint_resumes_bit_identical(tmp_path, referenc
 
     trainer = run(tmp_path, [FirstBatch()], kind=kind, resume=True, init_seed=99)
     assert seen[0] == (1, 2) and trainer.global_step == 30
-    assert_same_run(tmp_path, reference(kind))
+    assert_same_run(tmp_path, expected)
 
 
 def test_a_time_limit_after_every_batch_resumed_each_time_equals_the_uninterrupted_run(tmp_path, reference):
     """max_time stops after the first batch of each fit, with gradients of an unfinished
     accumulation window pending, and during no validation; 30 resumes later the run equals the
     uninterrupted one."""
+    expected = reference(accumulate_grad_batches=3)
     fits = 0
     while True:
         try:
@@ -168,17 +174,18 @@ def test_a_time_limit_after_every_batch_resumed_each_time_equals_the_uninterrupt
             continue
         break
     assert fits == 30 and len(trainer.history) == 3
-    assert_same_run(tmp_path, reference(accumulate_grad_batches=3))
+    assert_same_run(tmp_path, expected)
 
 
 def test_a_second_fit_after_the_time_limit_continues_in_the_epoch(tmp_path, reference):
+    expected = reference()
     trainer, train, val = build(tmp_path, max_time=1e-6)
     with pytest.raises(TimeLimitReached, match=r"after global step 1 \(epoch 1, batch 1 of 10\)"):
         trainer.fit(train, val)
     assert load_checkpoint(tmp_path / "last.pt")["position"]["batches"] == 1
     trainer.max_time = None
     trainer.fit(train, val)  # the same trainer goes on with the epoch's second batch
-    assert_same_run(tmp_path, reference())
+    assert_same_run(tmp_path, expected)
 
 
 def test_early_stop_during_a_step_validation_then_killed_resumes_to_the_same_end(tmp_path):

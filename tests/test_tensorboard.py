@@ -753,6 +753,31 @@ def test_a_full_disk_under_the_event_writer_raises_oserror_in_the_callers_thread
     assert steps == list(range(len(steps))) and len(steps) > 10
 
 
+def test_a_resumed_stream_is_read_after_the_interrupted_one_within_the_same_second(tmp_path, monkeypatch):
+    """TensorBoard reads a folder's event files in name order, and names made in the same second
+    compare by process id and counter as text: a resumed run's writer still makes the file read
+    last, so its restart marker drops what the interrupted run wrote after its checkpoint."""
+    now = [int(time.time()) + 0.25]  # a clock that moves only when slept on
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    run = tmp_path / "run"
+    interrupted = tb.open_writer(run, purge_step=0)
+    for step in range(1, 11):
+        interrupted.add_scalar("loss", float(step), step)
+    interrupted.close()
+    [written] = event_files(run)
+    # As if written in this second by another process whose id sorts after this one's.
+    os.rename(written, written.rsplit(".", 2)[0] + ".99999999.0")
+    resumed = tb.open_writer(run, purge_step=6)
+    for step in range(6, 9):
+        resumed.add_scalar("loss", 100.0 + step, step)
+    resumed.close()
+    files = sorted(event_files(run))
+    assert len(files) == 2 and not files[-1].endswith(".99999999.0")  # made in the next second, read last
+    points = [(event.step, event.value) for event in read(run).Scalars("loss")]
+    assert points == [(step, float(step)) for step in range(1, 6)] + [(step, 100.0 + step) for step in range(6, 9)]
+
+
 # ------------------------------------------------------------------------------------------ throughput
 def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mocker):
     syncs, item = [], torch.Tensor.item

@@ -70,7 +70,38 @@ def open_writer(log_dir: str | os.PathLike, purge_step: int | None = None) -> Su
         raise OSError(f"cannot create the TensorBoard log directory {os.fspath(log_dir)!r}: {exc}") from exc
     if not os.access(log_dir, os.W_OK):
         raise PermissionError(f"the TensorBoard log directory {os.fspath(log_dir)!r} is not writable")
-    return SummaryWriter(os.fspath(log_dir), purge_step=purge_step)
+    return _writer_read_last(os.fspath(log_dir), purge_step)
+
+
+def _writer_read_last(log_dir: str, purge_step: int | None) -> SummaryWriter:
+    """A `SummaryWriter` on `log_dir` whose event file TensorBoard reads after the ones there.
+
+    TensorBoard reads a folder's event files in the order of their names,
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``. Two files named in the same second
+    compare by process id and counter as text (``.10`` before ``.9``): a resumed run's file would be
+    read before the interrupted run's, and its restart marker would drop nothing. Such a file (made
+    within a second of the previous writer's) is removed at once and made again in the next second.
+    """
+    before = set(glob.glob(os.path.join(glob.escape(log_dir), EVENT_FILE_PATTERN)))
+    writer = SummaryWriter(log_dir, purge_step=purge_step)
+    made = set(glob.glob(os.path.join(glob.escape(log_dir), EVENT_FILE_PATTERN))) - before
+    if not before or not made or min(made) > max(before):
+        return writer
+    newest = max(_named_second(path) for path in before)
+    if newest > time.time():  # named by a clock ahead of this one: no wait would help
+        return writer
+    writer.close()
+    for path in made:
+        os.unlink(path)
+    while (now := time.time()) < newest + 1:
+        time.sleep(newest + 1 - now)
+    return SummaryWriter(log_dir, purge_step=purge_step)
+
+
+def _named_second(path: str) -> int:
+    """The second in an event file's name (0 for a name without one)."""
+    match = re.match(r"events\.out\.tfevents\.(\d+)\.", os.path.basename(path))
+    return int(match.group(1)) if match else 0
 
 
 #: The folders a fit started in a run directory that already holds a run writes to (``version_1``...).
