@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-kernels lint bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ run: $(STAMP)
 
 test: lint $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests marked numerics (a bound on a trained or computed number) under the kernels this CPU
+# does not pick by itself: AVX2 (the AVX-512 paths off, on an AVX-512 machine) and the scalar
+# ones. Run before each submission, beside make test (which runs them under the native kernels).
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m numerics $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m numerics $(PYTEST_ARGS)
 
 # ruff (lint and format) over the repository, mypy over the library packages (pyproject.toml).
 lint: $(STAMP)

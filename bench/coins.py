@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.recipe_process import ROOT, checkout_env
 from models import confusion_iou
+from tests.processes import ROOT, checkout_env
 from trainer.precision import cpu_features, describe_cpu
 from trainer_datasets import read_label_map, write_label_map, write_png_file
 

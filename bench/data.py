@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.recipe_process import ROOT, checkout_env
+from tests.processes import ROOT, checkout_env
 
 # Runs in a fresh process: argv[1] is a JSON dict of the settings; prints one JSON line of results.
 CHILD = """

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.recipe_process import ROOT, checkout_env
+from tests.processes import ROOT, checkout_env
 
 
 def run(command: list[str], timeout: float) -> tuple[int, str]:

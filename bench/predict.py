@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.recipe_process import ROOT, checkout_env
+from tests.processes import ROOT, checkout_env
 from trainer.precision import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
 

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bench.recipe_process import RecipeProcess
+from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer_datasets.fashion_mnist import make_learnable_fashion_like, raw_folder, write_fashion_mnist_idx

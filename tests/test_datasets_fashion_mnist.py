@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bench.recipe_process import checkout_env
+from tests.processes import checkout_env
 from trainer_datasets import (
     CLASSES,
     DataNotFoundError,

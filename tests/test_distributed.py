@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader
 
-from bench.recipe_process import checkout_env
 from tests.distributed_worker import accuracy, tiny_problem
+from tests.processes import checkout_env
 from trainer import Trainer
 from trainer.checkpoint import load_checkpoint
 

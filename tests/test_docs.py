@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.recipe_process import RecipeProcess, checkout_env
+from tests.processes import RecipeProcess, checkout_env
 from trainer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,9 +33,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata
 from torch import nn
 
-from bench.recipe_process import RecipeProcess
 from recipes import nested_unet
 from recipes.common import run_cli
+from tests.processes import RecipeProcess
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import load_checkpoint

@@ -17,7 +17,7 @@ pytest.importorskip("ipykernel")
 
 from nbclient.util import run_sync  # noqa: E402
 
-from bench.recipe_process import checkout_env  # noqa: E402
+from tests.processes import checkout_env  # noqa: E402
 from trainer import board_servers  # noqa: E402
 
 TRAIN = """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.recipe_process import ROOT, checkout_env
 from recipes.openmp import busy_cpus, choose_wait_policy
+from tests.processes import ROOT, checkout_env
 
 
 def test_busy_cpus_sees_another_process_keep_a_cpu_busy():

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from bench.recipe_process import ROOT, checkout_env
+from tests.processes import ROOT, checkout_env
 from trainer.checkpoint import load_checkpoint
 
 TINY = [

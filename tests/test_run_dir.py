@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from bench.recipe_process import RecipeProcess
 from recipes import nested_unet
 from recipes.cli import parse_command_line
 from recipes.common import UsageError, run_cli, start_run_dir
 from tests.conftest import torch_save_on_a_full_disk
+from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import write_png_file
 

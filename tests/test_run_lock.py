@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from bench.recipe_process import checkout_env
+from tests.processes import checkout_env
 from trainer.run_lock import LOCK_FILE, RunLock, RunLockedError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.recipe_process import checkout_env
 from tests.helpers import write_png, write_sample
+from tests.processes import checkout_env
 from trainer_datasets import (
     DataNotFoundError,
     DatasetError,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bench.recipe_process import checkout_env
 from recipes import nested_unet
 from recipes.common import run_cli
+from tests.processes import checkout_env
 from tests.test_kill_resume import HOLD, Run, assert_matches_reference, uninterrupted_run
 from trainer import ResumableSampler
 from trainer.checkpoint import load_checkpoint

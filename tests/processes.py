@@ -1,9 +1,11 @@
-"""`RecipeProcess`: a recipe's command line in a subprocess, watched while it runs; and
-`checkout_env`, the environment of any subprocess that runs this checkout's code.
+"""Real processes of this checkout's code: `RecipeProcess`, a recipe's command line in a
+subprocess, watched while it runs; and `checkout_env`, the environment of any subprocess that
+runs this checkout's code.
 
-`RecipeProcess` is shared by the kill-and-resume tests (`tests/test_kill_resume.py`) and the reliability benchmark
-(`bench/reliability.py`): both start ``python -m recipes.nested_unet``, wait for a moment they
-can see (its progress bar on stderr, a file in its run directory), then stop it.
+The tests that need a real process (a kill, a signal to the process group, two runs at once, a
+full disk) and the reliability benchmark (`bench/reliability.py`) start ``python -m
+recipes.nested_unet`` with `RecipeProcess`, wait for a moment they can see (its progress bar on
+stderr, a file in its run directory), then stop it.
 """
 
 from __future__ import annotations
