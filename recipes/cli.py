@@ -17,6 +17,7 @@ import torch
 
 from recipes.errors import RunComplete, UsageError
 from trainer import NonFiniteLossError
+from trainer.distributed import end_process, is_distributed
 from trainer.every import positive_int as check_positive_int
 from trainer.limits import parse_duration
 
@@ -318,10 +319,20 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     130 for Ctrl-C, and the code of any `SystemExit` (``--help``: 0; a signal: 128 + its number).
     Use it as ``sys.exit(run_cli(main))``.
 
+    In a process of a torchrun launch it does not return: the process ends with the exit code
+    through `trainer.distributed.end_process` (see there why).
+
     Args:
         main: the recipe's entry point, ``main(argv) -> exit code``.
         argv: the command-line arguments (default: ``sys.argv[1:]``, read by `main`).
     """
+    code = _exit_code(main, argv)
+    if is_distributed():
+        end_process(code)
+    return code
+
+
+def _exit_code(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     try:
         return main(argv)
     except RunComplete as exc:

@@ -1,18 +1,23 @@
-"""Run by tests/test_distributed.py under torchrun: a tiny fit whose results each rank saves."""
+"""Run by tests/test_distributed.py under torchrun: tiny fits, one after another in the same two
+processes, whose results each rank saves in a folder per fit (`SCENARIOS`)."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainer import Callback, Trainer
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, PRCurveCallback, TensorBoardCallback
-from trainer.distributed import get_rank
+from trainer.distributed import end_process, get_rank, is_rank_zero
+
+#: The folders of `main`'s fits, in the order they run.
+SCENARIOS = ("fresh", "resumed", "killed", "one_validation_sample", "drop_last")
 
 
 def tiny_problem(train_samples: int = 32) -> tuple[nn.Module, TensorDataset, TensorDataset]:
@@ -44,8 +49,13 @@ def record_collectives() -> list[tuple[str, str]]:
     return seen
 
 
-class ExitAt(Callback):
-    """Ends the process at once, like a kill, at the end of global step `step` (after `ModelCheckpoint`)."""
+class Killed(Exception):
+    """What `KillAt` raises."""
+
+
+class KillAt(Callback):
+    """Raises `Killed` at the end of global step `step`, after `ModelCheckpoint`: the fit ends as a
+    killed process does, with the last step checkpoint as its last.pt (no checkpoint on an error)."""
 
     order = 200
 
@@ -54,29 +64,32 @@ class ExitAt(Callback):
 
     def on_batch_end(self, trainer, batch, outputs) -> None:
         if trainer.global_step == self.step:
-            os._exit(0)
+            raise Killed(f"at step {self.step}")
 
 
-def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) -> None:
-    """Options beyond the arguments come from the environment: WORKER_TRAIN_SAMPLES,
-    WORKER_BATCH_SIZE, WORKER_DROP_LAST (1: the training loader drops a partial last batch),
-    WORKER_CHECKPOINT_EVERY (also save last.pt every N steps) and WORKER_EXIT_AT (every rank
-    ends, without cleaning up, after this global step)."""
-    collectives = record_collectives()
-    model, train, val = tiny_problem(int(os.environ.get("WORKER_TRAIN_SAMPLES", "32")))
-    if val_samples is not None:  # fewer than the ranks: some get no validation batch at all
+def fit(
+    run: Path,
+    epochs: int,
+    resume: bool = False,
+    train_samples: int = 32,
+    val_samples: int | None = None,
+    batch_size: int = 4,
+    drop_last: bool = False,
+    checkpoint_every: int | None = None,
+    kill_at: int | None = None,
+) -> Trainer:
+    """A fit of `tiny_problem` logging to `run` (TensorBoard, PR curves, checkpoints), from
+    `run`/last.pt with `resume`; `val_samples` fewer than the ranks leaves some without a batch."""
+    model, train, val = tiny_problem(train_samples)
+    if val_samples is not None:
         val = TensorDataset(*val[:val_samples])
-    batch_size, drop_last = int(os.environ.get("WORKER_BATCH_SIZE", "4")), os.environ.get("WORKER_DROP_LAST") == "1"
-    run = Path(out) / "run"
-    every = os.environ.get("WORKER_CHECKPOINT_EVERY")
     callbacks = [
         TensorBoardCallback(run, every_n_steps=2),
         PRCurveCallback(run, ["a", "b", "c"]),
         EarlyStopping(patience=50),
-        ModelCheckpoint(run, every_n_steps=int(every) if every else None),
+        ModelCheckpoint(run, every_n_steps=checkpoint_every),
+        *([KillAt(kill_at)] if kill_at is not None else []),
     ]
-    if os.environ.get("WORKER_EXIT_AT"):
-        callbacks.append(ExitAt(int(os.environ["WORKER_EXIT_AT"])))
     trainer = Trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
@@ -92,17 +105,58 @@ def main(out: str, epochs: int, resume: bool, val_samples: int | None = None) ->
         DataLoader(val, batch_size=4),
         resume_from=run / "last.pt" if resume else None,
     )
-    torch.save(
-        {
-            "model": trainer.module.state_dict(),
-            "history": trainer.history,
-            "global_step": trainer.global_step,
-            "collectives": collectives,
-            "device": str(trainer.device),
-        },
-        Path(out) / f"rank{get_rank()}.pt",
-    )
+    return trainer
+
+
+def save(trainer: Trainer, folder: Path) -> None:
+    """This rank's weights, history and step, as `folder`/rank<R>.pt."""
+    result = {"model": trainer.module.state_dict(), "history": trainer.history, "global_step": trainer.global_step}
+    torch.save(result, folder / f"rank{get_rank()}.pt")
+
+
+def copy_on_rank_zero(source: Path, target: Path) -> None:
+    """Copy a file or folder on rank 0 while the other ranks wait."""
+    if is_rank_zero():
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    dist.barrier()
+
+
+def main(out: Path) -> None:
+    """The fits of `SCENARIOS`, each in the folder of its name under `out`:
+
+    - fresh: 2 epochs of 32 training samples in batches of 4 (4 steps an epoch per rank);
+    - resumed: a copy of fresh's run resumed to 3 epochs;
+    - killed: fresh with a checkpoint every 3 steps, killed at step 7 (epoch 2, batch 3; its
+      last.pt then is kept as last-at-kill.pt), then resumed to its end;
+    - one_validation_sample: fresh with one validation sample, which rank 1 does not get;
+    - drop_last: 1 epoch of 10 samples in batches of 8 with drop_last.
+
+    The tensor collectives called in all of them, with their tensors' devices, go to
+    `out`/collectives<R>.pt with the trainer's device."""
+    collectives = record_collectives()
+    for name in SCENARIOS:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    trainer = fit(out / "fresh" / "run", epochs=2)
+    save(trainer, out / "fresh")
+
+    copy_on_rank_zero(out / "fresh" / "run", out / "resumed" / "run")
+    save(fit(out / "resumed" / "run", epochs=3, resume=True), out / "resumed")
+
+    killed = out / "killed" / "run"
+    try:
+        fit(killed, epochs=2, checkpoint_every=3, kill_at=7)
+    except Killed:
+        pass
+    else:
+        raise AssertionError("the run to kill at step 7 ended without being killed")
+    copy_on_rank_zero(killed / "last.pt", out / "killed" / "last-at-kill.pt")
+    save(fit(killed, epochs=2, resume=True, checkpoint_every=3), out / "killed")
+
+    save(fit(out / "one_validation_sample" / "run", epochs=2, val_samples=1), out / "one_validation_sample")
+    save(fit(out / "drop_last" / "run", epochs=1, train_samples=10, batch_size=8, drop_last=True), out / "drop_last")
+    torch.save({"collectives": collectives, "device": str(trainer.device)}, out / f"collectives{get_rank()}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    main(Path(sys.argv[1]))
+    end_process(0)  # as recipes end under torchrun: no interpreter teardown, where gloo's threads can abort

@@ -1,4 +1,8 @@
-"""Two CPU processes under torchrun (gloo): same weights, one event stream, global val_loss, resume."""
+"""Two CPU processes under torchrun (gloo): same weights, one event stream, global val_loss, resume,
+and the recipe's command line, streaming its data folder, each rank decoding its own shard.
+
+Two torchrun launches serve every test: `worker` runs the fits of `tests/distributed_worker.py` one
+after another in the same two processes, and `recipe` runs ``python -m recipes.nested_unet``."""
 
 from __future__ import annotations
 
@@ -11,147 +15,208 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
+from recipes.cli import run_cli
 from tests.distributed_worker import accuracy, tiny_problem
-from tests.processes import checkout_env
+from tests.helpers import tiny_args
+from tests.processes import ROOT, checkout_env
 from trainer import Trainer
 from trainer.checkpoint import load_checkpoint
+from trainer.distributed import end_process
+from trainer_datasets import SyntheticNuclei
 
-ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
-    env = checkout_env(OMP_NUM_THREADS="1", **env_vars)
-    result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Run torchrun with 2 processes on `args` from the repository root; it must succeed."""
+    env = checkout_env(OMP_NUM_THREADS="1")
+    result = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # The ranks' own errors come before torchrun's summary of the failure.
+    assert result.returncode == 0, result.stderr[-10000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def worker(tmp_path_factory) -> Path:
+    """The folder of the worker's fits: fresh, resumed, killed, one_validation_sample, drop_last."""
     out = tmp_path_factory.mktemp("ddp")
-    torchrun("tests/distributed_worker.py", str(out), "2", "fresh")
+    torchrun("tests/distributed_worker.py", str(out))
     return out
 
 
-def test_weights_identical_on_both_ranks(two_ranks):
-    rank0, rank1 = torch.load(two_ranks / "rank0.pt"), torch.load(two_ranks / "rank1.pt")
+def ranks(folder: Path) -> tuple[dict, dict]:
+    """What rank 0 and rank 1 saved at the end of a fit: weights, history, global step."""
+    return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
+
+
+def assert_same_weights(rank0: dict, rank1: dict) -> None:
     for name, tensor in rank0["model"].items():
         assert torch.equal(tensor, rank1["model"][name]), name
-    assert rank0["history"] == rank1["history"] and rank0["global_step"] == 2 * 4  # 16 samples per rank, batch 4
 
 
-def test_every_collective_gets_tensors_on_the_trainers_device(two_ranks):
-    # NCCL refuses CPU tensors: a tensor made without device=trainer.device would crash on GPUs.
+def evaluate_alone(weights: dict, val: TensorDataset) -> dict[str, float]:
+    """val_loss and val_acc of the tiny problem's model with `weights`, in this single process."""
+    model, _, _ = tiny_problem()
+    model.load_state_dict(weights)
+    loss = torch.nn.CrossEntropyLoss()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), loss, device="cpu", metrics={"acc": accuracy})
+    return trainer.validate(DataLoader(val, batch_size=13))
+
+
+def test_weights_identical_on_both_ranks(worker):
+    """After 2 epochs both ranks hold the same weights and history, each having run 4 steps an
+    epoch (its 16 of the 32 samples, in batches of 4)."""
+    rank0, rank1 = ranks(worker / "fresh")
+    assert_same_weights(rank0, rank1)
+    assert rank0["history"] == rank1["history"] and rank0["global_step"] == 2 * 4
+
+
+def test_every_collective_gets_tensors_on_the_trainers_device(worker):
+    """Every tensor the trainer hands a collective is on the trainer's device: NCCL refuses CPU
+    tensors, so a tensor made without device=trainer.device would crash on GPUs."""
     for rank in (0, 1):
-        saved = torch.load(two_ranks / f"rank{rank}.pt")
+        saved = torch.load(worker / f"collectives{rank}.pt")
         names = {name for name, _ in saved["collectives"]}
         assert {"all_reduce", "broadcast"} <= names, names
         assert all(device == saved["device"] for _, device in saved["collectives"]), saved["collectives"]
 
 
-def test_one_run_directory_with_one_event_stream(two_ranks):
-    assert sorted(p.name for p in two_ranks.iterdir()) == ["rank0.pt", "rank1.pt", "run"]
-    assert len(glob.glob(str(two_ranks / "run" / "**" / "events.out.tfevents.*"), recursive=True)) == 1
+def test_one_run_directory_with_one_event_stream(worker):
+    """Only rank 0 writes: one run directory beside the ranks' own files, one event file in it."""
+    fresh = worker / "fresh"
+    assert sorted(p.name for p in fresh.iterdir()) == ["rank0.pt", "rank1.pt", "run"]
+    assert len(glob.glob(str(fresh / "run" / "**" / "events.out.tfevents.*"), recursive=True)) == 1
 
 
-def test_logged_val_loss_equals_single_process_evaluation(two_ranks):
-    state = load_checkpoint(two_ranks / "run" / "last.pt")
-    model, _, val = tiny_problem()
-    model.load_state_dict(state["model"])
-    trainer = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        torch.nn.CrossEntropyLoss(),
-        device="cpu",
-        metrics={"acc": accuracy},
-    )
-    logs = trainer.validate(DataLoader(val, batch_size=13))
+@pytest.mark.numerics
+def test_logged_val_loss_equals_single_process_evaluation(worker):
+    """The val_loss and val_acc logged by 2 ranks, each evaluating its shard of the 13 validation
+    samples, equal one process's evaluation of all of them with the saved weights."""
+    state = load_checkpoint(worker / "fresh" / "run" / "last.pt")
+    logs = evaluate_alone(state["model"], tiny_problem()[2])
     assert state["history"][-1]["val_loss"] == pytest.approx(logs["val_loss"], rel=1e-5)
     assert state["history"][-1]["val_acc"] == pytest.approx(logs["val_acc"], rel=1e-6)
 
 
-def test_a_run_killed_after_a_step_checkpoint_logs_the_uninterrupted_epoch_loss(two_ranks, tmp_path):
-    """Both processes end at step 7 (epoch 2, batch 3), after the step-6 checkpoint: it holds every
-    rank's loss sums of epoch 2 so far, so the resumed run logs the uninterrupted run's epoch loss
-    (not an estimate from rank 0's share) and ends with the same history."""
-    torchrun(
-        "tests/distributed_worker.py", str(tmp_path), "2", "fresh", WORKER_CHECKPOINT_EVERY="3", WORKER_EXIT_AT="7"
-    )
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert state["global_step"] == 6 and state["position"]["batches"] == 2
-    assert len(state["position"]["loss_samples"]) == 2
-    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "resume", WORKER_CHECKPOINT_EVERY="3")
-    expected = load_checkpoint(two_ranks / "run" / "last.pt")["history"][:2]  # the uninterrupted run's 2 epochs
-    assert torch.load(tmp_path / "rank0.pt")["history"] == expected
-    assert torch.load(tmp_path / "rank1.pt")["history"] == expected
-
-
-def test_resumed_distributed_run_continues(two_ranks):
-    torchrun("tests/distributed_worker.py", str(two_ranks), "3", "resume")
-    rank0, rank1 = torch.load(two_ranks / "rank0.pt"), torch.load(two_ranks / "rank1.pt")
-    assert len(rank0["history"]) == 3 and rank0["global_step"] == 12
-    for name, tensor in rank0["model"].items():
-        assert torch.equal(tensor, rank1["model"][name]), name
-    assert load_checkpoint(two_ranks / "run" / "last.pt")["epochs_done"] == 3
-
-
-def test_a_rank_without_validation_batches_neither_hangs_nor_raises(tmp_path):
-    # One validation sample for two ranks: rank 1 gets none. Validation runs the unwrapped model,
-    # so rank 0 does not wait for rank 1 inside DistributedDataParallel's forward.
-    torchrun("tests/distributed_worker.py", str(tmp_path), "2", "fresh", "1", timeout=120)
-    model, _, val = tiny_problem()
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert rank0["history"] == rank1["history"] and len(rank0["history"]) == 2
-    model.load_state_dict(rank0["model"])
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), device="cpu")
-    alone = trainer.validate(DataLoader(torch.utils.data.TensorDataset(*val[:1]), batch_size=4))
-    assert rank0["history"][-1]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
-
-
-def test_pr_curves_cover_every_ranks_validation_samples(two_ranks):
-    events = EventAccumulator(str(two_ranks / "run"), size_guidance={"tensors": 0})
+def test_pr_curves_cover_every_ranks_validation_samples(worker):
+    """The PR curves rank 0 writes count the validation samples of both ranks' shards."""
+    events = EventAccumulator(str(worker / "fresh" / "run"), size_guidance={"tensors": 0})
     events.Reload()
     curve = events.Tensors("pr/0 a")[-1]
     counts = tensor_util.make_ndarray(curve.tensor_proto)  # rows: TP, FP, TN, FN, precision, recall
-    assert counts[:4, 0].sum() == 13  # all validation samples, of both ranks' shards
+    assert counts[:4, 0].sum() == 13
 
 
-def test_drop_last_is_decided_per_shard(tmp_path):
-    # 10 samples, batch 8, drop_last: each rank's shard of 5 would otherwise yield no batch at all.
-    torchrun(
-        "tests/distributed_worker.py",
-        str(tmp_path),
-        "1",
-        "fresh",
-        WORKER_TRAIN_SAMPLES="10",
-        WORKER_BATCH_SIZE="8",
-        WORKER_DROP_LAST="1",
+def test_resumed_distributed_run_continues(worker):
+    """The 2-epoch run resumed in its run directory to 3 epochs: 4 more steps, the same weights
+    on both ranks, last.pt at epoch 3."""
+    rank0, rank1 = ranks(worker / "resumed")
+    assert len(rank0["history"]) == 3 and rank0["global_step"] == 12
+    assert rank0["history"][:2] == ranks(worker / "fresh")[0]["history"]
+    assert_same_weights(rank0, rank1)
+    assert load_checkpoint(worker / "resumed" / "run" / "last.pt")["epochs_done"] == 3
+
+
+def test_a_run_killed_after_a_step_checkpoint_logs_the_uninterrupted_epoch_loss(worker):
+    """Both processes end at step 7 (epoch 2, batch 3), after the step-6 checkpoint: it holds every
+    rank's loss sums of epoch 2 so far, so the resumed run logs the uninterrupted run's epoch loss
+    (not an estimate from rank 0's share) and ends with the same history."""
+    state = load_checkpoint(worker / "killed" / "last-at-kill.pt")
+    assert state["global_step"] == 6 and state["position"]["batches"] == 2
+    assert len(state["position"]["loss_samples"]) == 2
+    expected = load_checkpoint(worker / "fresh" / "run" / "last.pt")["history"]
+    rank0, rank1 = ranks(worker / "killed")
+    assert rank0["history"] == expected and rank1["history"] == expected
+
+
+@pytest.mark.numerics
+def test_a_rank_without_validation_batches_neither_hangs_nor_raises(worker):
+    """One validation sample for two ranks: rank 1 gets none. Validation runs the unwrapped model,
+    so rank 0 does not wait for rank 1 inside DistributedDataParallel's forward; the logged
+    val_loss is that of the one sample."""
+    rank0, rank1 = ranks(worker / "one_validation_sample")
+    assert rank0["history"] == rank1["history"] and len(rank0["history"]) == 2
+    alone = evaluate_alone(rank0["model"], TensorDataset(*tiny_problem()[2][:1]))
+    assert rank0["history"][-1]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
+
+
+def test_drop_last_is_decided_per_shard(worker):
+    """10 samples, batch 8, drop_last: each rank's shard of 5 would otherwise yield no batch at all."""
+    assert ranks(worker / "drop_last")[0]["global_step"] == 1
+
+
+# The recipe's command line, each process appending every file it decodes to decoded-<rank>.txt.
+RECORD_DECODES = """
+import os, runpy, sys
+import recipes  # first, as with python -m recipes.nested_unet: it sets OpenMP's wait policy before torch loads
+from trainer_datasets import segmentation_folder
+out = sys.argv.pop(1)
+for name in ("read_image_rgb", "read_mask"):
+    def reader(path, _original=getattr(segmentation_folder, name)):
+        with open(os.path.join(out, f"decoded-{os.environ['RANK']}.txt"), "a") as file:
+            file.write(f"{path}\\n")
+        return _original(path)
+    setattr(segmentation_folder, name, reader)
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The recipe under torchrun, streaming a folder of 12 images in batches of 5: its folder
+    (data/, run/, decoded-<rank>.txt) and the finished torchrun."""
+    out = tmp_path_factory.mktemp("recipe")
+    data = SyntheticNuclei(12, image_size=16, seed=1).save(out / "data")
+    script = out / "record_decodes.py"
+    script.write_text(RECORD_DECODES)
+    options = tiny_args(
+        data=data, data_mode="stream", batch_size=5, train_samples=None, val_samples=None, log_dir=out / "run"
     )
-    assert torch.load(tmp_path / "rank0.pt")["global_step"] == 1
+    return out, torchrun(str(script), str(out), *options)
 
 
-def test_recipe_runs_unchanged_under_torchrun(tmp_path):
-    run = tmp_path / "run"
-    result = torchrun(
-        "-m",
-        "recipes.nested_unet",
-        "--base-filters",
-        "4",
-        "--train-samples",
-        "8",
-        "--val-samples",
-        "4",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--epochs",
-        "1",
-        "--log-dir",
-        str(run),
-    )
-    assert result.stdout.count("best validation IoU") == 1  # printed by rank 0 only
-    assert len(glob.glob(str(run / "events.out.tfevents.*"))) == 1 and (run / "last.pt").is_file()
+def test_recipe_runs_unchanged_under_torchrun(recipe):
+    """The recipe's own command line under torchrun: rank 0 alone prints the summary and writes
+    the run (one event file, last.pt)."""
+    out, result = recipe
+    assert result.stdout.count("best validation IoU") == 1
+    assert len(glob.glob(str(out / "run" / "events.out.tfevents.*"))) == 1 and (out / "run" / "last.pt").is_file()
+
+
+def test_two_gloo_processes_read_disjoint_files(recipe):
+    """Streaming under torchrun with 2 processes, rank 0 alone checks the folder, and during training
+    each rank decodes only its shard: the two ranks' images are disjoint and together the whole folder."""
+    out, _ = recipe
+    decoded = {rank: (out / f"decoded-{rank}.txt").read_text().splitlines() for rank in (0, 1)}
+    images = {rank: [Path(p).name for p in files if "/images/" in p] for rank, files in decoded.items()}
+    # Rank 0 checks every image once, then draws the fixed validation batch it logs (both validation
+    # images), then trains and validates on its shard; rank 1 only trains and validates on its own.
+    checked, fixed, shard0 = images[0][:12], images[0][12:14], images[0][14:]
+    assert sorted(checked) == sorted(p.name for p in (out / "data" / "images").iterdir())
+    assert len(fixed) == 2 and len(shard0) == len(images[1]) == 5 + 1  # of 10 training images (batch 5), 2 validation
+    assert not set(shard0) & set(images[1])
+    assert set(shard0) | set(images[1]) == set(checked)
+
+
+def test_end_process_runs_the_exit_handlers_flushes_and_ends_with_the_code(mocker):
+    """`end_process` ends a torchrun process as a normal exit would, less the interpreter teardown
+    (where gloo's threads can abort the process): exit handlers first, then the output flushed,
+    then the exit status."""
+    steps = []
+    mocker.patch("atexit._run_exitfuncs", side_effect=lambda: steps.append("exit handlers"))
+    mocker.patch.object(sys.stdout, "flush", side_effect=lambda: steps.append("stdout flushed"))
+    mocker.patch.object(sys.stderr, "flush", side_effect=lambda: steps.append("stderr flushed"))
+    mocker.patch("os._exit", side_effect=lambda code: steps.append(f"exit {code}"))
+    end_process(3)
+    assert steps == ["exit handlers", "stdout flushed", "stderr flushed", "exit 3"]
+
+
+def test_run_cli_ends_a_torchrun_process_through_end_process(mocker):
+    ended = mocker.patch("recipes.cli.end_process", side_effect=SystemExit)
+    assert run_cli(lambda argv: 0, []) == 0 and not ended.called  # one process: it returns
+    mocker.patch("recipes.cli.is_distributed", return_value=True)
+    with pytest.raises(SystemExit):
+        run_cli(lambda argv: 2, [])
+    ended.assert_called_once_with(2)

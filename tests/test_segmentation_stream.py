@@ -1,12 +1,10 @@
-"""Streaming segmentation folders: the same batches as in memory, checked once, indexed, sharded."""
+"""Streaming segmentation folders: the same batches as in memory, checked once, indexed, resumed
+inside an epoch. (Two processes under torchrun decoding disjoint shards: test_distributed.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,10 @@ from torch.utils.data import DataLoader
 
 from recipes import nested_unet
 from recipes.common import run_cli
-from tests.processes import checkout_env
-from tests.test_kill_resume import HOLD, Run, assert_matches_reference, uninterrupted_run
+from tests.helpers import tiny_args
+from tests.test_kill_resume import assert_matches_reference
 from trainer import ResumableSampler
+from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import (
     DatasetError,
@@ -28,8 +27,6 @@ from trainer_datasets import (
     split_segmentation,
 )
 from trainer_datasets.segmentation_stream import index_file
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -152,114 +149,52 @@ def test_a_changed_folder_invalidates_the_index(tmp_path, monkeypatch, change):
             SegmentationStream(data, index_dir=tmp_path / "index")
 
 
-# A data folder of 10 images, 8 augmented training images in 4 steps of 2 (FOLDER of test_kill_resume,
-# one epoch), streamed by 2 workers, a step checkpoint every 2 steps.
-STREAMED = [
-    "--arch",
-    "UNet",
-    "--image-size",
-    "16",
-    "--batch-size",
-    "2",
-    "--epochs",
-    "1",
-    "--precision",
-    "32",
-    "--channels-last",
-    "off",
-    "--seed",
-    "2",
-    "--workers",
-    "2",
-    "--data-mode",
-    "stream",
-    "--checkpoint-every",
-    "2",
-]
+class Killed(Exception):
+    """What `kill_at` raises."""
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
-def test_a_streaming_run_killed_mid_epoch_with_workers_resumes_bit_identical(tmp_path_factory, tmp_path):
-    """SIGKILL at step 3 (batch 3 of 4), after the step-2 checkpoint, with 2 workers decoding the
-    streamed folder: the resumed run starts at batch 3 and ends bit-identical to an
-    uninterrupted streaming run (checkpoints, curves, metrics.csv); config.json records the mode."""
+def kill_at(step: int):
+    """A `ModelCheckpoint.on_batch_end` that raises `Killed` once global step `step`'s checkpoint
+    work is done: the run ends as a killed process does, its last.pt the last step checkpoint
+    (`ModelCheckpoint` saves nothing on an arbitrary error)."""
+    original = ModelCheckpoint.on_batch_end
+
+    def on_batch_end(self, trainer, batch, outputs):
+        original(self, trainer, batch, outputs)
+        if trainer.global_step == step:
+            raise Killed(f"at step {step}")
+
+    return on_batch_end
+
+
+def test_a_streaming_run_killed_mid_epoch_with_workers_resumes_bit_identical(tmp_path, monkeypatch):
+    """Killed at step 3 (batch 3 of 4), after the step-2 checkpoint, with 2 workers decoding the
+    streamed folder (8 augmented training images in steps of 2): the resumed run starts at batch 3
+    and ends bit-identical to an uninterrupted streaming run (checkpoints, curves, metrics.csv);
+    config.json records the mode. (A real SIGKILL is test_kill_resume's.)"""
     data = SyntheticNuclei(10, image_size=16, seed=1).save(tmp_path / "data")
-    options = [*STREAMED, "--data", str(data)]
-    reference = uninterrupted_run(tmp_path_factory, options)
-    run_dir = tmp_path / "run"
-    run = Run(["step:3", *options, "--log-dir", str(run_dir)], code=HOLD)
-    run.wait_for(lambda: "held at step" in run.stderr, "step 3")
-    assert run.stop() == -signal.SIGKILL
+    options = tiny_args(
+        data=data,
+        data_mode="stream",
+        workers=2,
+        batch_size=2,
+        seed=2,
+        checkpoint_every=2,
+        train_samples=None,
+        val_samples=None,
+    )
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert run_cli(nested_unet.main, [*options, "--log-dir", str(reference)]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelCheckpoint, "on_batch_end", kill_at(3))
+        with pytest.raises(Killed):
+            run_cli(nested_unet.main, [*options, "--log-dir", str(run_dir)])
     position = load_checkpoint(run_dir / "last.pt")["position"]
     assert (position["epoch"], position["batches"]) == (0, 2)
     assert json.loads((run_dir / "config.json").read_text())["data_mode"] == "stream"
 
-    run = Run(["--resume", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
+    assert run_cli(nested_unet.main, ["--resume", str(run_dir)]) == 0
     assert_matches_reference(run_dir, reference)
-
-
-# The recipe under torchrun, each process appending every file it decodes to decoded-<rank>.txt.
-RECORD_DECODES = """
-import os, runpy, sys
-from trainer_datasets import segmentation_folder
-out = sys.argv.pop(1)
-for name in ("read_image_rgb", "read_mask"):
-    def reader(path, _original=getattr(segmentation_folder, name)):
-        with open(os.path.join(out, f"decoded-{os.environ['RANK']}.txt"), "a") as file:
-            file.write(f"{path}\\n")
-        return _original(path)
-    setattr(segmentation_folder, name, reader)
-runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
-"""
-
-
-def test_two_gloo_processes_read_disjoint_files(tmp_path):
-    """Under torchrun with 2 processes, rank 0 alone checks the folder, and during training each
-    rank decodes only its shard: the two ranks' images are disjoint and together the whole folder."""
-    data = SyntheticNuclei(12, image_size=16, seed=1).save(tmp_path / "data")
-    script = tmp_path / "record_decodes.py"
-    script.write_text(RECORD_DECODES)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-        "--data",
-        str(data),
-        "--data-mode",
-        "stream",
-        "--arch",
-        "UNet",
-        "--image-size",
-        "16",
-        "--batch-size",
-        "5",
-        "--epochs",
-        "1",
-        "--precision",
-        "32",
-        "--channels-last",
-        "off",
-        "--log-dir",
-        str(tmp_path / "run"),
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, env=checkout_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    decoded = {rank: (tmp_path / f"decoded-{rank}.txt").read_text().splitlines() for rank in (0, 1)}
-    images = {rank: [Path(p).name for p in files if "/images/" in p] for rank, files in decoded.items()}
-    # Rank 0 checks every image once, then draws the fixed validation batch it logs (both validation
-    # images), then trains and validates on its shard; rank 1 only trains and validates on its own.
-    checked, fixed, shard0 = images[0][:12], images[0][12:14], images[0][14:]
-    assert sorted(checked) == sorted(p.name for p in (data / "images").iterdir())
-    assert len(fixed) == 2 and len(shard0) == len(images[1]) == 5 + 1  # of 10 training images (batch 5), 2 validation
-    assert not set(shard0) & set(images[1])
-    assert set(shard0) | set(images[1]) == set(checked)
 
 
 def test_streamed_label_maps_equal_the_in_memory_ones(tmp_path):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sized
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,22 @@ def wait_for_all(device: torch.device) -> None:
     aborts at exit (``terminate called without an active exception``)."""
     if is_distributed():
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with exit status `code`: the exit handlers run and the output is flushed,
+    then the process ends without Python's interpreter teardown.
+
+    `recipes.cli.run_cli` ends a process of a torchrun launch this way, and a script of one's own
+    that trains under torchrun can end with it too. In the teardown, a thread of gloo that still
+    lets go of a finished collective's tensors needs the interpreter, which is shutting down:
+    the process aborts (SIGABRT, ``terminate called without an active exception``) after a run
+    that saved everything, and torchrun reports it as failed. A busy machine makes it likelier.
+    """
+    atexit._run_exitfuncs()  # what a normal exit runs before the teardown: this module's _destroy too
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def broadcast_object(value: Any) -> Any:
