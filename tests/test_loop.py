@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.helpers import Validations, make, read
 from trainer.callbacks import (
@@ -56,18 +55,6 @@ def test_early_stopping_and_checkpoints_decide_after_each_validation(tmp_path):
     best = load_checkpoint(checkpoint.best_path)  # the lowest validation loss: step 6, inside epoch 1
     assert best["global_step"] == 6 and best["position"]["batches"] == 6
     assert checkpoint.best == seen.seen[1][2] and checkpoint.best_step == 6
-
-
-def test_plateau_scheduler_steps_after_each_validation(mocker):
-    trainer, train, val = make(
-        epochs=2, val_every_n_steps=4, scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
-    )
-    seen = Validations()
-    trainer.add_callback(seen)
-    spy = mocker.spy(trainer.scheduler, "step")
-    trainer.fit(train, val)
-    assert [call.args[0] for call in spy.call_args_list] == [loss for _, _, loss in seen.seen]
-    assert [step for step, _, _ in seen.seen] == [4, 8, 10, 12, 16, 20]
 
 
 def test_a_monitor_missing_from_step_validations_is_a_clear_error():

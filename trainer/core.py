@@ -371,7 +371,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self.num_batches = limited("limit_train_batches", self.limit_train_batches, loader_length(train_loader))
         self._callbacks.rebuild()
         validates = val_loader is not None and (self.val_at_epoch_end or self.val_every_n_steps is not None)
-        self._scheduling = SchedulerStepping(self.scheduler, self.scheduler_interval, validates)
+        self._scheduling = SchedulerStepping(self.scheduler, self.scheduler_interval, validates, self.global_step)
         if fresh:
             self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
         if self.seed is not None and fresh and not self.history and self.global_step == 0:
