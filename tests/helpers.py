@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import make_classification
 from trainer import Callback, ResumableSampler, Trainer
-
 
 #: The segmentation recipe's quickest run: a UNet of width 4 on 8 synthetic 16x16 images (2 steps an
 #: epoch) and 4 for validation, one epoch, with float32 and contiguous tensors asked for (so no
@@ -35,6 +36,38 @@ def tiny_args(**changes: object) -> list[str]:
     (``epochs=3``, ``log_dir=path``: an underscore stands for a dash; None leaves an option out)."""
     options = {**TINY_RUN, **{name.replace("_", "-"): value for name, value in changes.items()}}
     return [arg for name, value in options.items() if value is not None for arg in (f"--{name}", str(value))]
+
+
+def make_trainer(model, callbacks=(), **kwargs):
+    """A `Trainer` of `model` with SGD (lr 0.05) and the MSE loss, on the CPU, 2 epochs unless told."""
+    kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("device", "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return Trainer(model, opt, nn.MSELoss(), callbacks=callbacks, **kwargs)
+
+
+def one_update(model_seed, batches, **kwargs):
+    """A `nn.Linear(3, 1)` seeded with `model_seed`, trained one epoch on `batches` with SGD (lr 0.1);
+    the model and its trainer."""
+    torch.manual_seed(model_seed)
+    model = nn.Linear(3, 1)
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), max_epochs=1, device="cpu", **kwargs
+    )
+    trainer.fit(batches)
+    return model, trainer
+
+
+def undocumented_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The options that `parser`'s ``--help`` lists without a description."""
+    lines = parser.format_help().splitlines()
+    missing = []
+    for line, following in zip(lines, [*lines[1:], ""]):
+        option = re.fullmatch(r"  (-\S.*?)(?: {2,}\S.*)?", line)
+        described_below = re.match(r" {3,}\S", following)
+        if option and not re.search(r" {2,}\S", line.strip()) and not described_below:
+            missing.append(option.group(1))
+    return missing
 
 
 def fit_with(callbacks, loaders, max_epochs=10):
@@ -118,3 +151,73 @@ def write_sample(root: Path, sample_id: str, size=(16, 16), classes=None, value=
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class TinyNet(nn.Module):
+    """A classifier of 1x8x8 images with named layers."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class TinySegNet(nn.Module):
+    """Returns two outputs, like a deep-supervision network."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 1, 1)
+        self.aux = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.encoder(x))
+        return [self.aux(h), self.head(h)]
+
+
+def image_data(n=24, seed=0):
+    """Learnable 1x8x8 images of 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    x[:, 0, 0, :] += y[:, None].float()  # learnable
+    return TensorDataset(x, y)
+
+
+def seg_data(n=8, seed=0):
+    """3x16x16 images whose bright pixels are the mask."""
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(n, 1, 16, 16, generator=g) > 0.6).float()
+    images = masks.expand(-1, 3, -1, -1) * 0.8 + 0.1 * torch.rand(n, 3, 16, 16, generator=g)
+    return TensorDataset(images, masks)
+
+
+def fit_visuals(callbacks, epochs=2, batch_size=4, model=None, data=None, loss=None, metrics=None):
+    """`callbacks` on a fit of `TinyNet` (or `model`) on `image_data` (or `data`), validated on the
+    same data: the run the TensorBoard callbacks' tests log."""
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    data = data or image_data()
+    train = DataLoader(data, batch_size=batch_size)
+    val = DataLoader(data, batch_size=batch_size * 2)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        loss or nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        metrics=metrics if metrics is not None else {"acc": accuracy},
+    )
+    return trainer, trainer.fit(train, val)
+
+
+def read_logged(run_dir):
+    """Every scalar, image and tensor event of `run_dir`, as TensorBoard reads them."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc

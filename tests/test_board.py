@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,15 +14,17 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 
 from trainer import Trainer, board, board_servers
-from trainer.callbacks import GraphCallback, ImageGridCallback, TensorBoardCallback
+from trainer.callbacks import GraphCallback, ImageGridCallback, ModelCheckpoint, TensorBoardCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
@@ -91,6 +94,18 @@ def assert_scalars_served(url: str, run: str) -> None:
         assert [step for _, step, _ in points] == steps  # each point is [wall_time, step, value]
 
 
+@contextlib.contextmanager
+def sigint_as_from_a_terminal():
+    """Processes started in the block get SIGINT at its default, as from a terminal, so that Ctrl-C
+    reaches their Python as KeyboardInterrupt. A background job of a shell (``make test &``, nohup)
+    runs this process with SIGINT ignored, which a child would inherit and Python then keep."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def tiny_loaders() -> tuple[DataLoader, DataLoader]:
     """Training (8 samples, 2 batches) and validation (4 samples) loaders of 8x8 images."""
     torch.manual_seed(0)
@@ -141,6 +156,7 @@ def runs(tmp_path_factory, module_mocker) -> Path:
 
 # ----------------------------------------------------------------------------------- tests
 def test_find_event_files(runs, tmp_path):
+    """The event files in or below a folder, or the file itself; none in a folder without them."""
     found = board.find_event_files(runs)
     assert len(found) == 1 and found[0].parent == runs / "tiny"
     assert found[0].name.startswith("events.out.tfevents.")
@@ -148,47 +164,13 @@ def test_find_event_files(runs, tmp_path):
     assert board.find_event_files(tmp_path) == []
 
 
-def test_command_line_serves_scalars_images_and_graph(runs):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.board", str(runs), "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = read_line(proc)
-        assert line == f"TensorBoard on {runs}: http://127.0.0.1:{port}/\n"
-        url = line.split(": ", 1)[1].strip()
-
-        assert poll_json(url, "data/runs", lambda d: "tiny" in d) == ["tiny"]
-        assert_scalars_served(url, "tiny")
-        images = poll_json(url, "data/plugin/images/tags", lambda d: "images" in d.get("tiny", {}))
-        assert images["tiny"]["images"]["samples"] == 1
-        meta = get_json(url, "data/plugin/images/images", run="tiny", tag="images")
-        assert [item["step"] for item in meta] == [0]
-        graphs = poll_json(url, "data/plugin/graphs/info", lambda d: d.get("tiny", {}).get("run_graph"))
-        assert graphs["tiny"]["run_graph"] is True
-        graph = get_text(url, "data/plugin/graphs/graph", run="tiny")  # the run graph, as pbtxt
-        assert 'name: "Sequential/0/conv2d"' in graph and 'op: "aten::conv2d"' in graph
-        assert 'input: "Sequential/0/weight"' in graph and 'key: "_output_shapes"' in graph
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert "TensorFlow installation not found" not in stderr
-
-
 def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_port(runs):
-    b = board.start(runs / "tiny")
-    try:
-        assert b.url == f"http://127.0.0.1:{b.port}/" and b.path == runs / "tiny" and b.running
+    """`start` on a run directory, on a given port and as a context manager: the run is named after its
+    folder (not "."), its scalars and its HParams trial are served, and leaving the block stops the
+    server for good (a second stop does nothing) and frees the port."""
+    port = free_port()
+    with board.start(runs / "tiny", port=port) as b:
+        assert b.url == f"http://127.0.0.1:{port}/" and b.port == port and b.path == runs / "tiny" and b.running
         assert poll_json(b.url, "data/runs", lambda d: "tiny" in d) == ["tiny"]  # not "."
         assert get_json(b.url, "data/environment")["data_location"] == str(runs / "tiny")  # not the link's folder
         assert_scalars_served(b.url, "tiny")
@@ -205,8 +187,7 @@ def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_
             },
         )
         assert [group["name"] for group in groups["sessionGroups"]] == ["tiny"]
-    finally:
-        b.stop()
+    assert not b.running
     b.stop()  # a second stop does nothing
     assert not b.running
     # Nothing answers: refused, or reset when loopback reuses a TIME_WAIT address pair.
@@ -218,28 +199,24 @@ def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_
 
 
 def test_a_folder_of_runs_names_them_by_their_relative_paths(runs, tmp_path):
+    """`start` on a folder of runs, on a free port it picks: each run is named by its path relative to
+    the folder, which is the data location."""
     folder = tmp_path / "runs"
     for name in ("nested_unet/a", "nested_unet/b", "fashion_mnist/a"):
         (folder / name).mkdir(parents=True)
         for source in (runs / "tiny").glob("events.out.tfevents.*"):
             (folder / name / source.name).write_bytes(source.read_bytes())
     with board.start(folder) as b:
+        assert b.url == f"http://127.0.0.1:{b.port}/" and b.port > 0
         expected = ["fashion_mnist/a", "nested_unet/a", "nested_unet/b"]
         assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 3)) == expected
-    with board.start(folder / "nested_unet" / "b") as b:  # one of them alone: named after its folder
-        assert poll_json(b.url, "data/runs", lambda d: d) == ["b"]
-        assert "Loss/training loss" in poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("b"))["b"]
-
-
-def test_start_on_a_given_port_and_as_a_context_manager(runs):
-    port = free_port()
-    with board.start(runs, port=port) as b:
-        assert b.port == port and b.url == f"http://127.0.0.1:{port}/"
-        assert get_json(b.url, "data/environment")["data_location"] == str(runs)
-    assert not b.running
+        assert get_json(b.url, "data/environment")["data_location"] == str(folder)
+        tags = poll_json(b.url, "data/plugin/scalars/tags", lambda d: d.get("nested_unet/b"))
+        assert "Loss/training loss" in tags["nested_unet/b"]
 
 
 def test_start_on_a_busy_port_is_a_clear_error(runs):
+    """`start` on a port another socket holds: an OSError naming the folder, the address and why."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -250,6 +227,7 @@ def test_start_on_a_busy_port_is_a_clear_error(runs):
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "file"])
 def test_python_api_rejects_paths_without_event_files(tmp_path, kind):
+    """`start` on a missing path, a folder without event files or a file: a one-line error naming it."""
     path = tmp_path / "logs"
     if kind == "empty":
         (path / "run" / "nested").mkdir(parents=True)
@@ -262,26 +240,17 @@ def test_python_api_rejects_paths_without_event_files(tmp_path, kind):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_command_line_rejects_a_missing_path(tmp_path):
-    missing = tmp_path / "nope"
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer.board", str(missing)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 2 and proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and str(missing) in lines[0] and "holds no TensorBoard event files" in lines[0]
-
-
-def test_main_rejects_a_folder_without_event_files(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    assert board.main([str(tmp_path)]) == 2
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_command_line_rejects_a_path_without_event_files(tmp_path, capsys, kind):
+    """``python -m trainer.board PATH`` (its `main`) on a missing folder or one without event files: exit
+    code 2 and one line on stderr naming the path, nothing on stdout."""
+    path = tmp_path / "nope"
+    if kind == "empty":
+        (path / "run").mkdir(parents=True)
+    assert board.main([str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.count("\n") == 1 and str(tmp_path) in err and "holds no TensorBoard event files" in err
+    assert err.count("\n") == 1 and str(path) in err and "holds no TensorBoard event files" in err
 
 
 @pytest.fixture
@@ -295,25 +264,79 @@ def registry(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def test_show_outside_a_notebook_prints_the_url_and_reuses_one_server_per_folder(runs, registry, capsys):
-    run = runs / "tiny"
-    first = board.show(run)
+def test_command_line_serves_a_run_show_reuses_it_and_ctrl_c_removes_its_files(runs, registry, capsys):
+    """``python -m trainer.board RUN --port P`` prints its URL and serves the run's scalars, image grid
+    and graph under the run's name. It records itself, so `show` on the same folder (here from another
+    process, as a re-run cell or a restarted kernel calls it) reuses it, twice, and prints its URL.
+    Ctrl-C (SIGINT) ends it with exit code 0 and no traceback, and it removes its registry entry and
+    its folder of links."""
+    run, port = runs / "tiny", free_port()
+    with sigint_as_from_a_terminal():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.board", str(run), "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
-        second = board.show(run)  # the cell run again: the same server
-        assert second == first and first.path == str(run.resolve())
-        assert capsys.readouterr().out == f"TensorBoard on {first.path}: {first.url}\n" * 2
-        assert poll_json(first.url, "data/runs", lambda d: d) == ["tiny"]
-        assert get_json(first.url, "data/environment")["data_location"] == str(run)  # no temporary path
-        assert [server.pid for server in board_servers.running()] == [first.pid]
+        line = read_line(proc)
+        assert line == f"TensorBoard on {run}: http://127.0.0.1:{port}/\n"
+        url = line.split(": ", 1)[1].strip()
+
+        assert poll_json(url, "data/runs", lambda d: "tiny" in d) == ["tiny"]
+        assert get_json(url, "data/environment")["data_location"] == str(run)  # no temporary path
+        assert_scalars_served(url, "tiny")
+        images = poll_json(url, "data/plugin/images/tags", lambda d: "images" in d.get("tiny", {}))
+        assert images["tiny"]["images"]["samples"] == 1
+        meta = get_json(url, "data/plugin/images/images", run="tiny", tag="images")
+        assert [item["step"] for item in meta] == [0]
+        graphs = poll_json(url, "data/plugin/graphs/info", lambda d: d.get("tiny", {}).get("run_graph"))
+        assert graphs["tiny"]["run_graph"] is True
+        graph = get_text(url, "data/plugin/graphs/graph", run="tiny")  # the run graph, as pbtxt
+        assert 'name: "Sequential/0/conv2d"' in graph and 'op: "aten::conv2d"' in graph
+        assert 'input: "Sequential/0/weight"' in graph and 'key: "_output_shapes"' in graph
+
+        assert len(list(registry.glob("trainer-board-*/tiny"))) == 1  # the link that names the run
+        first = board.show(run)
+        assert board.show(run) == first and (first.pid, first.url) == (proc.pid, url)
+        assert first.path == str(run.resolve())
+        assert capsys.readouterr().out == f"TensorBoard on {first.path}: {url}\n" * 2
+        assert [server.pid for server in board_servers.running()] == [proc.pid]
     finally:
-        assert board.stop(run)
-    assert not board.stop(run)  # nothing left to stop
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "TensorFlow installation not found" not in stderr
+    assert list(registry.rglob("*")) == [board_servers.registry_dir()]  # no entry, no folder of links
+    assert board_servers.running() == [] and not board.stop(run)  # nothing left to stop
     with pytest.raises(OSError):
-        urllib.request.urlopen(first.url, timeout=5).read()
-    assert board_servers.running() == [] and list(registry.rglob("*")) == [board_servers.registry_dir()]
+        urllib.request.urlopen(url, timeout=5).read()
+
+
+def test_stop_and_stop_all_stop_what_the_registry_holds(mocker):
+    """`stop(path)` stops the live server the registry holds for the folder and says whether there was
+    one; `stop_all` stops every live server and counts them. (What a real server does when stopped is
+    tested above, by Ctrl-C, and in test_notebook.py, by `stop_all`.)"""
+    servers = [mocker.Mock(spec=board_servers.BoardServer) for _ in range(2)]
+    find = mocker.patch.object(board_servers, "find", side_effect=[servers[0], None])
+    assert board.stop("runs/a") is True and board.stop("runs/a") is False
+    find.assert_called_with(Path("runs/a").resolve())
+    servers[0].stop.assert_called_once_with()
+    servers[0].stop.reset_mock()
+    mocker.patch.object(board_servers, "running", return_value=servers)
+    assert board.stop_all() == 2
+    for server in servers:
+        server.stop.assert_called_once_with()
 
 
 def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
+    """An entry whose process is gone is not a server: `find` ignores it and removes it."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     board_servers.register(
@@ -323,78 +346,15 @@ def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
 
 
 def test_show_rejects_a_bad_proxy_url_before_starting_a_server(runs, registry):
+    """A proxy URL without %PORT% is refused before any server starts."""
     with pytest.raises(ValueError, match="proxy_url must hold %PORT%"):
         board.show(runs, proxy_url="https://lab.example.org/tb/")
     assert board_servers.running() == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_command_line_stopped_by_a_signal_removes_its_temporary_files(runs, registry, sig):
-    run = runs / "tiny"
-    env = {**os.environ, "TMPDIR": str(registry)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.board", str(run)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = read_line(proc).split(": ", 1)[1].strip()
-        assert len(list(registry.glob("trainer-board-*/tiny"))) == 1  # the link that names the run
-        assert board_servers.find(run).url == url  # recorded: a notebook's show() would reuse it
-    finally:
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
-    assert list(registry.rglob("*")) == [board_servers.registry_dir()]
-
-
-# ------------------------------------------------------------------- resumed runs on the board
-def scalar_steps_served(url: str, run: str, tag: str, count: int) -> list[tuple[int, float]]:
-    """(step, value) of each point of `tag` in `run` as the server answers, once it has `count`."""
-    points = poll_json(url, "data/plugin/scalars/scalars", lambda d: len(d) >= count, run=run, tag=tag)
-    return [(step, value) for _, step, value in points]
-
-
-def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    from trainer.callbacks import ModelCheckpoint
-
-    run = tmp_path / "run"
-    first = tiny_trainer([TensorBoardCallback(run, every_n_steps=1), ModelCheckpoint(run)], epochs=2)
-    first.fit(*tiny_loaders())
-    # The killed process went on past its last checkpoint (step 4): these points are orphans.
-    with SummaryWriter(run) as orphan:
-        for step in (5, 6):
-            orphan.add_scalar("Loss/training loss", 99.0, step)
-    resumed = tiny_trainer([TensorBoardCallback(run, every_n_steps=1), ModelCheckpoint(run)], epochs=4)
-    resumed.fit(*tiny_loaders(), resume_from=run / "last.pt")
-    with board.start(run) as b:
-        points = scalar_steps_served(b.url, "run", "Loss/training loss", 8)
-        assert [step for step, _ in points] == list(range(1, 9))  # one value per step, in order
-        assert 99.0 not in [value for _, value in points]
-        epochs = scalar_steps_served(b.url, "run", "Loss/training (epoch mean)", 4)
-        assert [step for step, _ in epochs] == [2, 4, 6, 8]
-        assert [value for _, value in epochs] == pytest.approx([h["loss"] for h in resumed.history])
-
-
-def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(tmp_path, capsys):
-    run = tmp_path / "run"
-    first = tiny_trainer([TensorBoardCallback(run, every_n_steps=1)])
-    first.fit(*tiny_loaders())
-    again = tiny_trainer([TensorBoardCallback(run, every_n_steps=1)])  # the notebook cell, run again
-    again.fit(*tiny_loaders())
-    assert f"{run} already holds a run, so this one logs to {run / 'version_1'}" in capsys.readouterr().out
-    with board.start(run) as b:
-        assert sorted(poll_json(b.url, "data/runs", lambda d: len(d) == 2)) == ["run", "run/version_1"]
-        for name in ("run", "run/version_1"):
-            assert [step for step, _ in scalar_steps_served(b.url, name, "Loss/training loss", 4)] == [1, 2, 3, 4]
-
-
 def test_show_on_a_busy_port_is_the_servers_one_line_error(runs, registry):
+    """The server `show` starts cannot bind a busy port: its own one-line error is raised, and nothing
+    is recorded."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -402,3 +362,65 @@ def test_show_on_a_busy_port_is_the_servers_one_line_error(runs, registry):
         with pytest.raises(OSError, match=f"could not serve .* on 127.0.0.1:{port}: .*already in use") as info:
             board.show(runs, port=port)
     assert "\n" not in str(info.value) and board_servers.running() == []
+
+
+# ------------------------------------------------------------------- continued runs on the board
+@dataclass
+class ContinuedRuns:
+    """`root`: a folder of continued runs, served at `url`; `printed`: what their fits printed;
+    `history`: the resumed run's epoch logs."""
+
+    root: Path
+    url: str
+    printed: str
+    history: list[dict]
+
+
+@pytest.fixture(scope="module")
+def continued_runs(tmp_path_factory):
+    """One board on a folder of the two runs a user continues: ``resumed``, whose process went on
+    logging past its last checkpoint (step 4) before it was killed, then resumed to 4 epochs; and
+    ``rerun``, where a second fit of the same callbacks (a notebook cell run again) logs beside the first."""
+    root = tmp_path_factory.mktemp("continued")
+    resumed, rerun = root / "resumed", root / "rerun"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        tiny_trainer([TensorBoardCallback(resumed, every_n_steps=1), ModelCheckpoint(resumed)]).fit(*tiny_loaders())
+        with SummaryWriter(resumed) as orphan:  # the killed process's points after its checkpoint
+            for step in (5, 6):
+                orphan.add_scalar("Loss/training loss", 99.0, step)
+        trainer = tiny_trainer([TensorBoardCallback(resumed, every_n_steps=1), ModelCheckpoint(resumed)], epochs=4)
+        trainer.fit(*tiny_loaders(), resume_from=resumed / "last.pt")
+        for _ in range(2):
+            tiny_trainer([TensorBoardCallback(rerun, every_n_steps=1)]).fit(*tiny_loaders())
+    with board.start(root) as b:
+        yield ContinuedRuns(root, b.url, printed.getvalue(), trainer.history)
+
+
+def scalar_steps_served(url: str, run: str, tag: str, count: int) -> list[tuple[int, float]]:
+    """(step, value) of each point of `tag` in `run` as the server answers, once it has `count`."""
+    points = poll_json(url, "data/plugin/scalars/scalars", lambda d: len(d) >= count, run=run, tag=tag)
+    return [(step, value) for _, step, value in points]
+
+
+def test_a_killed_and_resumed_run_is_one_curve_per_tag_on_the_board(continued_runs):
+    """The killed process's points past its last checkpoint are gone: one value per step, in order,
+    and the epoch means are the resumed run's."""
+    points = scalar_steps_served(continued_runs.url, "resumed", "Loss/training loss", 8)
+    assert [step for step, _ in points] == list(range(1, 9))  # one value per step, in order
+    assert 99.0 not in [value for _, value in points]
+    epochs = scalar_steps_served(continued_runs.url, "resumed", "Loss/training (epoch mean)", 4)
+    assert [step for step, _ in epochs] == [2, 4, 6, 8]
+    assert [value for _, value in epochs] == pytest.approx([h["loss"] for h in continued_runs.history])
+
+
+def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(continued_runs):
+    """A second fit into a folder that holds a run says so and logs to ``version_1``: two runs of
+    four steps each on the board."""
+    run = continued_runs.root / "rerun"
+    assert f"{run} already holds a run, so this one logs to {run / 'version_1'}" in continued_runs.printed
+    runs = poll_json(continued_runs.url, "data/runs", lambda d: len(d) == 3)
+    assert sorted(runs) == ["rerun", "rerun/version_1", "resumed"]
+    for name in ("rerun", "rerun/version_1"):
+        steps = [step for step, _ in scalar_steps_served(continued_runs.url, name, "Loss/training loss", 4)]
+        assert steps == [1, 2, 3, 4]

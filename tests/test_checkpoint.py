@@ -144,7 +144,7 @@ def test_resumed_curves_have_no_duplicated_or_orphaned_steps(tmp_path):
 
 
 def test_non_finite_loss_caught_at_log_point_names_step_and_checkpoint(tmp_path):
-    from trainer import Callback, NonFiniteLossError
+    from trainer import NonFiniteLossError
 
     class PoisonAfterEpochOne(Callback):
         def on_epoch_start(self, trainer):
@@ -177,69 +177,6 @@ def test_cli_reports_non_finite_loss_in_one_line(capsys):
     assert capsys.readouterr().err == (
         "error: training loss is nan at global step 3 (epoch 0); last good checkpoint: runs/x/last.pt\n"
     )
-
-
-def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
-    stopper = EarlyStopping("val_loss", mode="max", patience=0)  # "max" on a falling loss: stops after epoch 2
-    trainer, train, val = build([stopper, ModelCheckpoint(tmp_path)], epochs=5)
-    history = trainer.fit(train, val)
-    assert len(history) == 2 and trainer.should_stop
-    resumed, train, val = build(
-        [EarlyStopping("val_loss", mode="max", patience=0), ModelCheckpoint(tmp_path)], epochs=5
-    )
-    assert len(resumed.fit(train, val, resume_from=tmp_path / "last.pt")) == 2
-    assert resumed.global_step == trainer.global_step
-
-
-class CrashAfter(Callback):
-    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
-
-    order = 200
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_epoch_end(self, trainer, logs):
-        if trainer.epoch + 1 == self.epochs:
-            raise RuntimeError("killed")
-
-
-def cosine_run(tmp_path, epochs, resume=False, crash_after=None):
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
-    callbacks = [ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
-    trainer = Trainer(
-        model,
-        optimizer,
-        nn.CrossEntropyLoss(),
-        callbacks=callbacks,
-        max_epochs=epochs,
-        device="cpu",
-        scheduler=scheduler,
-    )
-    loader = DataLoader(make_classification(16), batch_size=8)
-    try:
-        trainer.fit(loader, resume_from=tmp_path / "last.pt" if resume else None)
-    except RuntimeError:
-        pass
-    return trainer.history
-
-
-@pytest.mark.parametrize("done", [2, 4])
-def test_cosine_schedule_resumed_with_more_epochs_decays_to_its_minimum_at_the_new_end(tmp_path, done):
-    # A 4-epoch run, finished or killed after 2 epochs, resumed with 8 epochs.
-    first = cosine_run(tmp_path, epochs=4, crash_after=done if done < 4 else None)
-    assert len(first) == done
-    history = cosine_run(tmp_path, epochs=8, resume=True)
-    rates = [logs["lr"] for logs in history]
-    assert len(rates) == 8 and rates[:done] == [logs["lr"] for logs in first]
-    later = rates[done - 1 :]
-    assert all(b <= a + 1e-12 for a, b in zip(later, later[1:])), rates  # never climbs back up
-    assert rates[-1] == pytest.approx(0.01)
-    if done == 2:
-        assert rates[2] > 0.02  # still decaying, not jumped to the minimum
 
 
 def test_atomic_save_on_a_full_disk_names_the_file_keeps_the_old_one_and_leaves_no_partial_file(small_disk):

@@ -34,6 +34,7 @@ def test_fashion_cnn_rejects_wrong_input_shape():
         FashionCNN()(torch.randn(2, 3, 28, 28))
 
 
+@pytest.mark.numerics
 def test_fashion_cnn_traces():
     model = FashionCNN().eval()
     x = torch.randn(2, 1, 28, 28)

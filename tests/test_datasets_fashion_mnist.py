@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.processes import checkout_env
+from recipes import fashion_mnist
+from recipes.common import run_cli
 from trainer_datasets import (
     CLASSES,
     DataNotFoundError,
@@ -199,19 +198,12 @@ def test_a_corrupt_deflate_stream_is_named(fashion_dir):
     assert not (raw_folder(root) / "train-images-idx3-ubyte").exists()  # no half-written copy left
 
 
-def test_the_recipe_reports_a_damaged_idx_file_in_one_line_and_writes_nothing(fashion_dir, tmp_path):
+def test_the_recipe_reports_a_damaged_idx_file_in_one_line_and_writes_nothing(fashion_dir, tmp_path, capsys):
     root, _, _ = fashion_dir
     raw = unpacked(root)
     edit(raw / "t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([10]) + b[9:])
-    result = subprocess.run(
-        [sys.executable, "-m", "recipes.fashion_mnist", "--data-dir", str(root), "--log-dir", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr == (
+    assert run_cli(fashion_mnist.main, ["--data-dir", str(root), "--log-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
         f"error: {raw / 't10k-labels-idx1-ubyte'} has label 10 at item 0 (1 of its 20 labels "
         "are out of range); Fashion-MNIST labels are 0 to 9\n"
     )

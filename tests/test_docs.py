@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import runpy
 import shlex
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.processes import RecipeProcess, checkout_env
+from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,28 +22,35 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
+# The blocks that assert a bound on a number training produced: the loss below 0.05 before epoch 49.
+NUMERICS_BLOCKS = {"docs/extending.md#0"}
+
+
 def python_blocks():
     for doc in DOCS:
         for index, match in enumerate(BLOCK.finditer(doc.read_text())):
-            yield pytest.param(match.group(1), id=f"{doc.relative_to(ROOT)}#{index}")
+            name = f"{doc.relative_to(ROOT)}#{index}"
+            yield pytest.param(match.group(1), id=name, marks=[pytest.mark.numerics] if name in NUMERICS_BLOCKS else [])
 
 
 @pytest.mark.parametrize("code", list(python_blocks()))
 def test_code_block_runs(code, tmp_path, monkeypatch):
+    """The block runs as written, in an empty folder, its own asserts included."""
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "<doc>", "exec", dont_inherit=True), {"__name__": "__doc_example__"})
 
 
 def test_readme_starts_with_the_two_commands():
+    """The README opens with the commands that train and test."""
     lines = (ROOT / "README.md").read_text().splitlines()
     block = lines[lines.index("```sh") + 1 : lines.index("```sh") + 3]
     assert [line.split("#")[0].strip() for line in block] == ["make run", "make test"]
 
 
-def recipe_file_of_the_docs() -> str:
-    """The recipe file docs/extending.md shows (the block that defines ``class Blobs``)."""
+def extending_block(marker: str) -> str:
+    """The code block of docs/extending.md that holds `marker`."""
     text = (ROOT / "docs" / "extending.md").read_text()
-    return next(block for block in BLOCK.findall(text) if "class Blobs(Recipe" in block)
+    return next(block for block in BLOCK.findall(text) if marker in block)
 
 
 def resume_line(output: str) -> str:
@@ -52,67 +60,68 @@ def resume_line(output: str) -> str:
     return lines[0]
 
 
-def run_printed(command: str, **kwargs) -> RecipeProcess:
-    """Run `command` as printed, ``python`` being this interpreter."""
-    program, script, *args = shlex.split(command)
-    assert program == "python"
-    return RecipeProcess(args, script=script, timeout=120, **kwargs)
+def run_script(command: list[str], monkeypatch) -> int | str | None:
+    """``python FILE ARGS`` (`command`, without ``python``) in this process, as the interpreter runs a
+    script: FILE as ``__main__``, ``sys.argv`` the command; the code it exits with (None if it returns)."""
+    monkeypatch.setattr(sys, "argv", command)
+    try:
+        runpy.run_path(command[0], run_name="__main__")
+    except SystemExit as exc:
+        return exc.code
+    return None
 
 
-def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_its_model_loads(tmp_path):
+#: blobs.py's arguments: 600 steps (3 epochs of 200). With --checkpoint-every a stop saves the position
+#: reached, which its shuffled loader alone could not resume from inside an epoch.
+BLOBS_RUN = "--epochs 3 --samples 8000 --checkpoint-every 40 --precision 32 --channels-last off --threads 1".split()
+
+
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count, which a recipe run in this process sets (`--threads`)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.numerics
+# blobs.py's shuffled DataLoader cannot start an epoch at a given batch: the resume warns that it goes on
+# at the end of the epoch its step checkpoint is in.
+@pytest.mark.filterwarnings("ignore:.*DataLoader cannot start an epoch at a given batch:RuntimeWarning")
+def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_its_model_loads(
+    tmp_path, monkeypatch, capsys, torch_threads
+):
+    """The recipe file of docs/extending.md, run as a script (``python blobs.py``) and stopped by SIGTERM
+    as its first epoch starts, saves its position and prints the command that resumes it: the same file
+    with ``--resume``. That command finishes the run (its accuracy well above chance) and the docs'
+    predict_blobs.py rebuilds the trained model from best.pt alone. The stop needs a real process; the
+    printed command and the prediction run here, each file as ``__main__`` with its command line."""
     script, run_dir = tmp_path / "blobs.py", tmp_path / "run"
-    script.write_text(recipe_file_of_the_docs())
-    last = run_dir / "last.pt"
-    args = [
-        "--epochs",
-        "3",
-        "--samples",
-        "8000",
-        "--checkpoint-every",
-        "40",
-        "--precision",
-        "32",
-        "--channels-last",
-        "off",
-        "--threads",
-        "1",
-        "--log-dir",
-        str(run_dir),
-    ]
-    first = RecipeProcess(args, script=script, timeout=120)
-    assert first.poll_until(last.is_file), first.stderr
+    script.write_text(extending_block("class Blobs(Recipe"))
+    first = RecipeProcess([*BLOBS_RUN, "--log-dir", str(run_dir)], script=script, timeout=120)
+    assert first.poll_until(lambda: "epoch 1/3" in first.stderr), first.stderr  # training, SIGTERM handled
     assert first.stop(signal.SIGTERM) == 128 + signal.SIGTERM, first.stderr
     command = resume_line(first.stderr)
     assert command == shlex.join(["python", str(script), "--resume", str(run_dir)])
 
-    second = run_printed(command)
-    step = load_checkpoint(last)["global_step"]
-    assert second.poll_until(lambda: load_checkpoint(last)["global_step"] > step), second.stderr
-    assert second.stop(signal.SIGKILL) == -signal.SIGKILL
-
-    third = run_printed(command)
-    assert third.finish() == 0, third.stderr
-    state = load_checkpoint(last)
+    program, *script_command = shlex.split(command)
+    assert program == "python"
+    assert run_script(script_command, monkeypatch) == 0, capsys.readouterr().err[-3000:]
+    state = load_checkpoint(run_dir / "last.pt")
     assert state["epochs_done"] == 3 and state["config"]["samples"] == 8000
     assert state["history"][-1]["val_acc"] > 0.9
     assert (run_dir / "best.pt").is_file()
 
     # The generic loader rebuilds the trained model from its checkpoint, outside the recipe.
-    text = (ROOT / "docs" / "extending.md").read_text()
     predictor = tmp_path / "predict_blobs.py"
-    predictor.write_text(next(block for block in BLOCK.findall(text) if "load_model(sys.argv[1])" in block))
-    done = subprocess.run(
-        [sys.executable, str(predictor), str(run_dir / "best.pt")],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[0, 1, 2, 3]\n"
+    predictor.write_text(extending_block("load_model(sys.argv[1])"))
+    capsys.readouterr()
+    assert run_script([str(predictor), str(run_dir / "best.pt")], monkeypatch) is None
+    assert capsys.readouterr().out == "[0, 1, 2, 3]\n"
 
 
 def test_architecture_shows_what_describe_prints(tmp_path, monkeypatch):
+    """docs/architecture.md shows exactly what its `describe()` example prints."""
     text = (ROOT / "docs" / "architecture.md").read_text()
     example = re.search(r"^```python\n(.*?trainer\.describe\(\)\n)```\n\nprints\n\n```\n(.*?)```", text, re.S | re.M)
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -12,8 +12,6 @@ from PIL import Image
 
 from trainer_datasets import SegmentationFolder, prepare_dsb2018
 from trainer_datasets.dsb2018 import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_raw_sample(src: Path, sample_id: str, image: np.ndarray, boxes: list[tuple[int, int, int, int]]):
@@ -111,12 +109,10 @@ def test_bad_mask_late_in_the_tree_writes_nothing(raw_tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_runs_as_a_module():
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer_datasets.dsb2018", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0 and "--src" in result.stdout and "--size" in result.stdout
+def test_help_runs_as_a_module(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["dsb2018", "--help"])
+    monkeypatch.delitem(sys.modules, "trainer_datasets.dsb2018")  # run afresh, as python -m does
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("trainer_datasets.dsb2018", run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "--src" in out and "--size" in out

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from recipes import nested_unet
+from recipes.common import run_cli
 from trainer_datasets import (
     DatasetError,
     SegmentationFolder,
@@ -27,8 +27,6 @@ from trainer_datasets import (
     read_mask,
     write_png_file,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def save(array: np.ndarray, path: Path, mode: str | None = None, **options) -> Path:
@@ -270,31 +268,14 @@ def test_damaged_files_are_named_in_one_line(tmp_path, reader):
         reader(tmp_path / "missing.png")
 
 
-def test_broken_png_header_gives_one_line_on_stderr(tmp_path):
+def test_broken_png_header_gives_one_line_on_stderr(tmp_path, capsys):
     SyntheticNuclei(4, image_size=16, seed=0).save(tmp_path / "data")
     broken = tmp_path / "data" / "images" / "0001.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.nested_unet",
-            "--data",
-            str(tmp_path / "data"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--log-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"error: cannot decode {broken}: ") and result.stderr.count("\n") == 1
+    argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "2", "--log-dir", str(tmp_path / "run")]
+    assert run_cli(nested_unet.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot decode {broken}: ") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

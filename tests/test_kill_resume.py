@@ -7,6 +7,10 @@ the run must equal an uninterrupted reference run: every value of ``last.pt`` an
 (weights, optimizer, scheduler, random generators, history, callback states), and every TensorBoard
 curve, read back with TensorBoard's own reader, with no step logged twice.
 
+Only the stops need a process of their own. The reference runs, a refused resume and the resumes
+that run to the end use the same command line in this process (`run_cli`), which trains exactly as
+a subprocess does: the recipe sets its own seed and thread count.
+
 Two moments leave no trace outside the process: validation, and the instant after the last
 checkpoint. For those the test runs the recipe's command line through a small wrapper (`HOLD`) that
 holds the process at that moment until the test kills it, or until the signal the test sends has
@@ -19,7 +23,7 @@ Ctrl-C or Slurm sends them, and they must resume bit-identical too.
 
 from __future__ import annotations
 
-import ast
+import shlex
 import shutil
 import signal
 import sys
@@ -32,9 +36,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from recipes import nested_unet
 from recipes.common import run_cli
+from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint, TensorBoardCallback
@@ -44,31 +50,16 @@ from trainer_datasets import SyntheticNuclei
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 
 EPOCHS = 3
-# The recipe's quickest configuration: the UNet network on 16x16 images, 2 steps per epoch.
-TINY = [
-    "--arch",
-    "UNet",
-    "--base-filters",
-    "4",
-    "--train-samples",
-    "8",
-    "--val-samples",
-    "4",
-    "--image-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--epochs",
-    str(EPOCHS),
-    "--precision",
-    "32",
-    "--channels-last",
-    "off",
-    "--seed",
-    "2",
-]
+#: The recipe's quickest configuration (a UNet of width 4 on 16x16 images), 2 steps per epoch.
+TINY = tiny_args(epochs=EPOCHS, seed=2)
 TIMEOUT = 300.0  # upper bound of every wait; a whole run takes seconds
 TIMED = {"throughput (samples per second)"}  # wall-clock values: only their steps must match
+
+
+def recipe(argv: Sequence[str]) -> int:
+    """The recipe's command line run in this process; its exit code."""
+    return run_cli(nested_unet.main, list(argv))
+
 
 # The recipe's own command line, held until the process is killed (it gives up after TIMEOUT) at the
 # moment named by the first argument: "validation:E" (the first validation batch of epoch E),
@@ -198,10 +189,9 @@ def assert_matches_reference(run_dir: Path, reference: Path) -> None:
 
 
 def uninterrupted_run(tmp_path_factory, options: list[str]) -> Path:
-    """The run directory of `options` trained to the end without interruption."""
+    """The run directory of `options` trained to the end without interruption (in this process)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run = Run([*options, "--log-dir", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
+    assert recipe([*options, "--log-dir", str(run_dir)]) == 0
     return run_dir
 
 
@@ -211,10 +201,11 @@ def reference(tmp_path_factory) -> Path:
     return uninterrupted_run(tmp_path_factory, TINY)
 
 
-def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_path):
+def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_path, capsys):
     """SIGKILL before the first checkpoint (its resume is refused, nothing changed; the run starts
-    anew), then during a training step, during validation, during a checkpoint write and just after
-    the last checkpoint, resuming after each: the finished run equals the uninterrupted one."""
+    anew), then during validation, during a checkpoint write and just after the last checkpoint,
+    resuming after each: the finished run equals the uninterrupted one. (A kill during a training
+    step is the next test's.)"""
     run_dir = tmp_path / "run"
     resume = ["--resume", str(run_dir)]
 
@@ -227,17 +218,12 @@ def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_pat
         return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
 
     before = files()
-    refused = Run(resume)  # no checkpoint to continue from: refused, nothing changed
-    assert refused.finish() == 2 and "there is no last.pt" in refused.stderr, refused.stderr[-3000:]
+    assert recipe(resume) == 2  # no checkpoint to continue from: refused, nothing changed
+    assert "there is no last.pt" in capsys.readouterr().err
     assert files() == before
     shutil.rmtree(run_dir)
 
-    run = Run([*TINY, "--log-dir", str(run_dir)])  # started anew
-    run.wait_for(epoch_started(run, 2), "epoch 2")
-    assert run.stop() == -signal.SIGKILL
-    assert epochs_done(run_dir) == 1
-
-    run = Run(["validation:2", *resume], code=HOLD)
+    run = Run(["validation:2", *TINY, "--log-dir", str(run_dir)], code=HOLD)  # started anew
     run.wait_for(lambda: "held at validation" in run.stderr, "validation of epoch 2")
     assert run.stop() == -signal.SIGKILL
     assert epochs_done(run_dir) == 1
@@ -258,38 +244,12 @@ def test_sigkill_at_each_moment_then_resume_matches_reference(reference, tmp_pat
     assert run.stop() == -signal.SIGKILL
     assert epochs_done(run_dir) == EPOCHS
 
-    run = Run(resume)  # nothing left to train
-    assert run.finish() == 0, run.stderr[-3000:]
+    assert recipe(resume) == 0  # nothing left to train
     assert_matches_reference(run_dir, reference)
 
 
-# The recipe's command line, printing at exit how many items each TensorDataset (by its length) gave.
-COUNT_ITEMS = """
-import atexit, collections, runpy, sys
-from torch.utils.data import TensorDataset
-counts = collections.Counter()
-original = TensorDataset.__getitem__
-def getitem(self, index):
-    counts[len(self)] += 1
-    return original(self, index)
-TensorDataset.__getitem__ = getitem
-atexit.register(lambda: print(f"items loaded: {dict(counts)}", file=sys.stderr, flush=True))
-runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
-"""
-
-# 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
-MID_EPOCH = [
-    *TINY[:4],
-    "--train-samples",
-    "64",
-    *TINY[6:],
-    "--epochs",
-    "2",
-    "--checkpoint-every",
-    "3",
-    "--val-every",
-    "4",
-]
+#: 16 steps per epoch; last.pt every 3 steps, a validation every 4, the running loss every 10.
+MID_EPOCH = tiny_args(train_samples=64, epochs=2, seed=2, checkpoint_every=3, val_every=4)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +258,9 @@ def mid_epoch_reference(tmp_path_factory) -> Path:
     return uninterrupted_run(tmp_path_factory, MID_EPOCH)
 
 
-def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_batch(mid_epoch_reference, tmp_path):
+def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_batch(
+    mid_epoch_reference, tmp_path, capsys, monkeypatch
+):
     """Killed at step 20 (epoch 2, batch 4), after the step-18 checkpoint and after step 20's
     validation and running loss reached the event file: the resume starts at batch 3 of epoch 2
     without loading batches 1 and 2, and the run ends bit-identical to an uninterrupted one, every
@@ -315,54 +277,25 @@ def test_sigkill_inside_an_epoch_after_a_step_checkpoint_resumes_at_the_next_bat
     assert [e.step for e in events.Scalars("Loss/validation")][-1] == 20
     assert "\n1,20," in (run_dir / "metrics.csv").read_text()
 
-    run = Run(["--resume", str(run_dir)], code=COUNT_ITEMS)
-    assert run.finish() == 0, run.stderr[-3000:]
-    assert "| 2/16 [" in run.stderr  # the progress bar of epoch 2 starts at batch 2 done
-    loaded = ast.literal_eval(run.stderr.split("items loaded: ")[1].splitlines()[0])
+    loaded: dict[int, int] = {}  # items each TensorDataset (by its length) gives the resumed run
+    getitem = TensorDataset.__getitem__
+
+    def counted(self: TensorDataset, index: Any) -> Any:
+        loaded[len(self)] = loaded.get(len(self), 0) + 1
+        return getitem(self, index)
+
+    monkeypatch.setattr(TensorDataset, "__getitem__", counted)
+    capsys.readouterr()
+    assert recipe(["--resume", str(run_dir)]) == 0
+    assert "| 2/16 [" in capsys.readouterr().err  # the progress bar of epoch 2 starts at batch 2 done
     assert loaded[64] == 14 * 4  # of the 64 training images, only those of the 14 batches left
     assert_matches_reference(run_dir, mid_epoch_reference)
     assert [e.step for e in read_events(run_dir).Scalars("Loss/training loss")] == [10, 20, 30]
 
 
-def test_sigterm_and_sigint_stop_with_a_resume_command(reference, tmp_path):
-    """SIGTERM exits with 143 and SIGINT with 130 after the current step, each printing one line
-    with the resume command and leaving a checkpoint from which the run finishes as if never stopped."""
-    run_dir = tmp_path / "run"
-    command = f"python -m recipes.nested_unet --resume {run_dir}"
-    for signum, code, epoch in ((signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 3)):
-        run = Run([*TINY, "--log-dir", str(run_dir)] if epoch == 2 else ["--resume", str(run_dir)])
-        run.wait_for(epoch_started(run, epoch), f"epoch {epoch}")
-        assert run.stop(signum) == code, run.stderr[-3000:]
-        lines = [line for line in run.stderr.splitlines() if "--resume" in line]
-        assert lines == [f"stopped; resume with: {command}"]
-        assert epochs_done(run_dir) == epoch - 1
-
-    run = Run(command.split()[3:])
-    assert run.finish() == 0, run.stderr[-3000:]
-    assert f"run written to: {run_dir}" in run.stdout
-    assert_matches_reference(run_dir, reference)
-
-
-# A data folder of 10 images, split into 8 augmented training images and 2 for validation, loaded by
-# 2 worker processes: 4 steps per epoch.
-FOLDER = [
-    "--arch",
-    "UNet",
-    "--base-filters",
-    "4",
-    "--image-size",
-    "16",
-    "--batch-size",
-    "2",
-    "--epochs",
-    "2",
-    "--precision",
-    "32",
-    "--channels-last",
-    "off",
-    "--seed",
-    "2",
-]
+#: A data folder of 10 images, split into 8 augmented training images and 2 for validation, loaded
+#: by 2 worker processes: 4 steps per epoch.
+FOLDER = tiny_args(train_samples=None, val_samples=None, batch_size=2, epochs=2, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -386,55 +319,41 @@ def test_any_number_of_workers_draws_the_same_augmentations(workers_reference, d
     assert_same(state["model"], expected["model"], "model")
 
 
-def test_sigint_during_the_epoch_end_validation_resumes_bit_identical(workers_reference, data_folder, tmp_path):
-    """SIGINT while epoch 1 validates (its loader's workers started, their seed drawn): exit 130,
-    one resume line, and the resumed run validates epoch 1 again from the random state it had
-    before that validation, ending bit-identical to the uninterrupted run."""
-    run_dir = tmp_path / "run"
-    run = Run(
-        ["validation:1:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
-        code=HOLD,
-    )
-    run.wait_for(lambda: "held at validation" in run.stderr, "the validation of epoch 1")
-    assert run.stop(signal.SIGINT) == 130, run.stderr[-3000:]
-    assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
-        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"
-    ]
-    state = load_checkpoint(run_dir / "last.pt")
-    assert state["epochs_done"] == 0 and state["position"]["batches"] == 4  # epoch 1 trained, not validated
-
-    run = Run(["--resume", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
-    assert_matches_reference(run_dir, workers_reference)
-
-
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "code", "moment", "position"),
+    [(signal.SIGTERM, 143, "step:2", (0, 2)), (signal.SIGINT, 130, "validation:1", (0, 4))],
+    ids=["SIGTERM-in-a-step", "SIGINT-in-validation"],
+)
 def test_a_signal_to_the_process_group_with_workers_stops_once_and_resumes_bit_identical(
-    workers_reference, data_folder, tmp_path, signum, code
+    workers_reference, data_folder, tmp_path, capsys, signum, code, moment, position
 ):
-    """SIGTERM (as Slurm and systemd send it) or SIGINT (Ctrl-C) sent to the whole process group at
-    step 2 of epoch 1, while the 2 DataLoader workers run: the workers ignore it and the main process
-    stops once: one "stopping" line, the resume line, no traceback, exit 143 or 130, the position
-    inside the epoch saved; the resumed run ends bit-identical to the uninterrupted one."""
+    """SIGTERM (as Slurm and systemd send it) at step 2 of epoch 1, or SIGINT (Ctrl-C) while epoch 1
+    validates (its loader's workers started, their seed drawn), sent to the whole process group
+    while the 2 DataLoader workers run: the workers ignore it and the main process stops once: one
+    "stopping" line, one line with the resume command, no traceback, exit 143 or 130, the position
+    inside the epoch saved (after a validation stop: epoch 1 trained, not validated). The printed
+    command resumes the run, which validates epoch 1 again from the random state it had before that
+    validation, and ends bit-identical to the uninterrupted one."""
     run_dir = tmp_path / "run"
     run = Run(
-        ["step:2:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
+        [f"{moment}:signal", *FOLDER, "--data", str(data_folder), "--workers", "2", "--log-dir", str(run_dir)],
         code=HOLD,
         new_session=True,
     )
-    run.wait_for(lambda: "held at step" in run.stderr, "step 2")
+    run.wait_for(lambda: "held at" in run.stderr, moment)
     assert run.signal_group(signum) == code, run.stderr[-3000:]
     name = signal.Signals(signum).name
     assert run.stderr.count(f"{name}: stopping after the current step") == 1, run.stderr[-3000:]
-    assert [line for line in run.stderr.splitlines() if "resume with" in line] == [
-        f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"
-    ]
+    lines = [line for line in run.stderr.splitlines() if "resume with" in line]
+    assert lines == [f"stopped; resume with: python -m recipes.nested_unet --resume {run_dir}"]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    position = load_checkpoint(run_dir / "last.pt")["position"]
-    assert (position["epoch"], position["batches"]) == (0, 2)
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["epochs_done"] == 0 and (state["position"]["epoch"], state["position"]["batches"]) == position
 
-    run = Run(["--resume", str(run_dir)])
-    assert run.finish() == 0, run.stderr[-3000:]
+    python, module, name, *arguments = shlex.split(lines[0].removeprefix("stopped; resume with: "))
+    assert (python, module, name) == ("python", "-m", "recipes.nested_unet")
+    assert recipe(arguments) == 0
+    assert f"run written to: {run_dir}" in capsys.readouterr().out
     assert_matches_reference(run_dir, workers_reference)
 
 

@@ -157,6 +157,7 @@ def figure_pixels(events, tag):
     return np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
 
 
+@pytest.mark.numerics
 def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     data = tmp_path / "data"
     write_palette_folder(data, count=10)
@@ -166,6 +167,10 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
         str(data),
         "--arch",
         "UNet",
+        "--precision",
+        "32",
+        "--channels-last",
+        "off",
         "--epochs",
         "2",
         "--batch-size",
@@ -211,8 +216,9 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     predicted = read_label_map(out / "03.png")
     assert set(predicted.unique().tolist()) <= {0, 1, 2}
     probabilities = [np.asarray(Image.open(out / name / "03_prob.png"), dtype=np.float64) for name in CLASSES]
-    assert np.abs(sum(probabilities) - 255).max() <= 3  # softmax: the classes share each pixel
-    assert (
-        torch.equal(predicted, torch.from_numpy(np.argmax(np.stack(probabilities), 0)).long())
-        or (predicted != torch.from_numpy(np.argmax(np.stack(probabilities), 0))).float().mean() < 0.01
-    )
+    off_by = np.abs(sum(probabilities) - 255).max()
+    # Pixels whose label is not the most probable class of the rounded probability maps: ties only.
+    differ = (predicted != torch.from_numpy(np.argmax(np.stack(probabilities), 0))).float().mean().item()
+    print(f"measured: probabilities sum to 255 within {off_by:.0f}; labels unlike the argmax: {differ:.2%}")
+    assert off_by <= 3  # softmax: the classes share each pixel
+    assert differ < 0.01

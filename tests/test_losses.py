@@ -49,6 +49,7 @@ def test_bce_dice_loss_gradient_is_finite():
     assert logits.grad.abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_bce_dice_loss_computes_in_float32_for_bf16_logits():
     torch.manual_seed(0)
     logits = torch.randn(2, 1, 8, 8).bfloat16()

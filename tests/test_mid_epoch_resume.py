@@ -9,13 +9,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from tests.conftest import make_classification
 from trainer import Callback, ResumableSampler, TimeLimitReached, Trainer, TrainingInterrupted, ignore_stop_signals
 from trainer.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import load_checkpoint
-from trainer.sampler import batches_from, resumable
 from trainer_datasets import SegmentationFolder, SyntheticNuclei, TensorBatchLoader
 
 #: Tags whose values are wall-clock measurements: only their steps are compared.
@@ -246,43 +245,6 @@ def test_a_loader_that_cannot_start_late_warns_and_resumes_at_the_epochs_end(tmp
     messages = [str(w.message) for w in caught]
     assert any("resumes at the end of epoch 1: the batches after batch 3 of it are skipped" in m for m in messages)
     assert len(trainer.history) == 2 and trainer.global_step == 3 + 10
-
-
-def test_resumable_sampler_orders_by_seed_and_epoch_and_starts_late():
-    data = list(range(10))
-    sampler = ResumableSampler(data, seed=5)
-    sampler.set_epoch(2)
-    order = list(sampler)
-    again = ResumableSampler(data, seed=5)
-    again.set_epoch(2)
-    again.skip(4)
-    assert list(again) == order[4:] and list(again) == order  # the skip holds for one pass
-    other = ResumableSampler(data, seed=5)
-    other.set_epoch(3)
-    assert sorted(order) == data and list(other) != order
-    assert list(ResumableSampler(data, shuffle=False)) == data
-    halves = [list(ResumableSampler(data, seed=5, num_replicas=2, rank=r)) for r in (0, 1)]
-    for rank, half in enumerate(halves):
-        sampler = ResumableSampler(data, seed=5, num_replicas=2, rank=rank)
-        sampler.skip(2)
-        assert list(sampler) == half[2:]
-    assert sorted(halves[0] + halves[1]) == sorted(data)
-
-
-def test_which_loaders_start_late():
-    data = make_classification(12)
-    assert resumable([1, 2, 3]) and list(batches_from([1, 2, 3], 2)) == [3]
-    sampled = DataLoader(data, batch_size=4, sampler=ResumableSampler(data, shuffle=False))
-    assert resumable(sampled)
-    assert torch.equal(next(iter(batches_from(sampled, 2)))[0], data.tensors[0][8:12])
-    assert not resumable(DataLoader(data, batch_size=4, shuffle=True))
-    assert batches_from(DataLoader(data, batch_size=4, sampler=RandomSampler(data)), 1) is None
-    images = torch.arange(12 * 4, dtype=torch.uint8).view(12, 1, 2, 2)
-    loader = TensorBatchLoader(images, torch.arange(12), batch_size=5, shuffle=False)
-    whole = list(loader)
-    late = list(batches_from(loader, 1))
-    assert len(late) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(late, whole[1:]))
-    assert len(list(loader)) == 3  # the skip holds for one pass
 
 
 def test_csv_rows_of_a_killed_process_after_its_checkpoint_are_not_repeated(tmp_path):

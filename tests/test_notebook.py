@@ -1,5 +1,6 @@
 """`trainer.board.show` in a real Jupyter kernel (nbclient + ipykernel): a notebook trains a tiny
-run, shows it twice (one server answers), then the kernel restarts and finds the same server;
+run and shows it twice (one server answers); the kernel is then shut down as a restart shuts it down
+(an interrupt and a kill of its process group) and the server lives on, found again by the next `show`;
 once the server is stopped, the saved notebook holds a picture of the run and what to run."""
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from nbclient.util import run_sync  # noqa: E402
-
 from tests.processes import checkout_env  # noqa: E402
-from trainer import board_servers  # noqa: E402
+from trainer import board, board_servers  # noqa: E402
 
 TRAIN = """
 import torch
@@ -47,38 +46,56 @@ def printed(cell) -> str:
     return "".join(output.text for output in outputs(cell, "stream") if output.name == "stdout")
 
 
-def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_restart(tmp_path, monkeypatch):
-    registry = tmp_path / "tmp"
-    registry.mkdir()
-    monkeypatch.setattr(os, "environ", checkout_env(TMPDIR=str(registry)))  # the kernel's environment
-    monkeypatch.setattr("tempfile.tempdir", str(registry))
-    fresh = "print('fresh kernel:', 'server' not in globals())\n"
-    cells = [TRAIN, SHOW, SHOW, fresh + SHOW, "print(trainer.board.stop_all())"]
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in cells])
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A temporary folder for this test, the kernel it starts (whose environment is this checkout's)
+    and the servers they start; a server still running at the end is stopped."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(os, "environ", checkout_env(TMPDIR=str(folder)))
+    monkeypatch.setattr("tempfile.tempdir", str(folder))
+    yield folder
+    board.stop_all()
+
+
+def test_show_in_a_jupyter_kernel_reuses_one_server_which_outlives_the_kernel(tmp_path, registry, capsys):
+    """In a kernel, the progress bar is text (no ipywidgets here), and `show` run twice starts one
+    server (same pid, same port) that serves the run. The kernel killed as a restart kills it, the
+    server still answers and the next `show` (here from this process) finds it. `stop_all` stops it
+    (SIGTERM), and it removes its registry entry and folder of links. The saved notebook, reopened
+    where no server runs, shows a picture of the run and the command that serves it."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in (TRAIN, SHOW, SHOW)])
+    # "immediate": leaving the block shuts the kernel down as a restart does, not by asking it to exit.
     client = nbclient.NotebookClient(
-        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        notebook,
+        timeout=180,
+        kernel_name="python3",
+        shutdown_kernel="immediate",
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     with client.setup_kernel():
-        for index in range(3):
-            client.execute_cell(notebook.cells[index], index)
-        train, show, again = notebook.cells[:3]
-        assert "IProgress not found" not in json.dumps(train.outputs)  # a text bar: no ipywidgets here
-        assert "epoch 2/2" in "".join(o.text for o in outputs(train, "stream"))
-        assert printed(show) == printed(again)  # one server: same pid, same port
-        pid, port = map(int, printed(show).split())
-        [server] = board_servers.running()
-        assert (server.pid, server.port) == (pid, port)
-        assert urllib.request.urlopen(f"{server.url}data/runs", timeout=10).read() == b'["tiny"]'
+        kernel = client.km.provisioner.pid
+        for index, cell in enumerate(notebook.cells):
+            client.execute_cell(cell, index)
+    with pytest.raises(ProcessLookupError):  # the kernel is gone
+        os.kill(kernel, 0)
+    train, show, again = notebook.cells
+    assert "IProgress not found" not in json.dumps(train.outputs)  # a text bar: no ipywidgets here
+    assert "epoch 2/2" in "".join(o.text for o in outputs(train, "stream"))
+    assert printed(show) == printed(again)  # one server: same pid, same port
+    pid, port = map(int, printed(show).split())
 
-        run_sync(client.km.restart_kernel)(now=True)
-        client.execute_cell(notebook.cells[3], 3)  # the display cell alone, in the new kernel
-        # The same server, found in the registry.
-        assert printed(notebook.cells[3]) == "fresh kernel: True\n" + printed(show)
-        client.execute_cell(notebook.cells[4], 4)
-        assert printed(notebook.cells[4]) == "1\n"
+    [server] = board_servers.running()  # it outlived the kernel
+    assert (server.pid, server.port) == (pid, port)
+    assert urllib.request.urlopen(f"{server.url}data/runs", timeout=10).read() == b'["tiny"]'
+    assert board.show(tmp_path / "runs" / "tiny") == server
+    assert capsys.readouterr().out == f"TensorBoard on {server.path}: {server.url}\n"
+    assert board.stop_all() == 1
     assert board_servers.running() == []
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=5).read()
+    assert [path.name for path in registry.glob("trainer-board-*")] == [board_servers.registry_dir().name]
+    assert list(board_servers.registry_dir().iterdir()) == []
 
     path = tmp_path / "board.ipynb"
     nbformat.write(notebook, path)  # a saved notebook, reopened where no server runs
@@ -97,6 +114,7 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_across_calls_and_a_kernel_re
     [(True, True, "notebook"), (True, False, "std"), (False, True, "std"), (False, False, "std")],
 )
 def test_progress_bar_is_a_widget_only_in_a_kernel_with_ipywidgets(mocker, kernel, widgets, bar):
+    """tqdm's notebook bar only in a kernel where ipywidgets is installed; the text bar elsewhere."""
     from trainer.callbacks import progress
 
     mocker.patch.object(progress, "in_notebook", return_value=kernel)

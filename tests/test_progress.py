@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -34,12 +35,12 @@ def test_progress_bar_rejects_bad_every_n_steps():
 def test_progress_bar_counts_optimizer_steps_like_tensorboard(regression_loaders):
     # 3 batches per epoch, 2 per optimizer step: the first step ends batch 2, where the bar moves; the
     # shorter last window steps at the epoch's end, where the bar completes.
-    shown = []
+    shown, out = [], io.StringIO()
 
     class Spy(ProgressBar):
         def on_batch_end(self, trainer, batch, outputs):
             super().on_batch_end(trainer, batch, outputs)
-            shown.append(self._bar.n)
+            shown.append(int(re.findall(r"\| (\d+)/3 \[", out.getvalue())[-1]))  # the count drawn last
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -48,10 +49,11 @@ def test_progress_bar_counts_optimizer_steps_like_tensorboard(regression_loaders
         torch.optim.SGD(model.parameters(), lr=0.01),
         nn.MSELoss(),
         accumulate_grad_batches=2,
-        callbacks=[Spy(every_n_steps=1, file=io.StringIO())],
+        callbacks=[Spy(every_n_steps=1, file=out)],
         device="cpu",
     ).fit(regression_loaders[0])
     assert shown == [0, 2, 2]
+    assert re.findall(r"\| (\d+)/3 \[", out.getvalue())[-1] == "3"
 
 
 def test_progress_bar_and_tensorboard_take_the_former_log_every_with_a_deprecation_warning(tmp_path):

@@ -15,26 +15,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from recipes import nested_unet
 from recipes.common import run_cli
+from tests.helpers import tiny_args, undocumented_options
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint
 from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import SyntheticNuclei, write_png_file
 
-TINY = [
-    "--base-filters",
-    "4",
-    "--train-samples",
-    "8",
-    "--val-samples",
-    "4",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-]
+#: The recipe's own network (NestedUNet) at its quickest: width 4, 8 training images of 16x16.
+TINY = tiny_args(arch=None)
 
 
 def run(argv):
@@ -107,7 +96,7 @@ def test_folder_data_and_unet(tmp_path):
 
 
 def test_deep_supervision_run(tmp_path):
-    assert run(TINY + ["--deep-supervision", "--precision", "32", "--log-dir", str(tmp_path / "ds")]) == 0
+    assert run(TINY + ["--deep-supervision", "--log-dir", str(tmp_path / "ds")]) == 0
     state = load_checkpoint(tmp_path / "ds" / "best.pt")
     assert "final4.weight" in state["model"]
 
@@ -208,7 +197,7 @@ def test_help_explains_every_option():
         "--resume",
     ):
         assert option in text
-    assert all(action.help for action in nested_unet.build_parser()._actions)
+    assert undocumented_options(nested_unet.build_parser()) == []
 
 
 def test_command_line_exit_code_and_single_line():

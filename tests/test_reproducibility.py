@@ -8,31 +8,19 @@ import sys
 
 import torch
 
+from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
 from trainer.checkpoint import load_checkpoint
 
-TINY = [
-    "--base-filters",
-    "4",
-    "--train-samples",
-    "8",
-    "--val-samples",
-    "4",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "2",
-    "--seed",
-    "3",
-]
+# The recipe's quickest run with the default (automatic) precision, layout and thread count: a
+# different thread count alone changes its weights (reductions split otherwise).
+DEFAULTS = tiny_args(precision=None, channels_last=None, seed=3)
 
 
 def train(run_dir, cache_dir) -> str:
     """Run the default recipe (no --precision, --channels-last or --threads) and return its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "recipes.nested_unet", *TINY, "--log-dir", str(run_dir)],
+        [sys.executable, "-m", "recipes.nested_unet", *DEFAULTS, "--log-dir", str(run_dir)],
         cwd=ROOT,
         env=checkout_env(TRAINER_CACHE_DIR=str(cache_dir)),
         capture_output=True,
@@ -44,6 +32,9 @@ def train(run_dir, cache_dir) -> str:
 
 
 def test_two_default_runs_beside_a_busy_cpu_give_identical_weights(tmp_path):
+    """Two runs of the same command beside a busy CPU: the first measures the precision and
+    layout under load and prints its choice with the thread count, the second reads the choice
+    kept, and both end with bit-identical weights."""
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         first = train(tmp_path / "a", tmp_path / "cache")  # measures the layout under load, keeps the result

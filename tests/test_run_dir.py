@@ -3,16 +3,19 @@ starts over, predictions that never replace files unasked, and one line, with no
 when the disk fills or a folder cannot be written.
 
 The races and the full disk are tested with the real command line in subprocesses (a tmpfs mounted
-as root for the full disk; elsewhere a mocked ``ENOSPC`` checks the same line)."""
+as root for the full disk; elsewhere a mocked ``ENOSPC`` checks the same line); what only needs a
+run to refuse or to finish (the resumes that follow) runs the command line in this process."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shlex
 import signal
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,33 +26,13 @@ from recipes import nested_unet
 from recipes.cli import parse_command_line
 from recipes.common import UsageError, run_cli, start_run_dir
 from tests.conftest import torch_save_on_a_full_disk
+from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import write_png_file
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
 
-# The recipe's quickest configuration: UNet on 16x16 images, 2 steps per epoch.
-TINY = [
-    "--arch",
-    "UNet",
-    "--base-filters",
-    "4",
-    "--train-samples",
-    "8",
-    "--val-samples",
-    "4",
-    "--image-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-    "--precision",
-    "32",
-    "--channels-last",
-    "off",
-]
 TIMEOUT = 300.0
 
 
@@ -72,11 +55,11 @@ def one_error_line(err: str) -> str:
 
 
 def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.csv", "events", "best.pt")) -> Path:
-    """A run folder as an earlier run left it (without last.pt): a valid config.json of TINY, and
+    """A run folder as an earlier run left it (without last.pt): a valid config.json of `tiny_args`, and
     the other `files` with contents of their kind."""
     folder.mkdir(parents=True, exist_ok=True)
     recipe = nested_unet.NestedUNetRecipe()
-    config = recipe.new_config(parse_command_line(nested_unet.build_parser(), TINY))
+    config = recipe.new_config(parse_command_line(nested_unet.build_parser(), tiny_args()))
     (folder / "config.json").write_text(json.dumps(dict(config)))
     if "metrics.csv" in files:
         (folder / "metrics.csv").write_text("epoch,step,loss,val_loss,val_iou\n0,2,0.9,0.8,0.578\n")
@@ -90,6 +73,8 @@ def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.
 
 @pytest.mark.parametrize("case", ["last.pt deleted", "last.pt is a folder", "config.json only"])
 def test_resume_without_last_pt_changes_nothing_and_says_what_is_there(tmp_path, capsys, case):
+    """A resume without a readable last.pt is refused with one line saying what the folder holds and
+    that a new run is needed; nothing there changes (a resume never starts over)."""
     folder = earlier_run(
         tmp_path / "run",
         ("config.json",) if case == "config.json only" else ("config.json", "metrics.csv", "events", "best.pt"),
@@ -109,21 +94,24 @@ def test_resume_without_last_pt_changes_nothing_and_says_what_is_there(tmp_path,
 
 
 def test_an_empty_log_dir_is_refused_instead_of_writing_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    """``--log-dir ''`` is refused by name; nothing is written in the current folder."""
     monkeypatch.chdir(tmp_path)
-    assert run([*TINY, "--log-dir", ""]) == 2
+    assert run(tiny_args(log_dir="")) == 2
     assert "--log-dir ''" in one_error_line(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
 
 
 def test_a_folder_holding_only_an_earlier_config_is_not_reused(tmp_path, capsys):
+    """A folder holding an earlier run's config.json alone still holds a run: a new run there is refused."""
     folder = earlier_run(tmp_path / "run", ("config.json",))
     before = snapshot(folder)
-    assert run([*TINY, "--log-dir", str(folder)]) == 2
+    assert run(tiny_args(log_dir=folder)) == 2
     assert "already holds a run" in one_error_line(capsys.readouterr().err)
     assert snapshot(folder) == before
 
 
 def test_resume_of_an_unwritable_run_folder_is_one_line(read_only_folder, capsys):
+    """A resume of a run folder that cannot be written is one line, and changes nothing."""
     folder = read_only_folder(lambda f: earlier_run(f))
     before = snapshot(folder)
     assert run(["--resume", str(folder)]) == 2
@@ -132,6 +120,7 @@ def test_resume_of_an_unwritable_run_folder_is_one_line(read_only_folder, capsys
 
 
 def test_config_json_that_cannot_be_written_leaves_no_file(tmp_path, mocker):
+    """A config.json write that fails (ENOSPC at fsync) names the file and leaves nothing, not even the lock."""
     mocker.patch("trainer.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(UsageError, match=r"cannot write .*config\.json: No space left on device"):
         start_run_dir(str(tmp_path / "run"), "runs/x", {"seed": 0})
@@ -144,7 +133,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_
     last.pt after best.pt, fails so."""
     mocker.patch("trainer.checkpoint.torch.save", side_effect=torch_save_on_a_full_disk(saves_that_succeed=1))
     folder = tmp_path / "run"
-    assert run([*TINY, "--log-dir", str(folder)]) == 2
+    assert run(tiny_args(log_dir=folder)) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write {folder / 'last.pt'}: No space left on device" in line
     assert f"{folder / 'best.pt'} is whole" in line and "no last.pt to resume from" in line
@@ -184,6 +173,8 @@ def predict(checkpoint: Path, images: Path, out: Path, *extra: str) -> int:
 
 
 def test_predict_never_overwrites_unless_asked(checkpoint, images, tmp_path, capsys):
+    """predict refuses to replace an existing output, naming it and --overwrite, and writes nothing;
+    with --overwrite it replaces it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "b_mask.png").write_bytes(b"a mask drawn by hand")
@@ -199,6 +190,7 @@ def test_predict_never_overwrites_unless_asked(checkpoint, images, tmp_path, cap
 
 @pytest.mark.parametrize("inside", ["masks/nucleus", "masks", ".", "predictions/new"])
 def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint, images, tmp_path, capsys, inside):
+    """predict refuses an --out folder inside a training data folder, and writes nothing there."""
     data = tmp_path / "data"
     write_png_file(torch.zeros(3, 16, 16, dtype=torch.uint8), data / "images" / "a.png")
     write_png_file(torch.zeros(1, 16, 16, dtype=torch.uint8), data / "masks" / "nucleus" / "a.png")
@@ -209,6 +201,8 @@ def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint,
 
 
 def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys, mocker):
+    """A full disk during predict is one line naming the file and what was written whole; the partial
+    file is removed."""
     from recipes import prediction
 
     real_write, calls = prediction.write_png_file, []
@@ -230,6 +224,7 @@ def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoi
 
 
 def test_predict_into_an_unwritable_folder_is_one_line(checkpoint, images, read_only_folder, capsys):
+    """predict into a folder that cannot be written is one line."""
     assert predict(checkpoint, images, read_only_folder()) == 2
     assert "not writable" in one_error_line(capsys.readouterr().err)
 
@@ -249,33 +244,70 @@ HOLD_AFTER_FIRST_EPOCH = textwrap.dedent(f"""
 """)
 
 
-def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_writes_nothing(tmp_path):
-    folder = tmp_path / "run"
-    runs = [RecipeProcess([*TINY, "--log-dir", str(folder)], timeout=TIMEOUT) for _ in range(2)]
-    codes = [r.finish() for r in runs]
-    assert sorted(codes) == [0, 2], [r.stderr[-2000:] for r in runs]
-    winner, loser = runs[codes.index(0)], runs[codes.index(2)]
-    line = one_error_line(loser.stderr)
+@dataclass
+class Race:
+    """Two runs started at once on one `folder`: the `loser` has ended, the `winner` is held after
+    its first epoch; `files` is the folder as it was then."""
+
+    folder: Path
+    winner: RecipeProcess
+    loser: RecipeProcess
+    files: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def race(tmp_path_factory):
+    """Two runs of two epochs started at once on one folder, both held after their first epoch's
+    checkpoints: whichever is refused has ended; the other stays alive (until a test kills it) so
+    the refusal always meets a live run, however late the second process starts."""
+    folder = tmp_path_factory.mktemp("race") / "run"
+    runs = [
+        RecipeProcess(tiny_args(epochs=2, log_dir=folder), code=HOLD_AFTER_FIRST_EPOCH, timeout=TIMEOUT)
+        for _ in range(2)
+    ]
+
+    def held(run: RecipeProcess) -> bool:
+        return "held" in run.stderr
+
+    def ended(run: RecipeProcess) -> bool:
+        return run.process.poll() is not None
+
+    # One has ended (or, were the folder not guarded, both are held).
+    assert runs[0].poll_until(lambda: any(map(ended, runs)) or all(map(held, runs))), [r.stderr[-2000:] for r in runs]
+    loser, winner = runs if ended(runs[0]) else runs[::-1]
+    if ended(loser):
+        loser.finish()  # the rest of its output
+    assert winner.poll_until(lambda: held(winner)), winner.stderr[-3000:]
+    yield Race(folder, winner, loser, snapshot(folder))
+    for r in runs:
+        r.stop()
+
+
+def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_writes_nothing(race):
+    """Of two runs started at once on one folder one trains; the other stops with one line naming
+    the live run (pid and host) and writes nothing there: one event file, one row per epoch."""
+    assert race.loser.process.returncode == 2, race.loser.stderr[-3000:]
+    line = one_error_line(race.loser.stderr)
     # Refused at its first look (the other run had written config.json) or at the lock: named either way.
-    assert f"in use by another run (pid {winner.process.pid} on " in line
-    assert "run written to" not in loser.stdout
-    events = [p for p in folder.iterdir() if p.name.startswith("events.out.tfevents.")]
-    assert len(events) == 1 and f".{winner.process.pid}." in events[0].name
-    assert sorted(p.name for p in folder.iterdir() if p not in events) == [
+    assert f"in use by another run (pid {race.winner.process.pid} on " in line
+    assert "run written to" not in race.loser.stdout
+    events = [name for name in race.files if name.startswith("events.out.tfevents.")]
+    assert len(events) == 1 and f".{race.winner.process.pid}." in events[0]
+    assert sorted(name for name in race.files if name not in events) == [
+        ".lock",
         "best.pt",
         "config.json",
         "last.pt",
         "metrics.csv",
     ]
-    assert len((folder / "metrics.csv").read_text().splitlines()) == 2  # the header and one epoch
+    assert len(race.files["metrics.csv"].decode().splitlines()) == 2  # the header and one epoch
 
 
-def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
-    folder = tmp_path / "run"
-    live = RecipeProcess(
-        [*TINY, "--epochs", "2", "--log-dir", str(folder)], code=HOLD_AFTER_FIRST_EPOCH, timeout=TIMEOUT
-    )
-    assert live.poll_until(lambda: "held" in live.stderr), live.stderr[-3000:]
+def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(race, capsys):
+    """A resume of a folder whose run is alive stops with one line naming it and changes nothing;
+    once that run is killed (SIGKILL: its lock file stays, the kernel drops the lock), a resume takes
+    the lock over, removes what killed writes left, and finishes the run."""
+    folder, live = race.folder, race.winner
     before = snapshot(folder)
     assert run(["--resume", str(folder)]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -286,30 +318,31 @@ def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tm
     assert json.loads((folder / ".lock").read_text())["pid"] == live.process.pid  # stale: its holder is dead
     for leftover in (".last.pt.99999.tmp", ".config.json.tmp"):  # what killed writes leave
         (folder / leftover).write_bytes(b"partial")
-    resumed = RecipeProcess(["--resume", str(folder)], timeout=TIMEOUT)
-    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert run(["--resume", str(folder)]) == 0, capsys.readouterr().err[-3000:]
     assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no leftovers, lock released
 
 
-def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(small_disk):
-    """A real recipe on a tmpfs that holds the first epoch's two checkpoints (UNet of width 16:
-    about 24 MB each) but not a third: the second epoch's first checkpoint write fills it."""
-    folder = small_disk.mount("60m") / "run"
-    full = RecipeProcess([*TINY, "--base-filters", "16", "--epochs", "2", "--log-dir", str(folder)], timeout=TIMEOUT)
+def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(small_disk, capsys):
+    """A real recipe process on a tmpfs that holds the first epoch's two checkpoints (about 1.6 MB
+    each) but not a third: the second epoch's first checkpoint write fills it, and the run stops with
+    one line naming the last good checkpoint, leaving no partial or hidden file. Once the disk has
+    room, the printed resume finishes the run."""
+    folder = small_disk.mount("4m") / "run"
+    full = RecipeProcess(tiny_args(epochs=2, log_dir=folder), timeout=TIMEOUT)
     assert full.finish() == 2, full.stderr[-3000:]
     line = one_error_line(full.stderr)
     assert "Exception in thread" not in full.stderr
     assert line.startswith(f"error: cannot write {folder}") and "No space left on device" in line, line
-    assert f"the last good checkpoint is {folder / 'last.pt'} (resume with: " in line
+    command = shlex.join(["python", "-m", "recipes.nested_unet", "--resume", str(folder)])
+    assert f"the last good checkpoint is {folder / 'last.pt'} (resume with: {command})" in line
     files = [p for p in folder.iterdir()]
     assert not [p.name for p in files if p.name.startswith(".") or p.stat().st_size == 0]
     assert load_checkpoint(folder / "last.pt")["epochs_done"] == 1
     assert load_checkpoint(folder / "best.pt")["epochs_done"] == 1
     assert json.loads((folder / "config.json").read_text())["epochs"] == 2
 
-    small_disk.remount("125m")
-    resumed = RecipeProcess(["--resume", str(folder)], timeout=TIMEOUT)
-    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    small_disk.remount("8m")
+    assert run(["--resume", str(folder)]) == 0, capsys.readouterr().err[-3000:]
     assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
     assert len((folder / "metrics.csv").read_text().splitlines()) == 3

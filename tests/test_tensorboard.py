@@ -8,17 +8,15 @@ import os
 import time
 import warnings
 
-import matplotlib.pyplot as plt
-import matplotlib.text
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from tests.helpers import make
+from tests.helpers import TinyNet, TinySegNet, accuracy, fit_visuals, image_data, make, read_logged, seg_data
 from trainer import Callback, Trainer
 from trainer.callbacks import (
     GraphCallback,
@@ -27,77 +25,6 @@ from trainer.callbacks import (
     TensorBoardCallback,
 )
 from trainer.callbacks import tensorboard as tb
-from trainer.callbacks.images import BORDER
-from trainer.callbacks.tensorboard import stretch_contrast
-
-
-class TinyNet(nn.Module):
-    """A classifier of 1x8x8 images with named layers."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(4 * 6 * 6, classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
-class TinySegNet(nn.Module):
-    """Returns two outputs, like a deep-supervision network."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Conv2d(4, 1, 1)
-        self.aux = nn.Conv2d(4, 1, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.encoder(x))
-        return [self.aux(h), self.head(h)]
-
-
-def image_data(n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
-    x[:, 0, 0, :] += y[:, None].float()  # learnable
-    return TensorDataset(x, y)
-
-
-def seg_data(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    masks = (torch.rand(n, 1, 16, 16, generator=g) > 0.6).float()
-    images = masks.expand(-1, 3, -1, -1) * 0.8 + 0.1 * torch.rand(n, 3, 16, 16, generator=g)
-    return TensorDataset(images, masks)
-
-
-def accuracy(pred, target):
-    return (pred.argmax(1) == target).float().mean()
-
-
-def fit(callbacks, epochs=2, batch_size=4, model=None, data=None, loss=None, metrics=None):
-    torch.manual_seed(0)
-    model = model or TinyNet()
-    data = data or image_data()
-    train = DataLoader(data, batch_size=batch_size)
-    val = DataLoader(data, batch_size=batch_size * 2)
-    trainer = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05),
-        loss or nn.CrossEntropyLoss(),
-        callbacks=callbacks,
-        max_epochs=epochs,
-        device="cpu",
-        metrics=metrics if metrics is not None else {"acc": accuracy},
-    )
-    return trainer, trainer.fit(train, val)
-
-
-def read(run_dir):
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def event_files(run_dir):
@@ -113,8 +40,8 @@ EPOCH_TAGS = {
 
 
 def test_scalars_equal_history(tmp_path):
-    trainer, history = fit([TensorBoardCallback(tmp_path, every_n_steps=2)])
-    acc = read(tmp_path)
+    trainer, history = fit_visuals([TensorBoardCallback(tmp_path, every_n_steps=2)])
+    acc = read_logged(tmp_path)
     steps_per_epoch = 6
     for key, tag in EPOCH_TAGS.items():
         events = acc.Scalars(tag)
@@ -159,8 +86,8 @@ def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
         "recall_at_2": class_accuracy(2),
     }
     callback = TensorBoardCallback(tmp_path, every_n_steps=100, monitor="val_acc", mode="max")
-    trainer, history = fit([callback], metrics=metrics)
-    acc = read(tmp_path)
+    trainer, history = fit_visuals([callback], metrics=metrics)
+    acc = read_logged(tmp_path)
     assert set(acc.Tags()["scalars"]) == {
         "Loss/training (epoch mean)",
         "Loss/validation",
@@ -181,13 +108,13 @@ def test_default_tags_of_a_user_metric_dict_with_per_class_values(tmp_path):
     ]
 
     renamed = TensorBoardCallback(tmp_path / "renamed", every_n_steps=100, tags={"val_acc": "Validation/Accuracy"})
-    fit([renamed], metrics=metrics)
+    fit_visuals([renamed], metrics=metrics)
     assert {
         "Validation/Accuracy",
         "Validation/Accuracy/cat",
         "Validation/Accuracy/dog_big",
         "Validation/recall_at_2",
-    } <= set(read(tmp_path / "renamed").Tags()["scalars"])
+    } <= set(read_logged(tmp_path / "renamed").Tags()["scalars"])
 
 
 def test_running_loss_is_mean_over_window(tmp_path):
@@ -197,8 +124,8 @@ def test_running_loss_is_mean_over_window(tmp_path):
         def on_batch_end(self, trainer, batch, outputs):
             losses.append(outputs.loss.item())
 
-    fit([Keep(), TensorBoardCallback(tmp_path, every_n_steps=3)], epochs=1)
-    running = read(tmp_path).Scalars("Loss/training loss")
+    fit_visuals([Keep(), TensorBoardCallback(tmp_path, every_n_steps=3)], epochs=1)
+    running = read_logged(tmp_path).Scalars("Loss/training loss")
     assert [e.value for e in running] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-5)
 
 
@@ -219,8 +146,8 @@ def test_custom_tags_and_overlay_chart(tmp_path):
         running_loss_tag="running (loss)",
         tags={"loss": "Loss/train", "val_acc": "Validation/accuracy"},
     )
-    fit([callback])
-    acc = read(tmp_path)
+    fit_visuals([callback])
+    acc = read_logged(tmp_path)
     assert set(acc.Tags()["scalars"]) == {
         "running (loss)",
         "Loss/train",
@@ -259,8 +186,8 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
         "precision": "32",
     }
     callback = TensorBoardCallback(tmp_path, every_n_steps=2, hparams=hparams, monitor="val_acc", mode="max")
-    _, history = fit([callback])
-    acc = read(tmp_path)
+    _, history = fit_visuals([callback])
+    acc = read_logged(tmp_path)
     experiment, start = hparams_data(acc)
     shown = [info.display_name for info in experiment.hparam_infos]
     # TensorBoard orders them by stored name and shows the first five by default
@@ -293,8 +220,8 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
 
 
 def test_default_hparams_are_the_main_options(tmp_path):
-    fit([TensorBoardCallback(tmp_path)])
-    experiment, start = hparams_data(read(tmp_path))
+    fit_visuals([TensorBoardCallback(tmp_path)])
+    experiment, start = hparams_data(read_logged(tmp_path))
     # The five TensorBoard shows by default, precision among them; integers as text (2, not 2.0000).
     assert [info.display_name for info in experiment.hparam_infos] == [
         "lr",
@@ -321,11 +248,11 @@ def test_all_callbacks_share_one_event_stream(tmp_path, mocker):
         GraphCallback(tmp_path),
         PredictionFigureCallback(tmp_path, classes=["a", "b", "c"]),
     ]
-    trainer, _ = fit(callbacks)
+    trainer, _ = fit_visuals(callbacks)
     assert len(event_files(tmp_path)) == 1
     assert opened.call_count == 1 and closed.call_count == 1  # one writer, closed at the end of fit
     assert ("SummaryWriter", os.path.realpath(tmp_path)) not in trainer.resources
-    tags = read(tmp_path).Tags()
+    tags = read_logged(tmp_path).Tags()
     assert "images" in tags["images"] and "predictions vs. actuals" in tags["images"] and tags["graph"]
 
 
@@ -337,9 +264,9 @@ def test_writer_closed_and_flushed_after_exception(tmp_path, mocker):
 
     closed = mocker.spy(SummaryWriter, "close")
     with pytest.raises(RuntimeError):
-        fit([TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), Boom()], epochs=3)
+        fit_visuals([TensorBoardCallback(tmp_path), ImageGridCallback(tmp_path), Boom()], epochs=3)
     assert closed.call_count == 1
-    assert [e.step for e in read(tmp_path).Scalars("Loss/training (epoch mean)")] == [6, 12]
+    assert [e.step for e in read_logged(tmp_path).Scalars("Loss/training (epoch mean)")] == [6, 12]
 
 
 def test_writer_flushed_every_epoch_end(tmp_path):
@@ -348,107 +275,14 @@ def test_writer_flushed_every_epoch_end(tmp_path):
     class ReadBack(Callback):  # between epochs, what an outside reader (TensorBoard) finds on disk
         def on_epoch_start(self, trainer):
             if trainer.epoch:
-                seen.append(len(read(tmp_path).Scalars("Loss/training (epoch mean)")))
+                seen.append(len(read_logged(tmp_path).Scalars("Loss/training (epoch mean)")))
 
-    fit([TensorBoardCallback(tmp_path), ReadBack()], epochs=3)
+    fit_visuals([TensorBoardCallback(tmp_path), ReadBack()], epochs=3)
     assert seen == [1, 2]
 
 
-def test_image_grid_size_denormalised_and_masks(tmp_path):
-    data = seg_data()
-    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-    normalised = TensorDataset((data.tensors[0] - 0.5) / 0.25, data.tensors[1])
-    callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1, min_side=None)
-    fit(
-        [callback],
-        model=TinySegNet(),
-        data=normalised,
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-    )
-    acc = read(tmp_path)
-    images, masks = acc.Images("images"), acc.Images("masks")
-    assert [e.step for e in images] == [0, 2, 4]
-    padding = 3
-    assert (images[0].width, images[0].height) == (2 * 16 + 3 * padding, 2 * 16 + 3 * padding)
-    assert len(masks) == 3
-    grid = callback._grids["images"]
-    assert torch.allclose(grid[:, 3:19, 3:19], data.tensors[0][0], atol=1e-5)  # shown as the user sees it
-
-
-def test_grid_tiles_are_framed_in_grey_so_masks_never_merge(tmp_path):
-    masks = torch.ones(4, 1, 8, 8)  # all foreground: with black padding, the tiles would be one white block
-    callback = ImageGridCallback(tmp_path, batch=(torch.rand(4, 3, 8, 8), masks), nrow=2, min_side=None)
-    fit(
-        [callback],
-        model=TinySegNet(),
-        data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-        epochs=1,
-    )
-    grid = callback._grids["masks"]
-    assert grid.shape == (3, 2 * 8 + 3 * 3, 2 * 8 + 3 * 3)
-    between = grid[:, :, 11:14]  # the column between the two tiles of a row
-    assert torch.all(between == BORDER) and 0.2 < BORDER < 0.8
-    assert torch.all(grid[:, 3:11, 3:11] == 1.0)
-
-
-def test_tiny_images_are_enlarged_to_a_legible_grid_unless_told_not_to(tmp_path):
-    """8x8 images (scikit-learn's digits) become 64x64 tiles, each pixel an 8x8 block."""
-    g = torch.Generator().manual_seed(0)
-    images, masks = torch.rand(4, 3, 8, 8, generator=g), (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float()
-    enlarged = ImageGridCallback(tmp_path / "a", batch=(images, masks), nrow=2)
-    native = ImageGridCallback(tmp_path / "b", batch=(images, masks), nrow=2, min_side=None)
-    wide = ImageGridCallback(tmp_path / "c", batch=(torch.rand(2, 3, 20, 50, generator=g), None), min_side=64)
-    for callback in (enlarged, native, wide):
-        fit(
-            [callback],
-            model=TinySegNet(),
-            data=seg_data(),
-            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-            metrics={},
-            epochs=1,
-        )
-    acc = read(tmp_path / "a")
-    assert (acc.Images("images")[0].width, acc.Images("images")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
-    assert (acc.Images("masks")[0].width, acc.Images("masks")[0].height) == (2 * 64 + 3 * 3, 2 * 64 + 3 * 3)
-    tile = enlarged._grids["images"][:, 3:67, 3:67]
-    assert torch.allclose(tile, images[0].repeat_interleave(8, 1).repeat_interleave(8, 2), atol=1e-6)  # nearest
-    assert native._grids["images"].shape[-2:] == (2 * 8 + 3 * 3, 2 * 8 + 3 * 3)
-    assert wide._grids["images"].shape[-2:] == (80 + 2 * 3, 2 * 200 + 3 * 3)  # the shorter side: 20 -> 80
-    with pytest.raises(ValueError, match="min_side must be a positive integer or None"):
-        ImageGridCallback(tmp_path, min_side=0)
-
-
-def test_contrast_stretch_brightens_dim_images_one_by_one(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    dim = 0.05 + 0.1 * torch.rand(2, 3, 16, 16, generator=g)  # a dim image: values 0.05-0.15
-    dim[1] = 0.5 + 0.4 * dim[1]  # a brighter, low-contrast one
-    flat = torch.full((1, 3, 16, 16), 0.3)
-    stretched = stretch_contrast(torch.cat([dim, flat]))
-    for image in stretched[:2]:
-        low, high = torch.quantile(image.flatten(), torch.tensor([0.01, 0.99]))
-        assert low == pytest.approx(0.0, abs=1e-3) and high == pytest.approx(1.0, abs=1e-3)
-    assert torch.equal(stretched[2], flat[0])  # nothing to stretch
-    grid_run = ImageGridCallback(tmp_path, batch=(dim, (dim > 0.1).float()), stretch=True, min_side=None)
-    plain_run = ImageGridCallback(tmp_path / "plain", batch=(dim, (dim > 0.1).float()), min_side=None)
-    for callback in (grid_run, plain_run):
-        fit(
-            [callback],
-            model=TinySegNet(),
-            data=seg_data(),
-            loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-            metrics={},
-            epochs=1,
-        )
-    first_tile = (slice(None), slice(3, 19), slice(3, 19))  # the dim image
-    assert grid_run._grids["images"][first_tile].mean() > 3 * plain_run._grids["images"][first_tile].mean()
-    assert torch.equal(grid_run._grids["masks"], plain_run._grids["masks"])  # masks are never stretched
-
-
 def test_graph_has_layer_names_for_list_outputs_and_no_deprecation_noise(tmp_path, recwarn):
-    fit(
+    fit_visuals(
         [GraphCallback(tmp_path)],
         model=TinySegNet(),
         data=seg_data(),
@@ -457,7 +291,7 @@ def test_graph_has_layer_names_for_list_outputs_and_no_deprecation_noise(tmp_pat
         epochs=1,
     )
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    graph = read(tmp_path).Graph()
+    graph = read_logged(tmp_path).Graph()
     names = " ".join(node.name for node in graph.node)
     assert "encoder" in names and "head" in names and "aux" in names
 
@@ -490,130 +324,14 @@ def test_graph_failure_warns_once_and_training_goes_on(tmp_path, capsys):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, history = fit([GraphCallback(tmp_path)], model=Untraceable(), epochs=1)
+        _, history = fit_visuals([GraphCallback(tmp_path)], model=Untraceable(), epochs=1)
     ours = [w for w in caught if "GraphCallback" in str(w.message)]
     assert len(ours) == 1 and "cannot trace this" in str(ours[0].message)
     assert len(history) == 1 and "Error occurs" not in capsys.readouterr().out
 
 
-def test_classification_figures_at_requested_steps(tmp_path):
-    callback = PredictionFigureCallback(tmp_path, every_n_steps=4, classes=["a", "b", "c"])
-    fit([callback])
-    figures = read(tmp_path).Images("predictions vs. actuals")
-    assert [e.step for e in figures] == [4, 8, 12]
-    assert plt.get_fignums() == []  # no pyplot state
-
-
-def test_segmentation_figures_every_epoch(tmp_path):
-    callback = PredictionFigureCallback(tmp_path, kind="segmentation", num_images=3)
-    fit(
-        [callback],
-        model=TinySegNet(),
-        data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-    )
-    figures = read(tmp_path).Images("predictions vs. actuals")
-    assert [e.step for e in figures] == [2, 4]
-    assert (figures[0].width, figures[0].height) == (480, 32 + 3 * 249 + 8)  # legend, one row per sample
-
-
-def visible_texts(fig):
-    return [text for text in fig.findobj(matplotlib.text.Text) if text.get_visible() and text.get_text()]
-
-
-@pytest.mark.parametrize(
-    "kind, count, classes", [("classification", 4, 10), ("segmentation", 4, 1), ("segmentation", 3, 5)]
-)
-def test_figures_are_legible_at_tensorboards_card_width(kind, count, classes):
-    """TensorBoard scales an image to its card's width (about 340 px): the figure is 480 px wide,
-    two panels per row, and every text at least 10 px high on the card."""
-    from trainer.callbacks.figures import CARD_WIDTH, classification_figure, figure_to_array, segmentation_figure
-
-    g = torch.Generator().manual_seed(0)
-    if kind == "classification":
-        probs = torch.rand(count, classes, generator=g).softmax(1)
-        fig = classification_figure(
-            torch.rand(count, 1, 28, 28, generator=g),
-            probs,
-            torch.arange(count) % classes,
-            [f"class {i}" for i in range(classes)],
-        )
-        expected_height = 8 + 2 * (2 * 23 + 216 + 10) + 8  # margin, two rows (two-line titles, panel, gap), margin
-    else:
-        truth = torch.rand(count, classes, 64, 64, generator=g) > 0.5
-        fig = segmentation_figure(
-            torch.rand(count, 3, 64, 64, generator=g), truth, ~truth, [f"class {i}" for i in range(classes)]
-        )
-        legend = 8 + (1 if classes == 1 else 2) * 24  # one line: 3 overlay colours; two: 5 classes, 4 a line
-        expected_height = legend + count * (23 + 216 + 10) + 8  # rows: a title, the panels, a gap
-    pixels = figure_to_array(fig)
-    assert pixels.shape == (expected_height, 480, 3)
-    rows = {round(ax.get_position().y0, 4) for ax in fig.axes}
-    assert len(fig.axes) == (count if kind == "classification" else 2 * count) and len(rows) == len(fig.axes) // 2
-    texts = visible_texts(fig)
-    assert texts and all(t.get_fontsize() * fig.dpi / 72 * CARD_WIDTH / pixels.shape[1] >= 10 for t in texts)
-    renderer = fig.canvas.get_renderer()
-    for text in texts:  # nothing drawn outside the figure (the tutorial's title used to touch its top)
-        box = text.get_window_extent(renderer)
-        assert box.x0 >= 0 and box.x1 <= pixels.shape[1] and box.y0 >= 0 and box.y1 <= pixels.shape[0] - 2
-
-
-def test_segmentation_overlay_has_a_colour_legend():
-    from trainer.callbacks.figures import OVERLAY_COLOURS, segmentation_figure
-
-    truth = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
-    fig = segmentation_figure(torch.rand(1, 3, 8, 8), truth, truth)
-    (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()] == ["truth only", "prediction only", "both"]
-    colours = [tuple(patch.get_facecolor()[:3]) for patch in legend.get_patches()]
-    assert colours == list(OVERLAY_COLOURS.values()) == [(0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0)]
-
-
-def test_segmentation_figure_titles_hold_iou():
-    from trainer.callbacks.figures import mask_iou, segmentation_figure
-
-    truth = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
-    truth[..., :4, :] = True
-    predicted = torch.zeros_like(truth)
-    predicted[..., :2, :] = True
-    fig = segmentation_figure(torch.rand(1, 3, 8, 8), truth, predicted)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles[-1] == "overlay, IoU 0.500" and mask_iou(predicted, truth) == 0.5
-
-
-def test_classification_figure_colours():
-    from trainer.callbacks.figures import classification_figure
-
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    fig = classification_figure(torch.rand(2, 1, 8, 8), probs, torch.tensor([0, 0]), ["cat", "dog"])
-    first, second = fig.axes
-    assert first.get_title() == "cat, 90.0%\n(label: cat)" and first.title.get_color() == "green"
-    assert second.get_title() == "dog, 80.0%\n(label: cat)" and second.title.get_color() == "red"
-
-
-def test_a_figure_redrawn_in_place_equals_a_fresh_one():
-    from trainer.callbacks.figures import classification_figure, figure_to_array, segmentation_figure
-
-    g = torch.Generator().manual_seed(0)
-    images, other = torch.rand(2, 2, 1, 8, 8, generator=g)
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    first = classification_figure(images, probs, torch.tensor([0, 0]), ["cat", "dog"])
-    redrawn = classification_figure(other, probs.flip(1), torch.tensor([1, 0]), ["cat", "dog"], fig=first)
-    fresh = classification_figure(other, probs.flip(1), torch.tensor([1, 0]), ["cat", "dog"])
-    assert redrawn is first and len(redrawn.axes) == 2
-    assert (figure_to_array(redrawn) == figure_to_array(fresh)).all()
-
-    truth = torch.rand(2, 1, 8, 8, generator=g) > 0.5
-    seg = segmentation_figure(images.expand(-1, 3, -1, -1), truth, ~truth)
-    again = segmentation_figure(other.expand(-1, 3, -1, -1), ~truth, truth, fig=seg)
-    new = segmentation_figure(other.expand(-1, 3, -1, -1), ~truth, truth)
-    assert again is seg and (figure_to_array(again) == figure_to_array(new)).all()
-    assert segmentation_figure(images[:1].expand(-1, 3, -1, -1), truth[:1], truth[:1], fig=seg) is not seg
-
-
 def test_visual_callbacks_do_not_change_training(tmp_path):
-    plain_trainer, plain = fit([], epochs=2)
+    plain_trainer, plain = fit_visuals([], epochs=2)
     shuffled = DataLoader(image_data(), batch_size=4, shuffle=True)
 
     def run(callbacks):
@@ -647,7 +365,7 @@ def test_contract_with_mocked_writer(tmp_path, mocker):
         def on_batch_end(self, trainer, batch, outputs):
             calls_per_batch.append((trainer.global_step, len(writer.method_calls)))
 
-    fit([TensorBoardCallback(tmp_path, every_n_steps=4), Watch()], epochs=1)
+    fit_visuals([TensorBoardCallback(tmp_path, every_n_steps=4), Watch()], epochs=1)
     scalar_calls = [c.args for c in writer.add_scalar.call_args_list]
     points = ("Loss/training loss", "throughput (samples per second)")
     assert [(tag, step) for tag, _, step in scalar_calls if tag in points] == [(tag, 4) for tag in points]
@@ -664,7 +382,7 @@ def test_unwritable_log_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match="cannot create the TensorBoard log directory"):
-        fit([TensorBoardCallback(blocker / "run")])
+        fit_visuals([TensorBoardCallback(blocker / "run")])
 
 
 @pytest.mark.parametrize(
@@ -684,8 +402,8 @@ def test_bad_options(tmp_path, factory):
 def test_pr_curves_per_class_at_fit_end(tmp_path):
     from trainer.callbacks import PRCurveCallback
 
-    trainer, _ = fit([PRCurveCallback(tmp_path, classes=["a", "b", "c"])])
-    acc = read(tmp_path)
+    trainer, _ = fit_visuals([PRCurveCallback(tmp_path, classes=["a", "b", "c"])])
+    acc = read_logged(tmp_path)
     assert set(acc.PluginTagToContent("pr_curves")) == {"pr/0 a", "pr/1 b", "pr/2 c"}
     events = acc.Tensors("pr/1 b")
     assert [e.step for e in events] == [trainer.global_step]
@@ -716,7 +434,7 @@ def test_pr_curves_skipped_after_exception(tmp_path, mocker):
             raise RuntimeError("x")
 
     with pytest.raises(RuntimeError):
-        fit([callback, Boom()])
+        fit_visuals([callback, Boom()])
     predict.assert_not_called()
 
 
@@ -725,7 +443,7 @@ def test_embedding_projector_files(tmp_path):
 
     images = torch.randint(0, 256, (30, 8, 8), dtype=torch.uint8)
     labels = torch.arange(30) % 3
-    fit([EmbeddingCallback(tmp_path, images, labels, ["a", "b", "c"], num_samples=10)], epochs=1)
+    fit_visuals([EmbeddingCallback(tmp_path, images, labels, ["a", "b", "c"], num_samples=10)], epochs=1)
     config = (tmp_path / "projector_config.pbtxt").read_text()
     assert "metadata.tsv" in config and "sprite.png" in config
     (metadata,) = list(tmp_path.glob("*/images/metadata.tsv")) or list(tmp_path.glob("*/*/metadata.tsv"))
@@ -774,7 +492,7 @@ def test_a_resumed_stream_is_read_after_the_interrupted_one_within_the_same_seco
     resumed.close()
     files = sorted(event_files(run))
     assert len(files) == 2 and not files[-1].endswith(".99999999.0")  # made in the next second, read last
-    points = [(event.step, event.value) for event in read(run).Scalars("loss")]
+    points = [(event.step, event.value) for event in read_logged(run).Scalars("loss")]
     assert points == [(step, float(step)) for step in range(1, 6)] + [(step, 100.0 + step) for step in range(6, 9)]
 
 
@@ -786,7 +504,7 @@ def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mo
         syncs.append(1)
         return item(self)
 
-    def fit(callbacks):
+    def counted_fit(callbacks):
         trainer, train, val = make(callbacks, epochs=2)
         mocker.patch.object(torch.Tensor, "item", counted)
         syncs.clear()
@@ -795,9 +513,9 @@ def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mo
         mocker.stopall()
         return len(syncs), time.perf_counter() - started
 
-    without, _ = fit([])
-    with_tensorboard, elapsed = fit([TensorBoardCallback(tmp_path, every_n_steps=5)])
+    without, _ = counted_fit([])
+    with_tensorboard, elapsed = counted_fit([TensorBoardCallback(tmp_path, every_n_steps=5)])
     assert with_tensorboard == without + 4  # one per running-loss point: none for the throughput
-    points = read(tmp_path).Scalars("throughput (samples per second)")
+    points = read_logged(tmp_path).Scalars("throughput (samples per second)")
     assert [e.step for e in points] == [5, 10, 15, 20]
     assert all(20 / elapsed < e.value < 1e9 for e in points)  # 20 samples per point, all within `elapsed`

@@ -82,6 +82,7 @@ def test_unet_channels_last_bf16_autocast_forward():
     assert out.shape == (2, 1, 16, 16) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "make",
     [lambda: UNet(), lambda: NestedUNet(), lambda: NestedUNet(deep_supervision=True)],

@@ -1,0 +1,82 @@
+"""`trainer.state`: what a checkpoint holds of the trainer and how a fit continues from it: a run
+that stopped stays stopped, a resumed schedule stretches to the new last epoch, a second fit goes on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tests.conftest import make_classification
+from tests.helpers import make, make_trainer
+from trainer import Callback, Trainer
+from trainer.callbacks import EarlyStopping, ModelCheckpoint
+
+
+class CrashAfter(Callback):
+    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
+
+    order = 200
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer, logs):
+        if trainer.epoch + 1 == self.epochs:
+            raise RuntimeError("killed")
+
+
+def cosine_run(tmp_path, epochs, resume=False, crash_after=None):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
+    callbacks = [ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=callbacks,
+        max_epochs=epochs,
+        device="cpu",
+        scheduler=scheduler,
+    )
+    loader = DataLoader(make_classification(16), batch_size=8)
+    try:
+        trainer.fit(loader, resume_from=tmp_path / "last.pt" if resume else None)
+    except RuntimeError:
+        pass
+    return trainer.history
+
+
+def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
+    stopper = EarlyStopping("val_loss", mode="max", patience=0)  # "max" on a falling loss: stops after epoch 2
+    trainer, train, val = make([stopper, ModelCheckpoint(tmp_path)], epochs=5)
+    history = trainer.fit(train, val)
+    assert len(history) == 2 and trainer.should_stop
+    resumed, train, val = make([EarlyStopping("val_loss", mode="max", patience=0), ModelCheckpoint(tmp_path)], epochs=5)
+    assert len(resumed.fit(train, val, resume_from=tmp_path / "last.pt")) == 2
+    assert resumed.global_step == trainer.global_step
+
+
+@pytest.mark.parametrize("done", [2, 4])
+def test_cosine_schedule_resumed_with_more_epochs_decays_to_its_minimum_at_the_new_end(tmp_path, done):
+    # A 4-epoch run, finished or killed after 2 epochs, resumed with 8 epochs.
+    first = cosine_run(tmp_path, epochs=4, crash_after=done if done < 4 else None)
+    assert len(first) == done
+    history = cosine_run(tmp_path, epochs=8, resume=True)
+    rates = [logs["lr"] for logs in history]
+    assert len(rates) == 8 and rates[:done] == [logs["lr"] for logs in first]
+    later = rates[done - 1 :]
+    assert all(b <= a + 1e-12 for a, b in zip(later, later[1:])), rates  # never climbs back up
+    assert rates[-1] == pytest.approx(0.01)
+    if done == 2:
+        assert rates[2] > 0.02  # still decaying, not jumped to the minimum
+
+
+def test_fit_continues_after_done_epochs(linear_model, regression_loaders):
+    trainer = make_trainer(linear_model, max_epochs=2)
+    trainer.fit(regression_loaders[0])
+    trainer.max_epochs = 3
+    assert len(trainer.fit(regression_loaders[0])) == 3 and trainer.epoch == 2
