@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import html
 import io
 import json
+import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -14,7 +19,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -254,14 +260,17 @@ def test_command_line_rejects_a_path_without_event_files(tmp_path, capsys, kind)
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch) -> Path:
+def registry(tmp_path, monkeypatch) -> Iterator[Path]:
     """A temporary folder of its own for this test and the servers it starts (their registry,
-    their folders of links), so that what they leave behind can be checked."""
+    their folders of links), so that what they leave behind can be checked; a server still running
+    at the end is stopped."""
     folder = tmp_path / "tmp"
     folder.mkdir()
     monkeypatch.setenv("TMPDIR", str(folder))
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
+    yield folder
+    with contextlib.suppress(OSError):  # a registry the test made unusable holds none
+        board.stop_all()
 
 
 def test_command_line_serves_a_run_show_reuses_it_and_ctrl_c_removes_its_files(runs, registry, capsys):
@@ -339,9 +348,11 @@ def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
     """An entry whose process is gone is not a server: `find` ignores it and removes it."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    port = free_port()
     board_servers.register(
-        board_servers.BoardServer(str(runs), dead.pid, free_port(), "127.0.0.1", "http://127.0.0.1:1/")
+        board_servers.BoardServer(str(runs), dead.pid, port, "127.0.0.1", board_servers.server_url("127.0.0.1", port))
     )
+    assert board_servers.entry_path(runs).exists()
     assert board_servers.find(runs) is None and not board_servers.entry_path(runs).exists()
 
 
@@ -362,6 +373,250 @@ def test_show_on_a_busy_port_is_the_servers_one_line_error(runs, registry):
         with pytest.raises(OSError, match=f"could not serve .* on 127.0.0.1:{port}: .*already in use") as info:
             board.show(runs, port=port)
     assert "\n" not in str(info.value) and board_servers.running() == []
+
+
+# ------------------------------------------------------------------- a machine shared with other users
+OTHER_UID = 65534  # nobody: the other user of a shared machine
+
+
+def as_another_user(path: Path) -> None:
+    """Give `path` to another user (root only: a test that needs it skips elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give a folder to another user")
+    os.chown(path, OTHER_UID, OTHER_UID)
+
+
+@pytest.mark.parametrize("kind", ["another user's", "open to all", "symbolic link"])
+def test_a_registry_folder_others_could_plant_in_is_refused_in_one_line(runs, registry, mocker, capsys, kind):
+    """A registry folder someone made before this user (another user's, one anyone can write in, a
+    symbolic link to another folder) is never used: `show`, `stop_all` and ``python -m trainer.board``
+    refuse in one line naming the folder, what is wrong and what to do, start no server, read none of
+    its entries and leave it as it is."""
+    folder = board_servers.registry_dir()
+    elsewhere = registry / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    planted = board_servers.BoardServer(str(runs), os.getpid(), 1, "127.0.0.1", "http://127.0.0.1:1/")
+    if kind == "symbolic link":
+        folder.symlink_to(elsewhere)
+        reason = "is a symbolic link"
+    else:
+        folder.mkdir()
+        os.chmod(folder, 0o777 if kind == "open to all" else 0o755)
+        reason = "can be written by other users (mode 0777)" if kind == "open to all" else "belongs to uid 65534"
+    (elsewhere if kind == "symbolic link" else folder).joinpath("planted.json").write_text(json.dumps(asdict(planted)))
+    if kind == "another user's":
+        as_another_user(folder)
+    before = os.lstat(folder)
+    popen = mocker.spy(subprocess, "Popen")
+    for call in (lambda: board.show(runs), board.stop_all, lambda: board.stop(runs)):
+        with pytest.raises(PermissionError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and f"registry {folder} {reason}" in message and "set TMPDIR" in message
+    assert board.main([str(runs / "tiny")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and f"error: the TensorBoard server registry {folder} {reason}" in err
+    popen.assert_not_called()
+    after = os.lstat(folder)
+    assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)  # left as it was
+    assert [p.name for p in (elsewhere if kind == "symbolic link" else folder).iterdir()] == ["planted.json"]
+
+
+def test_an_own_registry_folder_others_can_read_is_made_private(registry):
+    """This user's own registry folder that others can read (as an older version made it) is kept,
+    and made private (0700)."""
+    folder = board_servers.registry_dir()
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+    assert board_servers.running() == []
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+@dataclass
+class SharedBoard:
+    """`server`: a real server that `show` started on `folder` (whose name is hostile to HTML), with
+    its registry in the temporary folder `temp`."""
+
+    server: board_servers.BoardServer
+    folder: Path
+    temp: Path
+
+
+def use_temporary_folder(patch: pytest.MonkeyPatch, folder: Path) -> None:
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", str(folder))
+
+
+@pytest.fixture(scope="module")
+def shared_board(runs, tmp_path_factory):
+    """One server for the tests of planted entries, started by `show` on a folder whose path holds
+    quotes, ``&``, ``</script><script>alert(1)</script>`` and ``<!--``; stopped at the end."""
+    root = tmp_path_factory.mktemp("shared")
+    temp, folder = root / "tmp", root / "a'b\"c&d" / "</script><script>alert(1)</script><!--"
+    temp.mkdir()
+    folder.mkdir(parents=True)
+    for source in (runs / "tiny").glob("events.out.tfevents.*"):
+        (folder / source.name).write_bytes(source.read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        use_temporary_folder(patch, temp)
+        server = board.show(folder)
+    yield SharedBoard(server, folder, temp)
+    with pytest.MonkeyPatch.context() as patch:
+        use_temporary_folder(patch, temp)
+        board.stop_all()
+
+
+@pytest.fixture
+def shared(shared_board, monkeypatch):
+    """The shared server's registry, as this test's temporary folder; its entry is put back after."""
+    use_temporary_folder(monkeypatch, shared_board.temp)
+    yield shared_board
+    if shared_board.server.answers():
+        board_servers.register(shared_board.server)
+
+
+@pytest.fixture
+def sleeper():
+    """Another process of this user, which nothing here may end."""
+    process = subprocess.Popen(["sleep", "30"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_the_registry_and_its_entries_are_private(shared):
+    """Nothing of the registry can be read by other users: the folder is 0700, an entry 0600; the
+    server's folder of links is 0700 too."""
+    folder = board_servers.registry_dir()
+    entry = board_servers.entry_path(shared.folder)
+    assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (os.getuid(), 0o700)
+    assert (entry.stat().st_uid, stat.S_IMODE(entry.stat().st_mode)) == (os.getuid(), 0o600)
+    [links] = [path for path in shared.temp.glob("trainer-board-*") if path != folder]
+    assert stat.S_IMODE(links.stat().st_mode) == 0o700
+
+
+def test_show_writes_a_hostile_folder_name_as_text_in_the_cell(shared, mocker):
+    """`show` in a notebook, on the folder named with ``</script><script>alert(1)</script>``: it
+    reuses the server, and its cell has one script, which the name does not end; the note names the
+    folder as text."""
+    mocker.patch("trainer.notebook.in_notebook", return_value=True)
+    display = mocker.patch("IPython.display.display")
+    assert board.show(shared.folder) == shared.server
+    [bundle] = display.call_args.args
+    page = bundle["text/html"]
+    assert page.count("<script") == 1 and page.count("</script") == 1 and "<!--" not in page
+    assert html.escape(str(shared.folder), quote=True) in page[: page.index("<script>")]
+    literal = re.search(r'"TensorBoard on " \+ (".*?") \+ ": "', page)
+    assert literal and json.loads(literal.group(1)) == str(shared.folder)
+
+
+def planted_entries(server: board_servers.BoardServer, other: int) -> dict[str, object]:
+    """Entries filed under the shared folder's key that do not prove a server of this user on it;
+    `other` is the pid of another process of this user."""
+    real = asdict(server)
+    return {
+        "pid of another process of yours": {**real, "pid": other},
+        "port with markup": {**real, "port": f"{server.port} onerror=alert(1)"},
+        "pid as text": {**real, "pid": str(server.pid)},
+        "pid 0": {**real, "pid": 0},
+        "address of another host": {**real, "url": f"http://localhost:{server.port}/"},
+        "path of a missing folder": {**real, "path": str(Path(server.path) / "missing")},
+        "path as a number": {**real, "path": 42},
+        "extra field": {**real, "command": "sleep"},
+        "not an object": [real],
+        "malformed JSON": '{"path": ',
+    }
+
+
+@pytest.mark.parametrize("kind", [*planted_entries(board_servers.BoardServer("/", 1, 1, "", ""), 1), "symbolic link"])
+def test_an_entry_that_does_not_prove_its_server_is_ignored_removed_and_stops_nothing(shared, sleeper, kind):
+    """An entry for the folder whose fields have the wrong types or values, whose pid is another
+    process of this user (while the port it names answers as the server of that folder), or which is
+    a symbolic link to a valid entry, is no server: `find` ignores it and removes it, `stop` and
+    `stop_all` end nothing, and no call raises."""
+    entry = board_servers.entry_path(shared.folder)
+
+    def plant() -> None:
+        entry.unlink(missing_ok=True)
+        if kind == "symbolic link":
+            target = shared.temp / "valid.json"
+            target.write_text(json.dumps(asdict(shared.server)))
+            entry.symlink_to(target)
+        else:
+            content = planted_entries(shared.server, sleeper.pid)[kind]
+            entry.write_text(content if isinstance(content, str) else json.dumps(content))
+
+    plant()
+    assert board_servers.find(shared.folder) is None
+    assert not entry.exists() and not entry.is_symlink()
+    plant()
+    assert board.stop(shared.folder) is False and board.stop_all() == 0 and board_servers.running() == []
+    assert sleeper.poll() is None and shared.server.answers()  # both still run
+    assert list(board_servers.registry_dir().iterdir()) == []
+
+
+def test_another_users_entry_is_ignored(shared):
+    """A valid entry of the shared server, but a file of another user (as root can hand it over):
+    ignored and left, as it cannot be this user's."""
+    entry = board_servers.entry_path(shared.folder)
+    as_another_user(entry)
+    assert board_servers.find(shared.folder) is None and board_servers.running() == []
+    assert entry.exists()
+    entry.unlink()
+
+
+def test_a_board_server_of_another_user_is_never_stopped(shared, tmp_path):
+    """A process of another user whose command line is ``python -m trainer.board FOLDER``, filed with
+    the port that answers as the server of that folder: not this user's, so never stopped (root could)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a process as another user")
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "__init__.py").write_text("")
+    (tmp_path / "trainer" / "board.py").write_text(  # becomes the other user, then waits
+        f"import os, time\nos.setgid({OTHER_UID})\nos.setuid({OTHER_UID})\nprint('ready', flush=True)\ntime.sleep(30)\n"
+    )
+    command = [sys.executable, "-m", "trainer.board", str(shared.folder), "--host", "127.0.0.1"]
+    other = subprocess.Popen(command, cwd=tmp_path, env={"PATH": os.defpath}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert read_line(other) == "ready\n"
+        board_servers.register(dataclasses.replace(shared.server, pid=other.pid))
+        assert board_servers.find(shared.folder) is None and board.stop_all() == 0
+        assert other.poll() is None and shared.server.answers()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_without_proc_the_process_is_proven_by_ps(shared, sleeper, monkeypatch, tmp_path):
+    """Where there is no /proc (macOS, BSD), ``ps`` gives the command line: the server is found, an
+    entry naming another process of this user is not."""
+    monkeypatch.setattr(board_servers, "PROC", tmp_path / "no-proc")
+    assert board_servers.find(shared.folder) == shared.server
+    board_servers.register(dataclasses.replace(shared.server, pid=sleeper.pid))
+    assert board_servers.find(shared.folder) is None and board.stop_all() == 0
+    assert sleeper.poll() is None
+
+
+def test_stop_all_beside_planted_entries_stops_the_server_alone(shared, sleeper):
+    """Planted entries beside the real one (a folder named like markup, a pid of another process of
+    this user, wrong types, malformed JSON): `stop_all` stops the real server alone, leaves the other
+    process running and removes every entry."""
+    registry_folder = board_servers.registry_dir()
+    other = shared.folder.parent.parent  # "a'b\"c&d/<": a folder named like markup
+    bad = [
+        {**asdict(shared.server), "path": os.fspath(other), "pid": sleeper.pid},
+        {**asdict(shared.server), "path": 42},
+        {**asdict(shared.server), "port": "6006 onerror=alert(1)"},
+    ]
+    for index, entry in enumerate(bad):
+        (registry_folder / f"planted-{index}.json").write_text(json.dumps(entry))
+    board_servers.entry_path(other).write_text(json.dumps(bad[0]))
+    (registry_folder / "broken.json").write_text('{"path": ')
+    assert board.stop_all() == 1
+    assert not shared.server.answers() and sleeper.poll() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(shared.server.pid, 0)
+    assert list(registry_folder.iterdir()) == []
 
 
 # ------------------------------------------------------------------- continued runs on the board

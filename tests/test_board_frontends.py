@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
+import re
+import shlex
+from html.parser import HTMLParser
 
 import pytest
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard.writer import FileWriter
 
 from trainer.board_frontends import Frontend, cell_output, frontend
 from trainer.board_servers import BoardServer
+from trainer.board_snapshot import snapshot_png
 
 PORT = 6123
 CLEAN = {"PATH": "/usr/bin"}  # none of the variables the rules read
@@ -105,3 +114,81 @@ def test_a_known_address_is_used_as_it_is(target):
 def test_colab_asks_colab_for_the_address():
     page = cell_output(SERVER, Frontend("colab", None), 800, None)["text/html"]
     assert f"google.colab.kernel.proxyPort({PORT}" in page
+
+
+# ------------------------------------------------------------------- what comes from outside
+HOSTILE_PATH = "/home/ada/runs/a'b\"c & d/</script><script>alert(1)</script><!--x\u2028"
+
+
+class Page(HTMLParser):
+    """The elements, texts and script bodies of a cell's HTML, as a browser's parser splits them."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.scripts: list[str] = []
+        self.text = ""
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        if self.lasttag == "script" and self.tags.count("script") > len(self.scripts):
+            self.scripts.append(data)
+        else:
+            self.text += data
+
+
+@pytest.mark.parametrize(
+    "target",
+    [Frontend("jupyter", None), Frontend("jupyterhub", "/user/</script><script>alert(2)</script>/proxy/6123/")],
+)
+def test_a_hostile_folder_name_is_text_in_the_cell_and_never_ends_its_script(target):
+    """A folder named with ``</script>``, ``<!--``, quotes, ``&`` and U+2028 (and an address holding
+    ``</script>``): the cell has one script, which the name cannot end; the note shows the name as
+    text, and the script holds it as a string literal that reads back as the name."""
+    server = BoardServer(HOSTILE_PATH, 1, PORT, "127.0.0.1", f"http://127.0.0.1:{PORT}/")
+    page = cell_output(server, target, 640, b"\x89PNG fake")["text/html"]
+    parsed = Page(page)
+    assert parsed.tags.count("script") == 1 and len(parsed.scripts) == 1
+    assert page.lower().count("</script") == 1 and "<!--" not in page
+    assert "\u2028" not in parsed.scripts[0]  # a line break to older JavaScript, inside a string
+    assert parsed.tags == ["div", "p", "code", "code", "img", "script"]  # nothing the name added
+    assert f"({HOSTILE_PATH})" in parsed.text  # the note, as text
+    assert f"trainer.board.show({HOSTILE_PATH!r})" in parsed.text
+    assert f"python -m trainer.board {shlex.quote(HOSTILE_PATH)}" in parsed.text
+    literal = re.search(r'"TensorBoard on " \+ (".*?") \+ ": "', parsed.scripts[0])
+    assert literal and json.loads(literal.group(1)) == HOSTILE_PATH
+    if target.url:
+        literal = re.search(r"return new URL\((\".*?\"), window.location\)", parsed.scripts[0])
+        assert literal and json.loads(literal.group(1)) == target.url
+
+
+@pytest.mark.parametrize("port", ["6123 onerror=alert(1)", "6123", 6123.0, True, 0, 70000])
+def test_a_port_that_is_not_an_int_in_range_is_refused(port):
+    """The port goes into the page as a number: anything but an int from 1 to 65535 is refused."""
+    server = BoardServer("/home/ada/runs/tiny", 1, port, "127.0.0.1", f"http://127.0.0.1:{PORT}/")
+    with pytest.raises(ValueError, match="a port must be an integer from 1 to 65535"):
+        cell_output(server, Frontend("colab", None), 800, None)
+    if port != 0:  # 0 only checks a proxy address before a server runs
+        with pytest.raises(ValueError, match="a port must be an integer"):
+            frontend(port)
+
+
+# ------------------------------------------------------------------- board_snapshot
+def test_the_picture_draws_names_as_text_and_leaves_out_an_image_that_does_not_decode(tmp_path):
+    """A run whose folder and tag names hold ``$`` (which would start a matplotlib formula, and fail
+    to draw) and whose latest image is not an image: the picture is drawn, with the curves alone."""
+    run = tmp_path / r"run $\frac{$"
+    writer = FileWriter(str(run))
+    for step in (1, 2):
+        writer.add_summary(Summary(value=[Summary.Value(tag=r"Loss/a $\frac{$", simple_value=1.0 / step)]), step)
+    broken = Summary.Image(encoded_image_string=b"not an image", height=8, width=8, colorspace=3)
+    writer.add_summary(Summary(value=[Summary.Value(tag="predictions vs. actuals", image=broken)]), 2)
+    writer.close()
+    for root in (run, tmp_path):  # a run directory, and a folder of runs (its name in the legend)
+        picture = snapshot_png(root)
+        assert picture is not None and picture.startswith(b"\x89PNG")
+        assert Image.open(io.BytesIO(picture)).size == (600, 360)  # one panel: no figure drawn

@@ -164,7 +164,9 @@ def run_name(path: str | os.PathLike) -> str:
 
 def _link_run(root: Path) -> str | None:
     """A temporary folder holding one symbolic link to the run `root`, named `run_name(root)`,
-    removed when the process exits; None where links cannot be made (the run is then named ``.``)."""
+    removed when the process exits; None where links cannot be made (the run is then named ``.``).
+    The folder is private: `tempfile.mkdtemp` makes it with mode 0700 under a random name that no
+    other user can take first."""
     links = tempfile.mkdtemp(prefix="trainer-board-")
     try:
         os.symlink(root.resolve(), os.path.join(links, run_name(root)), target_is_directory=True)
@@ -303,6 +305,8 @@ def show(
     Raises:
         FileNotFoundError, ValueError: `path` is missing or holds no event files, or `proxy_url`
             has no ``%PORT%``.
+        PermissionError: the registry folder is not private (another user's, or open to others;
+            `trainer.board_servers.private_registry_dir`).
         OSError: a new server could not serve.
     """
     from trainer import board_frontends, board_servers
@@ -326,7 +330,12 @@ def show(
 
 
 def stop(path: str | os.PathLike) -> bool:
-    """End the server `show` started on `path`; returns whether one was running."""
+    """End the server `show` started on `path`; returns whether one was running. Only a process
+    proven to be that server is stopped (`trainer.board_servers.is_board_server`).
+
+    Raises:
+        PermissionError: the registry folder is not private.
+    """
     from trainer import board_servers
 
     server = board_servers.find(Path(path).resolve())
@@ -337,7 +346,12 @@ def stop(path: str | os.PathLike) -> bool:
 
 
 def stop_all() -> int:
-    """End every server `show` (or ``python -m trainer.board``) of this user runs; returns how many."""
+    """End every server `show` (or ``python -m trainer.board``) of this user runs; returns how many.
+    Only processes proven to be those servers are stopped (`trainer.board_servers.is_board_server`).
+
+    Raises:
+        PermissionError: the registry folder is not private.
+    """
     from trainer import board_servers
 
     servers = board_servers.running()
@@ -366,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             handlers[name] = signal.signal(getattr(signal, name), lambda *_: stopping.set())
     try:
         try:
+            board_servers.private_registry_dir()  # a registry another user could plant in: refused before serving
             board = start(args.path, port=args.port, host=args.host)
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,11 @@ the cell asks the server whether it answers (at once, then every few seconds): w
 live TensorBoard replaces the picture; when it does not, the picture stays and the note says what
 to run. Where scripts do not run (a notebook opened untrusted, GitHub, nbviewer), the picture and
 the note are what shows: never an empty frame.
+
+Everything the cell takes from outside (the folder's path, the addresses, the port) is written for
+its place: HTML text and attributes through `html.escape`, values in the script as JSON that cannot
+end the script (`script_json`), numbers as integers (`port_number`). A folder named
+``</script><script>...`` shows as its name and runs nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import html
 import json
 import os
 import secrets
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +62,23 @@ class Frontend:
     url: str | None
 
 
+def port_number(port: Any, allow_zero: bool = False) -> int:
+    """`port` as an int, if it is one from 1 (or 0 with `allow_zero`) to 65535; else a ValueError."""
+    if isinstance(port, bool) or not isinstance(port, int) or not (0 if allow_zero else 1) <= port <= 0xFFFF:
+        raise ValueError(f"a port must be an integer from 1 to 65535, got {port!r}")
+    return port
+
+
+def script_json(value: Any) -> str:
+    """`value` as JSON that is safe inside an HTML ``<script>``: ``<``, ``>`` and ``&`` (which could
+    end the script with ``</script>`` or open ``<!--``) and the line separators U+2028 and U+2029 are
+    written as ``\\u`` escapes, which JavaScript reads back as the same characters."""
+    text = json.dumps(value)
+    for character in "<>&\u2028\u2029":
+        text = text.replace(character, f"\\u{ord(character):04x}")
+    return text
+
+
 def check_proxy_url(proxy_url: str, source: str = "proxy_url") -> str:
     """`proxy_url` if it holds ``%PORT%``; else a ValueError naming `source`."""
     if not isinstance(proxy_url, str) or PORT_PLACEHOLDER not in proxy_url:
@@ -75,14 +98,15 @@ def frontend(
     """The address of the server on `port` for the notebook frontend, by the module's rules.
 
     Args:
-        port: the server's port.
+        port: the server's port (0 to check `proxy_url` before a server runs).
         proxy_url: an explicit address with ``%PORT%`` (rule 1).
         environ: the environment variables (default: ``os.environ``).
         modules: the imported modules (default: ``sys.modules``), to recognise Colab.
 
     Raises:
-        ValueError: `proxy_url` or ``TENSORBOARD_PROXY_URL`` has no ``%PORT%``.
+        ValueError: `proxy_url` or ``TENSORBOARD_PROXY_URL`` has no ``%PORT%``, or `port` is not a port.
     """
+    port = port_number(port, allow_zero=True)
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
     if proxy_url is not None:
@@ -102,28 +126,31 @@ def frontend(
 
 def _resolver(server: Any, target: Frontend) -> str:
     """The body of the page's ``async function address()``: the server's address in the browser."""
+    port = port_number(server.port)
     if target.url is not None:
-        return f"return new URL({json.dumps(target.url)}, window.location).href;"
+        return f"return new URL({script_json(target.url)}, window.location).href;"
     if target.name == "colab":
-        return f"return new URL(await google.colab.kernel.proxyPort({server.port}, {{cache: false}})).href;"
-    direct = server.url if server.host not in ("", "0.0.0.0", "::") else f"http://127.0.0.1:{server.port}/"
+        return f"return new URL(await google.colab.kernel.proxyPort({port}, {{cache: false}})).href;"
+    direct = server.url if server.host not in ("", "0.0.0.0", "::") else f"http://127.0.0.1:{port}/"
     return f"""if (["localhost", "127.0.0.1", "[::1]"].includes(window.location.hostname)) {{
-      return {json.dumps(direct)};
+      return {script_json(direct)};
     }}
     let base = document.body.dataset.baseUrl || "/";
     const config = document.getElementById("jupyter-config-data");
     if (config) {{
       try {{ base = JSON.parse(config.textContent).baseUrl || base; }} catch (error) {{}}
     }}
-    return new URL(base.replace(/\\/?$/, "/") + "proxy/{server.port}/", window.location).href;"""
+    return new URL(base.replace(/\\/?$/, "/") + "proxy/{port}/", window.location).href;"""
 
 
 def restart_hint(path: str) -> str:
-    """What to run to see the run live again (HTML)."""
-    literal = html.escape(repr(os.fspath(path)))
+    """What to run to see the run live again (HTML): the path as a Python literal and, quoted for
+    the shell, in a command line, both escaped for HTML."""
+    literal = html.escape(repr(os.fspath(path)), quote=True)
+    command = html.escape(shlex.quote(os.fspath(path)), quote=True)
     return (
         f"run <code>trainer.board.show({literal})</code> in a running notebook, or "
-        f"<code>python -m trainer.board {html.escape(os.fspath(path))}</code> in a shell"
+        f"<code>python -m trainer.board {command}</code> in a shell"
     )
 
 
@@ -135,11 +162,15 @@ def cell_output(server: Any, target: Frontend, height: int, picture: bytes | Non
         target: where the browser reaches it (`frontend`).
         height: the height of the live frame, in pixels.
         picture: a PNG of the run (`trainer.board_snapshot.snapshot_png`), or None.
+
+    Raises:
+        ValueError: the server's port is not an int from 1 to 65535.
     """
+    port_number(server.port)
     box = f"trainer-board-{secrets.token_hex(6)}"
     hint = restart_hint(server.path)
     what = "A picture of the run when this cell ran" if picture else "No picture of the run was made"
-    note = f"{what} ({html.escape(server.path)}). To open TensorBoard live, {hint}."
+    note = f"{what} ({html.escape(server.path, quote=True)}). To open TensorBoard live, {hint}."
     gone = (
         f"TensorBoard does not answer at <code>%URL%</code>. If its server stopped (kernel or "
         f"machine restarted, <code>trainer.board.stop</code>), {hint}. If this browser cannot "
@@ -160,11 +191,12 @@ def cell_output(server: Any, target: Frontend, height: int, picture: bytes | Non
 {image}
 <script>
 (function () {{
-  const box = document.getElementById({json.dumps(box)});
+  const box = document.getElementById({script_json(box)});
   if (!box) return;
   const note = box.querySelector(".trainer-board-note");
   const picture = box.querySelector(".trainer-board-picture");
   let frame = null;
+  const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";");
   async function address() {{
     {_resolver(server, target)}
   }}
@@ -191,13 +223,13 @@ def cell_output(server: Any, target: Frontend, height: int, picture: bytes | Non
         frame.height = "{int(height)}";
         frame.style.border = "0";
         box.appendChild(frame);
-        note.textContent = "TensorBoard on " + {json.dumps(server.path)} + ": " + url;
+        note.textContent = "TensorBoard on " + {script_json(server.path)} + ": " + url;
         if (picture) picture.style.display = "none";
       }}
       return;
     }}
     if (frame) {{ frame.remove(); frame = null; }}
-    note.innerHTML = {json.dumps(gone)}.replace("%URL%", url || "(no address)");
+    note.innerHTML = {script_json(gone)}.replace("%URL%", () => escapeHtml(url || "(no address)"));
     if (picture) picture.style.display = "";
   }}
   check();

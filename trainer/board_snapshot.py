@@ -1,7 +1,9 @@
 """A still picture of a run for a saved notebook: its loss curves and its latest figure, as a PNG.
 
 Read with TensorBoard's own reader (`EventAccumulator`, which drops the points a resumed run
-replaced), drawn with `matplotlib.figure.Figure` (Agg, no pyplot state).
+replaced), drawn with `matplotlib.figure.Figure` (Agg, no pyplot state). Names come from the files
+and are drawn as plain text (a ``$`` in a folder or tag name starts no formula); an image that does
+not decode is left out of the picture.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 from trainer.board import EVENT_FILE_PATTERN
 
@@ -16,6 +19,24 @@ from trainer.board import EVENT_FILE_PATTERN
 MAX_RUNS = 8
 #: The images shown in the picture's right panel, by preference (else the latest image of any tag).
 FIGURE_TAGS = ("predictions vs. actuals",)
+
+
+def _plain(text: str) -> str:
+    """`text` as matplotlib draws it literally: ``$`` would otherwise start a formula."""
+    return text.replace("$", r"\$")
+
+
+def _decoded(encoded: bytes) -> Any:
+    """The image in `encoded` (PNG, JPEG...), decoded; None where it does not decode (damaged, not
+    an image, or larger than Pillow's decompression-bomb limit)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _is_loss(tag: str) -> bool:
@@ -34,7 +55,6 @@ def snapshot_png(path: str | os.PathLike) -> bytes | None:
     runs hold neither."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = Path(path)
@@ -48,12 +68,13 @@ def snapshot_png(path: str | os.PathLike) -> bytes | None:
         tags = events.Tags()
         for tag in sorted(filter(_is_loss, tags["scalars"])):
             points = events.Scalars(tag)
-            curves.append(
-                (f"{name}: {tag}" if len(runs) > 1 else tag, [p.step for p in points], [p.value for p in points])
-            )
+            label = _plain(f"{name}: {tag}" if len(runs) > 1 else tag)
+            curves.append((label, [p.step for p in points], [p.value for p in points]))
         images = [t for t in FIGURE_TAGS if t in tags["images"]] or sorted(tags["images"])
         if images:
-            latest = (images[0], events.Images(images[0])[-1])
+            event = events.Images(images[0])[-1]
+            picture = _decoded(event.encoded_image_string)
+            latest = (images[0], event.step, picture) if picture is not None else latest
     if not curves and latest is None:
         return None
     figure = Figure(figsize=(11, 3.6) if latest and curves else (6, 3.6), dpi=100, layout="constrained")
@@ -65,10 +86,10 @@ def snapshot_png(path: str | os.PathLike) -> bytes | None:
         axes[0].legend(fontsize="small")
         axes[0].grid(alpha=0.3)
     if latest is not None:
-        tag, image = latest
+        tag, step, picture = latest
         panel = axes[-1]
-        panel.imshow(Image.open(io.BytesIO(image.encoded_image_string)))
-        panel.set_title(f"{tag} (step {image.step})")
+        panel.imshow(picture)
+        panel.set_title(_plain(f"{tag} (step {step})"))
         panel.axis("off")
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
