@@ -5,7 +5,7 @@ from trainer.callback import HOOKS as HOOKS
 from trainer.callback import Callback
 from trainer.checkpoint import seed_everything
 from trainer.core import Trainer
-from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
+from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.every import Every
 from trainer.model_spec import ModelSpecError
 from trainer.options import resolve_device
@@ -22,6 +22,7 @@ from trainer.workers import ignore_stop_signals
 # HOOKS, EpochLoss, RunningLoss and FitResources stay importable here (and from their modules)
 # but are not part of the surface a user needs.
 __all__ = [
+    "BatchLoadError",
     "Callback",
     "Every",
     "ModelSpecError",

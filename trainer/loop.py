@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from trainer.attributes import TrainerAttributes
 from trainer.batch import batch_size, detach, last_output
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
-from trainer.errors import NonFiniteLossError, TimeLimitReached
+from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached
 from trainer.limits import format_duration, limited, loader_length
 from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
 from trainer.steps import StepOutput
@@ -34,10 +35,13 @@ class TrainingLoop(TrainerAttributes):
             resume = self._pos.take_resume(epoch)
             if self.should_stop and resume is None:  # a resumed run that had stopped early
                 break
-            batches = self._start_epoch(epoch, train_loader, resume)
-            for batch_idx, batch in enumerate(batches, start=self.batch_idx):
-                if self._train_batch(batch_idx, batch, val_loader):
-                    break
+            batches = loaded(self._start_epoch(epoch, train_loader, resume), training_batch(epoch), self.batch_idx)
+            try:
+                for batch_idx, batch in enumerate(batches, start=self.batch_idx):
+                    if self._train_batch(batch_idx, batch, val_loader):
+                        break
+            finally:
+                batches.close()  # the loader's iterator, and its worker processes, end here on every path
             self._end_epoch(val_loader)
             if self._stop_after_epoch(epoch):
                 break
@@ -208,11 +212,11 @@ class TrainingLoop(TrainerAttributes):
         # The unwrapped model: evaluation needs no communication, so ranks may hold uneven shards.
         broadcast_buffers(self.module)
         self._callbacks.fire("on_validation_start")
-        if self.limit_val_batches is not None:
-            loader = itertools.islice(
-                loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader))
-            )
-        sums = self._validation_sums(loader)
+        batches = loaded(self._validation_batches(loader), lambda index: f"validation batch {index + 1}")
+        try:
+            sums = self._validation_sums(batches)
+        finally:
+            batches.close()
         # One device sync (and under torchrun one reduction) for all values of the validation.
         *values, samples = all_reduce(sums).tolist()
         if samples == 0:
@@ -221,6 +225,11 @@ class TrainingLoop(TrainerAttributes):
         logs.update({f"val_{name}": v / samples for name, v in zip(self.metrics, values[1:])})
         self._callbacks.fire("on_validation_end", logs)
         return logs
+
+    def _validation_batches(self, loader: Iterable) -> Iterable:
+        if self.limit_val_batches is None:
+            return loader
+        return itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader)))
 
     def _validation_sums(self, loader: Iterable) -> torch.Tensor:
         """The loss and metric sums (weighted by batch size) over `loader`, and the samples, in one tensor."""
@@ -244,3 +253,43 @@ class TrainingLoop(TrainerAttributes):
                     fn(self, batch, out)
         sums[-1] = samples
         return sums
+
+
+def training_batch(epoch: int) -> Callable[[int], str]:
+    """Names the training batches of `epoch` (0-based) for `loaded`."""
+    return lambda index: f"training batch {index + 1} of epoch {epoch + 1}"
+
+
+def loaded(batches: Iterable, describe: Callable[[int], str], first: int = 0) -> Generator[Any]:
+    """`batches`, with an error of the loader raised as `BatchLoadError` naming the batch
+    (``describe(index)``, counted from `first`).
+
+    Nothing else holds the loader's iterator: closing this generator (as the loop does on every
+    path) or an error of the loader ends it, and with it a DataLoader's worker processes. Left to
+    a traceback, they would outlive the error, and at the exit of the process Python would wait
+    forever for workers that ignore its SIGTERM (`trainer.ignore_stop_signals`).
+    """
+    iterator = iter(batches)
+    del batches
+    index = first
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            del iterator
+            _release_loader_frames(exc.__traceback__)
+            raise BatchLoadError(describe(index), exc) from exc
+        yield batch
+        index += 1
+
+
+def _release_loader_frames(traceback: types.TracebackType | None) -> None:
+    """Clear the local variables of `torch.utils.data`'s finished frames in `traceback`: they hold
+    the DataLoader's iterator. The frames of the user's own code keep theirs."""
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("torch.utils.data"):
+            frame.clear()
+        traceback = traceback.tb_next
