@@ -1,24 +1,28 @@
-"""Run folders: a new run's directory, its lock and first config.json; the checks that let a run resume; the one
-line of a write that failed."""
+"""Run folders: a new run's directory, its lock and first config.json; the lock held for the run and its
+folder watched while it trains; the checks that let a run resume; the one line of a write that failed."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recipes.cli import CommandLine
+from recipes.cli import CommandLine, resume_command
 from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.run_checks import check_recipe_config
+from trainer.callback import Callback
 from trainer.callbacks.tensorboard import has_event_files
 from trainer.checkpoint import atomic_write_text, load_checkpoint, remove_temporary_files
 from trainer.distributed import broadcast_object, is_rank_zero
-from trainer.run_lock import LOCK_FILE, RunLock, RunLockedError
+from trainer.every import Every
+from trainer.run_lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -83,16 +87,19 @@ def make_run_dir(log_dir: str | None, default_root: str) -> Path:
 
 
 def describe_holder(holder: dict[str, Any]) -> str:
-    """``pid P on HOST since TIME`` from a `RunLock` record."""
+    """``pid P on HOST since TIME`` from a `RunLock` record (without ``since`` when the holder's
+    lock file was removed and only the kernel named it)."""
     if not holder:
         return "a process that is starting"
-    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+    since = f" since {holder['started']}" if "started" in holder else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{since}"
 
 
 def lock_run_dir(path: Path, what: str) -> RunLock:
-    """Take `path`'s `RunLock` (one writer per folder); another live run holding it, or a
-    folder where the lock file cannot be written, is a `UsageError` naming `what` (the option
-    and value that named the folder)."""
+    """Take `path`'s `RunLock` (one writer per folder); another live run holding it, a lock
+    file that is not a plain file of its own (a planted link) or another user's stale lock file
+    that cannot be removed, or a folder where the lock file cannot be written, is a `UsageError`
+    naming `what` (the option and value that named the folder)."""
     try:
         return RunLock(path).acquire()
     except RunLockedError as exc:
@@ -100,10 +107,110 @@ def lock_run_dir(path: Path, what: str) -> RunLock:
             f"{what} is in use by another run ({describe_holder(exc.holder)}); wait for it to end or "
             "choose another directory"
         ) from None
+    except LockFileError as exc:
+        raise UsageError(f"{what} cannot be locked: {exc}") from None
     except OSError as exc:
         raise UsageError(
             f"{what} is not writable: cannot create {exc.filename or path / LOCK_FILE}: {exc.strerror or exc}"
         ) from None
+
+
+def lost_folder_line(exc: RunLockLostError, recipe_module: str) -> str:
+    """One line for a run that stopped because its folder was moved or removed, or its lock file
+    removed or replaced (`RunLock.check`): what happened, and where the last good checkpoint is
+    now with the command that resumes it.
+
+    Args:
+        exc: what `RunLock.check` found.
+        recipe_module: the recipe's module, for the resume command.
+    """
+    line = f"{exc} while the run trained; the run stopped without writing more"
+    if exc.removed:
+        return line + "; its checkpoints were removed with it: start a new run"
+    folder = exc.folder if exc.lock_file else exc.moved_to
+    if folder is None:
+        return line + "; its last good checkpoint is last.pt in the folder where it went: resume with --resume NEW_PATH"
+    last = folder / "last.pt"
+    if last.is_file():
+        return line + f"; the last good checkpoint is {last} (resume with: {resume_command(recipe_module, folder)})"
+    return line + f"; no checkpoint was written yet in {folder}: start a new run"
+
+
+class RunFolderGuard(Callback):
+    """Stops a run, before it writes more, once its folder was moved or removed or its lock file
+    removed or replaced (`RunLock.check`): a `UsageError` whose line (`lost_folder_line`) says
+    what happened and where the last good checkpoint is. It looks before any callback writes at
+    the end of each validation and each epoch, and at each step checkpoint: a few ``stat`` calls,
+    nothing per batch without step checkpoints. It runs on rank 0, which holds the lock.
+
+    Args:
+        lock: the run folder's lock (None: nothing to watch, on other ranks or without a folder).
+        recipe_module: the recipe's module, for the resume command.
+        checkpoint_every: the period of the step checkpoints in optimizer steps (None: none).
+    """
+
+    order = -1000  # before every callback that writes
+    rank_zero_only = True
+
+    def __init__(self, lock: RunLock | None, recipe_module: str, checkpoint_every: int | None = None) -> None:
+        self.lock, self.recipe_module = lock, recipe_module
+        self._step_point = Every(checkpoint_every, "checkpoint_every")
+
+    def idle_hooks(self, trainer: Any) -> frozenset[str]:
+        """Nothing to watch without a lock; no step hook without step checkpoints."""
+        if self.lock is None:
+            return frozenset({"on_batch_end", "on_validation_end", "on_epoch_end"})
+        return frozenset({"on_batch_end"}) if self._step_point.n is None else frozenset()
+
+    def on_batch_end(self, trainer: Any, batch: Any, outputs: Any) -> None:
+        if self._step_point(trainer.global_step):
+            self.check()
+
+    def on_validation_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        self.check()
+
+    def on_epoch_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise the `UsageError` of `lost_folder_line` if the folder or its lock file is no longer the run's."""
+        if self.lock is None:
+            return
+        try:
+            self.lock.check()
+        except RunLockLostError as exc:
+            raise UsageError(lost_folder_line(exc, self.recipe_module)) from None
+
+
+def hold_run_dir(stack: contextlib.ExitStack, lock: RunLock | None, recipe_module: str) -> None:
+    """Hold `lock`, a run folder's (None on ranks other than 0: nothing), until `stack` closes,
+    then release it. An error that ends the run after its folder was moved or removed, or its
+    lock file removed or replaced (a write at the folder's old path fails, say), becomes the one
+    line of `lost_folder_line` instead.
+
+    Args:
+        stack: the stack that holds what the run needs until it ends.
+        lock: the lock, held.
+        recipe_module: the recipe's module, for the resume command.
+    """
+    if lock is not None:
+        stack.enter_context(_holding(lock, recipe_module))
+
+
+@contextlib.contextmanager
+def _holding(lock: RunLock, recipe_module: str) -> Iterator[None]:
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception:
+        try:
+            lock.check()
+        except RunLockLostError as exc:
+            raise UsageError(lost_folder_line(exc, recipe_module)) from None
+        raise
+    finally:
+        lock.release()
 
 
 def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = None) -> str:
@@ -130,8 +237,8 @@ def start_run_dir(
 ) -> tuple[Path, RunLock | None]:
     """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
     configuration there first (atomically), so a run killed before its first checkpoint still
-    says what it was. Returns the directory and the lock, which the caller releases when the run
-    ends (None on ranks other than 0).
+    says what it was. Returns the directory and the lock, which the caller holds until the run
+    ends (`hold_run_dir`; None on ranks other than 0).
 
     A directory another live run holds, or one that came to hold a run between the first look
     and the lock (two runs started at once), is a `UsageError`, and nothing is written there.
@@ -183,8 +290,8 @@ def resume_run(
     command: CommandLine, config_class: type[RunConfig] = RunConfig, recipe: str = ""
 ) -> tuple[Path, RunConfig, Path, RunLock | None]:
     """The run directory to resume (``--resume``), its configuration, its last checkpoint and the
-    directory's `RunLock`, which the caller holds until the run ends (None on ranks other than 0,
-    which do not lock).
+    directory's `RunLock`, which the caller holds until the run ends (`hold_run_dir`; None on ranks
+    other than 0, which do not lock).
 
     The lock is taken first: a run that is still training there, or a directory where the lock
     cannot be written, is a `UsageError`. A run resumes only from a readable ``last.pt``; without
@@ -236,9 +343,9 @@ def _resumable_config(command: CommandLine, path: Path, config_class: type[RunCo
             "run with another --log-dir (nothing here was changed)"
         )
     try:
-        state = load_checkpoint(last)
+        state = load_checkpoint(last, resume=True)
     except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{str(exc)}; nothing was changed") from None
     saved = state.get("config") if isinstance(state, dict) else None
     if not saved:
         raise UsageError(f"--resume {args.resume!r}: its checkpoint holds no recipe configuration")
@@ -248,9 +355,10 @@ def _resumable_config(command: CommandLine, path: Path, config_class: type[RunCo
     resumable = config_class.RESUMABLE
     for dest, option in given.items():
         # Options outside the saved configuration (e.g. --download) do not define the run.
-        if dest not in resumable and dest in saved and getattr(args, dest) != saved[dest]:
+        value = config_class.option_value(dest, getattr(args, dest))
+        if dest not in resumable and dest in saved and value != saved[dest]:
             raise UsageError(
-                f"{option} {getattr(args, dest)} differs from the run's saved {saved.get(dest)!r}; a resumed run keeps "
+                f"{option} {value} differs from the run's saved {saved.get(dest)!r}; a resumed run keeps "
                 f"its options (only {', '.join('--' + d.replace('_', '-') for d in resumable)} may change): start a "
                 f"new run to change {option}"
             )

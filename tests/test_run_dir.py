@@ -8,6 +8,7 @@ run to refuse or to finish (the resumes that follow) runs the command line in th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,10 +26,12 @@ from torch.utils.tensorboard import SummaryWriter
 from recipes import nested_unet
 from recipes.cli import parse_command_line
 from recipes.common import UsageError, run_cli, start_run_dir
+from recipes.run_dir import hold_run_dir
 from tests.conftest import torch_save_on_a_full_disk
 from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
+from trainer.run_lock import RunLock
 from trainer_datasets import write_png_file
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
@@ -127,6 +130,31 @@ def test_config_json_that_cannot_be_written_leaves_no_file(tmp_path, mocker):
     assert not list((tmp_path / "run").iterdir())  # neither config.json, its temporary file nor the lock
 
 
+def test_an_error_after_the_run_folder_was_moved_is_the_line_that_says_so(tmp_path):
+    """A write that fails because the run folder was moved (a TensorBoard event written at its old
+    path, say) ends the run with the line naming where the folder went and its last checkpoint, not
+    with the write's error; an error while the folder is in place stays what it is. The lock is
+    released either way, in the folder where it is."""
+    folder, moved = tmp_path / "run", tmp_path / "moved"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="unrelated"), contextlib.ExitStack() as stack:
+        hold_run_dir(stack, RunLock(folder).acquire(), "recipes.nested_unet")
+        raise ValueError("unrelated")
+    assert not list(folder.iterdir())
+
+    (folder / "last.pt").write_bytes(b"the last good checkpoint")
+    with pytest.raises(UsageError) as stopped, contextlib.ExitStack() as stack:
+        hold_run_dir(stack, RunLock(folder).acquire(), "recipes.nested_unet")
+        folder.rename(moved)
+        open(folder / "events.out.tfevents.1", "ab")  # what TensorBoard's writer does at the old path
+    command = shlex.join(["python", "-m", "recipes.nested_unet", "--resume", str(moved)])
+    assert str(stopped.value) == (
+        f"the folder {folder} was moved to {moved} while the run trained; the run stopped without writing more; "
+        f"the last good checkpoint is {moved / 'last.pt'} (resume with: {command})"
+    )
+    assert sorted(p.name for p in moved.iterdir()) == ["last.pt"]  # its lock released there
+
+
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mocker):
     """torch.save on a full disk: it writes part of the file, then raises RuntimeError with the
     OSError as context (``[enforce fail at inline_container.cc...]``). Here the second save, of
@@ -202,7 +230,7 @@ def test_predict_refuses_an_out_folder_inside_a_training_data_folder(checkpoint,
 
 def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoint, images, tmp_path, capsys, mocker):
     """A full disk during predict is one line naming the file and what was written whole; the partial
-    file is removed."""
+    file is removed, and the folder's mark says the outputs are incomplete."""
     from recipes import prediction
 
     real_write, calls = prediction.write_png_file, []
@@ -220,13 +248,34 @@ def test_predict_on_a_full_disk_is_one_line_and_leaves_only_whole_files(checkpoi
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write {out / 'b_prob.png'}: No space left on device" in line
     assert "the outputs of the 1 image before it" in line
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_prob.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["PREDICT_INCOMPLETE.txt", "a_mask.png", "a_prob.png"]
 
 
 def test_predict_into_an_unwritable_folder_is_one_line(checkpoint, images, read_only_folder, capsys):
     """predict into a folder that cannot be written is one line."""
     assert predict(checkpoint, images, read_only_folder()) == 2
     assert "not writable" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["new run", "resume", "predict"])
+def test_a_lock_link_planted_in_a_folder_is_refused_and_its_target_kept(checkpoint, images, tmp_path, capsys, command):
+    """A ``.lock`` symbolic link planted in a run or output folder (to another user's file, say) stops a
+    new run, a resume and predict with one line naming it; the file it points to and the folder stay as
+    they were."""
+    folder = earlier_run(tmp_path / "run") if command == "resume" else tmp_path / "run"
+    folder.mkdir(exist_ok=True)
+    target = tmp_path / "elsewhere" / ".bashrc"
+    target.parent.mkdir()
+    target.write_text("export PATH=$HOME/bin:$PATH\n")
+    (folder / ".lock").symlink_to(target)
+    before = snapshot(folder)
+    if command == "predict":
+        assert predict(checkpoint, images, folder) == 2
+    else:
+        assert run(["--resume", str(folder)] if command == "resume" else tiny_args(log_dir=folder)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot be locked: {folder / '.lock'} is a symbolic link (to {target}), not a lock file" in line
+    assert target.read_text() == "export PATH=$HOME/bin:$PATH\n" and snapshot(folder) == before
 
 
 # ------------------------------------------------------------------- several processes, a full disk
@@ -303,6 +352,24 @@ def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_writes_noth
     assert len(race.files["metrics.csv"].decode().splitlines()) == 2  # the header and one epoch
 
 
+def test_a_resume_is_refused_while_the_run_lives_even_with_its_lock_file_removed(race, capsys):
+    """The lock holds the run folder, not the file: with the live run's ``.lock`` removed, a resume is
+    still refused in one line naming the run (its pid, from the kernel's lock table on Linux), and
+    writes nothing there, not even a lock file of its own."""
+    folder, aside = race.folder, race.folder.parent / "lock-aside"
+    (folder / ".lock").rename(aside)
+    try:
+        before = snapshot(folder)
+        assert run(["--resume", str(folder)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "in use by another run (" in line
+        if os.path.exists("/proc/locks"):
+            assert f"in use by another run (pid {race.winner.process.pid} on " in line
+        assert snapshot(folder) == before
+    finally:
+        aside.rename(folder / ".lock")  # the same file: the live run's check still finds its own
+
+
 def test_resume_of_a_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(race, capsys):
     """A resume of a folder whose run is alive stops with one line naming it and changes nothing;
     once that run is killed (SIGKILL: its lock file stays, the kernel drops the lock), a resume takes
@@ -346,3 +413,55 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_once_there_is_room(
     assert run(["--resume", str(folder)]) == 0, capsys.readouterr().err[-3000:]
     assert load_checkpoint(folder / "last.pt")["epochs_done"] == 2
     assert len((folder / "metrics.csv").read_text().splitlines()) == 3
+
+
+# The recipe's command line, held after the checkpoints of its first epoch until the file named by its
+# first argument exists.
+HOLD_UNTIL_TOLD = textwrap.dedent(f"""
+    import os, runpy, sys, time
+    from trainer.callbacks import ModelCheckpoint
+    save, go = ModelCheckpoint.on_epoch_end, sys.argv.pop(1)
+    def save_and_hold(self, trainer, logs):
+        save(self, trainer, logs)
+        if trainer.epoch == 0:
+            print("held", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + {TIMEOUT}
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    ModelCheckpoint.on_epoch_end = save_and_hold
+    runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_a_run_whose_folder_is_moved_stops_at_its_next_epoch_end_and_writes_nothing_at_the_old_path(tmp_path, capsys):
+    """A live run whose folder is renamed, with a new run's folder made at the old name, stops at its
+    next epoch end with one line naming the folder, where it went and the last good checkpoint there,
+    exit code 2. It writes nothing into the new folder nor removes its lock; it releases its own lock
+    where its folder went, and the printed resume finishes it."""
+    folder, moved, go = tmp_path / "run", tmp_path / "moved", tmp_path / "go"
+    live = RecipeProcess([str(go), *tiny_args(epochs=3, log_dir=folder)], code=HOLD_UNTIL_TOLD, timeout=TIMEOUT)
+    try:
+        assert live.poll_until(lambda: "held" in live.stderr), live.stderr[-3000:]
+        folder.rename(moved)
+        folder.mkdir()
+        with RunLock(folder) as newer:  # a new run started at the old name
+            (folder / "config.json").write_text("the new run's configuration")
+            before = snapshot(folder)
+            go.touch()
+            assert live.finish() == 2, live.stderr[-3000:]
+            assert snapshot(folder) == before and newer.held
+    finally:
+        live.stop()
+    line = one_error_line(live.stderr)
+    command = shlex.join(["python", "-m", "recipes.nested_unet", "--resume", str(moved)])
+    assert line == (
+        f"error: the folder {folder} was moved to {moved} while the run trained; the run stopped without writing "
+        f"more; the last good checkpoint is {moved / 'last.pt'} (resume with: {command})"
+    )
+    assert not (moved / ".lock").exists()
+    assert len((moved / "metrics.csv").read_text().splitlines()) == 2  # the header and the first epoch
+    assert load_checkpoint(moved / "last.pt")["epochs_done"] == 1
+
+    assert run(["--resume", str(moved)]) == 0, capsys.readouterr().err[-3000:]
+    assert load_checkpoint(moved / "last.pt")["epochs_done"] == 3
+    assert len((moved / "metrics.csv").read_text().splitlines()) == 4
