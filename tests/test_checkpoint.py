@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import make_classification, torch_save_on_a_full_disk
 from tests.helpers import Validations, make
-from trainer import Callback, Trainer
+from trainer import Callback, Trainer, load_model
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import atomic_save, load_checkpoint
 
@@ -201,6 +204,43 @@ def test_atomic_save_turns_torch_saves_full_disk_error_into_an_oserror_naming_th
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+def test_ctrl_c_inside_torch_save_is_a_keyboard_interrupt_and_keeps_the_old_file(tmp_path, mocker):
+    """Ctrl-C while torch.save writes leaves its zip writer failing on the cut-off record: it raises
+    `RuntimeError: [enforce fail at inline_container.cc...]` with the KeyboardInterrupt as its
+    context. atomic_save gives the KeyboardInterrupt (one "interrupted" line from the command line,
+    not that traceback), keeps the old file and leaves no temporary file."""
+    path = tmp_path / "last.pt"
+    atomic_save({"v": 1}, path)
+
+    def interrupted_save(obj, file, *args, **kwargs):  # what torch.save does when Ctrl-C lands inside
+        file.write(b"part of a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 32005568 vs 32005520")  # noqa: B904
+
+    mocker.patch("trainer.checkpoint.torch.save", side_effect=interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"v": 2}, path)
+    assert os.listdir(tmp_path) == ["last.pt"] and load_checkpoint(path) == {"v": 1}
+
+
+def test_a_checkpoint_whose_records_are_compressed_is_refused_before_it_is_inflated(tmp_path):
+    """torch.save stores every record as it is; an archive re-packed with deflate (200 MB of zeros
+    in a few hundred kB) would be inflated by torch.load before anything could be checked."""
+    saved, packed = tmp_path / "saved.pt", tmp_path / "packed.pt"
+    torch.save({"model": {"weight": torch.zeros(1000, 1000)}}, saved)
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    assert packed.stat().st_size < saved.stat().st_size / 50
+    with pytest.raises(
+        ValueError, match=r"packed\.pt' is not a readable checkpoint \(refused as unsafe: \d+ of its records"
+    ):
+        load_checkpoint(packed)
+    assert load_checkpoint(saved)["model"]["weight"].shape == (1000, 1000)
+
+
 # ------------------------------------------------------------------------------------------ save_top_k
 def test_save_top_k_keeps_the_k_best_with_the_value_in_the_name(tmp_path):
     seen = Validations()
@@ -220,3 +260,35 @@ def test_save_top_k_keeps_the_k_best_with_the_value_in_the_name(tmp_path):
 def test_save_top_k_needs_a_monitor(tmp_path):
     with pytest.raises(ValueError, match="save_top_k needs a monitor"):
         ModelCheckpoint(tmp_path, monitor=None, save_top_k=3)
+
+
+class RunsACommand:
+    """What a malicious pickle holds: unpickling it calls ``os.system`` (here: touch a marker file)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle", "pickle protocol 4"])
+def test_a_malicious_pickle_is_refused_as_unsafe_and_never_runs(tmp_path, writer):
+    """Refused in one line: no traceback, and no warning of torch's about the pickle protocol."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    state = {"format_version": 2, "model": {}, "config": RunsACommand(marker)}
+    if writer == "torch.save":
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state, protocol=4 if writer.endswith("4") else 2))
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(ValueError) as info, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load(path)
+        message = str(info.value)
+        assert f"{str(path)!r} is not a readable checkpoint (refused as unsafe:" in message
+        assert "weights_only" not in message and "safe_globals" not in message and "\n" not in message
+        if writer != "pickle protocol 4":  # whose STACK_GLOBAL torch's reader refuses before it names anything
+            assert "posix.system" in message or "nt.system" in message  # what it would have called
+    assert not marker.exists()

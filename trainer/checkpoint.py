@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -45,10 +49,22 @@ def write_failure(exc: BaseException, path: str | os.PathLike) -> OSError | None
     return OSError(cause.errno, cause.strerror or str(cause), os.fspath(path))
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` came from a Ctrl-C: torch.save's zip writer, cut off by the KeyboardInterrupt,
+    raises a `RuntimeError` (``[enforce fail at inline_container.cc...]``) with it as its context."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside `path`, flush and fsync it, rename it over
     `path` and fsync the folder. Any failure removes the temporary file, leaves `path` as it was
-    and raises an `OSError` naming `path` (see `write_failure`)."""
+    and raises an `OSError` naming `path` (see `write_failure`), or `KeyboardInterrupt` when a
+    Ctrl-C cut the write off."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -64,6 +80,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path
         finally:
             os.close(directory)
     except (OSError, RuntimeError) as exc:
+        if _interrupted(exc):
+            raise KeyboardInterrupt from exc
         failure = write_failure(exc, path)
         if failure is None:
             raise
@@ -72,6 +90,24 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _refuse_compressed_records(path: Path) -> None:
+    """A `ValueError` for a checkpoint archive holding a compressed record: `torch.save` stores
+    every record as it is, and `torch.load` would inflate a compressed one whatever its size."""
+    if not zipfile.is_zipfile(path):
+        return  # not an archive: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            compressed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError):
+        return  # damaged: torch.load says so
+    if compressed:
+        raise ValueError(
+            f"{str(path)!r} is not a readable checkpoint (refused as unsafe: {len(compressed)} of its records are "
+            f"compressed, such as {compressed[0]!r}, which torch.save never does, and would be inflated in memory "
+            "whatever their size); use a file this project saved (last.pt, best.pt)"
+        )
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -93,7 +129,8 @@ def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
     Raises `FileNotFoundError` for a missing file and `ValueError` naming the file and what is
     wrong for an empty one, one that is not a checkpoint or is damaged, and one that holds
     something other than a dict (or, with `resume`, no training state). Only tensors and plain
-    values are ever unpickled.
+    values are ever unpickled, and a file whose records are compressed (which `torch.save` never
+    does: a small file could inflate to any size in memory) is refused before it is read.
 
     Args:
         path: the checkpoint file.
@@ -107,8 +144,12 @@ def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
             f"{str(path)!r} is empty (0 bytes), not a checkpoint: its write was cut short or it was "
             "truncated; use another checkpoint of the run (last.pt, best.pt)"
         )
+    _refuse_compressed_records(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a pickle of another protocol is refused below, or read; either way the warning is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(
             f"{str(path)!r} is not a readable checkpoint ({_load_failure(exc)}); use a file this "
@@ -122,18 +163,30 @@ def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
     if resume and "optimizer" not in state:
         kind = "a weights-only checkpoint (the model alone)" if "model" in state else "no training state"
         raise ValueError(
-            f"{str(path)!r} holds {kind}: it rebuilds the model (trainer.load_model), but cannot "
-            "resume a run; resume from the run's last.pt"
+            f"{str(path)!r} holds {kind}: it rebuilds the model (trainer.load_model, predict), but cannot "
+            "resume a run, which needs the optimizer and training state: resume from a last.pt that training wrote"
         )
     return state
 
 
 def _load_failure(exc: Exception) -> str:
-    """What `torch.load` found wrong, in a few words, without its advice to unpickle arbitrary objects."""
+    """What `torch.load` found wrong, in a few words, never with its advice to load the file
+    another way (``weights_only=False``, allowlisting globals): a file that ``weights_only``
+    loading refuses is refused as unsafe."""
     text = " ".join(str(exc).split())
-    if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
-        return f"it is damaged, or holds objects other than tensors and plain values: {reason}"
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        operand = re.search(r"Unsupported (operand|class) \w+", text)
+        if named:
+            reason = f"it names {named[1]}, which loading would import or call"
+        elif operand:
+            reason = f"its pickle stream has an instruction tensors and plain values never need ({operand[0]})"
+        else:
+            reason = "its pickle stream holds something other than tensors and plain values"
+        return (
+            "refused as unsafe: it is damaged, or holds objects other than tensors and plain values, "
+            f"and loading it could run code; {reason}"
+        )
     if "zip archive" in text or "central directory" in text:
         return f"damaged or not a file written by torch.save: {text.split('. ', 1)[0]}"
     return text or type(exc).__name__

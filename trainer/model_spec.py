@@ -12,14 +12,21 @@ recorded as specs of their own. Arguments that cannot be read this way are given
 device (no memory, no random draws), and comparing its weights' names and shapes.
 
 `rebuild_model` builds a model from a spec, only from classes the caller allows: it never
-imports a module because a file names it (unless the caller trusts the file).
+imports a module because a file names it (unless the caller trusts the file). A spec from a file
+is checked first (`check_spec`): its nesting depth and every integer it holds are bounded
+(`MAX_NESTING`, `MAX_SIZE`), so a hostile file can neither exhaust the stack nor name absurd sizes;
+`trainer.trained_model.load_model` builds it on the ``meta`` device and compares it with the
+file's weights before any memory is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Iterable, Mapping
+import reprlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +36,10 @@ from torch import nn
 MODULE_KEY = "__module_spec__"
 #: The project's own models, which `rebuild_model` rebuilds without being told.
 PROJECT_MODELS = ("models.unet.UNet", "models.nested_unet.NestedUNet", "models.cnn.FashionCNN")
+#: The deepest nesting of lists, dicts and module specs a spec may have (a deeper one is refused).
+MAX_NESTING = 100
+#: The largest integer (in absolute value) a spec may hold: widths, features, numbers of classes.
+MAX_SIZE = 1 << 20
 #: Constructor parameters that place weights rather than shape them: not recorded.
 _PLACEMENT = ("device", "dtype")
 _PLAIN = (bool, int, float, str, type(None))
@@ -121,8 +132,9 @@ def record_model(model: nn.Module, model_args: Mapping[str, Any] | None = None) 
 
     Raises `ModelSpecError` naming the class and the argument when an argument cannot be read
     from the instance (no same-named attribute, ``*args``/``**kwargs``, a value that is not
-    plain data), or when building the class again from the record gives other weights (names or
-    shapes) than `model` has: pass `model_args` then.
+    plain data), when the record is one a checkpoint may not hold (`check_spec`: nested too deep,
+    a size above `MAX_SIZE`), or when building the class again from the record gives other
+    weights (names or shapes) than `model` has: pass `model_args` then.
 
     Args:
         model: the network (unwrapped from DistributedDataParallel).
@@ -130,6 +142,10 @@ def record_model(model: nn.Module, model_args: Mapping[str, Any] | None = None) 
             instead of reading them from the instance.
     """
     spec = _record(model, model_args)
+    try:
+        check_spec(spec, f"the record of {class_path(type(model))}")
+    except ModelSpecError as exc:
+        raise ModelSpecError(f"{exc}; {_FIX}") from None
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             rebuilt = _build(spec, lambda path: _class_of(path, model))
@@ -157,24 +173,62 @@ def _class_of(path: str, model: nn.Module) -> type:
     raise ModelSpecError(f"no module of class {path} in the model")
 
 
+class _Shortened(reprlib.Repr):
+    """`reprlib.Repr` that also shortens integers: Python refuses to write one of more than 4300
+    digits (a `ValueError`), so a huge one is shown by its size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        return repr(x) if x.bit_length() <= 64 else f"<an integer of {x.bit_length()} bits>"
+
+
+def short_repr(level: int, items: int, text: int) -> reprlib.Repr:
+    """A `reprlib.Repr` that shows at most `level` levels of nesting, `items` items of each list,
+    tuple or dict and `text` characters of each string or other value (an integer of more than
+    64 bits by its size): values a file gives, for messages, without building the whole text of a
+    huge or deep value.
+
+    Args:
+        level: levels of nesting shown.
+        items: items shown of each container.
+        text: characters shown of each string and other value.
+    """
+    shown = _Shortened()
+    shown.maxlevel = level
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = items
+    shown.maxstring = shown.maxother = text
+    return shown
+
+
+_SHORT = short_repr(level=3, items=6, text=60)
+
+
 def _call(spec: Mapping[str, Any]) -> str:
-    """``Class(arg, name=value)`` as text, for messages."""
-    args = [repr(a) for a in spec["args"]] + [f"{k}={v!r}" for k, v in spec["kwargs"].items()]
-    text = f"{spec['class'].rsplit('.', 1)[-1]}({', '.join(args)})"
+    """``Class(arg, name=value)`` as text, for messages (long or deep values shortened)."""
+    args = [_SHORT.repr(a) for a in spec["args"][:8]] + [
+        f"{k}={_SHORT.repr(v)}" for k, v in list(spec["kwargs"].items())[:8]
+    ]
+    text = f"{_short_name(spec['class'])}({', '.join(args)})"
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _unwrap(value: Any, resolve) -> Any:
+def _short_name(path: str) -> str:
+    """The class name of a class path, shortened for messages."""
+    name = path.rsplit(".", 1)[-1]
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def _unwrap(value: Any, resolve, device: str | torch.device | None = None) -> Any:
     if isinstance(value, dict) and set(value) == {MODULE_KEY}:
-        return _build(value[MODULE_KEY], resolve)
+        return _build(value[MODULE_KEY], resolve, device)
     return value
 
 
-def _build(spec: Mapping[str, Any], resolve) -> nn.Module:
-    cls = resolve(spec["class"])
-    args = [_unwrap(a, resolve) for a in spec["args"]]
-    kwargs = {k: _unwrap(v, resolve) for k, v in spec["kwargs"].items()}
-    return cls(*args, **kwargs)
+def _build(spec: Mapping[str, Any], resolve, device: str | torch.device | None = None) -> nn.Module:
+    cls = resolve(spec["class"])  # imports (if any) outside the device context: module-level tensors stay real
+    args = [_unwrap(a, resolve, device) for a in spec["args"]]
+    kwargs = {k: _unwrap(v, resolve, device) for k, v in spec["kwargs"].items()}
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return cls(*args, **kwargs)
 
 
 def spec_classes(spec: Mapping[str, Any]) -> list[str]:
@@ -199,16 +253,129 @@ def _torch_layer(path: str) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) and class_path(cls) == path else None
 
 
+def check_spec(spec: Any, source: str = "the checkpoint") -> None:
+    """Refuse a spec that is not one `record_model` could have written, before anything is built
+    from it: a `ModelSpecError` of one line naming `source` and what is wrong.
+
+    Refused: a spec that is not ``{"class": str, "args": list, "kwargs": dict}`` (also any nested
+    module spec), a value that is not plain data, lists, dicts and module specs nested more than
+    `MAX_NESTING` deep, and an integer above `MAX_SIZE` in absolute value (a width, a number of
+    features or classes no model here has). Nothing in `spec` is printed in full.
+
+    Args:
+        spec: a checkpoint's ``"model_spec"``.
+        source: what the spec comes from, for messages (the checkpoint's path).
+    """
+
+    def walk(value: Any, depth: int, owner: str, name: str) -> None:
+        if depth > MAX_NESTING:
+            raise ModelSpecError(
+                f"{source} holds a model_spec nested more than {MAX_NESTING} levels deep (lists, dicts "
+                f"and module specs, at the argument {name!r} of {owner}); no model records such a spec"
+            )
+        if value is None or isinstance(value, (bool, float, str)):
+            return
+        if isinstance(value, int):
+            if abs(value) > MAX_SIZE:
+                raise ModelSpecError(
+                    f"{source} holds a model_spec whose argument {name!r} of {owner} is {_SHORT.repr(value)}, above "
+                    f"{MAX_SIZE}, the largest size (width, features, classes) a checkpoint may name"
+                )
+            return
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, depth + 1, owner, name)
+            return
+        if isinstance(value, dict) and set(value) == {MODULE_KEY}:
+            module(value[MODULE_KEY], depth + 1)
+            return
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            for item in value.values():
+                walk(item, depth + 1, owner, name)
+            return
+        raise ModelSpecError(
+            f"{source} holds a damaged model_spec: the argument {name!r} of {owner} is a "
+            f"{type(value).__name__}, not a number, string, bool, None, list, dict or module spec"
+        )
+
+    def module(value: Any, depth: int) -> None:
+        if not (
+            isinstance(value, Mapping)
+            and isinstance(value.get("class"), str)
+            and len(value["class"]) <= 300
+            and isinstance(value.get("args"), list)
+            and isinstance(value.get("kwargs"), dict)
+        ):
+            raise ModelSpecError(
+                f"{source} holds a damaged model_spec: a {type(value).__name__} where a module spec "
+                '({"class": str, "args": list, "kwargs": dict}) belongs'
+            )
+        owner = _short_name(value["class"])
+        for index, arg in enumerate(value["args"]):
+            walk(arg, depth + 1, owner, str(index))
+        for key, arg in value["kwargs"].items():
+            if not isinstance(key, str) or len(key) > 100:
+                raise ModelSpecError(
+                    f"{source} holds a damaged model_spec: the keyword {_SHORT.repr(key)} of {owner} is not a name"
+                )
+            walk(arg, depth + 1, owner, key)
+
+    module(spec, 0)
+
+
+@contextlib.contextmanager
+def registration_limit(limit: int, source: str = "the checkpoint") -> Iterator[None]:
+    """Within the block, stop building a model (`ModelSpecError`) once this thread's module
+    constructors have registered more than `limit` parameters, buffers and submodules together.
+
+    Building on the ``meta`` device allocates no tensor memory, but a constructor that loops over
+    a count it is given (layers of an `nn.LSTM`, of an `nn.Transformer`) still creates that many
+    Python objects; a file that holds N weights bounds what its model may register.
+
+    Args:
+        limit: the most registrations allowed.
+        source: what the spec comes from, for messages.
+    """
+    from torch.nn.modules import module as module_hooks
+
+    thread, count = threading.get_ident(), [0]
+
+    def hook(module: nn.Module, name: str, value: Any) -> None:
+        if value is not None and threading.get_ident() == thread:
+            count[0] += 1
+            if count[0] > limit:
+                raise ModelSpecError(
+                    f"{source}: its model_spec builds a model with more than {limit} parameters, buffers "
+                    "and modules, far more than the file holds weights for"
+                )
+
+    handles = [
+        module_hooks.register_module_parameter_registration_hook(hook),
+        module_hooks.register_module_buffer_registration_hook(hook),
+        module_hooks.register_module_module_registration_hook(hook),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def rebuild_model(
-    spec: Mapping[str, Any], allowed: Iterable[type] = (), trusted: bool = False, source: str = "the checkpoint"
+    spec: Mapping[str, Any],
+    allowed: Iterable[type] = (),
+    trusted: bool = False,
+    source: str = "the checkpoint",
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """A new, untrained instance of the model `spec` describes.
 
-    A class is built only when it is allowed: PyTorch's own layers, the project's models
-    (`PROJECT_MODELS`), the classes in `allowed`, or, with `trusted`, any class, imported from
-    the module the spec names. Without `trusted`, no module is ever imported because the spec
-    names it: the allowed classes are compared by their import path. Any other class is a
-    `ModelSpecError` saying which class the spec names and how to allow it.
+    The spec is checked first (`check_spec`). A class is built only when it is allowed: PyTorch's
+    own layers, the project's models (`PROJECT_MODELS`), the classes in `allowed`, or, with
+    `trusted`, any class, imported from the module the spec names. Without `trusted`, no module
+    is ever imported because the spec names it: the allowed classes are compared by their import
+    path. Any other class is a `ModelSpecError` saying which class the spec names and how to
+    allow it.
 
     Args:
         spec: a spec from `record_model` (a checkpoint's ``"model_spec"``).
@@ -216,14 +383,11 @@ def rebuild_model(
         trusted: the caller trusts the file: import the module the spec names. Importing runs
             that module's code; use it only for files you wrote.
         source: what the spec comes from, for messages (the checkpoint's path).
+        device: where the constructors put the model's tensors (default: torch's default device);
+            ``"meta"`` allocates no memory and draws no random numbers (what `load_model` builds
+            first, to compare with the file's weights).
     """
-    if not (
-        isinstance(spec, Mapping)
-        and isinstance(spec.get("class"), str)
-        and isinstance(spec.get("args"), list)
-        and isinstance(spec.get("kwargs"), dict)
-    ):
-        raise ModelSpecError(f"{source} holds a damaged model_spec: {spec!r:.200}")
+    check_spec(spec, source)
     extra = {class_path(cls): cls for cls in allowed}
 
     def resolve(path: str) -> type:
@@ -247,11 +411,13 @@ def rebuild_model(
         return cls
 
     try:
-        return _build(spec, resolve)
+        return _build(spec, resolve, device)
     except ModelSpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - the class refused the recorded arguments
-        raise ModelSpecError(f"{source}: {_call(spec)} failed: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise ModelSpecError(f"{source}: {_call(spec)} failed: {type(exc).__name__}: {reason}") from exc
 
 
 def module_of(path: str) -> str:
