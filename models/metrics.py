@@ -1,9 +1,16 @@
-"""Validation metrics following the trainer's protocol.
+"""Validation metrics following the trainer's protocol, and the scores of a confusion matrix.
 
 A metric is ``metric(predictions, targets) -> 0-dim tensor``: the batch mean, left on the
 predictions' device (no ``.item()``), so the Trainer can accumulate it without waiting on the
 device. `predictions` are the model's raw logits; for a deep-supervision list the last
 (full-depth) prediction is used.
+
+Label maps are scored from the confusion matrix of the whole validation, not as a mean of batch
+scores: `trainer.callbacks.ConfusionMatrixCallback` counts it over every validation batch and logs
+`confusion_iou` and `confusion_dice` of it. Pixels of no class (the ignore index) are never
+counted, so a batch without labelled pixels adds nothing. A class that is absent from both truth
+and prediction over everything counted has no score: NaN, left out of the mean over classes
+(`mean_present`); it never scores a perfect 1.
 """
 
 from __future__ import annotations
@@ -134,36 +141,63 @@ def confusion_matrix(
 
 def confusion_iou(matrix: torch.Tensor) -> torch.Tensor:
     """Per-class IoU (K,) of a confusion matrix (`confusion_matrix`): true positives over
-    true + predicted - true positives. A class absent from both truth and prediction scores 1,
-    as in `iou`.
+    true + predicted - true positives. A class absent from both truth and prediction has no IoU:
+    NaN (`mean_present` leaves it out of the mean).
 
     Args:
         matrix: (K, K) counts, row = true class, column = predicted class.
     """
-    matrix = matrix.float()
+    matrix = matrix.double()
     hits = matrix.diagonal()
     union = matrix.sum(0) + matrix.sum(1) - hits
-    return torch.where(union > 0, hits / union.clamp(min=1), 1.0)
+    return torch.where(union > 0, hits / union.clamp(min=1), torch.nan).float()
+
+
+def confusion_dice(matrix: torch.Tensor) -> torch.Tensor:
+    """Per-class Dice (K,) of a confusion matrix (`confusion_matrix`): twice the true positives
+    over true + predicted pixels of the class. A class absent from both truth and prediction has
+    no Dice: NaN (`mean_present` leaves it out of the mean).
+
+    Args:
+        matrix: (K, K) counts, row = true class, column = predicted class.
+    """
+    matrix = matrix.double()
+    total = matrix.sum(0) + matrix.sum(1)
+    return torch.where(total > 0, 2 * matrix.diagonal() / total.clamp(min=1), torch.nan).float()
+
+
+def mean_present(scores: torch.Tensor) -> torch.Tensor:
+    """The mean of per-class `scores` over the classes that have one (not NaN): NaN when none has.
+
+    Args:
+        scores: (K,) per-class scores, NaN for absent classes (`confusion_iou`, `confusion_dice`).
+    """
+    return scores.nanmean()
 
 
 def label_iou(ignore_index: int = 255) -> Metric:
-    """A metric for label maps: the mean over the K classes of each class's IoU, from the
-    batch's confusion matrix (`confusion_matrix`, `confusion_iou`), ignored pixels left out.
+    """A metric for label maps scoring one batch: the mean over the classes present in the batch
+    (in truth or prediction) of each class's IoU, from the batch's confusion matrix
+    (`confusion_matrix`, `confusion_iou`), ignored pixels left out; NaN for a batch with no
+    labelled pixel and no prediction. To score a whole validation use the confusion matrix of all
+    its batches (`trainer.callbacks.ConfusionMatrixCallback` with ``metrics=``): a mean of batch
+    scores weighs a sparsely labelled batch like a full one.
 
     Args:
         ignore_index: the target value of pixels of no class.
     """
 
     def metric(predictions: Predictions, targets: torch.Tensor) -> torch.Tensor:
-        return confusion_iou(confusion_matrix(predictions, targets, ignore_index=ignore_index)).mean()
+        return mean_present(confusion_iou(confusion_matrix(predictions, targets, ignore_index=ignore_index)))
 
     metric.__name__ = "label_iou"
     return metric
 
 
 def label_class_iou(index: int, ignore_index: int = 255) -> Metric:
-    """A metric for label maps: the IoU of class `index` alone, from the batch's confusion
-    matrix, ignored pixels left out; e.g. ``metrics={"iou": label_iou(), "iou_rim": label_class_iou(2)}``.
+    """A metric for label maps scoring one batch: the IoU of class `index` alone, from the
+    batch's confusion matrix, ignored pixels left out; NaN when the class is neither in the
+    batch's truth nor predicted (see `label_iou` for whole validations).
 
     Args:
         index: the class.

@@ -1,4 +1,4 @@
-"""`models.metrics`: IoU, Dice and accuracy on crafted values."""
+"""`models.metrics`: IoU, Dice, accuracy and the scores of confusion matrices on crafted values."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import torch
 from models import (
     accuracy,
     class_iou,
+    confusion_iou,
     dice,
     iou,
+    label_class_iou,
+    label_iou,
 )
+from models.metrics import confusion_dice, mean_present
 
 
 def logits_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -128,3 +132,20 @@ def test_accuracy_on_crafted_example():
     assert accuracy(logits, labels).item() == pytest.approx(0.5)
     assert accuracy([torch.zeros(4, 3), logits], labels).item() == pytest.approx(0.5)
     assert accuracy(logits, torch.tensor([0, 1, 2, 0])).item() == 1.0
+
+
+def test_a_label_map_batch_without_labelled_pixels_has_no_score_not_a_perfect_one():
+    logits = torch.randn(2, 3, 4, 4)
+    unlabelled = torch.full((2, 4, 4), 255)
+    assert label_iou(255)(logits, unlabelled).isnan()  # it used to score 1.0
+    assert label_class_iou(1, 255)(logits, unlabelled).isnan()
+    labelled = unlabelled.clone()
+    labelled[0, 0, 0] = logits[0, :, 0, 0].argmax()  # one labelled pixel, predicted right
+    assert label_iou(255)(logits, labelled).item() > 0
+
+
+def test_confusion_scores_of_a_whole_validation():
+    matrix = torch.tensor([[6, 2], [0, 2]])  # class 0: 6 of 8 right; class 1: 2 right, 2 more predicted
+    assert confusion_iou(matrix).tolist() == pytest.approx([6 / 8, 2 / 4])
+    assert confusion_dice(matrix).tolist() == pytest.approx([12 / 14, 4 / 6])
+    assert mean_present(torch.tensor([0.5, float("nan"), 1.0])).item() == pytest.approx(0.75)
