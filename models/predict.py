@@ -10,6 +10,7 @@ is made of serve a caller that batches many images (the recipe's ``predict`` com
   overlapping ``tile x tile`` windows whose predictions are blended with a smooth weight window,
   so memory stays bounded and no seam shows; see `plan_windows` and `blend_window`.
 - `restore_size`: probabilities back at the image's own size.
+- `count_outputs`: how many maps (classes) a model predicts, to check the names given for them.
 
 Models here take a (N, C, H, W) float batch and return logits (N, K, H, W), or a list of them
 (deep supervision: the last one is used). Nothing here depends on how images are read.
@@ -261,6 +262,26 @@ def predict_batch(
     result = result[..., :height, :width]
     result /= (norm_y[:height, None] * norm_x[None, :width]).to(result.device)
     return result.clamp_(0, 1)
+
+
+def count_outputs(model: nn.Module, input_channels: int = 3) -> int:
+    """The number of maps (classes) a segmentation model predicts: its ``num_classes`` where it
+    keeps one as an int (UNet and NestedUNet, whose last layer has that many channels), else the
+    channels of its output for one 64 x 64 input of zeros (the last output of a list, as
+    `predict_batch` uses), computed in eval mode without grad on the model's device.
+
+    Args:
+        model: a segmentation network (UNet, NestedUNet or alike; see `predict_batch`).
+        input_channels: the channels the model takes.
+    """
+    kept = getattr(model, "num_classes", None)
+    if isinstance(kept, int) and not isinstance(kept, bool):
+        return kept
+    side = 4 * SIDE_MULTIPLE
+    with _eval_mode(model), torch.no_grad():
+        output = model(torch.zeros(1, input_channels, side, side, device=_device_of(model, torch.device("cpu"))))
+    logits = output[-1] if isinstance(output, (list, tuple)) else output
+    return int(logits.shape[1])
 
 
 def predict_image(

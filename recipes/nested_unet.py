@@ -15,10 +15,14 @@ masks/<id>.png are label maps of class indices (softmax, cross-entropy + Dice, -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import signal
 import sys
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
 
@@ -37,12 +41,13 @@ from models import (
     class_iou,
     dice,
     iou,
-    label_class_iou,
-    label_iou,
     nearest_multiple,
 )
+from models.metrics import Metric, confusion_dice, confusion_iou
+from models.predict import count_outputs
 from recipes.cli import CommandLine
 from recipes.common import (
+    PATH,
     Recipe,
     RecipeArgumentParser,
     RecipeParts,
@@ -59,13 +64,16 @@ from recipes.common import (
     run_cli,
 )
 from recipes.prediction import (
+    INCOMPLETE_FILE,
     add_prediction_options,
+    check_class_names,
     check_images,
     check_outputs,
     check_prediction_options,
     data_folder_above,
     inference_precision,
     predict_folder,
+    remove_partial_files,
 )
 from recipes.run_checks import check_recipe_config, check_same_data, check_weights, data_files
 from trainer import Callback, ResumableSampler, ignore_stop_signals, resolve_device
@@ -80,6 +88,7 @@ from trainer.callbacks import (
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
 from trainer.trained_model import export_model, model_from_state
+from trainer.workers import STOP_SIGNALS
 from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
 from trainer_datasets.segmentation_folder import SegmentationFolder
 from trainer_datasets.segmentation_stream import DATA_MODES, SegmentationStream
@@ -225,7 +234,11 @@ def build_predict_parser() -> argparse.ArgumentParser:
         "large ones in blended tiles (--tile), same-sized ones in batches. Every image is decoded "
         "first: unreadable files are all named in one error and nothing is written. Existing outputs "
         "are never replaced without --overwrite, --out may not lie in a training data folder (one with "
-        "images/ and masks/), and one predict at a time writes into a folder.",
+        "images/ and masks/), and one predict at a time writes into a folder. Class names that are not "
+        "a single folder name (.., a/b, a control character) are refused, and every output must lie "
+        f"inside --out, symbolic links followed, before anything is written. {INCOMPLETE_FILE} in --out "
+        "says that a predict there has not finished (kept if it was stopped: the next one then needs "
+        "--overwrite).",
     )
     parser.add_argument(
         "--checkpoint",
@@ -393,7 +406,7 @@ class NestedUNetConfig(RunConfig):
             the first `build` with ``--data``.
     """
 
-    data: str | None
+    data: str | None = field(metadata=PATH)
     arch: str
     deep_supervision: bool
     base_filters: int = BASE_FILTERS
@@ -511,8 +524,7 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         if mask_type == "labels":  # exclusive classes: softmax; ignored pixels count nowhere
             ignore = config["ignore_index"]
             loss: nn.Module = CEDiceLoss(ignore_index=ignore)
-            metrics = {"iou": label_iou(ignore)}
-            metrics.update({f"iou_{name}": label_class_iou(index, ignore) for index, name in enumerate(classes)})
+            metrics: dict[str, Metric] = {}  # IoU and Dice of the whole validation: ConfusionMatrixCallback
         else:
             loss = BCEDiceLoss()
             metrics = {"iou": iou, "dice": dice}
@@ -545,7 +557,15 @@ class NestedUNetRecipe(Recipe[NestedUNetConfig, SegmentationParts]):
         tags = {"val_iou": "Validation/IoU", "val_dice": "Validation/Dice"}
         ignore = config.get("ignore_index", IGNORE_INDEX)
         confusion = (
-            [ConfusionMatrixCallback(run_dir, classes, ignore_index=ignore)]
+            [
+                ConfusionMatrixCallback(
+                    run_dir,
+                    classes,
+                    ignore_index=ignore,
+                    metrics={"iou": confusion_iou, "dice": confusion_dice},
+                    per_class=["iou"],
+                )
+            ]
             if config.get("mask_type") == "labels"
             else []
         )
@@ -593,7 +613,9 @@ def load_trained_model(
     ``mask_type`` (``labels`` for label maps, else binary masks) taken from the checkpoint's
     ``data`` where it records them. A missing or unreadable file, one that does
     not rebuild its model, or one that records no class names is a `UsageError` saying what the
-    file is and what it lacks.
+    file is and what it lacks; so are class names that cannot name output files
+    (`recipes.prediction.check_class_names`: ``..``, ``a/b``, a control character...) and a count
+    of names other than the maps the model predicts (`models.predict.count_outputs`).
 
     Args:
         checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a segmentation run.
@@ -619,7 +641,7 @@ def load_trained_model(
                 f"{checkpoint} records no mask classes: it has no format_version, so an older version "
                 "of this recipe wrote it; train it again with this one"
             )
-        model = build_model(config, num_classes=len(config["classes"]))
+        model = build_model(config, num_classes=len(check_class_names(config["classes"], checkpoint)))
         check_weights(model, state, checkpoint)
         model.load_state_dict(state["model"])
     config.update({key: data[key] for key in ("classes", "image_size", "mask_type") if key in data})
@@ -630,11 +652,22 @@ def load_trained_model(
             "its outputs after them: train with ModelCheckpoint(data={'classes': [...]}) or a recipe "
             "whose RecipeParts.data gives them"
         )
-    config.setdefault("image_size", None)
     channels = data.get("input_channels", getattr(model, "input_channels", 3))
-    if channels != 3:
+    if channels != 3:  # first: such a file is no segmentation model at all, whatever its class names
         raise UsageError(f"{what} takes {channels}-channel inputs; predict feeds RGB images (3 channels)")
+    classes = config["classes"] = check_class_names(config["classes"], what)
+    config.setdefault("image_size", None)
     model.to(device).eval()
+    try:
+        outputs = count_outputs(model, channels)
+    except RuntimeError as exc:
+        raise UsageError(f"{what} does not run on a 64x64 RGB input: {' '.join(str(exc).split())[:300]}") from None
+    if outputs != len(classes):
+        raise UsageError(
+            f"{what} records {len(classes)} class name{'' if len(classes) == 1 else 's'} ({', '.join(classes)}) "
+            f"for a model that predicts {outputs} map{'' if outputs == 1 else 's'}: each map needs one name; "
+            "nothing written"
+        )
     if config.get("channels_last") is True:
         model.to(memory_format=torch.channels_last)
     return model, config
@@ -695,25 +728,41 @@ def predict(argv: list[str]) -> int:
             labels,  # again: another command may have written
             args.probabilities,
         )
+        remove_partial_files(out, config["classes"])  # left by a predict killed while writing
         print(
             f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
             f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}",
             flush=True,
         )
-        predict_folder(
-            model,
-            files,
-            out,
-            config["classes"],
-            image_size,
-            tile=args.tile,
-            overlap=args.overlap,
-            precision=precision,
-            channels_last=channels_last,
-            threshold=args.threshold,
-            labels=labels,
-            probabilities=args.probabilities,
-        )
+        try:
+            with stop_signals_raise():
+                predict_folder(
+                    model,
+                    files,
+                    out,
+                    config["classes"],
+                    image_size,
+                    tile=args.tile,
+                    overlap=args.overlap,
+                    precision=precision,
+                    channels_last=channels_last,
+                    threshold=args.threshold,
+                    labels=labels,
+                    probabilities=args.probabilities,
+                )
+        except Stopped as exc:
+            partial = (out / INCOMPLETE_FILE).exists()
+            print(
+                f"predict stopped by {exc.name}: "
+                + (
+                    f"the files in {out} are whole, but some images have no outputs: {out / INCOMPLETE_FILE} "
+                    "marks the folder as partial until a predict with --overwrite completes it"
+                    if partial
+                    else "nothing written"
+                ),
+                file=sys.stderr,
+            )
+            raise SystemExit(128 + exc.signum) from None
     what = (
         ("label maps" + (" and probability maps" if args.probabilities else ""))
         if labels
@@ -737,17 +786,93 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def export(argv: list[str]) -> int:
-    """Write a weights-only copy of a checkpoint; returns the exit code."""
+    """Write a weights-only copy of a checkpoint; returns the exit code.
+
+    The file is written whole or not at all, through a temporary file beside it
+    (``.NAME.PID.tmp``) that every exit Python controls removes (an error, Ctrl-C, SIGTERM); one
+    that a killed export (SIGKILL) left is removed by the next export to the same file.
+    """
     args = build_export_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() or out.is_symlink():
         raise UsageError(f"--out {args.out!r} exists already; choose another file (nothing written)")
+    for path in remove_killed_exports(out):
+        print(f"removed {path}, the temporary file of an export that was killed")
     try:
-        export_model(args.checkpoint, out)
+        with stop_signals_raise():
+            export_model(args.checkpoint, out)
+    except Stopped as exc:
+        done = f"{out} was written" if out.exists() else "nothing written"
+        print(f"export stopped by {exc.name}: {done}", file=sys.stderr)
+        raise SystemExit(128 + exc.signum) from None
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def remove_killed_exports(out: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.PID.tmp`` beside `out`) of exports to `out` whose
+    process no longer runs (killed while writing), and return them; those of a running process
+    are left alone.
+
+    Args:
+        out: the file an export writes.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.tmp")
+    removed = []
+    for path in out.parent.glob(".*.tmp"):
+        match = pattern.fullmatch(path.name)
+        if match and not _running(int(match[1])) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived during `stop_signals_raise`; a `BaseException`, as
+    `KeyboardInterrupt`, so that no ``except Exception`` holds it up.
+
+    Attributes:
+        signum: the signal.
+        name: its name (``SIGTERM``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise `Stopped` in this process (in its main
+    thread; elsewhere nothing changes), so that the ``finally`` clauses of the writes in progress
+    run and remove their temporary files before the command exits; SIGTERM's default would end
+    the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: list[str] | None = None) -> int:

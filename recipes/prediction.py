@@ -1,13 +1,24 @@
 """The segmentation recipe's ``predict`` command: check a folder of images, predict them at the
 scale the model learned (large ones in blended tiles, same-sized ones batched) and write a
 probability map and a mask per image and class, or for label maps one label map per image (and
-each class's probability map on request)."""
+each class's probability map on request).
+
+Writes stay inside ``--out``: class names are checked (`check_class_names`), and every planned
+output is checked before the first write (`check_outputs`): inside ``--out`` once symbolic links
+are followed, outside training data folders, one output per path. Each file is written whole
+(a temporary file renamed over it), and `INCOMPLETE_FILE` in ``--out`` marks a folder whose
+predict has not finished: written before the first output, removed after the last.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +38,7 @@ from models.predict import (
     to_model_input,
 )
 from recipes.common import UsageError, non_negative_int, positive_int
-from trainer.checkpoint import temporary_path
+from trainer.checkpoint import atomic_write_text, temporary_path
 from trainer.precision import native_bf16
 from trainer_datasets import (
     DatasetError,
@@ -38,9 +49,14 @@ from trainer_datasets import (
     write_label_map,
     write_png_file,
 )
+from trainer_datasets.segmentation_folder import class_name_problem
 
 #: Errors the image reader raises for a file it cannot use.
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
+#: The file in ``--out`` that marks a predict that has not finished: its outputs are partial.
+INCOMPLETE_FILE = "PREDICT_INCOMPLETE.txt"
+#: The temporary files of this module's writes (`trainer.checkpoint.temporary_path` of an output or the mark).
+_TEMPORARY = re.compile(rf"\..+\.png\.\d+\.tmp|\.{re.escape(INCOMPLETE_FILE)}\.\d+\.tmp")
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,33 @@ def check_images(folder: str) -> list[ImageFile]:
     return files
 
 
+def check_class_names(classes: object, source: str | os.PathLike) -> list[str]:
+    """`classes`, the class names a checkpoint records, when every one can name outputs: a list of
+    distinct strings that `trainer_datasets.segmentation_folder.class_name_problem` accepts (no
+    ``.``, ``..``, path separator or control character). Otherwise a one-line `UsageError`
+    naming `source` and the first name at fault: a name like ``../x`` would send outputs out of
+    ``--out``.
+
+    Args:
+        classes: the ``classes`` of the checkpoint's ``data`` (or ``config``).
+        source: the checkpoint, for the message.
+    """
+    if not isinstance(classes, (list, tuple)):
+        raise UsageError(
+            f"{source} records its class names as a {type(classes).__name__}, not a list of names; nothing written"
+        )
+    for index, name in enumerate(classes):
+        problem = class_name_problem(name)
+        if problem is None and name in classes[:index]:
+            problem = f"names class {classes.index(name)} as well"
+        if problem is not None:
+            raise UsageError(
+                f"{source} records the class name {name!r} (class {index}), which {problem}; outputs are "
+                "named after the classes, so it is refused: nothing written"
+            )
+    return list(classes)
+
+
 def inference_precision(config: dict[str, Any], device: torch.device) -> tuple[str, str]:
     """``(precision, reason)`` of the forward passes: the run's training precision where this
     device computes it natively, else float32.
@@ -206,7 +249,14 @@ def predict_folder(
     """Predict `files` and write each one's probability maps and masks into `out` (see
     `write_prediction`), or for a model trained on label maps each one's label map (see
     `write_label_prediction`), with a tqdm bar counting tiles. A failed write (a full disk) is a
-    `UsageError` naming the file and how many images' outputs are complete.
+    `UsageError` naming the file and how many images' outputs are complete. Check the outputs
+    with `check_outputs` first.
+
+    `INCOMPLETE_FILE` is written into `out` before the first output and removed after the last:
+    a predict stopped in between (killed, a full disk) leaves it, saying that the folder's
+    outputs are partial (each file in it is whole). A stop before any output was written
+    removes it again. A model that predicts another number of maps than `classes` names is a
+    `UsageError` before anything is written.
 
     Args:
         model: the trained network, on its device (channels-last already if `channels_last`).
@@ -225,39 +275,69 @@ def predict_folder(
     """
     work = batches(files, image_size, tile)
     total = sum(count_windows(*model_side(file, image_size), tile, overlap) for file in files)
-    done = 0
-    with tqdm(total=total, unit="tile", desc=f"{len(files)} image{'' if len(files) == 1 else 's'}") as bar:
-        for batch in work:
-            images = []
-            for file in batch:
-                try:
-                    images.append(to_model_input(read_image_rgb(file.path), image_size))
-                except READ_ERRORS as exc:  # changed since it was checked
-                    raise UsageError(str(exc)) from None
-            predicted = predict_batch(
-                model,
-                torch.stack(images),
-                tile=tile,
-                overlap=overlap,
-                precision=precision,
-                channels_last=channels_last,
-                progress=bar.update,
-                activation="softmax" if labels else "sigmoid",
-            )
-            for file, probability in zip(batch, predicted):
-                probability = restore_size(probability, (file.height, file.width))
-                try:
-                    if labels:
-                        write_label_prediction(probability, out, file.id, classes, probabilities)
-                    else:
-                        write_prediction(probability, out, file.id, classes, threshold)
-                except OSError as exc:  # a full disk or an unwritable folder
+    marker = out / INCOMPLETE_FILE
+    try:
+        atomic_write_text(_incomplete_note(files), marker)
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing written") from None
+    done, writing = 0, False
+    try:
+        with tqdm(total=total, unit="tile", desc=f"{len(files)} image{'' if len(files) == 1 else 's'}") as bar:
+            for batch in work:
+                images = []
+                for file in batch:
+                    try:
+                        images.append(to_model_input(read_image_rgb(file.path), image_size))
+                    except READ_ERRORS as exc:  # changed since it was checked
+                        raise UsageError(str(exc)) from None
+                predicted = predict_batch(
+                    model,
+                    torch.stack(images),
+                    tile=tile,
+                    overlap=overlap,
+                    precision=precision,
+                    channels_last=channels_last,
+                    progress=bar.update,
+                    activation="softmax" if labels else "sigmoid",
+                )
+                if predicted.shape[1] != len(classes):
                     raise UsageError(
-                        f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
-                        f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
-                        "complete, no partial file was left"
-                    ) from None
-                done += 1
+                        f"the model predicts {predicted.shape[1]} maps per image, but {len(classes)} class names "
+                        f"are given ({', '.join(classes)}); nothing written"
+                    )
+                for file, probability in zip(batch, predicted):
+                    probability = restore_size(probability, (file.height, file.width))
+                    writing = True
+                    try:
+                        if labels:
+                            write_label_prediction(probability, out, file.id, classes, probabilities)
+                        else:
+                            write_prediction(probability, out, file.id, classes, threshold)
+                    except OSError as exc:  # a full disk or an unwritable folder
+                        raise UsageError(
+                            f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
+                            f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
+                            f"complete, no partial file was left, and {marker} marks the folder as partial"
+                        ) from None
+                    done += 1
+    except BaseException:
+        if not writing:  # nothing of this predict is in `out`: the folder is as it was
+            with contextlib.suppress(OSError):
+                marker.unlink()
+        raise
+    marker.unlink()
+
+
+def _incomplete_note(files: list[ImageFile]) -> str:
+    """The text of `INCOMPLETE_FILE` for a predict of `files`."""
+    folder = files[0].path.parent if files else "?"
+    return (
+        f"A predict started at {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()} on {socket.gethostname()}) "
+        f"to write the outputs of {len(files)} images of {folder} into this folder.\n"
+        "It removes this file once the last output is written. If the file is still here, that predict stopped "
+        "before the end: every file here is whole, but some images have no outputs yet.\n"
+        "Run the same predict again with --overwrite to complete the folder.\n"
+    )
 
 
 def output_paths(
@@ -270,11 +350,26 @@ def output_paths(
     `write_label_prediction`: the label map ``<out>/<id>.png``, then with `probabilities`
     ``<out>/<class>/<id>_prob.png`` per class.
     """
+    return [path for path, _ in _outputs(out, image_id, classes, labels, probabilities)]
+
+
+def _outputs(
+    out: Path, image_id: str, classes: Sequence[str], labels: bool, probabilities: bool
+) -> list[tuple[Path, str]]:
+    """`output_paths` with what each file is, for messages."""
     if labels:
-        return [out / f"{image_id}.png", *(out / name / f"{image_id}_prob.png" for name in classes if probabilities)]
+        maps = [(out / name / f"{image_id}_prob.png", f"probability map of class {name!r}") for name in classes]
+        return [(out / f"{image_id}.png", "label map"), *(maps if probabilities else [])]
     if len(classes) == 1:
-        return [out / f"{image_id}_prob.png", out / f"{image_id}_mask.png"]
-    return [path for name in classes for path in (out / name / f"{image_id}_prob.png", out / name / f"{image_id}.png")]
+        return [(out / f"{image_id}_prob.png", "probability map"), (out / f"{image_id}_mask.png", "mask")]
+    return [
+        pair
+        for name in classes
+        for pair in (
+            (out / name / f"{image_id}_prob.png", f"probability map of class {name!r}"),
+            (out / name / f"{image_id}.png", f"mask of class {name!r}"),
+        )
+    ]
 
 
 def check_outputs(
@@ -285,22 +380,110 @@ def check_outputs(
     labels: bool = False,
     probabilities: bool = False,
 ) -> None:
-    """Refuse, before anything is written, outputs that would replace files: unless `overwrite`,
-    any output of `files` (`output_paths` with `labels` and `probabilities`) that exists already
-    is a `UsageError` naming the first of them and how many there are. An output that is a
-    folder is refused in any case."""
-    clashes = [
-        path for file in files for path in output_paths(out, file.id, classes, labels, probabilities) if path.exists()
-    ]
-    folders = [path for path in clashes if path.is_dir()]
-    if folders:
-        raise UsageError(f"--out {str(out)!r}: {folders[0]} is a folder where an output file goes; nothing written")
-    if clashes and not overwrite:
+    """Refuse, before anything is written, outputs that would go astray, be lost or replace files;
+    each case is a one-line `UsageError` (saying that nothing was written):
+
+    - two outputs at one path, e.g. with several classes ``cell.png``'s probability map and
+      ``cell_prob.png``'s mask (both ``<class>/cell_prob.png``), or an output file where the
+      folder of a class goes: both images are named;
+    - an output whose folder lies outside `out` once symbolic links are followed (a class folder
+      that links elsewhere), or in a training data folder (one with ``images/`` and ``masks/``);
+    - an output that is a folder;
+    - unless `overwrite`: `INCOMPLETE_FILE` in `out` (a predict into it that did not finish),
+      and any output that exists already (the first is named, and how many there are).
+
+    Args:
+        out: the output folder (it may not exist yet).
+        files: the images, as `check_images` returns them.
+        classes: the class names (checked by `check_class_names`).
+        overwrite: existing outputs may be replaced.
+        labels: the outputs of `write_label_prediction` instead of `write_prediction`.
+        probabilities: with `labels`, the probability maps too.
+    """
+    planned: dict[Path, tuple[ImageFile, str]] = {}
+    for file in files:
+        for path, role in _outputs(out, file.id, classes, labels, probabilities):
+            if path in planned:
+                other, other_role = planned[path]
+                both = (
+                    f"{file.path.name} would write it twice (its {other_role} and its {role})"
+                    if other is file
+                    else f"{other.path.name} and {file.path.name} would both write it (the {other_role} of "
+                    f"{other.path.name}, the {role} of {file.path.name})"
+                )
+                raise UsageError(
+                    f"--out {str(out)!r}: {path} is planned twice: {both}; nothing written: rename one of the "
+                    "images or predict them into separate folders"
+                )
+            planned[path] = (file, role)
+    folders = {path.parent for path in planned}
+    for path, (file, role) in planned.items():
+        if path in folders:
+            raise UsageError(
+                f"--out {str(out)!r}: {path} would be both the {role} of {file.path.name} and the folder of class "
+                f"{path.name!r}; nothing written: rename the image or predict it into another folder"
+            )
+    root = out.resolve()
+    leads_to: dict[Path, Path] = {}
+    for folder in sorted(folders):
+        try:
+            resolved = folder.resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic link loop
+            raise UsageError(f"--out {str(out)!r}: cannot follow {folder}: {exc}; nothing written") from None
+        if not resolved.is_relative_to(root):
+            raise UsageError(
+                f"--out {str(out)!r}: the output folder {folder} leads to {resolved}, outside --out (a symbolic "
+                "link); predict writes only inside --out: nothing written"
+            )
+        if resolved in leads_to:  # the outputs of two classes would land in one folder
+            raise UsageError(
+                f"--out {str(out)!r}: the output folders {leads_to[resolved]} and {folder} are one folder, "
+                f"{resolved} (a symbolic link), where their outputs would replace each other; nothing written"
+            )
+        leads_to[resolved] = folder
+        data = data_folder_above(resolved)
+        if data is not None:
+            raise UsageError(
+                f"--out {str(out)!r}: the output folder {folder} lies in the training data folder {str(data)!r} "
+                "(it holds images/ and masks/); nothing written: choose a folder outside it"
+            )
+    clashes = [path for path in planned if path.exists()]
+    taken = [path for path in clashes if path.is_dir()]
+    if taken:
+        raise UsageError(f"--out {str(out)!r}: {taken[0]} is a folder where an output file goes; nothing written")
+    if overwrite:
+        return
+    if (out / INCOMPLETE_FILE).exists():
+        raise UsageError(
+            f"--out {str(out)!r} holds {INCOMPLETE_FILE}: a predict into it stopped before the end, so its outputs "
+            "are partial; nothing written: run predict again with --overwrite to complete them, or choose another "
+            "--out"
+        )
+    if clashes:
         more = f" and {len(clashes) - 1} more of the outputs" if len(clashes) > 1 else ""
         raise UsageError(
             f"--out {str(out)!r} already holds {clashes[0]}{more}; nothing written: pass --overwrite to "
             "replace them, or choose another --out"
         )
+
+
+def remove_partial_files(out: Path, classes: Iterable[str]) -> list[Path]:
+    """Delete the temporary files (``.NAME.png.PID.tmp``, and that of `INCOMPLETE_FILE`) that a
+    predict killed while writing left in `out` and in its class folders, and return them. Call it
+    only while holding `out`'s lock (no other predict writes there).
+
+    Args:
+        out: the output folder.
+        classes: the class names (their folders in `out` are looked into too).
+    """
+    removed = []
+    for folder in (out, *(out / name for name in classes)):
+        if folder.is_dir() and not folder.is_symlink():
+            for path in folder.iterdir():
+                if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
 
 
 def data_folder_above(path: Path) -> Path | None:

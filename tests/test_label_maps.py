@@ -5,16 +5,22 @@ with the confusion matrix read back from the event file, and predict writing lab
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from models import CEDiceLoss, confusion_iou, confusion_matrix, label_class_iou, label_iou
+from models.metrics import confusion_dice, mean_present
 from recipes import nested_unet
 from recipes.common import run_cli
+from trainer import Trainer
+from trainer.callbacks import ConfusionMatrixCallback
+from trainer.callbacks.confusion import CELL_TEXT_CLASSES, MAX_SIDE, confusion_figure
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import (
     DatasetError,
@@ -147,9 +153,17 @@ def test_ignored_pixels_change_neither_loss_nor_metrics():
     assert not torch.equal(confusion_matrix(changed, targets), confusion_matrix(logits, targets))
 
 
-def test_confusion_iou_per_class():
+def test_a_class_absent_from_truth_and_prediction_has_no_score_and_is_left_out_of_the_mean():
     matrix = torch.tensor([[8, 2, 0], [1, 4, 0], [0, 0, 0]])
-    assert confusion_iou(matrix).tolist() == pytest.approx([8 / 11, 4 / 7, 1.0])  # absent class: 1
+    ious, dices = confusion_iou(matrix), confusion_dice(matrix)
+    assert ious[:2].tolist() == pytest.approx([8 / 11, 4 / 7]) and dices[:2].tolist() == pytest.approx(
+        [16 / 19, 8 / 11]
+    )
+    assert ious[2].isnan() and dices[2].isnan()  # absent: no score, never a perfect 1
+    assert mean_present(ious).item() == pytest.approx((8 / 11 + 4 / 7) / 2)
+    assert mean_present(confusion_iou(torch.zeros(3, 3, dtype=torch.long))).isnan()  # nothing counted: no score
+    predicted_only = torch.tensor([[8, 0, 2], [0, 4, 0], [0, 0, 0]])  # class 2 predicted, never true: IoU 0
+    assert confusion_iou(predicted_only)[2].item() == 0.0
 
 
 def figure_pixels(events, tag):
@@ -222,3 +236,145 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
     print(f"measured: probabilities sum to 255 within {off_by:.0f}; labels unlike the argmax: {differ:.2%}")
     assert off_by <= 3  # softmax: the classes share each pixel
     assert differ < 0.01
+
+
+class Logits(nn.Module):
+    """A "model" whose inputs are its logits (times a weight of 1, for the optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def validate_scores(tmp_path, batches, classes=("a", "b", "c")):
+    """The logs of one `Trainer.validate` over `batches` of (logits, targets), scored by a
+    ConfusionMatrixCallback as the recipe wires it."""
+    model = Logits()
+    callback = ConfusionMatrixCallback(
+        tmp_path / "run",
+        list(classes),
+        metrics={"iou": confusion_iou, "dice": confusion_dice},
+        per_class=["iou"],
+    )
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), CEDiceLoss(), callbacks=[callback], device="cpu"
+    )
+    return trainer.validate(batches)
+
+
+def test_validation_scores_count_the_pixels_of_the_whole_validation(tmp_path):
+    truth = torch.tensor([[[0, 0], [1, 1]], [[0, 1], [255, 255]]])  # image 1 half ignored
+    predicted = torch.tensor([[[0, 1], [1, 1]], [[0, 0], [2, 2]]])
+    logits = nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 10
+    logs = validate_scores(tmp_path, [(logits[:1], truth[:1]), (logits[1:], truth[1:])])
+    # Counted over both batches (true rows, predicted columns): class 0 [2, 1, 0], class 1 [1, 2, 0], class 2
+    # predicted only where the truth is ignored, so not counted: absent, no score. Batch by batch, class 1 would
+    # score 2/3 and 0, class 2 a perfect 1 twice.
+    assert logs["val_iou_a"] == pytest.approx(2 / 4) and logs["val_iou_b"] == pytest.approx(2 / 4)
+    assert math.isnan(logs["val_iou_c"])
+    assert logs["val_iou"] == pytest.approx(0.5)  # the mean of the present classes
+    assert logs["val_dice"] == pytest.approx(4 / 6)
+
+
+def test_a_validation_batch_without_labelled_pixels_changes_no_score(tmp_path):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8)
+    truth = torch.randint(0, 3, (4, 8, 8))
+    truth[:, :6] = 255  # sparsely labelled tiles
+    batches = [(logits[:2], truth[:2]), (logits[2:], truth[2:])]
+    unlabelled = (torch.randn(2, 3, 8, 8), torch.full((2, 8, 8), 255))
+    without = validate_scores(tmp_path / "without", batches)
+    with_it = validate_scores(tmp_path / "with", [batches[0], unlabelled, batches[1]])
+    scores = [key for key in without if key != "val_loss"]
+    assert scores == ["val_iou", "val_dice", "val_iou_a", "val_iou_b", "val_iou_c"]
+    assert [with_it[key] for key in scores] == [without[key] for key in scores]
+    assert with_it["val_iou"] < 0.5  # far from the 1.0 an unlabelled batch used to score
+
+
+def write_discs(folder, names, labelled: bool = True, size: int = 32) -> None:
+    """An image and a disc label map (`disc_labels`) named after each of `names` in `folder`; with
+    `labelled` False, label maps whose every pixel is ignored."""
+    for index, name in enumerate(names):
+        labels = disc_labels(size, index)
+        write_png_file(image_of(labels), folder / "images" / f"{name}.png")
+        write_label_map(labels if labelled else torch.full_like(labels, 255), folder / "masks" / f"{name}.png")
+
+
+def split_folder(root, val_unlabelled: int = 0, val_labelled: int = 1, train_labelled: bool = True):
+    """train/ (4 disc label maps) and val/ (`val_labelled` of them, then `val_unlabelled` whose every
+    pixel is ignored) under `root`, with one classes.txt; the same images for the same arguments."""
+    torch.manual_seed(0)  # the noise of `image_of`
+    write_discs(root / "train", ["a", "b", "c", "d"], labelled=train_labelled)
+    write_discs(root / "val", [f"labelled{i}" for i in range(val_labelled)])
+    write_discs(root / "val", [f"unlabelled{i}" for i in range(val_unlabelled)], labelled=False)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+def recipe_run(data, run_dir, *extra: str) -> int:
+    argv = [
+        *["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--epochs", "1", "--batch-size", "1"],
+        *["--precision", "32", "--channels-last", "off", "--log-dir", str(run_dir), *extra],
+    ]
+    return run_cli(nested_unet.main, argv)
+
+
+@pytest.mark.numerics
+def test_an_unlabelled_validation_image_does_not_lift_the_recipes_iou(tmp_path):
+    """The recipe validates one image per batch: an image with no labelled pixel adds nothing."""
+    runs = {}
+    for name, unlabelled in (("plain", 0), ("with-unlabelled", 1)):
+        assert recipe_run(split_folder(tmp_path / name, val_unlabelled=unlabelled), tmp_path / f"run-{name}") == 0
+        runs[name] = load_checkpoint(tmp_path / f"run-{name}" / "last.pt")["history"][-1]
+    keys = ["val_iou", "val_dice", *(f"val_iou_{name}" for name in CLASSES)]
+    print("measured:", {key: round(runs["plain"][key], 4) for key in keys})
+    assert [runs["with-unlabelled"][key] for key in keys] == [runs["plain"][key] for key in keys]
+    assert runs["plain"]["val_iou"] < 0.9  # one epoch: far from perfect, so a 1.0 averaged in would show
+
+
+@pytest.mark.parametrize("side", ["train", "val"])
+def test_a_split_with_no_labelled_pixel_is_refused_before_training(tmp_path, capsys, side):
+    data = split_folder(
+        tmp_path / "data",
+        val_labelled=0 if side == "val" else 1,
+        val_unlabelled=2 if side == "val" else 0,
+        train_labelled=side != "train",
+    )
+    assert recipe_run(data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert f"the label maps of {data / side} hold no labelled pixel" in err and "ignore index 255" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("classes", [150, 300])
+def test_confusion_figure_of_many_classes_is_bounded(classes):
+    counts = torch.randint(0, 50, (classes, classes))
+    figure = confusion_figure(counts, [f"class {k}" for k in range(classes)])
+    width, height = figure.canvas.get_width_height()
+    assert width <= MAX_SIDE and height <= MAX_SIDE
+    assert classes > CELL_TEXT_CLASSES and not figure.axes[0].texts  # no text in 22500 or 90000 cells
+    assert len(figure.axes[0].get_xticklabels()) <= 50
+
+
+@pytest.mark.parametrize("classes", [150, 300])
+def test_a_run_of_many_classes_validates_with_a_bounded_figure(tmp_path, classes):
+    root = tmp_path / "data"
+    ignore = 255 if classes < 255 else 65535
+    generator = torch.Generator().manual_seed(0)
+    for index in range(4):
+        labels = torch.randint(0, classes, (16, 16), generator=generator)
+        labels[:2] = ignore
+        write_png_file((labels % 251).to(torch.uint8).expand(3, -1, -1).contiguous(), root / "images" / f"{index}.png")
+        write_label_map(labels, root / "masks" / f"{index}.png")
+    (root / "classes.txt").write_text("".join(f"class{k}\n" for k in range(classes)))
+    assert recipe_run(root, tmp_path / "run", "--batch-size", "2", "--ignore-index", str(ignore)) == 0
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert 0 <= history[-1]["val_iou"] < 1
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    events.Reload()
+    height, width, _ = figure_pixels(events, "confusion matrix").shape
+    assert width <= MAX_SIDE and height <= MAX_SIDE

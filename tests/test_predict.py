@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from torchvision.io import decode_png, read_file
 from models import UNet
 from models.predict import (
     blend_window,
+    count_outputs,
     count_windows,
     default_overlap,
     plan_windows,
@@ -288,6 +290,15 @@ def test_predict_image_restores_the_eval_train_mode_and_runs_without_grad():
     assert grads == [(False, False)] and model.training
     assert probabilities.shape == (2, 20, 30) and not probabilities.requires_grad
     assert 0 <= probabilities.min() and probabilities.max() <= 1
+
+
+def test_count_outputs_reads_num_classes_or_runs_the_model_once():
+    model = SmallFCN()  # keeps no num_classes: one forward pass on zeros tells
+    assert count_outputs(model) == 2 and model.sides == [(1, 3, 64, 64)]
+    assert count_outputs(UNet(num_classes=3, base_filters=4)) == 3
+    deep = nn.Sequential(SmallFCN())
+    deep.forward = lambda x: [torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 8, 8)]  # deep supervision: the last
+    assert count_outputs(deep) == 5
 
 
 @pytest.mark.numerics
@@ -671,3 +682,268 @@ def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resi
     capsys.readouterr()
     assert run(["export", "--checkpoint", str(resized_run), "--out", str(exported)]) == 2
     assert "exists already" in capsys.readouterr().err
+
+
+# --- writes stay inside --out --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    """A checkpoint of a UNet with two outputs, named cell and edge (a recipe of one's own)."""
+    root = tmp_path_factory.mktemp("two_classes")
+    return own_run(root / "run", UNet(num_classes=2, base_filters=4), {"classes": ["cell", "edge"]})
+
+
+def crafted(checkpoint, path, **data):
+    """A copy of `checkpoint` at `path` whose ``data`` records `data` instead: a file anyone can write."""
+    state = load_checkpoint(checkpoint)
+    state["data"].update(data)
+    torch.save(state, path)
+    return path
+
+
+def snapshot(folder):
+    """Every file and folder under `folder` (hidden ones too) with its size and modification time."""
+    return {
+        str(path.relative_to(folder)): (path.is_dir(), path.lstat().st_size, path.lstat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A folder holding images/a.png, a training data folder data/ (images/ and masks/cell/) and
+    nothing else; predictions go to out/ inside it."""
+    write_png_file(random_image(32, 32), tmp_path / "images" / "a.png")
+    write_png_file(random_image(32, 32, seed=1), tmp_path / "data" / "images" / "a.png")
+    write_png_file(torch.zeros(1, 32, 32, dtype=torch.uint8), tmp_path / "data" / "masks" / "cell" / "a.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../data/masks/cell", "../x", "ABSOLUTE", "a/b", "a\\b", ".", "..", "a\x00b", "a\x1bb", ""],
+    ids=["ground-truth", "parent", "absolute", "slash", "backslash", "dot", "dotdot", "nul", "escape", "empty"],
+)
+def test_class_names_that_are_no_folder_name_are_refused_and_nothing_is_written(two_classes, workspace, capsys, name):
+    name = str(workspace / "elsewhere") if name == "ABSOLUTE" else name
+    checkpoint = crafted(two_classes, workspace / "crafted.pt", classes=["cell", name])
+    before = snapshot(workspace)
+    out = workspace / "out"
+    assert predict_cli(checkpoint, workspace / "images", out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{checkpoint} (a checkpoint of UNet) records the class name {name!r} (class 1), which " in err
+    assert snapshot(workspace) == before and not out.exists()  # ground truth and the parent folder as they were
+    with pytest.raises(nested_unet.UsageError, match="records the class name"):
+        nested_unet.load_trained_model(checkpoint)
+
+
+def test_an_output_folder_that_links_outside_out_is_refused(two_classes, workspace, capsys):
+    out = workspace / "out"
+    (workspace / "elsewhere").mkdir()
+    out.mkdir()
+    (out / "cell").symlink_to(workspace / "elsewhere")
+    before = snapshot(workspace)
+    assert predict_cli(two_classes, workspace / "images", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output folder {out / 'cell'} leads to {workspace / 'elsewhere'}" in err
+    assert snapshot(workspace) == before
+
+    (out / "cell").unlink()  # a link into the data folder's ground truth
+    (out / "cell").symlink_to(workspace / "data" / "masks" / "cell")
+    assert predict_cli(two_classes, workspace / "images", out, "--overwrite") == 2
+    assert "outside --out" in capsys.readouterr().err
+
+    (out / "cell").unlink()  # a link to another output folder: cell's and edge's outputs would be one file
+    (out / "edge").mkdir()
+    (out / "cell").symlink_to(out / "edge")
+    before = snapshot(workspace)
+    assert predict_cli(two_classes, workspace / "images", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output folders {out / 'cell'} and {out / 'edge'} are one folder" in err
+    assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize(
+    "images, mask_type, classes, extra, message",
+    [
+        (
+            ["cell", "cell_prob"],
+            None,
+            ["cell", "edge"],
+            ["--probabilities"],
+            "cell/cell_prob.png is planned twice: cell.png and cell_prob.png would both write it (the probability "
+            "map of class 'cell' of cell.png, the mask of class 'cell' of cell_prob.png)",
+        ),
+        (
+            ["a", "b"],
+            "labels",
+            ["a.png", "edge"],
+            ["--probabilities"],
+            "a.png would be both the label map of a.png and the folder of class 'a.png'",
+        ),
+    ],
+    ids=["prob-and-mask", "file-and-folder"],
+)
+def test_two_outputs_at_one_path_are_refused_before_writing_naming_both(
+    two_classes, tmp_path, capsys, images, mask_type, classes, extra, message
+):
+    for index, name in enumerate(images):
+        write_png_file(random_image(32, 32, seed=index), tmp_path / "images" / f"{name}.png")
+    checkpoint = crafted(two_classes, tmp_path / "crafted.pt", classes=classes, mask_type=mask_type)
+    out = tmp_path / "out"
+    assert predict_cli(checkpoint, tmp_path / "images", out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("classes", [["cell"], ["cell", "edge", "rim"]], ids=["fewer", "more"])
+def test_as_many_class_names_as_the_model_predicts_maps(two_classes, tmp_path, capsys, classes):
+    images = tmp_path / "images"
+    write_png_file(random_image(32, 32), images / "a.png")
+    checkpoint = crafted(two_classes, tmp_path / "crafted.pt", classes=classes)
+    assert predict_cli(checkpoint, images, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    names = ", ".join(classes)
+    assert err.count("\n") == 1
+    assert (
+        f"records {len(classes)} class name{'s' * (len(classes) > 1)} ({names}) for a model that predicts 2 maps" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def hidden_temporary_files(folder):
+    return sorted(path.name for path in folder.rglob(".*.tmp"))
+
+
+@pytest.fixture
+def sigterm_fails_the_test():
+    """SIGTERM fails the test instead of ending pytest: the command under test must handle it."""
+
+    def fail(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: the command did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, fail)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def kill_while(process, condition):
+    """SIGKILL `process` at a moment `condition` holds: it is stopped (SIGSTOP) whenever `condition`
+    is seen to hold, and killed if it still holds while stopped, else let go on."""
+    while process.poll_until(condition):
+        os.kill(process.process.pid, signal.SIGSTOP)
+        if condition():
+            assert process.stop(signal.SIGKILL) == -signal.SIGKILL
+            return
+        os.kill(process.process.pid, signal.SIGCONT)
+    raise AssertionError(f"{condition} never held while it ran: {process.stderr}")
+
+
+def test_a_stopped_predict_marks_its_folder_partial_until_one_with_overwrite_completes(
+    two_classes, tmp_path, capsys, mocker, sigterm_fails_the_test
+):
+    images = tmp_path / "images"
+    for index in range(4):
+        write_png_file(random_image(32, 32, seed=index), images / f"{index}.png")
+    out = tmp_path / "out"
+    import trainer_datasets
+
+    writes = []
+    real_write = trainer_datasets.write_png_file
+
+    def write_then_stop(tensor, path):  # SIGTERM arrives once the third output's temporary file is written
+        writes.append(path)
+        real_write(tensor, path)
+        if len(writes) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    mocker.patch("recipes.prediction.write_png_file", side_effect=write_then_stop)
+    assert predict_cli(two_classes, images, out) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "predict stopped by SIGTERM: the files in" in err and f"{out / 'PREDICT_INCOMPLETE.txt'} marks" in err
+    assert "stopped before the end" in (out / "PREDICT_INCOMPLETE.txt").read_text()
+    assert sorted(p.name for p in (out / "cell").iterdir()) == ["0.png", "0_prob.png"]  # the two renamed
+    assert writes[2].parent == out / "edge" and hidden_temporary_files(out) == []  # the third one's is gone
+    mocker.stopall()
+
+    assert predict_cli(two_classes, images, out) == 2  # a partial folder is not taken for a finished one
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds PREDICT_INCOMPLETE.txt: a predict into it stopped before the end" in err
+    assert predict_cli(two_classes, images, out, "--overwrite") == 0
+    assert not (out / "PREDICT_INCOMPLETE.txt").exists()
+    assert sorted(p.name for p in (out / "edge").iterdir()) == sorted(
+        f"{index}{kind}.png" for index in range(4) for kind in ("", "_prob")
+    )
+
+
+def test_a_killed_predict_leaves_its_mark_and_the_next_one_cleans_up(two_classes, tmp_path, capsys):
+    from tests.processes import RecipeProcess
+
+    images = tmp_path / "images"
+    for index in range(2):
+        write_png_file(random_image(384, 384, seed=index), images / f"{index}.png")
+    out = tmp_path / "out"
+    process = RecipeProcess(
+        ["predict", "--checkpoint", str(two_classes), "--images", str(images), "--out", str(out)], timeout=120
+    )
+    kill_while(process, lambda: any(out.rglob(".*.png.*.tmp")))  # killed while writing an output
+    assert (out / "PREDICT_INCOMPLETE.txt").is_file() and any(out.rglob(".*.png.*.tmp"))
+    assert predict_cli(two_classes, images, out) == 2
+    assert "holds PREDICT_INCOMPLETE.txt" in capsys.readouterr().err
+    assert predict_cli(two_classes, images, out, "--overwrite") == 0
+    assert not (out / "PREDICT_INCOMPLETE.txt").exists() and hidden_temporary_files(out) == []
+    assert sorted(p.name for p in (out / "cell").iterdir()) == sorted(
+        f"{index}{kind}.png" for index in range(2) for kind in ("", "_prob")
+    )
+
+
+@pytest.fixture(scope="module")
+def large_checkpoint(resized_run, tmp_path_factory):
+    """The resized run's last.pt with 128 MB more in its data: an export that takes long enough to be killed."""
+    path = tmp_path_factory.mktemp("large") / "last.pt"
+    return crafted(resized_run, path, padding=torch.zeros(32 * 2**20))
+
+
+def test_a_killed_export_leaves_a_temporary_file_the_next_export_removes(large_checkpoint, tmp_path, capsys):
+    from tests.processes import RecipeProcess
+
+    out = tmp_path / "model.pt"
+    process = RecipeProcess(["export", "--checkpoint", str(large_checkpoint), "--out", str(out)], timeout=120)
+    kill_while(process, lambda: hidden_temporary_files(tmp_path) != [])
+    left = tmp_path / f".model.pt.{process.process.pid}.tmp"
+    assert hidden_temporary_files(tmp_path) == [left.name] and not out.exists()
+    running = tmp_path / f".model.pt.{os.getppid()}.tmp"  # of a process that runs: perhaps writing it now
+    running.write_bytes(b"")
+    assert run(["export", "--checkpoint", str(large_checkpoint), "--out", str(out)]) == 0
+    assert f"removed {left}, the temporary file of an export that was killed" in capsys.readouterr().out
+    assert hidden_temporary_files(tmp_path) == [running.name] and load_checkpoint(out)["data"]["padding"].numel()
+
+
+def test_a_stopped_export_removes_its_temporary_file(resized_run, tmp_path, capsys, mocker, sigterm_fails_the_test):
+    out = tmp_path / "model.pt"
+    real_save = torch.save
+
+    def save_then_stop(obj, file):  # SIGTERM arrives while the file is written
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, file)
+
+    mocker.patch("torch.save", side_effect=save_then_stop)
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "export stopped by SIGTERM: nothing written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_from_a_weights_only_last_pt_is_one_line_before_training(resized_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run(["export", "--checkpoint", str(resized_run), "--out", str(run_dir / "last.pt")]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert run(["--resume", str(run_dir), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{str(run_dir / 'last.pt')!r} holds a weights-only checkpoint" in err
+    assert "resume from a last.pt that training wrote; nothing was changed" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # nothing trained, nothing written

@@ -18,7 +18,9 @@ from trainer_datasets import (
     DatasetError,
     SegmentationFolder,
     SyntheticNuclei,
+    read_classes,
     split_segmentation,
+    write_label_map,
     write_segmentation_folder,
 )
 
@@ -228,3 +230,54 @@ def test_training_on_a_folder_with_a_fifo_stops_at_once_naming_it(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "images/x.png (a FIFO)" in err
     assert not (tmp_path / "run").exists()
+
+
+# Class names: they become folder and file names of predict's outputs
+
+
+def label_map_folder(root, classes_txt: bytes):
+    """Two 16x16 images with label maps of classes 0 and 1, and `classes_txt` as classes.txt."""
+    for index in range(2):
+        write_sample(root, f"s{index}", seed=index)
+        labels = torch.zeros(16, 16, dtype=torch.long)
+        labels[4:8] = 1
+        write_label_map(labels, root / "masks" / f"s{index}.png")
+    (root / "classes.txt").write_bytes(classes_txt)
+    return root
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../x", "/tmp/x", "a/b", "a\\b", ".", "..", "a\x00b", "a\x07b", "a\x0bb"],
+    ids=["parent", "absolute", "slash", "backslash", "dot", "dotdot", "nul", "bell", "vertical-tab"],
+)
+def test_a_classes_txt_name_that_is_no_folder_name_stops_training_in_one_line(tmp_path, capsys, name):
+    data = label_map_folder(tmp_path / "data", f"background\n{name}\n".encode())
+    before = tree(tmp_path)
+    argv = ["--data", str(data), "--arch", "UNet", "--base-filters", "4", "--log-dir", str(tmp_path / "run")]
+    assert run_cli(nested_unet.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"error: {data / 'classes.txt'} is not a usable class list (line 2 ({name!r}) " in err
+    assert tree(tmp_path) == before  # nothing written: no run folder, the data as it was
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_class_name(tmp_path):
+    data = label_map_folder(tmp_path, "background\r\nnucleus\r\n".encode("utf-8-sig"))  # as Notepad saves it
+    assert SegmentationFolder(data).classes == ["background", "nucleus"]
+    assert read_classes(data / "classes.txt") == ["background", "nucleus"]
+
+
+@pytest.mark.parametrize("name", ["a\\b", "a\x01b", "a\ufeffb"], ids=["backslash", "control", "bom"])
+def test_class_folders_whose_names_cannot_name_a_class_are_refused(tmp_path, name):
+    write_sample(tmp_path, "x", classes=["cell", name])
+    with pytest.raises(DatasetError) as info:
+        SegmentationFolder(tmp_path)
+    assert str(info.value).count("\n") == 0
+    assert f"{tmp_path / 'masks'} holds class folders whose names cannot name a class ({name!r} holds " in str(
+        info.value
+    )

@@ -24,6 +24,7 @@ Which kind of masks a folder holds (`MASK_MODES`, the ``mask_mode`` argument):
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -114,8 +115,9 @@ def scan_segmentation_folder(
     unsupported file, entry that is not a regular file (a FIFO, a dangling or looping symbolic
     link: never opened) or duplicate id in one message. Hidden files and the files operating
     systems leave behind (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are left out.
-    Label maps in class folders, a bad ``classes.txt`` (empty, a blank or repeated name, a name
-    with a ``/``) and an `ignore_index` that is a class index raise `DatasetError`.
+    Label maps in class folders, a class folder or a ``classes.txt`` whose names cannot name a
+    class (see `read_classes` and `class_name_problem`) and an `ignore_index` that is a class
+    index raise `DatasetError`.
 
     Args:
         root: the folder.
@@ -150,6 +152,12 @@ def scan_segmentation_folder(
             f"{mask_dir} mixes class folders ({', '.join(p.name for p in class_dirs)}) with mask files "
             f"({', '.join(p.name for p in loose[:3])}{', ...' if len(loose) > 3 else ''}); use either "
             "masks/<class>/<id>.png or masks/<id>.png"
+        )
+    bad_names = [f"{d.name!r} {problem}" for d in class_dirs if (problem := class_name_problem(d.name)) is not None]
+    if bad_names:
+        raise DatasetError(
+            f"{mask_dir} holds class folders whose names cannot name a class ({'; '.join(bad_names)}); "
+            "class names become folder and file names of predict's outputs: rename them"
         )
     if class_dirs:
         masks = {d.name: _index_files(d, root, problems) for d in class_dirs}
@@ -196,26 +204,66 @@ def scan_segmentation_folder(
     return FolderLayout(root, images, label_masks, "labels", classes, ignore_index)
 
 
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a class, or None when it can.
+
+    Class names become folder and file names (``predict`` writes ``<out>/<class>/<id>.png``) and
+    TensorBoard tags, so a name must name one entry inside a folder: a non-empty string, not
+    ``.`` or ``..``, without a path separator (``/``, or ``\\`` as Windows reads it, which
+    also rules out absolute paths), a control character (NUL, tab, newline, DEL, ...), a lone
+    surrogate (no file system takes it) or a byte-order mark. `read_classes`, the class folders
+    of a segmentation folder and the recipe's ``predict`` (for the names a checkpoint records)
+    all apply this rule.
+
+    Args:
+        name: the class name to check.
+    """
+    if not isinstance(name, str):
+        return f"is not a string but a {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder, not a class"
+    for separator in ("/", "\\"):
+        if separator in name:
+            return f"holds a path separator {separator!r}"
+    for char in name:
+        kind = unicodedata.category(char)
+        if kind in ("Cc", "Cs") or char == "\ufeff":
+            what = {"Cc": "control character", "Cs": "lone surrogate"}.get(kind, "byte-order mark")
+            return f"holds the {what} {char!r}"
+    return None
+
+
 def read_classes(path: str | os.PathLike) -> list[str]:
-    """The class names of a ``classes.txt``: one per line, line i naming class i (surrounding
-    spaces and trailing blank lines dropped). An empty file, a single class, a blank or repeated
-    name, or a name with a ``/`` (names become folders and TensorBoard tags) is a `DatasetError`.
+    """The class names of a ``classes.txt``: one per line, line i naming class i. The file is
+    UTF-8, with or without a byte-order mark (``utf-8-sig``); spaces and tabs around a name and
+    trailing blank lines are dropped.
+
+    An empty file, a single class, a blank or repeated name, or a name that `class_name_problem`
+    refuses (``.``, ``..``, a path separator, a control character: names become folders, file
+    names and TensorBoard tags) is a one-line `DatasetError` naming the file and each line at
+    fault.
 
     Args:
         path: the file.
     """
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        # Universal newlines: \n, \r\n and \r end a line; other control characters stay in the name.
+        lines = [line.strip(" \t") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read the class names of {path}: {exc}") from exc
+        raise DatasetError(f"cannot read the class names of {path}: {' '.join(str(exc).split())}") from exc
     while lines and not lines[-1]:
         lines.pop()
     problems = []
     if len(lines) < 2:
         problems.append(f"it names {len(lines)} class(es); label maps need at least 2 (e.g. background and object)")
-    problems += [f"line {i + 1} is blank" for i, name in enumerate(lines) if not name]
-    problems += [f"line {i + 1} ({name!r}) has a '/'" for i, name in enumerate(lines) if "/" in name]
+    for i, name in enumerate(lines):
+        if not name:
+            problems.append(f"line {i + 1} is blank")
+        elif (problem := class_name_problem(name)) is not None:
+            problems.append(f"line {i + 1} ({name!r}) {problem}")
     problems += [
         f"{name!r} is on lines {lines.index(name) + 1} and {i + 1}"
         for i, name in enumerate(lines)
@@ -297,6 +345,7 @@ class SegmentationFolder(Dataset):
         self.ignore_index = layout.ignore_index
         self.image_size = image_size
         self.images, self.masks = _load_all(layout, ids, image_size)
+        check_labelled_pixels(layout, ids, self.masks)
         #: The (height, width) of every item.
         self.size: tuple[int, int] = (int(self.images.shape[-2]), int(self.images.shape[-1]))
         square = self.images.shape[-1] == self.images.shape[-2]
@@ -604,6 +653,30 @@ def _index_files(folder: Path, root: Path, problems: list[str]) -> dict[str, Pat
 
 def _names(paths: Sequence[Path], root: Path) -> str:
     return ", ".join(str(p.relative_to(root)) for p in paths)
+
+
+def check_labelled_pixels(layout: FolderLayout, ids: Sequence[str], masks: torch.Tensor) -> int:
+    """The number of labelled pixels (of a class, not the ignore index) in the label maps `masks`
+    of the samples `ids` of `layout`; a `DatasetError` of one line naming the folder when there is
+    none: such a set can neither train (no pixel has a loss) nor validate (no pixel has a score).
+    Binary masks are not counted (0).
+
+    Args:
+        layout: the folder.
+        ids: the samples (of one split).
+        masks: their decoded label maps, (N, H, W), as the items give them.
+    """
+    if layout.mask_mode != "labels":
+        return 0
+    labelled = int((masks != layout.ignore_index).sum())
+    if labelled == 0:
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        raise DatasetError(
+            f"the label maps of {layout.root} hold no labelled pixel in the {len(ids)} sample(s) of this set "
+            f"({shown}): every pixel is the ignore index {layout.ignore_index}; label some of their pixels, or "
+            "split the data so that training and validation both have labelled pixels"
+        )
+    return labelled
 
 
 def _load_all(layout: FolderLayout, ids: Sequence[str], image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
