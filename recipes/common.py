@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from recipes.cli import (
     run_cli,
     seed_int,
 )
-from recipes.config import PER_COMMAND, RunConfig
+from recipes.config import PATH, PER_COMMAND, RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.interrupts import Interrupted, training_interrupts
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_weights
@@ -44,9 +45,11 @@ from recipes.run_dir import (
     CONFIG_FILE,
     METRICS_FILE,
     WRITE_ERRNOS,
+    RunFolderGuard,
     check_new_run_dir,
     describe_folder,
     describe_holder,
+    hold_run_dir,
     holds_run,
     lock_run_dir,
     make_run_dir,
@@ -54,11 +57,12 @@ from recipes.run_dir import (
     start_run_dir,
     write_error_line,
 )
-from trainer import Callback, TimeLimitReached, Trainer, resolve_device, seed_everything
+from trainer import BatchLoadError, Callback, TimeLimitReached, Trainer, resolve_device, seed_everything
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.precision import PrecisionChoice, choose_precision
+from trainer.run_lock import RunLock
 from trainer.threads import ThreadChoice, use_threads
 
 __all__ = [
@@ -66,6 +70,7 @@ __all__ = [
     "FLOAT32_MAX",
     "MAX_SEED",
     "METRICS_FILE",
+    "PATH",
     "PER_COMMAND",
     "WRITE_ERRNOS",
     "CommandLine",
@@ -143,15 +148,30 @@ def choose_run_precision(
     return choice
 
 
+def data_error_line(exc: BatchLoadError, last: Path | None, command: str) -> str:
+    """One line for a batch that could not be loaded during a run: the batch, the reason, and how
+    to go on once the data is fixed (the checkpoint to resume from), or that nothing was saved."""
+    if last is not None and last.is_file():
+        return f"{exc}; the run stopped and can resume from {last} once the data is fixed: {command}"
+    return f"{exc}; the run stopped before its first checkpoint"
+
+
 def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str, mode: str = "max") -> None:
     """Print (on rank 0) the best validation value (highest, or lowest with ``mode="min"``),
     where the run was written and how to open TensorBoard."""
     if not is_rank_zero():
         return
-    values = [logs[monitor] for logs in trainer.history if monitor in logs]
+    # NaN (a metric with nothing to measure, such as IoU with no labelled pixel) is never the best
+    values = [
+        (logs[monitor], epoch)
+        for epoch, logs in enumerate(trainer.history, start=1)
+        if monitor in logs and not math.isnan(logs[monitor])
+    ]
     if values:
-        best = max(values) if mode == "max" else min(values)
-        print(f"best validation {label}: {best:.4f} (epoch {values.index(best) + 1} of {len(trainer.history)})")
+        pick = max if mode == "max" else min
+        best = pick(value for value, _ in values)
+        epoch = next(e for value, e in values if value == best)
+        print(f"best validation {label}: {best:.4f} (epoch {epoch} of {len(trainer.history)})")
     print(f"run written to: {run_dir}")
     print(f"open TensorBoard: python -m trainer.board {run_dir}")
 
@@ -279,20 +299,26 @@ class Recipe(Generic[ConfigT, PartsT]):
         fast = args.fast_dev_run
         if fast and args.resume:
             raise UsageError("--fast-dev-run checks the setup of a new run; it cannot be combined with --resume")
-        run_dir = resume_from = None
+        run_dir = resume_from = lock = None
         with contextlib.ExitStack() as stack:  # holds the run directory's lock until the run ends
             if args.resume:
                 run_dir, config, resume_from, lock = resume_run(command, self.configuration_class(), self.name)
-                if lock is not None:
-                    stack.callback(lock.release)
+                hold_run_dir(stack, lock, type(self).__module__)
                 check_metrics_csv(run_dir / METRICS_FILE)
             else:
                 if args.log_dir is not None and not fast and is_rank_zero():  # early; checked again when made
                     check_new_run_dir(args.log_dir, f"runs/{self.name}")
                 config = self.new_config(command)
-            return self._run(stack, config, run_dir, resume_from)
+            return self._run(stack, config, run_dir, resume_from, lock)
 
-    def _run(self, stack: contextlib.ExitStack, config: Any, run_dir: Path | None, resume_from: Path | None) -> int:
+    def _run(
+        self,
+        stack: contextlib.ExitStack,
+        config: Any,
+        run_dir: Path | None,
+        resume_from: Path | None,
+        lock: RunLock | None = None,
+    ) -> int:
         """`train` once the configuration is known: build, choose the precision, fit, summarise."""
         fast = config.fast_dev_run
         try:
@@ -310,9 +336,9 @@ class Recipe(Generic[ConfigT, PartsT]):
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))
         elif run_dir is None:
             run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config)
-            if lock is not None:
-                stack.callback(lock.release)
+            hold_run_dir(stack, lock, type(self).__module__)
         callbacks = [
+            RunFolderGuard(lock, type(self).__module__, config.checkpoint_every),
             *self.callbacks(run_dir, config, parts),
             CSVLogger(run_dir / METRICS_FILE),
             *([HistogramCallback(run_dir)] if config.histograms or fast else []),
@@ -342,14 +368,17 @@ class Recipe(Generic[ConfigT, PartsT]):
         )
         command = resume_command(type(self).__module__, run_dir)
         started = time.monotonic()
+        last = None if fast else run_dir / "last.pt"
         try:
-            with training_interrupts(trainer, command):
+            with training_interrupts(trainer, command, last):
                 try:
                     trainer.fit(parts.train_loader, parts.val_loader, resume_from=resume_from)
                 except TimeLimitReached as exc:
                     if is_rank_zero():
                         print(f"{exc}; resume with: {command}")
                     return 0
+        except BatchLoadError as exc:  # a file gone or changed on disk: the position before it is saved
+            raise UsageError(data_error_line(exc, last, command)) from None
         except OSError as exc:  # a full disk or an unwritable folder: one line, the last checkpoint named
             if exc.errno not in WRITE_ERRNOS:
                 raise

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during training: finish the current step, save, print how to resume, exit 128 + the signal."""
+"""Ctrl-C, SIGTERM and SIGHUP during training: finish the current step, save, print how to resume,
+exit 128 + the signal."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from trainer import Callback, Trainer, TrainingInterrupted
 from trainer.workers import STOP_SIGNALS
@@ -41,11 +43,14 @@ class _StopOnSignal(Callback):
 
 
 @contextlib.contextmanager
-def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]:
-    """Handle SIGINT and SIGTERM during `fit`: finish the current step, stop (callbacks get
+def training_interrupts(trainer: Trainer, resume_command: str, checkpoint: Path | None = None) -> Iterator[None]:
+    """Handle SIGINT, SIGTERM and SIGHUP during `fit`: finish the current step, stop (callbacks get
     `on_exception` and `on_fit_end`, so logs are flushed and closed, and `ModelCheckpoint` saves
-    the position reached), print how to resume and exit with 130 (SIGINT) or 143 (SIGTERM). A
-    second signal stops at once (the last checkpoint is then the one written before it).
+    the position reached), print how to resume and exit with 130 (SIGINT), 143 (SIGTERM) or 129
+    (SIGHUP: the terminal closed; what cannot be printed there any more is left out). A
+    second signal stops at once (the last checkpoint is then the one written before it). When
+    no `checkpoint` exists to resume from (a stop in the first epoch of a loader that cannot
+    start inside one, without step checkpoints), it says so instead of printing the command.
 
     Only this process acts on them: DataLoader workers forked from it, which inherit the handler
     until their ``worker_init_fn`` (`trainer.ignore_stop_signals`) ignores the signals, do nothing,
@@ -54,6 +59,7 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
     Args:
         trainer: the trainer whose `fit` runs inside the block.
         resume_command: the command printed to resume the run (see `recipes.cli.resume_command`).
+        checkpoint: the file the command resumes from (``last.pt``), when the run has one.
     """
     watcher = _StopOnSignal()
     trainer.add_callback(watcher)
@@ -65,18 +71,27 @@ def training_interrupts(trainer: Trainer, resume_command: str) -> Iterator[None]
         if watcher.signum is not None:
             raise KeyboardInterrupt
         watcher.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after the current step (send it again to stop at once)",
-            file=sys.stderr,
-        )
+        say(f"\n{signal.Signals(signum).name}: stopping after the current step (send it again to stop at once)")
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     except Interrupted as exc:
-        print(f"stopped; resume with: {resume_command}", file=sys.stderr)
+        if checkpoint is None or checkpoint.is_file():
+            say(f"stopped; resume with: {resume_command}")
+        else:
+            say("stopped before the first checkpoint: there is nothing to resume; start the run again")
         raise SystemExit(128 + exc.signum) from None
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         trainer.remove_callback(watcher)
+
+
+def say(line: str) -> None:
+    """Print `line` on stderr, if there is still a terminal to print it on (after SIGHUP there may
+    be none: the write fails, and the run must stop cleanly all the same)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import csv
+from types import SimpleNamespace
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes import fashion_mnist, nested_unet
-from recipes.common import run_cli
+from recipes.common import print_run_summary, run_cli
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
@@ -132,6 +133,7 @@ def test_histograms_step_validation_and_step_checkpoints(tmp_path):
         (["--lr", "1e38"], "Adam cannot train with lr=1e+38"),  # fits a float32, overflows in Adam's first step
         (["--checkpoint_every", "2"], "unrecognized arguments: --checkpoint_every 2; did you mean --checkpoint-every?"),
         (["--max-time", "00:00:00"], "argument --max-time: must be above zero, got '00:00:00'"),
+        (["--threads", "100000"], "argument --threads: expected 1 to "),
     ],
 )
 def test_values_that_would_fail_later_are_refused_before_the_run_folder(tmp_path, capsys, argv, message):
@@ -163,3 +165,11 @@ def test_fashion_mnist_refuses_a_momentum_beyond_float32(idx_dir, tmp_path, caps
     assert run_cli(fashion_mnist.main, argv) == 2
     assert "argument --momentum: expected a number from 0 to 3.403e+38" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode, best", [("max", "0.7000 (epoch 2 of 4)"), ("min", "0.5000 (epoch 3 of 4)")])
+def test_the_summary_names_the_best_epoch_and_skips_epochs_with_nothing_measured(tmp_path, capsys, mode, best):
+    """An epoch whose IoU is NaN (no labelled pixel in its validation) is neither best nor worst."""
+    history = [{"val_iou": float("nan")}, {"val_iou": 0.7}, {"val_iou": 0.5}, {"val_iou": 0.7}]
+    print_run_summary(SimpleNamespace(history=history), tmp_path, "val_iou", "IoU", mode=mode)
+    assert capsys.readouterr().out.splitlines()[0] == f"best validation IoU: {best}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from torch.utils.data import DataLoader
 from recipes import nested_unet
 from recipes.common import run_cli
 from tests.helpers import tiny_args
+from tests.processes import RecipeProcess
 from tests.test_kill_resume import assert_matches_reference
 from trainer import ResumableSampler
 from trainer.callbacks import ModelCheckpoint
@@ -149,6 +152,35 @@ def test_a_changed_folder_invalidates_the_index(tmp_path, monkeypatch, change):
             SegmentationStream(data, index_dir=tmp_path / "index")
 
 
+@pytest.mark.parametrize("change", ["removed", "rewritten, its times set back", "spoiled"])
+def test_a_file_changed_during_a_run_is_named_not_read(tmp_path, change):
+    """After the check, an item's file that is removed, rewritten with its size and modification
+    time kept (as `cp --preserve` or a restore tool leaves it), or spoiled is a DatasetError naming
+    it when the item is asked for: a run never trains on a file other than the one it checked."""
+    data = SyntheticNuclei(4, image_size=16, seed=1).save(tmp_path / "data")
+    stream = SegmentationStream(data, index_dir=tmp_path / "index")
+    stream[1]
+    mask, other = (data / stream.index.samples[stream.ids[i]][1][0] for i in (1, 2))
+    if change == "removed":
+        mask.unlink()
+    else:
+        stat, other = mask.stat(), other.read_bytes()
+        mask.write_bytes(other if change == "spoiled" else mask.read_bytes()[::-1])  # or the same size
+        if change != "spoiled":
+            os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DatasetError, match=f"^{mask} (was removed|changed) after the folder was checked"):
+        stream[1]
+    stream[2]  # the others are still read
+
+
+def test_an_index_file_of_valid_json_that_is_no_index_is_checked_anew(folder, tmp_path):
+    path = index_file(folder, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[1, 2, 3]")
+    assert len(SegmentationStream(folder, index_dir=tmp_path)) == 12
+    assert json.loads(path.read_text())["samples"]
+
+
 class Killed(Exception):
     """What `kill_at` raises."""
 
@@ -211,3 +243,51 @@ def test_streamed_label_maps_equal_the_in_memory_ones(tmp_path):
     for got, want in zip(epochs_of_batches(stream[0], workers=0), epochs_of_batches(memory[0], workers=0)):
         assert got[1].dtype == torch.int64 and (got[1] == 255).any()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# The recipe's command line, removing every image of the folder (the first argument) once global
+# step 2 is done: from inside the run, so that the run cannot end first.
+REMOVE_IMAGES_AT_STEP_2 = """
+import os, runpy, sys
+from trainer.callbacks import ModelCheckpoint
+images = sys.argv.pop(1)
+def on_batch_end(self, trainer, batch, outputs, original=ModelCheckpoint.on_batch_end):
+    original(self, trainer, batch, outputs)
+    if trainer.global_step == 2:
+        for name in os.listdir(images):
+            os.remove(os.path.join(images, name))
+ModelCheckpoint.on_batch_end = on_batch_end
+ModelCheckpoint.idle_hooks = lambda self, trainer: frozenset()
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+def test_files_removed_during_a_run_with_workers_stop_it_in_one_line_and_the_process_exits(tmp_path):
+    """A real process streaming with 2 workers (which ignore SIGTERM, for a signal to the process
+    group): the images vanish during epoch 1. The run stops at the first batch it cannot load, in
+    one line naming the file and how to go on, exit code 2, its position saved and its lock
+    released, and the process ends (it used to hang at exit, waiting for its workers). Once the
+    files are back, the printed command resumes it to the end."""
+    data = SyntheticNuclei(32, image_size=16, seed=1).save(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    options = tiny_args(
+        data=data, data_mode="stream", workers=2, batch_size=2, train_samples=None, val_samples=None, log_dir=run_dir
+    )
+    run = RecipeProcess([str(data / "images"), *options], code=REMOVE_IMAGES_AT_STEP_2, timeout=120)
+    assert run.finish() == 2, run.stderr[-3000:]  # a hang would end in the timeout's SIGKILL instead
+    line = run.stderr.strip().splitlines()[-1]
+    command = f"python -m recipes.nested_unet --resume {run_dir}"
+    assert re.fullmatch(
+        rf"error: loading training batch (\d+) of epoch 1 failed: DatasetError: {re.escape(str(data))}/images/\S+ "
+        rf"was removed after the folder was checked at the start of the run.*; the run stopped and can resume from "
+        rf"{re.escape(str(run_dir / 'last.pt'))} once the data is fixed: {re.escape(command)}",
+        line,
+    ), line
+    failed_batch = int(re.search(r"training batch (\d+)", line).group(1))
+    assert load_checkpoint(run_dir / "last.pt")["position"]["batches"] == failed_batch - 1
+    assert not (run_dir / ".lock").exists() and not list(run_dir.glob(".*.tmp"))
+
+    SyntheticNuclei(32, image_size=16, seed=1).save(data, exist_ok=True)  # the same files again
+    assert run_cli(nested_unet.main, ["--resume", str(run_dir)]) == 0
+    assert load_checkpoint(run_dir / "last.pt")["epochs_done"] == 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 
-#: The signals that ask a training run to stop: Ctrl-C, and what `kill`, Slurm and systemd send.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: The signals that ask a training run to stop: Ctrl-C, what `kill`, Slurm and systemd send, and
+#: SIGHUP, which a terminal that closes sends (an SSH session dropped without tmux or nohup).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn`` after which the worker ignores SIGINT and SIGTERM.
+    """A DataLoader ``worker_init_fn`` after which the worker ignores SIGINT, SIGTERM and SIGHUP.
 
     A signal sent to a whole process group (Ctrl-C in a terminal, Slurm's and systemd's SIGTERM)
     reaches the DataLoader's workers too. Unhandled there, SIGTERM kills them and the main

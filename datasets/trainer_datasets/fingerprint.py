@@ -16,8 +16,10 @@ def data_files(
     Args:
         root: the data folder.
         files: the files the run reads, inside `root`.
-        times: give ``[size, modification time in ns]`` per file instead of the size: for caches
-            kept on this machine, where a file rewritten with the same size must count as changed.
+        times: give ``[size, modification time, status change time]`` (in ns) per file instead of
+            the size: for caches kept on this machine, where a file rewritten with the same size
+            must count as changed, even when its modification time was set back (which also sets
+            the status change time, and nothing can set that back).
     """
     root = os.fspath(root)
     found: dict = {}
@@ -25,5 +27,5 @@ def data_files(
     for file in (os.fspath(path) for path in files):
         info = os.stat(file)
         name = Path(os.path.relpath(file, root)).as_posix() if os.sep != "/" else os.path.relpath(file, root)
-        found[name] = [info.st_size, info.st_mtime_ns] if times else info.st_size
+        found[name] = [info.st_size, info.st_mtime_ns, info.st_ctime_ns] if times else info.st_size
     return dict(sorted(found.items()))

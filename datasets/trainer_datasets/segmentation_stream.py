@@ -8,9 +8,11 @@ Every file is checked once, with `SegmentationFolder`'s checks and messages (pai
 formats, corrupt files, masks of another size than their image), and what the check found (the
 ids, their files and image sizes) is kept in an index file: ``<cache>/segmentation-index/<hash of
 the folder's path>.json``, where ``<cache>`` is `cache_folder`. The index holds the folder's
-fingerprint (`data_files` with modification times: every file's size and time); a later start
-lists the folder, and reuses the index when the fingerprint is the same, decoding nothing. A file
-added, removed or rewritten makes it check the folder again.
+fingerprint (`data_files` with times: every file's size, modification and status change times); a
+later start lists the folder, and reuses the index when the fingerprint is the same, decoding
+nothing. A file added, removed or rewritten makes it check the folder again. During a run, each
+item's files are compared with the fingerprint before they are decoded: a file removed or changed
+since the check is a `DatasetError` naming it, never another sample than the one checked.
 
 Under ``torchrun`` (an initialised process group of several processes) only rank 0 lists, checks
 and indexes the folder; the others receive its index (or its error) through the process group, so
@@ -25,7 +27,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from trainer_datasets.segmentation_folder import (
 from trainer_datasets.transforms import segmentation_augmentation
 
 #: The version of the index files' layout; an index of another version is rebuilt.
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 #: ``mode="auto"`` streams a folder whose decoded images and masks would take more bytes than this
 #: (1 GiB: about 4,000 RGB images of 256x256 with one mask class).
 STREAM_ABOVE_BYTES = 1 << 30
@@ -80,6 +82,8 @@ class SegmentationIndex:
             directly in masks/, ``["labels"]`` for label maps.
         mask_mode: ``"binary"`` or ``"labels"`` (see `trainer_datasets.segmentation_folder`).
         ignore_index: label maps: the value of pixels of no class.
+        files: the folder's fingerprint when it was checked (``{relative path: [size, modification
+            time, status change time]}``, see `data_files`); empty when not known.
     """
 
     root: Path
@@ -88,6 +92,29 @@ class SegmentationIndex:
     mask_folders: list[str]
     mask_mode: str = "binary"
     ignore_index: int = IGNORE_INDEX
+    files: dict[str, list[int]] = field(default_factory=dict)
+
+    def check_unchanged(self, sample_id: str) -> None:
+        """Raise `DatasetError` naming the first file of `sample_id` that was removed or changed
+        since the folder was checked (nothing when the fingerprint is not known)."""
+        if not self.files:
+            return
+        image, masks, _, _ = self.samples[sample_id]
+        for name in (image, *masks):
+            path = self.root / name
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                raise DatasetError(
+                    f"{path} was removed after the folder was checked at the start of the run; put it back "
+                    "to go on, or start a new run, which checks the folder again"
+                ) from None
+            now = [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+            if now != self.files.get(Path(name).as_posix()):
+                raise DatasetError(
+                    f"{path} changed after the folder was checked at the start of the run; a run trains on the "
+                    "files it checked: put the file back to go on, or start a new run, which checks the folder again"
+                )
 
     @property
     def ids(self) -> list[str]:
@@ -180,7 +207,7 @@ def _load_or_build(root: Path, index_dir: str | os.PathLike | None, masks: dict[
     if fingerprint is not None:
         try:
             saved = json.loads(path.read_text())
-            if saved.get("version") == INDEX_VERSION and saved.get("files") == fingerprint:
+            if isinstance(saved, dict) and saved.get("version") == INDEX_VERSION and saved.get("files") == fingerprint:
                 samples = {i: (image, list(masks), h, w) for i, image, masks, h, w in saved["samples"]}
                 return SegmentationIndex(
                     root,
@@ -189,16 +216,18 @@ def _load_or_build(root: Path, index_dir: str | os.PathLike | None, masks: dict[
                     list(saved["mask_folders"]),
                     saved["mask_mode"],
                     int(saved["ignore_index"]),
+                    fingerprint,
                 )
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # no index yet, or an unreadable one: checked and written anew
+            pass  # no index yet, or an unreadable or foreign one: checked and written anew
     index = _build(root, masks)
+    index.files = _fingerprint(root) or {}
     _write(
         path,
         {
             "version": INDEX_VERSION,
             "root": os.path.abspath(root),
-            "files": _fingerprint(root),
+            "files": index.files,
             "classes": index.classes,
             "mask_folders": index.mask_folders,
             "mask_mode": index.mask_mode,
@@ -339,6 +368,7 @@ class SegmentationStream(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample_id = self.ids[index]
+        self.index.check_unchanged(sample_id)
         image, mask = load_sample(self.index.layout([sample_id]), sample_id, self.image_size)
         return make_item(image, mask, self.transform, self.seed, self.epoch, index, labels=self.mask_mode == "labels")
 
