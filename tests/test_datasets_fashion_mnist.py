@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import pytest
 import torch
@@ -185,6 +186,27 @@ def test_damaged_idx_files_are_named_with_what_is_wrong(fashion_dir, fault):
         load_fashion_mnist(root)
     assert str(info.value).startswith(f"{raw / name} ") and message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b + bytes(5_000_000), "holds more than the 39216 bytes its header declares (50 items)"),
+        (lambda b: b[:20_000], "holds only 20000 of the 39216 bytes its header declares (50 items)"),
+        (lambda b: b[:4] + (10**9).to_bytes(4, "big") + b[8:], "its header asks for 784.0 GB"),
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "it has 1 dimension(s)"),
+    ],
+    ids=["a bomb", "cut short", "a header claiming 784 GB", "labels' header"],
+)
+def test_a_gz_file_is_checked_by_its_header_before_more_than_it_declares_is_written(fashion_dir, change, message):
+    """Decompressing stops at the size the IDX header declares and checks the disk has room for
+    it first: a damaged or hostile .gz cannot fill the disk. Nothing is left behind."""
+    root, _, _ = fashion_dir
+    packed = raw_folder(root) / "train-images-idx3-ubyte.gz"
+    packed.write_bytes(gzip.compress(change(gzip.decompress(packed.read_bytes())), compresslevel=1))
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_fashion_mnist(root)
+    assert sorted(p.name for p in raw_folder(root).iterdir() if p.name.startswith("train-images")) == [packed.name]
 
 
 def test_a_corrupt_deflate_stream_is_named(fashion_dir):

@@ -8,6 +8,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +102,36 @@ def check_idx_file(path: str | os.PathLike) -> None:
         path: ``*-images-idx3-ubyte`` or ``*-labels-idx1-ubyte``.
     """
     path = Path(path)
-    kind = "images" if "-images-" in path.name else "labels"
-    magic, item_shape, item = IDX_FORMATS[kind]
-    header_size = 4 * (2 + len(item_shape))
     size = path.stat().st_size
     with open(path, "rb") as file:
-        header = file.read(header_size)
-    fix = "replace it with a good copy (or remove it and pass --download)"
+        header = file.read(_header_size(path))
+    expected = _expected_size(path, header, size)
+    if size != expected:
+        _wrong_size(path, header, size, expected)
+
+
+def _kind(path: Path) -> str:
+    return "images" if "-images-" in path.name else "labels"
+
+
+def _header_size(path: Path) -> int:
+    return 4 * (2 + len(IDX_FORMATS[_kind(path)][1]))
+
+
+_FIX = "replace it with a good copy (or remove it and pass --download)"
+
+
+def _expected_size(path: Path, header: bytes, size: int | None) -> int:
+    """The size in bytes the IDX file `path` must have by its `header` (the file's first bytes);
+    a `DatasetError` naming `path` for a header that is not a Fashion-MNIST IDX file's (`size`:
+    the file's, for the message; None when not known)."""
+    kind = _kind(path)
+    magic, item_shape, _ = IDX_FORMATS[kind]
+    header_size = _header_size(path)
     if len(header) < header_size:
+        size = len(header) if size is None else size
         raise DatasetError(
-            f"{path} is not a valid IDX {kind} file: {size} bytes, shorter than the {header_size}-byte header; {fix}"
+            f"{path} is not a valid IDX {kind} file: {size} bytes, shorter than the {header_size}-byte header; {_FIX}"
         )
     found = int.from_bytes(header[:4], "big")
     if found != magic:
@@ -124,7 +145,7 @@ def check_idx_file(path: str | os.PathLike) -> None:
         raise DatasetError(
             f"{path} is not a valid IDX {kind} file: it has {what}; Fashion-MNIST {kind} are "
             f"unsigned bytes in {1 + len(item_shape)} dimension(s) (magic number 0x{magic:08x}); "
-            f"{fix}"
+            f"{_FIX}"
         )
     count, *shape = (int.from_bytes(header[i : i + 4], "big") for i in range(4, header_size, 4))
     if tuple(shape) != item_shape:
@@ -132,14 +153,21 @@ def check_idx_file(path: str | os.PathLike) -> None:
             f"{path} is not a valid IDX {kind} file for Fashion-MNIST: its images are "
             f"{'x'.join(map(str, shape))}, Fashion-MNIST's are 28x28 (the CNN needs that size)"
         )
-    expected = header_size + count * math.prod(item_shape)
-    if size != expected:
-        held = (size - header_size) // max(1, math.prod(item_shape))
-        how = f"holds only {held}" if size < expected else f"has {size - expected} bytes more than"
-        raise DatasetError(
-            f"{path} is not a valid IDX {kind} file: its header claims {count} items but the file "
-            f"{how} ({size} bytes, {expected} expected); it is truncated or damaged: {fix}"
-        )
+    return header_size + count * math.prod(item_shape)
+
+
+def _wrong_size(path: Path, header: bytes, size: int, expected: int) -> NoReturn:
+    """Raise the `DatasetError` of an IDX file of `size` bytes whose header asks for `expected`."""
+    kind = _kind(path)
+    item_shape = IDX_FORMATS[kind][1]
+    header_size = _header_size(path)
+    count = int.from_bytes(header[4:8], "big")
+    held = (size - header_size) // max(1, math.prod(item_shape))
+    how = f"holds only {held}" if size < expected else f"has {size - expected} bytes more than"
+    raise DatasetError(
+        f"{path} is not a valid IDX {kind} file: its header claims {count} items but the file "
+        f"{how} ({size} bytes, {expected} expected); it is truncated or damaged: {_FIX}"
+    )
 
 
 def write_fashion_mnist_idx(
@@ -243,13 +271,40 @@ def _idx_header(magic: int, *dims: int) -> bytes:
 
 
 def _gunzip_if_needed(path: Path) -> None:
+    """Decompress ``path.gz`` to `path` when only the former is there: its IDX header is checked
+    first, and no more than the size that header declares is ever written (a damaged or hostile
+    file cannot fill the disk), after checking that the disk has room for it."""
     packed = path.with_name(path.name + ".gz")
     if path.is_file() or not packed.is_file():
         return
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
+        with gzip.open(packed, "rb") as src:
+            header = src.read(_header_size(path))
+            expected = _expected_size(packed, header, None)
+            free = shutil.disk_usage(path.parent).free
+            if expected > free:
+                raise DatasetError(
+                    f"cannot decompress {packed}: its header asks for {expected / 1e9:.1f} GB and {path.parent} "
+                    f"has {free / 1e9:.1f} GB free; {_FIX}"
+                )
+            with open(tmp, "wb") as dst:
+                dst.write(header)
+                written = len(header)
+                while written < expected and (chunk := src.read(min(1 << 20, expected - written))):
+                    dst.write(chunk)
+                    written += len(chunk)
+            longer = bool(src.read(1))
+        if written != expected or longer:
+            count = int.from_bytes(header[4:8], "big")
+            what = f"more than the {expected} bytes" if longer else f"only {written} of the {expected} bytes"
+            raise DatasetError(
+                f"cannot decompress {packed}: it holds {what} its header declares ({count} items); it is "
+                f"damaged: {_FIX}"
+            )
+    except DatasetError:
+        tmp.unlink(missing_ok=True)
+        raise
     except (OSError, EOFError, zlib.error) as exc:
         tmp.unlink(missing_ok=True)
         reason = f"its deflate stream is corrupt ({exc})" if isinstance(exc, zlib.error) else str(exc)
