@@ -20,6 +20,7 @@ from trainer import NonFiniteLossError
 from trainer.distributed import end_process, is_distributed
 from trainer.every import positive_int as check_positive_int
 from trainer.limits import parse_duration
+from trainer.threads import affinity_cpus
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):
@@ -148,6 +149,20 @@ def positive_int(text: str) -> int:
 
 
 positive_int.__name__ = "a positive integer"
+
+
+def thread_count(text: str) -> int:
+    """argparse type of ``--threads``: from 1 to the CPUs this process may use (more threads than
+    CPUs only wait for each other)."""
+    cpus = affinity_cpus()
+    value = positive_int(text)
+    if value > cpus:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to {cpus}, the CPUs this process may use, got {text!r}; more threads than CPUs slow training"
+        )
+    return value
+
+
 non_negative_int = _bounded(int, 0, True, "an integer >= 0")
 positive_float = _bounded(
     float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)", maximum=FLOAT32_MAX
@@ -242,9 +257,10 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         metavar="N",
-        help="CPU threads of each process (default: the CPUs this process may use, after its "
+        help="CPU threads of each process, at most the CPUs it may use (default: OMP_NUM_THREADS "
+        "where it is set outside torchrun, else the CPUs this process may use, after its "
         "container's CPU quota, shared among torchrun's local processes). The same "
         "command and --seed give bit-identical weights on the same machine, busy or idle; "
         "another thread count, precision, torch version or machine changes the last bits",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
@@ -11,6 +12,11 @@ from typing import Any, ClassVar
 #: ``--download``...): not in config.json, not compared on resume. Use it as
 #: ``field(default=..., metadata=PER_COMMAND)``.
 PER_COMMAND: Mapping[str, bool] = {"saved": False}
+
+
+#: Metadata of a field that names a file or folder (``--data``): saved as an absolute path, so that
+#: a resumed run finds it from any working folder. Use it as ``field(metadata=PATH)``.
+PATH: Mapping[str, bool] = {"path": True}
 
 
 def _saved(field: dataclasses.Field) -> bool:
@@ -85,13 +91,20 @@ class RunConfig(MutableMapping[str, Any]):
     @classmethod
     def from_options(cls, args: argparse.Namespace) -> RunConfig:
         """The configuration of a new run: each field from the parsed option of the same name
-        (a field without an option keeps its default).
+        (a field without an option keeps its default; a `PATH` field's value made absolute).
 
         Args:
             args: the parsed command line.
         """
-        names = [field.name for field in dataclasses.fields(cls) if field.name != "other"]
-        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        fields = [field for field in dataclasses.fields(cls) if field.name != "other" and hasattr(args, field.name)]
+        return cls(**{field.name: _absolute(field, getattr(args, field.name)) for field in fields})
+
+    @classmethod
+    def option_value(cls, name: str, value: Any) -> Any:
+        """`value` of the option `name` as a run saves it (a `PATH` field's made absolute), to
+        compare with a saved run's."""
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        return _absolute(field, value) if field is not None else value
 
     @classmethod
     def from_saved(cls, saved: Mapping[str, Any], args: argparse.Namespace) -> RunConfig:
@@ -153,3 +166,10 @@ class RunConfig(MutableMapping[str, Any]):
         if self[key] is None:
             self[key] = default
         return self[key]
+
+
+def _absolute(field: dataclasses.Field, value: Any) -> Any:
+    """`value` as an absolute path for a `PATH` field (None stays None), else as it is."""
+    if field.metadata.get("path") and value is not None:
+        return os.path.abspath(os.fspath(value))
+    return value

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import FashionCNN, accuracy
 from recipes.common import (
+    PATH,
     PER_COMMAND,
     Recipe,
     RecipeArgumentParser,
@@ -187,7 +188,7 @@ class FashionMNISTConfig(RunConfig):
     lr: float
     momentum: float
     log_every: int
-    data_dir: str
+    data_dir: str = field(metadata=PATH)
     workers: int
     download: bool = field(default=False, metadata=PER_COMMAND)
 

@@ -4,11 +4,16 @@ options a command gave, the resume command, and config.json of older runs read b
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
-from recipes.cli import parse_command_line, resume_command
+from recipes import nested_unet
+from recipes.cli import parse_command_line, resume_command, run_cli
 from recipes.nested_unet import NestedUNetConfig, build_parser
+from tests.helpers import tiny_args
+from trainer.checkpoint import load_checkpoint
+from trainer_datasets import SyntheticNuclei
 
 
 def test_given_options_are_told_from_defaults_in_every_spelling():
@@ -52,3 +57,20 @@ def test_a_config_json_of_an_older_run_resumes_with_defaults_and_keeps_unknown_v
     assert not {"resume", "max_time", "log_dir", "fast_dev_run", "other"} & set(config)
     with pytest.raises(KeyError, match="declare it as a field"):
         config["no_such_option"] = 1
+
+
+def test_data_given_relative_is_saved_absolute_and_the_run_resumes_from_anywhere(tmp_path, monkeypatch):
+    """`--data data` in one working folder; the printed resume command run from another one
+    finds the data: the run saved the folder's absolute path, which a relative --data on resume
+    is compared with."""
+    (tmp_path / "work").mkdir()
+    SyntheticNuclei(6, image_size=16, seed=1).save(tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path / "work")
+    options = tiny_args(data="data", train_samples=None, val_samples=None, log_dir=tmp_path / "run")
+    assert run_cli(nested_unet.main, options) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(nested_unet.main, ["--resume", str(tmp_path / "run"), "--epochs", "2"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epochs_done"] == 2
+    # The same folder given again, relative to this working folder, is the run's own.
+    assert run_cli(nested_unet.main, ["--resume", str(tmp_path / "run"), "--epochs", "3", "--data", "work/data"]) == 0

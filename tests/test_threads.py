@@ -12,6 +12,12 @@ import trainer.threads as threads_module
 from trainer.threads import choose_threads, cpu_quota, use_threads
 
 
+@pytest.fixture(autouse=True)
+def no_omp_num_threads(monkeypatch):
+    """The thread counts below as on a machine where the user did not set OMP_NUM_THREADS."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 def cgroup_v2(tmp_path: Path, cpu_max: str, nested: str | None = None) -> tuple[Path, Path]:
     """A cgroup v2 tree with `cpu_max` in the process's own group (or in its parent when `nested`
     names a child group without a quota of its own)."""
@@ -72,6 +78,21 @@ def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
     assert choice.threads == 2 and "shared by 4 local processes" in choice.reason
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert choose_threads().threads == 1  # never fewer than one
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("1", 1), ("4,2", 4), ("0", None), ("many", None), ("", None)])
+def test_omp_num_threads_of_the_user_is_followed_outside_torchrun(mocker, monkeypatch, value, expected):
+    """A user's OMP_NUM_THREADS=1 is not overridden; a value OpenMP would ignore is ignored. Under
+    torchrun, which sets it to 1 for each of its processes, the share of the CPUs wins."""
+    mocker.patch.object(threads_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(threads_module, "cpu_quota", return_value=None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    choice = choose_threads()
+    assert choice.threads == (expected or 8)
+    assert (f"OMP_NUM_THREADS={value}" in choice.reason) == (expected is not None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert choose_threads().threads == 2
 
 
 def test_use_threads_sets_torch_and_a_request_wins():

@@ -115,12 +115,16 @@ def local_processes() -> int:
 
 
 def choose_threads(requested: int | None = None) -> ThreadChoice:
-    """The intra-op thread count for this process: `requested` when given, else the CPUs it may
-    use (affinity, capped by the cgroup CPU quota rounded up) shared evenly among the local
-    training processes, at least one."""
+    """The intra-op thread count for this process: `requested` when given, else the user's
+    ``OMP_NUM_THREADS`` (outside torchrun, which sets it to 1 for each of several local processes
+    unless it was set), else the CPUs it may use (affinity, capped by the cgroup CPU quota rounded
+    up) shared evenly among the local training processes, at least one."""
     if requested is not None:
         positive_int("threads", requested)
         return ThreadChoice(requested, "as asked")
+    asked = omp_num_threads()
+    if asked is not None and local_processes() == 1:
+        return ThreadChoice(asked, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     cpus, reasons = affinity_cpus(), []
     reasons.append(f"{cpus} CPU{'s' if cpus != 1 else ''} in this process's affinity")
     quota = cpu_quota()
@@ -131,6 +135,13 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
     if processes > 1:
         reasons.append(f"shared by {processes} local processes")
     return ThreadChoice(max(1, cpus // processes), ", ".join(reasons))
+
+
+def omp_num_threads() -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` asks for (its first level), or None when it is not set
+    or not a positive integer (OpenMP ignores such a value too)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def use_threads(requested: int | None = None) -> ThreadChoice:
