@@ -147,6 +147,22 @@ def test_native_convolution_kernels_where_they_measure_faster(mocker):
     assert "native convolution kernels" in str(choice) and "1.43x float32" in choice.reason
 
 
+def test_bf16_must_beat_the_fastest_float32_setting_not_only_the_plain_one(mocker):
+    """bf16 1.25x plain float32, but float32 with PyTorch's own convolution kernels is faster
+    still: float32 with those kernels wins."""
+    mocker.patch.object(precision_module, "cpu_features", return_value=SAPPHIRE_RAPIDS)
+    timings = {
+        ("32", False): 1.0,
+        ("32", True): 1.0,
+        ("32", False, False): 0.5,
+        ("bf16", False): 0.8,
+        ("bf16", True): 0.85,
+    }
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe(timings))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
+    assert (choice.precision, choice.channels_last, choice.onednn) == ("32", False, False)
+
+
 def test_trainer_runs_with_the_chosen_kernels_and_restores_them():
     seen = []
 
@@ -248,7 +264,8 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
         precision="auto",
         channels_last="auto",
     )
-    resumed.fit(train, val, resume_from=ckpt.last_path)
+    with pytest.warns(RuntimeWarning, match=r"callbacks this trainer does not have \(ModelCheckpoint\)"):
+        resumed.fit(train, val, resume_from=ckpt.last_path)
     assert (resumed.precision, resumed.channels_last) == ("bf16", True)
     assert resumed.precision_choice == PrecisionChoice("bf16", True, "saved in the checkpoint")
 
@@ -338,6 +355,19 @@ def test_a_damaged_cache_file_is_measured_again_and_rewritten(mocker, tmp_path, 
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
     assert spy.call_count == 1 and (choice.precision, choice.channels_last) == ("32", False)
     assert len(json.loads(cache.read_text())) == 1
+
+
+@pytest.mark.parametrize("entry", ["a string", {"precision": "fp8"}, {"precision": "bf16", "channels_last": "yes"}])
+def test_a_damaged_entry_is_measured_again_and_replaced(mocker, tmp_path, entry):
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    spy = mocker.patch.object(precision_module, "probe", side_effect=fake_probe({("32", False): 1.0}))
+    cache = tmp_path / "precision.json"
+    choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    [key] = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: entry}))
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    assert spy.call_count == 2 and (choice.precision, choice.channels_last) == ("32", False)
+    assert json.loads(cache.read_text())[key]["precision"] == "32"
 
 
 def test_an_unwritable_cache_still_trains_and_says_it_kept_nothing(mocker, tmp_path):

@@ -205,8 +205,9 @@ def choose_precision(
     `probe` times a training pass (forward and backward) of a copy of `model` on `example` (model
     inputs at the training batch's shape, as the loader yields them) in each setting, `REPEATS`
     times round-robin, keeping each setting's fastest pass: bf16 is taken only when it is at least
-    `MIN_GAIN` faster than float32, channels-last or PyTorch's own convolution kernels only when
-    at least `MIN_LAYOUT_GAIN` faster than the contiguous layout with oneDNN. Without an `example`
+    `MIN_GAIN` faster than the fastest float32 setting (any layout or kernels), channels-last or
+    PyTorch's own convolution kernels only when at least `MIN_LAYOUT_GAIN` faster than the
+    contiguous layout with oneDNN. Without an `example`
     there is nothing to probe: float32, contiguous.
 
     The measurement is made once per machine and model: its result is kept in `cache_path` under
@@ -258,7 +259,7 @@ def choose_precision(
     path = cache_path() if cache is True else Path(cache) if cache else None
     key = probe_key(model, example, candidates)
     with _locked(path):
-        kept = _read_cache(path).get(key) if path is not None else None
+        kept = _cached_setting(_read_cache(path).get(key)) if path is not None else None
         if kept is not None:
             pick = Setting(kept["precision"], kept["channels_last"], kept["onednn"])
             reasons.append(
@@ -291,8 +292,9 @@ def _pick(timings: dict[Setting, float], precisions: list[str], layouts: list[bo
     if math.isinf(timings[plain]):
         return plain, f"{measured}; {plain} could not train, kept anyway"
     chosen = precisions[0]
+    fastest_first = min(t for setting, t in timings.items() if setting.precision == precisions[0])
     for p in precisions[1:]:
-        if timings[plain] / min(timings[Setting(p, layout)] for layout in layouts) >= MIN_GAIN:
+        if fastest_first / min(timings[Setting(p, layout)] for layout in layouts) >= MIN_GAIN:
             chosen = p
     pick = Setting(chosen, layouts[0])
     for other in [Setting(chosen, layout) for layout in layouts[1:]] + [Setting("32", False, onednn=False)]:
@@ -355,6 +357,17 @@ def _locked(path: Path | None) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def _cached_setting(entry: Any) -> dict[str, Any] | None:
+    """A cache entry as `choose_precision` reads it, or None when it is damaged (then measured again)."""
+    if not isinstance(entry, dict):
+        return None
+    fields = (entry.get("precision"), entry.get("channels_last"), entry.get("onednn"), entry.get("measured"))
+    precision, channels_last, onednn, measured = fields
+    if precision not in ("32", "bf16") or not isinstance(channels_last, bool) or not isinstance(onednn, bool):
+        return None
+    return entry if isinstance(measured, str) else None
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
