@@ -219,6 +219,22 @@ def test_hparams_main_options_first_with_their_types_and_no_one_point_scalars(tm
     assert len(acc.Tensors("_hparams_/session_start_info")) == 1
 
 
+def test_hparams_metrics_include_the_validation_logs_a_callback_adds(tmp_path):
+    """A callback that adds its own validation logs (as ConfusionMatrixCallback adds val_iou for
+    label maps) and lists them in `log_keys` gets them into the HParams tab's metrics."""
+
+    class Coverage(Callback):
+        order = -20  # before the loggers: they see the value
+        log_keys = ["val_coverage"]
+
+        def on_validation_end(self, trainer, logs):
+            logs["val_coverage"] = 0.5
+
+    fit_visuals([Coverage(), TensorBoardCallback(tmp_path, every_n_steps=2)])
+    experiment, _ = hparams_data(read_logged(tmp_path))
+    assert "Validation/coverage" in [info.name.tag for info in experiment.metric_infos]
+
+
 def test_default_hparams_are_the_main_options(tmp_path):
     fit_visuals([TensorBoardCallback(tmp_path)])
     experiment, start = hparams_data(read_logged(tmp_path))

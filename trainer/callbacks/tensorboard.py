@@ -390,7 +390,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         hparams = self.hparams if self.hparams is not None else default_hparams(trainer)
         keys = ["loss"]
         if trainer.val_loader is not None:
-            keys += ["val_loss", *(f"val_{name}" for name in trainer.metrics)]
+            # Callbacks adding validation logs of their own (ConfusionMatrixCallback's val_iou) list them in log_keys.
+            added = [key for callback in trainer.callbacks for key in getattr(callback, "log_keys", ())]
+            keys += ["val_loss", *(f"val_{name}" for name in trainer.metrics), *added]
         summaries = hparams_summaries(hparams, self.metric_tags(keys), self.main_hparams)
         for summary in summaries:  # in this run's own stream (add_hparams would make a sub-run)
             self._rank_zero_writer().file_writer.add_summary(  # type: ignore[attr-defined]  # open during a fit
