@@ -1,6 +1,6 @@
 """Faults thrown at the NestedUNet recipe's real command line, many times, with the outcome of each.
 
-    python -m bench.reliability [--trials 2] [--seed 0] [--arch UNet] [--epochs 3] [--quick]
+    python -m bench.reliability [--trials 2] [--seed 0] [--arch UNet] [--epochs 3] [--quick] [--bad-input-only]
 
 Interruptions, each trial in a fresh run directory. A random moment is a random milestone of the
 process (its run directory recorded, an epoch's progress bar appearing) plus a random part of the
@@ -43,7 +43,10 @@ one step, and ``metrics.csv`` must be equal.
 Bad input (deterministic, run once each; also ``--resume`` without ``last.pt``, ``predict`` onto
 existing outputs or with a checkpoint that is not this recipe's, Fashion-MNIST IDX files): the
 command must exit with 2, print one line naming the fault, and write nothing (names, sizes and
-modification times under the folders it names unchanged).
+modification times under the folders it names unchanged). Hostile files too: checkpoints whose class
+names lead out of ``--out`` or whose sizes would take all memory, a pickle that would run a command,
+a checkpoint with compressed records, a ``classes.txt`` line ``..``, a ``.lock`` that links to another
+file, a weights-only ``last.pt`` to resume, a ``.gz`` bomb; ``--bad-input-only`` runs these alone.
 
 A trial passes when the fault landed where it was meant to and the finished run matches.
 Prints a Markdown table: fault | trials | outcome, with where the faults landed. Exit code 0 when
@@ -53,9 +56,11 @@ every trial passed.
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import logging
 import os
+import pickle
 import random
 import shlex
 import shutil
@@ -64,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,8 +78,12 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from models import FashionCNN
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
+from trainer.model_spec import record_model
+from trainer.trained_model import export_model
+from trainer_datasets import CLASSES as FASHION_CLASSES
 from trainer_datasets import SyntheticNuclei, write_png_file
 from trainer_datasets.fashion_mnist import make_learnable_fashion_like, raw_folder, write_fashion_mnist_idx
 
@@ -748,6 +758,147 @@ def fashion_folder(root: Path, damage: Callable[[Path], None]) -> Path:
     return root
 
 
+def hostile_checkpoint(root: Path, name: str, state: dict[str, Any], change: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the checkpoint `state` changed by `change`, saved as `root / name`."""
+    changed = copy.deepcopy(state)
+    change(changed)
+    torch.save(changed, root / name)
+    return root / name
+
+
+class RunsACommand:
+    """What a malicious pickle holds: unpickling it would run ``touch`` on `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[BadInput]:
+    """Files that come from someone else, built to do harm: checkpoints whose class names lead out of
+    ``--out``, whose sizes would take all memory, that run code or inflate; a ``classes.txt`` line
+    ``..``; a ``.lock`` that links to another file; a weights-only ``last.pt``; a ``.gz`` bomb."""
+    root.mkdir(parents=True)
+    state = load_checkpoint(checkpoint)
+    out = [*predict[:2], "CHECKPOINT", *predict[3:], "--out", "OUT"]
+
+    def predicting(name: str, change: Callable[[dict[str, Any]], None]) -> list[str]:
+        path = hostile_checkpoint(root, name, state, change)
+        return [str(path) if arg == "CHECKPOINT" else str(root / f"out-{name}") if arg == "OUT" else arg for arg in out]
+
+    def nested(spec: dict[str, Any]) -> None:
+        value: Any = 1
+        for _ in range(150):
+            value = [value]
+        spec["model_spec"]["kwargs"]["extra"] = value
+
+    def linear(spec: dict[str, Any]) -> None:  # 1.6 GB of weights named, none stored
+        spec["model_spec"] = {"class": "models.unet.UNet", "args": [], "kwargs": {"base_filters": 20000}}
+
+    marker = root / "code-ran"
+    (root / "pickle.pt").write_bytes(pickle.dumps({"format_version": 2, "model": RunsACommand(marker)}, protocol=2))
+    plain = root / "plain.pt"
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(root / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in source.infolist():
+            packed.writestr(info.filename, source.read(info))
+    labels = root / "dot-classes"
+    SyntheticNuclei(6, image_size=16, seed=1).save(labels)
+    for mask in sorted((labels / "masks" / "0").iterdir()):
+        mask.rename(labels / "masks" / mask.name)
+    (labels / "masks" / "0").rmdir()
+    (labels / "classes.txt").write_text("background\n..\n")
+    weights_only, linked = root / "weights-only", root / "linked-lock"
+    for run_dir in (weights_only, linked):
+        shutil.copytree(checkpoint.parent, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    export_model(checkpoint, weights_only / "last.pt")
+    (root / "victim.txt").write_text("not a lock")
+    (linked / ".lock").symlink_to(root / "victim.txt")
+    bomb = root / "fashion-bomb"
+    for train, samples in ((True, 20), (False, 10)):
+        write_fashion_mnist_idx(bomb, *make_learnable_fashion_like(samples, seed=int(train)), train=train)
+    packed_images = raw_folder(bomb) / "train-images-idx3-ubyte.gz"
+    packed_images.write_bytes(gzip.compress(gzip.decompress(packed_images.read_bytes()) + bytes(200 << 20), 1))
+    return [
+        BadInput(
+            "predict: a checkpoint whose class name is '../escape'",
+            predicting("dotdot.pt", lambda s: s["data"].update(classes=["../escape"])),
+            "records the class name '../escape' (class 0), which holds a path separator",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint whose class name is an absolute path",
+            predicting("absolute.pt", lambda s: s["data"].update(classes=[str(root / "elsewhere")])),
+            "which holds a path separator '/'",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint naming 3 classes for a 1-map model",
+            predicting("count.pt", lambda s: s["data"].update(classes=["a", "b", "c"])),
+            "records 3 class names (a, b, c) for a model that predicts 1 map",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint whose model_spec asks for base_filters 10**7",
+            predicting("filters.pt", lambda s: s["model_spec"]["kwargs"].update(base_filters=10**7)),
+            "'base_filters' of UNet is 10000000, above 1048576",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint naming a UNet of 20000 base filters (1e11 weights), none stored",
+            predicting("wide.pt", linear),
+            "do not fit UNet built from its model_spec: conv0_0.conv1.weight is (32, 3, 3, 3) in the file",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint whose image_size is 10**6",
+            predicting("image-size.pt", lambda s: s["data"].update(image_size=10**6)),
+            "gives image_size 1000000 in its data",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a model_spec nested 150 levels deep",
+            predicting("nested.pt", nested),
+            "nested more than 100 levels deep",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a pickle whose loading would call os.system",
+            [*out[:2], str(root / "pickle.pt"), *out[3:-1], str(root / "out-pickle")],
+            "refused as unsafe",
+            log_dir=False,
+        ),
+        BadInput(
+            "predict: a checkpoint re-packed with compressed records (a zip bomb's shape)",
+            [*out[:2], str(root / "deflated.pt"), *out[3:-1], str(root / "out-deflated")],
+            "records are compressed",
+            log_dir=False,
+        ),
+        BadInput("classes.txt with a line '..'", ["--data", str(labels), "--epochs", "1"], "line 2 ('..') is '..'"),
+        BadInput(
+            "--resume of a run whose last.pt is an exported weights-only file",
+            ["--resume", str(weights_only)],
+            "holds a weights-only checkpoint",
+            log_dir=False,
+        ),
+        BadInput(
+            "--resume of a run whose .lock is a symbolic link to another file",
+            ["--resume", str(linked)],
+            ".lock is a symbolic link",
+            log_dir=False,
+        ),
+        BadInput("--threads 100000", ["--threads", "100000"], "argument --threads: expected 1 to"),
+        BadInput(
+            "Fashion-MNIST: a .gz bomb (200 MB of zeros behind a 20-image header)",
+            ["--data-dir", str(bomb), "--epochs", "1"],
+            "holds more than the 15696 bytes its header declares",
+            code=FASHION,
+        ),
+    ]
+
+
 def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     """The bad-input faults, with the data folders they need written under `root`; `checkpoint`
     is a finished run's ``best.pt`` (for predict)."""
@@ -792,8 +943,14 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     no_last.mkdir(parents=True)
     shutil.copy(checkpoint.parent / "config.json", no_last / "config.json")
     state = load_checkpoint(checkpoint)
-    other = root / "other-recipe.pt"  # the configuration keys of recipes.fashion_mnist
-    torch.save({**state, "config": {"epochs": 2, "batch_size": 4, "lr": 0.001, "momentum": 0.9, "seed": 0}}, other)
+    other = root / "other-recipe.pt"  # what a recipes.fashion_mnist run records
+    fashion = {"epochs": 2, "batch_size": 4, "lr": 0.001, "momentum": 0.9, "seed": 0}
+    cnn = FashionCNN()
+    fashion_data = {"classes": list(FASHION_CLASSES), "image_size": 28, "input_channels": 1}
+    torch.save(
+        {**state, "model": cnn.state_dict(), "model_spec": record_model(cnn), "data": fashion_data, "config": fashion},
+        other,
+    )
     not_dict = root / "list.pt"
     torch.save([state["model"]], not_dict)
     pictures = folder("pictures") / "images"
@@ -881,7 +1038,7 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
         BadInput(
             "predict: a checkpoint of another recipe",
             [*predict[:2], str(other), *predict[3:], "--out", str(root / "out-other")],
-            "is not a run of recipes.nested_unet",
+            "(a checkpoint of FashionCNN) takes 1-channel inputs; predict feeds RGB images",
             log_dir=False,
         ),
         BadInput(
@@ -905,7 +1062,7 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     ]
     if not torch.cuda.is_available():
         faults.append(BadInput("--device cuda without a GPU", ["--device", "cuda"], "no CUDA GPU is available"))
-    return faults
+    return faults + hostile_inputs(root / "hostile", checkpoint, predict)
 
 
 def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
@@ -978,6 +1135,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one trial of each fault whose outcome does not depend on timing (two runs at once, "
         "resume of a live run, full disk, runs under load), --trials of the others",
     )
+    parser.add_argument(
+        "--bad-input-only",
+        action="store_true",
+        help="only the bad and hostile inputs (after the one reference run whose checkpoint they use)",
+    )
     args = parser.parse_args(argv)
     if args.trials < 1 or args.epochs < 2:
         parser.error("--trials must be >= 1 and --epochs >= 2")
@@ -991,6 +1153,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         started = time.monotonic()
         reference = run_reference(root, config, args.epochs)
+        if args.bad_input_only:
+            all_ok &= bad_input_rows(root, reference, rows)
+            return report(args, config, started, rows, all_ok)
         mid_config = mid_epoch_config(args.arch, args.epochs)
         mid_reference = run_reference(root, mid_config, args.epochs, "reference-mid-epoch")
         data = SyntheticNuclei(20, image_size=16, seed=1).save(root / "nuclei")
@@ -1103,23 +1268,41 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
             all_ok &= all(r.ok for r in results)
             rows.append((fault, len(results), summary(results, outcome)))
-        for index, fault in enumerate(bad_inputs(root / "data", reference.run_dir / "best.pt")):
-            problems = check_bad_input(fault, root / "bad-input" / str(index))
-            progress(f"{fault.fault}: {'ok' if not problems else problems}")
-            all_ok &= not problems
-            rows.append(
-                (
-                    fault.fault,
-                    1,
-                    "exit 2, one line naming it, nothing written: "
-                    + ("1/1" if not problems else f"0/1 ({'; '.join(problems)})"),
-                )
-            )
-        minutes = (time.monotonic() - started) / 60
+        all_ok &= bad_input_rows(root, reference, rows)
+        return report(args, config, started, rows, all_ok)
 
+
+def bad_input_rows(root: Path, reference: Reference, rows: list[tuple[str, int, str]]) -> bool:
+    """Run every bad input against `reference`'s checkpoint, add a row each; True when all passed."""
+    all_ok = True
+    for index, fault in enumerate(bad_inputs(root / "data", reference.run_dir / "best.pt")):
+        problems = check_bad_input(fault, root / "bad-input" / str(index))
+        progress(f"{fault.fault}: {'ok' if not problems else problems}")
+        all_ok &= not problems
+        rows.append(
+            (
+                fault.fault,
+                1,
+                "exit 2, one line naming it, nothing written: "
+                + ("1/1" if not problems else f"0/1 ({'; '.join(problems)})"),
+            )
+        )
+    if (root / "data" / "hostile" / "code-ran").exists():
+        rows.append(("the malicious pickle's command", 1, "0/1 (it ran)"))
+        all_ok = False
+    return all_ok
+
+
+def report(
+    args: argparse.Namespace, config: list[str], started: float, rows: list[tuple[str, int, str]], all_ok: bool
+) -> int:
+    """Print the Markdown table of `rows`; 0 when every trial passed, else 1."""
+    minutes = (time.monotonic() - started) / 60
+    only = " --bad-input-only" if args.bad_input_only else ""
     print(
         f"`python -m bench.reliability --trials {args.trials} --seed {args.seed} --arch {args.arch} "
-        f"--epochs {args.epochs}{' --quick' if args.quick else ''}`: runs of `{' '.join(config)}`, {minutes:.1f} min\n"
+        f"--epochs {args.epochs}{' --quick' if args.quick else ''}{only}`: runs of `{' '.join(config)}`, "
+        f"{minutes:.1f} min\n"
     )
     print("| fault | trials | outcome |")
     print("|---|---|---|")
