@@ -29,6 +29,16 @@ time to the next milestone in an uninterrupted reference run, drawn from `random
 - Two runs started at once on one ``--log-dir``: one trains, the other exits with 2 naming the holder.
 - ``--resume`` of a live run (paused with SIGSTOP after a random epoch): exit 2 naming the holder,
   the folder unchanged; the run then finishes.
+- ``--resume`` of a live run whose ``.lock`` was removed: still refused (the lock holds the folder).
+- The run folder moved while the run trains: exit 2, one line naming the new place and the resume
+  command, nothing written at the old path; that command finishes the run.
+- Streamed images (``--data-mode stream --workers 2``) removed at the start of a random epoch: the
+  run exits 2 within seconds with one line naming the file (it used to hang on its workers); with
+  the files back, the printed command finishes the run.
+- Label maps of 300 classes: the run finishes, its peak memory bounded (the confusion figure).
+- The board's server registry made first by another user (root only) in a shared TMPDIR, and an
+  entry of one's own registry naming a pid of another process: refused in one line; that process
+  is not stopped.
 - A full disk (a tmpfs mounted for the trial, filled after a random epoch; needs root, else the
   row says "skipped"): one ``error:`` line, exit 2, no temporary file; resumed once there is room.
 - Two default runs (automatic precision, layout, threads) with one seed, idle and beside a
@@ -58,6 +68,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import json
 import logging
 import os
 import pickle
@@ -78,13 +89,13 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from models import FashionCNN
-from tests.processes import RecipeProcess
+from models import FashionCNN, UNet
+from tests.processes import RecipeProcess, checkout_env
 from trainer.checkpoint import load_checkpoint
 from trainer.model_spec import record_model
 from trainer.trained_model import export_model
 from trainer_datasets import CLASSES as FASHION_CLASSES
-from trainer_datasets import SyntheticNuclei, write_png_file
+from trainer_datasets import SyntheticNuclei, write_label_map, write_png_file
 from trainer_datasets.fashion_mnist import make_learnable_fashion_like, raw_folder, write_fashion_mnist_idx
 
 TIMEOUT = 600.0  # upper bound of every wait
@@ -602,23 +613,37 @@ def trial_two_at_once(run_dir: Path, config: list[str], reference: Reference, rn
     return Trial(not problems, [f"run {codes.index(0) + 1} trained", *problems[:3]])
 
 
-def trial_resume_live(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
+def trial_resume_live(
+    run_dir: Path,
+    config: list[str],
+    reference: Reference,
+    rng: random.Random,
+    epochs: int,
+    lock_removed: bool = False,
+) -> Trial:
     """``--resume`` of a run that is still training, at a random epoch's checkpoint: the run is
     paused (SIGSTOP, so it stays alive whatever the timing) once ``last.pt`` records that epoch;
     the resume must exit with 2 naming the holder and change nothing; the run then continues
-    (SIGCONT) and finishes equal to the reference."""
+    (SIGCONT) and finishes equal to the reference. With `lock_removed`, the live run's ``.lock`` is
+    moved out of the folder during the resume (the lock holds the folder, not the file) and put
+    back before the run continues."""
     epoch = rng.randint(1, epochs - 1)
     run = Run([*config, "--log-dir", str(run_dir)])
     if not run.wait_for(lambda: epochs_done(run_dir) >= epoch if (run_dir / "last.pt").is_file() else False):
         run.finish()
         return Trial(False, [f"the run ended before its checkpoint of epoch {epoch}"])
     run.process.send_signal(signal.SIGSTOP)
+    aside = run_dir.parent / f"{run_dir.name}.lock-aside"
     try:
+        if lock_removed:
+            (run_dir / ".lock").rename(aside)
         before = snapshot(run_dir)
         resume = Run(["--resume", str(run_dir)])
         code, line = resume.finish(), one_error_line(resume)
         changed = snapshot(run_dir) != before
     finally:
+        if lock_removed:
+            aside.rename(run_dir / ".lock")
         run.process.send_signal(signal.SIGCONT)
     notes = [f"after epoch {epoch}"]
     if code != 2 or line is None or IN_USE not in line:
@@ -629,6 +654,178 @@ def trial_resume_live(run_dir: Path, config: list[str], reference: Reference, rn
         return Trial(False, [*notes, f"the run failed: {run.stderr[-300:]}"])
     problems = compare_with_reference(run_dir, reference.run_dir)
     return Trial(not problems and not any(n.startswith("PROBLEM") for n in notes), notes + problems[:3])
+
+
+# ----------------------------------------------------------------------------------------- the run's ground moves
+def trial_folder_moved(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
+    """The run folder of a live run is renamed once a random epoch (not the last) starts: the run
+    must stop at its next look (a validation's or an epoch's end) with exit 2 and one line naming
+    where the folder went and the resume command, write nothing at the old path, and that command
+    must finish the run equal to the reference."""
+    epoch = rng.randint(2, epochs - 1) if epochs > 2 else 2
+    moved = run_dir.parent / f"{run_dir.name}-moved"
+    run = Run([*config, "--log-dir", str(run_dir)])
+    if not run.wait_for(epoch_started(run, epoch, epochs)):
+        run.finish()
+        return Trial(False, [f"the run ended before epoch {epoch}"])
+    run_dir.rename(moved)
+    code, line = run.finish(), one_error_line(run)
+    notes = [f"moved in epoch {epoch}"]
+    command = f"--resume {moved}"
+    if code != 2 or line is None or f"was moved to {moved}" not in line or command not in line:
+        return Trial(False, [*notes, f"exit {code}: {run.stderr.strip()[-400:]!r}"])
+    if run_dir.exists():
+        return Trial(False, [*notes, f"PROBLEM: {sorted(p.name for p in run_dir.iterdir())} written at the old path"])
+    if (moved / ".lock").exists():
+        notes.append("PROBLEM: the lock file was left")
+    return finish_and_compare(moved, ["--resume", str(moved)], reference, notes)
+
+
+#: Runs the recipe and removes every image of the folder given first once epoch START_EPOCH (the
+#: second argument) has started, as a user or a clean-up job might while a streamed run trains.
+REMOVE_IMAGES = """
+import runpy, shutil, sys
+from trainer.callbacks import ModelCheckpoint
+images, aside, epoch = sys.argv.pop(1), sys.argv.pop(1), int(sys.argv.pop(1))
+def on_batch_start(self, trainer, batch, original=ModelCheckpoint.on_batch_start):
+    original(self, trainer, batch)
+    if trainer.epoch + 1 == epoch and not shutil.os.path.exists(aside):
+        shutil.move(images, aside)
+ModelCheckpoint.on_batch_start = on_batch_start
+ModelCheckpoint.idle_hooks = lambda self, trainer: frozenset()
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+
+def trial_stream_files_removed(
+    run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int
+) -> Trial:
+    """A streamed run (``--data-mode stream --workers 2``) whose images vanish at the first batch
+    of a random epoch but the first: it must stop within seconds (its workers, which ignore
+    SIGTERM, used to keep it from ever exiting), exit 2 with one line naming the file and the
+    resume command, its position saved and its lock released. With the files back, that command
+    must finish the run equal to the reference."""
+    epoch = rng.randint(2, epochs)
+    images = Path(config[config.index("--data") + 1]) / "images"
+    aside = run_dir.parent / f"{run_dir.name}-images"
+    run = Run([str(images), str(aside), str(epoch), *config, "--log-dir", str(run_dir)], code=REMOVE_IMAGES)
+    try:
+        code, line = run.finish(), one_error_line(run)
+        seconds = run.elapsed()
+    finally:
+        if aside.exists():
+            shutil.move(aside, images)
+    notes = [f"removed in epoch {epoch}", f"exited after {seconds:.0f} s"]
+    if code != 2 or line is None or "was removed after the folder was checked" not in line:
+        return Trial(False, [*notes, f"exit {code}: {run.stderr.strip()[-400:]!r}"])
+    if f"--resume {run_dir}" not in line or (run_dir / ".lock").exists():
+        return Trial(False, [*notes, f"PROBLEM: no resume command or a lock left: {line!r}"])
+    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+
+
+#: Runs the recipe and prints the process's peak resident memory (MB) at exit.
+PEAK_MEMORY = """
+import atexit, resource, runpy, sys
+atexit.register(lambda: print(f"peak MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"))
+runpy.run_module("recipes.nested_unet", run_name="__main__", alter_sys=True)
+"""
+
+
+def trial_many_classes(run_dir: Path, classes: int, bound_mb: float) -> Trial:
+    """A label-map run with `classes` classes (ADE20K has 150): its confusion-matrix figure has a
+    bounded size, so the run finishes and its peak memory stays under `bound_mb`."""
+    data = run_dir.parent / f"{run_dir.name}-data"
+    generator = torch.Generator().manual_seed(classes)
+    for index in range(8):
+        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator)
+        write_png_file(image, data / "images" / f"{index}.png")
+        write_label_map(torch.randint(0, classes, (32, 32), generator=generator), data / "masks" / f"{index}.png")
+    (data / "classes.txt").write_text("".join(f"class{i}\n" for i in range(classes)))
+    args = [
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--ignore-index",
+        "65535",
+        "--log-dir",
+        str(run_dir),
+    ]
+    run = Run([*args, "--precision", "32", "--device", "cpu"], code=PEAK_MEMORY)
+    code = run.finish()
+    peak = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("peak MB ")]
+    if code != 0 or not peak:
+        return Trial(False, [f"exit {code}: {run.stderr.strip()[-400:]!r}"])
+    return Trial(peak[0] < bound_mb, [f"peak {peak[0]:.0f} MB (bound {bound_mb:.0f} MB)"])
+
+
+# ----------------------------------------------------------------------------------------- a shared machine
+def trial_board_other_user(run_dir: Path, reference: Reference) -> Trial:
+    """Another user (uid 65534) made the board's server registry folder first, in a shared TMPDIR:
+    ``python -m trainer.board`` must refuse in one line naming it, start nothing and leave the
+    folder as it was."""
+    shared = run_dir / "tmp"
+    shared.mkdir(parents=True)
+    shared.chmod(0o1777)
+    registry = shared / f"trainer-board-servers-{os.getuid()}"
+    registry.mkdir(mode=0o755)
+    (registry / "planted.json").write_text('{"path": "/", "pid": 1, "port": 1}')
+    os.chown(registry, 65534, 65534)
+    before = snapshot(registry)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.board", str(reference.run_dir)],
+        env={**checkout_env(), "TMPDIR": str(shared)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = result.stderr.strip()
+    expected = f"registry {registry} belongs to uid 65534"
+    ok = result.returncode == 2 and "\n" not in line and expected in line and snapshot(registry) == before
+    return Trial(ok, [] if ok else [f"exit {result.returncode}: {line[-400:]!r}"])
+
+
+STOP_ALL = "from trainer.board import stop_all; stop_all()"
+
+
+def trial_board_planted_pid(run_dir: Path) -> Trial:
+    """An entry in this user's own registry names the pid of another process of the user (a
+    ``sleep``), as a planted or stale entry might: ``stop_all`` must not end it (only a process
+    proven to be that folder's board server is stopped) and must drop the entry."""
+    shared = run_dir / "tmp"
+    shared.mkdir(parents=True)
+    registry = shared / f"trainer-board-servers-{os.getuid()}"
+    registry.mkdir(mode=0o700)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        entry = {
+            "path": str(run_dir),
+            "pid": bystander.pid,
+            "port": 1,
+            "host": "127.0.0.1",
+            "url": "http://127.0.0.1:1/",
+        }
+        planted = registry / "planted.json"
+        planted.write_text(json.dumps(entry))
+        planted.chmod(0o600)
+        result = subprocess.run(
+            [sys.executable, "-c", STOP_ALL],
+            env={**checkout_env(), "TMPDIR": str(shared)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        alive = bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    ok = result.returncode == 0 and alive and not planted.exists()
+    notes = [] if ok else [f"exit {result.returncode}, bystander alive: {alive}: {result.stderr.strip()[-300:]!r}"]
+    return Trial(ok, notes)
 
 
 # ----------------------------------------------------------------------------------------- full disk
@@ -816,6 +1013,18 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
     export_model(checkpoint, weights_only / "last.pt")
     (root / "victim.txt").write_text("not a lock")
     (linked / ".lock").symlink_to(root / "victim.txt")
+    unlabelled = root / "unlabelled"
+    for index in range(6):
+        write_png_file(torch.full((3, 16, 16), 128, dtype=torch.uint8), unlabelled / "images" / f"{index}.png")
+        write_label_map(torch.full((16, 16), 255), unlabelled / "masks" / f"{index}.png")
+    (unlabelled / "classes.txt").write_text("background\ncell\n")
+    two_classes = UNet(num_classes=2, input_channels=3, base_filters=32)
+    two = {"classes": ["cell", "nucleus"], "image_size": 16, "input_channels": 3, "mask_type": "binary"}
+    pair = root / "two-classes.pt"
+    torch.save({**state, "model": two_classes.state_dict(), "model_spec": record_model(two_classes), "data": two}, pair)
+    clashing = root / "clashing"
+    for name in ("cell", "cell_prob"):
+        write_png_file(torch.full((3, 16, 16), 128, dtype=torch.uint8), clashing / f"{name}.png")
     bomb = root / "fashion-bomb"
     for train, samples in ((True, 20), (False, 10)):
         write_fashion_mnist_idx(bomb, *make_learnable_fashion_like(samples, seed=int(train)), train=train)
@@ -875,6 +1084,17 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
             [*out[:2], str(root / "deflated.pt"), *out[3:-1], str(root / "out-deflated")],
             "records are compressed",
             log_dir=False,
+        ),
+        BadInput(
+            "predict, 2 classes: images cell.png and cell_prob.png (one's probability map, the other's mask)",
+            [*out[:2], str(pair), "--images", str(clashing), *out[5:-1], str(root / "out-clash")],
+            "is planned twice",
+            log_dir=False,
+        ),
+        BadInput(
+            "label maps with no labelled pixel (every pixel the ignore index)",
+            ["--data", str(unlabelled), "--epochs", "1"],
+            "hold no labelled pixel",
         ),
         BadInput("classes.txt with a line '..'", ["--data", str(labels), "--epochs", "1"], "line 2 ('..') is '..'"),
         BadInput(
@@ -1161,9 +1381,12 @@ def main(argv: list[str] | None = None) -> int:
         data = SyntheticNuclei(20, image_size=16, seed=1).save(root / "nuclei")
         workers = workers_config(args.arch, args.epochs, data)
         workers_reference = run_reference(root, workers, args.epochs, "reference-workers")
+        stream = [*workers, "--data-mode", "stream"]
+        stream_reference = run_reference(root, stream, args.epochs, "reference-stream")
         progress(
             f"reference runs: {reference.seen['end']:.1f} s, with step checkpoints "
-            f"{mid_reference.seen['end']:.1f} s, with --data and 2 workers {workers_reference.seen['end']:.1f} s"
+            f"{mid_reference.seen['end']:.1f} s, with --data and 2 workers {workers_reference.seen['end']:.1f} s, "
+            f"streamed {stream_reference.seen['end']:.1f} s"
         )
         same = "state bit-identical, same curves, no duplicated steps"
         success = "resumed, " + same
@@ -1243,6 +1466,43 @@ def main(argv: list[str] | None = None) -> int:
                 once,
             ),
             (
+                "--resume of a live run whose .lock was removed (paused after a random epoch)",
+                lambda d: trial_resume_live(d, config, reference, rng, args.epochs, lock_removed=True),
+                "exit 2 naming the holder, folder unchanged; the run finished, " + same,
+                once,
+            ),
+            (
+                "run folder moved while the run trains",
+                lambda d: trial_folder_moved(d, config, reference, rng, args.epochs),
+                "exit 2, one line naming the new place and the resume command, nothing at the old path; " + success,
+                args.trials,
+            ),
+            (
+                "streamed images removed during training, --workers 2",
+                lambda d: trial_stream_files_removed(d, stream, stream_reference, rng, args.epochs),
+                "exit 2 at once, one line naming the file and the resume command, lock released; files put back, "
+                + success,
+                args.trials,
+            ),
+            (
+                "label maps of 300 classes (the confusion-matrix figure)",
+                lambda d: trial_many_classes(d, 300, bound_mb=2000),
+                "finished",
+                1,
+            ),
+            (
+                "board registry folder made first by another user (uid 65534) in a shared TMPDIR",
+                lambda d: trial_board_other_user(d, reference),
+                "python -m trainer.board: exit 2, one line naming the folder, nothing started or changed",
+                1,
+            ),
+            (
+                "board registry entry naming a pid of another process of the user",
+                trial_board_planted_pid,
+                "stop_all left the process running and removed the entry",
+                1,
+            ),
+            (
                 "full disk (tmpfs filled after a random epoch)",
                 lambda d: trial_full_disk(d, config, reference, rng, args.epochs),
                 "exit 2, one line naming the path and the last good checkpoint, no temporary file; " + success,
@@ -1260,6 +1520,9 @@ def main(argv: list[str] | None = None) -> int:
         for fault, trial, outcome, count in interruptions:
             if fault.startswith("full disk") and os.geteuid() != 0:
                 rows.append((fault, 0, "skipped: needs root (mount -t tmpfs)"))
+                continue
+            if "another user" in fault and os.geteuid() != 0:
+                rows.append((fault, 0, "skipped: needs root (to give a folder to another user)"))
                 continue
             results = []
             for index in range(count):
