@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,12 +43,76 @@ def parameters(obj: object) -> list[str]:
     ]
 
 
+#: Docstrings that every class inherits from `object` (``__init__``: "Initialize self. See
+#: help(type(self))..."): they say nothing about the class, so the reference leaves them out.
+INHERITED = {inspect.getdoc(getattr(object, name)) for name in ("__init__", "__new__")}
+#: The words with which a docstring points to its module's docstring.
+MODULE_DOCSTRING = "the module docstring"
+#: Section headings whose entries (``name: description``) become a list.
+ENTRY_SECTIONS = ("Args:", "Arguments:", "Attributes:")
+
+
 def documentation(obj: object) -> str:
-    """The docstrings a reader sees for `obj`: the class's and its constructor's, or the function's."""
+    """The docstrings a reader sees for `obj`: the class's and its constructor's (unless
+    inherited from `object`), or the function's."""
     texts = [inspect.getdoc(obj) or ""]
     if inspect.isclass(obj) and "__init__" in vars(obj):
         texts.append(inspect.getdoc(obj.__init__) or "")
-    return "\n\n".join(text for text in texts if text)
+    return "\n\n".join(text for text in texts if text and text not in INHERITED)
+
+
+def markdown(text: str) -> str:
+    """A docstring as Markdown whose indentation never turns prose into a code block: the entries
+    of an ``Args:`` / ``Attributes:`` section become a list (``- `name`: description``, deeper
+    lines joined to their entry), a paragraph ending in ``::`` is followed by its indented block
+    as a fenced code block, and every other line loses its indentation."""
+    lines, out, index = text.splitlines(), [], 0
+    while index < len(lines):
+        line = lines[index]
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        index += 1
+        if stripped.endswith("::"):
+            out.append(stripped[:-1])
+            block = []
+            while index < len(lines) and (not lines[index].strip() or _indent(lines[index]) > indent):
+                block.append(lines[index])
+                index += 1
+            while block and not block[-1].strip():
+                block.pop()
+            out += ["", "```text", *textwrap.dedent("\n".join(block)).strip("\n").splitlines(), "```", ""]
+        elif stripped in ENTRY_SECTIONS:
+            out += [stripped, ""]
+            entry_indent = None
+            while index < len(lines) and (not lines[index].strip() or _indent(lines[index]) > indent):
+                entry, index = lines[index], index + 1
+                if not entry.strip():
+                    continue
+                if entry_indent is None or _indent(entry) <= entry_indent:
+                    entry_indent = _indent(entry)
+                    name, colon, rest = entry.strip().partition(":")
+                    out.append(f"- `{name}`:{rest}" if colon else f"- {entry.strip()}")
+                else:
+                    out[-1] += " " + entry.strip()
+            out.append("")
+        else:
+            out.append(stripped)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def pointed_modules(package: str) -> list[str]:
+    """The modules whose docstring an exported name of `package` points to ("see the module
+    docstring"), in the order of the names: the reference renders them, since the names' own
+    text does not hold what they point to."""
+    modules = []
+    for _, _, obj in (entry for entry in exported() if entry[0] == package):
+        module = getattr(obj, "__module__", "")
+        if MODULE_DOCSTRING in documentation(obj) and module not in modules:
+            modules.append(module)
+    return modules
 
 
 def described_arguments(text: str) -> dict[str, str]:
@@ -100,8 +165,12 @@ def render() -> str:
     ]
     for package in PACKAGES:
         lines += [f"## `{package}`", ""]
+        for module in pointed_modules(package):
+            doc = inspect.getdoc(importlib.import_module(module)) or ""
+            lines += [f"### Module `{module}`", "", markdown(doc), ""]
         for _, name, obj in (entry for entry in exported() if entry[0] == package):
-            lines += [f"### `{name}{signature_of(obj)}`", "", documentation(obj).strip(), ""]
+            text = documentation(obj).replace(MODULE_DOCSTRING, f"{MODULE_DOCSTRING} of `{obj.__module__}` above")
+            lines += [f"### `{name}{signature_of(obj)}`", "", markdown(text), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

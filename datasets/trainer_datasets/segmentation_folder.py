@@ -431,28 +431,28 @@ def split_segmentation(
 ) -> tuple[SegmentationFolder | SegmentationStream, SegmentationFolder | SegmentationStream]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
-        When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
-        used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
-        at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
-        `seed` always gives the same split. The validation set is never augmented; the training set's
+    When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
+    used as they are and `val_fraction`/`seed` play no part. Otherwise the ids of `root` are split
+    at random: a fraction `val_fraction` (at least one sample) goes to validation, and the same
+    `seed` always gives the same split. The validation set is never augmented; the training set's
     augmentations are drawn from `seed` too (see `SegmentationFolder`).
 
-        Args:
-            root: the folder (see `SegmentationFolder` for its layout).
-            val_fraction: the fraction of the ids held out for validation, without train/ and val/.
-            seed: seeds the split and the training set's augmentations.
-            image_size: resize every image and mask to this square size (see `SegmentationFolder`).
-            augment_train: augment the training set (`segmentation_augmentation`).
-            num_classes: if given, the number of mask classes the folder must have.
-            mode: ``"memory"`` (`SegmentationFolder`: every sample decoded up front), ``"stream"``
-                (`SegmentationStream`: checked once, indexed, decoded per item) or ``"auto"``: stream
-                when the decoded folder would take more than
-                `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
-                same items, split and errors.
-            index_dir: where streaming keeps its index files (default: the project's cache folder).
-            mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring); with
-                train/ and val/, a ``classes.txt`` in `root` serves both sub-folders that lack their own.
-            ignore_index: label maps: the value of pixels of no class.
+    Args:
+        root: the folder (see `SegmentationFolder` for its layout).
+        val_fraction: the fraction of the ids held out for validation, without train/ and val/.
+        seed: seeds the split and the training set's augmentations.
+        image_size: resize every image and mask to this square size (see `SegmentationFolder`).
+        augment_train: augment the training set (`segmentation_augmentation`).
+        num_classes: if given, the number of mask classes the folder must have.
+        mode: ``"memory"`` (`SegmentationFolder`: every sample decoded up front), ``"stream"``
+            (`SegmentationStream`: checked once, indexed, decoded per item) or ``"auto"``: stream
+            when the decoded folder would take more than
+            `trainer_datasets.segmentation_stream.STREAM_ABOVE_BYTES` (1 GiB). Both modes give the
+            same items, split and errors.
+        index_dir: where streaming keeps its index files (default: the project's cache folder).
+        mask_mode: ``"auto"``, ``"binary"`` or ``"labels"`` (see the module docstring); with
+            train/ and val/, a ``classes.txt`` in `root` serves both sub-folders that lack their own.
+        ignore_index: label maps: the value of pixels of no class.
     """
     from trainer_datasets.segmentation_stream import SegmentationStream, choose_data_mode, segmentation_index
 
