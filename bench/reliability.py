@@ -539,7 +539,8 @@ def trial_checkpoint_write(
         allowed = {last["callbacks"]["ModelCheckpoint"]["best_epoch"] + 1} | ({epoch} if name == "last.pt" else set())
         if last["epochs_done"] != epoch - 1 or load_checkpoint(run_dir / "best.pt")["epochs_done"] not in allowed:
             return Trial(False, [*notes, "last.pt and best.pt disagree after the kill"])
-    return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, notes)
+    # Killed while the first last.pt was written: no checkpoint to resume (refused, started anew).
+    return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
 
 def trial_mid_epoch_kill(
@@ -923,7 +924,7 @@ def trial_default_under_load(
     for run in (first, second):
         line = next((line for line in run.stdout.splitlines() + run.stderr.splitlines() if "precision:" in line), "")
         precision = line.split("precision: ", 1)[-1].split(" (", 1)[0]
-        threads = line.split("threads: ", 1)[-1].split(" (", 1)[0] if "threads: " in line else "?"
+        threads = next((part.split(" (", 1)[0] for part in line.split("; ") if " thread" in part), "?")
         choices.append(f"{precision}, {threads}")
     problems = compare_with_reference(run_dir / "busy", run_dir / "idle", described=["precision_reason"])
     notes = [f"both: {choices[0]}" if choices[0] == choices[1] else f"idle: {choices[0]}; busy: {choices[1]}"]

@@ -1,9 +1,11 @@
 """Segmentation losses: BCE + soft Dice (binary or multi-label masks), cross-entropy + soft Dice
-(label maps of exclusive classes), and a wrapper for deep-supervision outputs."""
+(label maps of exclusive classes), a wrapper for deep-supervision outputs, and what a loss says of
+how its model's outputs are read (`mask_type_of_loss`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ class BCEDiceLoss(nn.Module):
         bce_weight: weight of the binary cross-entropy term.
         smooth: added to the Dice numerator and denominator; keeps empty masks finite.
     """
+
+    #: How the outputs of a model trained with it are read (see `mask_type_of_loss`).
+    mask_type: ClassVar[str] = "binary"
 
     def __init__(self, bce_weight: float = 0.5, smooth: float = 1.0) -> None:
         super().__init__()
@@ -67,6 +72,9 @@ class CEDiceLoss(nn.Module):
         ce_weight: weight of the cross-entropy term.
         smooth: added to the Dice numerator and denominator; keeps absent classes finite.
     """
+
+    #: How the outputs of a model trained with it are read (see `mask_type_of_loss`).
+    mask_type: ClassVar[str] = "labels"
 
     def __init__(self, ignore_index: int = 255, ce_weight: float = 0.5, smooth: float = 1.0) -> None:
         super().__init__()
@@ -125,3 +133,35 @@ class DeepSupervisionLoss(nn.Module):
                 raise ValueError("DeepSupervisionLoss got an empty list of predictions")
             return torch.stack([self.loss(p, targets) for p in predictions]).mean()
         return self.loss(predictions, targets)
+
+
+#: The ways a segmentation model's outputs are read, as checkpoints record them (``data["mask_type"]``):
+#: ``"binary"``, a sigmoid per output map, each thresholded into a mask of its own (one class: a binary
+#: mask; several: multi-label masks, which may overlap); ``"labels"``, a softmax over the maps, whose
+#: most probable class per pixel makes one label map.
+MASK_TYPES = ("binary", "labels")
+
+
+def mask_type_of_loss(loss: Any) -> str | None:
+    """How the outputs of a model trained with `loss` are read (one of `MASK_TYPES`), or None when
+    the loss does not tell.
+
+    A loss that has a ``mask_type`` attribute of `MASK_TYPES` says it (`BCEDiceLoss`: ``"binary"``,
+    `CEDiceLoss`: ``"labels"``; give a loss of your own one to say it too); PyTorch's
+    ``nn.BCEWithLogitsLoss`` is ``"binary"`` and ``nn.CrossEntropyLoss`` ``"labels"``;
+    `DeepSupervisionLoss` is what the loss it wraps is. Any other (a plain function, ``nn.BCELoss``
+    of a model that applies its own sigmoid) gives None.
+
+    Args:
+        loss: the training loss (``Trainer(loss_fn=...)``, ``RecipeParts.loss_fn``).
+    """
+    while isinstance(loss, DeepSupervisionLoss):
+        loss = loss.loss
+    declared = getattr(loss, "mask_type", None)
+    if isinstance(declared, str) and declared in MASK_TYPES:
+        return declared
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        return "binary"
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return "labels"
+    return None

@@ -4,17 +4,19 @@ recipe shares, which options a command line gave, the command that resumes a run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from trainer import NonFiniteLossError
 from trainer.distributed import end_process, is_distributed
@@ -90,16 +92,55 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     A second parse starts from a namespace in which every option holds a marker: argparse fills
     in a default only where the namespace has no value, so what no longer holds the marker was given.
 
+    With ``--resume`` no option is required: the resumed run takes its options from its saved
+    configuration (`recipes.run_dir.resume_run`), so an option the recipe declares with
+    ``required=True`` (a ``--data``) never stops the command that resumes a run, as
+    `resume_command` prints it; an option given compares with the saved one as usual.
+
     Args:
         parser: the recipe's parser.
         argv: the command-line arguments (without the program).
     """
     argv = list(argv)
-    args = parser.parse_args(argv)
+    if _may_resume(parser, argv):
+        with _nothing_required(parser):
+            args = parser.parse_args(argv)
+            if getattr(args, "resume", None) is not None:
+                return _given(parser, args, argv)
+    return _given(parser, parser.parse_args(argv), argv)
+
+
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> CommandLine:
+    """The `CommandLine` of `argv`, parsed into `args` (see `parse_command_line`)."""
     unset = object()
     probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     given = {dest: "--" + dest.replace("_", "-") for dest, value in vars(probe).items() if value is not unset}
     return CommandLine(args=args, given=given, argv=argv)
+
+
+def _may_resume(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether `argv` holds what may be ``--resume`` (abbreviated, or ``--resume=RUN``); the parse
+    decides."""
+    names = [name for action in parser._actions if action.dest == "resume" for name in action.option_strings]
+    for arg in argv:
+        spelled = arg.split("=", 1)[0]
+        if any(name == spelled or (len(spelled) > 2 and name.startswith(spelled)) for name in names):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _nothing_required(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """While the block runs, no option or group of options of `parser` is required."""
+    items: list[Any] = [*parser._actions, *parser._mutually_exclusive_groups]
+    required = [item for item in items if item.required]
+    for item in required:
+        item.required = False
+    try:
+        yield
+    finally:
+        for item in required:
+            item.required = True
 
 
 def _bounded(
@@ -224,15 +265,25 @@ def layout_option(text: str) -> bool | str:
     return values[text]
 
 
-def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
-    """Add the twelve options every recipe has, which `RunConfig` holds: ``--device``,
+def option_list(dests: Sequence[str]) -> str:
+    """The options of the argparse destinations `dests` in words: ``--epochs, --device and --threads``."""
+    names = ["--" + dest.replace("_", "-") for dest in dests]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, runs_root: str, resumable: Sequence[str] = RunConfig.RESUMABLE
+) -> None:
+    """Add the thirteen options every recipe has, which `RunConfig` holds: ``--device``,
     ``--precision``, ``--channels-last``, ``--threads``, ``--seed``, ``--log-dir`` (default: a new
     ``runs_root/<timestamp>``), ``--resume``, ``--checkpoint-every``, ``--val-every``,
-    ``--max-time``, ``--histograms`` and ``--fast-dev-run``.
+    ``--max-time``, ``--histograms``, ``--fast-dev-run`` and ``--verbose``.
 
     Args:
         parser: the recipe's parser (a `RecipeArgumentParser`).
         runs_root: the folder new runs go to, for the help of ``--log-dir``.
+        resumable: the options a resumed run may change, for the help of ``--resume``: the
+            recipe's `RunConfig.RESUMABLE`.
     """
     parser.add_argument(
         "--device", type=device_option, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
@@ -251,8 +302,9 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
         default="auto",
         metavar="{auto,on,off}",
         help="memory format of the model and images: auto measures it with the precision once per "
-        "machine, model and batch shape and keeps the result in a cache file (the path is "
-        "printed), so every later run chooses the same (on CUDA: on for convolutions) "
+        "machine, model and batch shape and keeps the result in a cache file (its path is in "
+        "config.json and printed with --verbose), so every later run chooses the same (on CUDA: on "
+        "for convolutions) "
         "(default: auto)",
     )
     parser.add_argument(
@@ -273,7 +325,7 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint, with its options "
-        "(only --epochs, --device and --checkpoint-every may change)",
+        f"(only {option_list(resumable)} may change)",
     )
     parser.add_argument(
         "--checkpoint-every",
@@ -305,6 +357,12 @@ def add_run_options(parser: argparse.ArgumentParser, runs_root: str) -> None:
         action="store_true",
         help="check the whole setup: one training and one validation batch through the model and "
         "every callback, in a temporary directory that is removed; prints one line",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print in full why the precision, layout, threads and OpenMP waiting were chosen (each "
+        "setting's measured time, the cache file); config.json records it either way",
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
+from models.losses import MASK_TYPES, mask_type_of_loss
 from recipes import WAIT_POLICY
 from recipes.cli import (
     FLOAT32_MAX,
@@ -40,6 +41,7 @@ from recipes.cli import (
 from recipes.config import PATH, PER_COMMAND, RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.interrupts import Interrupted, training_interrupts
+from recipes.openmp import WaitPolicy
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_weights
 from recipes.run_dir import (
     CONFIG_FILE,
@@ -69,6 +71,7 @@ __all__ = [
     "CONFIG_FILE",
     "FLOAT32_MAX",
     "MAX_SEED",
+    "MASK_TYPES",
     "METRICS_FILE",
     "PATH",
     "PER_COMMAND",
@@ -99,21 +102,55 @@ __all__ = [
     "positive_float",
     "positive_int",
     "print_run_summary",
+    "recorded_data",
     "resume_command",
     "resume_run",
     "run_cli",
     "seed_int",
+    "start_details",
+    "start_line",
     "start_run_dir",
     "training_interrupts",
     "write_error_line",
 ]
 
 
+def start_line(choice: PrecisionChoice, threads: ThreadChoice | None = None, wait: WaitPolicy | None = None) -> str:
+    """The line a run prints at its start: what was chosen and why in a few words (the summaries
+    of `choice`, `threads` and `wait`, which leave out measurements and paths), e.g.
+    ``precision: 32, contiguous (no native bf16, measured); 2 threads (CPU affinity); OpenMP threads spin``.
+
+    Args:
+        choice: the precision, memory format and convolution kernels.
+        threads: the CPU thread count (None: not shown, as on a GPU).
+        wait: how OpenMP threads wait (None: not shown).
+    """
+    return "; ".join([str(choice), *([str(threads)] if threads is not None else []), *([wait.summary] if wait else [])])
+
+
+def start_details(choice: PrecisionChoice, threads: ThreadChoice | None = None) -> dict[str, str]:
+    """Why the run's precision, threads and OpenMP waiting were chosen, in full (the CPU's
+    features, each setting's measured time, the cache file, the CPUs counted, the load): what
+    ``--verbose`` prints below the start line and a new run's ``config.json`` records, under the
+    keys ``precision_reason``, ``threads_reason`` and ``wait_policy``.
+
+    Args:
+        choice: the precision, memory format and convolution kernels.
+        threads: the CPU thread count (None: neither it nor the OpenMP waiting, as on a GPU).
+    """
+    details = {"precision_reason": choice.reason}
+    if threads is not None:
+        details["threads_reason"] = f"{threads.threads} thread{'s' if threads.threads != 1 else ''}: {threads.reason}"
+        details["wait_policy"] = WAIT_POLICY.reason
+    return details
+
+
 def choose_run_precision(
     model: torch.nn.Module, device: torch.device, example: Any, config: RunConfig, threads: ThreadChoice | None = None
 ) -> PrecisionChoice:
     """The precision, memory format and CPU convolution kernels a run trains with, printed in one
-    line (with the `threads` the process uses, on the CPU) and recorded in `config`
+    short line (`start_line`, with the `threads` the process uses and the OpenMP waiting, on the
+    CPU; with ``config.verbose`` the `start_details` below it) and recorded in `config`
     (``precision``, ``channels_last``, ``onednn``, ``precision_reason``), so that a resumed run,
     whose `config` already holds them, reuses the choice.
 
@@ -121,6 +158,13 @@ def choose_run_precision(
     `trainer.precision.choose_precision` on `model` and `example` (inputs at the training batch's
     shape): measured once per machine and model, then read from its cache file; explicit values
     are kept. Under torchrun rank 0 chooses and every rank gets the same.
+
+    Args:
+        model: the network (probed on a copy).
+        device: where it trains.
+        example: model inputs at the training batch's shape, for the probe.
+        config: the run's configuration (new or resumed).
+        threads: the CPU thread count the process uses (`trainer.threads.use_threads`).
     """
     if config.precision == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
@@ -130,6 +174,7 @@ def choose_run_precision(
             config.channels_last,  # type: ignore[arg-type]
             f"saved with the run: {config.precision_reason}",
             True if config.onednn is None else config.onednn,
+            "saved with the run",
         )
     else:
         local = (
@@ -143,8 +188,11 @@ def choose_run_precision(
             precision_reason=choice.reason,
         )
     if is_rank_zero():
-        cpu = f"; threads: {threads}; {WAIT_POLICY}" if threads is not None and device.type == "cpu" else ""
-        print(f"{choice}{cpu}", flush=True)
+        cpu = threads if device.type == "cpu" else None
+        print(start_line(choice, cpu, WAIT_POLICY if cpu is not None else None), flush=True)
+        if config.verbose:
+            for key, value in start_details(choice, cpu).items():
+                print(f"  {key}: {value}", flush=True)
     return choice
 
 
@@ -191,9 +239,12 @@ class RecipeParts:
         example: model inputs at the training batch's shape, on which the precision probe runs.
         metrics: validation metrics, as for `Trainer`.
         scheduler: a learning-rate scheduler (or None).
-        data: the data's sizing and class names, saved in every checkpoint (``classes``,
-            ``image_size``: None for each image's own size, ``input_channels``), which
-            ``predict`` reads.
+        data: what the checkpoints record of the data, which ``predict`` reads (see
+            docs/extending.md): ``classes`` (a name per output map), ``image_size`` (the square
+            side images were resized to; None: each image's own size), ``input_channels``,
+            ``mask_type`` (how the outputs are read, one of `MASK_TYPES`; left out, `Recipe.train`
+            records what the run trains, see `recorded_data`) and ``ignore_index`` (label maps:
+            the value of pixels of no class). Plain values only.
     """
 
     model: torch.nn.Module
@@ -207,6 +258,61 @@ class RecipeParts:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+#: Wrappers deeper than this around a training set are not looked into for its ``mask_mode``.
+_MAX_WRAPPERS = 8
+
+
+def _trained_mask_type(parts: RecipeParts) -> tuple[str, str] | None:
+    """``(mask_type, where it was read)`` of what `parts` trains (see `recorded_data`), or None."""
+    dataset = getattr(parts.train_loader, "dataset", None)
+    for _ in range(_MAX_WRAPPERS):  # a Subset (or another wrapper) keeps its data set in .dataset
+        mode = getattr(dataset, "mask_mode", None)
+        if isinstance(mode, str) and mode in MASK_TYPES:
+            return mode, f"its training data ({type(dataset).__name__} with mask_mode {mode!r})"
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    kind = mask_type_of_loss(parts.loss_fn)
+    if kind is not None:
+        return kind, f"its loss ({type(parts.loss_fn).__name__})"
+    return None
+
+
+def recorded_data(parts: RecipeParts) -> dict[str, Any]:
+    """``parts.data`` as the run's checkpoints record it: with ``mask_type``, how the model's outputs
+    are read (one of `MASK_TYPES`), added where the recipe leaves it out and the run tells it.
+
+    The run tells it by what it trains on: the training set's ``mask_mode`` (a
+    `trainer_datasets.SegmentationFolder` or `SegmentationStream`, also inside a ``Subset``: the
+    loader's ``dataset``), else its loss (`models.losses.mask_type_of_loss`: ``CEDiceLoss`` and
+    ``nn.CrossEntropyLoss`` are ``"labels"``, ``BCEDiceLoss`` and ``nn.BCEWithLogitsLoss``
+    ``"binary"``). A run that tells neither records none, and ``predict`` refuses its checkpoints
+    until the recipe gives it. A ``mask_type`` the recipe gives outside `MASK_TYPES`, or other
+    than what the run trains, is a `UsageError`, before anything is written.
+
+    Args:
+        parts: what the recipe's `Recipe.build` returned.
+    """
+    data = dict(parts.data)
+    given = data.get("mask_type")
+    if given is not None and given not in MASK_TYPES:
+        raise UsageError(
+            f"RecipeParts.data gives mask_type {given!r}; it is 'binary' (a sigmoid per class: a mask each, "
+            "which may overlap) or 'labels' (a softmax over the classes: one label map), or left out to be "
+            "read from the training data or the loss"
+        )
+    trained = _trained_mask_type(parts)
+    if trained is not None:
+        kind, source = trained
+        if given is not None and given != kind:
+            raise UsageError(
+                f"RecipeParts.data gives mask_type {given!r}, but the run trains for {kind!r} by {source}; "
+                f"give {kind!r} or leave mask_type out"
+            )
+        data["mask_type"] = kind
+    return data
+
+
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
 PartsT = TypeVar("PartsT", bound=RecipeParts)
 
@@ -217,7 +323,8 @@ class Recipe(Generic[ConfigT, PartsT]):
     `train` parses the command line (`build_parser`), resumes a run (`recipes.run_dir.resume_run`)
     or makes a new configuration (`new_config`), starts the process group under torchrun, seeds
     Python, NumPy and torch once with ``config.seed``, lets `build` make the data, model, loss and
-    optimizer, chooses the precision (`choose_run_precision`), creates the run directory
+    optimizer (what the checkpoints record of the data completed by `recorded_data`), chooses the
+    precision (`choose_run_precision`), creates the run directory
     (`recipes.run_dir.start_run_dir`: ``config.json``, a lock), adds to the recipe's `callbacks`
     a `CSVLogger` (``metrics.csv``), a `HistogramCallback` with ``--histograms`` and a
     `ModelCheckpoint` on `monitor` (``last.pt``, ``best.pt``; ``--checkpoint-every``), trains
@@ -328,6 +435,7 @@ class Recipe(Generic[ConfigT, PartsT]):
         threads = use_threads(config.threads)
         seed_everything(config.seed)
         parts = self.build(config, device)
+        parts.data = recorded_data(parts)
         check_optimizer(parts.optimizer)
         if resume_from is not None:
             check_weights(parts.model, load_checkpoint(resume_from), resume_from)
@@ -335,7 +443,8 @@ class Recipe(Generic[ConfigT, PartsT]):
         if fast:  # everything goes to a temporary directory, removed at the end
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))
         elif run_dir is None:
-            run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config)
+            record = start_details(choice, threads if device.type == "cpu" else None)
+            run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config, record)
             hold_run_dir(stack, lock, type(self).__module__)
         callbacks = [
             RunFolderGuard(lock, type(self).__module__, config.checkpoint_every),

@@ -50,6 +50,7 @@ class RunConfig(MutableMapping[str, Any]):
         log_dir: the directory of a new run (per command; None: a new ``runs/<name>/<timestamp>``).
         max_time: seconds of training after which this command stops and saves (per command).
         fast_dev_run: one training and one validation batch in a temporary directory (per command).
+        verbose: print in full why the precision, threads and OpenMP waiting were chosen (per command).
         other: saved values this class has no field for (a run written by another version of the
             recipe), kept so that they are saved again.
     """
@@ -69,6 +70,7 @@ class RunConfig(MutableMapping[str, Any]):
     log_dir: str | None = dataclasses.field(default=None, metadata=PER_COMMAND)
     max_time: float | None = dataclasses.field(default=None, metadata=PER_COMMAND)
     fast_dev_run: bool = dataclasses.field(default=False, metadata=PER_COMMAND)
+    verbose: bool = dataclasses.field(default=False, metadata=PER_COMMAND)
     other: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=PER_COMMAND, repr=False)
 
     #: Options a resumed run may change on its command line (all others keep their saved value).

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import (
     BASE_FILTERS,
+    MASK_TYPES,
     SIDE_MULTIPLE,
     BCEDiceLoss,
     CEDiceLoss,
@@ -87,6 +88,7 @@ from trainer.callbacks import (
 )
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import is_rank_zero
+from trainer.model_spec import short_repr
 from trainer.trained_model import export_model, model_from_state
 from trainer.workers import STOP_SIGNALS
 from trainer_datasets import IGNORE_INDEX, MASK_MODES, SyntheticNuclei, split_segmentation
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "over 1 GiB decoded; both give the same batches, and a resumed run may change it "
         "(default: %(default)s)",
     )
-    add_run_options(parser, RUNS_ROOT)
+    add_run_options(parser, RUNS_ROOT, NestedUNetConfig.RESUMABLE)
     return parser
 
 
@@ -247,7 +249,13 @@ def build_predict_parser() -> argparse.ArgumentParser:
         "other whose model is one of the project's (UNet, NestedUNet)",
     )
     parser.add_argument("--images", required=True, help="folder of .png/.jpg/.tif images")
-    parser.add_argument("--out", required=True, help="folder for <id>_prob.png and <id>_mask.png")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder for the outputs: <id>_prob.png and <id>_mask.png (one class), <class>/<id>_prob.png "
+        "and <class>/<id>.png (several classes), or <id>.png (label maps; with --probabilities also "
+        "<class>/<id>_prob.png)",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -610,12 +618,17 @@ def load_trained_model(
     The network has the checkpoint's weights, sits on `device` in eval mode, and is channels-last
     if the run trained so. The returned configuration is the run's, with ``classes`` (one per
     output channel), ``image_size`` (None: trained at the images' own resolution) and
-    ``mask_type`` (``labels`` for label maps, else binary masks) taken from the checkpoint's
-    ``data`` where it records them. A missing or unreadable file, one that does
-    not rebuild its model, or one that records no class names is a `UsageError` saying what the
-    file is and what it lacks; so are class names that cannot name output files
-    (`recipes.prediction.check_class_names`: ``..``, ``a/b``, a control character...) and a count
-    of names other than the maps the model predicts (`models.predict.count_outputs`).
+    ``mask_type`` (how the outputs are read: ``labels``, a softmax and one label map; ``binary``,
+    a sigmoid and a mask per class) taken from the checkpoint's ``data`` where it records them.
+
+    Nothing is guessed. A missing or unreadable file, one that does not rebuild its model, or one
+    that records no class names or no ``mask_type`` (or one outside `models.losses.MASK_TYPES`)
+    is a `UsageError` saying what the file is and what it lacks or what to add; so are class names
+    that cannot name output files (`recipes.prediction.check_class_names`: ``..``, ``a/b``, a
+    control character...) and a count of names other than the maps the model predicts
+    (`models.predict.count_outputs`). Only this recipe's files from before checkpoints recorded
+    their model (no ``format_version``) and before label maps (no ``mask_type``) are read as
+    binary masks: all that version trained.
 
     Args:
         checkpoint: ``RUN/best.pt`` or ``RUN/last.pt`` of a segmentation run.
@@ -644,6 +657,8 @@ def load_trained_model(
         model = build_model(config, num_classes=len(check_class_names(config["classes"], checkpoint)))
         check_weights(model, state, checkpoint)
         model.load_state_dict(state["model"])
+        if config.get("mask_type") is None:  # written before label maps: binary masks were all it trained on
+            config["mask_type"] = "binary"
     config.update({key: data[key] for key in ("classes", "image_size", "mask_type") if key in data})
     what = f"{checkpoint} (a checkpoint of {type(model).__name__})"
     if not config.get("classes"):
@@ -656,6 +671,18 @@ def load_trained_model(
     if channels != 3:  # first: such a file is no segmentation model at all, whatever its class names
         raise UsageError(f"{what} takes {channels}-channel inputs; predict feeds RGB images (3 channels)")
     classes = config["classes"] = check_class_names(config["classes"], what)
+    mask_type = config.get("mask_type")
+    if mask_type is None or mask_type not in MASK_TYPES:
+        recorded = (
+            "does not record how its outputs are read (no 'mask_type' in its data)"
+            if mask_type is None
+            else f"records mask_type {short_repr(2, 4, 40).repr(mask_type)}, which predict does not read"
+        )
+        raise UsageError(
+            f"{what} {recorded}; record data['mask_type'] (RecipeParts.data, ModelCheckpoint(data=...)) as "
+            "'labels' for a softmax over the classes (one label map per image, e.g. trained with cross-entropy) "
+            "or 'binary' for a sigmoid per class (a mask per class, e.g. trained with BCE); nothing written"
+        )
     config.setdefault("image_size", None)
     model.to(device).eval()
     try:
@@ -763,13 +790,19 @@ def predict(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             raise SystemExit(128 + exc.signum) from None
-    what = (
-        ("label maps" + (" and probability maps" if args.probabilities else ""))
-        if labels
-        else "probability maps and masks"
-    )
-    print(f"wrote {len(files)} {what} to {out}")
+    maps = len(files) * len(config["classes"])  # probability maps: one per image and class
+    if labels:
+        what = _counted(len(files), "label map")
+        what += f" and {_counted(maps, 'probability map')}" if args.probabilities else ""
+    else:
+        what = f"{_counted(maps, 'probability map')} and {_counted(maps, 'mask')}"
+    print(f"wrote {what} to {out}")
     return 0
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 mask``, ``2 masks``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def build_export_parser() -> argparse.ArgumentParser:

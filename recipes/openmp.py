@@ -21,12 +21,26 @@ import os
 import sys
 import time
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 
 #: Environment variables with which a user chooses the policy; when one is set it is kept.
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 #: Other processes must keep at least this many more CPUs busy than this process's threads leave
 #: free for threads to wait passively.
 BUSY_MARGIN = 0.5
+
+
+@dataclass(frozen=True)
+class WaitPolicy:
+    """How OpenMP threads wait, as `choose_wait_policy` decided it: in a few words for the line
+    printed at the start of a run (`summary`, also ``str()``: ``"OpenMP sleeps (busy)"``) and in
+    full, with the load measured (`reason`)."""
+
+    summary: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.summary
 
 
 def busy_cpus(seconds: float = 0.1, stat: str = "/proc/stat") -> float | None:
@@ -69,11 +83,11 @@ def choose_wait_policy(
     threads: int | None = None,
     environ: MutableMapping[str, str] | None = None,
     measure: Callable[[], float | None] = busy_cpus,
-) -> str:
+) -> WaitPolicy:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in `environ` (default: this process's environment) when
-    other processes keep more CPUs busy than `threads` threads leave free, and return a few words
-    saying what was chosen. A policy the user set is kept; after torch is loaded it is too late
-    and nothing is changed.
+    other processes keep more CPUs busy than `threads` threads leave free, and return what was
+    chosen and why (`WaitPolicy`). A policy the user set is kept; after torch is loaded it is too
+    late and nothing is changed.
 
     Args:
         threads: the threads this process will run (default: the CPUs in its affinity mask,
@@ -91,14 +105,16 @@ def choose_wait_policy(
             threads = cpus
     given = [name for name in USER_SETTINGS if environ.get(name)]
     if given:
-        return f"OpenMP waiting as set by {given[0]}={environ[given[0]]}"
+        return WaitPolicy("OpenMP as set", f"OpenMP waiting as set by {given[0]}={environ[given[0]]}")
     if "torch" in sys.modules:
-        return "OpenMP waiting left as loaded"
+        return WaitPolicy("OpenMP as loaded", "OpenMP waiting left as loaded")
     busy = measure()
     if busy is None:
-        return "OpenMP threads spin while waiting (load unknown)"
+        return WaitPolicy("OpenMP spins", "OpenMP threads spin while waiting (load unknown)")
     free = (os.cpu_count() or 1) - busy
     if free < threads - BUSY_MARGIN:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy"
-    return f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work"
+        return WaitPolicy(
+            "OpenMP sleeps (busy)", f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy"
+        )
+    return WaitPolicy("OpenMP spins (idle)", f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work")

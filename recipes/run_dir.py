@@ -9,7 +9,7 @@ import glob
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +233,18 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, 
 
 
 def start_run_dir(
-    log_dir: str | None, default_root: str, config: RunConfig | dict[str, Any]
+    log_dir: str | None,
+    default_root: str,
+    config: RunConfig | dict[str, Any],
+    record: Mapping[str, Any] | None = None,
 ) -> tuple[Path, RunLock | None]:
     """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
-    configuration there first (atomically), so a run killed before its first checkpoint still
-    says what it was. Returns the directory and the lock, which the caller holds until the run
-    ends (`hold_run_dir`; None on ranks other than 0).
+    configuration there first (atomically) in ``config.json``, so a run killed before its first
+    checkpoint still says what it was, with the entries of `record` beside it (what this command
+    found: why its precision, threads and OpenMP waiting were chosen, see
+    `recipes.common.start_details`; not part of the configuration, so not in the checkpoints).
+    Returns the directory and the lock, which the caller holds until the run ends
+    (`hold_run_dir`; None on ranks other than 0).
 
     A directory another live run holds, or one that came to hold a run between the first look
     and the lock (two runs started at once), is a `UsageError`, and nothing is written there.
@@ -254,7 +260,8 @@ def start_run_dir(
             if holds_run(path):  # another run wrote it between make_run_dir's look and the lock
                 raise UsageError(f"--log-dir {str(path)!r} already holds a run; choose a new directory")
             try:
-                atomic_write_text(json.dumps(dict(config), indent=2, sort_keys=True), path / CONFIG_FILE)
+                saved = {**(record or {}), **dict(config)}
+                atomic_write_text(json.dumps(saved, indent=2, sort_keys=True), path / CONFIG_FILE)
             except OSError as exc:
                 raise UsageError(write_error_line(exc, None)) from None
             result = (path, lock)

@@ -1,20 +1,51 @@
 """`recipes.common`: the run options both recipes share: --fast-dev-run, --max-time, --histograms, --checkpoint-every,
---val-every and the run's metrics.csv."""
+--val-every, --verbose, the run's metrics.csv and the line printed at its start."""
 
 from __future__ import annotations
 
 import csv
+import json
+import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import trainer.precision as precision_module
+import trainer.threads as threads_module
+from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
-from recipes.common import print_run_summary, run_cli
+from recipes.common import (
+    Recipe,
+    RecipeArgumentParser,
+    RecipeParts,
+    RunConfig,
+    UsageError,
+    add_run_options,
+    positive_int,
+    print_run_summary,
+    recorded_data,
+    run_cli,
+    start_line,
+)
+from recipes.openmp import choose_wait_policy
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
-from trainer_datasets import make_learnable_fashion_like, write_fashion_mnist_idx
+from trainer.precision import choose_precision
+from trainer.threads import choose_threads
+from trainer_datasets import (
+    SegmentationFolder,
+    make_learnable_fashion_like,
+    write_fashion_mnist_idx,
+    write_label_map,
+    write_png_file,
+)
 
+#: What `trainer.precision.cpu_features` reports on a CPU without native bf16.
+AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 #: The segmentation recipe's quickest run with 4 training steps per epoch.
 SEGMENTATION = tiny_args(train_samples=16, val_samples=8)
 
@@ -173,3 +204,189 @@ def test_the_summary_names_the_best_epoch_and_skips_epochs_with_nothing_measured
     history = [{"val_iou": float("nan")}, {"val_iou": 0.7}, {"val_iou": 0.5}, {"val_iou": 0.7}]
     print_run_summary(SimpleNamespace(history=history), tmp_path, "val_iou", "IoU", mode=mode)
     assert capsys.readouterr().out.splitlines()[0] == f"best validation IoU: {best}"
+
+
+def start_lines(lines: str) -> list[str]:
+    return [line for line in lines.splitlines() if line.startswith("precision:")]
+
+
+def test_start_line_is_short_with_a_long_cache_path_and_long_reasons(mocker, monkeypatch, tmp_path):
+    """The longest words each choice can print together (PyTorch's own convolution kernels read
+    from a cache file deep in a long path, a 3-digit OMP_NUM_THREADS or torchrun's processes, a
+    user's OpenMP setting or a busy machine) still make one line of at most 120 characters, and
+    the measurements and the path stay out of it."""
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=lambda model, device, example, candidates, **kw: {
+            c: 0.7 if not c.onednn else 1.0 for c in candidates
+        },
+    )
+    cache = tmp_path.joinpath(*["a-long-folder-name-on-a-shared-cluster"] * 8, "precision.json")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    choose_precision(model, torch.device("cpu"), torch.rand(2, 3, 8, 8), cache=cache)  # measures
+    choice = choose_precision(model, torch.device("cpu"), torch.rand(2, 3, 8, 8), cache=cache)  # reads the cache
+    assert len(choice.reason) > 400 and str(cache) in choice.reason and " ms" in choice.reason
+
+    mocker.patch.object(threads_module, "affinity_cpus", return_value=1024)
+    mocker.patch.object(threads_module, "cpu_quota", return_value=1000.5)
+    threads = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "128")
+    threads.append(choose_threads())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    threads.append(choose_threads())
+    mocker.patch.dict(sys.modules)
+    sys.modules.pop("torch")  # as before torch loads
+    waits = [
+        choose_wait_policy(128, {}, measure=lambda: 900.0),
+        choose_wait_policy(128, {"GOMP_SPINCOUNT": "1" * 80}, measure=lambda: 0.0),
+    ]
+    assert [str(t) for t in threads] == ["128 threads (OMP_NUM_THREADS)", "62 threads (16 processes)"]
+    for thread_choice in threads:
+        for wait in waits:
+            line = start_line(choice, thread_choice, wait)
+            assert len(line) <= 120, line
+            assert line.startswith("precision: 32, contiguous, native conv (no native bf16, from cache); ")
+            assert str(cache) not in line and " ms" not in line and "1" * 80 not in line
+
+
+def test_verbose_prints_the_measurements_and_config_json_records_them(tmp_path, monkeypatch, capsys):
+    """A run with the automatic precision prints a short line; --verbose adds why in full (each
+    setting's measured time, the cache file, the CPUs counted, the OpenMP load), and config.json
+    records the same either way."""
+    cache_dir = tmp_path.joinpath(*["a-long-folder-name-on-a-shared-cluster"] * 6)
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(cache_dir))
+    auto = tiny_args(precision=None, channels_last=None)
+    assert run_cli(nested_unet.main, [*auto, "--log-dir", str(tmp_path / "a"), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    [line] = start_lines(out)
+    assert len(line) <= 120 and str(cache_dir) not in line and " ms" not in line
+    assert "; OpenMP " in line and (" threads (" in line or " thread (" in line)
+    details = dict(row.strip().split(": ", 1) for row in out.splitlines() if row.startswith("  ") and ": " in row)
+    assert set(details) == {"precision_reason", "threads_reason", "wait_policy"}
+    assert " ms" in details["precision_reason"] and str(cache_dir) in details["precision_reason"]
+    assert "CPU" in details["threads_reason"] and "OpenMP" in details["wait_policy"]
+    recorded = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert {key: recorded[key] for key in details} == details
+    assert "threads_reason" not in load_checkpoint(tmp_path / "a" / "last.pt")["config"]  # the run's options only
+
+    # Without --verbose: the line alone, which says the choice came from the cache; config.json has it all.
+    assert run_cli(nested_unet.main, [*auto, "--log-dir", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    [line] = start_lines(out)
+    assert "from cache" in line and "precision_reason" not in out and " ms" not in out
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert str(cache_dir) in recorded["precision_reason"] and " ms" in recorded["precision_reason"]
+    assert recorded["threads_reason"] == details["threads_reason"]
+
+
+# --- what the checkpoints record of the data ------------------------------------------------------
+
+
+class Pixels(Recipe[RunConfig, RecipeParts]):
+    """Three classes per pixel of 8x8 images, told by a 1x1 convolution, with the loss and the
+    ``RecipeParts.data`` a test gives."""
+
+    name = "pixels"
+
+    def __init__(self, loss_fn, data) -> None:
+        self.loss_fn, self.data = loss_fn, data
+
+    def build_parser(self):
+        parser = RecipeArgumentParser(prog="pixels.py")
+        parser.add_argument("--epochs", type=positive_int, default=1)
+        add_run_options(parser, "runs/pixels")
+        return parser
+
+    def build(self, config, device):
+        images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(config.seed))
+        loader = DataLoader(TensorDataset(images, images.argmax(1)), batch_size=4)
+        model = nn.Conv2d(3, 3, 1)
+        return RecipeParts(
+            model=model,
+            loss_fn=self.loss_fn,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_loader=loader,
+            val_loader=loader,
+            example=images[:4],
+            data=dict(self.data),
+        )
+
+
+PIXELS_RUN = ["--precision", "32", "--channels-last", "off"]
+
+
+def test_a_run_records_how_its_outputs_are_read_without_the_recipe_saying_it(tmp_path):
+    """A recipe whose data names its classes and trains with cross-entropy: its checkpoints
+    record mask_type 'labels', which the recipe never gave."""
+    recipe = Pixels(nn.CrossEntropyLoss(), {"classes": ["r", "g", "b"], "image_size": None})
+    assert run_cli(recipe.train, [*PIXELS_RUN, "--log-dir", str(tmp_path / "run")]) == 0
+    for name in ("last.pt", "best.pt"):
+        data = load_checkpoint(tmp_path / "run" / name)["data"]
+        assert data == {"classes": ["r", "g", "b"], "image_size": None, "mask_type": "labels"}
+
+
+@pytest.mark.parametrize(
+    "mask_type, message",
+    [
+        ("multilabel", "RecipeParts.data gives mask_type 'multilabel'; it is 'binary' (a sigmoid per class"),
+        ("binary", "RecipeParts.data gives mask_type 'binary', but the run trains for 'labels' by its loss"),
+    ],
+    ids=["unknown", "not-what-it-trains"],
+)
+def test_a_mask_type_the_run_does_not_train_is_refused_before_anything_is_written(tmp_path, capsys, mask_type, message):
+    recipe = Pixels(nn.CrossEntropyLoss(), {"classes": ["r", "g", "b"], "mask_type": mask_type})
+    assert run_cli(recipe.train, [*PIXELS_RUN, "--log-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def label_map_folder(root):
+    """A label-map folder of two 8x8 images (masks/ and classes.txt): a `SegmentationFolder` of mask_mode 'labels'."""
+    for index in range(2):
+        write_png_file(torch.zeros(3, 8, 8, dtype=torch.uint8), root / "images" / f"{index}.png")
+        write_label_map(torch.zeros(8, 8, dtype=torch.long), root / "masks" / f"{index}.png")
+    (root / "classes.txt").write_text("background\ncell\n")
+    return SegmentationFolder(root)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, dataset, expected",
+    [
+        (DeepSupervisionLoss(CEDiceLoss()), None, "labels"),
+        (nn.CrossEntropyLoss(), None, "labels"),
+        (DeepSupervisionLoss(BCEDiceLoss()), None, "binary"),
+        (nn.BCEWithLogitsLoss(), None, "binary"),
+        (lambda predicted, target: (predicted - target).abs().mean(), None, None),
+        (nn.BCELoss(), None, None),  # probabilities from the model's own sigmoid: not what predict reads
+        (lambda predicted, target: (predicted - target).abs().mean(), "folder", "labels"),
+        (nn.BCEWithLogitsLoss(), "subset", "labels"),  # the data's mask mode first
+    ],
+    ids=["ce-dice", "cross-entropy", "bce-dice", "bce-with-logits", "function", "bce", "folder", "subset"],
+)
+def test_recorded_data_reads_the_mask_type_from_the_training_data_or_the_loss(tmp_path, loss_fn, dataset, expected):
+    data: object = TensorDataset(torch.zeros(2, 3, 8, 8))
+    if dataset is not None:
+        folder = label_map_folder(tmp_path)
+        data = folder if dataset == "folder" else Subset(folder, [1, 0])
+    model = nn.Conv2d(3, 2, 1)
+    parts = RecipeParts(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=DataLoader(data, batch_size=2),
+        val_loader=None,
+        example=torch.zeros(1, 3, 8, 8),
+        data={"classes": ["background", "cell"]},
+    )
+    recorded = recorded_data(parts)
+    assert recorded.get("mask_type") == expected and recorded["classes"] == ["background", "cell"]
+    assert parts.data == {"classes": ["background", "cell"]}  # the recipe's own dict is left as it was
+    if expected is not None:
+        parts.data["mask_type"] = expected
+        assert recorded_data(parts) == recorded  # given and told alike: accepted
+        parts.data["mask_type"] = {"labels": "binary", "binary": "labels"}[expected]
+        with pytest.raises(UsageError, match=f"but the run trains for {expected!r}"):
+            recorded_data(parts)

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes import nested_unet
+from recipes.common import run_cli
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
+from trainer_datasets import read_label_map, write_png_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "recipes").glob("*.md"))]
@@ -118,6 +121,56 @@ def test_a_recipe_file_outside_the_package_resumes_with_the_printed_command_and_
     capsys.readouterr()
     assert run_script([str(predictor), str(run_dir / "best.pt")], monkeypatch) is None
     assert capsys.readouterr().out == "[0, 1, 2, 3]\n"
+
+
+#: shapes.py's arguments: 6 epochs of 16 steps, float32 (a bound on what it learns follows).
+SHAPES_RUN = "--precision 32 --channels-last off --threads 1".split()
+
+
+@pytest.mark.numerics
+def test_a_segmentation_recipe_file_records_label_maps_resumes_and_predicts_them(
+    tmp_path, monkeypatch, capsys, torch_threads, fake_clock
+):
+    """The segmentation recipe of docs/extending.md, run as a script (``python shapes.py``) and
+    stopped by ``--max-time``, prints the command that resumes it, which finishes the run. Its
+    checkpoints record the data's classes and the mask_type its loss trains ('labels'), which the
+    recipe never gave; from ``best.pt`` alone, ``predict`` writes one label map per image (no mask
+    per class) that finds the squares and discs of new images."""
+    script, run_dir = tmp_path / "shapes.py", tmp_path / "run"
+    script.write_text(extending_block("class Shapes(Recipe"))
+    fake_clock.tick = 0.4  # the limit of 1 s passes within a few of the 96 steps
+    assert run_script([str(script), *SHAPES_RUN, "--max-time", "00:00:01", "--log-dir", str(run_dir)], monkeypatch) == 0
+    command = resume_line(capsys.readouterr().out)
+    assert command == shlex.join(["python", str(script), "--resume", str(run_dir)])
+    assert load_checkpoint(run_dir / "last.pt")["global_step"] < 16
+    fake_clock.tick = 0.0
+
+    program, *script_command = shlex.split(command)
+    assert run_script(script_command, monkeypatch) == 0, capsys.readouterr().err[-3000:]
+    state = load_checkpoint(run_dir / "best.pt")
+    assert state["data"] == {
+        "classes": ["background", "square", "disc"],
+        "image_size": None,
+        "input_channels": 3,
+        "mask_type": "labels",
+    }
+    assert load_checkpoint(run_dir / "last.pt")["epochs_done"] == 6
+
+    shapes = runpy.run_path(str(script))["shapes"]  # the example's own data, new images
+    images, labels = shapes(4, side=32, seed=99)
+    for index, image in enumerate(images):
+        write_png_file(image.mul(255).round().to(torch.uint8), tmp_path / "pictures" / f"{index}.png")
+    out = tmp_path / "label_maps"
+    predict = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(tmp_path / "pictures")]
+    assert run_cli(nested_unet.main, [*predict, "--out", str(out)]) == 0
+    assert sorted(path.name for path in out.iterdir()) == [f"{index}.png" for index in range(4)]
+    predicted = torch.stack([read_label_map(out / f"{index}.png") for index in range(4)])
+    ious = [
+        ((predicted == c) & (labels == c)).sum().item() / ((predicted == c) | (labels == c)).sum().item()
+        for c in (1, 2)
+    ]
+    print(f"measured: IoU of the squares {ious[0]:.4f}, of the discs {ious[1]:.4f}")
+    assert min(ious) > 0.8
 
 
 def test_architecture_shows_what_describe_prints(tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def figure_pixels(events, tag):
 
 
 @pytest.mark.numerics
-def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
+def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path, capsys):
     data = tmp_path / "data"
     write_palette_folder(data, count=10)
     run_dir = tmp_path / "run"
@@ -224,7 +224,9 @@ def test_label_maps_train_end_to_end_and_predict_label_maps(tmp_path):
         str(out),
         "--probabilities",
     ]
+    capsys.readouterr()
     assert run_cli(nested_unet.main, argv) == 0
+    assert f"wrote 10 label maps and 30 probability maps to {out}\n" in capsys.readouterr().out
     with Image.open(out / "03.png") as label_map:
         assert label_map.mode == "P" and label_map.size == (32, 32)
     predicted = read_label_map(out / "03.png")

@@ -1,4 +1,4 @@
-"""`models.losses`: BCEDiceLoss and DeepSupervisionLoss."""
+"""`models.losses`: BCEDiceLoss and DeepSupervisionLoss, and how a loss says its model's outputs are read."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from models import (
     BCEDiceLoss,
+    CEDiceLoss,
     DeepSupervisionLoss,
+    mask_type_of_loss,
 )
 
 # --- losses -----------------------------------------------------------------------------
@@ -84,3 +87,40 @@ def test_deep_supervision_loss_calls_inner_loss_once_per_head(mocker):
     assert DeepSupervisionLoss(inner)(predictions, targets).item() == pytest.approx(1.5)
     assert inner.call_count == 2
     assert all(call.args[1] is targets for call in inner.call_args_list)
+
+
+# --- how the outputs are read ----------------------------------------------------------------
+
+
+class FocalLoss(nn.Module):
+    """A loss of one's own that says how its model's outputs are read."""
+
+    mask_type = "labels"
+
+    def forward(self, logits, targets):
+        return nn.functional.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize(
+    "loss, expected",
+    [
+        (CEDiceLoss(), "labels"),
+        (DeepSupervisionLoss(DeepSupervisionLoss(nn.CrossEntropyLoss())), "labels"),
+        (BCEDiceLoss(), "binary"),
+        (DeepSupervisionLoss(nn.BCEWithLogitsLoss()), "binary"),
+        (FocalLoss(), "labels"),
+        (DeepSupervisionLoss(FocalLoss()), "labels"),
+        (nn.BCELoss(), None),  # the model applies its own sigmoid: predict would apply a second one
+        (nn.MSELoss(), None),
+        (lambda logits, targets: logits.mean(), None),
+    ],
+    ids=["ce-dice", "cross-entropy", "bce-dice", "bce-with-logits", "own", "own-wrapped", "bce", "mse", "function"],
+)
+def test_a_loss_says_how_the_outputs_are_read_or_nothing(loss, expected):
+    assert mask_type_of_loss(loss) == expected
+
+
+def test_a_mask_type_attribute_outside_the_known_values_says_nothing():
+    loss = FocalLoss()
+    loss.mask_type = "multilabel"
+    assert mask_type_of_loss(loss) is None

@@ -45,11 +45,12 @@ def test_passive_only_when_other_work_leaves_too_few_cpus(mocker):
     mocker.patch.dict(sys.modules)  # restored after the test
     sys.modules.pop("torch")  # as before torch is imported
     environ: dict[str, str] = {}
-    assert "spin" in choose_wait_policy(2, environ, measure=lambda: 0.1) and environ == {}
-    words = choose_wait_policy(2, environ, measure=lambda: 1.0)
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"} and "sleep" in words and "1.0 CPUs busy" in words
+    assert "spin" in choose_wait_policy(2, environ, measure=lambda: 0.1).summary and environ == {}
+    policy = choose_wait_policy(2, environ, measure=lambda: 1.0)
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"} and policy.summary == "OpenMP sleeps (busy)"
+    assert "1.0 CPUs busy" in policy.reason
     environ = {}
-    assert "spin" in choose_wait_policy(1, environ, measure=lambda: 1.0) and environ == {}  # one thread fits
+    assert "spin" in choose_wait_policy(1, environ, measure=lambda: 1.0).summary and environ == {}  # one thread fits
 
 
 def test_a_policy_the_user_set_is_kept(mocker):
@@ -57,14 +58,16 @@ def test_a_policy_the_user_set_is_kept(mocker):
     mocker.patch.dict(sys.modules)
     sys.modules.pop("torch")
     environ = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert choose_wait_policy(2, environ, measure=lambda: 2.0) == "OpenMP waiting as set by OMP_WAIT_POLICY=ACTIVE"
+    policy = choose_wait_policy(2, environ, measure=lambda: 2.0)
+    assert policy.reason == "OpenMP waiting as set by OMP_WAIT_POLICY=ACTIVE"
+    assert policy.summary == "OpenMP as set"
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def test_too_late_once_torch_is_loaded():
     """Once torch is loaded its OpenMP runtime has read the policy: nothing is changed."""
     environ: dict[str, str] = {}
-    assert choose_wait_policy(2, environ, measure=lambda: 2.0) == "OpenMP waiting left as loaded"
+    assert choose_wait_policy(2, environ, measure=lambda: 2.0).reason == "OpenMP waiting left as loaded"
     assert environ == {}
 
 
@@ -74,7 +77,7 @@ def test_importing_the_recipes_decides_before_torch_loads():
     words the precision line reports say so."""
     code = (
         "import os, sys, recipes; assert 'torch' not in sys.modules, 'recipes loaded torch'; "
-        "print(recipes.WAIT_POLICY); print(os.environ.get('OMP_WAIT_POLICY'))"
+        "print(recipes.WAIT_POLICY.reason); print(os.environ.get('OMP_WAIT_POLICY'))"
     )
     env = checkout_env()
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):

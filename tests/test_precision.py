@@ -144,7 +144,8 @@ def test_native_convolution_kernels_where_they_measure_faster(mocker):
     )
     choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=False)
     assert (choice.precision, choice.channels_last, choice.onednn) == ("32", False, False)
-    assert "native convolution kernels" in str(choice) and "1.43x float32" in choice.reason
+    assert str(choice) == "precision: 32, contiguous, native conv (no native bf16, measured)"
+    assert "1.43x float32" in choice.reason
 
 
 def test_bf16_must_beat_the_fastest_float32_setting_not_only_the_plain_one(mocker):
@@ -246,7 +247,9 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
     trainer.fit(train, val)
     assert (trainer.precision, trainer.channels_last) == ("bf16", True)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert "Trainer: precision: bf16, channels-last" in capsys.readouterr().out
+    # What was chosen and why in a few words; the timings and the cache file are in the choice's reason.
+    assert "Trainer: precision: bf16, channels-last (measured)\n" in capsys.readouterr().out
+    assert str(tmp_path / "cache") in trainer.precision_choice.reason
 
     # This machine now measures float32 faster, but the resumed run keeps the saved choice.
     mocker.patch.object(
@@ -324,11 +327,31 @@ def test_measured_choice_is_kept_and_later_runs_read_it_however_the_machine_meas
     busy.assert_not_called()
     assert (again.precision, again.channels_last, again.onednn) == ("32", True, True)
     assert "measured once on this machine" in again.reason and str(cache) in again.reason
+    assert str(again) == "precision: 32, channels-last (no native bf16, from cache)"
 
     # Another batch shape is another measurement, kept beside the first.
     other = choose_precision(small_cnn(), torch.device("cpu"), example_images(8), cache=cache)
     assert busy.call_count == 1 and other.onednn is False
     assert len(json.loads(cache.read_text())) == 2
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_printed_choice_is_short_however_long_the_reason(mocker, tmp_path, cached):
+    """The choice a fit prints leaves out the timings and the cache file, however long they are;
+    its reason keeps them."""
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=fake_probe({("32", False): 1.0, ("32", True): 1.1, ("32", False, False): 0.7}),
+    )
+    cache = tmp_path.joinpath(*["a-rather-long-folder-name"] * 12, "precision.json")
+    choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    if cached:
+        choice = choose_precision(small_cnn(), torch.device("cpu"), example_images(), cache=cache)
+    assert "1.43x float32" in choice.reason and str(cache) in choice.reason and len(choice.reason) > 300
+    why = "from cache" if cached else "measured"
+    assert str(choice) == f"precision: 32, contiguous, native conv (no native bf16, {why})"
 
 
 def test_probe_key_follows_what_timings_depend_on():

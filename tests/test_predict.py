@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ from models.predict import (
 )
 from recipes import nested_unet
 from recipes.common import run_cli
-from recipes.prediction import inference_precision
+from recipes.prediction import inference_precision, output_paths
 from tests.helpers import undocumented_options
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import SegmentationFolder, SyntheticNuclei, read_image_rgb, write_png_file
@@ -473,7 +474,9 @@ def test_a_small_tile_on_the_command_line_takes_half_of_it_as_overlap(native_run
     images = tmp_path / "images"
     write_png_file(random_image(100, 150), images / "a.png")
     assert predict_cli(native_run, images, tmp_path / "out", "--tile", "64") == 0
-    assert "tiles up to 64x64, overlap 32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiles up to 64x64, overlap 32" in out
+    assert f"wrote 1 probability map and 1 mask to {tmp_path / 'out'}\n" in out  # counted, not "1 ... maps"
     assert read_png(tmp_path / "out" / "a_mask.png").shape == (1, 100, 150)
 
 
@@ -564,6 +567,19 @@ def test_predict_help_names_every_option():
     assert undocumented_options(nested_unet.build_predict_parser()) == []
 
 
+@pytest.mark.parametrize(
+    "classes, labels, probabilities",
+    [(["x"], False, False), (["x", "y"], False, False), (["x", "y"], True, False), (["x", "y"], True, True)],
+)
+def test_predict_help_names_the_files_each_kind_of_run_writes(classes, labels, probabilities):
+    """The help of --out names the files `output_paths` gives for one class, several and label maps."""
+    action = next(a for a in nested_unet.build_predict_parser()._actions if "--out" in a.option_strings)
+    out = Path("OUT")
+    for path in output_paths(out, "ID", classes, labels, probabilities):
+        parts = ["<class>" if part in classes else part.replace("ID", "<id>") for part in path.relative_to(out).parts]
+        assert "/".join(parts) in action.help
+
+
 def test_a_large_image_goes_through_the_model_one_tile_at_a_time():
     """What bounds memory: a 2048x2048 input reaches the model as 512x512 windows, one per pass."""
     model = SmallFCN()
@@ -633,7 +649,8 @@ def own_run(run_dir, model, data):
 
 
 def test_predict_takes_the_checkpoint_of_a_recipe_of_ones_own(tmp_path, capsys):
-    checkpoint = own_run(tmp_path / "run", UNet(num_classes=2), {"classes": ["cell", "edge"], "image_size": 32})
+    data = {"classes": ["cell", "edge"], "image_size": 32, "mask_type": "binary"}
+    checkpoint = own_run(tmp_path / "run", UNet(num_classes=2), data)
     images = tmp_path / "images"
     images.mkdir()
     write_png_file(random_image(40, 24), images / "a.png")
@@ -654,7 +671,7 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     assert err.count("\n") == 1 and "older" not in err
     assert f"{no_classes} (a checkpoint of UNet) records no class names (no 'classes' in its data or config)" in err
 
-    own = own_run(tmp_path / "own", OwnNet(), {"classes": ["a", "b"]})
+    own = own_run(tmp_path / "own", OwnNet(), {"classes": ["a", "b"], "mask_type": "binary"})
     assert predict_cli(own, images, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(
@@ -663,6 +680,56 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     model, config = nested_unet.load_trained_model(own, allowed=[OwnNet])
     assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
     assert not (tmp_path / "out").exists()
+
+
+def without_mask_type(state):
+    """`state` with no ``mask_type`` in its data or configuration, as a run that did not record it wrote it."""
+    state["data"].pop("mask_type", None)
+    state["config"].pop("mask_type", None)
+    return state
+
+
+@pytest.mark.parametrize("mask_type", [None, "multilabel"], ids=["missing", "unknown"])
+def test_a_checkpoint_that_does_not_say_how_its_outputs_are_read_is_refused(two_classes, tmp_path, capsys, mask_type):
+    """Predict never guesses between a softmax label map and a sigmoid per class: a file whose data
+    names its classes but no known mask_type is refused in one line saying what to record, by the
+    command and by `load_trained_model`, and nothing is written."""
+    state = without_mask_type(load_checkpoint(two_classes))
+    if mask_type is not None:
+        state["data"]["mask_type"] = mask_type
+    checkpoint = tmp_path / "unsaid.pt"
+    torch.save(state, checkpoint)
+    write_png_file(random_image(32, 32), tmp_path / "images" / "a.png")
+    assert predict_cli(checkpoint, tmp_path / "images", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    said = (
+        "does not record how its outputs are read (no 'mask_type' in its data)"
+        if mask_type is None
+        else "records mask_type 'multilabel', which predict does not read"
+    )
+    assert err.count("\n") == 1 and f"{checkpoint} (a checkpoint of UNet) {said}; record data['mask_type']" in err
+    assert "'labels' for a softmax over the classes" in err and "'binary' for a sigmoid per class" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(nested_unet.UsageError, match=re.escape(said)):
+        nested_unet.load_trained_model(checkpoint)
+
+
+def test_only_this_recipes_files_from_before_label_maps_are_read_as_binary(resized_run, tmp_path):
+    """A file of this recipe from before checkpoints recorded their model, and from before label
+    maps, could only hold binary masks: it is read so. The same file with its model recorded
+    says nothing about its outputs, and is refused."""
+    state = without_mask_type(load_checkpoint(resized_run))
+    assert state["config"]["arch"] == "UNet"
+    recorded = tmp_path / "recorded.pt"
+    torch.save(state, recorded)
+    with pytest.raises(nested_unet.UsageError, match="does not record how its outputs are read"):
+        nested_unet.load_trained_model(recorded)
+    for key in ("format_version", "model_spec", "data"):
+        del state[key]
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy)
+    model, config = nested_unet.load_trained_model(legacy)
+    assert isinstance(model, UNet) and config["mask_type"] == "binary" and config["classes"] == ["nucleus"]
 
 
 def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resized_run, tmp_path, capsys):
@@ -691,7 +758,9 @@ def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resi
 def two_classes(tmp_path_factory):
     """A checkpoint of a UNet with two outputs, named cell and edge (a recipe of one's own)."""
     root = tmp_path_factory.mktemp("two_classes")
-    return own_run(root / "run", UNet(num_classes=2, base_filters=4), {"classes": ["cell", "edge"]})
+    return own_run(
+        root / "run", UNet(num_classes=2, base_filters=4), {"classes": ["cell", "edge"], "mask_type": "binary"}
+    )
 
 
 def crafted(checkpoint, path, **data):
@@ -770,7 +839,7 @@ def test_an_output_folder_that_links_outside_out_is_refused(two_classes, workspa
     [
         (
             ["cell", "cell_prob"],
-            None,
+            "binary",
             ["cell", "edge"],
             ["--probabilities"],
             "cell/cell_prob.png is planned twice: cell.png and cell_prob.png would both write it (the probability "

@@ -68,6 +68,7 @@ def test_a_quota_caps_the_threads_and_says_so(mocker):
     mocker.patch.object(threads_module, "cpu_quota", return_value=1.5)
     choice = choose_threads()
     assert choice.threads == 2 and "cgroup CPU quota 1.5" in choice.reason and "32 CPUs" in choice.reason
+    assert str(choice) == "2 threads (CPU quota)"  # the start line's words; the numbers are in the reason
 
 
 def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
@@ -76,6 +77,7 @@ def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     choice = choose_threads()
     assert choice.threads == 2 and "shared by 4 local processes" in choice.reason
+    assert str(choice) == "2 threads (4 processes)"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert choose_threads().threads == 1  # never fewer than one
 

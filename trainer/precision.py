@@ -86,19 +86,24 @@ class PrecisionChoice:
     Attributes:
         precision: ``"32"``, ``"bf16"`` or ``"16-mixed"``.
         channels_last: whether 4-D inputs and the model take the channels-last memory format.
-        reason: a human-readable line saying why these settings were chosen.
+        reason: why these settings were chosen, in full: the CPU's features, each setting's
+            measured time, the cache file.
         onednn: False: CPU convolutions use PyTorch's own kernels instead of oneDNN's (see
-            `convolution_kernels`)."""
+            `convolution_kernels`).
+        summary: why, in a few words (``"no native bf16, from cache"``), for the line printed at
+            the start of a fit; empty: `reason` is printed instead."""
 
     precision: str
     channels_last: bool
     reason: str
     onednn: bool = True
+    summary: str = ""
 
     def __str__(self) -> str:
+        """What was chosen and why in a few words: ``precision: 32, contiguous (no native bf16, measured)``."""
         layout = "channels-last" if self.channels_last else "contiguous"
-        kernels = "" if self.onednn else ", native convolution kernels"
-        return f"precision: {self.precision}, {layout}{kernels} ({self.reason})"
+        kernels = "" if self.onednn else ", native conv"
+        return f"precision: {self.precision}, {layout}{kernels} ({self.summary or self.reason})"
 
     def as_dict(self) -> dict[str, Any]:
         """The choice as plain values, e.g. for a run's configuration file."""
@@ -230,28 +235,34 @@ def choose_precision(
     if device.type == "cuda":
         return _choose_cuda(device, precision, layout, convolutional)
 
-    reasons = []
+    reasons, why = [], []  # in full, and in a few words
     if precision == "auto":
         features = cpu_features()
         if cpu_has_native_bf16(features):
             precisions = ["32", "bf16"]
-            reasons.append(f"native bf16: {describe_cpu(features)}")
+            reasons.append(f"native bf16: {describe_cpu(features)}")  # the probe decides: no word of it
         else:
             precisions = ["32"]
             reasons.append(f"this CPU has no native bf16: {describe_cpu(features)}")
+            why.append("no native bf16")
     else:
         precisions = [precision]
         reasons.append(f"precision {precision} as asked")
+        why.append("as asked")
     if layout == "auto":
         layouts = [False, True] if convolutional else [False]
         if not convolutional:
             reasons.append("no convolutions")
+            why.append("no convolutions")
     else:
         layouts = [layout]
     if len(precisions) * len(layouts) == 1:
-        return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons))
+        return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons), summary=", ".join(why))
     if example is None:
-        return PrecisionChoice(precisions[0], layouts[0], "; ".join([*reasons, "no example batch to probe"]))
+        reasons.append("no example batch to probe")
+        why.append("nothing to probe")
+        return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons), summary=", ".join(why))
+    # In a few words, the measurement only: the timings, gain and cache file are in `reason`.
 
     candidates = [Setting(p, layout) for p in precisions for layout in layouts]
     if precisions[0] == "32" and convolutional and False in layouts and torch.backends.mkldnn.is_available():
@@ -265,10 +276,12 @@ def choose_precision(
             reasons.append(
                 f"measured once on this machine ({kept['measured']}), kept in {path}; delete it to measure again"
             )
-            return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
+            why.append("from cache")
+            return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn, ", ".join(why))
         timings = probe(model, device, example, candidates, repeats=REPEATS)
         pick, measured = _pick(timings, precisions, layouts)
         reasons.append(f"probe on {type(model).__name__}: {measured}")
+        why.append("measured")
         if path is not None:
             saved = _write_cache(
                 path,
@@ -281,7 +294,7 @@ def choose_precision(
                 },
             )
             reasons.append(f"kept in {path}" if saved is None else f"not kept: {saved}")
-    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn)
+    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn, ", ".join(why))
 
 
 def _pick(timings: dict[Setting, float], precisions: list[str], layouts: list[bool]) -> tuple[Setting, str]:
@@ -392,23 +405,27 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
 def _choose_cuda(
     device: torch.device, precision: str, channels_last: bool | Literal["auto"], convolutional: bool
 ) -> PrecisionChoice:
-    reasons = []
+    reasons, why = [], []  # in full, and in a few words
     if precision == "auto":
         major, minor = torch.cuda.get_device_capability(device)
         if _cuda_native_bf16(device):
             precision = "bf16"
             reasons.append(f"this GPU computes bf16 natively (compute capability {major}.{minor})")
+            why.append("native bf16")
         else:
             precision = "16-mixed"
             reasons.append(
                 f"this GPU has no native bf16 (compute capability {major}.{minor}): float16 with a grad scaler"
             )
+            why.append("no native bf16")
     else:
         reasons.append(f"precision {precision} as asked")
+        why.append("as asked")
     if channels_last == "auto":
         channels_last = convolutional
         reasons.append("convolutional model" if convolutional else "no convolutions")
-    return PrecisionChoice(precision, channels_last, "; ".join(reasons))
+        why.append(reasons[-1])
+    return PrecisionChoice(precision, channels_last, "; ".join(reasons), summary=", ".join(why))
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -29,13 +29,16 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True)
 class ThreadChoice:
-    """The thread count a process trains with (`threads`) and why (`reason`)."""
+    """The thread count a process trains with (`threads`) and why: in full (`reason`) and in a few
+    words for the line printed at the start of a run (`summary`; empty: `reason`)."""
 
     threads: int
     reason: str
+    summary: str = ""
 
     def __str__(self) -> str:
-        return f"{self.threads} thread{'s' if self.threads != 1 else ''} ({self.reason})"
+        """The count and why in a few words: ``2 threads (CPU affinity)``."""
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''} ({self.summary or self.reason})"
 
 
 def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
@@ -124,17 +127,19 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
         return ThreadChoice(requested, "as asked")
     asked = omp_num_threads()
     if asked is not None and local_processes() == 1:
-        return ThreadChoice(asked, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
-    cpus, reasons = affinity_cpus(), []
+        return ThreadChoice(asked, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", "OMP_NUM_THREADS")
+    cpus, reasons, why = affinity_cpus(), [], "CPU affinity"  # why: what limits the count, in a word or two
     reasons.append(f"{cpus} CPU{'s' if cpus != 1 else ''} in this process's affinity")
     quota = cpu_quota()
     if quota is not None and math.ceil(quota) < cpus:
         cpus = math.ceil(quota)
         reasons.append(f"cgroup CPU quota {quota:g}")
+        why = "CPU quota"
     processes = local_processes()
     if processes > 1:
         reasons.append(f"shared by {processes} local processes")
-    return ThreadChoice(max(1, cpus // processes), ", ".join(reasons))
+        why = f"{processes} processes"
+    return ThreadChoice(max(1, cpus // processes), ", ".join(reasons), why)
 
 
 def omp_num_threads() -> int | None:

@@ -10,7 +10,7 @@ key                 what it holds
                     "kwargs": {"num_classes": 1, "input_channels": 3}}`` (`trainer.model_spec`)
 ``model``           the model's weights (its ``state_dict()``)
 ``data``            the data's sizing and class names as the run gave them (e.g. ``classes``,
-                    ``image_size``, ``input_channels``); ``{}`` when it gave none
+                    ``image_size``, ``input_channels``, ``mask_type``); ``{}`` when it gave none
 ``config``          the run's configuration (e.g. a recipe's options); ``{}`` when none
 ``optimizer``,      the rest of `Trainer.state_dict()`, which `fit(resume_from=...)` needs:
 ``scheduler``, ...  scheduler, grad scaler, epochs done, global step, history, random

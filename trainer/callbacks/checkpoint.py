@@ -65,7 +65,9 @@ class ModelCheckpoint(Callback):
         model_args: the keyword arguments that rebuild the model, ``type(model)(**model_args)``,
             for a model whose arguments cannot be read from the instance (see `trainer.model_spec`).
         data: the data's sizing and class names, saved under ``"data"`` (e.g. ``{"classes": [...],
-            "image_size": 96, "input_channels": 3}``), which `predict` reads.
+            "image_size": 96, "input_channels": 3, "mask_type": "labels"}``), which `predict`
+            reads: it refuses a file without ``mask_type`` (``"labels"``: a softmax and one label
+            map; ``"binary"``: a sigmoid and a mask per class).
         best_weights_only: ``best.pt`` and the top K hold the weights and the description only
             (`trainer.trained_model.MODEL_KEYS`), for deployment: a third of the size with Adam;
             they cannot resume a run (``last.pt`` still can).
