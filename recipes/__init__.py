@@ -1,6 +1,6 @@
 """Runnable recipes: ``python -m recipes.nested_unet``, ``python -m recipes.fashion_mnist``."""
 
-from recipes.openmp import choose_wait_policy
+# Importing trainer first decides how torch's OpenMP threads wait, before torch loads (see `trainer.openmp`).
+from trainer import WAIT_POLICY
 
-#: How torch's OpenMP threads wait, decided before anything loads torch (see `recipes.openmp`).
-WAIT_POLICY = choose_wait_policy()
+__all__ = ["WAIT_POLICY"]

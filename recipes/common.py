@@ -41,7 +41,6 @@ from recipes.cli import (
 from recipes.config import PATH, PER_COMMAND, RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.interrupts import Interrupted, training_interrupts
-from recipes.openmp import WaitPolicy
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_weights
 from recipes.run_dir import (
     CONFIG_FILE,
@@ -63,6 +62,7 @@ from trainer import BatchLoadError, Callback, TimeLimitReached, Trainer, resolve
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
+from trainer.openmp import WaitPolicy
 from trainer.precision import PrecisionChoice, choose_precision
 from trainer.run_lock import RunLock
 from trainer.threads import ThreadChoice, use_threads

@@ -31,9 +31,9 @@ from recipes.common import (
     run_cli,
     start_line,
 )
-from recipes.openmp import choose_wait_policy
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
+from trainer.openmp import choose_wait_policy
 from trainer.precision import choose_precision
 from trainer.threads import choose_threads
 from trainer_datasets import (

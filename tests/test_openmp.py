@@ -1,4 +1,4 @@
-"""recipes.openmp: the OpenMP wait policy decided at a command's start from the machine's load."""
+"""trainer.openmp: the OpenMP wait policy decided at the first ``import trainer`` from the machine's load."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import contextlib
 import subprocess
 import sys
 
-from recipes.openmp import busy_cpus, choose_wait_policy
 from tests.processes import ROOT, checkout_env
+from trainer.openmp import WaitPolicy, busy_cpus, choose_wait_policy, late_import_warning
 
 # A process that keeps one CPU busy; it says so once it runs its loop.
 SPIN = "print('spinning', flush=True)\nwhile True: pass"
@@ -67,25 +67,80 @@ def test_a_policy_the_user_set_is_kept(mocker):
 def test_too_late_once_torch_is_loaded():
     """Once torch is loaded its OpenMP runtime has read the policy: nothing is changed."""
     environ: dict[str, str] = {}
-    assert choose_wait_policy(2, environ, measure=lambda: 2.0).reason == "OpenMP waiting left as loaded"
+    policy = choose_wait_policy(2, environ, measure=lambda: 2.0)
+    assert policy.reason == "OpenMP waiting left as loaded: torch was imported before trainer" and policy.too_late
     assert environ == {}
 
 
-def test_importing_the_recipes_decides_before_torch_loads():
-    """A real process beside two busy CPUs: importing `recipes`, as every recipe command does first,
-    sets the policy without loading torch, so torch's OpenMP runtime reads it when it loads; the
-    words the precision line reports say so."""
-    code = (
-        "import os, sys, recipes; assert 'torch' not in sys.modules, 'recipes loaded torch'; "
-        "print(recipes.WAIT_POLICY.reason); print(os.environ.get('OMP_WAIT_POLICY'))"
-    )
+#: Records the OpenMP variables at the moment torch is first imported, then runs the code given.
+AT_TORCH_IMPORT = """
+import importlib.abc, os, sys
+seen = {}
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.update({key: os.environ.get(key) for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
+        return None
+sys.meta_path.insert(0, Watch())
+exec(sys.argv[1])
+print("at torch import:", seen)
+"""
+
+
+def run_beside_busy_cpus(code: str) -> subprocess.CompletedProcess:
+    """Run `code` (after `AT_TORCH_IMPORT`'s watch) in a fresh process beside two busy CPUs, with no
+    OpenMP variable set."""
     env = checkout_env()
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         env.pop(name, None)
     with spinning(2):
         done = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", AT_TORCH_IMPORT, code],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert done.returncode == 0, done.stderr
-    words, policy = done.stdout.splitlines()[-2:]
-    assert words.startswith("OpenMP threads sleep while waiting") and policy == "PASSIVE"
+    return done
+
+
+def test_importing_trainer_or_recipes_decides_before_torch_loads():
+    """Beside two busy CPUs, ``import trainer`` (as ``import recipes`` and every recipe command
+    do first) sets the policy before torch is imported, so torch's OpenMP runtime reads it."""
+    for package in ("trainer", "recipes"):
+        done = run_beside_busy_cpus(f"import {package}; print({package}.WAIT_POLICY.reason)")
+        words, seen = done.stdout.splitlines()[-2:]
+        assert words.startswith("OpenMP threads sleep while waiting")
+        assert seen == "at torch import: {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': None}"
+
+
+#: A user's script that imports torch before trainer and trains on the CPU.
+TORCH_FIRST = """
+import torch
+from torch import nn
+from trainer import Trainer
+model = nn.Linear(4, 1)
+data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(2)]
+Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), max_epochs=1, device="cpu").fit(data)
+"""
+
+
+def test_a_fit_after_torch_was_imported_first_on_a_busy_machine_says_why_and_how_to_fix_it():
+    """torch imported before trainer keeps OpenMP's spinning default: too late to change; beside
+    busy CPUs the fit says so in one warning with the fix."""
+    done = run_beside_busy_cpus(TORCH_FIRST)
+    lines = [line for line in done.stderr.splitlines() if "torch was imported before trainer" in line]
+    assert len(lines) == 1 and "import trainer (or recipes) before torch" in lines[0], done.stderr
+    assert "OMP_WAIT_POLICY=PASSIVE" in lines[0]
+
+
+def test_the_late_import_warning_only_when_too_late_and_busy(mocker):
+    mocker.patch("os.cpu_count", return_value=2)
+    late = WaitPolicy("OpenMP as loaded", "left as loaded", too_late=True)
+    assert late_import_warning(late, 2, measure=lambda: 1.8) is not None
+    assert late_import_warning(late, 2, measure=lambda: 0.2) is None  # idle: spinning is the fastest
+    assert late_import_warning(late, 2, measure=lambda: None) is None  # load unknown
+    decided = WaitPolicy("OpenMP spins (idle)", "decided before torch")
+    assert late_import_warning(decided, 2, measure=lambda: 1.8) is None

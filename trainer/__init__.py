@@ -1,5 +1,9 @@
 """A small PyTorch training framework: a `Trainer` that fires hooks into pluggable callbacks."""
 
+# First, before anything loads torch: how its OpenMP threads wait (see `trainer.openmp`).
+from trainer.openmp import WAIT_POLICY
+
+# isort: split
 from trainer.batch import move_to_device
 from trainer.callback import HOOKS as HOOKS
 from trainer.callback import Callback
@@ -22,6 +26,7 @@ from trainer.workers import ignore_stop_signals
 # HOOKS, EpochLoss, RunningLoss and FitResources stay importable here (and from their modules)
 # but are not part of the surface a user needs.
 __all__ = [
+    "WAIT_POLICY",
     "BatchLoadError",
     "Callback",
     "Every",

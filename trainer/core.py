@@ -23,6 +23,7 @@ from trainer.distributed import init_distributed, is_distributed, launched_devic
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
 from trainer.loop import TrainingLoop
+from trainer.openmp import WAIT_POLICY, late_import_warning
 from trainer.options import check_options, precision_options, resolve_device
 from trainer.position import LoopPosition
 from trainer.precision import PrecisionChoice
@@ -331,6 +332,7 @@ class Trainer(TrainingLoop, CheckpointState):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
         self._build_precision()
         self._warn_unfused_scaler()
+        self._warn_late_import()
         if state is not None:
             self.load_state_dict(state)
         else:
@@ -363,6 +365,13 @@ class Trainer(TrainingLoop, CheckpointState):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _warn_late_import(self) -> None:
+        """On the CPU of a busy machine, where torch was imported before `trainer`: why it is slow."""
+        if self.device.type == "cpu":
+            line = late_import_warning(WAIT_POLICY, torch.get_num_threads())
+            if line is not None:
+                warnings.warn(line, RuntimeWarning, stacklevel=3)
 
     def _prepare_fit(self, train_loader: Iterable, val_loader: Iterable | None, fresh: bool) -> None:
         """What the loop reads, built once: loaders, batch count, dispatch table, scheduler rule."""

@@ -1,18 +1,24 @@
-"""How torch's OpenMP threads wait between parallel regions, set before torch is loaded.
+"""How torch's OpenMP threads wait between parallel regions, decided when `trainer` is first
+imported, before it loads torch.
 
 By default an OpenMP thread that finishes its share keeps the CPU spinning for a while, waiting
 for the next region. On an idle machine that is the fastest. Beside another busy process it is
 the slowest by far: a spinning thread uses up its fair share of the CPU it shares with that
 process, so the scheduler runs the other process first whenever work arrives, and every parallel
-region waits for it (measured on 2 cores beside one CPU-bound process: a NestedUNet step 13x
-slower). Threads that sleep at once (``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but
-cost up to 1.5x on an idle machine.
+region waits for it (measured on 2 cores beside one CPU-bound process: a NestedUNet step about 3x
+its idle time, against 1.9x for threads that sleep). Threads that sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but cost up to 2x on an idle machine for
+small networks, whose parallel regions are short (``python -m bench.wait_policy`` measures each
+setting; no single one is close to the default when idle and to the fair share when busy).
 
 The policy is read once, when the OpenMP runtime loads with torch, so `choose_wait_policy`
-decides it at the start of a command: passive when other processes keep the CPUs busy, else the
-default. It changes timing only, never results: the thread count (see `trainer.threads`) is what
-decides how work is split. This module uses the standard library only, so that it can run before
-torch is imported.
+decides it at the first ``import trainer`` (which ``import recipes`` and every recipe command
+do first), whatever the user's file imports next: passive when other processes keep the CPUs
+busy, else the default. Where torch was imported before `trainer`, it is too late: a fit on the
+CPU of a busy machine then says so in one line with the fix (`late_import_warning`). The policy
+changes timing only, never results: the thread count (see `trainer.threads`) is what decides
+how work is split. This module uses the standard library only, so that it can run before torch
+is imported.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ BUSY_MARGIN = 0.5
 class WaitPolicy:
     """How OpenMP threads wait, as `choose_wait_policy` decided it: in a few words for the line
     printed at the start of a run (`summary`, also ``str()``: ``"OpenMP sleeps (busy)"``) and in
-    full, with the load measured (`reason`)."""
+    full, with the load measured (`reason`). `too_late` is True when torch was loaded before the
+    decision, with whatever policy its environment held."""
 
     summary: str
     reason: str
+    too_late: bool = False
 
     def __str__(self) -> str:
         return self.summary
@@ -107,7 +115,9 @@ def choose_wait_policy(
     if given:
         return WaitPolicy("OpenMP as set", f"OpenMP waiting as set by {given[0]}={environ[given[0]]}")
     if "torch" in sys.modules:
-        return WaitPolicy("OpenMP as loaded", "OpenMP waiting left as loaded")
+        return WaitPolicy(
+            "OpenMP as loaded", "OpenMP waiting left as loaded: torch was imported before trainer", too_late=True
+        )
     busy = measure()
     if busy is None:
         return WaitPolicy("OpenMP spins", "OpenMP threads spin while waiting (load unknown)")
@@ -118,3 +128,32 @@ def choose_wait_policy(
             "OpenMP sleeps (busy)", f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy"
         )
     return WaitPolicy("OpenMP spins (idle)", f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work")
+
+
+def late_import_warning(
+    policy: WaitPolicy, threads: int, measure: Callable[[], float | None] = busy_cpus
+) -> str | None:
+    """The line a fit on the CPU prints when torch was imported before `trainer` (`policy` is
+    `WaitPolicy.too_late`) with OpenMP's spinning default and other processes keep the CPUs busy
+    now: why it is slow and how to fix it. None otherwise (also when the load cannot be read).
+
+    Args:
+        policy: what `choose_wait_policy` decided at the first ``import trainer``.
+        threads: the threads this process runs.
+        measure: returns the CPUs busy with other work (see `busy_cpus`).
+    """
+    if not policy.too_late:
+        return None
+    busy = measure()
+    if busy is None or (os.cpu_count() or 1) - busy >= threads - BUSY_MARGIN:
+        return None
+    return (
+        f"torch was imported before trainer, so its OpenMP threads spin while they wait, and other work keeps "
+        f"{busy:.1f} CPUs busy: training runs up to 3x slower than with sleeping threads; import trainer (or "
+        "recipes) before torch, or set OMP_WAIT_POLICY=PASSIVE in the environment"
+    )
+
+
+#: How torch's OpenMP threads wait, decided when this module is first imported: by the first
+#: ``import trainer``, before the package loads torch.
+WAIT_POLICY: WaitPolicy = choose_wait_policy()
