@@ -106,14 +106,13 @@ def run_beside_busy_cpus(code: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_importing_trainer_or_recipes_decides_before_torch_loads():
-    """Beside two busy CPUs, ``import trainer`` (as ``import recipes`` and every recipe command
+def test_importing_trainer_decides_before_torch_loads():
+    """Beside two busy CPUs, ``import trainer`` (which ``import recipes`` and every recipe command
     do first) sets the policy before torch is imported, so torch's OpenMP runtime reads it."""
-    for package in ("trainer", "recipes"):
-        done = run_beside_busy_cpus(f"import {package}; print({package}.WAIT_POLICY.reason)")
-        words, seen = done.stdout.splitlines()[-2:]
-        assert words.startswith("OpenMP threads sleep while waiting")
-        assert seen == "at torch import: {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': None}"
+    done = run_beside_busy_cpus("import trainer; print(trainer.WAIT_POLICY.reason)")
+    words, seen = done.stdout.splitlines()[-2:]
+    assert words.startswith("OpenMP threads sleep while waiting")
+    assert seen == "at torch import: {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': None}"
 
 
 #: A user's script that imports torch before trainer and trains on the CPU.
