@@ -21,8 +21,10 @@ from trainer import Callback, Trainer
 from trainer.callbacks import (
     GraphCallback,
     ImageGridCallback,
+    ModelCheckpoint,
     PredictionFigureCallback,
     TensorBoardCallback,
+    TensorBoardWriterCallback,
 )
 from trainer.callbacks import tensorboard as tb
 
@@ -535,3 +537,31 @@ def test_samples_per_second_at_each_log_point_without_a_device_sync(tmp_path, mo
     points = read_logged(tmp_path).Scalars("throughput (samples per second)")
     assert [e.step for e in points] == [5, 10, 15, 20]
     assert all(20 / elapsed < e.value < 1e9 for e in points)  # 20 samples per point, all within `elapsed`
+
+
+def test_validate_after_a_resumed_fit_keeps_the_runs_curves_and_closes_its_writer(tmp_path):
+    """`validate()` after a fit that resumed at step 10 and trained to step 30: what the callbacks
+    write there goes through a writer that is flushed and closed when validate returns, and that
+    writer drops none of the run's points after step 10 (it used to open with the resumed fit's
+    purge step, so TensorBoard dropped steps 11-30)."""
+
+    class ValidationMarker(TensorBoardWriterCallback):
+        def on_validation_end(self, trainer, logs):
+            self.writer.add_scalar("marker/validate", logs["val_loss"], trainer.global_step)
+
+    first, train, val = make([ModelCheckpoint(tmp_path / "ckpt"), TensorBoardCallback(tmp_path / "tb")], epochs=1)
+    first.fit(train, val)
+    callbacks = [
+        ModelCheckpoint(tmp_path / "ckpt"),
+        TensorBoardCallback(tmp_path / "tb"),
+        ValidationMarker(tmp_path / "tb"),
+    ]
+    trainer, train, val = make(callbacks, epochs=3)
+    trainer.fit(train, val, resume_from=tmp_path / "ckpt" / "last.pt")
+    assert trainer.start_step == 10 and trainer.global_step == 30
+    trainer.validate(val)
+
+    logged = read_logged(tmp_path / "tb")  # read while the trainer is alive: the writer was closed
+    assert [e.step for e in logged.Scalars("Loss/training (epoch mean)")] == [10, 20, 30]
+    assert [e.step for e in logged.Scalars("marker/validate")] == [20, 30, 30]  # the fit's two, validate's one
+    assert ("SummaryWriter", os.path.realpath(tmp_path / "tb")) not in trainer.resources

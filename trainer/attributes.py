@@ -65,6 +65,7 @@ class TrainerAttributes:
     _callbacks: CallbackList
     _pos: LoopPosition
     _deadline: float | None
+    _fitting: bool
     _scheduling: SchedulerStepping
 
     if TYPE_CHECKING:

@@ -188,6 +188,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self.resources = FitResources()
         self._pos = LoopPosition()
         self._deadline: float | None = None
+        self._fitting = False  # inside fit: its resources and start step are the fit's
         self._scheduling = SchedulerStepping(None, "epoch", False)
 
     @property
@@ -390,6 +391,7 @@ class Trainer(TrainingLoop, CheckpointState):
     def _run_fit(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
         """The hooks around the epochs: every callback's ``on_exception`` and ``on_fit_end`` run."""
         callbacks = self._callbacks
+        self._fitting = True
         try:
             callbacks.fire("on_fit_start")
             self._deadline = time.monotonic() + self.max_time if self.max_time is not None else None
@@ -397,18 +399,34 @@ class Trainer(TrainingLoop, CheckpointState):
         except BaseException as exc:
             callbacks.fire_all("on_exception", exc, cause=exc)
             callbacks.fire_all("on_fit_end", cause=exc)
+            self._fitting = False
             self.resources.close(cause=exc)
             raise
         try:
             callbacks.fire_all("on_fit_end")
         finally:
+            self._fitting = False
             self.resources.close()
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on `loader` (in `eval_mode`) and return ``val_loss`` and ``val_<metric>``.
 
         Fires `on_validation_start`, `on_validation_batch_end` and `on_validation_end` of the
-        callbacks the trainer has now.
+        callbacks the trainer has now. Outside a fit, what they share (`resources`, such as a
+        TensorBoard writer) lives for this call: closed when it returns, also after an exception,
+        and such a writer continues the run's event files at `global_step`, dropping none of the
+        points a fit logged before. Called from a callback inside a fit, it uses the fit's.
         """
         self._callbacks.rebuild()
-        return self._validate(loader)
+        if self._fitting:
+            return self._validate(loader)
+        start_step, self.start_step = self.start_step, self.global_step  # a writer's purge step (resumed)
+        try:
+            logs = self._validate(loader)
+        except BaseException as exc:
+            self.resources.close(cause=exc)
+            raise
+        finally:
+            self.start_step = start_step
+        self.resources.close()
+        return logs
