@@ -679,3 +679,16 @@ def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(continu
     for name in ("rerun", "rerun/version_1"):
         steps = [step for step, _ in scalar_steps_served(continued_runs.url, name, "Loss/training loss", 4)]
         assert steps == [1, 2, 3, 4]
+
+
+def test_the_server_command_never_loads_torch():
+    """``python -m trainer.board`` imports the `trainer` package and the board's modules only: no
+    torch, whose import costs a server about 0.5 GB of memory and 2 s at each start."""
+    code = (
+        "import sys, trainer.board, trainer.board_servers, trainer.board_frontends, trainer.board_snapshot; "
+        "from tensorboard import program; "
+        "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -109,7 +109,7 @@ def run_beside_busy_cpus(code: str) -> subprocess.CompletedProcess:
 def test_importing_trainer_decides_before_torch_loads():
     """Beside two busy CPUs, ``import trainer`` (which ``import recipes`` and every recipe command
     do first) sets the policy before torch is imported, so torch's OpenMP runtime reads it."""
-    done = run_beside_busy_cpus("import trainer; print(trainer.WAIT_POLICY.reason)")
+    done = run_beside_busy_cpus("import trainer; import torch; print(trainer.WAIT_POLICY.reason)")
     words, seen = done.stdout.splitlines()[-2:]
     assert words.startswith("OpenMP threads sleep while waiting")
     assert seen == "at torch import: {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': None}"

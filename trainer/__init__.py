@@ -1,27 +1,77 @@
-"""A small PyTorch training framework: a `Trainer` that fires hooks into pluggable callbacks."""
+"""A small PyTorch training framework: a `Trainer` that fires hooks into pluggable callbacks.
+
+The names below load their modules (and torch) on first use, so that ``import trainer`` is cheap
+and the parts that need no torch (``python -m trainer.board``, `trainer.openmp`) run without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 # First, before anything loads torch: how its OpenMP threads wait (see `trainer.openmp`).
 from trainer.openmp import WAIT_POLICY
 
-# isort: split
-from trainer.batch import move_to_device
-from trainer.callback import HOOKS as HOOKS
-from trainer.callback import Callback
-from trainer.checkpoint import seed_everything
-from trainer.core import Trainer
-from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
-from trainer.every import Every
-from trainer.model_spec import ModelSpecError
-from trainer.options import resolve_device
-from trainer.precision import PrecisionChoice, choose_precision
-from trainer.resources import FitResources as FitResources
-from trainer.run_lock import RunLock, RunLockedError
-from trainer.running import EpochLoss as EpochLoss
-from trainer.running import RunningLoss as RunningLoss
-from trainer.sampler import ResumableSampler
-from trainer.steps import StepOutput
-from trainer.trained_model import load_model
-from trainer.workers import ignore_stop_signals
+if TYPE_CHECKING:
+    from trainer.batch import move_to_device
+    from trainer.callback import HOOKS as HOOKS
+    from trainer.callback import Callback
+    from trainer.checkpoint import seed_everything
+    from trainer.core import Trainer
+    from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
+    from trainer.every import Every
+    from trainer.model_spec import ModelSpecError
+    from trainer.options import resolve_device
+    from trainer.precision import PrecisionChoice, choose_precision
+    from trainer.resources import FitResources as FitResources
+    from trainer.run_lock import RunLock, RunLockedError
+    from trainer.running import EpochLoss as EpochLoss
+    from trainer.running import RunningLoss as RunningLoss
+    from trainer.sampler import ResumableSampler
+    from trainer.steps import StepOutput
+    from trainer.trained_model import load_model
+    from trainer.workers import ignore_stop_signals
+
+#: Where each name of the package lives.
+_MODULES = {
+    "move_to_device": "trainer.batch",
+    "HOOKS": "trainer.callback",
+    "Callback": "trainer.callback",
+    "seed_everything": "trainer.checkpoint",
+    "Trainer": "trainer.core",
+    "BatchLoadError": "trainer.errors",
+    "NonFiniteLossError": "trainer.errors",
+    "TimeLimitReached": "trainer.errors",
+    "TrainingInterrupted": "trainer.errors",
+    "Every": "trainer.every",
+    "ModelSpecError": "trainer.model_spec",
+    "resolve_device": "trainer.options",
+    "PrecisionChoice": "trainer.precision",
+    "choose_precision": "trainer.precision",
+    "FitResources": "trainer.resources",
+    "RunLock": "trainer.run_lock",
+    "RunLockedError": "trainer.run_lock",
+    "EpochLoss": "trainer.running",
+    "RunningLoss": "trainer.running",
+    "ResumableSampler": "trainer.sampler",
+    "StepOutput": "trainer.steps",
+    "load_model": "trainer.trained_model",
+    "ignore_stop_signals": "trainer.workers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the module of a package name on first use (`_MODULES`)."""
+    if name not in _MODULES:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULES})
+
 
 # HOOKS, EpochLoss, RunningLoss and FitResources stay importable here (and from their modules)
 # but are not part of the surface a user needs.
