@@ -11,7 +11,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -36,14 +36,24 @@ def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def _first_in_chain(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type `kind` among `exc` and its causes (``__cause__``, else
+    ``__context__``), or None."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, kind):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 def write_failure(exc: BaseException, path: str | os.PathLike) -> OSError | None:
     """`exc` as an `OSError` naming `path` (errno and reason kept), when it is a failed write:
     an `OSError`, or the `RuntimeError` torch.save raises when its file's write fails (a full
     disk: ``[enforce fail at inline_container.cc...]``, with the `OSError` as its context).
     None for any other error."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
+    cause = _first_in_chain(exc, OSError)
     if cause is None:
         return None
     return OSError(cause.errno, cause.strerror or str(cause), os.fspath(path))
@@ -52,12 +62,7 @@ def write_failure(exc: BaseException, path: str | os.PathLike) -> OSError | None
 def _interrupted(exc: BaseException) -> bool:
     """Whether `exc` came from a Ctrl-C: torch.save's zip writer, cut off by the KeyboardInterrupt,
     raises a `RuntimeError` (``[enforce fail at inline_container.cc...]``) with it as its context."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, KeyboardInterrupt):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return _first_in_chain(exc, KeyboardInterrupt) is not None
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
