@@ -216,6 +216,19 @@ def fit_visuals(callbacks, epochs=2, batch_size=4, model=None, data=None, loss=N
     return trainer, trainer.fit(train, val)
 
 
+def fit_segmentation_visuals(callbacks, epochs=2, data=None):
+    """`callbacks` on a fit of `TinySegNet` on `seg_data` (or `data`): the run the segmentation
+    visuals' tests log."""
+    return fit_visuals(
+        callbacks,
+        epochs=epochs,
+        model=TinySegNet(),
+        data=data if data is not None else seg_data(),
+        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
+        metrics={},
+    )
+
+
 def read_logged(run_dir):
     """Every scalar, image and tensor event of `run_dir`, as TensorBoard reads them."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})

@@ -6,9 +6,8 @@ import matplotlib.pyplot as plt
 import matplotlib.text
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers import TinySegNet, fit_visuals, read_logged, seg_data
+from tests.helpers import fit_segmentation_visuals, fit_visuals, read_logged
 from trainer.callbacks import PredictionFigureCallback
 
 
@@ -22,13 +21,7 @@ def test_classification_figures_at_requested_steps(tmp_path):
 
 def test_segmentation_figures_every_epoch(tmp_path):
     callback = PredictionFigureCallback(tmp_path, kind="segmentation", num_images=3)
-    fit_visuals(
-        [callback],
-        model=TinySegNet(),
-        data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-    )
+    fit_segmentation_visuals([callback])
     figures = read_logged(tmp_path).Images("predictions vs. actuals")
     assert [e.step for e in figures] == [2, 4]
     assert (figures[0].width, figures[0].height) == (480, 32 + 3 * 249 + 8)  # legend, one row per sample

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import TensorDataset
 
-from tests.helpers import TinySegNet, fit_visuals, read_logged, seg_data
+from tests.helpers import fit_segmentation_visuals, read_logged, seg_data
 from trainer.callbacks import ImageGridCallback
 from trainer.callbacks.images import BORDER
 from trainer.callbacks.tensorboard import stretch_contrast
@@ -29,16 +28,9 @@ def as_shown(image: torch.Tensor) -> torch.Tensor:
     return image * 255
 
 
-def fit_grid(callback, epochs=1):
-    """One fit of a small segmentation net with `callback`."""
-    fit_visuals(
-        [callback],
-        model=TinySegNet(),
-        data=seg_data(),
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-        epochs=epochs,
-    )
+def fit_grid(callback):
+    """One epoch of a small segmentation net with `callback`."""
+    fit_segmentation_visuals([callback], epochs=1)
 
 
 def test_image_grid_size_denormalised_and_masks(tmp_path):
@@ -46,13 +38,7 @@ def test_image_grid_size_denormalised_and_masks(tmp_path):
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     normalised = TensorDataset((data.tensors[0] - 0.5) / 0.25, data.tensors[1])
     callback = ImageGridCallback(tmp_path, num_images=4, mean=mean, std=std, nrow=2, every_n_epochs=1, min_side=None)
-    fit_visuals(
-        [callback],
-        model=TinySegNet(),
-        data=normalised,
-        loss=lambda p, t: nn.functional.binary_cross_entropy_with_logits(p[-1], t),
-        metrics={},
-    )
+    fit_segmentation_visuals([callback], data=normalised)
     acc = read_logged(tmp_path)
     images, masks = acc.Images("images"), acc.Images("masks")
     assert [e.step for e in images] == [0, 2, 4]

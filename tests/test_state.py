@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from tests.conftest import make_classification
 from tests.helpers import make, make_trainer
-from trainer import Callback, Trainer
+from trainer import Callback
 from trainer.callbacks import EarlyStopping, ModelCheckpoint
 
 
@@ -28,23 +25,14 @@ class CrashAfter(Callback):
 
 
 def cosine_run(tmp_path, epochs, resume=False, crash_after=None):
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
     callbacks = [ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
-    trainer = Trainer(
-        model,
-        optimizer,
-        nn.CrossEntropyLoss(),
-        callbacks=callbacks,
-        max_epochs=epochs,
-        device="cpu",
-        scheduler=scheduler,
-    )
-    loader = DataLoader(make_classification(16), batch_size=8)
+
+    def cosine(optimizer):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
+
+    trainer, train, _ = make(callbacks, epochs=epochs, n=16, scheduler=cosine)
     try:
-        trainer.fit(loader, resume_from=tmp_path / "last.pt" if resume else None)
+        trainer.fit(train, resume_from=tmp_path / "last.pt" if resume else None)
     except RuntimeError:
         pass
     return trainer.history
