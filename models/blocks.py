@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.every import positive_int
+
 #: The width of the first level, as in the reference code; each deeper level doubles it.
 BASE_FILTERS = 32
 # Four 2x poolings: both spatial sides must divide by 2**4.
@@ -38,9 +40,9 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, num_classes: int, input_channels: int, base_filters: int = BASE_FILTERS) -> None:
         super().__init__()
-        check_positive("num_classes", num_classes)
-        check_positive("input_channels", input_channels)
-        check_positive("base_filters", base_filters)
+        positive_int("num_classes", num_classes)
+        positive_int("input_channels", input_channels)
+        positive_int("base_filters", base_filters)
         self.num_classes = num_classes
         self.input_channels = input_channels
         self.base_filters = base_filters
@@ -52,12 +54,6 @@ class UNetEncoder(nn.Module):
         self.conv2_0 = VGGBlock(f[1], f[2], f[2])
         self.conv3_0 = VGGBlock(f[2], f[3], f[3])
         self.conv4_0 = VGGBlock(f[3], f[4], f[4])
-
-
-def check_positive(name: str, value: int) -> None:
-    """Raise ValueError unless `value` is a positive integer."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def nearest_multiple(side: int) -> int:

@@ -20,6 +20,13 @@ def _check_same_shape(name: str, predictions: torch.Tensor, targets: torch.Tenso
         )
 
 
+def _check_non_negative(**values: float) -> None:
+    """A ValueError naming the first of `values` (a loss's weights) that is negative."""
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
 class BCEDiceLoss(nn.Module):
     """``bce_weight * BCE-with-logits + (1 - soft Dice)`` for binary or multi-label masks.
 
@@ -38,10 +45,7 @@ class BCEDiceLoss(nn.Module):
 
     def __init__(self, bce_weight: float = 0.5, smooth: float = 1.0) -> None:
         super().__init__()
-        if bce_weight < 0:
-            raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
-        if smooth < 0:
-            raise ValueError(f"smooth must be >= 0, got {smooth!r}")
+        _check_non_negative(bce_weight=bce_weight, smooth=smooth)
         self.bce_weight = float(bce_weight)
         self.smooth = float(smooth)
 
@@ -78,10 +82,7 @@ class CEDiceLoss(nn.Module):
 
     def __init__(self, ignore_index: int = 255, ce_weight: float = 0.5, smooth: float = 1.0) -> None:
         super().__init__()
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
-        if smooth < 0:
-            raise ValueError(f"smooth must be >= 0, got {smooth!r}")
+        _check_non_negative(ce_weight=ce_weight, smooth=smooth)
         self.ignore_index = int(ignore_index)
         self.ce_weight = float(ce_weight)
         self.smooth = float(smooth)

@@ -30,20 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import (
-    BASE_FILTERS,
-    MASK_TYPES,
-    SIDE_MULTIPLE,
-    BCEDiceLoss,
-    CEDiceLoss,
-    DeepSupervisionLoss,
-    NestedUNet,
-    UNet,
-    class_iou,
-    dice,
-    iou,
-    nearest_multiple,
-)
+from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss, NestedUNet, UNet, class_iou, dice, iou
+from models.blocks import BASE_FILTERS, SIDE_MULTIPLE, nearest_multiple
+from models.losses import MASK_TYPES
 from models.metrics import Metric, confusion_dice, confusion_iou
 from models.predict import count_outputs
 from recipes.cli import CommandLine
@@ -405,7 +394,7 @@ class NestedUNetConfig(RunConfig):
         data_mode: ``memory``, ``stream`` or ``auto`` (see `split_segmentation`); a resumed run may
             change it (runs from before it read their folder as ``auto``).
         mask_mode: what a folder's masks are: ``auto``, ``binary`` or ``labels`` (see
-            `trainer_datasets.segmentation_folder`).
+            `trainer_datasets.segmentation_layout`).
         ignore_index: label maps: the value of pixels of no class.
         mask_type: ``binary`` or ``labels``, what the data turned out to hold, recorded by the
             first `build`.

@@ -40,16 +40,9 @@ from models.predict import (
 from recipes.common import UsageError, non_negative_int, positive_int
 from trainer.checkpoint import atomic_write_text, temporary_path
 from trainer.precision import native_bf16
-from trainer_datasets import (
-    DatasetError,
-    is_image_file,
-    is_system_file,
-    not_regular,
-    read_image_rgb,
-    write_label_map,
-    write_png_file,
-)
-from trainer_datasets.segmentation_folder import class_name_problem
+from trainer_datasets import DatasetError, read_image_rgb, write_label_map, write_png_file
+from trainer_datasets.image_files import is_image_file, is_system_file, not_regular
+from trainer_datasets.segmentation_layout import class_name_problem
 
 #: Errors the image reader raises for a file it cannot use.
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
@@ -168,7 +161,7 @@ def check_images(folder: str) -> list[ImageFile]:
 
 def check_class_names(classes: object, source: str | os.PathLike) -> list[str]:
     """`classes`, the class names a checkpoint records, when every one can name outputs: a list of
-    distinct strings that `trainer_datasets.segmentation_folder.class_name_problem` accepts (no
+    distinct strings that `trainer_datasets.segmentation_layout.class_name_problem` accepts (no
     ``.``, ``..``, path separator or control character). Otherwise a one-line `UsageError`
     naming `source` and the first name at fault: a name like ``../x`` would send outputs out of
     ``--out``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models import VGGBlock
+from models.blocks import VGGBlock
 
 
 def test_vgg_block_keeps_size_and_has_two_conv_bn_relu():

@@ -95,6 +95,17 @@ def test_sample_without_masks_folder_exits_2_and_writes_nothing(raw_tree, tmp_pa
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("size", ["0", "-4"])
+def test_a_size_that_is_not_positive_exits_2_and_writes_nothing(raw_tree, tmp_path, capsys, size):
+    dst = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["--src", str(raw_tree), "--dst", str(dst), "--size", size])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"size must be a positive integer or None, got {size}" in err
+    assert not dst.exists()
+
+
 def test_no_samples_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as info:

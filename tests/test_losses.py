@@ -8,12 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import (
-    BCEDiceLoss,
-    CEDiceLoss,
-    DeepSupervisionLoss,
-    mask_type_of_loss,
-)
+from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
+from models.losses import mask_type_of_loss
 
 # --- losses -----------------------------------------------------------------------------
 

@@ -121,11 +121,11 @@ def test_indentation_never_makes_a_code_block_but_a_literal_block_is_fenced():
 
 
 def test_the_reference_holds_what_a_docstring_points_to():
-    """`SegmentationFolder` points to its module's docstring for the folder layout: the reference
-    renders that docstring, the layout in a code block."""
+    """`scan_segmentation_folder` points to its module's docstring for the folder layout: the
+    reference renders that docstring, the layout in a code block."""
     text = REFERENCE.read_text()
-    module = text.index("### Module `trainer_datasets.segmentation_folder`")
+    module = text.index("### Module `trainer_datasets.segmentation_layout`")
     layout = text.index("```text\n<root>/images/<id>.<png|jpg|jpeg|tif|tiff>\n<root>/masks/<class>/<id>.png", module)
-    folder = text.index("### `SegmentationFolder(")
-    assert module < layout < folder
-    assert "see the module docstring of `trainer_datasets.segmentation_folder` above" in text[folder:]
+    scan = text.index("### `scan_segmentation_folder(")
+    assert module < layout < scan
+    assert "see the module docstring of `trainer_datasets.segmentation_layout` above" in text[scan:]

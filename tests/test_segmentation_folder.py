@@ -1,9 +1,10 @@
-"""`trainer_datasets.segmentation_folder`: SegmentationFolder, split_segmentation and
-write_segmentation_folder."""
+"""`trainer_datasets.segmentation_folder`, `segmentation_layout` and `segmentation_split`:
+SegmentationFolder, scanning a folder, split_segmentation and write_segmentation_folder."""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,12 +18,13 @@ from trainer_datasets import (
     DataNotFoundError,
     DatasetError,
     SegmentationFolder,
+    SegmentationStream,
     SyntheticNuclei,
-    read_classes,
     split_segmentation,
     write_label_map,
     write_segmentation_folder,
 )
+from trainer_datasets.segmentation_layout import read_classes
 
 # SegmentationFolder: layouts
 
@@ -142,10 +144,15 @@ def test_mixed_sizes_need_image_size(tmp_path):
         SegmentationFolder(tmp_path)
 
 
-def test_bad_image_size_value(tmp_path):
-    write_sample(tmp_path, "a")
-    with pytest.raises(DatasetError, match="image_size"):
-        SegmentationFolder(tmp_path, image_size=0)
+@pytest.mark.parametrize("image_size", [0, -3, 1.5, True, "96"])
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_bad_image_size_value(tmp_path, image_size, mode):
+    """An image size that is not a positive integer is refused by both modes, before any decode."""
+    write_sample(tmp_path / "data", "a")
+    dataset = SegmentationFolder if mode == "memory" else partial(SegmentationStream, index_dir=tmp_path / "index")
+    with pytest.raises(ValueError, match=f"image_size must be a positive integer or None, got {image_size!r}"):
+        dataset(tmp_path / "data", image_size=image_size)
+    assert not (tmp_path / "index").exists()
 
 
 # split_segmentation
@@ -158,6 +165,58 @@ def test_split_uses_train_and_val_folders(tmp_path):
     train, val = split_segmentation(tmp_path, augment_train=True)
     assert train.ids == ["t0", "t1", "t2"] and val.ids == ["v0"]
     assert train.transform is not None and val.transform is None
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_split_of_train_and_val_folders_with_more_classes_and_other_formats(tmp_path, mode):
+    """train/ and val/ of uneven sizes, three class folders and JPEG/TIFF images: the same items
+    in memory and streamed, the validation set never augmented."""
+    classes = ["cell", "edge", "nucleus"]
+    for i, ext in enumerate(["png", "jpg", "tiff", "png", "jpeg"]):
+        write_sample(tmp_path / "train", f"t{i}", classes=classes, ext=ext, seed=i)
+    write_sample(tmp_path / "val", "v0", classes=classes, ext="tif", seed=9)
+    train, val = split_segmentation(tmp_path, seed=4, mode=mode, index_dir=tmp_path / "index", num_classes=3)
+    memory = split_segmentation(tmp_path, seed=4, mode="memory")
+    assert train.classes == val.classes == classes and len(train) == 5 and len(val) == 1
+    assert type(train).__name__ == ("SegmentationFolder" if mode == "memory" else "SegmentationStream")
+    assert val.transform is None and train.transform is not None
+    for got, want in ((train, memory[0]), (val, memory[1])):
+        assert got.ids == want.ids
+        assert all(torch.equal(a, b) for i in range(len(got)) for a, b in zip(got[i], want[i]))
+        assert got[0][1].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_split_refuses_train_and_val_folders_of_other_classes(tmp_path, mode):
+    write_sample(tmp_path / "train", "t0", classes=["a", "b"])
+    write_sample(tmp_path / "val", "v0", classes=["a", "c"])
+    with pytest.raises(DatasetError, match=r"train/masks has classes \['a', 'b'\] but .*val/masks has \['a', 'c'\]"):
+        split_segmentation(tmp_path, mode=mode, index_dir=tmp_path / "index")
+
+
+def test_split_with_only_val_folder_names_the_missing_train_folder(tmp_path):
+    write_sample(tmp_path / "val", "v0")
+    with pytest.raises(DataNotFoundError, match=r"found .*val but not .*train; give both"):
+        split_segmentation(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_random_split_of_label_maps_gives_both_halves_the_folder_s_classes(tmp_path, mode):
+    """Without a classes.txt the classes are 0 up to the largest label found in the whole folder,
+    also in a half whose own label maps never reach it."""
+    for index in range(6):
+        write_sample(tmp_path, f"s{index}", seed=index)
+        labels = torch.zeros(16, 16, dtype=torch.long)
+        labels[4:8] = 1
+        if index == 5:
+            labels[10:12] = 3
+        write_label_map(labels, tmp_path / "masks" / f"s{index}.png")
+    train, val = split_segmentation(
+        tmp_path, val_fraction=0.5, seed=1, mode=mode, mask_mode="labels", index_dir=tmp_path / "index"
+    )
+    assert train.classes == val.classes == ["0", "1", "2", "3"]
+    assert train.mask_mode == val.mask_mode == "labels"
+    assert sorted(train.ids + val.ids) == [f"s{i}" for i in range(6)] and len(val) == 3
 
 
 def test_split_with_only_train_folder_is_an_error(tmp_path):

@@ -60,8 +60,9 @@ def test_loader_rejects_bad_input():
         TensorBatchLoader(torch.zeros(4, 28, 28), torch.zeros(4), 2)
     with pytest.raises(DatasetError, match="one label per image"):
         TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(3), 2)
-    with pytest.raises(DatasetError, match="batch_size"):
-        TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 0)
+    for batch_size in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size!r}"):
+            TensorBatchLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), batch_size)
 
 
 def test_tensor_batch_loader_shards_cover_the_data():

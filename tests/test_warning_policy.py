@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
-@pytest.mark.parametrize("module", ["trainer_datasets._imageio", "torchvision.io.image"])
+@pytest.mark.parametrize("module", ["trainer_datasets.image_files", "torchvision.io.image"])
 def test_a_deprecation_fails_the_test_whichever_module_it_names(category, module):
     # A warning names the module its stacklevel points at. torchvision.io's codecs warned with
     # stacklevel 1, naming torchvision.io.image rather than the module of ours that called them,

@@ -318,14 +318,11 @@ def _pick(timings: dict[Setting, float], precisions: list[str], layouts: list[bo
 
 
 def cache_path() -> Path:
-    """The file that keeps measured choices: ``$TRAINER_CACHE_DIR/precision.json``, else
-    ``$XDG_CACHE_HOME/trainer/precision.json``, else ``~/.cache/trainer/precision.json``."""
-    root = os.environ.get("TRAINER_CACHE_DIR")
-    if not root:
-        root = os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "trainer"
-        )
-    return Path(root) / "precision.json"
+    """The file that keeps measured choices: ``precision.json`` in `trainer.cache_folder.cache_folder`
+    (``$TRAINER_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainer``, else ``~/.cache/trainer``)."""
+    from trainer.cache_folder import cache_folder
+
+    return cache_folder() / "precision.json"
 
 
 def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:

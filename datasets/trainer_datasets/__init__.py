@@ -1,18 +1,5 @@
 """Datasets: Fashion-MNIST loading, segmentation folders, synthetic nuclei, DSB2018 preparation."""
 
-from trainer_datasets._imageio import (
-    IMAGE_EXTENSIONS,
-    SYSTEM_FILES,
-    is_image_file,
-    is_system_file,
-    label_palette,
-    not_regular,
-    read_image_rgb,
-    read_label_map,
-    read_mask,
-    write_label_map,
-    write_png_file,
-)
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.fashion_mnist import (
     CLASSES,
@@ -20,43 +7,29 @@ from trainer_datasets.fashion_mnist import (
     make_learnable_fashion_like,
     write_fashion_mnist_idx,
 )
-from trainer_datasets.segmentation_folder import (
-    CLASSES_FILE,
-    IGNORE_INDEX,
-    MASK_MODES,
-    SegmentationFolder,
-    read_classes,
-    scan_segmentation_folder,
-    split_segmentation,
-    write_segmentation_folder,
-)
+from trainer_datasets.image_files import read_image_rgb, read_label_map, read_mask, write_label_map, write_png_file
+from trainer_datasets.segmentation_folder import SegmentationFolder, write_segmentation_folder
+from trainer_datasets.segmentation_layout import CLASSES_FILE, IGNORE_INDEX, MASK_MODES, scan_segmentation_folder
+from trainer_datasets.segmentation_split import split_segmentation
 from trainer_datasets.segmentation_stream import SegmentationStream
 from trainer_datasets.synthetic import SyntheticNuclei
 from trainer_datasets.tensor_loader import TensorBatchLoader
-from trainer_datasets.transforms import RandomRot90, segmentation_augmentation
+from trainer_datasets.transforms import segmentation_augmentation
 
 __all__ = [
     "CLASSES",
     "CLASSES_FILE",
     "IGNORE_INDEX",
     "MASK_MODES",
-    "IMAGE_EXTENSIONS",
     "DataNotFoundError",
     "DatasetError",
-    "RandomRot90",
-    "SYSTEM_FILES",
     "SegmentationFolder",
     "SegmentationStream",
     "SyntheticNuclei",
     "TensorBatchLoader",
-    "is_image_file",
-    "is_system_file",
-    "label_palette",
     "load_fashion_mnist",
     "make_learnable_fashion_like",
-    "not_regular",
     "prepare_dsb2018",
-    "read_classes",
     "read_image_rgb",
     "read_label_map",
     "read_mask",

@@ -19,8 +19,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from trainer_datasets._imageio import read_image_rgb, read_mask, write_png_file
+from trainer.every import positive_int
 from trainer_datasets.errors import DataNotFoundError, DatasetError
+from trainer_datasets.image_files import read_image_rgb, read_mask, write_png_file
 
 RAW_LAYOUT = "expected <src>/<id>/images/<id>.png and <src>/<id>/masks/*.png (the stage1_train layout)"
 
@@ -82,8 +83,7 @@ def prepare_dsb2018(src: str | os.PathLike, dst: str | os.PathLike, size: int | 
         dst: the segmentation folder to write.
         size: the square side images and masks are resized to; None keeps their sizes.
     """
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise DatasetError(f"size must be a positive int, got {size!r}")
+    positive_int("size", size, optional=True)
     results = []
     for sample_id, image_file, mask_files in find_dsb2018_samples(src):
         image = read_image_rgb(image_file)
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         count = prepare_dsb2018(args.src, args.dst, args.size)
-    except DatasetError as exc:
+    except ValueError as exc:  # a DatasetError, or a size that is not a positive integer
         print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {count} images and masks to {args.dst}")

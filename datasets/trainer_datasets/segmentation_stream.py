@@ -33,22 +33,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 
-from trainer_datasets._imageio import is_system_file
+from trainer.cache_folder import cache_folder
+from trainer.every import positive_int
 from trainer_datasets.errors import DatasetError
 from trainer_datasets.fingerprint import data_files
-from trainer_datasets.segmentation_folder import (
-    IGNORE_INDEX,
-    FolderLayout,
-    _check_image_size,
-    load_sample,
-    make_item,
-    mixed_sizes_error,
-    scan_segmentation_folder,
-    select_samples,
-)
-from trainer_datasets.transforms import segmentation_augmentation
+from trainer_datasets.image_files import is_system_file
+from trainer_datasets.segmentation_folder import SegmentationItems, load_sample, mixed_sizes_error
+from trainer_datasets.segmentation_layout import IGNORE_INDEX, FolderLayout, scan_segmentation_folder, select_samples
 
 #: The version of the index files' layout; an index of another version is rebuilt.
 INDEX_VERSION = 3
@@ -56,17 +48,6 @@ INDEX_VERSION = 3
 #: (1 GiB: about 4,000 RGB images of 256x256 with one mask class).
 STREAM_ABOVE_BYTES = 1 << 30
 DATA_MODES = ("auto", "memory", "stream")
-
-
-def cache_folder() -> Path:
-    """The project's cache folder (as for the precision measurements): ``$TRAINER_CACHE_DIR``,
-    else ``$XDG_CACHE_HOME/trainer``, else ``~/.cache/trainer``."""
-    root = os.environ.get("TRAINER_CACHE_DIR")
-    if not root:
-        root = os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "trainer"
-        )
-    return Path(root)
 
 
 @dataclass
@@ -80,7 +61,7 @@ class SegmentationIndex:
         samples: ``{id: (image file, [mask file per mask folder], height, width)}``, ids sorted.
         mask_folders: the keys of `FolderLayout.masks`: the class folders, ``["mask"]`` for masks
             directly in masks/, ``["labels"]`` for label maps.
-        mask_mode: ``"binary"`` or ``"labels"`` (see `trainer_datasets.segmentation_folder`).
+        mask_mode: ``"binary"`` or ``"labels"`` (see `scan_segmentation_folder`).
         ignore_index: label maps: the value of pixels of no class.
         files: the folder's fingerprint when it was checked (``{relative path: [size, modification
             time, status change time]}``, see `data_files`); empty when not known.
@@ -284,7 +265,7 @@ def _write(path: Path, content: dict[str, Any]) -> None:
         pass
 
 
-class SegmentationStream(Dataset):
+class SegmentationStream(SegmentationItems):
     """Images and binary masks or label maps from a segmentation folder, decoded when an item is asked for.
 
     The same items as `SegmentationFolder` with the same arguments, bit for bit (augmentations
@@ -324,7 +305,7 @@ class SegmentationStream(Dataset):
         ignore_index: int = IGNORE_INDEX,
         label_classes: Sequence[str] | None = None,
     ) -> None:
-        _check_image_size(image_size)
+        positive_int("image_size", image_size, optional=True)
         if index is None:
             index = segmentation_index(root, index_dir, mask_mode, ignore_index, label_classes)
         ids = select_samples(index.root, index.classes, index.ids, num_classes, ids)
@@ -339,38 +320,29 @@ class SegmentationStream(Dataset):
             height, width = first[2:]
         else:
             height = width = image_size
-        self.root = index.root
         self.index = index
-        self.ids: list[str] = ids
-        self.classes: list[str] = list(index.classes)
-        self.num_classes = len(self.classes)
-        self.mask_mode = index.mask_mode
-        self.ignore_index = index.ignore_index
-        self.image_size = image_size
-        #: The (height, width) of every item.
-        self.size: tuple[int, int] = (height, width)
-        self.transform = segmentation_augmentation(square=height == width) if augment else None
-        self.seed = seed
-        #: The epoch whose augmentations `__getitem__` draws (see `set_epoch`).
-        self.epoch = 0
+        self._describe(
+            index.root,
+            ids,
+            index.classes,
+            index.mask_mode,
+            index.ignore_index,
+            image_size,
+            (height, width),
+            augment,
+            seed,
+        )
 
     @property
     def layout(self) -> FolderLayout:
         """The `FolderLayout` of the whole folder (as `SegmentationFolder.layout`), built when asked for."""
         return self.index.layout()
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the augmentations of `epoch` from now on (the `Trainer` calls it before each epoch)."""
-        self.epoch = epoch
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample_id = self.ids[index]
         self.index.check_unchanged(sample_id)
         image, mask = load_sample(self.index.layout([sample_id]), sample_id, self.image_size)
-        return make_item(image, mask, self.transform, self.seed, self.epoch, index, labels=self.mask_mode == "labels")
+        return self._item(image, mask, index)
 
     def image_file(self, index: int) -> Path:
         """The image file of item `index`."""

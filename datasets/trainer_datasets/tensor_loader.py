@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from trainer.every import positive_int
 from trainer_datasets._seeding import generator
 from trainer_datasets.errors import DatasetError
 
@@ -57,8 +58,7 @@ class TensorBatchLoader:
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or len(labels) != len(images):
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise DatasetError(f"labels must be a 1-D tensor with one label per image ({len(images)}), got {shape}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DatasetError(f"batch_size must be a positive int, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         if not std > 0:
             raise DatasetError(f"std must be positive, got {std!r}")
         self.images = images if images.dim() == 4 else images.unsqueeze(1)

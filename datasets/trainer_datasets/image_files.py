@@ -75,6 +75,16 @@ def not_regular(path: str | os.PathLike) -> str | None:
     return "not a regular file"
 
 
+#: What a JPEG's lossy compression does to each kind of mask file, and what to save it as instead.
+_JPEG_DAMAGE = {
+    "mask": (
+        "blurs a mask's sharp edges into in-between values that would count as foreground",
+        "masks as PNG or TIFF",
+    ),
+    "label map": ("changes class indices at the edges of regions", "label maps as PNG (grey or palette)"),
+}
+
+
 def read_image_rgb(path: str | os.PathLike) -> torch.Tensor:
     """Decode a PNG, JPEG or TIFF file as a uint8 (3, H, W) tensor.
 
@@ -129,12 +139,7 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
         path: the mask file.
     """
     path = Path(path)
-    image, reduced = _open(path)
-    if image.format in ("JPEG", "MPO"):
-        raise DatasetError(
-            f"mask {path} is a JPEG file: its lossy compression blurs a mask's sharp edges into "
-            "in-between values that would count as foreground; save masks as PNG or TIFF"
-        )
+    image, reduced = _open_mask(path, "mask")
     if reduced:
         raise DatasetError(
             f"mask {path} is a 16-bit colour or grey + alpha file, which Pillow decodes at 8 bits "
@@ -150,31 +155,36 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
             f"mask {path} has NaN values ({int(np.isnan(array).sum())} pixels, e.g. at x={x}, y={y}), which are "
             "neither background nor foreground; save it with 0 for background and non-zero values for foreground"
         )
-    alpha = None
-    if array.ndim == 3:
-        colour_channels = 1 if array.shape[2] == 2 else 3
-        if array.shape[2] in (2, 4):
-            alpha = array[..., colour_channels]
-        colour = array[..., :colour_channels]
-        differs = (colour != colour[..., :1]).any(-1)
-        if differs.any():
-            y, x = np.argwhere(differs)[0]
-            raise DatasetError(
-                f"mask {path} is colour-coded: its red, green and blue channels differ (e.g. colour "
-                f"{tuple(int(v) for v in colour[y, x])} at x={x}, y={y}); masks are read from grey "
-                "values, so save it as a grey image with background 0 and any non-zero foreground "
-                "(one mask per class in masks/<class>/); a label map of class indices is read as one "
-                "when the folder has a classes.txt or mask_mode='labels' (--mask-mode labels) is given"
-            )
-        array = colour[..., 0]
-    if alpha is not None and alpha.min() != alpha.max() and array.min() == array.max():
+    return torch.from_numpy((_grey_values(path, array) != 0).astype(np.uint8))
+
+
+def _grey_values(path: Path, array: np.ndarray) -> np.ndarray:
+    """The grey values (H, W) of a decoded mask `array` (H, W) or (H, W, channels): a
+    `DatasetError` for a colour-coded mask or one whose shapes are only in its alpha channel."""
+    if array.ndim != 3:
+        return array
+    colour_channels = 1 if array.shape[2] == 2 else 3
+    alpha = array[..., colour_channels] if array.shape[2] in (2, 4) else None
+    colour = array[..., :colour_channels]
+    differs = (colour != colour[..., :1]).any(-1)
+    if differs.any():
+        y, x = np.argwhere(differs)[0]
+        raise DatasetError(
+            f"mask {path} is colour-coded: its red, green and blue channels differ (e.g. colour "
+            f"{tuple(int(v) for v in colour[y, x])} at x={x}, y={y}); masks are read from grey "
+            "values, so save it as a grey image with background 0 and any non-zero foreground "
+            "(one mask per class in masks/<class>/); a label map of class indices is read as one "
+            "when the folder has a classes.txt or mask_mode='labels' (--mask-mode labels) is given"
+        )
+    grey = colour[..., 0]
+    if alpha is not None and alpha.min() != alpha.max() and grey.min() == grey.max():
         what = "grey" if colour_channels == 1 else "colour"
         raise DatasetError(
-            f"mask {path} has its shapes only in the alpha channel: its {what} is the same ({array.flat[0]}) "
+            f"mask {path} has its shapes only in the alpha channel: its {what} is the same ({grey.flat[0]}) "
             f"everywhere while alpha varies; masks are read from grey values, not transparency, so save "
             "the alpha channel as a grey image with background 0 (e.g. PIL: image.getchannel('A').save(...))"
         )
-    return torch.from_numpy((array != 0).astype(np.uint8))
+    return grey
 
 
 def read_label_map(path: str | os.PathLike) -> torch.Tensor:
@@ -192,12 +202,7 @@ def read_label_map(path: str | os.PathLike) -> torch.Tensor:
         path: the mask file.
     """
     path = Path(path)
-    image, _ = _open(path)
-    if image.format in ("JPEG", "MPO"):
-        raise DatasetError(
-            f"label map {path} is a JPEG file: its lossy compression changes class indices at the edges "
-            "of regions; save label maps as PNG (grey or palette)"
-        )
+    image, _ = _open_mask(path, "label map")
     if image.mode not in ("P", "L", "I", *_GREY_16):
         raise DatasetError(
             f"label map {path} is a {image.mode} image; a label map holds one class index per pixel: "
@@ -316,6 +321,15 @@ def _open(path: Path) -> tuple[Image.Image, bool]:
         raise _decode_failed(path, exc) from exc
     if image.mode == "La":  # grey + premultiplied alpha (TIFF), which Pillow converts to LA only
         return image.convert("LA"), reduced
+    return image, reduced
+
+
+def _open_mask(path: Path, kind: str) -> tuple[Image.Image, bool]:
+    """`_open` for the `kind` of mask file (``"mask"`` or ``"label map"``): a JPEG is a `DatasetError`."""
+    image, reduced = _open(path)
+    if image.format in ("JPEG", "MPO"):
+        damage, save_as = _JPEG_DAMAGE[kind]
+        raise DatasetError(f"{kind} {path} is a JPEG file: its lossy compression {damage}; save {save_as}")
     return image, reduced
 
 
