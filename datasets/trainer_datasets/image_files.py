@@ -254,9 +254,9 @@ def label_palette(count: int = 256) -> list[int]:
 
 
 def write_label_map(labels: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write an integer (H, W) label map as a PNG, creating the parent folder: a palette PNG
-    (`label_palette` colours, index = class) when every value is below 256, else 16-bit grey.
-    `read_label_map` reads either back as the same values.
+    """Write an integer (H, W) label map as a PNG, creating the parent folder: a palette PNG (the
+    Pascal VOC colours of `label_palette`, index = class) when every value is below 256, else
+    16-bit grey. `read_label_map` reads either back as the same values.
 
     Args:
         labels: class indices, 0 to 65535.

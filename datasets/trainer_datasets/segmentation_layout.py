@@ -93,7 +93,8 @@ def scan_segmentation_folder(
     link: never opened) or duplicate id in one message. Hidden files and the files operating
     systems leave behind (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are left out.
     Label maps in class folders, a class folder or a ``classes.txt`` whose names cannot name a
-    class (see `read_classes` and `class_name_problem`) and an `ignore_index` that is a class
+    class (blank or repeated, ``.`` or ``..``, with a path separator or a control character: see
+    `read_classes` and `class_name_problem` in this module) and an `ignore_index` that is a class
     index raise `DatasetError`.
 
     Args:

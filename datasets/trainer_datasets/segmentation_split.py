@@ -54,7 +54,7 @@ def split_segmentation(
     index_dir: str | os.PathLike | None = None,
     mask_mode: str = "auto",
     ignore_index: int = IGNORE_INDEX,
-) -> Datasets:
+) -> tuple[SegmentationFolder | SegmentationStream, SegmentationFolder | SegmentationStream]:
     """Training and validation sets from a segmentation folder: ``(train, val)``.
 
     When ``<root>/train/`` and ``<root>/val/`` exist (each in the segmentation layout) they are
