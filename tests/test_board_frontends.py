@@ -20,7 +20,7 @@ from torch.utils.tensorboard.writer import FileWriter
 from trainer.board.cell import cell_output
 from trainer.board.frontends import Frontend, frontend
 from trainer.board.servers import BoardServer
-from trainer.board.snapshot import snapshot_png
+from trainer.board.snapshot import snapshot, snapshot_png
 
 PORT = 6123
 CLEAN = {"PATH": "/usr/bin"}  # none of the variables the rules read
@@ -197,3 +197,40 @@ def test_the_picture_draws_names_as_text_and_leaves_out_an_image_that_does_not_d
         picture = snapshot_png(root)
         assert picture is not None and picture.startswith(b"\x89PNG")
         assert Image.open(io.BytesIO(picture)).size == (930, 340)  # the curves alone: no figure drawn
+
+
+def png_image(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_picture_is_drawn_once_per_state_of_the_event_files(tmp_path):
+    """A second `snapshot` of an unchanged folder is the same picture, not drawn again; once a run's
+    event files change (a new point, a new run), the next one is drawn from what they now hold."""
+    runs = tmp_path / "runs"
+    writer = FileWriter(str(runs / "a"))
+    writer.add_summary(Summary(value=[Summary.Value(tag="Loss/training loss", simple_value=1.0)]), 1)
+    writer.flush()
+    first = snapshot(runs)
+    assert snapshot(runs) is first and first.points == 1
+    writer.add_summary(Summary(value=[Summary.Value(tag="Loss/training loss", simple_value=0.5)]), 2)
+    writer.close()
+    second = snapshot(runs)
+    assert second is not first and second.points == 2 and second.png != first.png
+    other = FileWriter(str(runs / "b"))
+    other.add_summary(Summary(value=[Summary.Value(tag="Loss/validation", simple_value=0.7)]), 1)
+    other.close()
+    assert snapshot(runs) is not second
+
+
+def test_the_latest_figure_is_drawn_below_the_curves_at_the_pictures_full_width(tmp_path):
+    """The newest run's latest figure goes below the curves, as wide as the picture (930 pixels:
+    a notebook's width), so its text shows at about its own size; its height follows its shape."""
+    writer = FileWriter(str(tmp_path))
+    writer.add_summary(Summary(value=[Summary.Value(tag="Loss/training loss", simple_value=1.0)]), 1)
+    figure = Summary.Image(encoded_image_string=png_image(900, 600), height=600, width=900, colorspace=3)
+    writer.add_summary(Summary(value=[Summary.Value(tag="predictions vs. actuals", image=figure)]), 1)
+    writer.close()
+    width, height = Image.open(io.BytesIO(snapshot_png(tmp_path))).size
+    assert width == 930 and height == 340 + round(930 * 600 / 900) + 40
