@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +88,33 @@ def _run_folders(files: list[Path]) -> list[Path]:
     return sorted(runs, key=lambda run: max(p.stat().st_mtime for p in run.glob(EVENT_FILE_PATTERN)))
 
 
+class _Records:
+    """The events of a run's event files in TensorBoard's order (by file name), for
+    `EventAccumulator` in place of its own loader: the same records, read without checking each
+    one's checksum, which TensorBoard's pure-Python reader computes at about 0.1 s per MB (most of
+    a run's bytes are its images). A record cut short (being written) ends its file."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+
+    def Load(self) -> Iterator[Any]:  # noqa: N802 (the name EventAccumulator calls)
+        from google.protobuf.message import DecodeError
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        for file in sorted(self.run.glob(EVENT_FILE_PATTERN)):
+            data, position = file.read_bytes(), 0
+            while position + 12 <= len(data):  # a record: length (8 bytes), its checksum (4), data, checksum (4)
+                (length,) = struct.unpack_from("<Q", data, position)
+                end = position + 12 + length
+                if end + 4 > len(data):
+                    break
+                try:
+                    yield Event.FromString(data[position + 12 : end])
+                except DecodeError:
+                    break
+                position = end + 4
+
+
 def _read(root: Path, runs: list[Path]) -> _Runs:
     """The loss curves of `runs` (folders at or below `root`) and the newest one's latest figure."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,6 +123,8 @@ def _read(root: Path, runs: list[Path]) -> _Runs:
     guidance = {"scalars": 2000, "images": 1, "histograms": 1, "tensors": 1, "audio": 1, "compressedHistograms": 1}
     for run in runs:
         events = EventAccumulator(os.fspath(run), size_guidance=guidance)
+        if hasattr(events, "_generator"):  # TensorBoard's reader otherwise (slower, same events)
+            events._generator = _Records(run)
         events.Reload()
         name = os.fspath(run.relative_to(root)) if run != root else run.name
         tags = events.Tags()
