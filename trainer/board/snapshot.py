@@ -4,9 +4,9 @@ Read with TensorBoard's own reader (`EventAccumulator`, which drops the points a
 replaced), drawn with `matplotlib.figure.Figure` (Agg, no pyplot state) for a notebook's width
 (930 pixels, text at its size on screen): the loss curves on top, one colour per run and one line
 style per tag (training solid, validation dashed), with a legend beside the plot holding one entry
-per run and one per tag; below them the newest run's latest figure at the full width. Names come
-from the files and are drawn as plain text (a ``$`` in a folder or tag name starts no formula); an
-image that does not decode is left out of the picture.
+per run and one per tag; below them the newest run's latest figure at the full width (a small
+image at most twice its size). Names come from the files and are drawn as plain text (a ``$`` in a
+folder or tag name starts no formula); an image that does not decode is left out of the picture.
 
 The picture is drawn once per state of the event files: `snapshot` keeps the last one of each
 folder, keyed by the names, sizes and modification times of its event files, so a re-run of a
@@ -31,6 +31,8 @@ MAX_RUNS = 8
 FIGURE_TAGS = ("predictions vs. actuals",)
 #: The picture's width in pixels: JupyterLab's output width, so that text shows at its own size.
 WIDTH = 930
+#: The tallest the latest figure is drawn, in pixels.
+MAX_FIGURE_HEIGHT = 1200
 _DPI = 100
 _cache: dict[str, tuple[tuple, Snapshot]] = {}
 
@@ -156,31 +158,43 @@ def _draw_curves(axes: Any, curves: list[tuple[str, str, list[int], list[float]]
     axes.grid(alpha=0.3)
 
 
-def _draw(found: _Runs) -> bytes:
-    """The PNG of `found`: the curves on top, the latest figure below them at the full width."""
-    import matplotlib
+def _rendered(figure: Any) -> Any:
+    """The matplotlib `figure`, drawn, as a Pillow image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from PIL import Image
 
-    width = WIDTH / _DPI
-    curves_height = 3.4 if found.curves else 0.0
-    figure_height = 0.0
-    if found.latest is not None:
-        image = found.latest[2]
-        figure_height = width * image.height / image.width + 0.4  # its title
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _draw(found: _Runs) -> bytes:
+    """The PNG of `found`: the curves on top, the latest figure below them, centred, as wide as the
+    picture (a small one at most twice its size, a tall one at most `MAX_FIGURE_HEIGHT` pixels)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    parts = []
     with matplotlib.rc_context({"font.size": 12}):
-        figure = Figure(figsize=(width, curves_height + figure_height), dpi=_DPI, layout="constrained")
-        ratios = [h for h in (curves_height, figure_height) if h]
-        panels = figure.subplots(len(ratios), 1, squeeze=False, height_ratios=ratios)[:, 0]
         if found.curves:
-            _draw_curves(panels[0], found.curves)
+            curves = Figure(figsize=(WIDTH / _DPI, 3.4), dpi=_DPI, layout="constrained")
+            _draw_curves(curves.subplots(), found.curves)
+            parts.append(_rendered(curves))
         if found.latest is not None:
             tag, step, image = found.latest
-            panels[-1].imshow(image)
-            panels[-1].set_title(_plain(f"{tag} (step {step})"))
-            panels[-1].axis("off")
-        buffer = io.BytesIO()
-        FigureCanvasAgg(figure).print_png(buffer)
+            title = Figure(figsize=(WIDTH / _DPI, 0.4), dpi=_DPI)
+            title.text(0.5, 0.5, _plain(f"{tag} (step {step})"), ha="center", va="center")
+            scale = min(WIDTH / image.width, 2.0, MAX_FIGURE_HEIGHT / image.height)
+            shown = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)))
+            panel = Image.new("RGB", (WIDTH, shown.height), "white")
+            panel.paste(shown, ((WIDTH - shown.width) // 2, 0))
+            parts += [_rendered(title), panel]
+    picture = Image.new("RGB", (WIDTH, sum(part.height for part in parts)), "white")
+    for index, part in enumerate(parts):
+        picture.paste(part, (0, sum(previous.height for previous in parts[:index])))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
