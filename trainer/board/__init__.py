@@ -127,16 +127,19 @@ def show(
 
 def stop(path: str | os.PathLike) -> bool:
     """End the server `show` started on `path`; returns whether one was running. Only a process
-    proven to be that server is stopped (`trainer.board.servers.is_board_server`).
+    proven to be that server is stopped (`trainer.board.servers.is_board_server`). Folders of links
+    that killed servers left behind are removed, and the registry folder once it is empty.
 
     Raises:
         PermissionError: the registry folder is not private.
     """
     from trainer.board import registry, servers
+    from trainer.board.server import remove_stale_links
 
     server = servers.find(Path(path).resolve())
     if server is not None:
         server.stop()
+    remove_stale_links()
     registry.remove_if_empty()
     return server is not None
 

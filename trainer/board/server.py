@@ -184,7 +184,8 @@ def remove_stale_links() -> int:
                 continue
             with contextlib.suppress(OSError):
                 inside = list(os.scandir(entry.path))
-                if entry.stat(follow_symlinks=False).st_uid == os.getuid() and all(e.is_symlink() for e in inside):
+                ours = not hasattr(os, "getuid") or entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                if ours and all(e.is_symlink() for e in inside):
                     _remove_links(entry.path)
                     removed += not os.path.exists(entry.path)
     return removed
