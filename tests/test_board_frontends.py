@@ -234,3 +234,24 @@ def test_the_latest_figure_is_drawn_below_the_curves_at_the_pictures_full_width(
     writer.close()
     width, height = Image.open(io.BytesIO(snapshot_png(tmp_path))).size
     assert width == 930 and height == 340 + round(930 * 600 / 900) + 40
+
+
+def test_the_picture_drops_the_points_a_resumed_run_replaced_as_tensorboard_does(tmp_path):
+    """A run killed after step 4 and resumed from its step-2 checkpoint writes a restart marker at
+    step 3, then steps 3 and 4 again: the picture reads the event file as TensorBoard's reader does,
+    dropping the killed process's steps 3 and 4 (4 points, not 6), and skips a last record cut short."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer = FileWriter(str(tmp_path))
+    start = SessionLog(status=SessionLog.START)
+    writer.add_event(Event(step=0, session_log=start))
+    for step in (1, 2, 3, 4):
+        writer.add_summary(Summary(value=[Summary.Value(tag="Loss/training loss", simple_value=1.0 / step)]), step)
+    writer.add_event(Event(step=3, session_log=start))
+    for step in (3, 4):
+        writer.add_summary(Summary(value=[Summary.Value(tag="Loss/training loss", simple_value=0.1)]), step)
+    writer.close()
+    [file] = tmp_path.glob("events.out.tfevents.*")
+    with file.open("ab") as stream:
+        stream.write(b"\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00partial")  # a record being written
+    assert snapshot(tmp_path).points == 4
