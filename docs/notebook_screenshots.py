@@ -9,6 +9,9 @@ JupyterLab by headless Chromium in four situations:
 * ``remote``: the browser can reach nothing but Jupyter's own port. Chromium sends every request
   through a gate proxy that lets through only JupyterLab's address, which is not a loopback
   address, so the page uses jupyter-server-proxy (``<base_url>proxy/PORT/``);
+* ``tunnel``: as through ``ssh -L``: the page is on ``localhost``, but the gate lets through only
+  JupyterLab's port, so the direct address of the TensorBoard server does not answer and the page
+  falls back to jupyter-server-proxy;
 * ``restarted``: the server is gone (stopped, as after a reboot): the cell says what to run;
 * ``saved``: the saved notebook opened untrusted (as on another machine, GitHub or nbviewer):
   no script runs; the picture of the run and the line saying what to run are what shows.
@@ -46,9 +49,15 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "images"
-SITUATIONS = ("local", "remote", "restarted", "saved")
+SITUATIONS = ("local", "remote", "tunnel", "restarted", "saved")
 #: What the cell must show in each situation (see `cell_state`).
-EXPECTED = {"local": "live TensorBoard", "remote": "live TensorBoard", "restarted": "message", "saved": "picture"}
+EXPECTED = {
+    "local": "live TensorBoard",
+    "remote": "live TensorBoard",
+    "tunnel": "live TensorBoard",
+    "restarted": "message",
+    "saved": "picture",
+}
 
 TRAIN = """import torch
 from torch import nn
@@ -67,7 +76,7 @@ model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
 fit = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
               callbacks=[TensorBoardCallback("runs/readme_example", every_n_steps=2)], max_epochs=5, device="cpu")
 history = fit.fit(train_loader, val_loader)"""
-SHOW = 'trainer.board.show("runs/readme_example", height=640)'
+SHOW = 'trainer.board.show("runs/readme_example")'
 
 
 class NotebookCheckError(RuntimeError):
@@ -263,7 +272,7 @@ def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str,
         "--disable-gpu",
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
-        "--window-size=1400,1000",
+        "--window-size=1400,1250",
         f"--remote-debugging-port={debug}",
         "--remote-allow-origins=*",
         "about:blank",
@@ -318,9 +327,9 @@ def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str,
 
 def cell_state(dom: str) -> str:
     """What the show() cell holds in the dumped DOM: the live frame, the message, or the picture."""
-    if "<iframe" in dom and "TensorBoard on " in dom:
+    if "<iframe" in dom and "open in a new tab</a>" in dom:
         return "live TensorBoard"
-    if "TensorBoard does not answer" in dom:
+    if "does not answer at <code>" in dom:
         return "message"
     if "To open TensorBoard live" in dom:
         return "picture"
@@ -368,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         pages = {
             "local": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb?reset", None),
             "remote": (f"http://{host}:{port}/lab/tree/board.ipynb?reset", f"{host}:{port}"),
+            "tunnel": (f"http://localhost:{port}/lab/tree/board.ipynb?reset", f"localhost:{port}"),
             "restarted": (f"http://127.0.0.1:{port}/lab/tree/board.ipynb?reset", None),
             "saved": (f"http://127.0.0.1:{port}/lab/tree/saved.ipynb?reset", None),
         }

@@ -38,6 +38,7 @@ from models.predict import (
     to_model_input,
 )
 from recipes.common import UsageError, non_negative_int, positive_int
+from trainer.callbacks.palette import png_palette
 from trainer.checkpoint import atomic_write_text, temporary_path
 from trainer.precision import native_bf16
 from trainer_datasets import DatasetError, read_image_rgb, write_label_map, write_png_file
@@ -518,7 +519,8 @@ def write_label_prediction(
     probabilities: torch.Tensor, out: Path, image_id: str, classes: list[str], with_probabilities: bool = False
 ) -> None:
     """Write one image's label map, the most probable class of each pixel, as a palette PNG
-    (index = class, Pascal VOC colours; `trainer_datasets.read_label_map` reads it back), and
+    (index = class, in the class colours of the image grids and prediction figures,
+    `trainer.callbacks.palette.png_palette`; `trainer_datasets.read_label_map` reads it back), and
     with `with_probabilities` each class's probability map (0-255 grey), at the paths of
     `output_paths`. Each file is written whole or not at all, as in `write_prediction`.
 
@@ -540,7 +542,7 @@ def _write_png_atomically(image: torch.Tensor, path: Path, label_map: bool = Fal
     tmp = temporary_path(path)
     try:
         if label_map:
-            write_label_map(image, tmp)
+            write_label_map(image, tmp, palette=png_palette())
         else:
             write_png_file(image, tmp)
         os.replace(tmp, path)

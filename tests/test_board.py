@@ -8,7 +8,6 @@ import html
 import io
 import json
 import os
-import re
 import signal
 import socket
 import stat
@@ -29,7 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-from trainer import Trainer, board, board_servers
+from trainer import Trainer, board
+from trainer.board import cli, processes
+from trainer.board import registry as board_registry
+from trainer.board import servers as board_servers
+from trainer.board.frontends import script_json
 from trainer.callbacks import GraphCallback, ImageGridCallback, ModelCheckpoint, TensorBoardCallback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +91,33 @@ def read_line(proc: subprocess.Popen) -> str:
         proc.kill()
         raise AssertionError(f"no URL printed within {TIMEOUT} s; stderr: {proc.communicate()[1]}")
     return result[0]
+
+
+#: The modules of the board (`trainer.board` and what it imports), all a server process loads of `trainer`.
+BOARD_MODULES = (
+    "board",
+    *(f"board.{name}" for name in ("cell", "cli", "frontends", "notebook", "processes")),
+    *(f"board.{name}" for name in ("registry", "server", "servers", "snapshot")),
+    "event_files",
+    "openmp",
+)
+
+
+@contextlib.contextmanager
+def serving(run: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python -m trainer.board RUN`` as a process, with its URL once it serves; ended after the block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.board", str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc, read_line(proc).split(": ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
 
 
 def assert_scalars_served(url: str, run: str) -> None:
@@ -253,7 +283,7 @@ def test_command_line_rejects_a_path_without_event_files(tmp_path, capsys, kind)
     path = tmp_path / "nope"
     if kind == "empty":
         (path / "run").mkdir(parents=True)
-    assert board.main([str(path)]) == 2
+    assert cli.main([str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and str(path) in err and "holds no TensorBoard event files" in err
@@ -322,26 +352,10 @@ def test_command_line_serves_a_run_show_reuses_it_and_ctrl_c_removes_its_files(r
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert "TensorFlow installation not found" not in stderr
-    assert list(registry.rglob("*")) == [board_servers.registry_dir()]  # no entry, no folder of links
+    assert list(registry.rglob("*")) == [board_registry.registry_dir()]  # no entry, no folder of links
     assert board_servers.running() == [] and not board.stop(run)  # nothing left to stop
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=5).read()
-
-
-def test_stop_and_stop_all_stop_what_the_registry_holds(mocker):
-    """`stop(path)` stops the live server the registry holds for the folder and says whether there was
-    one; `stop_all` stops every live server and counts them. (What a real server does when stopped is
-    tested above, by Ctrl-C, and in test_notebook.py, by `stop_all`.)"""
-    servers = [mocker.Mock(spec=board_servers.BoardServer) for _ in range(2)]
-    find = mocker.patch.object(board_servers, "find", side_effect=[servers[0], None])
-    assert board.stop("runs/a") is True and board.stop("runs/a") is False
-    find.assert_called_with(Path("runs/a").resolve())
-    servers[0].stop.assert_called_once_with()
-    servers[0].stop.reset_mock()
-    mocker.patch.object(board_servers, "running", return_value=servers)
-    assert board.stop_all() == 2
-    for server in servers:
-        server.stop.assert_called_once_with()
 
 
 def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
@@ -352,8 +366,8 @@ def test_a_stale_registry_entry_is_ignored_and_removed(runs, registry):
     board_servers.register(
         board_servers.BoardServer(str(runs), dead.pid, port, "127.0.0.1", board_servers.server_url("127.0.0.1", port))
     )
-    assert board_servers.entry_path(runs).exists()
-    assert board_servers.find(runs) is None and not board_servers.entry_path(runs).exists()
+    assert board_registry.entry_path(runs).exists()
+    assert board_servers.find(runs) is None and not board_registry.entry_path(runs).exists()
 
 
 def test_show_rejects_a_bad_proxy_url_before_starting_a_server(runs, registry):
@@ -392,7 +406,7 @@ def test_a_registry_folder_others_could_plant_in_is_refused_in_one_line(runs, re
     symbolic link to another folder) is never used: `show`, `stop_all` and ``python -m trainer.board``
     refuse in one line naming the folder, what is wrong and what to do, start no server, read none of
     its entries and leave it as it is."""
-    folder = board_servers.registry_dir()
+    folder = board_registry.registry_dir()
     elsewhere = registry / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     planted = board_servers.BoardServer(str(runs), os.getpid(), 1, "127.0.0.1", "http://127.0.0.1:1/")
@@ -413,7 +427,7 @@ def test_a_registry_folder_others_could_plant_in_is_refused_in_one_line(runs, re
             call()
         message = str(info.value)
         assert "\n" not in message and f"registry {folder} {reason}" in message and "set TMPDIR" in message
-    assert board.main([str(runs / "tiny")]) == 2
+    assert cli.main([str(runs / "tiny")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and f"error: the TensorBoard server registry {folder} {reason}" in err
     popen.assert_not_called()
@@ -425,7 +439,7 @@ def test_a_registry_folder_others_could_plant_in_is_refused_in_one_line(runs, re
 def test_an_own_registry_folder_others_can_read_is_made_private(registry):
     """This user's own registry folder that others can read (as an older version made it) is kept,
     and made private (0700)."""
-    folder = board_servers.registry_dir()
+    folder = board_registry.registry_dir()
     folder.mkdir()
     os.chmod(folder, 0o755)
     assert board_servers.running() == []
@@ -487,8 +501,8 @@ def sleeper():
 def test_the_registry_and_its_entries_are_private(shared):
     """Nothing of the registry can be read by other users: the folder is 0700, an entry 0600; the
     server's folder of links is 0700 too."""
-    folder = board_servers.registry_dir()
-    entry = board_servers.entry_path(shared.folder)
+    folder = board_registry.registry_dir()
+    entry = board_registry.entry_path(shared.folder)
     assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (os.getuid(), 0o700)
     assert (entry.stat().st_uid, stat.S_IMODE(entry.stat().st_mode)) == (os.getuid(), 0o600)
     [links] = [path for path in shared.temp.glob("trainer-board-*") if path != folder]
@@ -499,15 +513,15 @@ def test_show_writes_a_hostile_folder_name_as_text_in_the_cell(shared, mocker):
     """`show` in a notebook, on the folder named with ``</script><script>alert(1)</script>``: it
     reuses the server, and its cell has one script, which the name does not end; the note names the
     folder as text."""
-    mocker.patch("trainer.notebook.in_notebook", return_value=True)
+    mocker.patch("trainer.board.notebook.in_notebook", return_value=True)
     display = mocker.patch("IPython.display.display")
     assert board.show(shared.folder) == shared.server
     [bundle] = display.call_args.args
     page = bundle["text/html"]
     assert page.count("<script") == 1 and page.count("</script") == 1 and "<!--" not in page
     assert html.escape(str(shared.folder), quote=True) in page[: page.index("<script>")]
-    literal = re.search(r'"TensorBoard on " \+ (".*?") \+ ": "', page)
-    assert literal and json.loads(literal.group(1)) == str(shared.folder)
+    script = page[page.index("<script>") + len("<script>") : page.index("</script>")]
+    assert script_json(html.escape(str(shared.folder), quote=True))[1:-1] in script  # as text in the note
 
 
 def planted_entries(server: board_servers.BoardServer, other: int) -> dict[str, object]:
@@ -534,7 +548,7 @@ def test_an_entry_that_does_not_prove_its_server_is_ignored_removed_and_stops_no
     process of this user (while the port it names answers as the server of that folder), or which is
     a symbolic link to a valid entry, is no server: `find` ignores it and removes it, `stop` and
     `stop_all` end nothing, and no call raises."""
-    entry = board_servers.entry_path(shared.folder)
+    entry = board_registry.entry_path(shared.folder)
 
     def plant() -> None:
         entry.unlink(missing_ok=True)
@@ -552,13 +566,13 @@ def test_an_entry_that_does_not_prove_its_server_is_ignored_removed_and_stops_no
     plant()
     assert board.stop(shared.folder) is False and board.stop_all() == 0 and board_servers.running() == []
     assert sleeper.poll() is None and shared.server.answers()  # both still run
-    assert list(board_servers.registry_dir().iterdir()) == []
+    assert list(board_registry.registry_dir().iterdir()) == []
 
 
 def test_another_users_entry_is_ignored(shared):
     """A valid entry of the shared server, but a file of another user (as root can hand it over):
     ignored and left, as it cannot be this user's."""
-    entry = board_servers.entry_path(shared.folder)
+    entry = board_registry.entry_path(shared.folder)
     as_another_user(entry)
     assert board_servers.find(shared.folder) is None and board_servers.running() == []
     assert entry.exists()
@@ -590,7 +604,7 @@ def test_a_board_server_of_another_user_is_never_stopped(shared, tmp_path):
 def test_without_proc_the_process_is_proven_by_ps(shared, sleeper, monkeypatch, tmp_path):
     """Where there is no /proc (macOS, BSD), ``ps`` gives the command line: the server is found, an
     entry naming another process of this user is not."""
-    monkeypatch.setattr(board_servers, "PROC", tmp_path / "no-proc")
+    monkeypatch.setattr(processes, "PROC", tmp_path / "no-proc")
     assert board_servers.find(shared.folder) == shared.server
     board_servers.register(dataclasses.replace(shared.server, pid=sleeper.pid))
     assert board_servers.find(shared.folder) is None and board.stop_all() == 0
@@ -601,7 +615,7 @@ def test_stop_all_beside_planted_entries_stops_the_server_alone(shared, sleeper)
     """Planted entries beside the real one (a folder named like markup, a pid of another process of
     this user, wrong types, malformed JSON): `stop_all` stops the real server alone, leaves the other
     process running and removes every entry."""
-    registry_folder = board_servers.registry_dir()
+    registry_folder = board_registry.registry_dir()
     other = shared.folder.parent.parent  # "a'b\"c&d/<": a folder named like markup
     bad = [
         {**asdict(shared.server), "path": os.fspath(other), "pid": sleeper.pid},
@@ -610,13 +624,13 @@ def test_stop_all_beside_planted_entries_stops_the_server_alone(shared, sleeper)
     ]
     for index, entry in enumerate(bad):
         (registry_folder / f"planted-{index}.json").write_text(json.dumps(entry))
-    board_servers.entry_path(other).write_text(json.dumps(bad[0]))
+    board_registry.entry_path(other).write_text(json.dumps(bad[0]))
     (registry_folder / "broken.json").write_text('{"path": ')
     assert board.stop_all() == 1
     assert not shared.server.answers() and sleeper.poll() is None
     with pytest.raises(ProcessLookupError):
         os.kill(shared.server.pid, 0)
-    assert list(registry_folder.iterdir()) == []
+    assert not registry_folder.exists()  # every entry removed, then the empty folder
 
 
 # ------------------------------------------------------------------- continued runs on the board
@@ -681,14 +695,19 @@ def test_a_fit_rerun_into_a_used_folder_is_a_second_run_beside_the_first(continu
         assert steps == [1, 2, 3, 4]
 
 
-def test_the_server_command_never_loads_torch():
-    """``python -m trainer.board`` imports the `trainer` package and the board's modules only: no
-    torch, whose import costs a server about 0.5 GB of memory and 2 s at each start."""
+def test_the_server_command_never_loads_torch_nor_the_training_code(runs, registry):
+    """``python -m trainer.board`` imports the board's modules only: no torch (whose import costs a
+    server about 0.5 GB of memory and 2 s at each start; none of its libraries is mapped in the
+    serving process) and none of the trainer's training code."""
     code = (
-        "import sys, trainer.board, trainer.board_servers, trainer.board_frontends, trainer.board_snapshot; "
-        "from tensorboard import program; "
-        "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.')))"
+        "import sys, runpy; from tensorboard import program; "
+        "import trainer.board, trainer.board.cli, trainer.board.servers, trainer.board.cell, trainer.board.snapshot; "
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'torch' or n.startswith('trainer.')))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    loaded = set(json.loads(done.stdout.replace("'", '"')))
+    assert loaded <= {f"trainer.{name}" for name in BOARD_MODULES}, loaded
+    with serving(runs / "tiny") as (proc, url):
+        maps = Path(f"/proc/{proc.pid}/maps").read_text() if Path("/proc").is_dir() else ""
+        assert "torch" not in maps and get_json(url, "data/runs") == ["tiny"]

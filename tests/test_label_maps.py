@@ -380,3 +380,22 @@ def test_a_run_of_many_classes_validates_with_a_bounded_figure(tmp_path, classes
     events.Reload()
     height, width, _ = figure_pixels(events, "confusion matrix").shape
     assert width <= MAX_SIDE and height <= MAX_SIDE
+
+
+def test_a_predicted_label_map_shows_each_class_in_the_colour_of_the_grids_and_figures(tmp_path):
+    """The label-map PNG that ``predict`` writes is a palette PNG whose colour for class k is the one
+    the image grids and prediction figures give class k (`palette.class_colours`): one palette for
+    every picture of the classes. Its indices are still the classes."""
+    from recipes.prediction import write_label_prediction
+    from trainer.callbacks.palette import class_colours, colour_masks, label_masks, png_palette
+
+    labels = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    probabilities = nn.functional.one_hot(labels, 4).permute(2, 0, 1).float()
+    write_label_prediction(probabilities, tmp_path, "a", ["w", "x", "y", "z"])
+    [written] = list(tmp_path.glob("*.png"))
+    image = Image.open(written)
+    assert image.mode == "P" and np.array_equal(np.asarray(image), labels.numpy())
+    grid = colour_masks(label_masks(labels[None], 4))[0].permute(1, 2, 0).mul(255).round().to(torch.uint8)
+    assert np.array_equal(np.asarray(image.convert("RGB")), grid.numpy())
+    assert png_palette()[: 3 * 20] == class_colours(20).mul(255).round().to(torch.uint8).flatten().tolist()
+    assert png_palette()[3 * 255 :] == [0, 0, 0]  # the ignore index: no class, as grids show it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import urllib.request
 
 import pytest
@@ -17,7 +18,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 from tests.processes import checkout_env  # noqa: E402
-from trainer import board, board_servers  # noqa: E402
+from trainer import board  # noqa: E402
+from trainer.board import servers as board_servers  # noqa: E402
 
 TRAIN = """
 import torch
@@ -36,6 +38,7 @@ trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEn
 trainer.fit(loader, loader)
 """
 SHOW = 'import trainer.board\nserver = trainer.board.show("runs/tiny")\nprint(server.pid, server.port)'
+AGAIN = 'server = trainer.board.show("runs/tiny")\nprint(server.pid, server.port)\nserver'  # the last line: a value
 
 
 def outputs(cell, kind: str) -> list:
@@ -64,7 +67,7 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_which_outlives_the_kernel(tm
     server still answers and the next `show` (here from this process) finds it. `stop_all` stops it
     (SIGTERM), and it removes its registry entry and folder of links. The saved notebook, reopened
     where no server runs, shows a picture of the run and the command that serves it."""
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in (TRAIN, SHOW, SHOW)])
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in (TRAIN, SHOW, AGAIN)])
     # "immediate": leaving the block shuts the kernel down as a restart does, not by asking it to exit.
     client = nbclient.NotebookClient(
         notebook,
@@ -83,6 +86,7 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_which_outlives_the_kernel(tm
     assert "IProgress not found" not in json.dumps(train.outputs)  # a text bar: no ipywidgets here
     assert "epoch 2/2" in "".join(o.text for o in outputs(train, "stream"))
     assert printed(show) == printed(again)  # one server: same pid, same port
+    assert outputs(again, "execute_result") == []  # no record of the server under the cell, to go stale
     pid, port = map(int, printed(show).split())
 
     [server] = board_servers.running()  # it outlived the kernel
@@ -91,11 +95,10 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_which_outlives_the_kernel(tm
     assert board.show(tmp_path / "runs" / "tiny") == server
     assert capsys.readouterr().out == f"TensorBoard on {server.path}: {server.url}\n"
     assert board.stop_all() == 1
+    assert list(registry.glob("trainer-board-*")) == []  # no folder of links, and the empty registry removed
     assert board_servers.running() == []
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=5).read()
-    assert [path.name for path in registry.glob("trainer-board-*")] == [board_servers.registry_dir().name]
-    assert list(board_servers.registry_dir().iterdir()) == []
 
     path = tmp_path / "board.ipynb"
     nbformat.write(notebook, path)  # a saved notebook, reopened where no server runs
@@ -103,9 +106,10 @@ def test_show_in_a_jupyter_kernel_reuses_one_server_which_outlives_the_kernel(tm
     page = display.data["text/html"]
     static = page[: page.index("<script>")]  # what shows where scripts do not run (GitHub, nbviewer)
     assert "To open TensorBoard live, run <code>trainer.board.show(" in static
-    assert f"python -m trainer.board {tmp_path / 'runs' / 'tiny'}" in static
-    picture = base64.b64decode(display.data["image/png"])
-    assert picture.startswith(b"\x89PNG") and display.data["image/png"] in static
+    assert "python -m trainer.board runs/tiny" in static and str(tmp_path) not in json.dumps(display.data)
+    assert set(display.data) == {"text/html", "text/plain"}  # the picture once, in the HTML
+    encoded = re.search(r'src="data:image/png;base64,([^"]+)"', static)
+    assert encoded and base64.b64decode(encoded.group(1)).startswith(b"\x89PNG")
     assert "<iframe" not in static
 
 

@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -253,14 +254,16 @@ def label_palette(count: int = 256) -> list[int]:
     return palette
 
 
-def write_label_map(labels: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write an integer (H, W) label map as a PNG, creating the parent folder: a palette PNG (the
-    Pascal VOC colours of `label_palette`, index = class) when every value is below 256, else
-    16-bit grey. `read_label_map` reads either back as the same values.
+def write_label_map(labels: torch.Tensor, path: str | os.PathLike, palette: Sequence[int] | None = None) -> None:
+    """Write an integer (H, W) label map as a PNG, creating the parent folder: a palette PNG
+    (index = class) when every value is below 256, else 16-bit grey. `read_label_map` reads either
+    back as the same values.
 
     Args:
         labels: class indices, 0 to 65535.
         path: the file to write.
+        palette: the colours of a palette PNG, a flat ``[r0, g0, b0, r1, ...]`` list of 0-255 values
+            (default: `label_palette`, Pascal VOC's).
     """
     if labels.dim() != 2 or labels.is_floating_point() or labels.is_complex():
         raise ValueError(
@@ -272,7 +275,7 @@ def write_label_map(labels: torch.Tensor, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not array.size or array.max() < 256:
         image = Image.frombytes("P", (array.shape[1], array.shape[0]), np.ascontiguousarray(array, np.uint8).tobytes())
-        image.putpalette(label_palette())
+        image.putpalette(list(palette) if palette is not None else label_palette())
     else:
         image = Image.fromarray(array.astype(np.uint16))
     image.save(path, format="PNG")

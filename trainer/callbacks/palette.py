@@ -1,4 +1,5 @@
-"""One fixed colour per mask class, shared by image grids and prediction figures."""
+"""One fixed colour per mask class, shared by image grids, prediction figures and the label-map PNGs
+that the segmentation recipes' ``predict`` writes (`png_palette`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,22 @@ _PALETTE = (
 def class_colours(count: int) -> torch.Tensor:
     """(count, 3) RGB colours in [0, 1]: class k always gets the same colour (cycling after 20)."""
     return torch.tensor([_PALETTE[k % len(_PALETTE)] for k in range(count)])
+
+
+def png_palette(count: int = 256, ignore_index: int = 255) -> list[int]:
+    """The class colours as a PNG palette: a flat ``[r0, g0, b0, r1, ...]`` list of 0-255 values for
+    indices 0 to `count` - 1, index k in class k's colour (`class_colours`), `ignore_index` black
+    (as grids show pixels of no class), so that a label map reads in the colours of the grids and
+    prediction figures.
+
+    Args:
+        count: the number of palette entries; 256 fills a PNG palette.
+        ignore_index: the index of pixels of no class.
+    """
+    values = (class_colours(count) * 255).round().to(torch.uint8)
+    if 0 <= ignore_index < count:
+        values[ignore_index] = 0
+    return values.flatten().tolist()
 
 
 def colour_masks(masks: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from typing import IO, Any
 
 from tqdm.std import tqdm as text_bar
 
+from trainer.board.notebook import has_widgets, in_notebook
 from trainer.callback import Callback
 from trainer.every import Every, renamed_option
-from trainer.notebook import has_widgets, in_notebook
 from trainer.running import RunningLoss
 
 

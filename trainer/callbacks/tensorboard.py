@@ -22,12 +22,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from trainer.batch import head, move_to_device, peek_batch
-from trainer.board import EVENT_FILE_PATTERN
 from trainer.callback import Callback
 from trainer.callbacks import tags as scheme
 from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
 from trainer.callbacks.monitor import check_mode
 from trainer.distributed import get_world_size, is_rank_zero
+from trainer.event_files import EVENT_FILE_PATTERN
 from trainer.every import Every, renamed_option
 from trainer.running import RunningLoss
 
