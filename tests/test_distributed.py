@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
 from trainer import Trainer
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import end_process
+from trainer.distributed import PROCESS_GROUP_TIMEOUT, end_process, init_distributed
 from trainer_datasets import SyntheticNuclei
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -220,3 +221,47 @@ def test_run_cli_ends_a_torchrun_process_through_end_process(mocker):
     with pytest.raises(SystemExit):
         run_cli(lambda argv: 2, [])
     ended.assert_called_once_with(2)
+
+
+@pytest.fixture
+def launched(monkeypatch, mocker):
+    """The variables of a 2-process torchrun launch (this process rank 1, LOCAL_RANK 1) and a
+    process group that records how it was started instead of starting."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    mocker.patch("torch.distributed.is_initialized", return_value=False)
+    mocker.patch("atexit.register")
+    return mocker.patch("torch.distributed.init_process_group")
+
+
+def test_the_process_group_waits_an_hour_for_rank_zeros_work_alone(launched):
+    """NCCL's default (10 minutes) would end the ranks waiting while rank 0 alone indexes a large
+    streamed folder; the group is started with `PROCESS_GROUP_TIMEOUT`, or the timeout given."""
+    assert init_distributed(torch.device("cpu")) == torch.device("cpu")
+    launched.assert_called_once_with("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    assert PROCESS_GROUP_TIMEOUT >= timedelta(minutes=60)
+    launched.reset_mock()
+    init_distributed(torch.device("cpu"), timeout=timedelta(hours=3))
+    launched.assert_called_once_with("gloo", timeout=timedelta(hours=3))
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(4, "cuda:1"), (1, "cuda:0")])
+def test_each_process_takes_its_gpu_and_binds_nccl_to_it(launched, mocker, visible, expected):
+    """With every GPU visible, rank 1 takes cuda:LOCAL_RANK; on a cluster that shows each process
+    one GPU of its own (CUDA_VISIBLE_DEVICES per process), it takes that one, cuda:0, instead of
+    an ordinal that does not exist. NCCL is bound to it (device_id)."""
+    mocker.patch("torch.cuda.device_count", return_value=visible)
+    set_device = mocker.patch("torch.cuda.set_device")
+    device = init_distributed(torch.device("cuda"))
+    assert device == torch.device(expected)
+    set_device.assert_called_once_with(device)
+    launched.assert_called_once_with("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+
+
+def test_more_processes_than_visible_gpus_is_refused_in_one_line(launched, mocker, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    mocker.patch("torch.cuda.device_count", return_value=2)
+    with pytest.raises(ValueError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
+        init_distributed(torch.device("cuda"))
+    launched.assert_not_called()

@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sized
+from datetime import timedelta
 from typing import Any, NoReturn, cast
 
 import torch
@@ -45,20 +46,46 @@ def is_rank_zero() -> bool:
     return get_rank() == 0
 
 
+#: How long a collective waits for the other ranks before the process group gives up: rank 0 alone
+#: checks the run folder, measures the precision and builds a streamed folder's index while the
+#: others wait in a broadcast, which on a large folder outlasts NCCL's default of 10 minutes.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
 def launched_device(device: torch.device) -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` for CUDA under torchrun (one GPU per process),
-    else `device`. Reads the environment only; starts nothing."""
-    if launched_world_size() > 1 and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    """This process's device: for CUDA under torchrun, ``cuda:LOCAL_RANK`` where every GPU of the
+    machine is visible, or ``cuda:0`` where each process sees one GPU of its own (a cluster that
+    sets ``CUDA_VISIBLE_DEVICES`` per process); else `device`. Reads the environment only.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` is beyond the GPUs this process sees, and it sees several.
+    """
+    if launched_world_size() <= 1 or device.type != "cuda":
+        return device
+    local, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < visible:
+        return torch.device("cuda", local)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(
+        f"LOCAL_RANK={local} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} processes per machine, "
+        "or give each process one GPU of its own"
+    )
 
 
-def init_distributed(device: torch.device) -> torch.device:
+def init_distributed(device: torch.device, timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> torch.device:
     """Start the process group once under torchrun and return this process's device.
 
-    gloo on the CPU, NCCL on CUDA with one GPU per process (``cuda:LOCAL_RANK``). The group is
-    destroyed when the process exits. Outside torchrun, returns `device` unchanged. `Trainer.fit`
-    calls it; a recipe calls it earlier to share its run directory between the processes.
+    gloo on the CPU, NCCL on CUDA with one GPU per process (`launched_device`, also given to NCCL
+    as ``device_id``, which binds the group to it). The group is destroyed when the process
+    exits. Outside torchrun, returns `device` unchanged. `Trainer.fit` calls it; a recipe calls
+    it earlier to share its run directory between the processes.
+
+    Args:
+        device: the device asked for (``cuda`` means this process's GPU).
+        timeout: how long a collective waits for the other ranks (`PROCESS_GROUP_TIMEOUT`); call
+            this before `Trainer.fit` to give another (fit then finds the group started).
     """
     device = launched_device(device)
     if launched_world_size() <= 1:
@@ -66,7 +93,10 @@ def init_distributed(device: torch.device) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
         atexit.register(_destroy)
     return device
 
