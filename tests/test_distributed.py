@@ -24,7 +24,7 @@ from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
 from trainer import Trainer
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import PROCESS_GROUP_TIMEOUT, end_process, init_distributed
+from trainer.distributed import PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
 from trainer_datasets import SyntheticNuclei
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -265,3 +265,44 @@ def test_more_processes_than_visible_gpus_is_refused_in_one_line(launched, mocke
     with pytest.raises(ValueError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
         init_distributed(torch.device("cuda"))
     launched.assert_not_called()
+
+
+@pytest.fixture
+def rank_one_of_two(mocker):
+    """This process as rank 1 of an initialised group of 2 (torch.distributed's answers)."""
+    mocker.patch("torch.distributed.is_initialized", return_value=True)
+    mocker.patch("torch.distributed.get_world_size", return_value=2)
+    mocker.patch("torch.distributed.get_rank", return_value=1)
+
+
+def test_a_loader_built_with_a_batch_sampler_keeps_its_batches(rank_one_of_two):
+    """A DataLoader built with batch_sampler= (its batch_size is None) is sharded by its batches:
+    rank 1 takes every second batch; training repeats the first batch so both ranks take 3 steps,
+    validation takes each batch once."""
+    data = TensorDataset(torch.arange(10))
+    batches = [[0, 1, 2], [3, 4], [5, 6, 7], [8], [9]]
+    loader = DataLoader(data, batch_sampler=batches)
+    train = shard_loader(loader, train=True)
+    assert [b[0].tolist() for b in train] == [[3, 4], [8], [0, 1, 2]] and len(train) == 3
+    val = shard_loader(loader, train=False)
+    assert [b[0].tolist() for b in val] == [[3, 4], [8]] and len(val) == 2
+
+
+def test_the_rebuilt_loader_keeps_every_setting(rank_one_of_two):
+    """generator, multiprocessing_context, pin_memory_device and in_order survive the rebuild."""
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(
+        TensorDataset(torch.arange(8)),
+        batch_size=2,
+        shuffle=True,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        generator=generator,
+        pin_memory_device="cpu",
+        in_order=False,
+    )
+    for train in (True, False):
+        sharded = shard_loader(loader, train=train)
+        assert sharded.generator is generator
+        assert sharded.multiprocessing_context is loader.multiprocessing_context
+        assert sharded.pin_memory_device == "cpu" and sharded.in_order is False

@@ -190,6 +190,34 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ShardBatchSampler(Sampler[list[int]]):
+    """Every `world_size`-th batch of `batch_sampler` starting at `rank`: the shard of a loader built
+    with ``batch_sampler=``. With `even` (training) the batches are first repeated from the start
+    up to a multiple of `world_size`, so every rank takes the same number of steps. Every rank must
+    draw the same batches from `batch_sampler` (a seeded order); ``set_epoch`` is passed on to it."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int, even: bool) -> None:
+        self.batch_sampler, self.rank, self.world_size, self.even = batch_sampler, rank, world_size, even
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.batch_sampler)
+        if self.even and batches and len(batches) % self.world_size:
+            batches += batches[: self.world_size - len(batches) % self.world_size]
+        return iter(batches[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        total = len(cast(Sized, self.batch_sampler))
+        if self.even:
+            return -(-total // self.world_size)
+        return len(range(self.rank, total, self.world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the wrapped batch sampler, where it has ``set_epoch``."""
+        set_epoch = getattr(self.batch_sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
 def shard_loader(loader: Iterable, train: bool) -> Iterable:
     """This rank's part of `loader`.
 
@@ -198,39 +226,29 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
     training (shuffled when the original was, with the original `ResumableSampler`'s seed, else
     0; reshuffled per epoch by `set_epoch`; every rank gets the same number of batches;
     `drop_last` holds only where the shard has a full batch) or a `ShardSampler` for evaluation
-    (each sample once). A loader with
+    (each sample once); one built with ``batch_sampler=`` gets a `ShardBatchSampler` of it. The
+    rebuilt loader keeps every other setting (workers, collate, pinning, generator,
+    multiprocessing context, order). A loader with
     a ``shard(rank, world_size, train)`` method shards itself. Anything else is used whole on
     every rank, with a warning.
     """
     rank, world = get_rank(), get_world_size()
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
-        if train:
-            original = loader.sampler
-            if isinstance(original, ResumableSampler):
-                shuffle, seed = original.shuffle, original.seed
-            else:
-                shuffle, seed = isinstance(original, RandomSampler), 0
-            sampler: ResumableSampler | ShardSampler = ResumableSampler(
-                loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world, rank=rank
-            )
-        else:
-            sampler = ShardSampler(len(cast(Sized, loader.dataset)), rank, world)  # map-style: it has a length
         workers = loader.num_workers
-        # Decided per shard: a shard smaller than one batch keeps its partial batch instead of
-        # dropping every sample (DistributedSampler gives every rank the same length).
-        drop_last = loader.drop_last and loader.batch_size is not None and len(sampler) >= loader.batch_size
         return DataLoader(
             loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
+            **_sharded_batching(loader, train, rank, world),
             num_workers=workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
-            drop_last=drop_last,
             timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context if workers else None,
+            generator=loader.generator,
             persistent_workers=loader.persistent_workers if workers else False,
             prefetch_factor=loader.prefetch_factor if workers else None,
+            pin_memory_device=loader.pin_memory_device,
+            in_order=loader.in_order,
         )
     shard = getattr(loader, "shard", None)
     if callable(shard):
@@ -242,3 +260,24 @@ def shard_loader(loader: Iterable, train: bool) -> Iterable:
         stacklevel=3,
     )
     return loader
+
+
+def _sharded_batching(loader: DataLoader, train: bool, rank: int, world: int) -> dict[str, Any]:
+    """The batching arguments of this rank's shard of `loader` (see `shard_loader`)."""
+    if loader.batch_size is None and loader.batch_sampler is not None:  # built with batch_sampler=
+        return {"batch_sampler": ShardBatchSampler(loader.batch_sampler, rank, world, even=train)}
+    if train:
+        original = loader.sampler
+        if isinstance(original, ResumableSampler):
+            shuffle, seed = original.shuffle, original.seed
+        else:
+            shuffle, seed = isinstance(original, RandomSampler), 0
+        sampler: ResumableSampler | ShardSampler = ResumableSampler(
+            loader.dataset, shuffle=shuffle, seed=seed, num_replicas=world, rank=rank
+        )
+    else:
+        sampler = ShardSampler(len(cast(Sized, loader.dataset)), rank, world)  # map-style: it has a length
+    # Decided per shard: a shard smaller than one batch keeps its partial batch instead of
+    # dropping every sample (DistributedSampler gives every rank the same length).
+    drop_last = loader.drop_last and loader.batch_size is not None and len(sampler) >= loader.batch_size
+    return {"batch_size": loader.batch_size, "sampler": sampler, "drop_last": drop_last}
