@@ -62,7 +62,7 @@ class TrainingLoop(TrainerAttributes):
         iterator = iter(self._epoch_batches(loader, first))
         if resume is not None and "rng" in resume:
             # Again after iter(): a DataLoader draws its workers' base seed from the generator.
-            set_rng_state(resume["rng"])
+            set_rng_state(resume["rng"], self.device)
         return iterator
 
     def _epoch_batches(self, loader: Iterable, first: int) -> Iterable:
@@ -140,7 +140,7 @@ class TrainingLoop(TrainerAttributes):
                 self._maybe_validate_at_step(val_loader, last_batch=True)
         logs = {"loss": self._epoch_mean_loss()}
         if val_loader is not None and self.val_at_epoch_end and pos.validated_at != self.global_step:
-            pos.epoch_end_rng = rng_state()  # a stop during the validation saves this one
+            pos.epoch_end_rng = rng_state(self.device)  # a stop during the validation saves this one
             logs.update(self._validate(val_loader))
             self._scheduling.after_validation(logs)
         pos.epoch_end_rng = None
