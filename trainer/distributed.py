@@ -26,9 +26,26 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+#: Set to ``1`` in a launch of one process (``torchrun --nproc_per_node=1``), the process group
+#: starts anyway and the trainer takes every path of several processes through it (collectives,
+#: `DistributedDataParallel`, sharded loaders, gathered checkpoints): how one GPU checks NCCL
+#: (``python -m bench.gpu_check``).
+FORCE_VARIABLE = "TRAINER_DISTRIBUTED"
+
+
+def _forced() -> bool:
+    return os.environ.get(FORCE_VARIABLE) == "1" and "RANK" in os.environ
+
+
+def _launched() -> bool:
+    """Whether torchrun started several processes, or one with `FORCE_VARIABLE` set."""
+    return launched_world_size() > 1 or _forced()
+
+
 def is_distributed() -> bool:
-    """Whether this process is one of several in an initialised process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process is one of several in an initialised process group (or one alone in
+    it, with `FORCE_VARIABLE` set)."""
+    return dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or _forced())
 
 
 def get_rank() -> int:
@@ -60,7 +77,7 @@ def launched_device(device: torch.device) -> torch.device:
     Raises:
         ValueError: ``LOCAL_RANK`` is beyond the GPUs this process sees, and it sees several.
     """
-    if launched_world_size() <= 1 or device.type != "cuda":
+    if not _launched() or device.type != "cuda":
         return device
     local, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local < visible:
@@ -88,7 +105,7 @@ def init_distributed(device: torch.device, timeout: timedelta = PROCESS_GROUP_TI
             this before `Trainer.fit` to give another (fit then finds the group started).
     """
     device = launched_device(device)
-    if launched_world_size() <= 1:
+    if not _launched():
         return device
     if device.type == "cuda":
         torch.cuda.set_device(device)
