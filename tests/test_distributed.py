@@ -7,6 +7,7 @@ after another in the same two processes, and `recipe` runs ``python -m recipes.n
 from __future__ import annotations
 
 import glob
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.cli import run_cli
@@ -23,8 +26,9 @@ from tests.distributed_worker import accuracy, tiny_problem
 from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
 from trainer import Trainer
+from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
+from trainer.distributed import FORCE_VARIABLE, PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
 from trainer_datasets import SyntheticNuclei
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -306,3 +310,57 @@ def test_the_rebuilt_loader_keeps_every_setting(rank_one_of_two):
         assert sharded.generator is generator
         assert sharded.multiprocessing_context is loader.multiprocessing_context
         assert sharded.pin_memory_device == "cpu" and sharded.in_order is False
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """This process as a torchrun launch of one, with the distributed path forced on
+    (`FORCE_VARIABLE`): the Trainer starts a real one-rank gloo group and takes every path of
+    several processes through it. The group ends with the test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", FORCE_VARIABLE: "1"}
+    for name, value in {**variables, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def conv_problem() -> tuple[nn.Module, DataLoader]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    data = TensorDataset(torch.randn(16, 3, 10, 10), torch.arange(16) % 2)
+    model(data.tensors[0][:1])  # the lazy layer takes its shape
+    return model, DataLoader(data, batch_size=4)
+
+
+def test_channels_last_auto_is_settled_before_the_ddp_wrap(one_rank_group, tmp_path, recwarn):
+    """A run resumed with channels_last="auto" from a channels-last checkpoint: the model is
+    channels-last when DistributedDataParallel wraps it, so its gradient buckets have the
+    gradients' strides (DDP warns "Grad strides do not match bucket view strides" otherwise,
+    and copies every gradient once more at every step)."""
+    model, loader = conv_problem()
+    first = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.CrossEntropyLoss(),
+        device="cpu",
+        channels_last=True,
+        callbacks=[ModelCheckpoint(tmp_path, monitor=None)],
+    )
+    first.fit(loader)
+    model, loader = conv_problem()
+    resumed = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.CrossEntropyLoss(),
+        device="cpu",
+        channels_last="auto",
+        max_epochs=2,
+    )
+    resumed.fit(loader, resume_from=tmp_path / "last.pt")
+    assert isinstance(resumed.model, nn.parallel.DistributedDataParallel) and resumed.channels_last is True
+    assert resumed.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not [w for w in recwarn if "bucket view strides" in str(w.message)]

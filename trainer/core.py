@@ -331,6 +331,7 @@ class Trainer(TrainingLoop, CheckpointState):
         train_loader, val_loader = self._distribute(train_loader, val_loader)
         if "auto" in (self.precision, self.channels_last):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
+        self._wrap_model()  # after the memory format is settled: DDP's gradient buckets take the strides here
         self._build_precision()
         self._warn_unfused_scaler()
         self._warn_late_import()
@@ -345,17 +346,22 @@ class Trainer(TrainingLoop, CheckpointState):
         return self.history
 
     def _distribute(self, train_loader: Iterable, val_loader: Iterable | None) -> tuple[Iterable, Iterable | None]:
-        """Under torchrun: start the process group, wrap the model and shard the loaders."""
+        """Under torchrun: start the process group and shard the loaders."""
         self.device = init_distributed(self.device)
         if not is_distributed():
             return train_loader, val_loader
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         return (
             shard_loader(train_loader, train=True),
             shard_loader(val_loader, train=False) if val_loader is not None else None,
         )
+
+    def _wrap_model(self) -> None:
+        """Under torchrun: wrap the model in `DistributedDataParallel`, once its memory format is
+        final (a model switched to channels-last after the wrap keeps buckets of the old strides,
+        and every step copies every gradient once more)."""
+        if is_distributed() and not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _warn_unfused_scaler(self) -> None:
         if self._amp.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
