@@ -19,13 +19,14 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.cli import run_cli
 from tests.distributed_worker import accuracy, tiny_problem
 from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
-from trainer import Trainer
+from trainer import Callback, Trainer
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import FORCE_VARIABLE, PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
@@ -364,3 +365,36 @@ def test_channels_last_auto_is_settled_before_the_ddp_wrap(one_rank_group, tmp_p
     assert isinstance(resumed.model, nn.parallel.DistributedDataParallel) and resumed.channels_last is True
     assert resumed.module[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not [w for w in recwarn if "bucket view strides" in str(w.message)]
+
+
+class CountAllReduces(Callback):
+    """Counts DistributedDataParallel's gradient all-reduces (its communication hook's calls)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_fit_start(self, trainer) -> None:
+        def hook(state, bucket):
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(dist.group.WORLD, hook)
+
+
+def test_accumulated_micro_batches_all_reduce_once_per_step(one_rank_group):
+    """accumulate_grad_batches=3 over 4 batches a rank: the gradients are all-reduced with the
+    window's last micro-batch (batch 3) and with the epoch's last (batch 4, whose shorter window
+    steps at the epoch's end), not after every micro-batch: 2 all-reduces an epoch, not 4."""
+    model, loader = conv_problem()
+    counter = CountAllReduces()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.CrossEntropyLoss(),
+        callbacks=[counter],
+        device="cpu",
+        accumulate_grad_batches=3,
+        max_epochs=2,
+    )
+    trainer.fit(loader)
+    assert trainer.global_step == 4 and counter.calls == 2 * 2

@@ -7,6 +7,7 @@ the scheduler rule) is built once per `fit` by `trainer.core.Trainer.fit`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -92,9 +93,10 @@ class TrainingLoop(TrainerAttributes):
         batch = self._move(batch)
         for fn in hooks["on_batch_start"]:
             fn(self, batch)
-        with self._amp.loop_autocast:
-            out = self.train_step(batch)
-        self._amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
+        with self._gradient_sync(batch_idx) if accumulate > 1 else contextlib.nullcontext():
+            with self._amp.loop_autocast:
+                out = self.train_step(batch)
+            self._amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
         for fn in hooks["on_after_backward"]:
             fn(self)
         pos.pending += 1
@@ -114,6 +116,18 @@ class TrainingLoop(TrainerAttributes):
         if single and self._deadline is not None and time.monotonic() >= self._deadline:
             raise self._time_limit_reached()
         return self.should_stop and single
+
+    def _gradient_sync(self, batch_idx: int) -> contextlib.AbstractContextManager:
+        """Under DDP, `no_sync` for a micro-batch after which no optimizer step follows: its
+        gradients add up on each rank and are all-reduced once, with those of the window's last
+        micro-batch (forward and backward both inside, as DDP needs). The epoch's last batch
+        always syncs, since the shorter last window steps at the epoch's end, as does every batch
+        of a loader without a length (its last batch is not known in advance)."""
+        model, last = self.model, self.num_batches
+        steps_after = self._pos.pending + 1 >= self.accumulate_grad_batches or last is None or batch_idx + 1 >= last
+        if steps_after or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def _optimizer_step(self) -> None:
         self._amp.step(self.optimizer, self.model.parameters, self._before_optimizer_step)
