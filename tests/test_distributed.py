@@ -52,6 +52,30 @@ def worker(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def rank_state(tmp_path_factory) -> list[dict]:
+    """What each rank of `tests/distributed_worker.py`'s `rank_state` fits saved, in rank order."""
+    out = tmp_path_factory.mktemp("rank_state")
+    torchrun("tests/distributed_worker.py", str(out), "rank_state")
+    return [torch.load(out / f"rank_state{rank}.pt") for rank in (0, 1)]
+
+
+def test_a_non_finite_loss_is_raised_on_every_rank(rank_state):
+    """Rank 1 meets an infinite input while rank 0 logs every step: both raise NonFiniteLossError
+    (rank 0 raising alone at its log point would leave rank 1 in its next all-reduce until the
+    process group's timeout)."""
+    assert [state["non_finite"] for state in rank_state] == ["NonFiniteLossError"] * 2
+
+
+def test_each_rank_gets_its_own_cuda_generator_back(rank_state):
+    """Each rank's GPU generator (a stand-in of torch.cuda's API over the CPU processes, rank r at
+    10 + r): the checkpoint rank 0 writes holds both ranks' states in rank order, gathered through
+    the process group, and each rank restores its own on resume."""
+    saved = rank_state[0]["cuda_rng"]["saved"]
+    assert saved == [[10] * 16, [11] * 16]
+    assert [state["cuda_rng"]["restored"] for state in rank_state] == saved
+
+
 def ranks(folder: Path) -> tuple[dict, dict]:
     """What rank 0 and rank 1 saved at the end of a fit: weights, history, global step."""
     return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")

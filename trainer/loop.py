@@ -22,8 +22,9 @@ from trainer.attributes import TrainerAttributes
 from trainer.batch import batch_size, detach, last_output
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
-from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached
+from trainer.errors import BatchLoadError, TimeLimitReached
 from trainer.limits import format_duration, limited, loader_length
+from trainer.running import non_finite_loss
 from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
 from trainer.steps import StepOutput
 
@@ -176,10 +177,9 @@ class TrainingLoop(TrainerAttributes):
         else:
             loss_total, samples = epoch_loss.total.item(), epoch_loss.samples
         mean_loss = loss_total / samples
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"training loss is {mean_loss} in epoch {self.epoch + 1}/{self.max_epochs} (by global step "
-                f"{self.global_step}); lower the learning rate, clip gradients or check the data"
+        if not math.isfinite(mean_loss):  # summed over ranks: every rank raises alike
+            raise non_finite_loss(
+                mean_loss, f"in epoch {self.epoch + 1}/{self.max_epochs} (by global step {self.global_step})"
             )
         return mean_loss
 
@@ -231,8 +231,13 @@ class TrainingLoop(TrainerAttributes):
             sums = self._validation_sums(batches)
         finally:
             batches.close()
-        # One device sync (and under torchrun one reduction) for all values of the validation.
-        *values, samples = all_reduce(sums).tolist()
+        # One device sync (and under torchrun one reduction) for all values of the validation, and
+        # the training loss of the epoch so far: a non-finite one is raised on every rank alike here.
+        *values, training, samples = all_reduce(sums).tolist()
+        if not math.isfinite(training):
+            raise non_finite_loss(
+                training, f"by global step {self.global_step} (epoch {self.epoch + 1}/{self.max_epochs})"
+            )
         if samples == 0:
             raise ValueError("the validation loader yielded no batches")
         logs = {"val_loss": values[0] / samples}
@@ -246,8 +251,11 @@ class TrainingLoop(TrainerAttributes):
         return itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader)))
 
     def _validation_sums(self, loader: Iterable) -> torch.Tensor:
-        """The loss and metric sums (weighted by batch size) over `loader`, and the samples, in one tensor."""
-        sums = torch.zeros(len(self.metrics) + 2, device=self.device)
+        """The loss and metric sums (weighted by batch size) over `loader`, the training loss sum
+        of the epoch so far (0 outside a fit) and the samples, in one tensor."""
+        sums = torch.zeros(len(self.metrics) + 3, device=self.device)
+        if self._fitting:
+            sums[-2] = self.epoch_loss.total
         batch_end = self._callbacks.table["on_validation_batch_end"]
         samples = 0
         with self.eval_mode():

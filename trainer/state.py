@@ -3,6 +3,7 @@ holds (`state_dict`, `load_state_dict`): everything needed to continue training 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from trainer.attributes import TrainerAttributes
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_gather, get_rank, get_world_size, is_distributed
+from trainer.running import non_finite_loss
 
 
 class CheckpointState(TrainerAttributes):
@@ -64,6 +66,11 @@ class CheckpointState(TrainerAttributes):
             ]
         )
         ranks = [(sums[0].to(loss.total.dtype), int(sums[1].item())) for sums in all_gather(local)]
+        total = sum(float(sums) for sums, _ in ranks)  # every rank's: all raise a non-finite loss alike
+        if not math.isfinite(total):
+            raise non_finite_loss(
+                total, f"by global step {self.global_step} (epoch {self.epoch + 1}/{self.max_epochs})"
+            )
         self._pos.gathered = ((self.epoch, batches_done), ranks)
 
     def _rng_now(self) -> dict[str, Any]:
