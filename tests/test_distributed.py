@@ -353,12 +353,14 @@ def one_rank_group(monkeypatch):
         dist.destroy_process_group()
 
 
-def conv_problem() -> tuple[nn.Module, DataLoader]:
+def conv_trainer(**options) -> tuple[Trainer, DataLoader]:
+    """A small convolutional classifier's Trainer on the CPU (with `options`) and its 4 batches."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3), nn.Flatten(), nn.LazyLinear(2))
     data = TensorDataset(torch.randn(16, 3, 10, 10), torch.arange(16) % 2)
     model(data.tensors[0][:1])  # the lazy layer takes its shape
-    return model, DataLoader(data, batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    return Trainer(model, optimizer, nn.CrossEntropyLoss(), device="cpu", **options), DataLoader(data, batch_size=4)
 
 
 def test_channels_last_auto_is_settled_before_the_ddp_wrap(one_rank_group, tmp_path, recwarn):
@@ -366,25 +368,9 @@ def test_channels_last_auto_is_settled_before_the_ddp_wrap(one_rank_group, tmp_p
     channels-last when DistributedDataParallel wraps it, so its gradient buckets have the
     gradients' strides (DDP warns "Grad strides do not match bucket view strides" otherwise,
     and copies every gradient once more at every step)."""
-    model, loader = conv_problem()
-    first = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        nn.CrossEntropyLoss(),
-        device="cpu",
-        channels_last=True,
-        callbacks=[ModelCheckpoint(tmp_path, monitor=None)],
-    )
+    first, loader = conv_trainer(channels_last=True, callbacks=[ModelCheckpoint(tmp_path, monitor=None)])
     first.fit(loader)
-    model, loader = conv_problem()
-    resumed = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        nn.CrossEntropyLoss(),
-        device="cpu",
-        channels_last="auto",
-        max_epochs=2,
-    )
+    resumed, loader = conv_trainer(channels_last="auto", max_epochs=2)
     resumed.fit(loader, resume_from=tmp_path / "last.pt")
     assert isinstance(resumed.model, nn.parallel.DistributedDataParallel) and resumed.channels_last is True
     assert resumed.module[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -409,16 +395,7 @@ def test_accumulated_micro_batches_all_reduce_once_per_step(one_rank_group):
     """accumulate_grad_batches=3 over 4 batches a rank: the gradients are all-reduced with the
     window's last micro-batch (batch 3) and with the epoch's last (batch 4, whose shorter window
     steps at the epoch's end), not after every micro-batch: 2 all-reduces an epoch, not 4."""
-    model, loader = conv_problem()
     counter = CountAllReduces()
-    trainer = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        nn.CrossEntropyLoss(),
-        callbacks=[counter],
-        device="cpu",
-        accumulate_grad_batches=3,
-        max_epochs=2,
-    )
+    trainer, loader = conv_trainer(callbacks=[counter], accumulate_grad_batches=3, max_epochs=2)
     trainer.fit(loader)
     assert trainer.global_step == 4 and counter.calls == 2 * 2
