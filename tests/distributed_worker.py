@@ -219,14 +219,46 @@ def cuda_rng(out: Path) -> dict:
         return {"saved": saved, "restored": cuda.state.tolist()}
 
 
+class UnevenLoader(list):
+    """Batches that shard themselves unevenly: rank r trains on 2 + r of them."""
+
+    def shard(self, rank: int, world_size: int, train: bool) -> UnevenLoader:
+        return UnevenLoader(self[: 2 + rank])
+
+
+def uneven() -> str:
+    """A fit whose ranks have 2 and 3 training batches: what this rank raised, in one line."""
+    model, train, _ = tiny_problem()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), device="cpu")
+    try:
+        trainer.fit(UnevenLoader(DataLoader(train, batch_size=4)))
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return "nothing"
+
+
+def validate_alone(out: Path) -> dict | None:
+    """After a fit on both ranks, rank 0 alone validates on the whole validation set (rank 1 waits
+    at a barrier): rank 0's logs and weights, None on rank 1."""
+    trainer = fit(out / "run", epochs=1)
+    result = None
+    if is_rank_zero():
+        logs = trainer.validate(DataLoader(tiny_problem()[2], batch_size=4))
+        result = {"logs": logs, "model": trainer.module.state_dict()}
+    dist.barrier()
+    return result
+
+
 def rank_state(out: Path) -> None:
-    """The fits of test_distributed's `rank_state` fixture: `non_finite` (with a process group
-    that gives up after 30 s, so that a rank left waiting fails fast) and `cuda_rng`; each rank
-    saves their results as `out`/rank_state<R>.pt."""
+    """The fits of test_distributed's `rank_state` fixture, with a process group that gives up
+    after 30 s (a rank left waiting fails fast): `non_finite`, `cuda_rng`, `uneven` and
+    `validate_alone`; each rank saves their results as `out`/rank_state<R>.pt."""
     init_distributed(torch.device("cpu"), timeout=timedelta(seconds=30))
-    result = {"non_finite": non_finite(out / "non_finite")}
+    result: dict = {"non_finite": non_finite(out / "non_finite")}
     dist.barrier()
     result["cuda_rng"] = cuda_rng(out / "cuda_rng")
+    result["uneven"] = uneven()
+    result["validate_alone"] = validate_alone(out / "validate_alone")
     torch.save(result, out / f"rank_state{get_rank()}.pt")
 
 

@@ -356,3 +356,18 @@ def test_a_rank_without_a_saved_cuda_state_keeps_its_generator(mocker, monkeypat
     cuda = FakeCudaRandom(mocker, count=2, current=1)
     set_rng_state(crafted_rng([7]), torch.device("cuda", 1))
     assert cuda.states[0].tolist() == [0] * 16 and cuda.states[1].tolist() == [1] * 16
+
+
+def test_an_automatic_precision_chosen_on_a_gpu_is_chosen_again_on_the_cpu(tmp_path, capsys):
+    """A checkpoint of an automatic run on a GPU (float16 with a scaler, which the CPU cannot run)
+    resumed on the CPU with precision="auto": the choice is made again for this machine instead
+    of kept (a CPU without native bf16 would otherwise run bf16 10-25x slower than float32)."""
+    trainer, train, _ = make([ModelCheckpoint(tmp_path, monitor=None)], epochs=1)
+    trainer.fit(train)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["precision"]["device"] == "cpu"
+    state["precision"] = {"precision": "16-mixed", "channels_last": True, "onednn": True, "device": "cuda"}
+    torch.save(state, tmp_path / "from-gpu.pt")
+    resumed, train, _ = make(epochs=2, precision="auto", channels_last="auto")
+    resumed.fit(train, resume_from=tmp_path / "from-gpu.pt")
+    assert resumed.precision in ("32", "bf16") and "saved in the checkpoint" not in capsys.readouterr().out

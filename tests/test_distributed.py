@@ -23,7 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.cli import run_cli
-from tests.distributed_worker import accuracy, tiny_problem
+from tests.distributed_worker import KillAt, Killed, accuracy, tiny_problem
 from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
 from trainer import Callback, Trainer
@@ -74,6 +74,25 @@ def test_each_rank_gets_its_own_cuda_generator_back(rank_state):
     saved = rank_state[0]["cuda_rng"]["saved"]
     assert saved == [[10] * 16, [11] * 16]
     assert [state["cuda_rng"]["restored"] for state in rank_state] == saved
+
+
+def test_uneven_training_loaders_are_refused_on_every_rank(rank_state):
+    """Ranks with 2 and 3 training batches an epoch: both refuse before training (one would wait
+    for the other in DDP's all-reduce of a step it never takes)."""
+    for state in rank_state:
+        assert state["uneven"].startswith("ValueError: the ranks' training loaders differ in length")
+        assert "from 2 to 3 batches per epoch" in state["uneven"]
+
+
+@pytest.mark.numerics
+def test_validate_on_rank_zero_alone_evaluates_everything_without_the_others(rank_state):
+    """Trainer.validate outside a fit, called on rank 0 only: it evaluates the whole validation
+    set by itself (no collective that would wait for rank 1) and logs what one process logs."""
+    result = rank_state[0]["validate_alone"]
+    assert rank_state[1]["validate_alone"] is None
+    alone = evaluate_alone(result["model"], tiny_problem()[2])
+    assert result["logs"]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
+    assert result["logs"]["val_acc"] == pytest.approx(alone["val_acc"], rel=1e-6)
 
 
 def ranks(folder: Path) -> tuple[dict, dict]:
@@ -399,3 +418,18 @@ def test_accumulated_micro_batches_all_reduce_once_per_step(one_rank_group):
     trainer, loader = conv_trainer(callbacks=[counter], accumulate_grad_batches=3, max_epochs=2)
     trainer.fit(loader)
     assert trainer.global_step == 4 and counter.calls == 2 * 2
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_number_of_processes(tmp_path):
+    """A step checkpoint of 2 processes (its position says so) resumed by 1: the batches each
+    rank trained do not map onto another sharding, so the resume is refused before training."""
+    trainer, loader = conv_trainer(callbacks=[ModelCheckpoint(tmp_path, monitor=None, every_n_steps=2), KillAt(2)])
+    with pytest.raises(Killed):
+        trainer.fit(loader)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["position"]["world_size"] == 1
+    state["position"]["world_size"] = 2
+    torch.save(state, tmp_path / "two.pt")
+    resumed, loader = conv_trainer()
+    with pytest.raises(ValueError, match=r"inside epoch 1 by 2 process\(es\), whose batches do not continue with 1"):
+        resumed.fit(loader, resume_from=tmp_path / "two.pt")

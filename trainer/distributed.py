@@ -7,10 +7,12 @@ A launch is noticed from the variables `torchrun` sets (``WORLD_SIZE`` > 1, ``RA
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sized
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any, NoReturn, cast
 
@@ -42,10 +44,28 @@ def _launched() -> bool:
     return launched_world_size() > 1 or _forced()
 
 
+_ALONE: ContextVar[bool] = ContextVar("trainer_alone", default=False)
+
+
 def is_distributed() -> bool:
     """Whether this process is one of several in an initialised process group (or one alone in
-    it, with `FORCE_VARIABLE` set)."""
-    return dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or _forced())
+    it, with `FORCE_VARIABLE` set), and not working `alone`."""
+    return (
+        dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1 or _forced()) and not _ALONE.get()
+    )
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Work on this process alone under torchrun: inside, `is_distributed` is False, so the
+    trainer and its callbacks call no collective (a reduction returns this process's value, a
+    gather its own), and `get_rank` still says which rank this is. `Trainer.validate` outside a
+    fit runs so, which any rank may call without the others."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def get_rank() -> int:
@@ -147,6 +167,25 @@ def end_process(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def check_even_batches(num_batches: int | None, device: torch.device) -> None:
+    """Under torchrun, a `ValueError` on every rank when the ranks' training loaders yield
+    different numbers of batches per epoch (`num_batches`; None for a loader without a length,
+    which must yield alike unchecked): DistributedDataParallel all-reduces every step on every
+    rank, so a rank that ran out first would leave the others waiting until the group's timeout.
+    One reduction, once per fit."""
+    if not is_distributed():
+        return
+    count = -1.0 if num_batches is None else float(num_batches)
+    high, negative_low = all_reduce(torch.tensor([count, -count], device=device), "max").tolist()
+    if high != -negative_low:
+        known = "no length" if num_batches is None else f"{num_batches}"
+        raise ValueError(
+            f"the ranks' training loaders differ in length (this rank's: {known}; from {-negative_low:.0f} to "
+            f"{high:.0f} batches per epoch, -1 for none): under torchrun every rank must take the same number of "
+            "steps; use a DataLoader over a map-style dataset (sharded evenly), or shard() a loader to equal parts"
+        )
 
 
 def broadcast_object(value: Any) -> Any:

@@ -41,7 +41,12 @@ class CheckpointState(TrainerAttributes):
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
             "rng": self._rng_to_save(),
-            "precision": {"precision": self.precision, "channels_last": self.channels_last, "onednn": self.onednn},
+            "precision": {
+                "precision": self.precision,
+                "channels_last": self.channels_last,
+                "onednn": self.onednn,
+                "device": self.device.type,
+            },
             "callbacks": self._callbacks.state_dict(),
             "position": self._position_state(),
         }
@@ -119,6 +124,7 @@ class CheckpointState(TrainerAttributes):
             if pos.pending
             else None,
             "validated_at": pos.validated_at,
+            "world_size": get_world_size(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -143,6 +149,13 @@ class CheckpointState(TrainerAttributes):
 
     def _restore_position(self, position: dict[str, Any], rng: dict[str, Any]) -> None:
         pos = self._pos
+        saved_world = position.get("world_size", get_world_size())
+        if saved_world != get_world_size():
+            raise ValueError(
+                f"the checkpoint was taken inside epoch {position['epoch'] + 1} by {saved_world} process(es), whose "
+                f"batches do not continue with {get_world_size()}: resume with {saved_world}, or from a checkpoint "
+                "taken at an epoch's end"
+            )
         self.epoch, pos.batches_done = position["epoch"], position["batches"]
         if "loss_totals" in position:
             totals, samples = position["loss_totals"], position["loss_samples"]
