@@ -237,16 +237,15 @@ def uneven() -> str:
     return "nothing"
 
 
-def validate_alone(out: Path) -> dict | None:
+def validate_alone(out: Path) -> dict:
     """After a fit on both ranks, rank 0 alone validates on the whole validation set (rank 1 waits
-    at a barrier): rank 0's logs and weights, None on rank 1."""
+    at a barrier), then both validate on the fit's sharded validation loader together: the
+    weights, rank 0's logs alone (None on rank 1) and each rank's logs of the sharded loader."""
     trainer = fit(out / "run", epochs=1)
-    result = None
-    if is_rank_zero():
-        logs = trainer.validate(DataLoader(tiny_problem()[2], batch_size=4))
-        result = {"logs": logs, "model": trainer.module.state_dict()}
+    alone = trainer.validate(DataLoader(tiny_problem()[2], batch_size=4)) if is_rank_zero() else None
     dist.barrier()
-    return result
+    assert trainer.val_loader is not None  # the fit's, sharded
+    return {"alone": alone, "sharded": trainer.validate(trainer.val_loader), "model": trainer.module.state_dict()}
 
 
 def rank_state(out: Path) -> None:

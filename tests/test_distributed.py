@@ -87,12 +87,14 @@ def test_uneven_training_loaders_are_refused_on_every_rank(rank_state):
 @pytest.mark.numerics
 def test_validate_on_rank_zero_alone_evaluates_everything_without_the_others(rank_state):
     """Trainer.validate outside a fit, called on rank 0 only: it evaluates the whole validation
-    set by itself (no collective that would wait for rank 1) and logs what one process logs."""
+    set by itself (no collective that would wait for rank 1) and logs what one process logs. On
+    the fit's sharded validation loader, both ranks validate together and get the same logs."""
     result = rank_state[0]["validate_alone"]
-    assert rank_state[1]["validate_alone"] is None
-    alone = evaluate_alone(result["model"], tiny_problem()[2])
-    assert result["logs"]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
-    assert result["logs"]["val_acc"] == pytest.approx(alone["val_acc"], rel=1e-6)
+    assert rank_state[1]["validate_alone"]["alone"] is None
+    single = evaluate_alone(result["model"], tiny_problem()[2])
+    for logs in (result["alone"], result["sharded"], rank_state[1]["validate_alone"]["sharded"]):
+        assert logs["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+        assert logs["val_acc"] == pytest.approx(single["val_acc"], rel=1e-6)
 
 
 def ranks(folder: Path) -> tuple[dict, dict]:

@@ -430,16 +430,16 @@ class Trainer(TrainingLoop, CheckpointState):
         callbacks the trainer has now. Outside a fit, what they share (`resources`, such as a
         TensorBoard writer) lives for this call: closed when it returns, also after an exception,
         and such a writer continues the run's event files at `global_step`, dropping none of the
-        points a fit logged before; under torchrun, on the calling rank alone over all of `loader`.
-        Called from a callback inside a fit, it uses the fit's resources (and, under torchrun,
-        runs sharded: on every rank).
+        points a fit logged before. Called from a callback inside a fit, it uses the fit's. Under
+        torchrun it runs on the calling rank alone over all of `loader`, but inside a fit, or on
+        the fit's sharded `val_loader`, on every rank together.
         """
         self._callbacks.rebuild()
         if self._fitting:
             return self._validate(loader)
         start_step, self.start_step = self.start_step, self.global_step  # a writer's purge step (resumed)
         try:
-            with alone():  # this process evaluates all of `loader` by itself: any rank may call it
+            with alone() if loader is not self.val_loader else contextlib.nullcontext():  # any rank, alone
                 logs = self._validate(loader)
         except BaseException as exc:
             self.resources.close(cause=exc)
