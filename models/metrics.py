@@ -117,8 +117,10 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """Pixel counts (K, K) of a label-map batch: row = true class, column = predicted class.
 
-    The predicted class is the argmax of the logits; pixels whose target is `ignore_index` are
-    left out, so they change no count. Counts are int64 on the predictions' device.
+    The predicted class is the argmax of the logits; pixels whose target is `ignore_index`, or a
+    value that is no class (outside ``[0, K)``), are left out, so they change no count. Counted
+    without a host sync (see `trainer.callbacks.confusion.confusion_cells`). Counts are int64 on
+    the predictions' device.
 
     Args:
         predictions: logits (N, K, H, W), or a list of them (the last is scored).
@@ -133,10 +135,13 @@ def confusion_matrix(
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     k = logits.shape[1] if num_classes is None else num_classes
-    counted = targets != ignore_index
-    truth = targets[counted].long()
-    predicted = logits.argmax(1)[counted]
-    return torch.bincount(truth * k + predicted, minlength=k * k)[: k * k].view(k, k)
+    # Every pixel into one of k * k + 1 cells, the last for those left out (the ignore index, a value
+    # of no class): boolean-mask indexing and bincount would make the host wait on CUDA per batch.
+    counted = (targets != ignore_index) & (targets >= 0) & (targets < k)
+    cells = torch.where(counted, targets.long() * k + logits.argmax(1), k * k).flatten()
+    counts = torch.zeros(k * k + 1, dtype=torch.int64, device=logits.device)
+    counts.scatter_add_(0, cells, torch.ones_like(cells))
+    return counts[: k * k].view(k, k)
 
 
 def confusion_iou(matrix: torch.Tensor) -> torch.Tensor:

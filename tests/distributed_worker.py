@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer import Callback, Trainer
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, PRCurveCallback, TensorBoardCallback
-from trainer.distributed import end_process, get_rank, is_rank_zero
+from trainer.distributed import end_process, get_rank, init_distributed, is_rank_zero
 
 #: The folders of `main`'s fits, in the order they run.
 SCENARIOS = ("fresh", "resumed", "killed", "one_validation_sample", "drop_last")
@@ -157,6 +159,111 @@ def main(out: Path) -> None:
     torch.save({"collectives": collectives, "device": str(trainer.device)}, out / f"collectives{get_rank()}.pt")
 
 
+def non_finite(out: Path) -> str:
+    """A fit whose rank 1 meets an infinite input in its second batch, with rank 0 logging every
+    step: the name of the error this rank raised (every rank must raise the non-finite loss,
+    none wait for the others in an all-reduce)."""
+    model, train, _ = tiny_problem()
+    images, labels = train.tensors
+    images = images.clone()
+    images[9] = float("inf")  # rank 1's samples are 1, 3, 5...: its second batch of 4
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        nn.CrossEntropyLoss(),
+        callbacks=[TensorBoardCallback(out / "run", every_n_steps=1)],
+        device="cpu",
+    )
+    try:
+        trainer.fit(DataLoader(TensorDataset(images, labels), batch_size=4))
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        return type(exc).__name__
+    return "nothing"
+
+
+class FakeCudaGenerator:
+    """torch.cuda's generator API on a CPU process: one GPU whose state is 16 bytes of `value`."""
+
+    def __init__(self, value: int) -> None:
+        self.state = torch.full((16,), value, dtype=torch.uint8)
+        self.patches = [
+            mock.patch("torch.cuda.is_available", return_value=True),
+            mock.patch("torch.cuda.is_initialized", return_value=True),
+            mock.patch("torch.cuda.current_device", return_value=0),
+            mock.patch("torch.cuda.get_rng_state", side_effect=lambda device="cuda": self.state.clone()),
+            mock.patch("torch.cuda.set_rng_state", side_effect=self.set),
+        ]
+
+    def set(self, state: torch.Tensor, device="cuda") -> None:
+        self.state = state.clone()
+
+    def __enter__(self) -> FakeCudaGenerator:
+        for patch in self.patches:
+            patch.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for patch in self.patches:
+            patch.stop()
+
+
+def cuda_rng(out: Path) -> dict:
+    """Each rank's (fake) GPU generator at 10 + rank: the CUDA states rank 0 saved in last.pt, and
+    this rank's state after a resume from it (set to 0 before)."""
+    run = out / "run"
+    with FakeCudaGenerator(10 + get_rank()) as cuda:
+        fit(run, epochs=1)
+        saved = [state.tolist() for state in torch.load(run / "last.pt", weights_only=True)["rng"]["cuda"]]
+        cuda.state.zero_()
+        fit(run, epochs=1, resume=True)
+        return {"saved": saved, "restored": cuda.state.tolist()}
+
+
+class UnevenLoader(list):
+    """Batches that shard themselves unevenly: rank r trains on 2 + r of them."""
+
+    def shard(self, rank: int, world_size: int, train: bool) -> UnevenLoader:
+        return UnevenLoader(self[: 2 + rank])
+
+
+def uneven() -> str:
+    """A fit whose ranks have 2 and 3 training batches: what this rank raised, in one line."""
+    model, train, _ = tiny_problem()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), device="cpu")
+    try:
+        trainer.fit(UnevenLoader(DataLoader(train, batch_size=4)))
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return "nothing"
+
+
+def validate_alone(out: Path) -> dict:
+    """After a fit on both ranks, rank 0 alone validates on the whole validation set (rank 1 waits
+    at a barrier), then both validate on the fit's sharded validation loader together: the
+    weights, rank 0's logs alone (None on rank 1) and each rank's logs of the sharded loader."""
+    trainer = fit(out / "run", epochs=1)
+    alone = trainer.validate(DataLoader(tiny_problem()[2], batch_size=4)) if is_rank_zero() else None
+    dist.barrier()
+    assert trainer.val_loader is not None  # the fit's, sharded
+    return {"alone": alone, "sharded": trainer.validate(trainer.val_loader), "model": trainer.module.state_dict()}
+
+
+def rank_state(out: Path) -> None:
+    """The fits of test_distributed's `rank_state` fixture, with a process group that gives up
+    after 30 s (a rank left waiting fails fast): `non_finite`, `cuda_rng`, `uneven` and
+    `validate_alone`; each rank saves their results as `out`/rank_state<R>.pt."""
+    init_distributed(torch.device("cpu"), timeout=timedelta(seconds=30))
+    result: dict = {"non_finite": non_finite(out / "non_finite")}
+    dist.barrier()
+    result["cuda_rng"] = cuda_rng(out / "cuda_rng")
+    result["uneven"] = uneven()
+    result["validate_alone"] = validate_alone(out / "validate_alone")
+    torch.save(result, out / f"rank_state{get_rank()}.pt")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["rank_state"]:
+        rank_state(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
     end_process(0)  # as recipes end under torchrun: no interpreter teardown, where gloo's threads can abort

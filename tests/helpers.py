@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
@@ -234,3 +235,63 @@ def read_logged(run_dir):
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+class HostSyncError(AssertionError):
+    """An operation that waits on the device ran under `HostSyncGuard`."""
+
+
+class HostSyncGuard:
+    """Fails every tensor operation that, on CUDA, makes the host wait for the device: reading a
+    value (``item``, ``tolist``, ``bool``, ``int``, ``float``, an index), copying to the host
+    (``cpu``, ``numpy``), and those whose output size depends on the data (``nonzero``,
+    ``masked_select``, ``unique``, ``bincount``, which reads the largest value even with
+    ``minlength``, and indexing with a boolean mask). The same code path on the CPU, checked
+    where no GPU is (on CUDA, ``torch.cuda.set_sync_debug_mode("error")`` is the real check).
+    `start` and `stop` it (from callbacks), or use it as a context manager."""
+
+    TENSOR_METHODS = (
+        "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy",
+        "nonzero", "masked_select", "unique", "bincount",
+    )  # fmt: skip
+    FUNCTIONS = ("nonzero", "masked_select", "unique", "bincount")
+
+    def __init__(self) -> None:
+        getitem = torch.Tensor.__getitem__
+
+        def guarded_getitem(tensor, index):
+            indices = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                raise HostSyncError("indexing with a boolean mask waits on the device")
+            return getitem(tensor, index)
+
+        self._patches = [mock.patch.object(torch.Tensor, "__getitem__", guarded_getitem)]
+        for owner, names in ((torch.Tensor, self.TENSOR_METHODS), (torch, self.FUNCTIONS)):
+            for name in names:
+                self._patches.append(mock.patch.object(owner, name, _refuse(f"{owner.__name__}.{name}")))
+        self.active = False
+
+    def start(self) -> None:
+        for patch in self._patches:
+            patch.start()
+        self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            for patch in reversed(self._patches):
+                patch.stop()
+            self.active = False
+
+    def __enter__(self) -> HostSyncGuard:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _refuse(name: str):
+    def refused(*args, **kwargs):
+        raise HostSyncError(f"{name} waits on the device")
+
+    return refused

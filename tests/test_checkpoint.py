@@ -18,7 +18,7 @@ from tests.conftest import make_classification, torch_save_on_a_full_disk
 from tests.helpers import Validations, make
 from trainer import Callback, Trainer, load_model
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
-from trainer.checkpoint import atomic_save, load_checkpoint
+from trainer.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 
 
 def build(callbacks, epochs, init_seed=0):
@@ -292,3 +292,82 @@ def test_a_malicious_pickle_is_refused_as_unsafe_and_never_runs(tmp_path, writer
         if writer != "pickle protocol 4":  # whose STACK_GLOBAL torch's reader refuses before it names anything
             assert "posix.system" in message or "nt.system" in message  # what it would have called
     assert not marker.exists()
+
+
+class FakeCudaRandom:
+    """torch.cuda's generator API over `count` GPUs, each state a byte tensor filled with its index;
+    a GPU that is not there raises IndexError, as torch's does."""
+
+    def __init__(self, mocker, count: int, current: int = 0) -> None:
+        self.states = {index: torch.full((16,), index, dtype=torch.uint8) for index in range(count)}
+        self.current = current
+        for module in (torch.cuda, torch.cuda.random):
+            mocker.patch.object(module, "get_rng_state", side_effect=self.get)
+            mocker.patch.object(module, "set_rng_state", side_effect=self.set)
+            mocker.patch.object(module, "device_count", return_value=count)
+            mocker.patch.object(module, "current_device", return_value=current)
+        mocker.patch("torch.cuda.is_available", return_value=True)
+        mocker.patch("torch.cuda.is_initialized", return_value=True)
+
+    def index(self, device) -> int:
+        if isinstance(device, int):
+            return device
+        device = torch.device(device)
+        return self.current if device.index is None else device.index
+
+    def get(self, device="cuda") -> torch.Tensor:
+        return self.states[self.index(device)].clone()
+
+    def set(self, state, device="cuda") -> None:
+        index = self.index(device)
+        if index not in self.states:
+            raise IndexError(f"no GPU {index} here")
+        self.states[index] = state.clone()
+
+
+def crafted_rng(cuda_states: list[int]) -> dict:
+    """A checkpoint's generator states whose CUDA part lists one state per value given."""
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), value, dtype=torch.uint8) for value in cuda_states]
+    return state
+
+
+def test_a_checkpoint_from_two_gpus_resumes_on_one(mocker):
+    """rng["cuda"] of a run on two GPUs, restored where one GPU is visible: the first state goes
+    to it, none to a GPU that is not there (no IndexError)."""
+    cuda = FakeCudaRandom(mocker, count=1)
+    set_rng_state(crafted_rng([7, 8]), torch.device("cuda"))
+    assert cuda.states[0].tolist() == [7] * 16 and list(cuda.states) == [0]
+
+
+def test_each_rank_saves_and_restores_its_own_gpus_generator(mocker, monkeypatch):
+    """Under torchrun rank 1 on cuda:1 saves the state of cuda:1 alone, and restores the second
+    state of the list (every rank's, in rank order) to cuda:1, leaving cuda:0 to rank 0."""
+    monkeypatch.setenv("RANK", "1")
+    cuda = FakeCudaRandom(mocker, count=2, current=1)
+    assert [s.tolist() for s in rng_state(torch.device("cuda", 1))["cuda"]] == [[1] * 16]
+    set_rng_state(crafted_rng([7, 8]), torch.device("cuda", 1))
+    assert cuda.states[1].tolist() == [8] * 16 and cuda.states[0].tolist() == [0] * 16
+
+
+def test_a_rank_without_a_saved_cuda_state_keeps_its_generator(mocker, monkeypatch):
+    """A checkpoint rank 0 saved alone (one state), resumed by rank 1: rank 1's GPU keeps its state."""
+    monkeypatch.setenv("RANK", "1")
+    cuda = FakeCudaRandom(mocker, count=2, current=1)
+    set_rng_state(crafted_rng([7]), torch.device("cuda", 1))
+    assert cuda.states[0].tolist() == [0] * 16 and cuda.states[1].tolist() == [1] * 16
+
+
+def test_an_automatic_precision_chosen_on_a_gpu_is_chosen_again_on_the_cpu(tmp_path, capsys):
+    """A checkpoint of an automatic run on a GPU (float16 with a scaler, which the CPU cannot run)
+    resumed on the CPU with precision="auto": the choice is made again for this machine instead
+    of kept (a CPU without native bf16 would otherwise run bf16 10-25x slower than float32)."""
+    trainer, train, _ = make([ModelCheckpoint(tmp_path, monitor=None)], epochs=1)
+    trainer.fit(train)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["precision"]["device"] == "cpu"
+    state["precision"] = {"precision": "16-mixed", "channels_last": True, "onednn": True, "device": "cuda"}
+    torch.save(state, tmp_path / "from-gpu.pt")
+    resumed, train, _ = make(epochs=2, precision="auto", channels_last="auto")
+    resumed.fit(train, resume_from=tmp_path / "from-gpu.pt")
+    assert resumed.precision in ("32", "bf16") and "saved in the checkpoint" not in capsys.readouterr().out

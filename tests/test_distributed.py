@@ -7,23 +7,29 @@ after another in the same two processes, and `recipe` runs ``python -m recipes.n
 from __future__ import annotations
 
 import glob
+import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes.cli import run_cli
-from tests.distributed_worker import accuracy, tiny_problem
+from tests.distributed_worker import KillAt, Killed, accuracy, tiny_problem
 from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
-from trainer import Trainer
+from trainer import Callback, Trainer
+from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import end_process
+from trainer.distributed import FORCE_VARIABLE, PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
 from trainer_datasets import SyntheticNuclei
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -44,6 +50,51 @@ def worker(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     torchrun("tests/distributed_worker.py", str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def rank_state(tmp_path_factory) -> list[dict]:
+    """What each rank of `tests/distributed_worker.py`'s `rank_state` fits saved, in rank order."""
+    out = tmp_path_factory.mktemp("rank_state")
+    torchrun("tests/distributed_worker.py", str(out), "rank_state")
+    return [torch.load(out / f"rank_state{rank}.pt") for rank in (0, 1)]
+
+
+def test_a_non_finite_loss_is_raised_on_every_rank(rank_state):
+    """Rank 1 meets an infinite input while rank 0 logs every step: both raise NonFiniteLossError
+    (rank 0 raising alone at its log point would leave rank 1 in its next all-reduce until the
+    process group's timeout)."""
+    assert [state["non_finite"] for state in rank_state] == ["NonFiniteLossError"] * 2
+
+
+def test_each_rank_gets_its_own_cuda_generator_back(rank_state):
+    """Each rank's GPU generator (a stand-in of torch.cuda's API over the CPU processes, rank r at
+    10 + r): the checkpoint rank 0 writes holds both ranks' states in rank order, gathered through
+    the process group, and each rank restores its own on resume."""
+    saved = rank_state[0]["cuda_rng"]["saved"]
+    assert saved == [[10] * 16, [11] * 16]
+    assert [state["cuda_rng"]["restored"] for state in rank_state] == saved
+
+
+def test_uneven_training_loaders_are_refused_on_every_rank(rank_state):
+    """Ranks with 2 and 3 training batches an epoch: both refuse before training (one would wait
+    for the other in DDP's all-reduce of a step it never takes)."""
+    for state in rank_state:
+        assert state["uneven"].startswith("ValueError: the ranks' training loaders differ in length")
+        assert "from 2 to 3 batches per epoch" in state["uneven"]
+
+
+@pytest.mark.numerics
+def test_validate_on_rank_zero_alone_evaluates_everything_without_the_others(rank_state):
+    """Trainer.validate outside a fit, called on rank 0 only: it evaluates the whole validation
+    set by itself (no collective that would wait for rank 1) and logs what one process logs. On
+    the fit's sharded validation loader, both ranks validate together and get the same logs."""
+    result = rank_state[0]["validate_alone"]
+    assert rank_state[1]["validate_alone"]["alone"] is None
+    single = evaluate_alone(result["model"], tiny_problem()[2])
+    for logs in (result["alone"], result["sharded"], rank_state[1]["validate_alone"]["sharded"]):
+        assert logs["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+        assert logs["val_acc"] == pytest.approx(single["val_acc"], rel=1e-6)
 
 
 def ranks(folder: Path) -> tuple[dict, dict]:
@@ -220,3 +271,167 @@ def test_run_cli_ends_a_torchrun_process_through_end_process(mocker):
     with pytest.raises(SystemExit):
         run_cli(lambda argv: 2, [])
     ended.assert_called_once_with(2)
+
+
+@pytest.fixture
+def launched(monkeypatch, mocker):
+    """The variables of a 2-process torchrun launch (this process rank 1, LOCAL_RANK 1) and a
+    process group that records how it was started instead of starting."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    mocker.patch("torch.distributed.is_initialized", return_value=False)
+    mocker.patch("atexit.register")
+    return mocker.patch("torch.distributed.init_process_group")
+
+
+def test_the_process_group_waits_an_hour_for_rank_zeros_work_alone(launched):
+    """NCCL's default (10 minutes) would end the ranks waiting while rank 0 alone indexes a large
+    streamed folder; the group is started with `PROCESS_GROUP_TIMEOUT`, or the timeout given."""
+    assert init_distributed(torch.device("cpu")) == torch.device("cpu")
+    launched.assert_called_once_with("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    assert PROCESS_GROUP_TIMEOUT >= timedelta(minutes=60)
+    launched.reset_mock()
+    init_distributed(torch.device("cpu"), timeout=timedelta(hours=3))
+    launched.assert_called_once_with("gloo", timeout=timedelta(hours=3))
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(4, "cuda:1"), (1, "cuda:0")])
+def test_each_process_takes_its_gpu_and_binds_nccl_to_it(launched, mocker, visible, expected):
+    """With every GPU visible, rank 1 takes cuda:LOCAL_RANK; on a cluster that shows each process
+    one GPU of its own (CUDA_VISIBLE_DEVICES per process), it takes that one, cuda:0, instead of
+    an ordinal that does not exist. NCCL is bound to it (device_id)."""
+    mocker.patch("torch.cuda.device_count", return_value=visible)
+    set_device = mocker.patch("torch.cuda.set_device")
+    device = init_distributed(torch.device("cuda"))
+    assert device == torch.device(expected)
+    set_device.assert_called_once_with(device)
+    launched.assert_called_once_with("nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+
+
+def test_more_processes_than_visible_gpus_is_refused_in_one_line(launched, mocker, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    mocker.patch("torch.cuda.device_count", return_value=2)
+    with pytest.raises(ValueError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
+        init_distributed(torch.device("cuda"))
+    launched.assert_not_called()
+
+
+@pytest.fixture
+def rank_one_of_two(mocker):
+    """This process as rank 1 of an initialised group of 2 (torch.distributed's answers)."""
+    mocker.patch("torch.distributed.is_initialized", return_value=True)
+    mocker.patch("torch.distributed.get_world_size", return_value=2)
+    mocker.patch("torch.distributed.get_rank", return_value=1)
+
+
+def test_a_loader_built_with_a_batch_sampler_keeps_its_batches(rank_one_of_two):
+    """A DataLoader built with batch_sampler= (its batch_size is None) is sharded by its batches:
+    rank 1 takes every second batch; training repeats the first batch so both ranks take 3 steps,
+    validation takes each batch once."""
+    data = TensorDataset(torch.arange(10))
+    batches = [[0, 1, 2], [3, 4], [5, 6, 7], [8], [9]]
+    loader = DataLoader(data, batch_sampler=batches)
+    train = shard_loader(loader, train=True)
+    assert [b[0].tolist() for b in train] == [[3, 4], [8], [0, 1, 2]] and len(train) == 3
+    val = shard_loader(loader, train=False)
+    assert [b[0].tolist() for b in val] == [[3, 4], [8]] and len(val) == 2
+
+
+def test_the_rebuilt_loader_keeps_every_setting(rank_one_of_two):
+    """generator, multiprocessing_context, pin_memory_device and in_order survive the rebuild."""
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(
+        TensorDataset(torch.arange(8)),
+        batch_size=2,
+        shuffle=True,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        generator=generator,
+        pin_memory_device="cpu",
+        in_order=False,
+    )
+    for train in (True, False):
+        sharded = shard_loader(loader, train=train)
+        assert sharded.generator is generator
+        assert sharded.multiprocessing_context is loader.multiprocessing_context
+        assert sharded.pin_memory_device == "cpu" and sharded.in_order is False
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """This process as a torchrun launch of one, with the distributed path forced on
+    (`FORCE_VARIABLE`): the Trainer starts a real one-rank gloo group and takes every path of
+    several processes through it. The group ends with the test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", FORCE_VARIABLE: "1"}
+    for name, value in {**variables, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def conv_trainer(**options) -> tuple[Trainer, DataLoader]:
+    """A small convolutional classifier's Trainer on the CPU (with `options`) and its 4 batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    data = TensorDataset(torch.randn(16, 3, 10, 10), torch.arange(16) % 2)
+    model(data.tensors[0][:1])  # the lazy layer takes its shape
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    return Trainer(model, optimizer, nn.CrossEntropyLoss(), device="cpu", **options), DataLoader(data, batch_size=4)
+
+
+def test_channels_last_auto_is_settled_before_the_ddp_wrap(one_rank_group, tmp_path, recwarn):
+    """A run resumed with channels_last="auto" from a channels-last checkpoint: the model is
+    channels-last when DistributedDataParallel wraps it, so its gradient buckets have the
+    gradients' strides (DDP warns "Grad strides do not match bucket view strides" otherwise,
+    and copies every gradient once more at every step)."""
+    first, loader = conv_trainer(channels_last=True, callbacks=[ModelCheckpoint(tmp_path, monitor=None)])
+    first.fit(loader)
+    resumed, loader = conv_trainer(channels_last="auto", max_epochs=2)
+    resumed.fit(loader, resume_from=tmp_path / "last.pt")
+    assert isinstance(resumed.model, nn.parallel.DistributedDataParallel) and resumed.channels_last is True
+    assert resumed.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not [w for w in recwarn if "bucket view strides" in str(w.message)]
+
+
+class CountAllReduces(Callback):
+    """Counts DistributedDataParallel's gradient all-reduces (its communication hook's calls)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_fit_start(self, trainer) -> None:
+        def hook(state, bucket):
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(dist.group.WORLD, hook)
+
+
+def test_accumulated_micro_batches_all_reduce_once_per_step(one_rank_group):
+    """accumulate_grad_batches=3 over 4 batches a rank: the gradients are all-reduced with the
+    window's last micro-batch (batch 3) and with the epoch's last (batch 4, whose shorter window
+    steps at the epoch's end), not after every micro-batch: 2 all-reduces an epoch, not 4."""
+    counter = CountAllReduces()
+    trainer, loader = conv_trainer(callbacks=[counter], accumulate_grad_batches=3, max_epochs=2)
+    trainer.fit(loader)
+    assert trainer.global_step == 4 and counter.calls == 2 * 2
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_number_of_processes(tmp_path):
+    """A step checkpoint of 2 processes (its position says so) resumed by 1: the batches each
+    rank trained do not map onto another sharding, so the resume is refused before training."""
+    trainer, loader = conv_trainer(callbacks=[ModelCheckpoint(tmp_path, monitor=None, every_n_steps=2), KillAt(2)])
+    with pytest.raises(Killed):
+        trainer.fit(loader)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["position"]["world_size"] == 1
+    state["position"]["world_size"] = 2
+    torch.save(state, tmp_path / "two.pt")
+    resumed, loader = conv_trainer()
+    with pytest.raises(ValueError, match=r"inside epoch 1 by 2 process\(es\), whose batches do not continue with 1"):
+        resumed.fit(loader, resume_from=tmp_path / "two.pt")

@@ -18,7 +18,8 @@ from models import CEDiceLoss, confusion_iou, confusion_matrix, label_class_iou,
 from models.metrics import confusion_dice, mean_present
 from recipes import nested_unet
 from recipes.common import run_cli
-from trainer import Trainer
+from tests.helpers import HostSyncGuard
+from trainer import Callback, Trainer
 from trainer.callbacks import ConfusionMatrixCallback
 from trainer.callbacks.confusion import CELL_TEXT_CLASSES, MAX_SIDE, confusion_figure
 from trainer.checkpoint import load_checkpoint
@@ -399,3 +400,61 @@ def test_a_predicted_label_map_shows_each_class_in_the_colour_of_the_grids_and_f
     assert np.array_equal(np.asarray(image.convert("RGB")), grid.numpy())
     assert png_palette()[: 3 * 20] == class_colours(20).mul(255).round().to(torch.uint8).flatten().tolist()
     assert png_palette()[3 * 255 :] == [0, 0, 0]  # the ignore index: no class, as grids show it
+
+
+class GuardValidationBatches(Callback):
+    """Runs a validation's batches (forward, loss, metrics, the callbacks before this one) under
+    a `HostSyncGuard`: from on_validation_start until the end of the last of `batches` batches."""
+
+    order = 50  # after ConfusionMatrixCallback's batch hook
+
+    def __init__(self, batches: int) -> None:
+        self.guard, self.batches, self.seen = HostSyncGuard(), batches, 0
+
+    def on_validation_start(self, trainer) -> None:
+        self.seen = 0
+        self.guard.start()
+
+    def on_validation_batch_end(self, trainer, batch, outputs) -> None:
+        self.seen += 1
+        if self.seen == self.batches:
+            self.guard.stop()
+
+    def on_validation_end(self, trainer, logs) -> None:
+        self.guard.stop()
+
+
+def test_label_map_scores_wait_on_the_device_once_per_validation(tmp_path):
+    """ConfusionMatrixCallback and the label-map metrics count each batch without a host sync
+    (no boolean-mask indexing, no bincount): the validation's batches run under a guard that fails
+    on any, and the scores equal those counted outside it."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8)
+    truth = torch.randint(0, 3, (4, 8, 8))
+    truth[:, :3] = 255
+    batches = [(logits[:2], truth[:2]), (logits[2:], truth[2:])]
+    guard = GuardValidationBatches(len(batches))
+    callback = ConfusionMatrixCallback(tmp_path / "run", ["a", "b", "c"], metrics={"iou": confusion_iou})
+    model = Logits()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.CrossEntropyLoss(ignore_index=255),
+        callbacks=[callback, guard],
+        device="cpu",
+        metrics={"iou_batch": label_iou(), "iou_b": label_class_iou(1)},
+    )
+    logs = trainer.validate(batches)
+    assert not guard.guard.active and guard.seen == 2
+    expected = mean_present(confusion_iou(confusion_matrix(logits, truth)))
+    assert logs["val_iou"] == pytest.approx(expected.item())
+    per_batch = [label_iou()(*batch) for batch in batches]
+    assert logs["val_iou_batch"] == pytest.approx(sum(per_batch).item() / 2)
+
+
+def test_confusion_matrix_leaves_out_ignored_pixels_and_labels_outside_the_classes():
+    """Counted on a fixed-size index with a bucket for the left-out pixels: the ignore index, and
+    target values that are no class, change no count."""
+    logits = nn.functional.one_hot(torch.tensor([[0, 1, 1, 2]]), 3).permute(0, 2, 1).float()
+    truth = torch.tensor([[0, 255, 7, 2]])
+    assert confusion_matrix(logits, truth).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]

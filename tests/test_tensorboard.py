@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from tests.helpers import TinyNet, TinySegNet, accuracy, fit_visuals, image_data, make, read_logged, seg_data
-from trainer import Callback, Trainer
+from trainer import Callback, Trainer, move_to_device
 from trainer.callbacks import (
     GraphCallback,
     ImageGridCallback,
@@ -565,3 +565,21 @@ def test_validate_after_a_resumed_fit_keeps_the_runs_curves_and_closes_its_write
     assert [e.step for e in logged.Scalars("Loss/training (epoch mean)")] == [10, 20, 30]
     assert [e.step for e in logged.Scalars("marker/validate")] == [20, 30, 30]  # the fit's two, validate's one
     assert ("SummaryWriter", os.path.realpath(tmp_path / "tb")) not in trainer.resources
+
+
+def test_the_fixed_batch_is_copied_to_the_host_before_it_is_read(mocker):
+    """The visuals' fixed batch comes to the CPU with a blocking copy (from a GPU, a non-blocking
+    one returns before the data arrive and the images would be read half-filled), while batches
+    going to a GPU are still copied asynchronously."""
+    original, copies = torch.Tensor.to, []
+
+    def to(tensor, *args, **kwargs):
+        copies.append((args[0], kwargs.get("non_blocking")))
+        return original(tensor, *args, **kwargs) if args[0].type == "cpu" else tensor  # no GPU here
+
+    trainer, _, val = make()
+    mocker.patch.object(torch.Tensor, "to", to)
+    tb.take_batch(trainer, next(iter(val)), 2)
+    move_to_device(next(iter(val)), torch.device("cuda", 0))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert copies == [(cpu, False), (cpu, False), (cuda, True), (cuda, True)]

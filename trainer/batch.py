@@ -24,7 +24,8 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Return `batch` with every tensor moved to `device` (``non_blocking=True``).
+    """Return `batch` with every tensor moved to `device`: asynchronously to a GPU
+    (``non_blocking=True``), and to the CPU only once the data are there, ready to read.
 
     Tuples, lists and dicts are walked recursively; other values pass through.
 
@@ -44,10 +45,15 @@ def mover(device: torch.device, channels_last: bool = False) -> Callable[[Any], 
         channels_last: whether 4-D tensors also take the channels-last memory format.
     """
 
+    # A copy to a GPU is ordered on its stream before every kernel that reads it, so it may run
+    # asynchronously; a copy from a GPU to the host returns before its data arrive, and the host
+    # reading it at once (a callback's fixed batch of images) would read memory still being filled.
+    non_blocking = device.type != "cpu"
+
     def move(tensor: torch.Tensor) -> torch.Tensor:
         if channels_last and tensor.dim() == 4:
-            return tensor.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return tensor.to(device, non_blocking=True)
+            return tensor.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
+        return tensor.to(device, non_blocking=non_blocking)
 
     def move_batch(batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):

@@ -19,7 +19,15 @@ from trainer.batch import describe_tensors, mover, split_batch
 from trainer.callback import Callback
 from trainer.callback_list import CallbackList
 from trainer.checkpoint import load_checkpoint, seed_everything
-from trainer.distributed import init_distributed, is_distributed, launched_device, shard_loader, wait_for_all
+from trainer.distributed import (
+    alone,
+    check_even_batches,
+    init_distributed,
+    is_distributed,
+    launched_device,
+    shard_loader,
+    wait_for_all,
+)
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
 from trainer.loop import TrainingLoop
@@ -244,6 +252,8 @@ class Trainer(TrainingLoop, CheckpointState):
         self._move = mover(self.device, self.channels_last is True)
 
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
+        if saved is not None and saved.get("device", self.device.type) != self.device.type:
+            saved = None  # an automatic choice made for another kind of device is made again for this one
         choice = resolve_choice(self.module, self.device, loader, self.precision, self.channels_last, saved)
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
         self.onednn = choice.onednn
@@ -331,6 +341,7 @@ class Trainer(TrainingLoop, CheckpointState):
         train_loader, val_loader = self._distribute(train_loader, val_loader)
         if "auto" in (self.precision, self.channels_last):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
+        self._wrap_model()  # after the memory format is settled: DDP's gradient buckets take the strides here
         self._build_precision()
         self._warn_unfused_scaler()
         self._warn_late_import()
@@ -345,17 +356,20 @@ class Trainer(TrainingLoop, CheckpointState):
         return self.history
 
     def _distribute(self, train_loader: Iterable, val_loader: Iterable | None) -> tuple[Iterable, Iterable | None]:
-        """Under torchrun: start the process group, wrap the model and shard the loaders."""
+        """Under torchrun: start the process group and shard the loaders."""
         self.device = init_distributed(self.device)
         if not is_distributed():
             return train_loader, val_loader
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         return (
             shard_loader(train_loader, train=True),
             shard_loader(val_loader, train=False) if val_loader is not None else None,
         )
+
+    def _wrap_model(self) -> None:
+        """Under torchrun: wrap the model in `DistributedDataParallel`, whose buckets take its final strides."""
+        if is_distributed() and not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _warn_unfused_scaler(self) -> None:
         if self._amp.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
@@ -379,6 +393,7 @@ class Trainer(TrainingLoop, CheckpointState):
         self.train_loader, self.val_loader = train_loader, val_loader
         check_epoch_reaches_workers(train_loader)
         self.num_batches = limited("limit_train_batches", self.limit_train_batches, loader_length(train_loader))
+        check_even_batches(self.num_batches, self.device)  # uneven ranks would wait on each other
         self._callbacks.rebuild()
         validates = val_loader is not None and (self.val_at_epoch_end or self.val_every_n_steps is not None)
         self._scheduling = SchedulerStepping(self.scheduler, self.scheduler_interval, validates, self.global_step)
@@ -415,14 +430,17 @@ class Trainer(TrainingLoop, CheckpointState):
         callbacks the trainer has now. Outside a fit, what they share (`resources`, such as a
         TensorBoard writer) lives for this call: closed when it returns, also after an exception,
         and such a writer continues the run's event files at `global_step`, dropping none of the
-        points a fit logged before. Called from a callback inside a fit, it uses the fit's.
+        points a fit logged before. Called from a callback inside a fit, it uses the fit's. Under
+        torchrun it runs on the calling rank alone over all of `loader`, but inside a fit, or on
+        the fit's sharded `val_loader`, on every rank together.
         """
         self._callbacks.rebuild()
         if self._fitting:
             return self._validate(loader)
         start_step, self.start_step = self.start_step, self.global_step  # a writer's purge step (resumed)
         try:
-            logs = self._validate(loader)
+            with alone() if loader is not self.val_loader else contextlib.nullcontext():  # any rank, alone
+                logs = self._validate(loader)
         except BaseException as exc:
             self.resources.close(cause=exc)
             raise

@@ -7,6 +7,7 @@ the scheduler rule) is built once per `fit` by `trainer.core.Trainer.fit`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -21,8 +22,9 @@ from trainer.attributes import TrainerAttributes
 from trainer.batch import batch_size, detach, last_output
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
-from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached
+from trainer.errors import BatchLoadError, TimeLimitReached
 from trainer.limits import format_duration, limited, loader_length
+from trainer.running import non_finite_loss
 from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
 from trainer.steps import StepOutput
 
@@ -62,7 +64,7 @@ class TrainingLoop(TrainerAttributes):
         iterator = iter(self._epoch_batches(loader, first))
         if resume is not None and "rng" in resume:
             # Again after iter(): a DataLoader draws its workers' base seed from the generator.
-            set_rng_state(resume["rng"])
+            set_rng_state(resume["rng"], self.device)
         return iterator
 
     def _epoch_batches(self, loader: Iterable, first: int) -> Iterable:
@@ -92,9 +94,10 @@ class TrainingLoop(TrainerAttributes):
         batch = self._move(batch)
         for fn in hooks["on_batch_start"]:
             fn(self, batch)
-        with self._amp.loop_autocast:
-            out = self.train_step(batch)
-        self._amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
+        with self._gradient_sync(batch_idx) if accumulate > 1 else contextlib.nullcontext():
+            with self._amp.loop_autocast:
+                out = self.train_step(batch)
+            self._amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
         for fn in hooks["on_after_backward"]:
             fn(self)
         pos.pending += 1
@@ -114,6 +117,18 @@ class TrainingLoop(TrainerAttributes):
         if single and self._deadline is not None and time.monotonic() >= self._deadline:
             raise self._time_limit_reached()
         return self.should_stop and single
+
+    def _gradient_sync(self, batch_idx: int) -> contextlib.AbstractContextManager:
+        """Under DDP, `no_sync` for a micro-batch after which no optimizer step follows: its
+        gradients add up on each rank and are all-reduced once, with those of the window's last
+        micro-batch (forward and backward both inside, as DDP needs). The epoch's last batch
+        always syncs, since the shorter last window steps at the epoch's end, as does every batch
+        of a loader without a length (its last batch is not known in advance)."""
+        model, last = self.model, self.num_batches
+        steps_after = self._pos.pending + 1 >= self.accumulate_grad_batches or last is None or batch_idx + 1 >= last
+        if steps_after or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def _optimizer_step(self) -> None:
         self._amp.step(self.optimizer, self.model.parameters, self._before_optimizer_step)
@@ -140,7 +155,7 @@ class TrainingLoop(TrainerAttributes):
                 self._maybe_validate_at_step(val_loader, last_batch=True)
         logs = {"loss": self._epoch_mean_loss()}
         if val_loader is not None and self.val_at_epoch_end and pos.validated_at != self.global_step:
-            pos.epoch_end_rng = rng_state()  # a stop during the validation saves this one
+            pos.epoch_end_rng = rng_state(self.device)  # a stop during the validation saves this one
             logs.update(self._validate(val_loader))
             self._scheduling.after_validation(logs)
         pos.epoch_end_rng = None
@@ -162,10 +177,9 @@ class TrainingLoop(TrainerAttributes):
         else:
             loss_total, samples = epoch_loss.total.item(), epoch_loss.samples
         mean_loss = loss_total / samples
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"training loss is {mean_loss} in epoch {self.epoch + 1}/{self.max_epochs} (by global step "
-                f"{self.global_step}); lower the learning rate, clip gradients or check the data"
+        if not math.isfinite(mean_loss):  # summed over ranks: every rank raises alike
+            raise non_finite_loss(
+                mean_loss, f"in epoch {self.epoch + 1}/{self.max_epochs} (by global step {self.global_step})"
             )
         return mean_loss
 
@@ -217,8 +231,13 @@ class TrainingLoop(TrainerAttributes):
             sums = self._validation_sums(batches)
         finally:
             batches.close()
-        # One device sync (and under torchrun one reduction) for all values of the validation.
-        *values, samples = all_reduce(sums).tolist()
+        # One device sync (and under torchrun one reduction) for all values of the validation, and
+        # the training loss of the epoch so far: a non-finite one is raised on every rank alike here.
+        *values, training, samples = all_reduce(sums).tolist()
+        if not math.isfinite(training):
+            raise non_finite_loss(
+                training, f"by global step {self.global_step} (epoch {self.epoch + 1}/{self.max_epochs})"
+            )
         if samples == 0:
             raise ValueError("the validation loader yielded no batches")
         logs = {"val_loss": values[0] / samples}
@@ -232,8 +251,11 @@ class TrainingLoop(TrainerAttributes):
         return itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader)))
 
     def _validation_sums(self, loader: Iterable) -> torch.Tensor:
-        """The loss and metric sums (weighted by batch size) over `loader`, and the samples, in one tensor."""
-        sums = torch.zeros(len(self.metrics) + 2, device=self.device)
+        """The loss and metric sums (weighted by batch size) over `loader`, the training loss sum
+        of the epoch so far (0 outside a fit) and the samples, in one tensor."""
+        sums = torch.zeros(len(self.metrics) + 3, device=self.device)
+        if self._fitting:
+            sums[-2] = self.epoch_loss.total
         batch_end = self._callbacks.table["on_validation_batch_end"]
         samples = 0
         with self.eval_mode():

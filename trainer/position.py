@@ -23,6 +23,8 @@ class LoopPosition:
             all trained: taken before the epoch-end validation, which a resumed run does again.
         gathered: every rank's (loss sum, samples) of the epoch so far, and the ``(epoch,
             batches_done)`` they were gathered at (see `Trainer.gather_position`).
+        cuda_rng: every rank's CUDA generator state, and the ``(global_step, epochs done,
+            batches_done)`` they were gathered at (see `Trainer.gather_position`).
     """
 
     batches_done: int | None = None
@@ -31,6 +33,7 @@ class LoopPosition:
     resume: dict[str, Any] | None = None
     epoch_end_rng: dict[str, Any] | None = None
     gathered: tuple[tuple[int, int], list[tuple[torch.Tensor, int]]] | None = None
+    cuda_rng: tuple[tuple[int, int, int | None], list[torch.Tensor]] | None = None
 
     @property
     def inside_epoch(self) -> bool:

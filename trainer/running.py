@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer.distributed import is_distributed
 from trainer.errors import NonFiniteLossError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,12 +42,24 @@ class EpochLoss:
         self.added += samples
 
 
+def non_finite_loss(value: float, where: str) -> NonFiniteLossError:
+    """The error of a training loss `value` that is NaN or infinite, found `where` (e.g. ``at
+    global step 12 (epoch 2/5)``)."""
+    return NonFiniteLossError(
+        f"training loss is {value} {where}; lower the learning rate, clip gradients or check the data"
+    )
+
+
 class RunningLoss:
     """Mean training loss since the previous `pop`, from the trainer's `EpochLoss`.
 
     A callback that logs every N steps calls `pop` only at its log points: the single device
-    sync happens there, and nothing is done per batch. A NaN or infinite loss is caught there
-    too (`NonFiniteLossError`), without any extra sync. Each epoch starts a new mean. Its
+    sync happens there, and nothing is done per batch. In one process a NaN or infinite loss is
+    caught there too (`NonFiniteLossError`), without any extra sync. Under torchrun, where only
+    rank 0 has log points, `pop` returns it (logged as it is) and every rank raises it together
+    at the next point where all ranks meet: a step checkpoint, a validation or the epoch's end;
+    rank 0 raising alone would leave the others waiting in their next all-reduce until the
+    process group's timeout, reporting that instead of the loss. Each epoch starts a new mean. Its
     state (`state_dict`) travels in checkpoints with its callback's, so that a run resumed inside
     an epoch logs the same means as an uninterrupted one.
     """
@@ -65,11 +78,9 @@ class RunningLoss:
             return None
         mean = (total - self._sum) / (samples - self._samples)
         self._sum, self._samples = total, samples
-        if not math.isfinite(mean):
-            raise NonFiniteLossError(
-                f"training loss is {mean} at global step {trainer.global_step} "
-                f"(epoch {trainer.epoch + 1}/{trainer.max_epochs}); "
-                f"lower the learning rate, clip gradients or check the data"
+        if not math.isfinite(mean) and not is_distributed():
+            raise non_finite_loss(
+                mean, f"at global step {trainer.global_step} (epoch {trainer.epoch + 1}/{trainer.max_epochs})"
             )
         return mean
 

@@ -3,6 +3,7 @@ holds (`state_dict`, `load_state_dict`): everything needed to continue training 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from trainer.attributes import TrainerAttributes
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_gather, get_rank, get_world_size, is_distributed
+from trainer.running import non_finite_loss
 
 
 class CheckpointState(TrainerAttributes):
@@ -38,19 +40,28 @@ class CheckpointState(TrainerAttributes):
             "should_stop": self.should_stop,
             "global_step": self.global_step,
             "history": [dict(logs) for logs in self.history],
-            "rng": self._pos.epoch_end_rng if self._pos.epoch_end_rng is not None else rng_state(),
-            "precision": {"precision": self.precision, "channels_last": self.channels_last, "onednn": self.onednn},
+            "rng": self._rng_to_save(),
+            "precision": {
+                "precision": self.precision,
+                "channels_last": self.channels_last,
+                "onednn": self.onednn,
+                "device": self.device.type,
+            },
             "callbacks": self._callbacks.state_dict(),
             "position": self._position_state(),
         }
 
     def gather_position(self) -> None:
-        """Under torchrun, collect every rank's training loss sums of the epoch so far, so that a
-        `state_dict` taken next at this position (on rank 0) holds them all and a run resumed
-        from it logs that epoch's loss exactly. Every rank must call it at the same point of the
-        loop; outside an epoch, and in a single process, it does nothing."""
+        """Under torchrun, collect every rank's CUDA generator state and, inside an epoch, every
+        rank's training loss sums of the epoch so far, so that a `state_dict` taken next at this
+        position (on rank 0) holds them all: a run resumed from it gives each rank its own CUDA
+        generator back and logs that epoch's loss exactly. Every rank must call it at the same
+        point of the loop; in a single process it does nothing."""
+        if not is_distributed():
+            return
+        self._gather_cuda_rng()
         batches_done = self._pos.batches_done
-        if batches_done is None or not is_distributed():  # outside an epoch
+        if batches_done is None:  # outside an epoch
             return
         loss = self.epoch_loss
         local = torch.stack(
@@ -60,7 +71,39 @@ class CheckpointState(TrainerAttributes):
             ]
         )
         ranks = [(sums[0].to(loss.total.dtype), int(sums[1].item())) for sums in all_gather(local)]
+        total = sum(float(sums) for sums, _ in ranks)  # every rank's: all raise a non-finite loss alike
+        if not math.isfinite(total):
+            raise non_finite_loss(
+                total, f"by global step {self.global_step} (epoch {self.epoch + 1}/{self.max_epochs})"
+            )
         self._pos.gathered = ((self.epoch, batches_done), ranks)
+
+    def _rng_now(self) -> dict[str, Any]:
+        """The generator states a checkpoint taken now holds: before the epoch-end validation, which
+        a resumed run does again, those from before it."""
+        pos = self._pos
+        return pos.epoch_end_rng if pos.epoch_end_rng is not None else rng_state(self.device)
+
+    def _rng_point(self) -> tuple[int, int, int | None]:
+        return self.global_step, len(self.history), self._pos.batches_done
+
+    def _gather_cuda_rng(self) -> None:
+        pos = self._pos
+        mine = self._rng_now().get("cuda")
+        if mine is None:  # CUDA unused: alike on every rank, which all train on the same kind of device
+            return
+        # The state is a byte tensor of the same size on every rank, on the CPU: NCCL takes device tensors.
+        states = all_gather(mine[0].to(self.device))
+        pos.cuda_rng = (self._rng_point(), [state.cpu() for state in states])
+
+    def _rng_to_save(self) -> dict[str, Any]:
+        """The generator states of a checkpoint: this rank's, with every rank's CUDA state where
+        `gather_position` was called at this point."""
+        pos = self._pos
+        rng = self._rng_now()
+        if "cuda" in rng and pos.cuda_rng is not None and pos.cuda_rng[0] == self._rng_point():
+            rng = {**rng, "cuda": pos.cuda_rng[1]}
+        return rng
 
     def _position_state(self) -> dict[str, Any] | None:
         pos = self._pos
@@ -81,6 +124,7 @@ class CheckpointState(TrainerAttributes):
             if pos.pending
             else None,
             "validated_at": pos.validated_at,
+            "world_size": get_world_size(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,11 +144,18 @@ class CheckpointState(TrainerAttributes):
         self._pos = type(self._pos)()
         if state.get("position") is not None:
             self._restore_position(state["position"], state["rng"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         self._callbacks.load_state_dict(state.get("callbacks", {}))
 
     def _restore_position(self, position: dict[str, Any], rng: dict[str, Any]) -> None:
         pos = self._pos
+        saved_world = position.get("world_size", get_world_size())
+        if saved_world != get_world_size():
+            raise ValueError(
+                f"the checkpoint was taken inside epoch {position['epoch'] + 1} by {saved_world} process(es), whose "
+                f"batches do not continue with {get_world_size()}: resume with {saved_world}, or from a checkpoint "
+                "taken at an epoch's end"
+            )
         self.epoch, pos.batches_done = position["epoch"], position["batches"]
         if "loss_totals" in position:
             totals, samples = position["loss_totals"], position["loss_samples"]
@@ -126,7 +177,7 @@ class CheckpointState(TrainerAttributes):
             pos.resume = {
                 "epoch": self.epoch,
                 "batches": pos.batches_done,
-                "rng": pos.epoch_end_rng if pos.epoch_end_rng is not None else rng_state(),
+                "rng": self._rng_now(),
             }
             pos.epoch_end_rng = None
 

@@ -78,6 +78,19 @@ def confusion_figure(counts: torch.Tensor, classes: Sequence[str] | None = None)
     return fig
 
 
+def confusion_cells(logits: torch.Tensor, targets: torch.Tensor, k: int, ignore_index: int) -> torch.Tensor:
+    """The confusion-matrix cell of every pixel, flat: ``true * k + predicted`` (the argmax of
+    `logits` (N, K, H, W) for `targets` (N, H, W)), and ``k * k`` for a pixel left out (its target
+    is `ignore_index` or no class in ``[0, k)``).
+
+    Counted into ``k * k + 1`` cells by ``scatter_add_``, every pixel in one tensor of a size known
+    in advance: boolean-mask indexing and ``bincount`` size their output from the data, which on
+    CUDA makes the host wait for the device at every batch.
+    """
+    counted = (targets != ignore_index) & (targets >= 0) & (targets < k)
+    return torch.where(counted, targets.long() * k + logits.argmax(1), k * k).flatten()
+
+
 class ConfusionMatrixCallback(TensorBoardWriterCallback):
     """Count the confusion matrix of every validation of a label-map segmentation over all its
     batches; log it as a figure (`confusion_figure`) at the global step of that validation, and,
@@ -139,7 +152,7 @@ class ConfusionMatrixCallback(TensorBoardWriterCallback):
 
     def on_validation_start(self, trainer) -> None:
         k = len(self.classes)
-        self.counts = torch.zeros(k * k, dtype=torch.int64, device=trainer.device)
+        self.counts = torch.zeros(k * k + 1, dtype=torch.int64, device=trainer.device)  # + the left-out pixels
 
     def on_validation_batch_end(self, trainer, batch, outputs) -> None:
         logits, targets = last_output(outputs.predictions), outputs.targets
@@ -149,15 +162,14 @@ class ConfusionMatrixCallback(TensorBoardWriterCallback):
                 f"ConfusionMatrixCallback expects logits (N, {k}, H, W) and class indices (N, H, W), got "
                 f"{tuple(logits.shape)} and {tuple(targets.shape)}"
             )
-        counted = targets != self.ignore_index
-        cells = targets[counted].long() * k + logits.argmax(1)[counted]
         assert self.counts is not None  # made by on_validation_start
-        self.counts.add_(torch.bincount(cells, minlength=k * k)[: k * k])
+        cells = confusion_cells(logits, targets, k, self.ignore_index)
+        self.counts.scatter_add_(0, cells, torch.ones_like(cells))
 
     def on_validation_end(self, trainer, logs) -> None:
         k = len(self.classes)
         assert self.counts is not None  # made by on_validation_start
-        self.counts = all_reduce(self.counts).view(k, k)
+        self.counts = all_reduce(self.counts[: k * k].contiguous()).view(k, k)
         if self.metrics:
             logs.update(self.scores(self.counts))
         if self.writer is not None:
