@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First, before torch loads: the test session gets the OpenMP wait policy a user's run gets, and
+# no fit warns that torch came first when the machine is busy.
+import trainer  # noqa: F401
+
+# isort: split
 import atexit
 import errno
 import os
