@@ -19,10 +19,10 @@ import torch
 from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from trainer import NonFiniteLossError
+from trainer.cpus import affinity_cpus
 from trainer.distributed import end_process, is_distributed
 from trainer.every import positive_int as check_positive_int
 from trainer.limits import parse_duration
-from trainer.threads import affinity_cpus
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):

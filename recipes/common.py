@@ -64,8 +64,8 @@ from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.openmp import WaitPolicy
 from trainer.precision import PrecisionChoice, choose_precision
-from trainer.run_lock import RunLock
-from trainer.threads import ThreadChoice, use_threads
+from trainer.runs.lock import RunLock
+from trainer.runs.threads import ThreadChoice, use_threads
 
 __all__ = [
     "CONFIG_FILE",
@@ -164,7 +164,7 @@ def choose_run_precision(
         device: where it trains.
         example: model inputs at the training batch's shape, for the probe.
         config: the run's configuration (new or resumed).
-        threads: the CPU thread count the process uses (`trainer.threads.use_threads`).
+        threads: the CPU thread count the process uses (`trainer.runs.threads.use_threads`).
     """
     if config.precision == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")

@@ -22,7 +22,7 @@ from trainer.callbacks.tensorboard import has_event_files
 from trainer.checkpoint import atomic_write_text, load_checkpoint, remove_temporary_files
 from trainer.distributed import broadcast_object, is_rank_zero
 from trainer.every import Every
-from trainer.run_lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"

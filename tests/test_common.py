@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import trainer.cpus as cpus_module
 import trainer.precision as precision_module
-import trainer.threads as threads_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
 from recipes.common import (
@@ -35,7 +35,7 @@ from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer.openmp import choose_wait_policy
 from trainer.precision import choose_precision
-from trainer.threads import choose_threads
+from trainer.runs.threads import choose_threads
 from trainer_datasets import (
     SegmentationFolder,
     make_learnable_fashion_like,
@@ -229,8 +229,8 @@ def test_start_line_is_short_with_a_long_cache_path_and_long_reasons(mocker, mon
     choice = choose_precision(model, torch.device("cpu"), torch.rand(2, 3, 8, 8), cache=cache)  # reads the cache
     assert len(choice.reason) > 400 and str(cache) in choice.reason and " ms" in choice.reason
 
-    mocker.patch.object(threads_module, "affinity_cpus", return_value=1024)
-    mocker.patch.object(threads_module, "cpu_quota", return_value=1000.5)
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=1024)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=1000.5)
     threads = []
     monkeypatch.setenv("OMP_NUM_THREADS", "128")
     threads.append(choose_threads())
