@@ -18,19 +18,12 @@ import trainer.cpus as cpus_module
 import trainer.precision as precision_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
-from recipes.common import (
-    Recipe,
-    RecipeArgumentParser,
-    RecipeParts,
-    RunConfig,
-    UsageError,
-    add_run_options,
-    positive_int,
-    print_run_summary,
-    recorded_data,
-    run_cli,
-    start_line,
-)
+from recipes.cli import RecipeArgumentParser, add_run_options, run_cli
+from recipes.common import Recipe, print_run_summary, start_line
+from recipes.config import RunConfig
+from recipes.errors import UsageError
+from recipes.option_types import positive_int
+from recipes.parts import RecipeParts, recorded_data
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer.openmp import choose_wait_policy

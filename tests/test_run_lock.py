@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.processes import ROOT
-from trainer.runs.lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock import LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock_file import LOCK_FILE
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")
 

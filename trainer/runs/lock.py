@@ -48,6 +48,8 @@ from trainer.runs.lock_file import (
     user_name,
 )
 
+__all__ = ["LockFileError", "RunLock", "RunLockLostError", "RunLockedError"]
+
 
 class RunLockedError(RuntimeError):
     """The folder's lock is held by another live process.

@@ -22,6 +22,7 @@ import torch
 from trainer.cpus import local_processes, usable_cpus
 from trainer.every import positive_int
 
+
 @dataclass(frozen=True)
 class ThreadChoice:
     """The thread count a process trains with (`threads`) and why: in full (`reason`) and in a few
