@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+__all__ = ["CPUCount", "affinity_cpus", "cpu_quota", "local_processes", "usable_cpus"]
+
 #: Where cgroup file systems are mounted.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["LOCK_FILE", "describe_holder"]
+
 #: The lock's file name inside the folder it guards.
 LOCK_FILE = ".lock"
 

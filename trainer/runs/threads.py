@@ -22,6 +22,8 @@ import torch
 from trainer.cpus import local_processes, usable_cpus
 from trainer.every import positive_int
 
+__all__ = ["ThreadChoice", "choose_threads", "use_threads"]
+
 
 @dataclass(frozen=True)
 class ThreadChoice:
