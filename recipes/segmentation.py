@@ -36,7 +36,7 @@ from recipes.prediction_files import (
     remove_partial_files,
 )
 from recipes.run_dir import lock_run_dir
-from recipes.segmentation_model import load_trained_model
+from recipes.segmentation_model import TrainedSegmentation, load_trained_model
 from trainer.trained_model import export_model
 
 __all__ = ["SegmentationRecipe", "remove_killed_exports"]
@@ -80,14 +80,14 @@ class SegmentationRecipe(Recipe[ConfigT, PartsT]):
 
         Args:
             state: the loaded checkpoint.
-            config: its ``"config"``, as `load_trained_model` returns it.
+            config: its ``"config"``, the run's options as saved (a dict).
             checkpoint: the file, for messages.
         """
         return None
 
     def load_trained_model(
         self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
-    ) -> tuple[nn.Module, dict[str, Any]]:
+    ) -> TrainedSegmentation:
         """`recipes.segmentation_model.load_trained_model` with this recipe's `model_classes`
         and `rebuild_model`.
 
@@ -145,19 +145,19 @@ class SegmentationRecipe(Recipe[ConfigT, PartsT]):
         args = self.build_predict_parser().parse_args(argv)
         check_prediction_options(args)
         out = _check_out(args)
-        model, config = self.load_trained_model(args.checkpoint, args.device)
-        files = check_images(args.images)
-        labels = config.get("mask_type") == "labels"
-        check_outputs(out, files, config["classes"], args.overwrite, labels, args.probabilities)
+        trained = self.load_trained_model(args.checkpoint, args.device)
+        files, classes = check_images(args.images), trained.classes
+        labels = trained.mask_type == "labels"
+        check_outputs(out, files, classes, args.overwrite, labels, args.probabilities)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create --out {args.out!r}: {exc.strerror or exc}") from None
         with lock_run_dir(out, f"--out {args.out!r}"):
-            check_outputs(out, files, config["classes"], args.overwrite, labels, args.probabilities)  # again
-            remove_partial_files(out, config["classes"])  # left by a predict killed while writing
-            _predict_locked(args, model, config, files, out)
-        maps = len(files) * len(config["classes"])  # probability maps: one per image and class
+            check_outputs(out, files, classes, args.overwrite, labels, args.probabilities)  # again
+            remove_partial_files(out, classes)  # left by a predict killed while writing
+            _predict_locked(args, trained, files, out)
+        maps = len(files) * len(classes)  # probability maps: one per image and class
         if labels:
             what = _counted(len(files), "label map")
             what += f" and {_counted(maps, 'probability map')}" if args.probabilities else ""
@@ -209,27 +209,26 @@ def _check_out(args: argparse.Namespace) -> Path:
     return out
 
 
-def _scale(args: argparse.Namespace, config: dict[str, Any]) -> tuple[int | None, str]:
-    """The square side every image is resized to (None: each at its own size), and why."""
+def _scale(args: argparse.Namespace, trained: int | None) -> tuple[int | None, str]:
+    """The square side every image is resized to (None: each at its own size), and why; `trained`
+    is the run's (None: each image at its own size)."""
     if args.image_size is not None:
         return args.image_size, f"every image resized to {args.image_size}x{args.image_size} (--image-size)"
-    if args.scale == "native" or config["image_size"] is None:
+    if args.scale == "native" or trained is None:
         scale = "each image at its own resolution"
-        return None, scale + (" (--scale native)" if config["image_size"] is not None else ", as the run trained")
-    size = config["image_size"]
-    return size, (
-        f"every image resized to {size}x{size}, as the run trained (--scale native: each image at its own resolution)"
+        return None, scale + (" (--scale native)" if trained is not None else ", as the run trained")
+    return trained, (
+        f"every image resized to {trained}x{trained}, as the run trained "
+        "(--scale native: each image at its own resolution)"
     )
 
 
-def _predict_locked(
-    args: argparse.Namespace, model: nn.Module, config: dict[str, Any], files: list[ImageFile], out: Path
-) -> None:
+def _predict_locked(args: argparse.Namespace, trained: TrainedSegmentation, files: list[ImageFile], out: Path) -> None:
     """Predict `files` into `out`, whose lock the caller holds: print the settings, then write; a
     stop signal ends the command with 128 + the signal and says what `out` holds."""
-    image_size, scale = _scale(args, config)
-    precision, reason = inference_precision(config, next(model.parameters()).device)
-    channels_last = config.get("channels_last") is True
+    image_size, scale = _scale(args, trained.image_size)
+    precision, reason = inference_precision(trained.config, next(trained.model.parameters()).device)
+    channels_last = trained.channels_last
     print(
         f"scale: {scale}; precision: {reason}{', channels-last' if channels_last else ''}; "
         f"tiles up to {args.tile}x{args.tile}, overlap {args.overlap}",
@@ -238,17 +237,17 @@ def _predict_locked(
     try:
         with stop_signals_raise():
             predict_folder(
-                model,
+                trained.model,
                 files,
                 out,
-                config["classes"],
+                trained.classes,
                 image_size,
                 tile=args.tile,
                 overlap=args.overlap,
                 precision=precision,
                 channels_last=channels_last,
                 threshold=args.threshold,
-                labels=config.get("mask_type") == "labels",
+                labels=trained.mask_type == "labels",
                 probabilities=args.probabilities,
             )
     except Stopped as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from trainer.model_spec import short_repr
 from trainer.options import resolve_device
 from trainer.trained_model import model_from_state
 
-__all__ = ["RebuildModel", "load_trained_model"]
+__all__ = ["RebuildModel", "TrainedSegmentation", "load_trained_model"]
 
 #: ``rebuild(state, config, checkpoint)``: the network of a checkpoint that does not describe its
 #: model (a recipe's files from before checkpoints recorded it), weights loaded, or None when the
@@ -27,20 +28,40 @@ __all__ = ["RebuildModel", "load_trained_model"]
 RebuildModel = Callable[[dict[str, Any], dict[str, Any], "str | os.PathLike"], "nn.Module | None"]
 
 
+@dataclass
+class TrainedSegmentation:
+    """A segmentation checkpoint's network and what predicting needs to know of its run.
+
+    Args:
+        model: the network, with the checkpoint's weights, on its device in eval mode
+            (channels-last if the run trained so).
+        classes: a name per output map.
+        image_size: the square side the run's images were resized to (None: each image at its
+            own size).
+        mask_type: how the outputs are read: ``labels`` (a softmax, one label map) or ``binary``
+            (a sigmoid and a mask per class).
+        channels_last: the run trained channels-last.
+        config: the run's options as its checkpoint saved them (e.g. ``precision``).
+    """
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int | None
+    mask_type: str
+    channels_last: bool
+    config: dict[str, Any]
+
+
 def load_trained_model(
     checkpoint: str | os.PathLike,
     device: str | torch.device = "cpu",
     allowed: Iterable[type] = (),
     rebuild: RebuildModel | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> TrainedSegmentation:
     """The trained network of a segmentation checkpoint (of any recipe that records its model,
-    see `trainer.load_model`) and what predicting needs to know of the run.
-
-    The network has the checkpoint's weights, sits on `device` in eval mode, and is channels-last
-    if the run trained so. The returned configuration is the run's (a dict), with ``classes`` (one
-    per output channel), ``image_size`` (None: trained at the images' own resolution) and
-    ``mask_type`` (``labels``: a softmax and one label map; ``binary``: a sigmoid and a mask per
-    class) taken from the checkpoint's ``data`` where it records them.
+    see `trainer.load_model`) and what predicting needs to know of the run (`TrainedSegmentation`):
+    ``classes``, ``image_size`` and ``mask_type`` are read from the checkpoint's ``data``, else
+    from the run's options.
 
     Nothing is guessed. A missing or unreadable file, one that does not rebuild its model, or one
     that records no class names or no ``mask_type`` (or one outside `models.losses.MASK_TYPES`)
@@ -73,12 +94,14 @@ def load_trained_model(
     what = f"{checkpoint} (a checkpoint of {type(model).__name__})"
     channels = data.get("input_channels", getattr(model, "input_channels", 3))
     _check_recorded(config, channels, what)
-    config.setdefault("image_size", None)
     model.to(device).eval()
     _check_outputs(model, channels, config["classes"], what)
-    if config.get("channels_last") is True:
+    channels_last = config.get("channels_last") is True
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, config
+    return TrainedSegmentation(
+        model, config["classes"], config.get("image_size"), config["mask_type"], channels_last, config
+    )
 
 
 def _check_recorded(config: dict[str, Any], channels: int, what: str) -> None:

@@ -149,7 +149,7 @@ def test_whole_image_scores_like_the_validation_tiles(whole, capsys):
 
 
 def load_model(checkpoint):
-    return NestedUNetRecipe().load_trained_model(checkpoint)[0]
+    return NestedUNetRecipe().load_trained_model(checkpoint).model
 
 
 @pytest.mark.numerics
@@ -681,8 +681,8 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     assert err.count("\n") == 1 and re.search(
         r"names the model class (tests\.)?test_predict\.OwnNet .*not allowed", err
     )
-    model, config = load_trained_model(own, allowed=[OwnNet])
-    assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
+    trained = load_trained_model(own, allowed=[OwnNet])
+    assert isinstance(trained.model, OwnNet) and trained.classes == ["a", "b"] and trained.image_size is None
     assert not (tmp_path / "out").exists()
 
 
@@ -732,8 +732,8 @@ def test_only_this_recipes_files_from_before_label_maps_are_read_as_binary(resiz
         del state[key]
     legacy = tmp_path / "legacy.pt"
     torch.save(state, legacy)
-    model, config = NestedUNetRecipe().load_trained_model(legacy)
-    assert isinstance(model, UNet) and config["mask_type"] == "binary" and config["classes"] == ["nucleus"]
+    trained = NestedUNetRecipe().load_trained_model(legacy)
+    assert isinstance(trained.model, UNet) and trained.mask_type == "binary" and trained.classes == ["nucleus"]
 
 
 def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resized_run, tmp_path, capsys):
