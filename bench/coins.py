@@ -26,6 +26,7 @@ import torch
 
 from models import confusion_iou
 from tests.processes import ROOT, checkout_env
+from trainer.callbacks.checkpoint import CHECKPOINT_BEST
 from trainer.precision import cpu_features, describe_cpu
 from trainer_datasets import read_label_map, write_label_map, write_png_file
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 "recipes.nested_unet",
                 "predict",
                 "--checkpoint",
-                str(work / "run" / "best.pt"),
+                str(work / "run" / CHECKPOINT_BEST),
                 "--images",
                 str(work / "whole"),
                 "--out",

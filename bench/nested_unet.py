@@ -20,7 +20,7 @@ import torch
 
 from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models import BCEDiceLoss, NestedUNet
-from recipes.nested_unet import BUILTIN_IMAGE_SIZE, DEFAULT_BATCH_SIZE
+from recipes.nested_unet_options import BUILTIN_IMAGE_SIZE, DEFAULT_BATCH_SIZE
 from trainer.precision import Setting, choose_precision, convolution_kernels, cpu_features, describe_cpu
 
 SETTINGS = {

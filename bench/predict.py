@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tests.processes import ROOT, checkout_env
+from trainer.callbacks.checkpoint import CHECKPOINT_BEST
 from trainer.precision import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 "recipes.nested_unet",
                 "predict",
                 "--checkpoint",
-                str(run_dir / "best.pt"),
+                str(run_dir / CHECKPOINT_BEST),
                 "--images",
                 str(work / "images"),
                 "--out",

@@ -91,6 +91,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from models import FashionCNN, UNet
 from tests.processes import RecipeProcess, checkout_env
+from trainer.callbacks.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST
 from trainer.checkpoint import load_checkpoint
 from trainer.model_spec import record_model
 from trainer.trained_model import export_model
@@ -248,7 +249,7 @@ def compare_with_reference(run_dir: Path, reference: Path, described: Sequence[s
     `described` names configuration entries that only describe the run (such as how the
     precision was chosen) and are not compared."""
     problems = []
-    for name in ("last.pt", "best.pt"):
+    for name in (CHECKPOINT_LAST, CHECKPOINT_BEST):
         try:
             state = load_checkpoint(run_dir / name)
         except (OSError, ValueError) as exc:
@@ -298,7 +299,7 @@ def milestones(run: Run, run_dir: Path, epochs: int) -> dict[str, Callable[[], b
     """Conditions that mark a run's progress, by name (see `Reference`)."""
     return {
         "config": lambda: (run_dir / "config.json").is_file(),
-        "checkpoint": lambda: bool(temporary_files(run_dir)) or (run_dir / "last.pt").is_file(),
+        "checkpoint": lambda: bool(temporary_files(run_dir)) or (run_dir / CHECKPOINT_LAST).is_file(),
         **{f"epoch {e}": epoch_started(run, e, epochs) for e in range(1, epochs + 1)},
     }
 
@@ -318,14 +319,14 @@ def run_reference(root: Path, config: list[str], epochs: int, name: str = "refer
     seen["end"] = run.elapsed()
     if run.finish() != 0 or len(seen) != len(conditions) + 1:
         raise SystemExit(f"the reference run failed:\n{run.stderr[-3000:]}")
-    scores = [logs["val_iou"] for logs in load_checkpoint(run_dir / "last.pt")["history"]]
+    scores = [logs["val_iou"] for logs in load_checkpoint(run_dir / CHECKPOINT_LAST)["history"]]
     improved = [i == 0 or scores[i] > max(scores[:i]) for i in range(len(scores))]
     return Reference(run_dir, seen, improved)
 
 
 def epochs_done(run_dir: Path) -> int:
     """Epochs recorded in the run's last.pt (0 without one)."""
-    return load_checkpoint(run_dir / "last.pt")["epochs_done"] if (run_dir / "last.pt").is_file() else 0
+    return load_checkpoint(run_dir / CHECKPOINT_LAST)["epochs_done"] if (run_dir / CHECKPOINT_LAST).is_file() else 0
 
 
 def where_killed(run_dir: Path, epochs: int) -> str:
@@ -334,7 +335,7 @@ def where_killed(run_dir: Path, epochs: int) -> str:
         return "before the run directory"
     if temporary_files(run_dir):
         return "during a checkpoint write"
-    if not (run_dir / "last.pt").is_file():
+    if not (run_dir / CHECKPOINT_LAST).is_file():
         return "before the first checkpoint"
     done = epochs_done(run_dir)
     return "after the last checkpoint" if done == epochs else f"in epoch {done + 1}"
@@ -361,7 +362,7 @@ def continue_args(run_dir: Path, config: list[str], notes: list[str]) -> list[st
     killed before its first checkpoint cannot be resumed: its ``--resume`` must exit with 2, in
     one line, and change nothing (a problem is noted otherwise); the folder is then removed and
     the run started anew."""
-    if (run_dir / "last.pt").is_file():
+    if (run_dir / CHECKPOINT_LAST).is_file():
         return ["--resume", str(run_dir)]
     if not run_dir.exists():  # killed before it made its folder
         return [*config, "--log-dir", str(run_dir)]
@@ -369,7 +370,7 @@ def continue_args(run_dir: Path, config: list[str], notes: list[str]) -> list[st
     before = [entry for entry in snapshot(run_dir) if entry[0] != ".lock"]
     run = Run(["--resume", str(run_dir)])
     code = run.finish()
-    if code != 2 or "no last.pt" not in run.stderr or run.stderr.count("error:") != 1:
+    if code != 2 or f"no {CHECKPOINT_LAST}" not in run.stderr or run.stderr.count("error:") != 1:
         notes.append(f"PROBLEM: resume without last.pt exited with {code}: {run.stderr[-300:]}")
     after = snapshot(run_dir)
     if after != before:
@@ -421,7 +422,7 @@ def trial_random_kills(
 
 def resume_point(run_dir: Path) -> str:
     """Where a run stopped inside an epoch resumes, from its ``last.pt``'s position."""
-    position = load_checkpoint(run_dir / "last.pt").get("position")
+    position = load_checkpoint(run_dir / CHECKPOINT_LAST).get("position")
     return (
         f"resumed inside epoch {position['epoch'] + 1} at batch {position['batches'] + 1}"
         if position
@@ -522,7 +523,7 @@ def trial_checkpoint_write(
 ) -> Trial:
     """SIGKILL as soon as a random checkpoint file of a random epoch is being written, then finish."""
     epoch = rng.randint(1, epochs)
-    name = rng.choice(["best.pt", "last.pt"]) if reference.improved[epoch - 1] else "last.pt"
+    name = rng.choice([CHECKPOINT_BEST, CHECKPOINT_LAST]) if reference.improved[epoch - 1] else CHECKPOINT_LAST
     notes = [f"{name} of epoch {epoch}"]
     run = Run([*config, "--log-dir", str(run_dir)])
     run.wait_for(epoch_started(run, epoch, epochs))
@@ -535,10 +536,12 @@ def trial_checkpoint_write(
     if epoch > 1:
         # last.pt is the previous epoch's; best.pt is the recorded best, or this epoch's when it is
         # written first and the kill came during last.pt.
-        last = load_checkpoint(run_dir / "last.pt")
-        allowed = {last["callbacks"]["ModelCheckpoint"]["best_epoch"] + 1} | ({epoch} if name == "last.pt" else set())
-        if last["epochs_done"] != epoch - 1 or load_checkpoint(run_dir / "best.pt")["epochs_done"] not in allowed:
-            return Trial(False, [*notes, "last.pt and best.pt disagree after the kill"])
+        last = load_checkpoint(run_dir / CHECKPOINT_LAST)
+        allowed = {last["callbacks"]["ModelCheckpoint"]["best_epoch"] + 1} | (
+            {epoch} if name == CHECKPOINT_LAST else set()
+        )
+        if last["epochs_done"] != epoch - 1 or load_checkpoint(run_dir / CHECKPOINT_BEST)["epochs_done"] not in allowed:
+            return Trial(False, [*notes, f"{CHECKPOINT_LAST} and {CHECKPOINT_BEST} disagree after the kill"])
     # Killed while the first last.pt was written: no checkpoint to resume (refused, started anew).
     return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
 
@@ -561,7 +564,7 @@ def trial_mid_epoch_kill(
         run.finish()
         return Trial(False, [f"in epoch {epoch}", "the run ended before the kill"])
     run.stop()
-    if not (run_dir / "last.pt").is_file():
+    if not (run_dir / CHECKPOINT_LAST).is_file():
         notes = [where_killed(run_dir, epochs)]
         return finish_and_compare(run_dir, continue_args(run_dir, config, notes), reference, notes)
     return finish_and_compare(run_dir, ["--resume", str(run_dir)], reference, [resume_point(run_dir)])
@@ -579,7 +582,7 @@ def trial_before_first_checkpoint(
         run.finish()
         return Trial(False, ["the run ended before the kill"])
     run.stop()
-    if (run_dir / "last.pt").is_file():
+    if (run_dir / CHECKPOINT_LAST).is_file():
         return Trial(False, ["missed: the first checkpoint was written before the kill"])
     notes = [
         "during the first checkpoint write"
@@ -630,7 +633,7 @@ def trial_resume_live(
     back before the run continues."""
     epoch = rng.randint(1, epochs - 1)
     run = Run([*config, "--log-dir", str(run_dir)])
-    if not run.wait_for(lambda: epochs_done(run_dir) >= epoch if (run_dir / "last.pt").is_file() else False):
+    if not run.wait_for(lambda: epochs_done(run_dir) >= epoch if (run_dir / CHECKPOINT_LAST).is_file() else False):
         run.finish()
         return Trial(False, [f"the run ended before its checkpoint of epoch {epoch}"])
     run.process.send_signal(signal.SIGSTOP)
@@ -864,7 +867,7 @@ def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng:
         run = Run([*config, "--log-dir", str(run_dir)])
         if not wait_random(
             run,
-            lambda: (run_dir / "last.pt").is_file() and epochs_done(run_dir) >= epoch,
+            lambda: (run_dir / CHECKPOINT_LAST).is_file() and epochs_done(run_dir) >= epoch,
             rng.uniform(0.0, length / 4),
             lambda: False,
         ):
@@ -1011,7 +1014,7 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
     weights_only, linked = root / "weights-only", root / "linked-lock"
     for run_dir in (weights_only, linked):
         shutil.copytree(checkpoint.parent, run_dir, ignore=shutil.ignore_patterns(".lock"))
-    export_model(checkpoint, weights_only / "last.pt")
+    export_model(checkpoint, weights_only / CHECKPOINT_LAST)
     (root / "victim.txt").write_text("not a lock")
     (linked / ".lock").symlink_to(root / "victim.txt")
     unlabelled = root / "unlabelled"
@@ -1253,7 +1256,7 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
         BadInput(
             "--resume of a folder without last.pt (only config.json)",
             ["--resume", str(no_last)],
-            "no last.pt",
+            f"no {CHECKPOINT_LAST}",
             log_dir=False,
         ),
         BadInput(
@@ -1539,7 +1542,7 @@ def main(argv: list[str] | None = None) -> int:
 def bad_input_rows(root: Path, reference: Reference, rows: list[tuple[str, int, str]]) -> bool:
     """Run every bad input against `reference`'s checkpoint, add a row each; True when all passed."""
     all_ok = True
-    for index, fault in enumerate(bad_inputs(root / "data", reference.run_dir / "best.pt")):
+    for index, fault in enumerate(bad_inputs(root / "data", reference.run_dir / CHECKPOINT_BEST)):
         problems = check_bad_input(fault, root / "bad-input" / str(index))
         progress(f"{fault.fault}: {'ok' if not problems else problems}")
         all_ok &= not problems

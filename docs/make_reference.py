@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference.md"
-PACKAGES = ("trainer", "trainer.callbacks", "models", "trainer_datasets")
+#: The recipes' modules, each with its own ``__all__`` (the ``recipes`` package exports none of them).
+RECIPE_MODULES = tuple(
+    f"recipes.{info.name}" for info in pkgutil.iter_modules([str(ROOT / "recipes")]) if not info.ispkg
+)
+PACKAGES = ("trainer", "trainer.callbacks", "models", "trainer_datasets", *sorted(RECIPE_MODULES))
 
 
 def exported() -> list[tuple[str, str, object]]:
@@ -158,9 +163,9 @@ def render() -> str:
     lines = [
         "# Reference",
         "",
-        "Every class and function that `trainer`, `trainer.callbacks`, `models` and `trainer_datasets`",
-        "export, with all their arguments. Made from the docstrings by `python -m docs.make_reference`;",
-        "the test suite checks that it matches them.",
+        "Every class and function that `trainer`, `trainer.callbacks`, `models`, `trainer_datasets` and",
+        "the modules of `recipes` export, with all their arguments. Made from the docstrings by",
+        "`python -m docs.make_reference`; the test suite checks that it matches them.",
         "",
     ]
     for package in PACKAGES:

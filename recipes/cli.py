@@ -1,12 +1,12 @@
-"""The recipes' command line: the parser with one-line errors, option types, the options every
-recipe shares, which options a command line gave, the command that resumes a run, and `run_cli`."""
+"""The recipes' command line: the parser with one-line errors, the options every recipe shares,
+which options a command line gave, the command that resumes a run, and `run_cli`. The option
+types (``type=`` of an option) live in `recipes.option_types`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import difflib
-import math
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -14,15 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
+__all__ = [
+    "CommandLine",
+    "RecipeArgumentParser",
+    "add_run_options",
+    "parse_command_line",
+    "program",
+    "resume_command",
+    "run_cli",
+]
+
 
 from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
+from recipes.option_types import (
+    MAX_SEED,
+    device_option,
+    duration,
+    layout_option,
+    positive_int,
+    seed_int,
+    thread_count,
+)
 from trainer import NonFiniteLossError
 from trainer.distributed import end_process, is_distributed
-from trainer.every import positive_int as check_positive_int
-from trainer.limits import parse_duration
-from trainer.threads import affinity_cpus
 
 
 class RecipeArgumentParser(argparse.ArgumentParser):
@@ -143,128 +158,6 @@ def _nothing_required(parser: argparse.ArgumentParser) -> Iterator[None]:
             item.required = True
 
 
-def _bounded(
-    convert: Callable[[str], float],
-    minimum: float,
-    inclusive: bool,
-    wanted: str,
-    below: float = math.inf,
-    maximum: float = math.inf,
-) -> Callable[[str], Any]:
-    """An argparse type: `convert`, then a finite value above (or, if `inclusive`, at) `minimum`,
-    strictly below `below` and at most `maximum`."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if (
-            not math.isfinite(value)
-            or value < minimum
-            or (value == minimum and not inclusive)
-            or value >= below
-            or value > maximum
-        ):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
-        return value
-
-    parse.__name__ = wanted
-    return parse
-
-
-#: The largest float32: model weights and optimizer values are float32, so no option may be larger.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-#: Seeds torch's generators take, and that stay in range with an epoch or offset added.
-MAX_SEED = 2**63 - 1
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count: a positive integer, by the rule of `trainer.every.positive_int`."""
-    try:
-        value = check_positive_int("value", int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    assert value is not None
-    return value
-
-
-positive_int.__name__ = "a positive integer"
-
-
-def thread_count(text: str) -> int:
-    """argparse type of ``--threads``: from 1 to the CPUs this process may use (more threads than
-    CPUs only wait for each other)."""
-    cpus = affinity_cpus()
-    value = positive_int(text)
-    if value > cpus:
-        raise argparse.ArgumentTypeError(
-            f"expected 1 to {cpus}, the CPUs this process may use, got {text!r}; more threads than CPUs slow training"
-        )
-    return value
-
-
-non_negative_int = _bounded(int, 0, True, "an integer >= 0")
-positive_float = _bounded(
-    float, 0.0, False, f"a positive number up to {FLOAT32_MAX:.4g} (the float32 limit)", maximum=FLOAT32_MAX
-)
-non_negative_float = _bounded(
-    float, 0.0, True, f"a number from 0 to {FLOAT32_MAX:.4g} (the float32 limit)", maximum=FLOAT32_MAX
-)
-fraction = _bounded(float, 0.0, False, "a number between 0 and 1", below=1.0)
-seed_int = _bounded(int, 0, True, f"an integer from 0 to {MAX_SEED}", maximum=MAX_SEED)
-
-
-def duration(text: str) -> float:
-    """argparse type of ``--max-time``: ``HH:MM:SS`` (or ``D:HH:MM:SS``) in seconds, above zero."""
-    try:
-        return parse_duration(text, "--max-time")
-    except ValueError:
-        parts = text.strip().split(":")
-        if len(parts) in (3, 4) and all(part.isdigit() and int(part) == 0 for part in parts):
-            raise argparse.ArgumentTypeError(
-                f"must be above zero, got {text!r} (e.g. 00:30:00 for half an hour)"
-            ) from None
-        raise argparse.ArgumentTypeError(f"expected HH:MM:SS (or D:HH:MM:SS), got {text!r}") from None
-
-
-duration.__name__ = "HH:MM:SS"
-
-
-def device_option(text: str) -> str:
-    """argparse type of ``--device``: ``auto``, ``cpu``, or ``cuda``/``cuda:N`` with that GPU
-    present; anything else (``mps``, ``meta``, ``cuda:7`` on a 1-GPU machine) is refused at once."""
-    wanted = "auto, cpu, cuda or cuda:N"
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r} (the recipes train on the CPU or CUDA only)")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r} was asked for but no CUDA GPU is available; use cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} was asked for but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
-            )
-    return text
-
-
-device_option.__name__ = "device"
-
-
-def layout_option(text: str) -> bool | str:
-    """argparse type of ``--channels-last``: ``on`` -> True, ``off`` -> False, ``auto``."""
-    values: dict[str, bool | str] = {"on": True, "off": False, "auto": "auto"}
-    if text not in values:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
-    return values[text]
-
-
 def option_list(dests: Sequence[str]) -> str:
     """The options of the argparse destinations `dests` in words: ``--epochs, --device and --threads``."""
     names = ["--" + dest.replace("_", "-") for dest in dests]
@@ -285,6 +178,13 @@ def add_run_options(
         resumable: the options a resumed run may change, for the help of ``--resume``: the
             recipe's `RunConfig.RESUMABLE`.
     """
+    _add_machine_options(parser)
+    _add_folder_options(parser, runs_root, resumable)
+    _add_schedule_options(parser)
+
+
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--precision``, ``--channels-last``, ``--threads``, ``--seed``."""
     parser.add_argument(
         "--device", type=device_option, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)"
     )
@@ -318,6 +218,10 @@ def add_run_options(
         "another thread count, precision, torch version or machine changes the last bits",
     )
     parser.add_argument("--seed", type=seed_int, default=0, help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
+
+
+def _add_folder_options(parser: argparse.ArgumentParser, runs_root: str, resumable: Sequence[str]) -> None:
+    """``--log-dir`` and ``--resume``."""
     parser.add_argument(
         "--log-dir", metavar="DIR", help=f"run directory (default: a new {runs_root}/<timestamp>); must not hold a run"
     )
@@ -327,6 +231,10 @@ def add_run_options(
         help="continue the run in RUN_DIR from its last checkpoint, with its options "
         f"(only {option_list(resumable)} may change)",
     )
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint-every``, ``--val-every``, ``--max-time``, ``--histograms``, ``--fast-dev-run``, ``--verbose``."""
     parser.add_argument(
         "--checkpoint-every",
         type=positive_int,
@@ -366,25 +274,36 @@ def add_run_options(
     )
 
 
+def program(recipe_module: str) -> str:
+    """How this process was started, as a command: ``python -m MODULE`` for a recipe run with
+    ``-m`` (or imported from an importable module), ``python path/to/recipe.py`` for a recipe file
+    run as a script.
+
+    Args:
+        recipe_module: the module the recipe class is defined in (``__main__`` when it is the
+            program that was started).
+    """
+    module = sys.modules.get(recipe_module)
+    spec = getattr(module, "__spec__", None)
+    if recipe_module != "__main__" and spec is not None:
+        words = ["-m", recipe_module]
+    elif spec is not None and spec.name:  # python -m package.module (a package's __main__ names the package)
+        words = ["-m", spec.name.removesuffix(".__main__")]
+    else:
+        words = [sys.argv[0]]
+    return shlex.join(["python", *words])
+
+
 def resume_command(recipe_module: str, run_dir: str | Path) -> str:
-    """The command that resumes the run in `run_dir`, as this process was started: ``python -m
-    MODULE --resume RUN`` for a recipe run with ``-m`` (or imported from an importable module),
-    ``python path/to/recipe.py --resume RUN`` for a recipe file run as a script.
+    """The command that resumes the run in `run_dir`, as this process was started (`program`):
+    ``python -m MODULE --resume RUN`` or ``python path/to/recipe.py --resume RUN``.
 
     Args:
         recipe_module: the module the recipe class is defined in (``__main__`` when it is the
             program that was started).
         run_dir: the run directory.
     """
-    module = sys.modules.get(recipe_module)
-    spec = getattr(module, "__spec__", None)
-    if recipe_module != "__main__" and spec is not None:
-        program = ["-m", recipe_module]
-    elif spec is not None and spec.name:  # python -m package.module (a package's __main__ names the package)
-        program = ["-m", spec.name.removesuffix(".__main__")]
-    else:
-        program = [sys.argv[0]]
-    return shlex.join(["python", *program, "--resume", str(run_dir)])
+    return f"{program(recipe_module)} {shlex.join(['--resume', str(run_dir)])}"
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""The run skeleton every recipe shares: `Recipe` and `RecipeParts`, the precision line and the
-summary. The command line, run folders and signals live in `recipes.cli`, `recipes.run_dir` and
-`recipes.interrupts`; what recipes imported from here before is still importable here."""
+"""The run skeleton every recipe shares: `Recipe`, the precision line and the summary. What a
+recipe builds is a `recipes.parts.RecipeParts`; the command line, run folders and signals live in
+`recipes.cli`, `recipes.run_dir` and `recipes.interrupts`."""
 
 from __future__ import annotations
 
@@ -10,109 +10,39 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
-from models.losses import MASK_TYPES, mask_type_of_loss
 from recipes import WAIT_POLICY
-from recipes.cli import (
-    FLOAT32_MAX,
-    MAX_SEED,
-    CommandLine,
-    RecipeArgumentParser,
-    add_run_options,
-    device_option,
-    duration,
-    fraction,
-    layout_option,
-    non_negative_float,
-    non_negative_int,
-    parse_command_line,
-    positive_float,
-    positive_int,
-    resume_command,
-    run_cli,
-    seed_int,
-)
-from recipes.config import PATH, PER_COMMAND, RunConfig
-from recipes.errors import RunComplete, UsageError
-from recipes.interrupts import Interrupted, training_interrupts
+from recipes.cli import CommandLine, parse_command_line, resume_command
+from recipes.config import RunConfig
+from recipes.errors import UsageError
+from recipes.interrupts import training_interrupts
+from recipes.parts import RecipeParts, recorded_data
 from recipes.run_checks import check_metrics_csv, check_optimizer, check_weights
 from recipes.run_dir import (
-    CONFIG_FILE,
     METRICS_FILE,
     WRITE_ERRNOS,
     RunFolderGuard,
     check_new_run_dir,
-    describe_folder,
-    describe_holder,
     hold_run_dir,
-    holds_run,
-    lock_run_dir,
-    make_run_dir,
     resume_run,
     start_run_dir,
     write_error_line,
 )
 from trainer import BatchLoadError, Callback, TimeLimitReached, Trainer, resolve_device, seed_everything
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
+from trainer.callbacks.checkpoint import CHECKPOINT_LAST
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
 from trainer.openmp import WaitPolicy
 from trainer.precision import PrecisionChoice, choose_precision
-from trainer.run_lock import RunLock
-from trainer.threads import ThreadChoice, use_threads
+from trainer.runs.lock import RunLock
+from trainer.runs.threads import ThreadChoice, use_threads
 
-__all__ = [
-    "CONFIG_FILE",
-    "FLOAT32_MAX",
-    "MAX_SEED",
-    "MASK_TYPES",
-    "METRICS_FILE",
-    "PATH",
-    "PER_COMMAND",
-    "WRITE_ERRNOS",
-    "CommandLine",
-    "Interrupted",
-    "Recipe",
-    "RecipeArgumentParser",
-    "RecipeParts",
-    "RunComplete",
-    "RunConfig",
-    "UsageError",
-    "add_run_options",
-    "check_new_run_dir",
-    "choose_run_precision",
-    "describe_folder",
-    "describe_holder",
-    "device_option",
-    "duration",
-    "fraction",
-    "holds_run",
-    "layout_option",
-    "lock_run_dir",
-    "make_run_dir",
-    "non_negative_float",
-    "non_negative_int",
-    "parse_command_line",
-    "positive_float",
-    "positive_int",
-    "print_run_summary",
-    "recorded_data",
-    "resume_command",
-    "resume_run",
-    "run_cli",
-    "seed_int",
-    "start_details",
-    "start_line",
-    "start_run_dir",
-    "training_interrupts",
-    "write_error_line",
-]
+__all__ = ["Recipe", "choose_run_precision", "print_run_summary", "start_details", "start_line"]
 
 
 def start_line(choice: PrecisionChoice, threads: ThreadChoice | None = None, wait: WaitPolicy | None = None) -> str:
@@ -164,7 +94,7 @@ def choose_run_precision(
         device: where it trains.
         example: model inputs at the training batch's shape, for the probe.
         config: the run's configuration (new or resumed).
-        threads: the CPU thread count the process uses (`trainer.threads.use_threads`).
+        threads: the CPU thread count the process uses (`trainer.runs.threads.use_threads`).
     """
     if config.precision == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
@@ -206,7 +136,15 @@ def data_error_line(exc: BatchLoadError, last: Path | None, command: str) -> str
 
 def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str, mode: str = "max") -> None:
     """Print (on rank 0) the best validation value (highest, or lowest with ``mode="min"``),
-    where the run was written and how to open TensorBoard."""
+    where the run was written and how to open TensorBoard.
+
+    Args:
+        trainer: the trainer that ran the fit (its `history` holds each epoch's logs).
+        run_dir: the run directory.
+        monitor: the logs value to report (``val_iou``...).
+        label: its name in the line (``IoU``).
+        mode: ``"max"`` or ``"min"``: whether the highest or the lowest value is the best.
+    """
     if not is_rank_zero():
         return
     # NaN (a metric with nothing to measure, such as IoU with no labelled pixel) is never the best
@@ -222,95 +160,6 @@ def print_run_summary(trainer: Trainer, run_dir: Path, monitor: str, label: str,
         print(f"best validation {label}: {best:.4f} (epoch {epoch} of {len(trainer.history)})")
     print(f"run written to: {run_dir}")
     print(f"open TensorBoard: python -m trainer.board {run_dir}")
-
-
-@dataclass(kw_only=True)
-class RecipeParts:
-    """What a recipe builds from its configuration, for `Recipe.train` to train. A recipe whose
-    callbacks need more from `Recipe.build` (fixed batches for visuals, decoded images...)
-    returns a subclass with those as typed fields (a ``@dataclass(kw_only=True)``).
-
-    Attributes:
-        model: the network (on the CPU; the trainer moves it).
-        loss_fn: ``loss_fn(predictions, targets) -> scalar tensor``.
-        optimizer: an optimizer over the model's parameters.
-        train_loader: training batches.
-        val_loader: validation batches (or None).
-        example: model inputs at the training batch's shape, on which the precision probe runs.
-        metrics: validation metrics, as for `Trainer`.
-        scheduler: a learning-rate scheduler (or None).
-        data: what the checkpoints record of the data, which ``predict`` reads (see
-            docs/extending.md): ``classes`` (a name per output map), ``image_size`` (the square
-            side images were resized to; None: each image's own size), ``input_channels``,
-            ``mask_type`` (how the outputs are read, one of `MASK_TYPES`; left out, `Recipe.train`
-            records what the run trains, see `recorded_data`) and ``ignore_index`` (label maps:
-            the value of pixels of no class). Plain values only.
-    """
-
-    model: torch.nn.Module
-    loss_fn: Callable[[Any, Any], torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    train_loader: Any
-    val_loader: Any
-    example: Any
-    metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
-    scheduler: Any = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-#: Wrappers deeper than this around a training set are not looked into for its ``mask_mode``.
-_MAX_WRAPPERS = 8
-
-
-def _trained_mask_type(parts: RecipeParts) -> tuple[str, str] | None:
-    """``(mask_type, where it was read)`` of what `parts` trains (see `recorded_data`), or None."""
-    dataset = getattr(parts.train_loader, "dataset", None)
-    for _ in range(_MAX_WRAPPERS):  # a Subset (or another wrapper) keeps its data set in .dataset
-        mode = getattr(dataset, "mask_mode", None)
-        if isinstance(mode, str) and mode in MASK_TYPES:
-            return mode, f"its training data ({type(dataset).__name__} with mask_mode {mode!r})"
-        dataset = getattr(dataset, "dataset", None)
-        if dataset is None:
-            break
-    kind = mask_type_of_loss(parts.loss_fn)
-    if kind is not None:
-        return kind, f"its loss ({type(parts.loss_fn).__name__})"
-    return None
-
-
-def recorded_data(parts: RecipeParts) -> dict[str, Any]:
-    """``parts.data`` as the run's checkpoints record it: with ``mask_type``, how the model's outputs
-    are read (one of `MASK_TYPES`), added where the recipe leaves it out and the run tells it.
-
-    The run tells it by what it trains on: the training set's ``mask_mode`` (a
-    `trainer_datasets.SegmentationFolder` or `SegmentationStream`, also inside a ``Subset``: the
-    loader's ``dataset``), else its loss (`models.losses.mask_type_of_loss`: ``CEDiceLoss`` and
-    ``nn.CrossEntropyLoss`` are ``"labels"``, ``BCEDiceLoss`` and ``nn.BCEWithLogitsLoss``
-    ``"binary"``). A run that tells neither records none, and ``predict`` refuses its checkpoints
-    until the recipe gives it. A ``mask_type`` the recipe gives outside `MASK_TYPES`, or other
-    than what the run trains, is a `UsageError`, before anything is written.
-
-    Args:
-        parts: what the recipe's `Recipe.build` returned.
-    """
-    data = dict(parts.data)
-    given = data.get("mask_type")
-    if given is not None and given not in MASK_TYPES:
-        raise UsageError(
-            f"RecipeParts.data gives mask_type {given!r}; it is 'binary' (a sigmoid per class: a mask each, "
-            "which may overlap) or 'labels' (a softmax over the classes: one label map), or left out to be "
-            "read from the training data or the loss"
-        )
-    trained = _trained_mask_type(parts)
-    if trained is not None:
-        kind, source = trained
-        if given is not None and given != kind:
-            raise UsageError(
-                f"RecipeParts.data gives mask_type {given!r}, but the run trains for {kind!r} by {source}; "
-                f"give {kind!r} or leave mask_type out"
-            )
-        data["mask_type"] = kind
-    return data
 
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
@@ -343,19 +192,10 @@ class Recipe(Generic[ConfigT, PartsT]):
     monitor_label: str = "loss"
     #: The recipe's configuration: a `RunConfig` subclass with a field per option of its own.
     config_class: type[RunConfig] = RunConfig
-    #: Instead of `config_class`: the names of the recipe's own options, saved untyped.
-    config_keys: ClassVar[tuple[str, ...]] = ()
 
     def build_parser(self) -> argparse.ArgumentParser:
         """The recipe's command-line options (with `add_run_options` for the shared ones)."""
         raise NotImplementedError
-
-    def configuration_class(self) -> type[RunConfig]:
-        """`config_class`, or a `RunConfig` subclass with a field of any type per name in `config_keys`."""
-        if self.config_class is not RunConfig or not self.config_keys:
-            return self.config_class
-        own = [(key, Any) for key in self.config_keys if key not in RunConfig.saved_fields()]
-        return make_dataclass(f"{type(self).__name__}Config", own, bases=(RunConfig,), kw_only=True, eq=False)
 
     def new_config(self, command: CommandLine) -> ConfigT:
         """The configuration of a new run from the parsed command line: what defines the run,
@@ -366,7 +206,7 @@ class Recipe(Generic[ConfigT, PartsT]):
         Args:
             command: the parsed command line.
         """
-        return self.configuration_class().from_options(command.args)  # type: ignore[return-value]
+        return self.config_class.from_options(command.args)  # type: ignore[return-value]
 
     def build(self, config: ConfigT, device: torch.device) -> PartsT:
         """Data, model, loss, optimizer and the rest for `config`; bad data is a `UsageError`.
@@ -409,19 +249,19 @@ class Recipe(Generic[ConfigT, PartsT]):
         run_dir = resume_from = lock = None
         with contextlib.ExitStack() as stack:  # holds the run directory's lock until the run ends
             if args.resume:
-                run_dir, config, resume_from, lock = resume_run(command, self.configuration_class(), self.name)
+                run_dir, config, resume_from, lock = resume_run(command, self.config_class, self.name)
                 hold_run_dir(stack, lock, type(self).__module__)
                 check_metrics_csv(run_dir / METRICS_FILE)
             else:
                 if args.log_dir is not None and not fast and is_rank_zero():  # early; checked again when made
                     check_new_run_dir(args.log_dir, f"runs/{self.name}")
                 config = self.new_config(command)
-            return self._run(stack, config, run_dir, resume_from, lock)
+            return self._run(stack, cast("ConfigT", config), run_dir, resume_from, lock)
 
     def _run(
         self,
         stack: contextlib.ExitStack,
-        config: Any,
+        config: ConfigT,
         run_dir: Path | None,
         resume_from: Path | None,
         lock: RunLock | None = None,
@@ -446,7 +286,24 @@ class Recipe(Generic[ConfigT, PartsT]):
             record = start_details(choice, threads if device.type == "cpu" else None)
             run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config, record)
             hold_run_dir(stack, lock, type(self).__module__)
-        callbacks = [
+        callbacks = self._all_callbacks(run_dir, config, parts, lock)
+        trainer = self._trainer(config, parts, device, choice, callbacks)
+        started = time.monotonic()
+        if not self._fit(trainer, config, parts, run_dir, resume_from):
+            return 0
+        if fast:
+            if is_rank_zero():
+                print(fast_run_line(parts.model, callbacks, time.monotonic() - started))
+            return 0
+        self.after_fit(trainer, config)
+        print_run_summary(trainer, run_dir, self.monitor, self.monitor_label, self.mode)
+        return 0
+
+    def _all_callbacks(self, run_dir: Path, config: ConfigT, parts: PartsT, lock: RunLock | None) -> list[Callback]:
+        """The recipe's `callbacks` with those every run has: the folder's guard, `CSVLogger`,
+        `HistogramCallback` (``--histograms``) and `ModelCheckpoint`."""
+        fast = config.fast_dev_run
+        return [
             RunFolderGuard(lock, type(self).__module__, config.checkpoint_every),
             *self.callbacks(run_dir, config, parts),
             CSVLogger(run_dir / METRICS_FILE),
@@ -455,12 +312,23 @@ class Recipe(Generic[ConfigT, PartsT]):
                 run_dir,
                 monitor=self.monitor,
                 mode=self.mode,
-                config=dict(config),
+                config=config.saved(),
                 every_n_steps=config.checkpoint_every,
                 data=parts.data,
             ),
         ]
-        trainer = Trainer(
+
+    def _trainer(
+        self,
+        config: ConfigT,
+        parts: PartsT,
+        device: torch.device,
+        choice: PrecisionChoice,
+        callbacks: list[Callback],
+    ) -> Trainer:
+        """The `Trainer` of the run (one batch of each kind with ``--fast-dev-run``)."""
+        fast = config.fast_dev_run
+        return Trainer(
             parts.model,
             parts.optimizer,
             parts.loss_fn,
@@ -475,9 +343,13 @@ class Recipe(Generic[ConfigT, PartsT]):
             limit_train_batches=1 if fast else None,
             limit_val_batches=1 if fast else None,
         )
+
+    def _fit(self, trainer: Trainer, config: ConfigT, parts: PartsT, run_dir: Path, resume_from: Path | None) -> bool:
+        """Fit with the signals handled; False when ``--max-time`` stopped it (the resume command
+        printed). A batch that cannot be loaded, a full disk or an unwritable folder is a `UsageError`."""
+        fast = config.fast_dev_run
         command = resume_command(type(self).__module__, run_dir)
-        started = time.monotonic()
-        last = None if fast else run_dir / "last.pt"
+        last = None if fast else run_dir / CHECKPOINT_LAST
         try:
             with training_interrupts(trainer, command, last):
                 try:
@@ -485,22 +357,20 @@ class Recipe(Generic[ConfigT, PartsT]):
                 except TimeLimitReached as exc:
                     if is_rank_zero():
                         print(f"{exc}; resume with: {command}")
-                    return 0
+                    return False
         except BatchLoadError as exc:  # a file gone or changed on disk: the position before it is saved
             raise UsageError(data_error_line(exc, last, command)) from None
         except OSError as exc:  # a full disk or an unwritable folder: one line, the last checkpoint named
             if exc.errno not in WRITE_ERRNOS:
                 raise
             raise UsageError(write_error_line(exc, None if fast else run_dir, command)) from None
-        if fast:
-            if is_rank_zero():
-                names = ", ".join(type(cb).__name__ for cb in callbacks)
-                print(
-                    f"fast dev run passed in {time.monotonic() - started:.1f} s: one training and one "
-                    f"validation batch through {type(parts.model).__name__} and {len(callbacks)} callbacks "
-                    f"({names}); nothing was kept on disk"
-                )
-            return 0
-        self.after_fit(trainer, config)
-        print_run_summary(trainer, run_dir, self.monitor, self.monitor_label, self.mode)
-        return 0
+        return True
+
+
+def fast_run_line(model: torch.nn.Module, callbacks: list[Callback], seconds: float) -> str:
+    """The one line ``--fast-dev-run`` prints once its batches went through `model` and `callbacks`."""
+    names = ", ".join(type(cb).__name__ for cb in callbacks)
+    return (
+        f"fast dev run passed in {seconds:.1f} s: one training and one validation batch through "
+        f"{type(model).__name__} and {len(callbacks)} callbacks ({names}); nothing was kept on disk"
+    )

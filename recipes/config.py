@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+__all__ = ["PATH", "PER_COMMAND", "RunConfig"]
+
 
 #: Metadata of a field that this command line sets and the run does not save (``--max-time``,
 #: ``--download``...): not in config.json, not compared on resume. Use it as
@@ -24,15 +27,14 @@ def _saved(field: dataclasses.Field) -> bool:
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
-class RunConfig(MutableMapping[str, Any]):
+class RunConfig:
     """What defines a run: the options `Recipe.train` needs, and a recipe's own in a subclass.
 
     A recipe declares its options as fields of a subclass (a ``@dataclass(kw_only=True)``, each
     field named as the option's ``dest``). The saved fields go to ``config.json`` and every
     checkpoint and come back on resume; fields with `PER_COMMAND` metadata come from each
-    command line. Read a field as an attribute (``config.epochs``) or, as of a saved dict, by
-    key (``config["epochs"]``); the mapping view holds the saved fields only, so ``dict(config)``
-    is what is saved.
+    command line. Read and set a field as an attribute (``config.epochs``), which the type
+    checker follows; `saved` is what is saved.
 
     Attributes:
         epochs: epochs to train; a resumed run may raise it.
@@ -130,44 +132,20 @@ class RunConfig(MutableMapping[str, Any]):
         known = {field.name for field in fields}
         return cls(**values, other={key: value for key, value in saved.items() if key not in known})
 
-    def _check_key(self, key: str) -> None:
-        if key not in self.saved_fields() and key not in self.other:
-            raise KeyError(
-                f"{type(self).__name__} saves no {key!r}; declare it as a field of the recipe's "
-                f"configuration class (saved: {', '.join(self.saved_fields())})"
-            )
+    def saved(self) -> dict[str, Any]:
+        """The saved fields and the `other` values, by name: what ``config.json`` and every
+        checkpoint's ``"config"`` hold, and what `from_saved` reads back."""
+        return {**{name: getattr(self, name) for name in self.saved_fields()}, **self.other}
 
-    def __getitem__(self, key: str) -> Any:
-        self._check_key(key)
-        return self.other[key] if key in self.other else getattr(self, key)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._check_key(key)
-        if key in self.other:
-            self.other[key] = value
-        else:
-            setattr(self, key, value)
-
-    def __delitem__(self, key: str) -> None:
-        raise TypeError(f"a field of {type(self).__name__} cannot be removed; set it to None")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter((*self.saved_fields(), *self.other))
-
-    def __len__(self) -> int:
-        return len(self.saved_fields()) + len(self.other)
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        """The value of field `key`, set to `default` first if it holds None (a value the run
-        records once, e.g. the data's class names, then keeps on resume).
-
-        Args:
-            key: a saved field.
-            default: the value to record if there is none yet.
-        """
-        if self[key] is None:
-            self[key] = default
-        return self[key]
+    def update(self, **values: Any) -> None:
+        """Set the fields named in `values` (e.g. the precision once it is chosen); a name that is
+        no field of the class is a `TypeError`, as in its constructor."""
+        names = {field.name for field in dataclasses.fields(self)}
+        unknown = [name for name in values if name not in names]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {unknown[0]!r}")
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
 def _absolute(field: dataclasses.Field, value: Any) -> Any:

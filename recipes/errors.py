@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["RunComplete", "UsageError"]
+
 
 class UsageError(Exception):
     """Bad input from the command line or the data: reported as one line, exit code 2."""

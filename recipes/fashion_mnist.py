@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import FashionCNN, accuracy
-from recipes.common import (
-    PATH,
-    PER_COMMAND,
-    Recipe,
-    RecipeArgumentParser,
-    RecipeParts,
-    RunConfig,
-    UsageError,
-    add_run_options,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    run_cli,
-)
+from recipes.cli import RecipeArgumentParser, add_run_options, run_cli
+from recipes.common import Recipe
+from recipes.config import PATH, PER_COMMAND, RunConfig
+from recipes.errors import UsageError
+from recipes.option_types import non_negative_float, non_negative_int, positive_float, positive_int
+from recipes.parts import RecipeParts
 from trainer import Callback, ResumableSampler, Trainer, ignore_stop_signals
 from trainer.callbacks import (
     EmbeddingCallback,
@@ -51,6 +41,9 @@ from trainer.callbacks import (
 )
 from trainer.distributed import is_rank_zero
 from trainer_datasets import CLASSES, DatasetError, TensorBatchLoader, load_fashion_mnist
+
+__all__ = ["FashionMNIST", "main"]
+
 
 RUNS_ROOT = "runs/fashion_mnist"
 MEAN, STD = 0.5, 0.5  # the tutorial's Normalize((0.5,), (0.5,))
@@ -106,20 +99,20 @@ def make_loader(
     labels: torch.Tensor,
     batch_size: int,
     shuffle: bool,
-    config: Mapping[str, Any],
+    config: FashionMNISTConfig,
     pin_memory: bool,
 ) -> Any:
     """Batches of (normalised images, labels): in-process, or from worker processes."""
-    if config["workers"] == 0:
+    if config.workers == 0:
         return TensorBatchLoader(
-            images, labels, batch_size, shuffle=shuffle, seed=config["seed"], mean=MEAN, std=STD, pin_memory=pin_memory
+            images, labels, batch_size, shuffle=shuffle, seed=config.seed, mean=MEAN, std=STD, pin_memory=pin_memory
         )
     dataset = TensorDataset(images.unsqueeze(1), labels)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=ResumableSampler(dataset, shuffle, config["seed"]),
-        num_workers=config["workers"],
+        sampler=ResumableSampler(dataset, shuffle, config.seed),
+        num_workers=config.workers,
         collate_fn=normalize_batch,
         pin_memory=pin_memory,
         worker_init_fn=ignore_stop_signals,
@@ -216,8 +209,8 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
 
     def build(self, config: FashionMNISTConfig, device: torch.device) -> TutorialParts:
         try:
-            train_images, train_labels = load_fashion_mnist(config["data_dir"], train=True, download=config.download)
-            test_images, test_labels = load_fashion_mnist(config["data_dir"], train=False, download=config.download)
+            train_images, train_labels = load_fashion_mnist(config.data_dir, train=True, download=config.download)
+            test_images, test_labels = load_fashion_mnist(config.data_dir, train=False, download=config.download)
         except (DatasetError, ValueError, OSError) as exc:
             raise UsageError(str(exc)) from None
         pin = device.type == "cuda"
@@ -225,10 +218,10 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
         return TutorialParts(
             model=model,
             loss_fn=nn.CrossEntropyLoss(),
-            optimizer=torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"]),
-            train_loader=make_loader(train_images, train_labels, config["batch_size"], True, config, pin),
+            optimizer=torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
+            train_loader=make_loader(train_images, train_labels, config.batch_size, True, config, pin),
             val_loader=make_loader(test_images, test_labels, 1000, False, config, pin),
-            example=normalized(train_images[: config["batch_size"]]),
+            example=normalized(train_images[: config.batch_size]),
             metrics={"acc": accuracy},
             train=(train_images, train_labels),
             test=(test_images, test_labels),
@@ -240,16 +233,16 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
         return [
             *tutorial_callbacks(
                 run_dir,
-                config["log_every"],
+                config.log_every,
                 train_images,
                 train_labels,
                 test_images,
                 test_labels,
-                hparams={**config, "optimizer": "SGD"},
+                hparams={**config.saved(), "optimizer": "SGD"},
             ),
             PRCurveCallback(run_dir, CLASSES),
-            EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config["seed"]),
-            ProgressBar(every_n_steps=min(config["log_every"], 200)),
+            EmbeddingCallback(run_dir, train_images, train_labels, CLASSES, num_samples=100, seed=config.seed),
+            ProgressBar(every_n_steps=min(config.log_every, 200)),
         ]
 
     def after_fit(self, trainer: Trainer, config: FashionMNISTConfig) -> None:
@@ -258,7 +251,11 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train (or resume) the tutorial CNN; returns the exit code."""
+    """Train (or resume) the tutorial CNN; returns the exit code.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+    """
     return FashionMNIST().train(argv)
 
 

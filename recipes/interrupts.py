@@ -1,5 +1,7 @@
-"""Ctrl-C, SIGTERM and SIGHUP during training: finish the current step, save, print how to resume,
-exit 128 + the signal."""
+"""Stop signals in the recipes' commands. During training (`training_interrupts`): Ctrl-C, SIGTERM
+and SIGHUP finish the current step, save, print how to resume, exit 128 + the signal. During a
+command that writes files (`stop_signals_raise`): SIGINT and SIGTERM raise `Stopped`, so that the
+writes in progress remove their temporary files."""
 
 from __future__ import annotations
 
@@ -7,15 +9,22 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from trainer import Callback, Trainer, TrainingInterrupted
 from trainer.workers import STOP_SIGNALS
 
+__all__ = ["Interrupted", "Stopped", "stop_signals_raise", "training_interrupts"]
+
 
 class Interrupted(TrainingInterrupted):
-    """Training was stopped by a signal after finishing its current step."""
+    """Training was stopped by a signal after finishing its current step.
+
+    Args:
+        signum: the signal (``signal.SIGINT``...).
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -95,3 +104,38 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except OSError:
         pass
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived during `stop_signals_raise`; a `BaseException`, as
+    `KeyboardInterrupt`, so that no ``except Exception`` holds it up.
+
+    Attributes:
+        signum: the signal.
+        name: its name (``SIGTERM``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise `Stopped` in this process (in its main
+    thread; elsewhere nothing changes), so that the ``finally`` clauses of the writes in progress
+    run and remove their temporary files before the command exits; SIGTERM's default would end
+    the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

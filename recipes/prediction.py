@@ -1,13 +1,12 @@
-"""The segmentation recipe's ``predict`` command: check a folder of images, predict them at the
-scale the model learned (large ones in blended tiles, same-sized ones batched) and write a
-probability map and a mask per image and class, or for label maps one label map per image (and
-each class's probability map on request).
+"""Segmentation prediction: predict a folder of checked images at the scale the model learned
+(large ones in blended tiles, same-sized ones batched) and write a probability map and a mask per
+image and class, or for label maps one label map per image (and each class's probability map on
+request).
 
-Writes stay inside ``--out``: class names are checked (`check_class_names`), and every planned
-output is checked before the first write (`check_outputs`): inside ``--out`` once symbolic links
-are followed, outside training data folders, one output per path. Each file is written whole
-(a temporary file renamed over it), and `INCOMPLETE_FILE` in ``--out`` marks a folder whose
-predict has not finished: written before the first output, removed after the last.
+Each file is written whole (a temporary file renamed over it), and
+`recipes.prediction_files.INCOMPLETE_FILE` in the output folder marks a predict that has not
+finished: written before the first output, removed after the last. What is read and written is
+checked first, in `recipes.prediction_files`.
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import socket
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +34,15 @@ from models.predict import (
     restore_size,
     to_model_input,
 )
-from recipes.common import UsageError, non_negative_int, positive_int
+from recipes.errors import UsageError
+from recipes.option_types import non_negative_int, positive_int
+from recipes.prediction_files import INCOMPLETE_FILE, READ_ERRORS, ImageFile, output_paths
 from trainer.callbacks.palette import png_palette
 from trainer.checkpoint import atomic_write_text, temporary_path
 from trainer.precision import native_bf16
-from trainer_datasets import DatasetError, read_image_rgb, write_label_map, write_png_file
-from trainer_datasets.image_files import is_image_file, is_system_file, not_regular
-from trainer_datasets.segmentation_layout import class_name_problem
+from trainer_datasets import read_image_rgb, write_label_map, write_png_file
 
-#: Errors the image reader raises for a file it cannot use.
-READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
-#: The file in ``--out`` that marks a predict that has not finished: its outputs are partial.
-INCOMPLETE_FILE = "PREDICT_INCOMPLETE.txt"
-#: The temporary files of this module's writes (`trainer.checkpoint.temporary_path` of an output or the mark).
-_TEMPORARY = re.compile(rf"\..+\.png\.\d+\.tmp|\.{re.escape(INCOMPLETE_FILE)}\.\d+\.tmp")
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    """An image to predict: its file and its own size."""
-
-    path: Path
-    height: int
-    width: int
-
-    @property
-    def id(self) -> str:
-        """The file name without its extension: the outputs are named after it."""
-        return self.path.stem
+__all__ = ["inference_precision", "predict_folder", "write_label_prediction", "write_prediction"]
 
 
 def add_prediction_options(parser: argparse.ArgumentParser) -> None:
@@ -115,78 +93,6 @@ def check_prediction_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
 
 
-def check_images(folder: str) -> list[ImageFile]:
-    """Decode every image file in `folder` (sorted by name) and return their sizes. Hidden and
-    system files (``.DS_Store``, ``Thumbs.db``) are left out, as training leaves them out, and
-    so are folders and files with other extensions.
-
-    Nothing is kept in memory but the sizes. Every problem goes into one `UsageError`: a
-    missing folder, entries with an image extension that are no regular files (FIFOs, dangling or
-    looping links: named, never opened), no images, each file that cannot be decoded (named, with the reason) and
-    ids (file names without extension) that two files share, since the outputs are named by id.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise UsageError(f"--images {folder!r}: no such folder")
-    entries = sorted(p for p in root.iterdir() if is_image_file(p) and not is_system_file(p))
-    kinds = {p: not_regular(p) for p in entries}
-    irregular = [f"{p.name} is {kind}" for p, kind in kinds.items() if kind not in (None, "a folder")]
-    if irregular:  # never opened: reading a FIFO would wait forever
-        raise UsageError(
-            f"--images {folder!r} holds entries that are not image files, nothing written: " + "; ".join(irregular)
-        )
-    paths = [p for p, kind in kinds.items() if kind is None]
-    if not paths:
-        raise UsageError(f"--images {folder!r} holds no .png, .jpg or .tif images")
-    files: list[ImageFile] = []
-    problems: list[str] = []
-    seen: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in seen:
-            problems.append(f"{seen[path.stem].name} and {path.name} share the id {path.stem!r} that names the outputs")
-            continue
-        seen[path.stem] = path
-        try:
-            image = read_image_rgb(path)
-        except READ_ERRORS as exc:
-            problems.append(str(exc))
-            continue
-        files.append(ImageFile(path, image.shape[-2], image.shape[-1]))
-    if problems:
-        raise UsageError(
-            f"{len(problems)} of the {len(paths)} images in {folder} cannot be predicted, nothing "
-            f"written: " + "; ".join(problems)
-        )
-    return files
-
-
-def check_class_names(classes: object, source: str | os.PathLike) -> list[str]:
-    """`classes`, the class names a checkpoint records, when every one can name outputs: a list of
-    distinct strings that `trainer_datasets.segmentation_layout.class_name_problem` accepts (no
-    ``.``, ``..``, path separator or control character). Otherwise a one-line `UsageError`
-    naming `source` and the first name at fault: a name like ``../x`` would send outputs out of
-    ``--out``.
-
-    Args:
-        classes: the ``classes`` of the checkpoint's ``data`` (or ``config``).
-        source: the checkpoint, for the message.
-    """
-    if not isinstance(classes, (list, tuple)):
-        raise UsageError(
-            f"{source} records its class names as a {type(classes).__name__}, not a list of names; nothing written"
-        )
-    for index, name in enumerate(classes):
-        problem = class_name_problem(name)
-        if problem is None and name in classes[:index]:
-            problem = f"names class {classes.index(name)} as well"
-        if problem is not None:
-            raise UsageError(
-                f"{source} records the class name {name!r} (class {index}), which {problem}; outputs are "
-                "named after the classes, so it is refused: nothing written"
-            )
-    return list(classes)
-
-
 def inference_precision(config: dict[str, Any], device: torch.device) -> tuple[str, str]:
     """``(precision, reason)`` of the forward passes: the run's training precision where this
     device computes it natively, else float32.
@@ -194,6 +100,10 @@ def inference_precision(config: dict[str, Any], device: torch.device) -> tuple[s
     bf16 autocast runs only for runs trained in bf16 on a device with native bf16 (elsewhere it
     would be emulated, many times slower); float16 autocast only for runs trained with it, on
     CUDA; all others predict in float32.
+
+    Args:
+        config: the run's configuration as its checkpoint records it (``precision``).
+        device: where the model predicts.
     """
     trained = config.get("precision", "32")
     if trained == "bf16":
@@ -267,52 +177,27 @@ def predict_folder(
             label map of the most probable class per pixel.
         probabilities: with `labels`, also write each class's probability map.
     """
-    work = batches(files, image_size, tile)
     total = sum(count_windows(*model_side(file, image_size), tile, overlap) for file in files)
-    marker = out / INCOMPLETE_FILE
-    try:
-        atomic_write_text(_incomplete_note(files), marker)
-    except OSError as exc:
-        raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing written") from None
+    marker = _mark_incomplete(out, files)
     done, writing = 0, False
     try:
         with tqdm(total=total, unit="tile", desc=f"{len(files)} image{'' if len(files) == 1 else 's'}") as bar:
-            for batch in work:
-                images = []
-                for file in batch:
-                    try:
-                        images.append(to_model_input(read_image_rgb(file.path), image_size))
-                    except READ_ERRORS as exc:  # changed since it was checked
-                        raise UsageError(str(exc)) from None
-                predicted = predict_batch(
-                    model,
-                    torch.stack(images),
-                    tile=tile,
-                    overlap=overlap,
-                    precision=precision,
-                    channels_last=channels_last,
-                    progress=bar.update,
-                    activation="softmax" if labels else "sigmoid",
+            for batch in batches(files, image_size, tile):
+                predicted = _predict_maps(
+                    model, batch, image_size, classes, tile, overlap, precision, channels_last, labels, bar.update
                 )
-                if predicted.shape[1] != len(classes):
-                    raise UsageError(
-                        f"the model predicts {predicted.shape[1]} maps per image, but {len(classes)} class names "
-                        f"are given ({', '.join(classes)}); nothing written"
-                    )
                 for file, probability in zip(batch, predicted):
-                    probability = restore_size(probability, (file.height, file.width))
                     writing = True
-                    try:
-                        if labels:
-                            write_label_prediction(probability, out, file.id, classes, probabilities)
-                        else:
-                            write_prediction(probability, out, file.id, classes, threshold)
-                    except OSError as exc:  # a full disk or an unwritable folder
-                        raise UsageError(
-                            f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
-                            f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
-                            f"complete, no partial file was left, and {marker} marks the folder as partial"
-                        ) from None
+                    _write_outputs(
+                        restore_size(probability, (file.height, file.width)),
+                        out,
+                        file,
+                        classes,
+                        done,
+                        threshold=threshold,
+                        labels=labels,
+                        probabilities=probabilities,
+                    )
                     done += 1
     except BaseException:
         if not writing:  # nothing of this predict is in `out`: the folder is as it was
@@ -320,6 +205,80 @@ def predict_folder(
                 marker.unlink()
         raise
     marker.unlink()
+
+
+def _predict_maps(
+    model: nn.Module,
+    batch: list[ImageFile],
+    image_size: int | None,
+    classes: list[str],
+    tile: int,
+    overlap: int | None,
+    precision: str,
+    channels_last: bool,
+    labels: bool,
+    progress: Callable[[int], None],
+) -> torch.Tensor:
+    """The probability maps of the images of `batch`, read again (a file changed since it was
+    checked is a `UsageError`); a model that predicts other than a map per class is a `UsageError`."""
+    images = []
+    for file in batch:
+        try:
+            images.append(to_model_input(read_image_rgb(file.path), image_size))
+        except READ_ERRORS as exc:  # changed since it was checked
+            raise UsageError(str(exc)) from None
+    predicted = predict_batch(
+        model,
+        torch.stack(images),
+        tile=tile,
+        overlap=overlap,
+        precision=precision,
+        channels_last=channels_last,
+        progress=progress,
+        activation="softmax" if labels else "sigmoid",
+    )
+    if predicted.shape[1] != len(classes):
+        raise UsageError(
+            f"the model predicts {predicted.shape[1]} maps per image, but {len(classes)} class names "
+            f"are given ({', '.join(classes)}); nothing written"
+        )
+    return predicted
+
+
+def _write_outputs(
+    probability: torch.Tensor,
+    out: Path,
+    file: ImageFile,
+    classes: list[str],
+    done: int,
+    *,
+    threshold: float,
+    labels: bool,
+    probabilities: bool,
+) -> None:
+    """Write the outputs of one image whose maps `predict_folder` predicted, after `done` others;
+    a failed write (a full disk) is a `UsageError` saying what is complete."""
+    try:
+        if labels:
+            write_label_prediction(probability, out, file.id, classes, probabilities)
+        else:
+            write_prediction(probability, out, file.id, classes, threshold)
+    except OSError as exc:  # a full disk or an unwritable folder
+        raise UsageError(
+            f"cannot write {exc.filename}: {exc.strerror or exc}; prediction stopped: the "
+            f"outputs of the {done} image{'' if done == 1 else 's'} before it in {out} are "
+            f"complete, no partial file was left, and {out / INCOMPLETE_FILE} marks the folder as partial"
+        ) from None
+
+
+def _mark_incomplete(out: Path, files: list[ImageFile]) -> Path:
+    """Write `INCOMPLETE_FILE` into `out` for a predict of `files` and return it; a failed write is a `UsageError`."""
+    marker = out / INCOMPLETE_FILE
+    try:
+        atomic_write_text(_incomplete_note(files), marker)
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}; nothing written") from None
+    return marker
 
 
 def _incomplete_note(files: list[ImageFile]) -> str:
@@ -332,161 +291,6 @@ def _incomplete_note(files: list[ImageFile]) -> str:
         "before the end: every file here is whole, but some images have no outputs yet.\n"
         "Run the same predict again with --overwrite to complete the folder.\n"
     )
-
-
-def output_paths(
-    out: Path, image_id: str, classes: list[str], labels: bool = False, probabilities: bool = False
-) -> list[Path]:
-    """The files `write_prediction` writes for one image, probability map then mask per class.
-
-    One class: ``<out>/<id>_prob.png`` and ``<out>/<id>_mask.png``. Several: the training layout,
-    ``<out>/<class>/<id>_prob.png`` and ``<out>/<class>/<id>.png``. With `labels`, the files of
-    `write_label_prediction`: the label map ``<out>/<id>.png``, then with `probabilities`
-    ``<out>/<class>/<id>_prob.png`` per class.
-    """
-    return [path for path, _ in _outputs(out, image_id, classes, labels, probabilities)]
-
-
-def _outputs(
-    out: Path, image_id: str, classes: Sequence[str], labels: bool, probabilities: bool
-) -> list[tuple[Path, str]]:
-    """`output_paths` with what each file is, for messages."""
-    if labels:
-        maps = [(out / name / f"{image_id}_prob.png", f"probability map of class {name!r}") for name in classes]
-        return [(out / f"{image_id}.png", "label map"), *(maps if probabilities else [])]
-    if len(classes) == 1:
-        return [(out / f"{image_id}_prob.png", "probability map"), (out / f"{image_id}_mask.png", "mask")]
-    return [
-        pair
-        for name in classes
-        for pair in (
-            (out / name / f"{image_id}_prob.png", f"probability map of class {name!r}"),
-            (out / name / f"{image_id}.png", f"mask of class {name!r}"),
-        )
-    ]
-
-
-def check_outputs(
-    out: Path,
-    files: list[ImageFile],
-    classes: list[str],
-    overwrite: bool,
-    labels: bool = False,
-    probabilities: bool = False,
-) -> None:
-    """Refuse, before anything is written, outputs that would go astray, be lost or replace files;
-    each case is a one-line `UsageError` (saying that nothing was written):
-
-    - two outputs at one path, e.g. with several classes ``cell.png``'s probability map and
-      ``cell_prob.png``'s mask (both ``<class>/cell_prob.png``), or an output file where the
-      folder of a class goes: both images are named;
-    - an output whose folder lies outside `out` once symbolic links are followed (a class folder
-      that links elsewhere), or in a training data folder (one with ``images/`` and ``masks/``);
-    - an output that is a folder;
-    - unless `overwrite`: `INCOMPLETE_FILE` in `out` (a predict into it that did not finish),
-      and any output that exists already (the first is named, and how many there are).
-
-    Args:
-        out: the output folder (it may not exist yet).
-        files: the images, as `check_images` returns them.
-        classes: the class names (checked by `check_class_names`).
-        overwrite: existing outputs may be replaced.
-        labels: the outputs of `write_label_prediction` instead of `write_prediction`.
-        probabilities: with `labels`, the probability maps too.
-    """
-    planned: dict[Path, tuple[ImageFile, str]] = {}
-    for file in files:
-        for path, role in _outputs(out, file.id, classes, labels, probabilities):
-            if path in planned:
-                other, other_role = planned[path]
-                both = (
-                    f"{file.path.name} would write it twice (its {other_role} and its {role})"
-                    if other is file
-                    else f"{other.path.name} and {file.path.name} would both write it (the {other_role} of "
-                    f"{other.path.name}, the {role} of {file.path.name})"
-                )
-                raise UsageError(
-                    f"--out {str(out)!r}: {path} is planned twice: {both}; nothing written: rename one of the "
-                    "images or predict them into separate folders"
-                )
-            planned[path] = (file, role)
-    folders = {path.parent for path in planned}
-    for path, (file, role) in planned.items():
-        if path in folders:
-            raise UsageError(
-                f"--out {str(out)!r}: {path} would be both the {role} of {file.path.name} and the folder of class "
-                f"{path.name!r}; nothing written: rename the image or predict it into another folder"
-            )
-    root = out.resolve()
-    leads_to: dict[Path, Path] = {}
-    for folder in sorted(folders):
-        try:
-            resolved = folder.resolve()
-        except (OSError, RuntimeError) as exc:  # a symbolic link loop
-            raise UsageError(f"--out {str(out)!r}: cannot follow {folder}: {exc}; nothing written") from None
-        if not resolved.is_relative_to(root):
-            raise UsageError(
-                f"--out {str(out)!r}: the output folder {folder} leads to {resolved}, outside --out (a symbolic "
-                "link); predict writes only inside --out: nothing written"
-            )
-        if resolved in leads_to:  # the outputs of two classes would land in one folder
-            raise UsageError(
-                f"--out {str(out)!r}: the output folders {leads_to[resolved]} and {folder} are one folder, "
-                f"{resolved} (a symbolic link), where their outputs would replace each other; nothing written"
-            )
-        leads_to[resolved] = folder
-        data = data_folder_above(resolved)
-        if data is not None:
-            raise UsageError(
-                f"--out {str(out)!r}: the output folder {folder} lies in the training data folder {str(data)!r} "
-                "(it holds images/ and masks/); nothing written: choose a folder outside it"
-            )
-    clashes = [path for path in planned if path.exists()]
-    taken = [path for path in clashes if path.is_dir()]
-    if taken:
-        raise UsageError(f"--out {str(out)!r}: {taken[0]} is a folder where an output file goes; nothing written")
-    if overwrite:
-        return
-    if (out / INCOMPLETE_FILE).exists():
-        raise UsageError(
-            f"--out {str(out)!r} holds {INCOMPLETE_FILE}: a predict into it stopped before the end, so its outputs "
-            "are partial; nothing written: run predict again with --overwrite to complete them, or choose another "
-            "--out"
-        )
-    if clashes:
-        more = f" and {len(clashes) - 1} more of the outputs" if len(clashes) > 1 else ""
-        raise UsageError(
-            f"--out {str(out)!r} already holds {clashes[0]}{more}; nothing written: pass --overwrite to "
-            "replace them, or choose another --out"
-        )
-
-
-def remove_partial_files(out: Path, classes: Iterable[str]) -> list[Path]:
-    """Delete the temporary files (``.NAME.png.PID.tmp``, and that of `INCOMPLETE_FILE`) that a
-    predict killed while writing left in `out` and in its class folders, and return them. Call it
-    only while holding `out`'s lock (no other predict writes there).
-
-    Args:
-        out: the output folder.
-        classes: the class names (their folders in `out` are looked into too).
-    """
-    removed = []
-    for folder in (out, *(out / name for name in classes)):
-        if folder.is_dir() and not folder.is_symlink():
-            for path in folder.iterdir():
-                if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-    return removed
-
-
-def data_folder_above(path: Path) -> Path | None:
-    """The training data folder (one holding both ``images/`` and ``masks/``) that `path` is, or
-    lies in, else None."""
-    for folder in (path, *path.parents):
-        if (folder / "images").is_dir() and (folder / "masks").is_dir():
-            return folder
-    return None
 
 
 def write_prediction(

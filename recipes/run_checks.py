@@ -1,5 +1,6 @@
 """Checks that stop a run before it writes anything: its saved configuration, checkpoint weights,
-metrics.csv, optimizer settings and the data files it trained on."""
+metrics.csv, optimizer settings and the data files it trained on (their fingerprint:
+`trainer_datasets.fingerprint.data_files`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 from recipes.errors import UsageError
-from trainer_datasets.fingerprint import data_files  # noqa: F401 - the fingerprint recipes record
+
+__all__ = ["check_metrics_csv", "check_optimizer", "check_recipe_config", "check_same_data", "check_weights"]
 
 
 def check_recipe_config(config: Any, keys: Iterable[str], source: str | os.PathLike, recipe: str) -> None:

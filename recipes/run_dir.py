@@ -18,11 +18,26 @@ from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.run_checks import check_recipe_config
 from trainer.callback import Callback
+from trainer.callbacks.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST
 from trainer.callbacks.tensorboard import has_event_files
 from trainer.checkpoint import atomic_write_text, load_checkpoint, remove_temporary_files
 from trainer.distributed import broadcast_object, is_rank_zero
 from trainer.every import Every
-from trainer.run_lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock import LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock_file import LOCK_FILE
+
+__all__ = [
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "WRITE_ERRNOS",
+    "RunFolderGuard",
+    "hold_run_dir",
+    "lock_run_dir",
+    "resume_run",
+    "start_run_dir",
+    "write_error_line",
+]
+
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -99,7 +114,12 @@ def lock_run_dir(path: Path, what: str) -> RunLock:
     """Take `path`'s `RunLock` (one writer per folder); another live run holding it, a lock
     file that is not a plain file of its own (a planted link) or another user's stale lock file
     that cannot be removed, or a folder where the lock file cannot be written, is a `UsageError`
-    naming `what` (the option and value that named the folder)."""
+    naming `what` (the option and value that named the folder).
+
+    Args:
+        path: the folder.
+        what: the option and value that named it, for the messages (``--out 'preds'``).
+    """
     try:
         return RunLock(path).acquire()
     except RunLockedError as exc:
@@ -129,8 +149,11 @@ def lost_folder_line(exc: RunLockLostError, recipe_module: str) -> str:
         return line + "; its checkpoints were removed with it: start a new run"
     folder = exc.folder if exc.lock_file else exc.moved_to
     if folder is None:
-        return line + "; its last good checkpoint is last.pt in the folder where it went: resume with --resume NEW_PATH"
-    last = folder / "last.pt"
+        return (
+            line + f"; its last good checkpoint is {CHECKPOINT_LAST} in the folder where it went: "
+            "resume with --resume NEW_PATH"
+        )
+    last = folder / CHECKPOINT_LAST
     if last.is_file():
         return line + f"; the last good checkpoint is {last} (resume with: {resume_command(recipe_module, folder)})"
     return line + f"; no checkpoint was written yet in {folder}: start a new run"
@@ -217,14 +240,20 @@ def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = N
     """One line for a write that failed (a full disk, a read-only folder) during a run: the path
     (the run directory when the error names none, as the TensorBoard writer's does), the reason
     and what is still valid: the last good checkpoint and the command that resumes it (once
-    there is room), else ``best.pt`` if there is one, or that no checkpoint was written."""
+    there is room), else ``best.pt`` if there is one, or that no checkpoint was written.
+
+    Args:
+        exc: the error of the write.
+        run_dir: the run directory (None: a ``--fast-dev-run``'s, not kept).
+        command: the command that resumes the run.
+    """
     where = exc.filename or (f"into {run_dir}" if run_dir is not None else "a file")
     line = f"cannot write {where}: {exc.strerror or exc}; the run stopped"
-    last, best = (run_dir / "last.pt", run_dir / "best.pt") if run_dir is not None else (None, None)
+    last, best = (run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_BEST) if run_dir is not None else (None, None)
     if last is not None and last.is_file():
         return line + f"; the last good checkpoint is {last}" + (f" (resume with: {command})" if command else "")
     if best is not None and best.is_file():
-        return line + f"; {best} is whole (for predict), but there is no last.pt to resume from"
+        return line + f"; {best} is whole (for predict), but there is no {CHECKPOINT_LAST} to resume from"
     return line + "; no checkpoint was written"
 
 
@@ -235,7 +264,7 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, 
 def start_run_dir(
     log_dir: str | None,
     default_root: str,
-    config: RunConfig | dict[str, Any],
+    config: RunConfig,
     record: Mapping[str, Any] | None = None,
 ) -> tuple[Path, RunLock | None]:
     """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
@@ -250,6 +279,12 @@ def start_run_dir(
     and the lock (two runs started at once), is a `UsageError`, and nothing is written there.
     Under torchrun, rank 0 creates and locks it, and every rank gets the same path (or the same
     error).
+
+    Args:
+        log_dir: ``--log-dir`` (None: a new ``<default_root>/<timestamp>``).
+        default_root: the folder of new runs (``runs/<recipe>``).
+        config: the run's configuration.
+        record: what this command found, saved beside the configuration in ``config.json``.
     """
     result: tuple[Path, RunLock | None] | UsageError | None = None
     if is_rank_zero():
@@ -260,7 +295,7 @@ def start_run_dir(
             if holds_run(path):  # another run wrote it between make_run_dir's look and the lock
                 raise UsageError(f"--log-dir {str(path)!r} already holds a run; choose a new directory")
             try:
-                saved = {**(record or {}), **dict(config)}
+                saved = {**(record or {}), **config.saved()}
                 atomic_write_text(json.dumps(saved, indent=2, sort_keys=True), path / CONFIG_FILE)
             except OSError as exc:
                 raise UsageError(write_error_line(exc, None)) from None
@@ -332,7 +367,7 @@ def resume_run(
         config = _resumable_config(command, path, config_class, recipe)
         if lock is not None:
             remove_temporary_files(path)
-        return path, config, path / "last.pt", lock
+        return path, config, path / CHECKPOINT_LAST, lock
     except BaseException:
         if lock is not None:
             lock.release()
@@ -341,9 +376,9 @@ def resume_run(
 
 def _resumable_config(command: CommandLine, path: Path, config_class: type[RunConfig], recipe: str) -> RunConfig:
     """The configuration `resume_run` continues `path`'s run with (see there)."""
-    args, given, last = command.args, command.given, path / "last.pt"
+    args, given, last = command.args, command.given, path / CHECKPOINT_LAST
     if not last.is_file():
-        found = "last.pt is a folder" if last.is_dir() else "there is no last.pt"
+        found = f"{CHECKPOINT_LAST} is a folder" if last.is_dir() else f"there is no {CHECKPOINT_LAST}"
         raise UsageError(
             f"--resume {args.resume!r}: {found}, so there is no checkpoint to continue from (the directory holds "
             f"{describe_folder(path)}); a run stopped before its first checkpoint cannot be resumed: start a new "
@@ -370,8 +405,7 @@ def _resumable_config(command: CommandLine, path: Path, config_class: type[RunCo
                 f"new run to change {option}"
             )
     config = config_class.from_saved(saved, args)
-    for dest in given.keys() & set(resumable):
-        config[dest] = getattr(args, dest)
+    config.update(**{dest: getattr(args, dest) for dest in given.keys() & set(resumable)})
     done = len(state.get("history", []))
     if state.get("should_stop") and state.get("position") is None:
         raise RunComplete(f"run {path} is complete: it stopped early after {done} epochs; nothing to resume")

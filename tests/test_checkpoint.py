@@ -168,7 +168,7 @@ def test_non_finite_loss_caught_at_log_point_names_step_and_checkpoint(tmp_path)
 
 
 def test_cli_reports_non_finite_loss_in_one_line(capsys):
-    from recipes.common import run_cli
+    from recipes.cli import run_cli
     from trainer import NonFiniteLossError
 
     def main(argv):

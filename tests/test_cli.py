@@ -15,10 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from recipes import nested_unet
-from recipes.cli import RecipeArgumentParser, add_run_options, parse_command_line, positive_int, resume_command, run_cli
-from recipes.common import Recipe, RecipeParts
+from recipes.cli import RecipeArgumentParser, add_run_options, parse_command_line, resume_command, run_cli
+from recipes.common import Recipe
 from recipes.config import PATH, RunConfig
-from recipes.nested_unet import NestedUNetConfig, build_parser
+from recipes.nested_unet_options import NestedUNetConfig, build_parser
+from recipes.option_types import positive_int
+from recipes.parts import RecipeParts
 from tests.helpers import tiny_args
 from trainer import ResumableSampler
 from trainer.checkpoint import load_checkpoint
@@ -62,10 +64,11 @@ def test_a_config_json_of_an_older_run_resumes_with_defaults_and_keeps_unknown_v
     config = NestedUNetConfig.from_saved(saved, argparse.Namespace(resume="run", max_time=60.0))
     assert (config.threads, config.histograms, config.checkpoint_every) == (None, False, None)
     assert (config.resume, config.max_time, config.log_dir) == ("run", 60.0, None)
-    assert dict(config)["retired_option"] == 7 and dict(config)["classes"] == ["nucleus"]
-    assert not {"resume", "max_time", "log_dir", "fast_dev_run", "other"} & set(config)
-    with pytest.raises(KeyError, match="declare it as a field"):
-        config["no_such_option"] = 1
+    saved = config.saved()  # what config.json and the checkpoints hold
+    assert saved["retired_option"] == 7 and saved["classes"] == ["nucleus"] and config.classes == ["nucleus"]
+    assert not {"resume", "max_time", "log_dir", "fast_dev_run", "other"} & set(saved)
+    with pytest.raises(TypeError, match="NestedUNetConfig has no field 'no_such_option'"):
+        config.update(no_such_option=1)
 
 
 def test_data_given_relative_is_saved_absolute_and_the_run_resumes_from_anywhere(tmp_path, monkeypatch):

@@ -14,28 +14,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import trainer.cpus as cpus_module
 import trainer.precision as precision_module
-import trainer.threads as threads_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
-from recipes.common import (
-    Recipe,
-    RecipeArgumentParser,
-    RecipeParts,
-    RunConfig,
-    UsageError,
-    add_run_options,
-    positive_int,
-    print_run_summary,
-    recorded_data,
-    run_cli,
-    start_line,
-)
+from recipes.cli import RecipeArgumentParser, add_run_options, run_cli
+from recipes.common import Recipe, print_run_summary, start_line
+from recipes.config import RunConfig
+from recipes.errors import UsageError
+from recipes.option_types import positive_int
+from recipes.parts import RecipeParts, recorded_data
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer.openmp import choose_wait_policy
 from trainer.precision import choose_precision
-from trainer.threads import choose_threads
+from trainer.runs.threads import choose_threads
 from trainer_datasets import (
     SegmentationFolder,
     make_learnable_fashion_like,
@@ -229,8 +222,8 @@ def test_start_line_is_short_with_a_long_cache_path_and_long_reasons(mocker, mon
     choice = choose_precision(model, torch.device("cpu"), torch.rand(2, 3, 8, 8), cache=cache)  # reads the cache
     assert len(choice.reason) > 400 and str(cache) in choice.reason and " ms" in choice.reason
 
-    mocker.patch.object(threads_module, "affinity_cpus", return_value=1024)
-    mocker.patch.object(threads_module, "cpu_quota", return_value=1000.5)
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=1024)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=1000.5)
     threads = []
     monkeypatch.setenv("OMP_NUM_THREADS", "128")
     threads.append(choose_threads())

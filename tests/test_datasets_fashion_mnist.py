@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes import fashion_mnist
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from trainer_datasets import (
     CLASSES,
     DataNotFoundError,

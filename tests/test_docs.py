@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import nested_unet
-from recipes.common import run_cli
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import read_label_map, write_png_file
@@ -134,10 +132,11 @@ def test_a_segmentation_recipe_file_records_label_maps_resumes_and_predicts_them
     """The segmentation recipe of docs/extending.md, run as a script (``python shapes.py``) and
     stopped by ``--max-time``, prints the command that resumes it, which finishes the run. Its
     checkpoints record the data's classes and the mask_type its loss trains ('labels'), which the
-    recipe never gave; from ``best.pt`` alone, ``predict`` writes one label map per image (no mask
-    per class) that finds the squares and discs of new images."""
+    recipe never gave. Its own ``export`` writes ``best.pt``'s weights and description, and its own
+    ``predict`` (a `SegmentationRecipe`'s) writes from that file alone one label map per image (no
+    mask per class) that finds the squares and discs of new images."""
     script, run_dir = tmp_path / "shapes.py", tmp_path / "run"
-    script.write_text(extending_block("class Shapes(Recipe"))
+    script.write_text(extending_block("class Shapes(SegmentationRecipe"))
     fake_clock.tick = 0.4  # the limit of 1 s passes within a few of the 96 steps
     assert run_script([str(script), *SHAPES_RUN, "--max-time", "00:00:01", "--log-dir", str(run_dir)], monkeypatch) == 0
     command = resume_line(capsys.readouterr().out)
@@ -160,9 +159,16 @@ def test_a_segmentation_recipe_file_records_label_maps_resumes_and_predicts_them
     images, labels = shapes(4, side=32, seed=99)
     for index, image in enumerate(images):
         write_png_file(image.mul(255).round().to(torch.uint8), tmp_path / "pictures" / f"{index}.png")
-    out = tmp_path / "label_maps"
-    predict = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(tmp_path / "pictures")]
-    assert run_cli(nested_unet.main, [*predict, "--out", str(out)]) == 0
+    exported, out = tmp_path / "shapes.pt", tmp_path / "label_maps"
+    assert (
+        run_script(
+            [str(script), "export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(exported)], monkeypatch
+        )
+        == 0
+    )
+    assert "optimizer" not in load_checkpoint(exported)
+    predict = ["predict", "--checkpoint", str(exported), "--images", str(tmp_path / "pictures"), "--out", str(out)]
+    assert run_script([str(script), *predict], monkeypatch) == 0
     assert sorted(path.name for path in out.iterdir()) == [f"{index}.png" for index in range(4)]
     predicted = torch.stack([read_label_map(out / f"{index}.png") for index in range(4)])
     ious = [

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from trainer_datasets import (
     DatasetError,
     SegmentationFolder,

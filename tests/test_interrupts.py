@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from tests.helpers import tiny_args
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from trainer import Trainer

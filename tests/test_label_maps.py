@@ -17,7 +17,7 @@ from torch import nn
 from models import CEDiceLoss, confusion_iou, confusion_matrix, label_class_iou, label_iou
 from models.metrics import confusion_dice, mean_present
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from tests.helpers import HostSyncGuard
 from trainer import Callback, Trainer
 from trainer.callbacks import ConfusionMatrixCallback

@@ -18,7 +18,7 @@ from datasets import load_dataset
 from trainer_datasets import SyntheticNuclei
 print(load_dataset("nuclei"), len(SyntheticNuclei(2, image_size=16)), flush=True)
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 sys.exit(run_cli(nested_unet.main, sys.argv[1:]))
 """
 

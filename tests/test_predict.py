@@ -33,8 +33,12 @@ from models.predict import (
     to_model_input,
 )
 from recipes import nested_unet
-from recipes.common import run_cli
-from recipes.prediction import inference_precision, output_paths
+from recipes.cli import run_cli
+from recipes.errors import UsageError
+from recipes.nested_unet import NestedUNetRecipe
+from recipes.prediction import inference_precision
+from recipes.prediction_files import output_paths
+from recipes.segmentation_model import load_trained_model
 from tests.helpers import undocumented_options
 from trainer.checkpoint import load_checkpoint
 from trainer_datasets import SegmentationFolder, SyntheticNuclei, read_image_rgb, write_png_file
@@ -145,7 +149,7 @@ def test_whole_image_scores_like_the_validation_tiles(whole, capsys):
 
 
 def load_model(checkpoint):
-    return nested_unet.load_trained_model(checkpoint)[0]
+    return NestedUNetRecipe().load_trained_model(checkpoint).model
 
 
 @pytest.mark.numerics
@@ -551,7 +555,7 @@ def test_bad_prediction_options_are_one_line(native_run, tmp_path, capsys, extra
 
 
 def test_predict_help_names_every_option():
-    text = nested_unet.build_predict_parser().format_help()
+    text = NestedUNetRecipe().build_predict_parser().format_help()
     for option in (
         "--checkpoint",
         "--images",
@@ -564,7 +568,7 @@ def test_predict_help_names_every_option():
         "--overlap",
     ):
         assert option in text
-    assert undocumented_options(nested_unet.build_predict_parser()) == []
+    assert undocumented_options(NestedUNetRecipe().build_predict_parser()) == []
 
 
 @pytest.mark.parametrize(
@@ -573,7 +577,7 @@ def test_predict_help_names_every_option():
 )
 def test_predict_help_names_the_files_each_kind_of_run_writes(classes, labels, probabilities):
     """The help of --out names the files `output_paths` gives for one class, several and label maps."""
-    action = next(a for a in nested_unet.build_predict_parser()._actions if "--out" in a.option_strings)
+    action = next(a for a in NestedUNetRecipe().build_predict_parser()._actions if "--out" in a.option_strings)
     out = Path("OUT")
     for path in output_paths(out, "ID", classes, labels, probabilities):
         parts = ["<class>" if part in classes else part.replace("ID", "<id>") for part in path.relative_to(out).parts]
@@ -677,8 +681,8 @@ def test_predict_says_what_another_checkpoint_is_and_lacks(tmp_path, capsys):
     assert err.count("\n") == 1 and re.search(
         r"names the model class (tests\.)?test_predict\.OwnNet .*not allowed", err
     )
-    model, config = nested_unet.load_trained_model(own, allowed=[OwnNet])
-    assert isinstance(model, OwnNet) and config["classes"] == ["a", "b"] and config["image_size"] is None
+    trained = load_trained_model(own, allowed=[OwnNet])
+    assert isinstance(trained.model, OwnNet) and trained.classes == ["a", "b"] and trained.image_size is None
     assert not (tmp_path / "out").exists()
 
 
@@ -710,8 +714,8 @@ def test_a_checkpoint_that_does_not_say_how_its_outputs_are_read_is_refused(two_
     assert err.count("\n") == 1 and f"{checkpoint} (a checkpoint of UNet) {said}; record data['mask_type']" in err
     assert "'labels' for a softmax over the classes" in err and "'binary' for a sigmoid per class" in err
     assert not (tmp_path / "out").exists()
-    with pytest.raises(nested_unet.UsageError, match=re.escape(said)):
-        nested_unet.load_trained_model(checkpoint)
+    with pytest.raises(UsageError, match=re.escape(said)):
+        NestedUNetRecipe().load_trained_model(checkpoint)
 
 
 def test_only_this_recipes_files_from_before_label_maps_are_read_as_binary(resized_run, tmp_path):
@@ -722,14 +726,14 @@ def test_only_this_recipes_files_from_before_label_maps_are_read_as_binary(resiz
     assert state["config"]["arch"] == "UNet"
     recorded = tmp_path / "recorded.pt"
     torch.save(state, recorded)
-    with pytest.raises(nested_unet.UsageError, match="does not record how its outputs are read"):
-        nested_unet.load_trained_model(recorded)
+    with pytest.raises(UsageError, match="does not record how its outputs are read"):
+        NestedUNetRecipe().load_trained_model(recorded)
     for key in ("format_version", "model_spec", "data"):
         del state[key]
     legacy = tmp_path / "legacy.pt"
     torch.save(state, legacy)
-    model, config = nested_unet.load_trained_model(legacy)
-    assert isinstance(model, UNet) and config["mask_type"] == "binary" and config["classes"] == ["nucleus"]
+    trained = NestedUNetRecipe().load_trained_model(legacy)
+    assert isinstance(trained.model, UNet) and trained.mask_type == "binary" and trained.classes == ["nucleus"]
 
 
 def test_export_writes_a_weights_only_file_that_predict_and_load_model_read(resized_run, tmp_path, capsys):
@@ -804,8 +808,8 @@ def test_class_names_that_are_no_folder_name_are_refused_and_nothing_is_written(
     assert err.count("\n") == 1
     assert f"{checkpoint} (a checkpoint of UNet) records the class name {name!r} (class 1), which " in err
     assert snapshot(workspace) == before and not out.exists()  # ground truth and the parent folder as they were
-    with pytest.raises(nested_unet.UsageError, match="records the class name"):
-        nested_unet.load_trained_model(checkpoint)
+    with pytest.raises(UsageError, match="records the class name"):
+        NestedUNetRecipe().load_trained_model(checkpoint)
 
 
 def test_an_output_folder_that_links_outside_out_is_refused(two_classes, workspace, capsys):

@@ -6,7 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes import fashion_mnist
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from trainer_datasets import CLASSES, make_learnable_fashion_like, write_fashion_mnist_idx
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
+from recipes.nested_unet_options import NestedUNetConfig
 from tests.helpers import tiny_args, undocumented_options
 from trainer import Trainer
 from trainer.callbacks import ModelCheckpoint
@@ -92,7 +94,8 @@ def test_folder_data_and_unet(tmp_path):
     assert config["arch"] == "UNet" and config["image_size"] is None  # trained at the images' own size
     assert config["base_filters"] == 4 and state["model"]["conv4_0.conv2.weight"].shape[0] == 4 * 16
     del config["base_filters"]  # a run from before the option: the reference width
-    assert nested_unet.build_model(config, 1).conv4_0.conv2.out_channels == 32 * 16
+    old = NestedUNetConfig.from_saved(config, argparse.Namespace())
+    assert nested_unet.build_model(old.arch, 1, base_filters=old.base_filters).conv4_0.conv2.out_channels == 32 * 16
 
 
 def test_deep_supervision_run(tmp_path):
@@ -175,7 +178,7 @@ def test_log_dir_holding_a_run_is_refused(tiny_run, capsys):
 
 
 def test_help_explains_every_option():
-    text = nested_unet.build_parser().format_help()
+    text = nested_unet.NestedUNetRecipe().build_parser().format_help()
     for option in (
         "--data",
         "--arch",
@@ -197,7 +200,7 @@ def test_help_explains_every_option():
         "--resume",
     ):
         assert option in text
-    assert undocumented_options(nested_unet.build_parser()) == []
+    assert undocumented_options(nested_unet.NestedUNetRecipe().build_parser()) == []
 
 
 def test_command_line_exit_code_and_single_line():

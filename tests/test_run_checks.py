@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recipes import fashion_mnist, nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from trainer_datasets import SyntheticNuclei, make_learnable_fashion_like, write_fashion_mnist_idx
 
 SEGMENTATION = [

@@ -24,14 +24,15 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from recipes import nested_unet
-from recipes.cli import parse_command_line
-from recipes.common import UsageError, run_cli, start_run_dir
-from recipes.run_dir import hold_run_dir
+from recipes.cli import parse_command_line, run_cli
+from recipes.config import RunConfig
+from recipes.errors import UsageError
+from recipes.run_dir import hold_run_dir, start_run_dir
 from tests.conftest import torch_save_on_a_full_disk
 from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from trainer.checkpoint import load_checkpoint
-from trainer.run_lock import RunLock
+from trainer.runs.lock import RunLock
 from trainer_datasets import write_png_file
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX locks and signals")
@@ -62,8 +63,8 @@ def earlier_run(folder: Path, files: tuple[str, ...] = ("config.json", "metrics.
     the other `files` with contents of their kind."""
     folder.mkdir(parents=True, exist_ok=True)
     recipe = nested_unet.NestedUNetRecipe()
-    config = recipe.new_config(parse_command_line(nested_unet.build_parser(), tiny_args()))
-    (folder / "config.json").write_text(json.dumps(dict(config)))
+    config = recipe.new_config(parse_command_line(recipe.build_parser(), tiny_args()))
+    (folder / "config.json").write_text(json.dumps(config.saved()))
     if "metrics.csv" in files:
         (folder / "metrics.csv").write_text("epoch,step,loss,val_loss,val_iou\n0,2,0.9,0.8,0.578\n")
     if "events" in files:
@@ -126,7 +127,7 @@ def test_config_json_that_cannot_be_written_leaves_no_file(tmp_path, mocker):
     """A config.json write that fails (ENOSPC at fsync) names the file and leaves nothing, not even the lock."""
     mocker.patch("trainer.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(UsageError, match=r"cannot write .*config\.json: No space left on device"):
-        start_run_dir(str(tmp_path / "run"), "runs/x", {"seed": 0})
+        start_run_dir(str(tmp_path / "run"), "runs/x", RunConfig(epochs=1))
     assert not list((tmp_path / "run").iterdir())  # neither config.json, its temporary file nor the lock
 
 
@@ -184,7 +185,7 @@ def checkpoint(tmp_path_factory) -> Path:
     }
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
-    torch.save({"model": nested_unet.build_model(config, 1).state_dict(), "config": config}, path)
+    torch.save({"model": nested_unet.build_model("UNet", 1).state_dict(), "config": config}, path)
     return path
 
 

@@ -21,19 +21,19 @@ from pathlib import Path
 import pytest
 
 from tests.processes import ROOT
-from trainer.run_lock import LOCK_FILE, LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock import LockFileError, RunLock, RunLockedError, RunLockLostError
+from trainer.runs.lock_file import LOCK_FILE
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fcntl.flock is POSIX")
 
 # Another process that takes the folder's lock with `RunLock`, says so, and holds it until it is killed.
-# It loads trainer/run_lock.py from its file: importing the `trainer` package would load torch, for
-# seconds, and the lock needs only the standard library.
+# The lock needs only the standard library: importing it loads no torch.
 HOLDER = textwrap.dedent("""
-    import importlib.util, sys, threading
-    spec = importlib.util.spec_from_file_location("run_lock", sys.argv[2])
-    run_lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_lock)
-    run_lock.RunLock(sys.argv[1]).acquire()
+    import sys, threading
+    sys.path.insert(0, sys.argv[2])
+    from trainer.runs.lock import RunLock
+    assert "torch" not in sys.modules
+    RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     threading.Event().wait(60)
 """)
@@ -43,7 +43,7 @@ HOLDER = textwrap.dedent("""
 def holder(tmp_path):
     """A live process holding `tmp_path`'s lock."""
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), str(ROOT / "trainer" / "run_lock.py")],
+        [sys.executable, "-c", HOLDER, str(tmp_path), str(ROOT)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -210,15 +210,14 @@ def test_without_locks_on_folders_the_lock_file_still_guards(tmp_path, monkeypat
 # dead run of uid 65534 left behind: one that lets it remove the file, one with the sticky bit that
 # does not. It prints, per folder, what it took over or the error's type and message.
 OTHER_USER = textwrap.dedent("""
-    import importlib.util, json, os, sys
-    spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
-    run_lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_lock)
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from trainer.runs.lock import RunLock
     os.setgid(65533)
     os.setuid(65533)
     for folder in sys.argv[2:]:
         try:
-            lock = run_lock.RunLock(folder).acquire()
+            lock = RunLock(folder).acquire()
             print(json.dumps({"taken_over": lock.taken_over, "owner": os.stat(lock.path).st_uid}))
             lock.release()
         except Exception as exc:
@@ -249,7 +248,7 @@ def test_another_users_stale_lock_is_taken_over_or_named_in_one_line(tmp_path):
         shared.chmod(0o755)
         open_folder, sticky = stale(shared / "open", 0o777), stale(shared / "sticky", 0o1777)
         result = subprocess.run(
-            [sys.executable, "-c", OTHER_USER, str(ROOT / "trainer" / "run_lock.py"), str(open_folder), str(sticky)],
+            [sys.executable, "-c", OTHER_USER, str(ROOT), str(open_folder), str(sticky)],
             capture_output=True,
             text=True,
             timeout=60,

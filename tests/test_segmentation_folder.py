@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from tests.helpers import write_png, write_sample
 from trainer_datasets import (
     DataNotFoundError,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recipes import nested_unet
-from recipes.common import run_cli
+from recipes.cli import run_cli
 from tests.helpers import tiny_args
 from tests.processes import RecipeProcess
 from tests.test_kill_resume import assert_matches_reference

@@ -1,15 +1,19 @@
-"""trainer.threads: thread counts from the affinity mask, the container's CPU quota (cgroup v1 and
+"""trainer.cpus and trainer.runs.threads: thread counts from the affinity mask, the container's CPU quota (cgroup v1 and
 v2 files written by the test) and torchrun's local processes."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import trainer.threads as threads_module
-from trainer.threads import choose_threads, cpu_quota, use_threads
+import trainer.cpus as cpus_module
+from trainer.cpus import cpu_quota
+from trainer.openmp import choose_wait_policy
+from trainer.runs.threads import choose_threads, use_threads
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +68,16 @@ def test_no_cgroup_files_means_no_quota(tmp_path):
 
 
 def test_a_quota_caps_the_threads_and_says_so(mocker):
-    mocker.patch.object(threads_module, "affinity_cpus", return_value=32)
-    mocker.patch.object(threads_module, "cpu_quota", return_value=1.5)
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=32)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=1.5)
     choice = choose_threads()
     assert choice.threads == 2 and "cgroup CPU quota 1.5" in choice.reason and "32 CPUs" in choice.reason
     assert str(choice) == "2 threads (CPU quota)"  # the start line's words; the numbers are in the reason
 
 
 def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
-    mocker.patch.object(threads_module, "affinity_cpus", return_value=8)
-    mocker.patch.object(threads_module, "cpu_quota", return_value=None)
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     choice = choose_threads()
     assert choice.threads == 2 and "shared by 4 local processes" in choice.reason
@@ -86,8 +90,8 @@ def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
 def test_omp_num_threads_of_the_user_is_followed_outside_torchrun(mocker, monkeypatch, value, expected):
     """A user's OMP_NUM_THREADS=1 is not overridden; a value OpenMP would ignore is ignored. Under
     torchrun, which sets it to 1 for each of its processes, the share of the CPUs wins."""
-    mocker.patch.object(threads_module, "affinity_cpus", return_value=8)
-    mocker.patch.object(threads_module, "cpu_quota", return_value=None)
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     choice = choose_threads()
@@ -106,3 +110,20 @@ def test_use_threads_sets_torch_and_a_request_wins():
             use_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_openmp_decision_before_torch_and_the_thread_count_after_read_one_cpu_count(mocker, monkeypatch):
+    """Under a quota of 1.5 CPUs on 32 in the affinity mask, both count 2 threads: with 2 CPUs free
+    of other work, 2 threads leave none waiting, so OpenMP keeps spinning (a count of 32, which
+    ignored the quota, would have chosen sleeping threads)."""
+    mocker.patch.object(cpus_module, "affinity_cpus", return_value=32)
+    mocker.patch.object(cpus_module, "cpu_quota", return_value=1.5)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    mocker.patch.dict("sys.modules")
+    del sys.modules["torch"]  # as before torch loads
+    policy = choose_wait_policy(environ={}, measure=lambda: (os.cpu_count() or 1) - 2.0)
+    assert choose_threads().threads == 2 and policy.summary == "OpenMP spins (idle)"
+    # 2 local processes share the 2 threads: one each, and one CPU free of other work is enough
+    assert choose_wait_policy(
+        environ={"LOCAL_WORLD_SIZE": "2"}, measure=lambda: (os.cpu_count() or 1) - 1.0
+    ).summary == ("OpenMP spins (idle)")

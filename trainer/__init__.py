@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from trainer.options import resolve_device
     from trainer.precision import PrecisionChoice, choose_precision
     from trainer.resources import FitResources as FitResources
-    from trainer.run_lock import RunLock, RunLockedError
     from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
+    from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
     from trainer.steps import StepOutput
     from trainer.trained_model import load_model
@@ -49,8 +49,8 @@ _MODULES = {
     "PrecisionChoice": "trainer.precision",
     "choose_precision": "trainer.precision",
     "FitResources": "trainer.resources",
-    "RunLock": "trainer.run_lock",
-    "RunLockedError": "trainer.run_lock",
+    "RunLock": "trainer.runs.lock",
+    "RunLockedError": "trainer.runs.lock",
     "EpochLoss": "trainer.running",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",

@@ -29,7 +29,7 @@ def temporary_path(path: str | os.PathLike) -> Path:
 def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files (``.NAME[.PID].tmp``) that killed atomic writes left directly
     in `folder`, and return them. Call it only while no other process writes there (see
-    `trainer.run_lock.RunLock`)."""
+    `trainer.runs.lock.RunLock`)."""
     removed = []
     for path in Path(folder).glob(".*.tmp"):
         if path.is_file() and not path.is_symlink():

@@ -16,7 +16,7 @@ decides it at the first ``import trainer`` (which ``import recipes`` and every r
 do first), whatever the user's file imports next: passive when other processes keep the CPUs
 busy, else the default. Where torch was imported before `trainer`, it is too late: a fit on the
 CPU of a busy machine then says so in one line with the fix (`late_import_warning`). The policy
-changes timing only, never results: the thread count (see `trainer.threads`) is what decides
+changes timing only, never results: the thread count (see `trainer.runs.threads`) is what decides
 how work is split. This module uses the standard library only, so that it can run before torch
 is imported.
 """
@@ -28,6 +28,8 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+
+from trainer.cpus import usable_cpus
 
 #: Environment variables with which a user chooses the policy; when one is set it is kept.
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -98,19 +100,14 @@ def choose_wait_policy(
     late and nothing is changed.
 
     Args:
-        threads: the threads this process will run (default: the CPUs in its affinity mask,
-            shared among torchrun's ``LOCAL_WORLD_SIZE`` processes; a container's CPU quota,
-            which may lower the count, is read later by `trainer.threads`).
+        threads: the threads this process will run (default: `trainer.cpus.usable_cpus`, the
+            count the run's threads get: affinity, container CPU quota, torchrun's local processes).
         environ: where to set the policy.
         measure: returns the CPUs busy with other work (see `busy_cpus`).
     """
     environ = os.environ if environ is None else environ
     if threads is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        try:
-            threads = max(1, cpus // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
-        except ValueError:
-            threads = cpus
+        threads = usable_cpus(environ).cpus
     given = [name for name in USER_SETTINGS if environ.get(name)]
     if given:
         return WaitPolicy("OpenMP as set", f"OpenMP waiting as set by {given[0]}={environ[given[0]]}")

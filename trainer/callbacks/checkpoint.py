@@ -18,6 +18,11 @@ from trainer.model_spec import is_plain, record_model
 from trainer.sampler import RESUMABLE_LOADERS, resumable
 from trainer.trained_model import describe, weights_only
 
+#: The file name of the last training state in a `ModelCheckpoint`'s folder: what a run resumes from.
+CHECKPOINT_LAST = "last.pt"
+#: The file name of the best training state by the monitored value: what ``predict`` reads.
+CHECKPOINT_BEST = "best.pt"
+
 
 class ModelCheckpoint(Callback):
     """Save the whole training state every epoch (``last.pt``) and whenever `monitor` improves
@@ -122,12 +127,12 @@ class ModelCheckpoint(Callback):
     @property
     def last_path(self) -> Path:
         """Where the latest state is written."""
-        return self.dirpath / "last.pt"
+        return self.dirpath / CHECKPOINT_LAST
 
     @property
     def best_path(self) -> Path:
         """Where the state of the best epoch (or validation) by `monitor` is written."""
-        return self.dirpath / "best.pt"
+        return self.dirpath / CHECKPOINT_BEST
 
     def top_k_paths(self) -> list[Path]:
         """The files of the `save_top_k` best states, best first."""

@@ -33,10 +33,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-#: The lock's file name inside the folder it guards.
-LOCK_FILE = ".lock"
+from trainer.runs.lock_file import (
+    LOCK_FILE,
+    OPEN_FLAGS,
+    describe_holder,
+    flock_holder,
+    folder_path,
+    has_sticky_bit,
+    lock_status,
+    not_a_lock_file,
+    read_holder,
+    read_record,
+    same_file,
+    user_name,
+)
 
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never a link; never wait on a FIFO
+__all__ = ["LockFileError", "RunLock", "RunLockLostError", "RunLockedError"]
 
 
 class RunLockedError(RuntimeError):
@@ -52,7 +64,7 @@ class RunLockedError(RuntimeError):
     def __init__(self, folder: Path, holder: dict[str, Any]) -> None:
         self.folder, self.holder = folder, holder
         super().__init__(
-            f"{folder} is in use by another run ({_describe(holder)}); wait for it to end or use another folder"
+            f"{folder} is in use by another run ({describe_holder(holder)}); wait for it to end or use another folder"
         )
 
 
@@ -136,7 +148,7 @@ class RunLock:
         folder = os.fstat(dir_fd)
         self._identity = (folder.st_dev, folder.st_ino)
         try:
-            self.taken_over = _read_holder(fd) or foreign or None
+            self.taken_over = read_holder(fd) or foreign or None
             text = json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             )
@@ -155,7 +167,7 @@ class RunLock:
         while True:
             self._refuse_unless_plain_file(dir_fd)
             try:
-                fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
+                fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | OPEN_FLAGS, 0o644, dir_fd=dir_fd)
             except PermissionError:
                 foreign = self._remove_foreign(dir_fd)  # another user's 0644 file, or an unwritable folder
                 continue
@@ -166,14 +178,14 @@ class RunLock:
             try:
                 status = os.fstat(fd)
                 if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-                    raise LockFileError(self.path, _not_a_lock_file(self.path, status, None))
+                    raise LockFileError(self.path, not_a_lock_file(self.path, status, None))
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise RunLockedError(self.folder, _read_holder(fd, wait=True)) from None
+                    raise RunLockedError(self.folder, read_holder(fd, wait=True)) from None
                 # A holder of the file alone (another host, or a file removed as it was released):
                 # a lock on a file no longer in the folder guards nothing.
-                if _same_file(status, _lstat(dir_fd)):
+                if same_file(status, lock_status(dir_fd)):
                     return fd, foreign
             except BaseException:
                 os.close(fd)
@@ -182,33 +194,33 @@ class RunLock:
 
     def _refuse_unless_plain_file(self, dir_fd: int) -> None:
         """Raise `LockFileError` when the lock path is anything but a missing or plain file with one name."""
-        status = _lstat(dir_fd)
+        status = lock_status(dir_fd)
         if status is not None and (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1):
             target = None
             if stat.S_ISLNK(status.st_mode):
                 with contextlib.suppress(OSError):
                     target = os.readlink(LOCK_FILE, dir_fd=dir_fd)
-            raise LockFileError(self.path, _not_a_lock_file(self.path, status, target))
+            raise LockFileError(self.path, not_a_lock_file(self.path, status, target))
 
     def _remove_foreign(self, dir_fd: int) -> dict[str, Any]:
         """The lock file could not be opened for writing: when it is another user's and no live
         process holds it, remove it (returning its record); when this user may not remove it, one
         line saying so (`LockFileError`); an unwritable folder is the `OSError` it gives."""
-        status = _lstat(dir_fd)
+        status = lock_status(dir_fd)
         if status is None or status.st_uid == os.geteuid():
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(self.path))
         record: dict[str, Any] = {}
         try:
-            fd = os.open(LOCK_FILE, os.O_RDONLY | _OPEN_FLAGS, dir_fd=dir_fd)
+            fd = os.open(LOCK_FILE, os.O_RDONLY | OPEN_FLAGS, dir_fd=dir_fd)
         except OSError:
             fd = None  # unreadable (0600): its holder is dead, or the folder's lock would have refused us
         if fd is not None:
             try:
-                record = _read_holder(fd)
+                record = read_holder(fd)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise RunLockedError(self.folder, _read_holder(fd, wait=True)) from None
+                    raise RunLockedError(self.folder, read_holder(fd, wait=True)) from None
                 except OSError:
                     pass
             finally:
@@ -220,9 +232,9 @@ class RunLock:
         except OSError as exc:
             if exc.errno != errno.EPERM:  # EACCES: the folder cannot be written at all
                 raise OSError(exc.errno, exc.strerror, str(self.path)) from None
-            owner = _user(status.st_uid)
-            left = f"left by {_describe(record)}, which no longer runs" if record else "which no live run holds"
-            sticky = " (the folder has the sticky bit: only the file's owner may)" if _sticky(dir_fd) else ""
+            owner = user_name(status.st_uid)
+            left = f"left by {describe_holder(record)}, which no longer runs" if record else "which no live run holds"
+            sticky = " (the folder has the sticky bit: only the file's owner may)" if has_sticky_bit(dir_fd) else ""
             raise LockFileError(
                 self.path,
                 f"{self.path} is a stale lock file of another user, {owner}, {left}; this user may not remove "
@@ -243,7 +255,7 @@ class RunLock:
         except OSError:
             here = False
         if not here:
-            moved_to, removed = _folder_path(self._dir_fd)
+            moved_to, removed = folder_path(self._dir_fd)
             if removed:
                 what = f"the folder {self.folder} was removed"
             elif moved_to is not None:
@@ -251,11 +263,15 @@ class RunLock:
             else:
                 what = f"the folder {self.folder} was moved or removed"
             raise RunLockLostError(self.folder, what, moved_to, removed, lock_file=False)
-        current = _lstat(self._dir_fd)
-        if not _same_file(os.fstat(self._fd), current):
-            record = _read_record(self._dir_fd) if current is not None else {}
+        current = lock_status(self._dir_fd)
+        if not same_file(os.fstat(self._fd), current):
+            record = read_record(self._dir_fd) if current is not None else {}
             what = f"the lock file {self.path} was " + (
-                "removed" if current is None else f"replaced by one of {_describe(record)}" if record else "replaced"
+                "removed"
+                if current is None
+                else f"replaced by one of {describe_holder(record)}"
+                if record
+                else "replaced"
             )
             raise RunLockLostError(self.folder, what, None, removed=False, lock_file=True)
 
@@ -266,7 +282,7 @@ class RunLock:
             return
         fd, dir_fd, self._fd, self._dir_fd = self._fd, self._dir_fd, None, None
         try:
-            if dir_fd is not None and _same_file(os.fstat(fd), _lstat(dir_fd)):
+            if dir_fd is not None and same_file(os.fstat(fd), lock_status(dir_fd)):
                 os.unlink(LOCK_FILE, dir_fd=dir_fd)
         except OSError:
             pass  # a read-only folder keeps the file; the kernel still drops the locks below
@@ -282,7 +298,7 @@ class RunLock:
         except OSError:
             return {}
         try:
-            return _read_record(dir_fd)
+            return read_record(dir_fd)
         finally:
             os.close(dir_fd)
 
@@ -304,7 +320,7 @@ class RunLock:
             else:
                 fcntl.flock(dir_fd, fcntl.LOCK_UN)
             try:  # a holder of the lock file alone (another host)
-                fd = os.open(LOCK_FILE, os.O_RDONLY | _OPEN_FLAGS, dir_fd=dir_fd)
+                fd = os.open(LOCK_FILE, os.O_RDONLY | OPEN_FLAGS, dir_fd=dir_fd)
             except OSError:
                 return None
             try:
@@ -314,7 +330,7 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 return None
             except BlockingIOError:
-                return _read_holder(fd, wait=True)
+                return read_holder(fd, wait=True)
             finally:
                 os.close(fd)
         finally:
@@ -325,13 +341,13 @@ class RunLock:
         be written), else the pid the kernel's lock table names on this host, else {}."""
         deadline = time.monotonic() + 0.5
         while True:
-            record = _read_record(dir_fd)
-            if record or _lstat(dir_fd) is None or time.monotonic() >= deadline:
+            record = read_record(dir_fd)
+            if record or lock_status(dir_fd) is None or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
         if record:
             return record
-        pid = _flock_holder(os.fstat(dir_fd))
+        pid = flock_holder(os.fstat(dir_fd))
         return {"pid": pid, "host": socket.gethostname()} if pid is not None else {}
 
     def __enter__(self) -> RunLock:
@@ -341,114 +357,3 @@ class RunLock:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.release()
-
-
-def _describe(holder: dict[str, Any] | None) -> str:
-    """``pid P on HOST, started TIME`` from a lock record, with what it holds."""
-    if not holder:
-        return "a process that has not written its pid yet"
-    where = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    return where + (f", started {holder['started']}" if "started" in holder else "")
-
-
-def _lstat(dir_fd: int) -> os.stat_result | None:
-    """The lock path's own status in the folder `dir_fd` (a link not followed), or None if missing."""
-    try:
-        return os.stat(LOCK_FILE, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
-    return b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _not_a_lock_file(path: Path, status: os.stat_result, target: str | None) -> str:
-    """The one line refusing `path`, which is not a plain file of its own."""
-    if stat.S_ISLNK(status.st_mode):
-        what = f"a symbolic link (to {target})" if target is not None else "a symbolic link"
-        why = "a lock is never written through a link, which could overwrite the file it points to"
-    elif stat.S_ISREG(status.st_mode):
-        what = f"a file with {status.st_nlink} hard links"
-        why = "writing the lock there would change the same file under its other names"
-    else:
-        kind = "a folder" if stat.S_ISDIR(status.st_mode) else "a FIFO" if stat.S_ISFIFO(status.st_mode) else None
-        what, why = kind or "a special file", "only a plain file holds a lock"
-    return f"{path} is {what}, not a lock file ({why}); remove it, or use another folder"
-
-
-def _sticky(dir_fd: int) -> bool:
-    return bool(os.fstat(dir_fd).st_mode & stat.S_ISVTX)
-
-
-def _user(uid: int) -> str:
-    """``NAME (uid N)``, or ``uid N`` for a uid without a name."""
-    try:
-        import pwd
-
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
-def _folder_path(dir_fd: int) -> tuple[Path | None, bool]:
-    """Where the folder `dir_fd` is now (None when the system cannot tell), and whether it was removed."""
-    if os.fstat(dir_fd).st_nlink == 0:
-        return None, True
-    try:
-        path = os.readlink(f"/proc/self/fd/{dir_fd}")
-    except OSError:
-        get_path = getattr(fcntl, "F_GETPATH", None)  # macOS
-        if get_path is None:
-            return None, False
-        try:
-            path = os.fsdecode(fcntl.fcntl(dir_fd, get_path, bytes(1024)).rstrip(b"\0"))
-        except OSError:
-            return None, False
-    if path.endswith(" (deleted)"):
-        return None, True
-    return Path(path), False
-
-
-def _flock_holder(folder: os.stat_result) -> int | None:
-    """The pid that the kernel's lock table (Linux ``/proc/locks``) names as holding an exclusive
-    flock on the folder `folder` on this host, or None."""
-    try:
-        with open("/proc/locks") as table:
-            lines = table.read().splitlines()
-    except OSError:
-        return None
-    device = f"{os.major(folder.st_dev):02x}:{os.minor(folder.st_dev):02x}:{folder.st_ino}"
-    for line in lines:
-        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:1234 0 EOF" (waiters have "->" second)
-        if len(fields) >= 6 and fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5] == device:
-            pid = int(fields[4])
-            return pid if pid > 0 else None
-    return None
-
-
-def _read_record(dir_fd: int) -> dict[str, Any]:
-    """The record in the lock file of the folder `dir_fd`, read without following links ({} if none)."""
-    try:
-        fd = os.open(LOCK_FILE, os.O_RDONLY | _OPEN_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return {}
-    try:
-        return _read_holder(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else {}
-    finally:
-        os.close(fd)
-
-
-def _read_holder(fd: int, wait: bool = False) -> dict[str, Any]:
-    """The holder's record in the lock file `fd`; with `wait`, give a holder that has just taken
-    the lock half a second to write it."""
-    deadline = time.monotonic() + (0.5 if wait else 0.0)
-    while True:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            if holder or time.monotonic() >= deadline:
-                return holder if isinstance(holder, dict) else {}
-        except (OSError, ValueError):
-            if time.monotonic() >= deadline:
-                return {}
-        time.sleep(0.02)
