@@ -20,8 +20,8 @@ from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from trainer import NonFiniteLossError
 from trainer.distributed import end_process, is_distributed
-from trainer.every import positive_int as check_positive_int
-from trainer.limits import parse_duration
+from trainer.options import parse_duration
+from trainer.options import positive_int as check_positive_int
 from trainer.threads import affinity_cpus
 
 
@@ -180,7 +180,7 @@ MAX_SEED = 2**63 - 1
 
 
 def positive_int(text: str) -> int:
-    """argparse type of a count: a positive integer, by the rule of `trainer.every.positive_int`."""
+    """argparse type of a count: a positive integer, by the rule of `trainer.options.positive_int`."""
     try:
         value = check_positive_int("value", int(text))
     except ValueError:

@@ -38,7 +38,7 @@ from models.predict import (
     to_model_input,
 )
 from recipes.common import UsageError, non_negative_int, positive_int
-from trainer.checkpoint import atomic_write_text, temporary_path
+from trainer.atomic import atomic_write_text, temporary_path
 from trainer.precision import native_bf16
 from trainer_datasets import (
     DatasetError,
@@ -55,7 +55,7 @@ from trainer_datasets.segmentation_folder import class_name_problem
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
 #: The file in ``--out`` that marks a predict that has not finished: its outputs are partial.
 INCOMPLETE_FILE = "PREDICT_INCOMPLETE.txt"
-#: The temporary files of this module's writes (`trainer.checkpoint.temporary_path` of an output or the mark).
+#: The temporary files of this module's writes (`trainer.atomic.temporary_path` of an output or the mark).
 _TEMPORARY = re.compile(rf"\..+\.png\.\d+\.tmp|\.{re.escape(INCOMPLETE_FILE)}\.\d+\.tmp")
 
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from trainer.batch import move_to_device
     from trainer.callback import HOOKS as HOOKS
     from trainer.callback import Callback
-    from trainer.checkpoint import seed_everything
     from trainer.core import Trainer
     from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
     from trainer.every import Every
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
     from trainer.sampler import ResumableSampler
+    from trainer.state import seed_everything
     from trainer.steps import StepOutput
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
@@ -37,7 +37,7 @@ _MODULES = {
     "move_to_device": "trainer.batch",
     "HOOKS": "trainer.callback",
     "Callback": "trainer.callback",
-    "seed_everything": "trainer.checkpoint",
+    "seed_everything": "trainer.state",
     "Trainer": "trainer.core",
     "BatchLoadError": "trainer.errors",
     "NonFiniteLossError": "trainer.errors",

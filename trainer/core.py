@@ -18,20 +18,19 @@ from trainer.amp import Precision, resolve_choice
 from trainer.batch import describe_tensors, mover, split_batch
 from trainer.callback import Callback
 from trainer.callback_list import CallbackList
-from trainer.checkpoint import load_checkpoint, seed_everything
+from trainer.checkpoint import load_checkpoint
 from trainer.distributed import init_distributed, is_distributed, launched_device, shard_loader, wait_for_all
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
-from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
-from trainer.loop import TrainingLoop
+from trainer.loop import TrainingLoop, batches_taken
 from trainer.openmp import WAIT_POLICY, late_import_warning
-from trainer.options import check_options, precision_options, resolve_device
+from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
 from trainer.position import LoopPosition
 from trainer.precision import PrecisionChoice
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
 from trainer.sampler import check_epoch_reaches_workers
 from trainer.scheduling import SchedulerStepping
-from trainer.state import CheckpointState
+from trainer.state import CheckpointState, seed_everything
 from trainer.steps import Metric, StepOutput
 
 __all__ = [
@@ -378,7 +377,7 @@ class Trainer(TrainingLoop, CheckpointState):
         """What the loop reads, built once: loaders, batch count, dispatch table, scheduler rule."""
         self.train_loader, self.val_loader = train_loader, val_loader
         check_epoch_reaches_workers(train_loader)
-        self.num_batches = limited("limit_train_batches", self.limit_train_batches, loader_length(train_loader))
+        self.num_batches = batches_taken(train_loader, self.limit_train_batches, "limit_train_batches")
         self._callbacks.rebuild()
         validates = val_loader is not None and (self.val_at_epoch_end or self.val_every_n_steps is not None)
         self._scheduling = SchedulerStepping(self.scheduler, self.scheduler_interval, validates, self.global_step)

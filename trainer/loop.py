@@ -19,11 +19,11 @@ import torch
 
 from trainer.attributes import TrainerAttributes
 from trainer.batch import batch_size, detach, last_output
-from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
 from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached
-from trainer.limits import format_duration, limited, loader_length
+from trainer.options import format_duration
 from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
+from trainer.state import rng_state, set_rng_state
 from trainer.steps import StepOutput
 
 
@@ -229,7 +229,7 @@ class TrainingLoop(TrainerAttributes):
     def _validation_batches(self, loader: Iterable) -> Iterable:
         if self.limit_val_batches is None:
             return loader
-        return itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader)))
+        return itertools.islice(loader, batches_taken(loader, self.limit_val_batches, "limit_val_batches"))
 
     def _validation_sums(self, loader: Iterable) -> torch.Tensor:
         """The loss and metric sums (weighted by batch size) over `loader`, and the samples, in one tensor."""
@@ -293,3 +293,20 @@ def _release_loader_frames(traceback: types.TracebackType | None) -> None:
         if str(frame.f_globals.get("__name__", "")).startswith("torch.utils.data"):
             frame.clear()
         traceback = traceback.tb_next
+
+
+def batches_taken(loader: Iterable, limit: int | float | None, name: str) -> int | None:
+    """How many batches of `loader` a pass takes under `limit` (see
+    `trainer.options.check_batch_limit`; `name` is the option's): all of them (None for a loader
+    without a length) when there is no limit; a fraction keeps at least one batch."""
+    try:
+        count: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        count = None  # an iterable dataset, a generator
+    if limit is None:
+        return count
+    if isinstance(limit, int):
+        return limit if count is None else min(limit, count)
+    if count is None:
+        raise ValueError(f"{name}={limit} is a fraction, but the loader has no length; give a number of batches")
+    return max(1, int(count * limit))

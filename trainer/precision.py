@@ -41,8 +41,8 @@ except ImportError:  # Windows: runs started at the same moment may both measure
 import torch
 from torch import nn
 
+from trainer.atomic import atomic_write_text
 from trainer.batch import map_tensors, tensors
-from trainer.checkpoint import atomic_write_text
 
 #: Accepted spellings of each precision.
 PRECISIONS = {

@@ -3,12 +3,13 @@ holds (`state_dict`, `load_state_dict`): everything needed to continue training 
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, cast
 
+import numpy as np
 import torch
 
 from trainer.attributes import TrainerAttributes
-from trainer.checkpoint import rng_state, set_rng_state
 from trainer.distributed import all_gather, get_rank, get_world_size, is_distributed
 
 
@@ -142,3 +143,40 @@ class CheckpointState(TrainerAttributes):
             and self.scheduler.T_max == saved_epochs != self.max_epochs
         ):
             self.scheduler.T_max = self.max_epochs
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators.
+
+    Args:
+        seed: the seed of every generator.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's (CPU and every CUDA device's) generator states."""
+    # The global generator is an MT19937: its legacy state is always the tuple.
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    kind, keys, pos, has_gauss, gauss = legacy
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generator states saved by `rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.every import positive_int
+from trainer.options import positive_int
 
 #: Where cgroup file systems are mounted.
 CGROUP_ROOT = Path("/sys/fs/cgroup")

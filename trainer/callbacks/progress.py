@@ -7,8 +7,9 @@ from typing import IO, Any
 from tqdm.std import tqdm as text_bar
 
 from trainer.callback import Callback
-from trainer.every import Every, renamed_option
+from trainer.every import Every
 from trainer.notebook import has_widgets, in_notebook
+from trainer.options import renamed_option
 from trainer.running import RunningLoss
 
 
