@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from trainer.openmp import WAIT_POLICY
 
 if TYPE_CHECKING:
-    from trainer.batch import move_to_device
+    from trainer.batch import StepOutput, move_to_device
     from trainer.callback import HOOKS as HOOKS
     from trainer.callback import Callback
     from trainer.core import Trainer
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from trainer.running import RunningLoss as RunningLoss
     from trainer.sampler import ResumableSampler
     from trainer.state import seed_everything
-    from trainer.steps import StepOutput
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
 
@@ -54,7 +53,7 @@ _MODULES = {
     "EpochLoss": "trainer.running",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",
-    "StepOutput": "trainer.steps",
+    "StepOutput": "trainer.batch",
     "load_model": "trainer.trained_model",
     "ignore_stop_signals": "trainer.workers",
 }

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from trainer.batch import StepOutput
     from trainer.core import Trainer
-    from trainer.steps import StepOutput
 
 #: Every hook, in the order a two-epoch run with validation first meets them.
 HOOKS: tuple[str, ...] = (

@@ -8,7 +8,6 @@ from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from trainer.callback import HOOKS, Callback, overridden_hooks
-from trainer.distributed import is_rank_zero
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
@@ -85,6 +84,8 @@ class CallbackList:
 
     def active(self) -> list[Callback]:
         """The callbacks that run in this process (all but ``rank_zero_only`` ones off rank 0)."""
+        from trainer.distributed import is_rank_zero
+
         return [cb for cb in self.callbacks if is_rank_zero() or not cb.rank_zero_only]
 
     def rebuild(self) -> None:
