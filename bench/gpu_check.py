@@ -125,7 +125,7 @@ def recipes() -> bool:
 def throughput(steps: int, compile_too: bool) -> bool:
     """Part 3: NestedUNet training steps per second at 96x96, batch 16."""
     from models import BCEDiceLoss, NestedUNet
-    from trainer.precision import choose_precision
+    from trainer.precision_probe import choose_precision
 
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-import trainer.precision as precision_module
+import trainer.precision_probe as precision_module
 import trainer.threads as threads_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
@@ -34,7 +34,7 @@ from recipes.common import (
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer.openmp import choose_wait_policy
-from trainer.precision import choose_precision
+from trainer.precision_probe import choose_precision
 from trainer.threads import choose_threads
 from trainer_datasets import (
     SegmentationFolder,

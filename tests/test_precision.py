@@ -10,18 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import trainer.precision as precision_module
+import trainer.precision_probe as precision_module
 from trainer import Callback, Trainer
 from trainer.callbacks import ModelCheckpoint
-from trainer.precision import (
-    PrecisionChoice,
-    Setting,
-    cache_path,
-    choose_precision,
-    cpu_features,
-    probe,
-    probe_key,
-)
+from trainer.precision import PrecisionChoice
+from trainer.precision_probe import Setting, choose_precision, cpu_features, probe, probe_key
+from trainer.probe_cache import cache_path
 
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 SAPPHIRE_RAPIDS = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": True, "arm_bf16": False}

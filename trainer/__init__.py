@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from trainer.every import Every
     from trainer.model_spec import ModelSpecError
     from trainer.options import resolve_device
-    from trainer.precision import PrecisionChoice, choose_precision
+    from trainer.precision import PrecisionChoice
+    from trainer.precision_probe import choose_precision
     from trainer.resources import FitResources as FitResources
     from trainer.run_lock import RunLock, RunLockedError
     from trainer.running import EpochLoss as EpochLoss
@@ -46,7 +47,7 @@ _MODULES = {
     "ModelSpecError": "trainer.model_spec",
     "resolve_device": "trainer.options",
     "PrecisionChoice": "trainer.precision",
-    "choose_precision": "trainer.precision",
+    "choose_precision": "trainer.precision_probe",
     "FitResources": "trainer.resources",
     "RunLock": "trainer.run_lock",
     "RunLockedError": "trainer.run_lock",

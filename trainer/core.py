@@ -14,15 +14,14 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from trainer.amp import Precision, resolve_choice
-from trainer.batch import Metric, StepOutput, describe_tensors, mover, split_batch
+from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batch, split_batch
 from trainer.callback import Callback
 from trainer.callback_list import CallbackList
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.loop import TrainingLoop
 from trainer.openmp import WAIT_POLICY, late_import_warning
 from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
-from trainer.precision import PrecisionChoice
+from trainer.precision import Precision, PrecisionChoice, resolve_choice
 from trainer.resources import FitResources
 from trainer.running import EpochLoss
 from trainer.state import CheckpointState, seed_everything
@@ -69,7 +68,7 @@ class Trainer:
             shorter last window of an epoch is averaged over its own batches).
         precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA), ``"16-mixed"`` (float16
             autocast with a gradient scaler, CUDA only) or ``"auto"``: what this machine computes
-            fastest, never slower than float32 (see `trainer.precision.choose_precision`), chosen
+            fastest, never slower than float32 (see `trainer.precision_probe.choose_precision`), chosen
             at the start of `fit` from the first training batch and printed once (until then,
             e.g. for `predict` before any `fit`, it computes in float32). A resumed fit
             keeps the choice saved in its checkpoint. A `PrecisionChoice` made earlier (by
@@ -291,7 +290,12 @@ class Trainer:
         self._move = mover(self.device, self.channels_last is True)
 
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
-        choice = resolve_choice(self.module, self.device, loader, self.precision, self.channels_last, saved)
+        kept = None
+        if saved is not None:
+            reason, onednn = "saved in the checkpoint", saved.get("onednn", True)
+            kept = PrecisionChoice(saved["precision"], saved["channels_last"], reason, onednn)
+        example = lambda: split_batch(peek_batch(loader))[0]  # noqa: E731
+        choice = resolve_choice(self.module, self.device, example, self.precision, self.channels_last, kept)
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
         self.onednn = choice.onednn
         self.module.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
@@ -383,7 +387,7 @@ class Trainer:
         if "auto" in (self.precision, self.channels_last):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
         self._build_precision()
-        self._warn_unfused_scaler()
+        self._amp.warn_unfused(self.optimizer)
         self._warn_late_import()
         if state is not None:
             self._state.load_state_dict(state)
@@ -411,16 +415,6 @@ class Trainer:
             shard_loader(train_loader, train=True),
             shard_loader(val_loader, train=False) if val_loader is not None else None,
         )
-
-    def _warn_unfused_scaler(self) -> None:
-        if self._amp.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            warnings.warn(
-                f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
-                f"waits on the GPU at every step to check for infinite gradients; create the optimizer with "
-                f"fused=True to keep the loop free of host syncs",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     def _warn_late_import(self) -> None:
         """On the CPU of a busy machine, where torch was imported before `trainer`: why it is slow."""

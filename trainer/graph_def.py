@@ -27,7 +27,7 @@ from tensorboard.compat.proto.versions_pb2 import VersionDef
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from trainer.amp import evaluating
+from trainer.precision import evaluating
 
 # The GraphDef producer version TensorBoard expects from PyTorch (as `add_graph` writes it).
 PRODUCER = 22
