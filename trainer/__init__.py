@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from trainer.batch import StepOutput, move_to_device
     from trainer.callback import HOOKS as HOOKS
     from trainer.callback import Callback
+    from trainer.callback import FitResources as FitResources
     from trainer.core import Trainer
     from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
     from trainer.every import Every
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from trainer.options import resolve_device
     from trainer.precision import PrecisionChoice
     from trainer.precision_probe import choose_precision
-    from trainer.resources import FitResources as FitResources
     from trainer.run_lock import RunLock, RunLockedError
     from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
@@ -48,7 +48,7 @@ _MODULES = {
     "resolve_device": "trainer.options",
     "PrecisionChoice": "trainer.precision",
     "choose_precision": "trainer.precision_probe",
-    "FitResources": "trainer.resources",
+    "FitResources": "trainer.callback",
     "RunLock": "trainer.run_lock",
     "RunLockedError": "trainer.run_lock",
     "EpochLoss": "trainer.running",

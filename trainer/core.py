@@ -1,6 +1,6 @@
 """The `Trainer`: its parts and options, the forward passes, and `fit`. It is composed of its
 `TrainingLoop` (`trainer.loop`: the epochs and their progress, which the trainer shows as its
-attributes), its `CallbackList` (`trainer.callback_list`: the hooks' dispatch) and its
+attributes), its `CallbackList` (`trainer.callback`: the hooks' dispatch) and its
 `CheckpointState` (`trainer.state`: what a checkpoint saves and restores)."""
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import torch
 from torch import nn
 
 from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batch, split_batch
-from trainer.callback import Callback
-from trainer.callback_list import CallbackList
+from trainer.callback import Callback, CallbackList, FitResources
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
 from trainer.loop import TrainingLoop
 from trainer.openmp import WAIT_POLICY, late_import_warning
 from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
 from trainer.precision import Precision, PrecisionChoice, resolve_choice
-from trainer.resources import FitResources
 from trainer.running import EpochLoss
 from trainer.state import CheckpointState, seed_everything
 

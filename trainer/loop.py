@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.batch import StepOutput, batch_size, detach, last_output
+from trainer.callback import FitResources
 from trainer.errors import NonFiniteLossError, TimeLimitReached, loaded
 from trainer.options import format_duration
-from trainer.resources import FitResources
 from trainer.running import EpochLoss
 from trainer.scheduling import SchedulerStepping
 from trainer.state import LoopPosition, rng_state, seed_everything, set_rng_state
