@@ -26,7 +26,7 @@ import torch
 
 from models import confusion_iou
 from tests.processes import ROOT, checkout_env
-from trainer.precision_probe import cpu_features, describe_cpu
+from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import read_label_map, write_label_map, write_png_file
 
 CLASSES = ["background", "interior", "rim"]

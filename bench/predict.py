@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tests.processes import ROOT, checkout_env
-from trainer.precision_probe import cpu_features, describe_cpu
+from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
 
 

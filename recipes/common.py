@@ -63,7 +63,8 @@ from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import init_distributed, is_rank_zero
 from trainer.openmp import WaitPolicy
-from trainer.precision import PrecisionChoice, resolve_choice
+from trainer.precision import PrecisionChoice
+from trainer.precision_probe import resolve_choice
 from trainer.run_lock import RunLock
 from trainer.threads import ThreadChoice, use_threads
 
@@ -155,7 +156,7 @@ def choose_run_precision(
     whose `config` already holds them, reuses the choice.
 
     ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by the
-    trainer's own decision (`trainer.precision.resolve_choice`) on `model` and `example` (inputs at
+    trainer's own decision (`trainer.precision_probe.resolve_choice`) on `model` and `example` (inputs at
     the training batch's shape): measured once per machine and model, then read from its cache file; explicit values
     are kept. Under torchrun rank 0 chooses and every rank gets the same.
 

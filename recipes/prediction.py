@@ -39,7 +39,7 @@ from models.predict import (
 )
 from recipes.common import UsageError, non_negative_int, positive_int
 from trainer.atomic import atomic_write_text, temporary_path
-from trainer.precision_probe import native_bf16
+from trainer.native import native_bf16
 from trainer_datasets import (
     DatasetError,
     is_image_file,

@@ -44,7 +44,7 @@ from trainer_datasets import (
     write_png_file,
 )
 
-#: What `trainer.precision.cpu_features` reports on a CPU without native bf16.
+#: What `trainer.native.cpu_features` reports on a CPU without native bf16.
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 #: The segmentation recipe's quickest run with 4 training steps per epoch.
 SEGMENTATION = tiny_args(train_samples=16, val_samples=8)

@@ -20,7 +20,7 @@ from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterru
 from trainer.loop import TrainingLoop
 from trainer.openmp import WAIT_POLICY, late_import_warning
 from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
-from trainer.precision import Precision, PrecisionChoice, resolve_choice
+from trainer.precision import Precision, PrecisionChoice
 from trainer.running import EpochLoss
 from trainer.state import CheckpointState, seed_everything
 
@@ -288,6 +288,8 @@ class Trainer:
         self._move = mover(self.device, self.channels_last is True)
 
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
+        from trainer.precision_probe import resolve_choice
+
         kept = None
         if saved is not None:
             reason, onednn = "saved in the checkpoint", saved.get("onednn", True)

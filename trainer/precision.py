@@ -1,14 +1,11 @@
 """How a run computes: the precisions and their autocast dtypes, the `PrecisionChoice` a run trains
-with, `Precision` (autocast, backward pass and optimizer step of one fit, and evaluation), and
-`resolve_choice`, the one decision of ``"auto"``: the choice saved with the run, else the
-machine's, chosen on rank 0 and sent to every rank, then printed once. What this machine computes
-fastest is measured by `trainer.precision_probe.choose_precision`, loaded only when it is asked.
+with, and `Precision` (autocast, backward pass and optimizer step of one fit, and evaluation). What
+``"auto"`` resolves to is decided in `trainer.precision_probe`, loaded only when it is asked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -215,46 +212,3 @@ class Precision:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def resolve_choice(
-    module: nn.Module,
-    device: torch.device,
-    example: Callable[[], Any],
-    precision: str,
-    channels_last: bool | str,
-    saved: PrecisionChoice | None = None,
-    announce: Callable[[PrecisionChoice], None] | None = None,
-) -> PrecisionChoice:
-    """The choice ``"auto"`` precision or memory format resolve to: `saved` (the run's, from its
-    checkpoint or configuration), else the machine's (`choose_precision` on rank 0, on
-    ``example()``; every rank applies the same); explicit values win. Announced once, on rank 0
-    (default: ``Trainer: <choice>``).
-
-    Args:
-        module: the model (unwrapped).
-        device: where it trains.
-        example: returns model inputs at the training batch's shape, for the probe (called on rank 0 only).
-        precision: ``"auto"`` or an explicit precision.
-        channels_last: ``"auto"``, True or False.
-        saved: the choice the run made before, or None.
-        announce: prints the choice (called on rank 0 only).
-    """
-    from trainer.distributed import broadcast_object, is_rank_zero
-    from trainer.precision_probe import choose_precision
-
-    choice = saved
-    if choice is None:
-        local = choose_precision(module, device, example(), precision, channels_last) if is_rank_zero() else None
-        choice = broadcast_object(local)
-    if precision != "auto" and choice.precision != precision:
-        choice = dataclasses.replace(choice, precision=precision)
-    if channels_last != "auto" and choice.channels_last != channels_last:
-        choice = dataclasses.replace(choice, channels_last=channels_last)
-    check_device(choice.precision, device)
-    if is_rank_zero():
-        if announce is None:
-            print(f"Trainer: {choice}")
-        else:
-            announce(choice)
-    return choice

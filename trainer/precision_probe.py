@@ -1,5 +1,6 @@
-"""The probe: the precision, memory format and kernels that fit the machine, from native-bf16 checks
-and a measurement made once per machine and model, then kept (`trainer.probe_cache`).
+"""What ``"auto"`` resolves to: the settings that fit the machine, from native-bf16 checks and a
+measurement made once per machine and model, then kept (`trainer.probe_cache`); `resolve_choice`
+is the one decision of every run (saved with the run, else rank 0's for all ranks; printed once).
 
 ``precision="auto"`` and ``channels_last="auto"`` (see `choose_precision`) never pick something
 slower than float32 in the contiguous layout, and pick the same thing on every run of the same
@@ -10,9 +11,8 @@ command on the same machine, busy or idle:
   slower than float32. The remaining settings (bf16 or float32, channels-last or contiguous, and
   for float32 convolutions oneDNN's kernels or PyTorch's own: oneDNN wins on large layers, its
   per-call overhead loses on small ones) are timed at the training batch's shape, several times
-  round-robin, and a setting other than float32 contiguous is taken only with a clear margin. The
-  result is kept in a cache file keyed by the CPU, torch, the thread count, the model and the
-  input shape (`cache_path`), so later runs read it instead of measuring again.
+  round-robin, and a setting other than float32 contiguous is taken only with a clear margin; the
+  result is kept (`trainer.probe_cache.cache_path`), so later runs read it instead of measuring again.
 - CUDA: bf16 where the GPU computes it natively (Ampere and later), else float16 with a grad
   scaler; channels-last for convolutional models (tensor cores want NHWC). Nothing is timed.
 """
@@ -20,6 +20,7 @@ command on the same machine, busy or idle:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,7 +36,15 @@ import torch
 from torch import nn
 
 from trainer.batch import map_tensors, tensors
-from trainer.precision import PrecisionChoice, autocast, check_channels_last, convolution_kernels, normalize_precision
+from trainer.native import cpu_features, cpu_has_native_bf16, cpu_model_name, cuda_native_bf16, describe_cpu
+from trainer.precision import (
+    PrecisionChoice,
+    autocast,
+    check_channels_last,
+    check_device,
+    convolution_kernels,
+    normalize_precision,
+)
 from trainer.probe_cache import cache_path, cached_setting, locked, read_cache, write_cache
 
 #: bf16 must beat float32 by this factor in the probe to be chosen: a smaller gain on one sample
@@ -60,71 +69,6 @@ class Setting(NamedTuple):
     def __str__(self) -> str:
         name = {"32": "float32", "16-mixed": "float16"}.get(self.precision, self.precision)
         return f"{name}{' + channels-last' if self.channels_last else ''}{'' if self.onednn else ' + native conv'}"
-
-
-def cpu_features() -> dict[str, bool]:
-    """What this CPU computes natively: ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` (x86) and
-    ``arm_bf16`` (the BF16 extension of Armv8.6), as PyTorch's own checks report them.
-
-    The AVX-512 features count only where PyTorch dispatches its kernels at AVX-512 or above: with
-    its kernels held at AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a build or CPU it restricts) bf16
-    is computed by conversion in AVX2 code, many times slower than float32."""
-    cpu = getattr(torch, "cpu", None)
-
-    def check(name: str) -> bool:
-        probe = getattr(cpu, name, None)
-        try:
-            return bool(probe()) if callable(probe) else False
-        except RuntimeError:
-            return False
-
-    features = {
-        "avx2": check("_is_avx2_supported"),
-        "avx512": check("_is_avx512_supported"),
-        "avx512_bf16": check("_is_avx512_bf16_supported"),
-        "amx": check("_is_amx_tile_supported"),
-        "arm_bf16": False,
-    }
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        features["arm_bf16"] = "bf16" in _proc_cpuinfo_flags()
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    if callable(capability) and capability() in ("AVX2", "DEFAULT", "NO AVX"):
-        features.update(avx512=False, avx512_bf16=False, amx=False)
-    return features
-
-
-def describe_cpu(features: dict[str, bool] | None = None) -> str:
-    """The CPU's native capabilities in a few words, e.g. ``"AVX2, AVX-512, AVX512-BF16, AMX"``."""
-    features = cpu_features() if features is None else features
-    names = {"avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx": "AMX", "arm_bf16": "Arm BF16"}
-    found = [label for key, label in names.items() if features.get(key)]
-    return ", ".join(found) if found else "no AVX2, AVX-512 or native bf16"
-
-
-def cpu_has_native_bf16(features: dict[str, bool] | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX or Arm BF16)."""
-    features = cpu_features() if features is None else features
-    return features["avx512_bf16"] or features["amx"] or features["arm_bf16"]
-
-
-def _proc_cpuinfo(keys: tuple[str, ...]) -> list[str]:
-    """The values of the ``/proc/cpuinfo`` lines whose key (lower-cased) is in `keys`, in order;
-    none where the file cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-            text = file.read()
-    except OSError:
-        return []
-    values = []
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in keys:
-            values.append(value.strip())
-    return values
-
-
-def _proc_cpuinfo_flags() -> set[str]:
-    return {flag for value in _proc_cpuinfo(("flags", "features")) for flag in value.split()}
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -268,7 +212,7 @@ def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
     example's shapes and dtypes, and the candidates."""
     shapes = [[list(t.shape), str(t.dtype)] for t in tensors(example)]
     described = {
-        "cpu": _cpu_model_name(),
+        "cpu": cpu_model_name(),
         "features": cpu_features(),
         "machine": platform.machine(),
         "torch": torch.__version__,
@@ -282,9 +226,46 @@ def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _cpu_model_name() -> str:
-    names = _proc_cpuinfo(("model name",))
-    return names[0] if names else platform.processor() or platform.machine()
+def resolve_choice(
+    module: nn.Module,
+    device: torch.device,
+    example: Callable[[], Any],
+    precision: str,
+    channels_last: bool | str,
+    saved: PrecisionChoice | None = None,
+    announce: Callable[[PrecisionChoice], None] | None = None,
+) -> PrecisionChoice:
+    """The choice ``"auto"`` precision or memory format resolve to: `saved` (the run's, from its
+    checkpoint or configuration), else the machine's (`choose_precision` on rank 0, on
+    ``example()``; every rank applies the same); explicit values win. Announced once, on rank 0
+    (default: ``Trainer: <choice>``).
+
+    Args:
+        module: the model (unwrapped).
+        device: where it trains.
+        example: returns model inputs at the training batch's shape, for the probe (called on rank 0 only).
+        precision: ``"auto"`` or an explicit precision.
+        channels_last: ``"auto"``, True or False.
+        saved: the choice the run made before, or None.
+        announce: prints the choice (called on rank 0 only).
+    """
+    from trainer.distributed import broadcast_object, is_rank_zero
+
+    choice = saved
+    if choice is None:
+        local = choose_precision(module, device, example(), precision, channels_last) if is_rank_zero() else None
+        choice = broadcast_object(local)
+    if precision != "auto" and choice.precision != precision:
+        choice = dataclasses.replace(choice, precision=precision)
+    if channels_last != "auto" and choice.channels_last != channels_last:
+        choice = dataclasses.replace(choice, channels_last=channels_last)
+    check_device(choice.precision, device)
+    if is_rank_zero():
+        if announce is None:
+            print(f"Trainer: {choice}")
+        else:
+            announce(choice)
+    return choice
 
 
 def _choose_cuda(
@@ -293,7 +274,7 @@ def _choose_cuda(
     reasons, why = [], []  # in full, and in a few words
     if precision == "auto":
         major, minor = torch.cuda.get_device_capability(device)
-        if _cuda_native_bf16(device):
+        if cuda_native_bf16(device):
             precision = "bf16"
             reasons.append(f"this GPU computes bf16 natively (compute capability {major}.{minor})")
             why.append("native bf16")
@@ -311,23 +292,6 @@ def _choose_cuda(
         reasons.append("convolutional model" if convolutional else "no convolutions")
         why.append(reasons[-1])
     return PrecisionChoice(precision, channels_last, "; ".join(reasons), summary=", ".join(why))
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes bf16 in hardware: a CPU with AVX512-BF16, AMX or Arm BF16, or a
-    CUDA GPU of compute capability 8.0 (Ampere) or later."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _cuda_native_bf16(device)
-    return device.type == "cpu" and cpu_has_native_bf16()
-
-
-def _cuda_native_bf16(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no emulation argument, and no emulation either
-            return torch.cuda.is_bf16_supported()
 
 
 def probe(
