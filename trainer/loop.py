@@ -117,7 +117,7 @@ class TrainingLoop:
             resume = self.position.take_resume(epoch)
             if self.should_stop and resume is None:  # a resumed run that had stopped early
                 break
-            batches = loaded(self._start_epoch(epoch, train_loader, resume), training_batch(epoch), self.batch_idx)
+            batches = loaded(self._start_epoch(epoch, train_loader, resume), _training_batch(epoch), self.batch_idx)
             try:
                 for batch_idx, batch in enumerate(batches, start=self.batch_idx):
                     if self._train_batch(batch_idx, batch, val_loader):
@@ -364,7 +364,7 @@ class TrainingLoop:
         return sums
 
 
-def training_batch(epoch: int) -> Callable[[int], str]:
+def _training_batch(epoch: int) -> Callable[[int], str]:
     """Names the training batches of `epoch` (0-based) for `trainer.errors.loaded`."""
     return lambda index: f"training batch {index + 1} of epoch {epoch + 1}"
 
