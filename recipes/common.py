@@ -187,12 +187,13 @@ def choose_run_precision(
                 print(f"  {key}: {value}", flush=True)
 
     choice = resolve_choice(model, device, lambda: example, config.precision, config.channels_last, saved, announce)
-    config.update(
-        precision=choice.precision,
-        channels_last=choice.channels_last,
-        onednn=choice.onednn,
-        precision_reason=choice.reason,
-    )
+    if saved is None:  # a new run records its choice; a resumed one keeps the one it recorded
+        config.update(
+            precision=choice.precision,
+            channels_last=choice.channels_last,
+            onednn=choice.onednn,
+            precision_reason=choice.reason,
+        )
     return choice
 
 
