@@ -6,6 +6,7 @@ attributes), its `CallbackList` (`trainer.callback`: the hooks' dispatch) and it
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,10 @@ __all__ = [
     "resolve_device",
     "seed_everything",
 ]
+
+
+#: `late_import_warning` once per process and thread count: it samples the load for 0.1 s.
+_late_import_line = functools.cache(lambda threads: late_import_warning(WAIT_POLICY, threads))
 
 
 def _name(fn: Any) -> str:
@@ -250,8 +255,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- callbacks
     @property
     def callbacks(self) -> list[Callback]:
-        """The callbacks, sorted by ``order`` (read-only: change them with `add_callback` and
-        `remove_callback`)."""
+        """The callbacks, sorted by ``order`` (change them with `add_callback`, `remove_callback`)."""
         return list(self._callbacks.callbacks)
 
     def add_callback(self, callback: Callback) -> None:
@@ -274,8 +278,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- precision
     def _build_precision(self) -> None:
-        """The `Precision` of the current settings (``"auto"`` computes in float32 until `fit`
-        resolves it), and the device mover; a grad scaler carries over to keep its scale."""
+        """The `Precision` of the current settings, and the device mover (a grad scaler carries over)."""
         self._set_precision(self._amp)
 
     def _set_precision(self, old: Precision | None) -> None:
@@ -290,10 +293,7 @@ class Trainer:
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
         from trainer.precision_probe import resolve_choice
 
-        kept = None
-        if saved is not None:
-            reason, onednn = "saved in the checkpoint", saved.get("onednn", True)
-            kept = PrecisionChoice(saved["precision"], saved["channels_last"], reason, onednn)
+        kept = PrecisionChoice.recorded(saved, "saved in the checkpoint") if saved is not None else None
         example = lambda: split_batch(peek_batch(loader))[0]  # noqa: E731
         choice = resolve_choice(self.module, self.device, example, self.precision, self.channels_last, kept)
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
@@ -419,7 +419,7 @@ class Trainer:
     def _warn_late_import(self) -> None:
         """On the CPU of a busy machine, where torch was imported before `trainer`: why it is slow."""
         if self.device.type == "cpu":
-            line = late_import_warning(WAIT_POLICY, torch.get_num_threads())
+            line = _late_import_line(torch.get_num_threads())
             if line is not None:
                 warnings.warn(line, RuntimeWarning, stacklevel=3)
 

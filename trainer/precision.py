@@ -55,6 +55,11 @@ class PrecisionChoice:
         kernels = "" if self.onednn else ", native conv"
         return f"precision: {self.precision}, {layout}{kernels} ({self.summary or self.reason})"
 
+    @classmethod
+    def recorded(cls, entry: dict[str, Any], reason: str) -> PrecisionChoice:
+        """The choice a checkpoint's ``"precision"`` entry records, with the `reason` it was kept for."""
+        return cls(entry["precision"], entry["channels_last"], reason, entry.get("onednn", True))
+
     def as_dict(self) -> dict[str, Any]:
         """The choice as plain values, e.g. for a run's configuration file."""
         return asdict(self)
