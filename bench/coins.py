@@ -27,7 +27,7 @@ import torch
 from models import confusion_iou
 from tests.processes import ROOT, checkout_env
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
-from trainer.precision import cpu_features, describe_cpu
+from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import read_label_map, write_label_map, write_png_file
 
 CLASSES = ["background", "interior", "rim"]

@@ -21,7 +21,9 @@ import torch
 from bench.common import add_threads_option, apply_threads, interleaved, print_ratios
 from models import BCEDiceLoss, NestedUNet
 from recipes.nested_unet_options import BUILTIN_IMAGE_SIZE, DEFAULT_BATCH_SIZE
-from trainer.precision import Setting, choose_precision, convolution_kernels, cpu_features, describe_cpu
+from trainer.native import cpu_features, describe_cpu
+from trainer.precision import convolution_kernels
+from trainer.precision_probe import Setting, choose_precision
 
 SETTINGS = {
     "fp32 eager": Setting("32", False),

@@ -23,7 +23,7 @@ import torch
 
 from tests.processes import ROOT, checkout_env
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
-from trainer.precision import cpu_features, describe_cpu
+from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
 
 

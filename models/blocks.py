@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.every import positive_int
+from trainer.options import positive_int
 
 #: The width of the first level, as in the reference code; each deeper level doubles it.
 BASE_FILTERS = 32

@@ -18,9 +18,8 @@ Models here take a (N, C, H, W) float batch and return logits (N, K, H, W), or a
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from models.blocks import SIDE_MULTIPLE
+from trainer.precision import AUTOCAST_DTYPES, autocast, evaluating
 
 #: Default window side: NestedUNet needs about 0.8 GB (float32) for a 512x512 window on the CPU,
 #: UNet about 0.4 GB; a GPU holds many such windows. A 4096x4096 image then peaks at about 2 GiB
@@ -47,7 +47,6 @@ def default_overlap(tile: int) -> int:
     return min(DEFAULT_OVERLAP, tile // 2 // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
 
-AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
 #: How logits become probabilities: per class (binary, multi-label) or across the classes (label maps).
 ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -218,18 +217,7 @@ def predict_batch(
     Returns:
         float32 probabilities (N, K, H, W) in [0, 1] (the activation of the logits).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"expected a float batch (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}")
-    _check_positive("tile", tile)
-    if tile % SIDE_MULTIPLE:
-        raise ValueError(f"tile must be a multiple of {SIDE_MULTIPLE}, got {tile}")
-    overlap = default_overlap(tile) if overlap is None else overlap
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be an integer >= 0 and smaller than the tile ({tile}), got {overlap!r}")
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    overlap = _check_arguments(images, tile, overlap, precision, activation)
     count, _, height, width = images.shape
     padded = _pad_to_multiple(images)
     rows = plan_windows(padded.shape[-2], tile, overlap)
@@ -241,7 +229,7 @@ def predict_batch(
     windows = [(n, y, x) for n in range(count) for y in range(len(rows)) for x in range(len(cols))]
     per_pass = max(1, (tile * tile) // (window[0] * window[1]))
     result: torch.Tensor | None = None
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model):
         for first in range(0, len(windows), per_pass):
             chunk = windows[first : first + per_pass]
             crops = [padded[n, :, rows[y] : rows[y] + window[0], cols[x] : cols[x] + window[1]] for n, y, x in chunk]
@@ -264,6 +252,23 @@ def predict_batch(
     return result.clamp_(0, 1)
 
 
+def _check_arguments(images: torch.Tensor, tile: int, overlap: int | None, precision: str, activation: str) -> int:
+    """A ValueError naming the first argument of `predict_batch` out of range; else the overlap to use."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"expected a float batch (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}")
+    _check_positive("tile", tile)
+    if tile % SIDE_MULTIPLE:
+        raise ValueError(f"tile must be a multiple of {SIDE_MULTIPLE}, got {tile}")
+    overlap = default_overlap(tile) if overlap is None else overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be an integer >= 0 and smaller than the tile ({tile}), got {overlap!r}")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    return overlap
+
+
 def count_outputs(model: nn.Module, input_channels: int = 3) -> int:
     """The number of maps (classes) a segmentation model predicts: its ``num_classes`` where it
     keeps one as an int (UNet and NestedUNet, whose last layer has that many channels), else the
@@ -278,7 +283,7 @@ def count_outputs(model: nn.Module, input_channels: int = 3) -> int:
     if isinstance(kept, int) and not isinstance(kept, bool):
         return kept
     side = 4 * SIDE_MULTIPLE
-    with _eval_mode(model), torch.no_grad():
+    with evaluating(model):
         output = model(torch.zeros(1, input_channels, side, side, device=_device_of(model, torch.device("cpu"))))
     logits = output[-1] if isinstance(output, (list, tuple)) else output
     return int(logits.shape[1])
@@ -341,9 +346,7 @@ def _forward(
     batch = batch.to(device, non_blocking=True)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    dtype = AUTOCAST_DTYPES[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with autocast:
+    with autocast(precision, device.type):
         output = model(batch)
     logits = output[-1] if isinstance(output, (list, tuple)) else output
     if activation == "softmax":
@@ -373,16 +376,6 @@ def _device_of(model: nn.Module, default: torch.device) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return default
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_positive(name: str, value: int) -> None:

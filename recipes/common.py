@@ -36,9 +36,10 @@ from trainer import BatchLoadError, Callback, TimeLimitReached, Trainer, resolve
 from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
 from trainer.callbacks.checkpoint import CHECKPOINT_LAST
 from trainer.checkpoint import load_checkpoint
-from trainer.distributed import broadcast_object, init_distributed, is_rank_zero
+from trainer.distributed import init_distributed, is_rank_zero
 from trainer.openmp import WaitPolicy
-from trainer.precision import PrecisionChoice, choose_precision
+from trainer.precision import PrecisionChoice
+from trainer.precision_probe import resolve_choice
 from trainer.runs.lock import RunLock
 from trainer.runs.threads import ThreadChoice, use_threads
 
@@ -84,9 +85,9 @@ def choose_run_precision(
     (``precision``, ``channels_last``, ``onednn``, ``precision_reason``), so that a resumed run,
     whose `config` already holds them, reuses the choice.
 
-    ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by
-    `trainer.precision.choose_precision` on `model` and `example` (inputs at the training batch's
-    shape): measured once per machine and model, then read from its cache file; explicit values
+    ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by the
+    trainer's own decision (`trainer.precision_probe.resolve_choice`) on `model` and `example` (inputs at
+    the training batch's shape): measured once per machine and model, then read from its cache file; explicit values
     are kept. Under torchrun rank 0 chooses and every rank gets the same.
 
     Args:
@@ -98,31 +99,31 @@ def choose_run_precision(
     """
     if config.precision == "16-mixed" and device.type != "cuda":
         raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
+    saved = None
     if config.precision_reason is not None:
-        choice = PrecisionChoice(
+        saved = PrecisionChoice(
             config.precision,
             config.channels_last,  # type: ignore[arg-type]
             f"saved with the run: {config.precision_reason}",
             True if config.onednn is None else config.onednn,
             "saved with the run",
         )
-    else:
-        local = (
-            choose_precision(model, device, example, config.precision, config.channels_last) if is_rank_zero() else None
-        )
-        choice = broadcast_object(local)
+    cpu = threads if device.type == "cpu" else None
+
+    def announce(choice: PrecisionChoice) -> None:
+        print(start_line(choice, cpu, WAIT_POLICY if cpu is not None else None), flush=True)
+        if config.verbose:
+            for key, value in start_details(choice, cpu).items():
+                print(f"  {key}: {value}", flush=True)
+
+    choice = resolve_choice(model, device, lambda: example, config.precision, config.channels_last, saved, announce)
+    if saved is None:  # a new run records its choice; a resumed one keeps the one it recorded
         config.update(
             precision=choice.precision,
             channels_last=choice.channels_last,
             onednn=choice.onednn,
             precision_reason=choice.reason,
         )
-    if is_rank_zero():
-        cpu = threads if device.type == "cpu" else None
-        print(start_line(choice, cpu, WAIT_POLICY if cpu is not None else None), flush=True)
-        if config.verbose:
-            for key, value in start_details(choice, cpu).items():
-                print(f"  {key}: {value}", flush=True)
     return choice
 
 

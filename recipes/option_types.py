@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from trainer.cpus import affinity_cpus
-from trainer.every import positive_int as check_positive_int
-from trainer.limits import parse_duration
+from trainer.options import parse_duration
+from trainer.options import positive_int as check_positive_int
 
 __all__ = [
     "FLOAT32_MAX",

@@ -37,9 +37,9 @@ from models.predict import (
 from recipes.errors import UsageError
 from recipes.option_types import non_negative_int, positive_int
 from recipes.prediction_files import INCOMPLETE_FILE, READ_ERRORS, ImageFile, output_paths
+from trainer.atomic import atomic_write_text, temporary_path
 from trainer.callbacks.palette import png_palette
-from trainer.checkpoint import atomic_write_text, temporary_path
-from trainer.precision import native_bf16
+from trainer.native import native_bf16
 from trainer_datasets import read_image_rgb, write_label_map, write_png_file
 
 __all__ = ["inference_precision", "predict_folder", "write_label_prediction", "write_prediction"]

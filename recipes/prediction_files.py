@@ -27,7 +27,7 @@ __all__ = ["INCOMPLETE_FILE", "ImageFile", "check_class_names", "check_images", 
 READ_ERRORS = (DatasetError, OSError, RuntimeError, ValueError)
 #: The file in ``--out`` that marks a predict that has not finished: its outputs are partial.
 INCOMPLETE_FILE = "PREDICT_INCOMPLETE.txt"
-#: The temporary files of a predict's writes (`trainer.checkpoint.temporary_path` of an output or the mark).
+#: The temporary files of a predict's writes (`trainer.atomic.temporary_path` of an output or the mark).
 _TEMPORARY = re.compile(rf"\..+\.png\.\d+\.tmp|\.{re.escape(INCOMPLETE_FILE)}\.\d+\.tmp")
 
 

@@ -17,10 +17,11 @@ from recipes.cli import CommandLine, resume_command
 from recipes.config import RunConfig
 from recipes.errors import RunComplete, UsageError
 from recipes.run_checks import check_recipe_config
+from trainer.atomic import atomic_write_text, remove_temporary_files
 from trainer.callback import Callback
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST
 from trainer.callbacks.tensorboard import has_event_files
-from trainer.checkpoint import atomic_write_text, load_checkpoint, remove_temporary_files
+from trainer.checkpoint import load_checkpoint
 from trainer.distributed import broadcast_object, is_rank_zero
 from trainer.every import Every
 from trainer.runs.lock import LockFileError, RunLock, RunLockedError, RunLockLostError

@@ -1,4 +1,4 @@
-"""`trainer.amp`: autocast, the optimizer step (gradient clipping) and evaluation under the run's precision."""
+"""`trainer.precision.Precision`: autocast, the optimizer step (gradient clipping) and evaluation."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.cache_folder import cache_folder
-from trainer.precision import cache_path
+from trainer.probe_cache import cache_path
 from trainer_datasets import SegmentationStream, SyntheticNuclei
 from trainer_datasets.segmentation_stream import index_file
 

@@ -1,4 +1,4 @@
-"""`trainer.callback_list`: dispatch only where a callback acts, state keys, `describe`."""
+"""`trainer.callback.CallbackList`: dispatch only where a callback acts, state keys, `describe`."""
 
 from __future__ import annotations
 

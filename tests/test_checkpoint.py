@@ -18,7 +18,8 @@ from tests.conftest import make_classification, torch_save_on_a_full_disk
 from tests.helpers import Validations, make
 from trainer import Callback, Trainer, load_model
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
-from trainer.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from trainer.checkpoint import atomic_save, load_checkpoint
+from trainer.state import rng_state, set_rng_state
 
 
 def build(callbacks, epochs, init_seed=0):

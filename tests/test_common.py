@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import trainer.cpus as cpus_module
-import trainer.precision as precision_module
+import trainer.precision_probe as precision_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
 from recipes.cli import RecipeArgumentParser, add_run_options, run_cli
@@ -27,7 +27,7 @@ from recipes.parts import RecipeParts, recorded_data
 from tests.helpers import tiny_args
 from trainer.checkpoint import load_checkpoint
 from trainer.openmp import choose_wait_policy
-from trainer.precision import choose_precision
+from trainer.precision_probe import choose_precision
 from trainer.runs.threads import choose_threads
 from trainer_datasets import (
     SegmentationFolder,
@@ -37,7 +37,7 @@ from trainer_datasets import (
     write_png_file,
 )
 
-#: What `trainer.precision.cpu_features` reports on a CPU without native bf16.
+#: What `trainer.native.cpu_features` reports on a CPU without native bf16.
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 #: The segmentation recipe's quickest run with 4 training steps per epoch.
 SEGMENTATION = tiny_args(train_samples=16, val_samples=8)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -577,3 +580,14 @@ def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linea
         ("backward", 2, True),
         ("step", 1, True),
     ]
+
+
+def test_importing_the_trainer_loads_the_core_only():
+    """What a fit on one process never needs (torchrun, the precision probe and its cache, checkpoint
+    files) loads when it is used, not with ``import trainer.core``."""
+    code = "import sys, trainer.core; print(' '.join(sorted(m for m in sys.modules if m.startswith('trainer.'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    loaded = set(out.stdout.split())
+    assert {"trainer.core", "trainer.loop", "trainer.state", "trainer.callback", "trainer.precision"} <= loaded
+    torchrun, probe = {"trainer.distributed", "trainer.sampler"}, {"trainer.precision_probe", "trainer.probe_cache"}
+    assert not loaded & (torchrun | probe | {"trainer.native", "trainer.checkpoint", "trainer.atomic"})

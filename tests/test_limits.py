@@ -1,4 +1,4 @@
-"""`trainer.limits`: the debug limits (limit_train_batches, limit_val_batches) and the time limit (max_time)."""
+"""The debug limits (limit_train_batches, limit_val_batches) and the time limit (max_time)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.helpers import make
 from trainer import Callback, TimeLimitReached
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
-from trainer.limits import format_duration, parse_duration
+from trainer.options import format_duration, parse_duration
 
 
 # ------------------------------------------------------------------------------------------ debug limits

@@ -10,18 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import trainer.precision as precision_module
+import trainer.precision_probe as precision_module
 from trainer import Callback, Trainer
 from trainer.callbacks import ModelCheckpoint
-from trainer.precision import (
-    PrecisionChoice,
-    Setting,
-    cache_path,
-    choose_precision,
-    cpu_features,
-    probe,
-    probe_key,
-)
+from trainer.native import cpu_features
+from trainer.precision import PrecisionChoice
+from trainer.precision_probe import Setting, choose_precision, probe, probe_key
+from trainer.probe_cache import cache_path
 
 AVX2_ONLY = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False, "arm_bf16": False}
 SAPPHIRE_RAPIDS = {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": True, "arm_bf16": False}
@@ -110,7 +105,7 @@ def test_model_without_convolutions_stays_contiguous_without_a_probe(mocker):
 @pytest.mark.parametrize("capability, native, expected", [((7, 0), False, "16-mixed"), ((8, 0), True, "bf16")])
 def test_gpu_choice_follows_native_bf16(mocker, capability, native, expected):
     mocker.patch("torch.cuda.get_device_capability", return_value=capability)
-    mocker.patch.object(precision_module, "_cuda_native_bf16", return_value=native)
+    mocker.patch.object(precision_module, "cuda_native_bf16", return_value=native)
     choice = choose_precision(small_cnn(), torch.device("cuda", 0), example_images())
     assert (choice.precision, choice.channels_last) == (expected, True)
     assert f"{capability[0]}.{capability[1]}" in choice.reason

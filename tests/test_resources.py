@@ -1,4 +1,4 @@
-"""`trainer.resources`: what the callbacks of one fit share, made once, flushed and closed."""
+"""`trainer.callback.FitResources`: what the callbacks of one fit share, made once, flushed and closed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 
 def test_fit_resources_made_once_flushed_and_closed_newest_first():
-    from trainer.resources import FitResources
+    from trainer.callback import FitResources
 
     events = []
 

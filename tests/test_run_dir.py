@@ -125,7 +125,7 @@ def test_resume_of_an_unwritable_run_folder_is_one_line(read_only_folder, capsys
 
 def test_config_json_that_cannot_be_written_leaves_no_file(tmp_path, mocker):
     """A config.json write that fails (ENOSPC at fsync) names the file and leaves nothing, not even the lock."""
-    mocker.patch("trainer.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    mocker.patch("trainer.atomic.os.fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(UsageError, match=r"cannot write .*config\.json: No space left on device"):
         start_run_dir(str(tmp_path / "run"), "runs/x", RunConfig(epochs=1))
     assert not list((tmp_path / "run").iterdir())  # neither config.json, its temporary file nor the lock

@@ -13,22 +13,22 @@ from typing import TYPE_CHECKING, Any
 from trainer.openmp import WAIT_POLICY
 
 if TYPE_CHECKING:
-    from trainer.batch import move_to_device
+    from trainer.batch import StepOutput, move_to_device
     from trainer.callback import HOOKS as HOOKS
     from trainer.callback import Callback
-    from trainer.checkpoint import seed_everything
+    from trainer.callback import FitResources as FitResources
     from trainer.core import Trainer
     from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
     from trainer.every import Every
     from trainer.model_spec import ModelSpecError
     from trainer.options import resolve_device
-    from trainer.precision import PrecisionChoice, choose_precision
-    from trainer.resources import FitResources as FitResources
+    from trainer.precision import PrecisionChoice
+    from trainer.precision_probe import choose_precision
     from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
     from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
-    from trainer.steps import StepOutput
+    from trainer.state import seed_everything
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
 
@@ -37,7 +37,7 @@ _MODULES = {
     "move_to_device": "trainer.batch",
     "HOOKS": "trainer.callback",
     "Callback": "trainer.callback",
-    "seed_everything": "trainer.checkpoint",
+    "seed_everything": "trainer.state",
     "Trainer": "trainer.core",
     "BatchLoadError": "trainer.errors",
     "NonFiniteLossError": "trainer.errors",
@@ -47,14 +47,14 @@ _MODULES = {
     "ModelSpecError": "trainer.model_spec",
     "resolve_device": "trainer.options",
     "PrecisionChoice": "trainer.precision",
-    "choose_precision": "trainer.precision",
-    "FitResources": "trainer.resources",
+    "choose_precision": "trainer.precision_probe",
+    "FitResources": "trainer.callback",
     "RunLock": "trainer.runs.lock",
     "RunLockedError": "trainer.runs.lock",
     "EpochLoss": "trainer.running",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",
-    "StepOutput": "trainer.steps",
+    "StepOutput": "trainer.batch",
     "load_model": "trainer.trained_model",
     "ignore_stop_signals": "trainer.workers",
 }

@@ -1,102 +1,19 @@
-"""Atomic checkpoint files, and the random generators: their state, which checkpoints carry, and seeding."""
+"""Checkpoint files: `atomic_save` writes one, `load_checkpoint` reads one back safely (tensors and
+plain values only)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import random
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
-import numpy as np
 import torch
 
-from trainer.distributed import get_rank
-
-
-def temporary_path(path: str | os.PathLike) -> Path:
-    """The hidden temporary file an atomic write of `path` goes through: ``.NAME.PID.tmp``
-    beside it (`remove_temporary_files` finds those a killed writer left)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files (``.NAME[.PID].tmp``) that killed atomic writes left directly
-    in `folder`, and return them. Call it only while no other process writes there (see
-    `trainer.runs.lock.RunLock`)."""
-    removed = []
-    for path in Path(folder).glob(".*.tmp"):
-        if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-E = TypeVar("E", bound=BaseException)
-
-
-def _first_in_chain(exc: BaseException, kind: type[E]) -> E | None:
-    """The first exception of type `kind` among `exc` and its causes (``__cause__``, else
-    ``__context__``), or None."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, kind):
-        cause = cause.__cause__ or cause.__context__
-    return cause
-
-
-def write_failure(exc: BaseException, path: str | os.PathLike) -> OSError | None:
-    """`exc` as an `OSError` naming `path` (errno and reason kept), when it is a failed write:
-    an `OSError`, or the `RuntimeError` torch.save raises when its file's write fails (a full
-    disk: ``[enforce fail at inline_container.cc...]``, with the `OSError` as its context).
-    None for any other error."""
-    cause = _first_in_chain(exc, OSError)
-    if cause is None:
-        return None
-    return OSError(cause.errno, cause.strerror or str(cause), os.fspath(path))
-
-
-def _interrupted(exc: BaseException) -> bool:
-    """Whether `exc` came from a Ctrl-C: torch.save's zip writer, cut off by the KeyboardInterrupt,
-    raises a `RuntimeError` (``[enforce fail at inline_container.cc...]``) with it as its context."""
-    return _first_in_chain(exc, KeyboardInterrupt) is not None
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside `path`, flush and fsync it, rename it over
-    `path` and fsync the folder. Any failure removes the temporary file, leaves `path` as it was
-    and raises an `OSError` naming `path` (see `write_failure`), or `KeyboardInterrupt` when a
-    Ctrl-C cut the write off."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
-    except (OSError, RuntimeError) as exc:
-        if _interrupted(exc):
-            raise KeyboardInterrupt from exc
-        failure = write_failure(exc, path)
-        if failure is None:
-            raise
-        raise failure from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return path
+from trainer.atomic import atomic_write
 
 
 def _refuse_compressed_records(path: Path) -> None:
@@ -118,16 +35,10 @@ def _refuse_compressed_records(path: Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` `obj` to `path` atomically: a temporary file in the same folder, flushed
-    and fsynced, then renamed over `path`. A crash at any moment leaves the old file or the new
-    one, never a broken one. A failed write (a full disk, a read-only folder) removes the
-    temporary file, keeps the old `path` and raises an `OSError` naming `path`."""
-    return _atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write `text` (UTF-8) to `path` atomically, like `atomic_save`."""
-    return _atomic_write(path, lambda file: file.write(text.encode()))
+    """`torch.save` `obj` to `path` atomically (see `trainer.atomic`): a crash at any moment
+    leaves the old file or the new one, never a broken one. A failed write (a full disk, a
+    read-only folder) keeps the old `path` and raises an `OSError` naming `path`."""
+    return atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def load_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
@@ -197,58 +108,3 @@ def _load_failure(exc: Exception) -> str:
     if "zip archive" in text or "central directory" in text:
         return f"damaged or not a file written by torch.save: {text.split('. ', 1)[0]}"
     return text or type(exc).__name__
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators.
-
-    Args:
-        seed: the seed of every generator.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Python's, NumPy's and torch's generator states: the CPU's and, once CUDA is in use, that of
-    this process's GPU (`device` where it is a CUDA device with an index, else the current one)
-    as ``"cuda"``, a list of one state. Under torchrun `Trainer.gather_position` puts every rank's
-    there, in rank order, for the checkpoint rank 0 writes."""
-    # The global generator is an MT19937: its legacy state is always the tuple.
-    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    kind, keys, pos, has_gauss, gauss = legacy
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-        "torch": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [torch.cuda.get_rng_state(_cuda_index(device))]
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore generator states saved by `rng_state`: this rank's CUDA state (the rank-th of
-    ``"cuda"``) to this process's GPU (`device`, else the current one), where CUDA is here.
-
-    A checkpoint written before ``"cuda"`` held one state per rank holds one per GPU the saving
-    process saw; where each process has one GPU, index and rank are the same. A rank with no state
-    saved for it (a run resumed with more processes, a checkpoint saved by one rank alone at an
-    interruption) keeps its CUDA generator as it is; none is ever set on a GPU that is not here."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.random.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    rank = get_rank()
-    if rank < len(cuda) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda[rank], _cuda_index(device))
-
-
-def _cuda_index(device: torch.device | None) -> int:
-    """The index of `device` where it is a CUDA device with one, else of the current CUDA device."""
-    if device is not None and device.type == "cuda" and device.index is not None:
-        return device.index
-    return torch.cuda.current_device()

@@ -1,46 +1,26 @@
-"""The `Trainer`: its parts and options, the forward passes, and `fit`, which runs the loop
-(`trainer.loop`) with the callbacks (`trainer.callback_list`) and restores or saves checkpoint
-state (`trainer.state`)."""
+"""The `Trainer`: its parts and options, the forward passes, and `fit`, composed of its `TrainingLoop`
+(`trainer.loop`: the epochs and their progress), `CallbackList` (`trainer.callback`: the hooks'
+dispatch) and `CheckpointState` (`trainer.state`: what a checkpoint saves and restores)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from trainer.amp import Precision, resolve_choice
-from trainer.batch import describe_tensors, mover, split_batch
-from trainer.callback import Callback
-from trainer.callback_list import CallbackList
-from trainer.checkpoint import load_checkpoint, seed_everything
-from trainer.distributed import (
-    alone,
-    check_even_batches,
-    init_distributed,
-    is_distributed,
-    launched_device,
-    shard_loader,
-    wait_for_all,
-)
+from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batch, split_batch
+from trainer.callback import Callback, CallbackList, FitResources
 from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
-from trainer.limits import check_batch_limit, limited, loader_length, parse_duration
 from trainer.loop import TrainingLoop
-from trainer.openmp import WAIT_POLICY, late_import_warning
-from trainer.options import check_options, precision_options, resolve_device
-from trainer.position import LoopPosition
-from trainer.precision import PrecisionChoice
-from trainer.resources import FitResources
+from trainer.openmp import warn_late_import
+from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
+from trainer.precision import Precision, PrecisionChoice
 from trainer.running import EpochLoss
-from trainer.sampler import check_epoch_reaches_workers
-from trainer.scheduling import SchedulerStepping
-from trainer.state import CheckpointState
-from trainer.steps import Metric, StepOutput
+from trainer.state import CheckpointState, seed_everything
 
 __all__ = [
     "Metric",
@@ -54,11 +34,7 @@ __all__ = [
 ]
 
 
-def _name(fn: Any) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
-class Trainer(TrainingLoop, CheckpointState):
+class Trainer:
     """Runs the training loop and fires hooks into callbacks.
 
     Args:
@@ -84,7 +60,7 @@ class Trainer(TrainingLoop, CheckpointState):
             shorter last window of an epoch is averaged over its own batches).
         precision: ``"32"``, ``"bf16"`` (autocast on CPU and CUDA), ``"16-mixed"`` (float16
             autocast with a gradient scaler, CUDA only) or ``"auto"``: what this machine computes
-            fastest, never slower than float32 (see `trainer.precision.choose_precision`), chosen
+            fastest, never slower than float32 (see `trainer.precision_probe.choose_precision`), chosen
             at the start of `fit` from the first training batch and printed once (until then,
             e.g. for `predict` before any `fit`, it computes in float32). A resumed fit
             keeps the choice saved in its checkpoint. A `PrecisionChoice` made earlier (by
@@ -160,6 +136,8 @@ class Trainer(TrainingLoop, CheckpointState):
         self.limit_val_batches = check_batch_limit("limit_val_batches", limit_val_batches)
         #: Seconds a `fit` may train (None: no limit).
         self.max_time = parse_duration(max_time) if max_time is not None else None
+        from trainer.distributed import launched_device
+
         # The process group starts in fit; here only this process's device is worked out.
         self.device = launched_device(resolve_device(device))
         self.grad_clip_norm = grad_clip_norm
@@ -171,7 +149,8 @@ class Trainer(TrainingLoop, CheckpointState):
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.accumulate_grad_batches, self.seed, self.max_epochs = accumulate_grad_batches, seed, max_epochs
         self.val_every_n_steps, self.val_at_epoch_end = val_every_n_steps, val_at_epoch_end
-        self._init_progress()
+        self._loop = TrainingLoop(self)
+        self._state = CheckpointState(self)
         self._callbacks = CallbackList(self, callbacks)
 
     def _init_precision(self, precision: str, channels_last: bool | str, given: PrecisionChoice | None) -> None:
@@ -185,19 +164,70 @@ class Trainer(TrainingLoop, CheckpointState):
         self.onednn = given.onednn if given is not None else True
         self._set_precision(None)  # "16-mixed" without CUDA fails here, before the model is moved
 
-    def _init_progress(self) -> None:
-        self.epoch = self.global_step = self.start_step = self.batch_idx = 0
-        self.history: list[dict[str, float]] = []
-        self.should_stop = self.in_step_validation = False
-        self.train_loader: Iterable | None = None
-        self.val_loader: Iterable | None = None
-        self.num_batches: int | None = None
-        self.epoch_loss = EpochLoss(self.device)
-        self.resources = FitResources()
-        self._pos = LoopPosition()
-        self._deadline: float | None = None
-        self._fitting = False  # inside fit: its resources and start step are the fit's
-        self._scheduling = SchedulerStepping(None, "epoch", False)
+    # ----------------------------------------------------------------------------- progress (the loop's)
+    @property
+    def epoch(self) -> int:
+        """The current epoch, 0-based."""
+        return self._loop.epoch
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done."""
+        return self._loop.global_step
+
+    @property
+    def start_step(self) -> int:
+        """`global_step` when this `fit` began: above 0 for a resumed run."""
+        return self._loop.start_step
+
+    @property
+    def batch_idx(self) -> int:
+        """The batch's index in its epoch."""
+        return self._loop.batch_idx
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch after `limit_train_batches` (None for a loader without a length)."""
+        return self._loop.num_batches
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One logs dict per epoch done."""
+        return self._loop.history
+
+    @property
+    def epoch_loss(self) -> EpochLoss:
+        """The epoch's training loss sum on the device (read it with `RunningLoss`)."""
+        return self._loop.epoch_loss
+
+    @property
+    def should_stop(self) -> bool:
+        """Set it to True to stop training after the current batch (under torchrun, epoch)."""
+        return self._loop.should_stop
+
+    @should_stop.setter
+    def should_stop(self, stop: bool) -> None:
+        self._loop.should_stop = stop
+
+    @property
+    def in_step_validation(self) -> bool:
+        """True during a validation run by `val_every_n_steps`."""
+        return self._loop.in_step_validation
+
+    @property
+    def train_loader(self) -> Iterable | None:
+        """The training loader of the current (or last) fit."""
+        return self._loop.train_loader
+
+    @property
+    def val_loader(self) -> Iterable | None:
+        """The validation loader of the current (or last) fit."""
+        return self._loop.val_loader
+
+    @property
+    def resources(self) -> FitResources:
+        """What the callbacks of one fit share, with its lifetime (`FitResources`)."""
+        return self._loop.resources
 
     @property
     def module(self) -> nn.Module:
@@ -214,8 +244,7 @@ class Trainer(TrainingLoop, CheckpointState):
     # ----------------------------------------------------------------------------- callbacks
     @property
     def callbacks(self) -> list[Callback]:
-        """The callbacks, sorted by ``order`` (read-only: change them with `add_callback` and
-        `remove_callback`)."""
+        """The callbacks, sorted by ``order`` (change them with `add_callback`, `remove_callback`)."""
         return list(self._callbacks.callbacks)
 
     def add_callback(self, callback: Callback) -> None:
@@ -237,12 +266,8 @@ class Trainer(TrainingLoop, CheckpointState):
         return self._callbacks.stateful()
 
     # ----------------------------------------------------------------------------- precision
-    def _build_precision(self) -> None:
-        """The `Precision` of the current settings (``"auto"`` computes in float32 until `fit`
-        resolves it), and the device mover; a grad scaler carries over to keep its scale."""
-        self._set_precision(self._amp)
-
     def _set_precision(self, old: Precision | None) -> None:
+        """The `Precision` of the current settings, and the device mover (`old`'s grad scaler carries over)."""
         amp = Precision(
             "32" if self.precision == "auto" else self.precision, self.device, self.onednn, self.grad_clip_norm
         )
@@ -252,9 +277,13 @@ class Trainer(TrainingLoop, CheckpointState):
         self._move = mover(self.device, self.channels_last is True)
 
     def _resolve_precision(self, loader: Iterable, saved: dict[str, Any] | None) -> None:
+        from trainer.precision_probe import resolve_choice
+
         if saved is not None and saved.get("device", self.device.type) != self.device.type:
             saved = None  # an automatic choice made for another kind of device is made again for this one
-        choice = resolve_choice(self.module, self.device, loader, self.precision, self.channels_last, saved)
+        kept = PrecisionChoice.recorded(saved, "saved in the checkpoint") if saved is not None else None
+        example = lambda: split_batch(peek_batch(loader))[0]  # noqa: E731
+        choice = resolve_choice(self.module, self.device, example, self.precision, self.channels_last, kept)
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
         self.onednn = choice.onednn
         self.module.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
@@ -305,8 +334,9 @@ class Trainer(TrainingLoop, CheckpointState):
             loss = self.loss_fn(predictions, targets)
         except Exception as exc:
             # PyTorch's own message rarely says which call failed or what it was given.
+            name = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
             exc.add_note(
-                f"raised by the loss function {_name(self.loss_fn)}(predictions, targets) with predictions "
+                f"raised by the loss function {name}(predictions, targets) with predictions "
                 f"{describe_tensors(predictions)} and targets {describe_tensors(targets)}"
             )
             raise
@@ -337,26 +367,35 @@ class Trainer(TrainingLoop, CheckpointState):
         exception propagates. Without one, an error in `on_fit_end` propagates after every
         callback's `on_fit_end` ran.
         """
-        state = load_checkpoint(resume_from, resume=True) if resume_from is not None else None
+        state = None
+        if resume_from is not None:
+            from trainer.checkpoint import load_checkpoint
+
+            state = load_checkpoint(resume_from, resume=True)
         train_loader, val_loader = self._distribute(train_loader, val_loader)
         if "auto" in (self.precision, self.channels_last):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
         self._wrap_model()  # after the memory format is settled: DDP's gradient buckets take the strides here
-        self._build_precision()
-        self._warn_unfused_scaler()
-        self._warn_late_import()
+        self._set_precision(self._amp)
+        self._amp.warn_unfused(self.optimizer)
+        if self.device.type == "cpu":
+            warn_late_import(torch.get_num_threads())  # torch imported before trainer, on a busy machine
         if state is not None:
-            self.load_state_dict(state)
+            self._state.load_state_dict(state)
         else:
-            self._continue_in_place()
-        self._prepare_fit(train_loader, val_loader, fresh=state is None)
+            self._state.continue_in_place()
+        self._loop.prepare(train_loader, val_loader, fresh=state is None)
         with self._amp.kernels():
-            self._run_fit(train_loader, val_loader)
+            self._loop.run(train_loader, val_loader)
+        from trainer.distributed import wait_for_all
+
         wait_for_all(self.device)  # no rank leaves fit while another still communicates
         return self.history
 
     def _distribute(self, train_loader: Iterable, val_loader: Iterable | None) -> tuple[Iterable, Iterable | None]:
         """Under torchrun: start the process group and shard the loaders."""
+        from trainer.distributed import init_distributed, is_distributed, shard_loader
+
         self.device = init_distributed(self.device)
         if not is_distributed():
             return train_loader, val_loader
@@ -367,61 +406,11 @@ class Trainer(TrainingLoop, CheckpointState):
 
     def _wrap_model(self) -> None:
         """Under torchrun: wrap the model in `DistributedDataParallel`, whose buckets take its final strides."""
+        from trainer.distributed import is_distributed
+
         if is_distributed() and not isinstance(self.model, nn.parallel.DistributedDataParallel):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-
-    def _warn_unfused_scaler(self) -> None:
-        if self._amp.scaler is not None and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            warnings.warn(
-                f"precision '16-mixed' with a {type(self.optimizer).__name__} that is not fused: the grad scaler "
-                f"waits on the GPU at every step to check for infinite gradients; create the optimizer with "
-                f"fused=True to keep the loop free of host syncs",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    def _warn_late_import(self) -> None:
-        """On the CPU of a busy machine, where torch was imported before `trainer`: why it is slow."""
-        if self.device.type == "cpu":
-            line = late_import_warning(WAIT_POLICY, torch.get_num_threads())
-            if line is not None:
-                warnings.warn(line, RuntimeWarning, stacklevel=3)
-
-    def _prepare_fit(self, train_loader: Iterable, val_loader: Iterable | None, fresh: bool) -> None:
-        """What the loop reads, built once: loaders, batch count, dispatch table, scheduler rule."""
-        self.train_loader, self.val_loader = train_loader, val_loader
-        check_epoch_reaches_workers(train_loader)
-        self.num_batches = limited("limit_train_batches", self.limit_train_batches, loader_length(train_loader))
-        check_even_batches(self.num_batches, self.device)  # uneven ranks would wait on each other
-        self._callbacks.rebuild()
-        validates = val_loader is not None and (self.val_at_epoch_end or self.val_every_n_steps is not None)
-        self._scheduling = SchedulerStepping(self.scheduler, self.scheduler_interval, validates, self.global_step)
-        if fresh:
-            self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
-        if self.seed is not None and fresh and not self.history and self.global_step == 0:
-            seed_everything(self.seed)  # only a fresh start: a second fit() continues the random streams
-        self.start_step = self.global_step
-
-    def _run_fit(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
-        """The hooks around the epochs: every callback's ``on_exception`` and ``on_fit_end`` run."""
-        callbacks = self._callbacks
-        self._fitting = True
-        try:
-            callbacks.fire("on_fit_start")
-            self._deadline = time.monotonic() + self.max_time if self.max_time is not None else None
-            self._run_epochs(train_loader, val_loader)
-        except BaseException as exc:
-            callbacks.fire_all("on_exception", exc, cause=exc)
-            callbacks.fire_all("on_fit_end", cause=exc)
-            self._fitting = False
-            self.resources.close(cause=exc)
-            raise
-        try:
-            callbacks.fire_all("on_fit_end")
-        finally:
-            self._fitting = False
-            self.resources.close()
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on `loader` (in `eval_mode`) and return ``val_loss`` and ``val_<metric>``.
@@ -434,17 +423,19 @@ class Trainer(TrainingLoop, CheckpointState):
         torchrun it runs on the calling rank alone over all of `loader`, but inside a fit, or on
         the fit's sharded `val_loader`, on every rank together.
         """
-        self._callbacks.rebuild()
-        if self._fitting:
-            return self._validate(loader)
-        start_step, self.start_step = self.start_step, self.global_step  # a writer's purge step (resumed)
-        try:
-            with alone() if loader is not self.val_loader else contextlib.nullcontext():  # any rank, alone
-                logs = self._validate(loader)
-        except BaseException as exc:
-            self.resources.close(cause=exc)
-            raise
-        finally:
-            self.start_step = start_step
-        self.resources.close()
-        return logs
+        return self._loop.validate(loader)
+
+    # ----------------------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly (see `CheckpointState.state_dict`)."""
+        return self._state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from `state_dict` (see `fit(resume_from=...)`). Saved callback states
+        that no callback of this trainer takes are left out with a warning."""
+        self._state.load_state_dict(state)
+
+    def gather_position(self) -> None:
+        """Under torchrun, collect every rank's training loss sums of the epoch so far for the next
+        `state_dict` (see `CheckpointState.gather_position`); every rank calls it at the same point."""
+        self._state.gather_position()

@@ -2,39 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
-
-def positive_int(name: str, value: Any, optional: bool = False) -> int | None:
-    """`value` if it is a positive integer (or None when `optional`), else a ValueError naming it."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        wanted = "a positive integer or None" if optional else "a positive integer"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
-    return value
-
-
-def renamed_option(owner: str, old: str, old_value: Any, new: str, value: Any) -> Any:
-    """`value`, or `old_value` given under the option's former name `old` (with a
-    DeprecationWarning that names `new`, the option to use instead).
-
-    Args:
-        owner: the class the option belongs to, for the message.
-        old: the former name.
-        old_value: what was passed under it (None: nothing).
-        new: the current name.
-        value: what was passed under the current name.
-    """
-    if old_value is None:
-        return value
-    warnings.warn(
-        f"{owner}({old}=...) is deprecated: pass {new}={old_value!r} (counted in optimizer steps)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return old_value
+from trainer.options import positive_int
 
 
 class Every:

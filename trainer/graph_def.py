@@ -27,7 +27,7 @@ from tensorboard.compat.proto.versions_pb2 import VersionDef
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from trainer.amp import evaluating
+from trainer.precision import evaluating
 
 # The GraphDef producer version TensorBoard expects from PyTorch (as `add_graph` writes it).
 PRODUCER = 22
@@ -126,17 +126,22 @@ def _nodes(graph: fx.Graph, model: nn.Module, stands_for: dict[str, str]) -> lis
                     add(f"output/output_{i}", "Output", [names[source]], _value(source))
         else:
             path, module_type = _module(node)
+            op, own = _operation(node, model)
             inputs = [names[source] for source in node.all_input_nodes if source in names]
-            if node.op == "call_module":  # torch.fx: a leaf module keeps its parameters inside
-                leaf = model.get_submodule(node.target)
-                op = type(leaf).__name__
-                own = [*leaf.named_parameters(recurse=False), *leaf.named_buffers(recurse=False)]
-                inputs += [state(f"{node.target}.{name}", tensor) for name, tensor in own if tensor is not None]
-            else:
-                op = node.target if node.op == "call_method" else _op_name(node.target)
+            inputs += [state(f"{node.target}.{name}", tensor) for name, tensor in own]
             scope = "/".join([root, *path.split(".")]) if path else root
             names[node] = add(f"{scope}/{node.name}", op, inputs, value, module_type)
     return list(nodes.values())
+
+
+def _operation(node: fx.Node, model: nn.Module) -> tuple[str, list[tuple[str, Any]]]:
+    """The op name of a call `node`, and the parameters and buffers a leaf module keeps inside
+    (torch.fx does not trace into a leaf module: its state becomes inputs of its node)."""
+    if node.op != "call_module":
+        return (str(node.target) if node.op == "call_method" else _op_name(node.target)), []
+    leaf = model.get_submodule(str(node.target))
+    own = [*leaf.named_parameters(recurse=False), *leaf.named_buffers(recurse=False)]
+    return type(leaf).__name__, [(name, tensor) for name, tensor in own if tensor is not None]
 
 
 def _value(node: fx.Node) -> Any:

@@ -1,8 +1,11 @@
-"""`TrainingLoop`, the part of the `Trainer` that runs epochs: each epoch's start, one training
-batch, the epoch's end, and the validations inside and after it.
+"""`TrainingLoop`: the epochs of a trainer's fits and the progress they make. It owns that progress
+(epoch, global step, batch, history), the position inside the epoch (`trainer.state.LoopPosition`),
+the epoch's running loss (`trainer.running.EpochLoss`) and the scheduler rule
+(`trainer.scheduling.SchedulerStepping`); the `Trainer` holds the parts (model, optimizer,
+callbacks, precision) and reads its progress here.
 
 Everything the loop uses per batch (the device mover, the autocast context, the dispatch table,
-the scheduler rule) is built once per `fit` by `trainer.core.Trainer.fit`.
+the scheduler rule) is built once per fit, before the first batch.
 """
 
 from __future__ import annotations
@@ -11,33 +14,115 @@ import contextlib
 import itertools
 import math
 import time
-import types
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.attributes import TrainerAttributes
-from trainer.batch import batch_size, detach, last_output
-from trainer.checkpoint import rng_state, set_rng_state
-from trainer.distributed import all_reduce, broadcast_buffers, is_distributed
-from trainer.errors import BatchLoadError, TimeLimitReached
-from trainer.limits import format_duration, limited, loader_length
-from trainer.running import non_finite_loss
-from trainer.sampler import RESUMABLE_LOADERS, batches_from, start_epoch
-from trainer.steps import StepOutput
+from trainer.batch import StepOutput, batch_size, detach, last_output
+from trainer.callback import FitResources
+from trainer.errors import TimeLimitReached, loaded
+from trainer.options import format_duration
+from trainer.running import EpochLoss, non_finite_loss
+from trainer.scheduling import SchedulerStepping
+from trainer.state import LoopPosition, rng_state, seed_everything, set_rng_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.core import Trainer
 
 
-class TrainingLoop(TrainerAttributes):
-    """The epochs of a fit, as methods of the `Trainer` (which holds the state they read)."""
+class TrainingLoop:
+    """The epochs of one trainer's fits, and their progress (which the `Trainer` shows as its
+    attributes ``epoch``, ``global_step``, ``batch_idx``... for callbacks to read).
+
+    Args:
+        trainer: the trainer whose parts the loop runs; every hook gets it.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.epoch = self.global_step = self.start_step = self.batch_idx = 0
+        self.history: list[dict[str, float]] = []
+        self.should_stop = self.in_step_validation = False
+        self.train_loader: Iterable | None = None
+        self.val_loader: Iterable | None = None
+        self.num_batches: int | None = None
+        self.epoch_loss = EpochLoss(trainer.device)
+        self.resources = FitResources()
+        self.position = LoopPosition()
+        self.scheduling = SchedulerStepping(None, "epoch", False)
+        self.deadline: float | None = None
+        self.fitting = False  # inside fit: its resources and start step are the fit's
+        self.single = True  # one process: the time limit and a stop act after any batch
+
+    # ----------------------------------------------------------------------------- a fit
+    def prepare(self, train_loader: Iterable, val_loader: Iterable | None, fresh: bool) -> None:
+        """What the loop reads, built once per fit: loaders, batch count, dispatch table, scheduler rule."""
+        from trainer.distributed import check_even_batches, is_distributed
+        from trainer.sampler import check_epoch_reaches_workers
+
+        trainer = self.trainer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        check_epoch_reaches_workers(train_loader)
+        self.num_batches = batches_taken(train_loader, trainer.limit_train_batches, "limit_train_batches")
+        check_even_batches(self.num_batches, trainer.device)  # uneven ranks would wait on each other
+        trainer._callbacks.rebuild()
+        validates = val_loader is not None and (trainer.val_at_epoch_end or trainer.val_every_n_steps is not None)
+        self.scheduling = SchedulerStepping(trainer.scheduler, trainer.scheduler_interval, validates, self.global_step)
+        if fresh:
+            self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
+        if trainer.seed is not None and fresh and not self.history and self.global_step == 0:
+            seed_everything(trainer.seed)  # only a fresh start: a second fit() continues the random streams
+        self.start_step = self.global_step
+        self.single = not is_distributed()  # under torchrun: time limit and stop at the epoch's end
+
+    def run(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
+        """The hooks around the epochs: every callback's ``on_exception`` and ``on_fit_end`` run."""
+        callbacks = self.trainer._callbacks
+        self.fitting = True
+        try:
+            callbacks.fire("on_fit_start")
+            max_time = self.trainer.max_time
+            self.deadline = time.monotonic() + max_time if max_time is not None else None
+            self._run_epochs(train_loader, val_loader)
+        except BaseException as exc:
+            callbacks.fire_all("on_exception", exc, cause=exc)
+            callbacks.fire_all("on_fit_end", cause=exc)
+            self.fitting = False
+            self.resources.close(cause=exc)
+            raise
+        try:
+            callbacks.fire_all("on_fit_end")
+        finally:
+            self.fitting = False
+            self.resources.close()
+
+    def validate(self, loader: Iterable) -> dict[str, float]:
+        """`Trainer.validate`: inside a fit with the fit's resources, outside one with its own."""
+        self.trainer._callbacks.rebuild()
+        if self.fitting:
+            return self._validate(loader)
+        from trainer.distributed import alone
+
+        start_step, self.start_step = self.start_step, self.global_step  # a writer's purge step (resumed)
+        try:
+            with alone() if loader is not self.val_loader else contextlib.nullcontext():  # any rank, alone
+                logs = self._validate(loader)
+        except BaseException as exc:
+            self.resources.close(cause=exc)
+            raise
+        finally:
+            self.start_step = start_step
+        self.resources.close()
+        return logs
 
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
         for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
-            resume = self._pos.take_resume(epoch)
+            resume = self.position.take_resume(epoch)
             if self.should_stop and resume is None:  # a resumed run that had stopped early
                 break
-            batches = loaded(self._start_epoch(epoch, train_loader, resume), training_batch(epoch), self.batch_idx)
+            batches = loaded(self._start_epoch(epoch, train_loader, resume), _training_batch(epoch), self.batch_idx)
             try:
                 for batch_idx, batch in enumerate(batches, start=self.batch_idx):
                     if self._train_batch(batch_idx, batch, val_loader):
@@ -48,28 +133,37 @@ class TrainingLoop(TrainerAttributes):
             if self._stop_after_epoch(epoch):
                 break
 
+    @property
+    def max_epochs(self) -> int:
+        return self.trainer.max_epochs
+
     # ----------------------------------------------------------------------------- epoch start
     def _start_epoch(self, epoch: int, loader: Iterable, resume: dict[str, Any] | None) -> Iterator[Any]:
         """Fire ``on_epoch_start`` and return the epoch's batches (from the resume point, if any)."""
+        from trainer.sampler import start_epoch
+
+        trainer = self.trainer
         self.epoch = epoch
         first = resume["batches"] if resume else 0
         self.batch_idx = first
-        self._callbacks.fire("on_epoch_start")
-        self.model.train()
+        trainer._callbacks.fire("on_epoch_start")
+        trainer.model.train()
         start_epoch(loader, epoch)  # seeded orders and augmentations: fresh and reproducible per epoch
         if resume is None:
             self.epoch_loss.reset()
-            self.optimizer.zero_grad(set_to_none=True)
-        self._pos.start_epoch(first, fresh=resume is None)
+            trainer.optimizer.zero_grad(set_to_none=True)
+        self.position.start_epoch(first, fresh=resume is None)
         iterator = iter(self._epoch_batches(loader, first))
         if resume is not None and "rng" in resume:
             # Again after iter(): a DataLoader draws its workers' base seed from the generator.
-            set_rng_state(resume["rng"], self.device)
+            set_rng_state(resume["rng"], self.trainer.device)
         return iterator
 
     def _epoch_batches(self, loader: Iterable, first: int) -> Iterable:
         """The batches left in this epoch after `first`: none when it is done or stopped, or when
         `loader` cannot start late (with a warning)."""
+        from trainer.sampler import RESUMABLE_LOADERS, batches_from
+
         last = self.num_batches
         if self.should_stop or (last is not None and first >= last):
             return ()
@@ -82,24 +176,30 @@ class TrainingLoop(TrainerAttributes):
                 stacklevel=5,
             )
             return ()
-        if self.limit_train_batches is not None and last is not None:  # a limit always gives a count
+        if self.trainer.limit_train_batches is not None and last is not None:  # a limit always gives a count
             return itertools.islice(batches, last - first)
         return batches
 
     # ----------------------------------------------------------------------------- one batch
     def _train_batch(self, batch_idx: int, batch: Any, val_loader: Iterable | None) -> bool:
         """Train on one batch; True when training stops after it (`should_stop`, one process)."""
+        trainer = self.trainer
         self.batch_idx = batch_idx
-        hooks, pos, accumulate = self._callbacks.table, self._pos, self.accumulate_grad_batches
-        batch = self._move(batch)
+        hooks, pos, accumulate, amp = (
+            trainer._callbacks.table,
+            self.position,
+            trainer.accumulate_grad_batches,
+            trainer._amp,
+        )
+        batch = trainer._move(batch)
         for fn in hooks["on_batch_start"]:
-            fn(self, batch)
+            fn(trainer, batch)
         with self._gradient_sync(batch_idx) if accumulate > 1 else contextlib.nullcontext():
-            with self._amp.loop_autocast:
-                out = self.train_step(batch)
-            self._amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
+            with amp.loop_autocast:
+                out = trainer.train_step(batch)
+            amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
         for fn in hooks["on_after_backward"]:
-            fn(self)
+            fn(trainer)
         pos.pending += 1
         stepped = pos.pending == accumulate
         if stepped:
@@ -107,16 +207,15 @@ class TrainingLoop(TrainerAttributes):
         detached = out.loss.detach()
         self.epoch_loss.add(detached, batch_size(out.predictions if out.targets is None else out.targets))
         pos.batches_done = batch_idx + 1
-        if stepped and self.val_every_n_steps is not None:
+        if stepped and trainer.val_every_n_steps is not None:
             self._maybe_validate_at_step(val_loader, last_batch=batch_idx + 1 == self.num_batches)
         if hooks["on_batch_end"]:
             outputs = StepOutput(detached, detach(out.predictions), out.targets)
             for fn in hooks["on_batch_end"]:
-                fn(self, batch, outputs)
-        single = not is_distributed()  # under torchrun: time limit and stop at the epoch's end
-        if single and self._deadline is not None and time.monotonic() >= self._deadline:
+                fn(trainer, batch, outputs)
+        if self.single and self.deadline is not None and time.monotonic() >= self.deadline:
             raise self._time_limit_reached()
-        return self.should_stop and single
+        return self.should_stop and self.single
 
     def _gradient_sync(self, batch_idx: int) -> contextlib.AbstractContextManager:
         """Under DDP, `no_sync` for a micro-batch after which no optimizer step follows: its
@@ -124,46 +223,50 @@ class TrainingLoop(TrainerAttributes):
         micro-batch (forward and backward both inside, as DDP needs). The epoch's last batch
         always syncs, since the shorter last window steps at the epoch's end, as does every batch
         of a loader without a length (its last batch is not known in advance)."""
-        model, last = self.model, self.num_batches
-        steps_after = self._pos.pending + 1 >= self.accumulate_grad_batches or last is None or batch_idx + 1 >= last
+        model, last = self.trainer.model, self.num_batches
+        steps_after = (
+            self.position.pending + 1 >= self.trainer.accumulate_grad_batches or last is None or batch_idx + 1 >= last
+        )
         if steps_after or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return model.no_sync()
 
     def _optimizer_step(self) -> None:
-        self._amp.step(self.optimizer, self.model.parameters, self._before_optimizer_step)
-        self._pos.pending = 0
+        trainer = self.trainer
+        trainer._amp.step(trainer.optimizer, trainer.model.parameters, self._before_optimizer_step)
+        self.position.pending = 0
         self.global_step += 1
-        self._scheduling.after_optimizer_step()
+        self.scheduling.after_optimizer_step()
 
     def _before_optimizer_step(self) -> None:
-        for fn in self._callbacks.table["on_before_optimizer_step"]:
-            fn(self, self.optimizer)
+        trainer = self.trainer
+        for fn in trainer._callbacks.table["on_before_optimizer_step"]:
+            fn(trainer, trainer.optimizer)
 
     # ----------------------------------------------------------------------------- epoch end
     def _end_epoch(self, val_loader: Iterable | None) -> dict[str, float]:
         """Step on a last, shorter accumulation window, validate, step the scheduler, record the
         epoch's logs and fire ``on_epoch_end``."""
-        pos = self._pos
+        trainer, pos = self.trainer, self.position
         if pos.pending:
-            if pos.pending != self.accumulate_grad_batches:  # a shorter last window: its own mean
-                for param in self.model.parameters():
+            if pos.pending != trainer.accumulate_grad_batches:  # a shorter last window: its own mean
+                for param in trainer.model.parameters():
                     if param.grad is not None:
-                        param.grad.mul_(self.accumulate_grad_batches / pos.pending)
+                        param.grad.mul_(trainer.accumulate_grad_batches / pos.pending)
             self._optimizer_step()
-            if self.val_every_n_steps is not None:
+            if trainer.val_every_n_steps is not None:
                 self._maybe_validate_at_step(val_loader, last_batch=True)
         logs = {"loss": self._epoch_mean_loss()}
-        if val_loader is not None and self.val_at_epoch_end and pos.validated_at != self.global_step:
-            pos.epoch_end_rng = rng_state(self.device)  # a stop during the validation saves this one
+        if val_loader is not None and trainer.val_at_epoch_end and pos.validated_at != self.global_step:
+            pos.epoch_end_rng = rng_state(trainer.device)  # a stop during the validation saves this one
             logs.update(self._validate(val_loader))
-            self._scheduling.after_validation(logs)
+            self.scheduling.after_validation(logs)
         pos.epoch_end_rng = None
-        self._scheduling.at_epoch_end(logs)
-        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scheduling.at_epoch_end(logs)
+        logs["lr"] = trainer.optimizer.param_groups[0]["lr"]
         self.history.append(logs)
         pos.end_epoch()
-        self._callbacks.fire("on_epoch_end", logs)
+        trainer._callbacks.fire("on_epoch_end", logs)
         self.resources.flush()
         return logs
 
@@ -171,11 +274,13 @@ class TrainingLoop(TrainerAttributes):
         epoch_loss = self.epoch_loss
         if epoch_loss.samples == 0:
             raise ValueError("the training loader yielded no batches")
-        if is_distributed():
-            count = torch.tensor(float(epoch_loss.samples), device=self.device)
-            loss_total, samples = all_reduce(torch.stack([epoch_loss.total, count])).tolist()
-        else:
+        if self.single:
             loss_total, samples = epoch_loss.total.item(), epoch_loss.samples
+        else:
+            from trainer.distributed import all_reduce
+
+            count = torch.tensor(float(epoch_loss.samples), device=self.trainer.device)
+            loss_total, samples = all_reduce(torch.stack([epoch_loss.total, count])).tolist()
         mean_loss = loss_total / samples
         if not math.isfinite(mean_loss):  # summed over ranks: every rank raises alike
             raise non_finite_loss(
@@ -186,9 +291,11 @@ class TrainingLoop(TrainerAttributes):
     def _stop_after_epoch(self, epoch: int) -> bool:
         """Whether training stops after `epoch`; under torchrun every rank agrees (a time limit
         passed on any rank raises `TimeLimitReached` on all)."""
-        over = self._deadline is not None and time.monotonic() >= self._deadline
-        if is_distributed():
-            flags = torch.tensor([float(self.should_stop), float(over)], device=self.device)
+        over = self.deadline is not None and time.monotonic() >= self.deadline
+        if not self.single:
+            from trainer.distributed import all_reduce
+
+            flags = torch.tensor([float(self.should_stop), float(over)], device=self.trainer.device)
             stop, over = (bool(flag) for flag in all_reduce(flags, "max").tolist())
             self.should_stop = stop
             if over and not stop and epoch + 1 < self.max_epochs:
@@ -197,9 +304,10 @@ class TrainingLoop(TrainerAttributes):
 
     def _time_limit_reached(self) -> TimeLimitReached:
         where = f"batch {self.batch_idx + 1}" + (f" of {self.num_batches}" if self.num_batches else "")
-        assert self.max_time is not None  # only a fit with a time limit has a deadline
+        max_time = self.trainer.max_time
+        assert max_time is not None  # only a fit with a time limit has a deadline
         return TimeLimitReached(
-            f"time limit {format_duration(self.max_time)} reached after global step "
+            f"time limit {format_duration(max_time)} reached after global step "
             f"{self.global_step} (epoch {self.epoch + 1}, {where})"
         )
 
@@ -207,25 +315,28 @@ class TrainingLoop(TrainerAttributes):
     def _maybe_validate_at_step(self, val_loader: Iterable | None, last_batch: bool) -> None:
         """After an optimizer step: validate if the global step is a multiple of
         `val_every_n_steps`, unless the epoch-end validation follows at once (`last_batch`)."""
-        every = self.val_every_n_steps
+        every = self.trainer.val_every_n_steps
         if (
             val_loader is not None
             and every is not None
             and self.global_step % every == 0
-            and not (last_batch and self.val_at_epoch_end)
+            and not (last_batch and self.trainer.val_at_epoch_end)
         ):
             self.in_step_validation = True
             try:
                 logs = self._validate(val_loader)
             finally:
                 self.in_step_validation = False
-            self._pos.validated_at = self.global_step
-            self._scheduling.after_validation(logs)
+            self.position.validated_at = self.global_step
+            self.scheduling.after_validation(logs)
 
     def _validate(self, loader: Iterable) -> dict[str, float]:
+        from trainer.distributed import all_reduce, broadcast_buffers
+
+        trainer = self.trainer
         # The unwrapped model: evaluation needs no communication, so ranks may hold uneven shards.
-        broadcast_buffers(self.module)
-        self._callbacks.fire("on_validation_start")
+        broadcast_buffers(trainer.module)
+        trainer._callbacks.fire("on_validation_start")
         batches = loaded(self._validation_batches(loader), lambda index: f"validation batch {index + 1}")
         try:
             sums = self._validation_sums(batches)
@@ -241,77 +352,62 @@ class TrainingLoop(TrainerAttributes):
         if samples == 0:
             raise ValueError("the validation loader yielded no batches")
         logs = {"val_loss": values[0] / samples}
-        logs.update({f"val_{name}": v / samples for name, v in zip(self.metrics, values[1:])})
-        self._callbacks.fire("on_validation_end", logs)
+        logs.update({f"val_{name}": v / samples for name, v in zip(trainer.metrics, values[1:])})
+        trainer._callbacks.fire("on_validation_end", logs)
         return logs
 
     def _validation_batches(self, loader: Iterable) -> Iterable:
-        if self.limit_val_batches is None:
+        limit = self.trainer.limit_val_batches
+        if limit is None:
             return loader
-        return itertools.islice(loader, limited("limit_val_batches", self.limit_val_batches, loader_length(loader)))
+        return itertools.islice(loader, batches_taken(loader, limit, "limit_val_batches"))
 
     def _validation_sums(self, loader: Iterable) -> torch.Tensor:
         """The loss and metric sums (weighted by batch size) over `loader`, the training loss sum
         of the epoch so far (0 outside a fit) and the samples, in one tensor."""
-        sums = torch.zeros(len(self.metrics) + 3, device=self.device)
-        if self._fitting:
+        trainer = self.trainer
+        metrics = trainer.metrics
+        sums = torch.zeros(len(metrics) + 3, device=trainer.device)
+        if self.fitting:
             sums[-2] = self.epoch_loss.total
-        batch_end = self._callbacks.table["on_validation_batch_end"]
+        batch_end = trainer._callbacks.table["on_validation_batch_end"]
         samples = 0
-        with self.eval_mode():
+        with trainer.eval_mode():
             for batch in loader:
-                batch = self._move(batch)
-                out = self.eval_step(batch)
+                batch = trainer._move(batch)
+                out = trainer.eval_step(batch)
                 n = batch_size(out.predictions if out.targets is None else out.targets)
                 sums[0].add_(out.loss.detach().float(), alpha=n)
-                if self.metrics:
+                if metrics:
                     if out.targets is None:
                         raise ValueError("metrics need targets, but eval_step returned StepOutput.targets=None")
                     final = last_output(out.predictions)
-                    for index, fn in enumerate(self.metrics.values(), start=1):
+                    for index, fn in enumerate(metrics.values(), start=1):
                         sums[index].add_(fn(final, out.targets).detach().float(), alpha=n)
                 samples += n
                 for fn in batch_end:
-                    fn(self, batch, out)
+                    fn(trainer, batch, out)
         sums[-1] = samples
         return sums
 
 
-def training_batch(epoch: int) -> Callable[[int], str]:
-    """Names the training batches of `epoch` (0-based) for `loaded`."""
+def _training_batch(epoch: int) -> Callable[[int], str]:
+    """Names the training batches of `epoch` (0-based) for `trainer.errors.loaded`."""
     return lambda index: f"training batch {index + 1} of epoch {epoch + 1}"
 
 
-def loaded(batches: Iterable, describe: Callable[[int], str], first: int = 0) -> Generator[Any]:
-    """`batches`, with an error of the loader raised as `BatchLoadError` naming the batch
-    (``describe(index)``, counted from `first`).
-
-    Nothing else holds the loader's iterator: closing this generator (as the loop does on every
-    path) or an error of the loader ends it, and with it a DataLoader's worker processes. Left to
-    a traceback, they would outlive the error, and at the exit of the process Python would wait
-    forever for workers that ignore its SIGTERM (`trainer.ignore_stop_signals`).
-    """
-    iterator = iter(batches)
-    del batches
-    index = first
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:
-            del iterator
-            _release_loader_frames(exc.__traceback__)
-            raise BatchLoadError(describe(index), exc) from exc
-        yield batch
-        index += 1
-
-
-def _release_loader_frames(traceback: types.TracebackType | None) -> None:
-    """Clear the local variables of `torch.utils.data`'s finished frames in `traceback`: they hold
-    the DataLoader's iterator. The frames of the user's own code keep theirs."""
-    while traceback is not None:
-        frame = traceback.tb_frame
-        if str(frame.f_globals.get("__name__", "")).startswith("torch.utils.data"):
-            frame.clear()
-        traceback = traceback.tb_next
+def batches_taken(loader: Iterable, limit: int | float | None, name: str) -> int | None:
+    """How many batches of `loader` a pass takes under `limit` (see
+    `trainer.options.check_batch_limit`; `name` is the option's): all of them (None for a loader
+    without a length) when there is no limit; a fraction keeps at least one batch."""
+    try:
+        count: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        count = None  # an iterable dataset, a generator
+    if limit is None:
+        return count
+    if isinstance(limit, int):
+        return limit if count is None else min(limit, count)
+    if count is None:
+        raise ValueError(f"{name}={limit} is a fraction, but the loader has no length; give a number of batches")
+    return max(1, int(count * limit))

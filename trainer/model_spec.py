@@ -266,61 +266,64 @@ def check_spec(spec: Any, source: str = "the checkpoint") -> None:
         spec: a checkpoint's ``"model_spec"``.
         source: what the spec comes from, for messages (the checkpoint's path).
     """
+    _check_module(spec, 0, source)
 
-    def walk(value: Any, depth: int, owner: str, name: str) -> None:
-        if depth > MAX_NESTING:
-            raise ModelSpecError(
-                f"{source} holds a model_spec nested more than {MAX_NESTING} levels deep (lists, dicts "
-                f"and module specs, at the argument {name!r} of {owner}); no model records such a spec"
-            )
-        if value is None or isinstance(value, (bool, float, str)):
-            return
-        if isinstance(value, int):
-            if abs(value) > MAX_SIZE:
-                raise ModelSpecError(
-                    f"{source} holds a model_spec whose argument {name!r} of {owner} is {_SHORT.repr(value)}, above "
-                    f"{MAX_SIZE}, the largest size (width, features, classes) a checkpoint may name"
-                )
-            return
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item, depth + 1, owner, name)
-            return
-        if isinstance(value, dict) and set(value) == {MODULE_KEY}:
-            module(value[MODULE_KEY], depth + 1)
-            return
-        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-            for item in value.values():
-                walk(item, depth + 1, owner, name)
-            return
+
+def _check_value(value: Any, depth: int, owner: str, name: str, source: str) -> None:
+    """`check_spec` of one argument `name` of `owner`."""
+    if depth > MAX_NESTING:
         raise ModelSpecError(
-            f"{source} holds a damaged model_spec: the argument {name!r} of {owner} is a "
-            f"{type(value).__name__}, not a number, string, bool, None, list, dict or module spec"
+            f"{source} holds a model_spec nested more than {MAX_NESTING} levels deep (lists, dicts "
+            f"and module specs, at the argument {name!r} of {owner}); no model records such a spec"
         )
-
-    def module(value: Any, depth: int) -> None:
-        if not (
-            isinstance(value, Mapping)
-            and isinstance(value.get("class"), str)
-            and len(value["class"]) <= 300
-            and isinstance(value.get("args"), list)
-            and isinstance(value.get("kwargs"), dict)
-        ):
+    if value is None or isinstance(value, (bool, float, str)):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_SIZE:
             raise ModelSpecError(
-                f"{source} holds a damaged model_spec: a {type(value).__name__} where a module spec "
-                '({"class": str, "args": list, "kwargs": dict}) belongs'
+                f"{source} holds a model_spec whose argument {name!r} of {owner} is {_SHORT.repr(value)}, above "
+                f"{MAX_SIZE}, the largest size (width, features, classes) a checkpoint may name"
             )
-        owner = _short_name(value["class"])
-        for index, arg in enumerate(value["args"]):
-            walk(arg, depth + 1, owner, str(index))
-        for key, arg in value["kwargs"].items():
-            if not isinstance(key, str) or len(key) > 100:
-                raise ModelSpecError(
-                    f"{source} holds a damaged model_spec: the keyword {_SHORT.repr(key)} of {owner} is not a name"
-                )
-            walk(arg, depth + 1, owner, key)
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_value(item, depth + 1, owner, name, source)
+        return
+    if isinstance(value, dict) and set(value) == {MODULE_KEY}:
+        _check_module(value[MODULE_KEY], depth + 1, source)
+        return
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        for item in value.values():
+            _check_value(item, depth + 1, owner, name, source)
+        return
+    raise ModelSpecError(
+        f"{source} holds a damaged model_spec: the argument {name!r} of {owner} is a "
+        f"{type(value).__name__}, not a number, string, bool, None, list, dict or module spec"
+    )
 
-    module(spec, 0)
+
+def _check_module(value: Any, depth: int, source: str) -> None:
+    """`check_spec` of one module spec."""
+    if not (
+        isinstance(value, Mapping)
+        and isinstance(value.get("class"), str)
+        and len(value["class"]) <= 300
+        and isinstance(value.get("args"), list)
+        and isinstance(value.get("kwargs"), dict)
+    ):
+        raise ModelSpecError(
+            f"{source} holds a damaged model_spec: a {type(value).__name__} where a module spec "
+            '({"class": str, "args": list, "kwargs": dict}) belongs'
+        )
+    owner = _short_name(value["class"])
+    for index, arg in enumerate(value["args"]):
+        _check_value(arg, depth + 1, owner, str(index), source)
+    for key, arg in value["kwargs"].items():
+        if not isinstance(key, str) or len(key) > 100:
+            raise ModelSpecError(
+                f"{source} holds a damaged model_spec: the keyword {_SHORT.repr(key)} of {owner} is not a name"
+            )
+        _check_value(arg, depth + 1, owner, key, source)
 
 
 @contextlib.contextmanager

@@ -23,9 +23,11 @@ is imported.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
@@ -154,3 +156,16 @@ def late_import_warning(
 #: How torch's OpenMP threads wait, decided when this module is first imported: by the first
 #: ``import trainer``, before the package loads torch.
 WAIT_POLICY: WaitPolicy = choose_wait_policy()
+
+
+@functools.cache
+def warn_late_import(threads: int) -> None:
+    """Warn (`RuntimeWarning`) with `late_import_warning`'s line, where there is one; once per
+    process and thread count, since it samples the machine's load for 0.1 s. A fit on the CPU calls it.
+
+    Args:
+        threads: the threads this process runs.
+    """
+    line = late_import_warning(WAIT_POLICY, threads)
+    if line is not None:
+        warnings.warn(line, RuntimeWarning, stacklevel=3)

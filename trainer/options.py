@@ -1,11 +1,90 @@
-"""The checks of the `Trainer`'s options, and `resolve_device`."""
+"""The checks of options (positive integers, batch limits, durations, renamed options), those of the
+`Trainer`, and `resolve_device`."""
 
 from __future__ import annotations
 
+import math
+import warnings
+from datetime import timedelta
+from typing import Any
+
 import torch
 
-from trainer.every import positive_int
 from trainer.precision import PrecisionChoice, check_channels_last, normalize_precision
+
+
+def positive_int(name: str, value: Any, optional: bool = False) -> int | None:
+    """`value` if it is a positive integer (or None when `optional`), else a ValueError naming it."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        wanted = "a positive integer or None" if optional else "a positive integer"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def renamed_option(owner: str, old: str, old_value: Any, new: str, value: Any) -> Any:
+    """`value`, or `old_value` given under the option's former name `old` (with a
+    DeprecationWarning that names `new`, the option to use instead).
+
+    Args:
+        owner: the class the option belongs to, for the message.
+        old: the former name.
+        old_value: what was passed under it (None: nothing).
+        new: the current name.
+        value: what was passed under the current name.
+    """
+    if old_value is None:
+        return value
+    warnings.warn(
+        f"{owner}({old}=...) is deprecated: pass {new}={old_value!r} (counted in optimizer steps)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
+def check_batch_limit(name: str, value: Any) -> int | float | None:
+    """`value` if it is None, a positive int (a number of batches) or a float in (0, 1] (a
+    fraction of the loader's batches), else a ValueError naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of batches (int >= 1) or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number of batches (int >= 1) or a fraction in (0, 1], got {value!r}")
+    return value
+
+
+def parse_duration(value: Any, name: str = "max_time") -> float:
+    """Seconds of `value`: a positive number of seconds, a `timedelta` or a ``"[D:]HH:MM:SS"``
+    string; else a ValueError naming `name`."""
+    seconds: float | None = None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = value.strip().split(":")
+        if len(parts) in (3, 4) and all(part.isdigit() for part in parts):
+            *days, hours, minutes, secs = (int(part) for part in parts)
+            if minutes < 60 and secs < 60:
+                seconds = timedelta(
+                    days=days[0] if days else 0, hours=hours, minutes=minutes, seconds=secs
+                ).total_seconds()
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"{name} must be a positive number of seconds, a timedelta or 'HH:MM:SS' (or 'D:HH:MM:SS'), got {value!r}"
+        )
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (with days in front past 24 hours), as `parse_duration` reads it back; a
+    duration that is not whole seconds as ``<seconds> s``."""
+    if seconds != int(seconds):
+        return f"{seconds:g} s"
+    return str(timedelta(seconds=int(seconds))).replace(" days, ", ":").replace(" day, ", ":")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

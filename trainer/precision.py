@@ -1,48 +1,18 @@
-"""Precision, memory format and kernels that fit the machine: native-bf16 checks and a measurement
-made once per machine and model, then kept.
-
-``precision="auto"`` and ``channels_last="auto"`` (see `choose_precision`) never pick something
-slower than float32 in the contiguous layout, and pick the same thing on every run of the same
-command on the same machine, busy or idle:
-
-- CPU: bf16 autocast is tried only where the CPU computes bf16 natively (AVX512-BF16 or AMX on
-  x86, the BF16 extension on Arm); without it autocast falls back to emulation that is 10-25x
-  slower than float32. The remaining settings (bf16 or float32, channels-last or contiguous, and
-  for float32 convolutions oneDNN's kernels or PyTorch's own: oneDNN wins on large layers, its
-  per-call overhead loses on small ones) are timed at the training batch's shape, several times
-  round-robin, and a setting other than float32 contiguous is taken only with a clear margin. The
-  result is kept in a cache file keyed by the CPU, torch, the thread count, the model and the
-  input shape (`cache_path`), so later runs read it instead of measuring again.
-- CUDA: bf16 where the GPU computes it natively (Ampere and later), else float16 with a grad
-  scaler; channels-last for convolutional models (tensor cores want NHWC). Nothing is timed.
+"""How a run computes: the precisions and their autocast dtypes, the `PrecisionChoice` a run trains
+with, and `Precision` (autocast, backward pass and optimizer step of one fit, and evaluation). What
+``"auto"`` resolves to is decided in `trainer.precision_probe`, loaded only when it is asked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import hashlib
-import json
-import math
-import os
-import platform
-import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs started at the same moment may both measure
-    fcntl = None  # type: ignore[assignment]
+from typing import Any, Literal
 
 import torch
 from torch import nn
-
-from trainer.batch import map_tensors, tensors
-from trainer.checkpoint import atomic_write_text
 
 #: Accepted spellings of each precision.
 PRECISIONS = {
@@ -55,28 +25,8 @@ PRECISIONS = {
     "16": "16-mixed",
     "fp16": "16-mixed",
 }
-#: bf16 must beat float32 by this factor in the probe to be chosen: a smaller gain on one sample
-#: may not hold at the training batch size.
-MIN_GAIN = 1.10
-#: Channels-last (or PyTorch's own convolution kernels) must beat the contiguous layout with
-#: oneDNN by this factor in the probe to be chosen.
-MIN_LAYOUT_GAIN = 1.05
-#: Timed passes of each setting, round-robin; each setting's fastest counts, so a moment of load
-#: on the machine does not decide.
-REPEATS = 5
-
-
-class Setting(NamedTuple):
-    """One way to train: precision, memory format and, on the CPU, whether convolutions use
-    oneDNN (``onednn=False``: PyTorch's own kernels)."""
-
-    precision: str
-    channels_last: bool
-    onednn: bool = True
-
-    def __str__(self) -> str:
-        name = {"32": "float32", "16-mixed": "float16"}.get(self.precision, self.precision)
-        return f"{name}{' + channels-last' if self.channels_last else ''}{'' if self.onednn else ' + native conv'}"
+#: The autocast dtype of each precision (None: float32, no autocast).
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -105,6 +55,11 @@ class PrecisionChoice:
         kernels = "" if self.onednn else ", native conv"
         return f"precision: {self.precision}, {layout}{kernels} ({self.summary or self.reason})"
 
+    @classmethod
+    def recorded(cls, entry: dict[str, Any], reason: str) -> PrecisionChoice:
+        """The choice a checkpoint's ``"precision"`` entry records, with the `reason` it was kept for."""
+        return cls(entry["precision"], entry["channels_last"], reason, entry.get("onednn", True))
+
     def as_dict(self) -> dict[str, Any]:
         """The choice as plain values, e.g. for a run's configuration file."""
         return asdict(self)
@@ -126,384 +81,22 @@ def check_channels_last(channels_last: Any) -> bool | Literal["auto"]:
     raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
 
 
-def cpu_features() -> dict[str, bool]:
-    """What this CPU computes natively: ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` (x86) and
-    ``arm_bf16`` (the BF16 extension of Armv8.6), as PyTorch's own checks report them.
-
-    The AVX-512 features count only where PyTorch dispatches its kernels at AVX-512 or above: with
-    its kernels held at AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a build or CPU it restricts) bf16
-    is computed by conversion in AVX2 code, many times slower than float32."""
-    cpu = getattr(torch, "cpu", None)
-
-    def check(name: str) -> bool:
-        probe = getattr(cpu, name, None)
-        try:
-            return bool(probe()) if callable(probe) else False
-        except RuntimeError:
-            return False
-
-    features = {
-        "avx2": check("_is_avx2_supported"),
-        "avx512": check("_is_avx512_supported"),
-        "avx512_bf16": check("_is_avx512_bf16_supported"),
-        "amx": check("_is_amx_tile_supported"),
-        "arm_bf16": False,
-    }
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        features["arm_bf16"] = "bf16" in _proc_cpuinfo_flags()
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    if callable(capability) and capability() in ("AVX2", "DEFAULT", "NO AVX"):
-        features.update(avx512=False, avx512_bf16=False, amx=False)
-    return features
-
-
-def describe_cpu(features: dict[str, bool] | None = None) -> str:
-    """The CPU's native capabilities in a few words, e.g. ``"AVX2, AVX-512, AVX512-BF16, AMX"``."""
-    features = cpu_features() if features is None else features
-    names = {"avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx": "AMX", "arm_bf16": "Arm BF16"}
-    found = [label for key, label in names.items() if features.get(key)]
-    return ", ".join(found) if found else "no AVX2, AVX-512 or native bf16"
-
-
-def cpu_has_native_bf16(features: dict[str, bool] | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX or Arm BF16)."""
-    features = cpu_features() if features is None else features
-    return features["avx512_bf16"] or features["amx"] or features["arm_bf16"]
-
-
-def _proc_cpuinfo(keys: tuple[str, ...]) -> list[str]:
-    """The values of the ``/proc/cpuinfo`` lines whose key (lower-cased) is in `keys`, in order;
-    none where the file cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-            text = file.read()
-    except OSError:
-        return []
-    values = []
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in keys:
-            values.append(value.strip())
-    return values
-
-
-def _proc_cpuinfo_flags() -> set[str]:
-    return {flag for value in _proc_cpuinfo(("flags", "features")) for flag in value.split()}
-
-
-def is_convolutional(model: nn.Module) -> bool:
-    """Whether `model` has 2-D convolutions (the layers channels-last speeds up)."""
-    return any(isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) for module in model.modules())
-
-
-def choose_precision(
-    model: nn.Module,
-    device: torch.device,
-    example: Any = None,
-    precision: str = "auto",
-    channels_last: bool | str = "auto",
-    cache: str | os.PathLike | None | bool = True,
-) -> PrecisionChoice:
-    """Resolve ``"auto"`` precision and memory format for training `model` on `device`.
-
-    Explicit values are kept as given. On the CPU, where more than one setting remains possible,
-    `probe` times a training pass (forward and backward) of a copy of `model` on `example` (model
-    inputs at the training batch's shape, as the loader yields them) in each setting, `REPEATS`
-    times round-robin, keeping each setting's fastest pass: bf16 is taken only when it is at least
-    `MIN_GAIN` faster than the fastest float32 setting (any layout or kernels), channels-last or
-    PyTorch's own convolution kernels only when at least `MIN_LAYOUT_GAIN` faster than the
-    contiguous layout with oneDNN. Without an `example`
-    there is nothing to probe: float32, contiguous.
-
-    The measurement is made once per machine and model: its result is kept in `cache_path` under
-    a key of the CPU, torch's version and thread count, the model's class and parameter shapes,
-    the input shape and the candidates, so every later run of the same command reads the same
-    choice, however busy the machine is then. Delete the file to measure again.
+def check_device(precision: str, device: torch.device) -> None:
+    """A ValueError when `device` cannot train in `precision` (float16 with a grad scaler needs CUDA).
 
     Args:
-        model: the network to train (probed on a copy; it is not changed).
-        device: where it trains.
-        example: model inputs at the training batch's shape, for the probe.
-        precision: ``"auto"``, or ``"32"``, ``"bf16"``, ``"16-mixed"`` to keep.
-        channels_last: ``"auto"``, or True / False to keep.
-        cache: True for `cache_path` (the default), another file path, or False / None to measure
-            every time.
+        precision: ``"32"``, ``"bf16"`` or ``"16-mixed"``.
+        device: where the model trains.
     """
-    precision = normalize_precision(precision)
-    layout = check_channels_last(channels_last)
-    convolutional = is_convolutional(model)
-    if device.type == "cuda":
-        return _choose_cuda(device, precision, layout, convolutional)
-
-    reasons, why = [], []  # in full, and in a few words
-    if precision == "auto":
-        features = cpu_features()
-        if cpu_has_native_bf16(features):
-            precisions = ["32", "bf16"]
-            reasons.append(f"native bf16: {describe_cpu(features)}")  # the probe decides: no word of it
-        else:
-            precisions = ["32"]
-            reasons.append(f"this CPU has no native bf16: {describe_cpu(features)}")
-            why.append("no native bf16")
-    else:
-        precisions = [precision]
-        reasons.append(f"precision {precision} as asked")
-        why.append("as asked")
-    if layout == "auto":
-        layouts = [False, True] if convolutional else [False]
-        if not convolutional:
-            reasons.append("no convolutions")
-            why.append("no convolutions")
-    else:
-        layouts = [layout]
-    if len(precisions) * len(layouts) == 1:
-        return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons), summary=", ".join(why))
-    if example is None:
-        reasons.append("no example batch to probe")
-        why.append("nothing to probe")
-        return PrecisionChoice(precisions[0], layouts[0], "; ".join(reasons), summary=", ".join(why))
-    # In a few words, the measurement only: the timings, gain and cache file are in `reason`.
-
-    candidates = [Setting(p, layout) for p in precisions for layout in layouts]
-    if precisions[0] == "32" and convolutional and False in layouts and torch.backends.mkldnn.is_available():
-        candidates.append(Setting("32", False, onednn=False))
-    path = cache_path() if cache is True else Path(cache) if cache else None
-    key = probe_key(model, example, candidates)
-    with _locked(path):
-        kept = _cached_setting(_read_cache(path).get(key)) if path is not None else None
-        if kept is not None:
-            pick = Setting(kept["precision"], kept["channels_last"], kept["onednn"])
-            reasons.append(
-                f"measured once on this machine ({kept['measured']}), kept in {path}; delete it to measure again"
-            )
-            why.append("from cache")
-            return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn, ", ".join(why))
-        timings = probe(model, device, example, candidates, repeats=REPEATS)
-        pick, measured = _pick(timings, precisions, layouts)
-        reasons.append(f"probe on {type(model).__name__}: {measured}")
-        why.append("measured")
-        if path is not None:
-            saved = _write_cache(
-                path,
-                key,
-                {
-                    "precision": pick.precision,
-                    "channels_last": pick.channels_last,
-                    "onednn": pick.onednn,
-                    "measured": measured,
-                },
-            )
-            reasons.append(f"kept in {path}" if saved is None else f"not kept: {saved}")
-    return PrecisionChoice(pick.precision, pick.channels_last, "; ".join(reasons), pick.onednn, ", ".join(why))
+    if precision == "16-mixed" and device.type != "cuda":
+        raise ValueError("precision '16-mixed' needs a CUDA device; use 'bf16' or '32' on the CPU")
 
 
-def _pick(timings: dict[Setting, float], precisions: list[str], layouts: list[bool]) -> tuple[Setting, str]:
-    """The setting the timings favour (float32 contiguous unless another wins by its margin) and
-    the timings in words."""
-    plain = Setting(precisions[0], layouts[0])
-    measured = ", ".join(f"{c} {t * 1000:.0f} ms" if math.isfinite(t) else f"{c} failed" for c, t in timings.items())
-    if math.isinf(timings[plain]):
-        return plain, f"{measured}; {plain} could not train, kept anyway"
-    chosen = precisions[0]
-    fastest_first = min(t for setting, t in timings.items() if setting.precision == precisions[0])
-    for p in precisions[1:]:
-        if fastest_first / min(timings[Setting(p, layout)] for layout in layouts) >= MIN_GAIN:
-            chosen = p
-    pick = Setting(chosen, layouts[0])
-    for other in [Setting(chosen, layout) for layout in layouts[1:]] + [Setting("32", False, onednn=False)]:
-        if other in timings and other.precision == chosen and timings[pick] / timings[other] >= MIN_LAYOUT_GAIN:
-            pick = other
-    gain = f"; {timings[plain] / timings[pick]:.2f}x {plain}" if pick != plain else ""
-    return pick, measured + gain
-
-
-def cache_path() -> Path:
-    """The file that keeps measured choices: ``precision.json`` in `trainer.cache_folder.cache_folder`
-    (``$TRAINER_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainer``, else ``~/.cache/trainer``)."""
-    from trainer.cache_folder import cache_folder
-
-    return cache_folder() / "precision.json"
-
-
-def probe_key(model: nn.Module, example: Any, candidates: list[Setting]) -> str:
-    """What a measurement depends on, as a short hash: this CPU (its model name and native
-    features), torch's version and thread count, the model's class and parameter shapes, the
-    example's shapes and dtypes, and the candidates."""
-    shapes = [[list(t.shape), str(t.dtype)] for t in tensors(example)]
-    described = {
-        "cpu": _cpu_model_name(),
-        "features": cpu_features(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "model": f"{type(model).__module__}.{type(model).__qualname__}",
-        "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()],
-        "inputs": shapes,
-        "candidates": [list(c) for c in candidates],
-        "version": 1,
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _cpu_model_name() -> str:
-    names = _proc_cpuinfo(("model name",))
-    return names[0] if names else platform.processor() or platform.machine()
-
-
-@contextlib.contextmanager
-def _locked(path: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock beside the cache file, so that runs started together measure once."""
-    if path is None or fcntl is None:
-        yield
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
-    except OSError:
-        yield  # an unwritable cache: measure without it
-        return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()
-
-
-def _cached_setting(entry: Any) -> dict[str, Any] | None:
-    """A cache entry as `choose_precision` reads it, or None when it is damaged (then measured again)."""
-    if not isinstance(entry, dict):
-        return None
-    fields = (entry.get("precision"), entry.get("channels_last"), entry.get("onednn"), entry.get("measured"))
-    precision, channels_last, onednn, measured = fields
-    if precision not in ("32", "bf16") or not isinstance(channels_last, bool) or not isinstance(onednn, bool):
-        return None
-    return entry if isinstance(measured, str) else None
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # missing, unreadable or damaged: measured again and rewritten
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> str | None:
-    """Add `entry` under `key` to the cache file atomically; the reason it failed, or None."""
-    data = _read_cache(path)
-    data[key] = entry
-    try:
-        atomic_write_text(json.dumps(data, indent=1, sort_keys=True), path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    return None
-
-
-def _choose_cuda(
-    device: torch.device, precision: str, channels_last: bool | Literal["auto"], convolutional: bool
-) -> PrecisionChoice:
-    reasons, why = [], []  # in full, and in a few words
-    if precision == "auto":
-        major, minor = torch.cuda.get_device_capability(device)
-        if _cuda_native_bf16(device):
-            precision = "bf16"
-            reasons.append(f"this GPU computes bf16 natively (compute capability {major}.{minor})")
-            why.append("native bf16")
-        else:
-            precision = "16-mixed"
-            reasons.append(
-                f"this GPU has no native bf16 (compute capability {major}.{minor}): float16 with a grad scaler"
-            )
-            why.append("no native bf16")
-    else:
-        reasons.append(f"precision {precision} as asked")
-        why.append("as asked")
-    if channels_last == "auto":
-        channels_last = convolutional
-        reasons.append("convolutional model" if convolutional else "no convolutions")
-        why.append(reasons[-1])
-    return PrecisionChoice(precision, channels_last, "; ".join(reasons), summary=", ".join(why))
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes bf16 in hardware: a CPU with AVX512-BF16, AMX or Arm BF16, or a
-    CUDA GPU of compute capability 8.0 (Ampere) or later."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _cuda_native_bf16(device)
-    return device.type == "cpu" and cpu_has_native_bf16()
-
-
-def _cuda_native_bf16(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no emulation argument, and no emulation either
-            return torch.cuda.is_bf16_supported()
-
-
-def probe(
-    model: nn.Module,
-    device: torch.device,
-    example: Any,
-    candidates: list[Setting],
-    samples: int | None = None,
-    repeats: int = 1,
-) -> dict[Setting, float]:
-    """Seconds of one training pass (forward and backward, train mode) of a copy of `model` on
-    `example` (its first `samples` samples, if given), for each `Setting` in `candidates`: the best
-    of `repeats` passes, run round-robin across the candidates after one warm-up pass each, so a
-    moment of load on the machine does not decide.
-
-    The copies are thrown away, so `model`'s weights, gradients and batch-norm statistics are left
-    untouched; torch's random generator is restored. A candidate whose warm-up takes over five
-    times the first candidate's (e.g. bf16 emulated in software) is not timed again: its warm-up
-    time stands as its result. A candidate whose pass raises (an operation without a kernel for
-    that precision, say) gets an infinite time.
-    """
-    inputs = example if samples is None else map_tensors(example, lambda t: t[:samples] if t.dim() > 0 else t)
-    replicas: dict[bool, tuple[nn.Module, Any]] = {}
-    runs: dict[Setting, Callable[[], None]] = {}
-    timings: dict[Setting, float] = {}
-    rng = torch.random.get_rng_state()
-    try:
-        for setting in map(Setting._make, candidates):
-            if setting.channels_last not in replicas:
-                fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
-                replicas[setting.channels_last] = (
-                    copy.deepcopy(model).to(memory_format=fmt).train(),
-                    map_tensors(inputs, functools.partial(_to, device=device, fmt=fmt)),
-                )
-            runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
-        timed: list[Setting] = []
-        for candidate, run in runs.items():
-            timings[candidate] = _timed(run)
-            if math.isfinite(timings[candidate]) and timings[candidate] <= 5 * timings[Setting._make(candidates[0])]:
-                timed.append(candidate)
-        for _ in range(repeats):
-            for candidate in timed:
-                timings[candidate] = min(timings[candidate], _timed(runs[candidate]))
-    finally:
-        torch.random.set_rng_state(rng)
-    return timings
-
-
-def _pass(model: nn.Module, inputs: Any, setting: Setting, device: torch.device) -> Callable[[], None]:
-    dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(setting.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run() -> None:
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with convolution_kernels(setting.onednn):
-            with torch.enable_grad(), autocast:
-                output = model(inputs)
-            total = sum(t.float().sum() for t in tensors(output))
-            if params and isinstance(total, torch.Tensor) and total.requires_grad:
-                torch.autograd.grad(total, params, allow_unused=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return run
+def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """A new autocast context of `precision` on devices of `device_type` (``"cpu"``, ``"cuda"``):
+    a no-op context for ``"32"``."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -521,16 +114,106 @@ def convolution_kernels(onednn: bool = True) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-def _timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode under no grad; its training mode is restored afterwards. The one eval
+    path of the trainer package (with `Precision.evaluating` adding autocast and kernels).
+
+    Args:
+        model: the model to run.
+    """
+    was_training = model.training
+    model.eval()
     try:
-        run()
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        return math.inf
-    return time.perf_counter() - start
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
-def _to(tensor: torch.Tensor, device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
-    if tensor.dim() == 4:
-        return tensor.to(device, memory_format=fmt)
-    return tensor.to(device)
+class Precision:
+    """One resolved precision on one device, built once per fit (and for `predict` or
+    `validate` before any fit, from the precision given, ``"auto"`` counting as ``"32"``).
+
+    Args:
+        precision: ``"32"``, ``"bf16"`` or ``"16-mixed"``.
+        device: where the model runs; checked by `check_device`.
+        onednn: whether CPU convolutions use oneDNN (see `convolution_kernels`).
+        grad_clip_norm: clip the gradients' global 2-norm to this value before each step (None: no clipping).
+    """
+
+    def __init__(
+        self, precision: str, device: torch.device, onednn: bool = True, grad_clip_norm: float | None = None
+    ) -> None:
+        check_device(precision, device)
+        self.precision, self.device, self.onednn, self.grad_clip_norm = precision, device, onednn, grad_clip_norm
+        #: The grad scaler of ``16-mixed`` (None otherwise).
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
+        # One context object for the loop, entered once per batch (never nested); `autocast` makes new ones.
+        self.loop_autocast = self.autocast()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A new autocast context of this precision (a no-op context for ``"32"``)."""
+        return autocast(self.precision, self.device.type)
+
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """The convolution kernels of this precision's choice (see `convolution_kernels`)."""
+        return convolution_kernels(self.onednn)
+
+    @contextlib.contextmanager
+    def evaluating(self, model: nn.Module) -> Iterator[nn.Module]:
+        """`model` in eval mode under no grad, this autocast and these kernels; its training mode
+        is restored afterwards. Everything that runs the model outside the loop goes through it.
+
+        Args:
+            model: the (unwrapped) model.
+        """
+        with evaluating(model), self.autocast(), self.kernels():
+            yield model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass of `loss` (scaled by the grad scaler with ``16-mixed``).
+
+        Args:
+            loss: the (accumulation-scaled) batch loss.
+        """
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def warn_unfused(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn when the grad scaler of ``16-mixed`` would wait on the GPU at every step of `optimizer`."""
+        if self.scaler is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            warnings.warn(
+                f"precision '16-mixed' with a {type(optimizer).__name__} that is not fused: the grad scaler "
+                f"waits on the GPU at every step to check for infinite gradients; create the optimizer with "
+                f"fused=True to keep the loop free of host syncs",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        parameters: Callable[[], Iterator[nn.Parameter]],
+        before: Callable[[], None],
+    ) -> None:
+        """One optimizer step: unscale the gradients (``16-mixed``), clip them to
+        `grad_clip_norm` over `parameters()`, call `before` (the ``on_before_optimizer_step``
+        hooks, which see the gradients the optimizer uses), step (through the scaler, which skips
+        steps with infinite gradients) and zero the gradients.
+
+        Args:
+            optimizer: the optimizer to step.
+            parameters: returns the parameters whose gradients are clipped.
+            before: called just before the step.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(parameters(), self.grad_clip_norm)
+        before()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.distributed import is_distributed
 from trainer.errors import NonFiniteLossError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +77,11 @@ class RunningLoss:
             return None
         mean = (total - self._sum) / (samples - self._samples)
         self._sum, self._samples = total, samples
-        if not math.isfinite(mean) and not is_distributed():
+        if not math.isfinite(mean):
+            from trainer.distributed import is_distributed
+
+            if is_distributed():
+                return mean
             raise non_finite_loss(
                 mean, f"at global step {trainer.global_step} (epoch {trainer.epoch + 1}/{trainer.max_epochs})"
             )

@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from trainer.every import positive_int
+from trainer.options import positive_int
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 from trainer_datasets.image_files import read_image_rgb, read_mask, write_png_file
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from trainer.every import positive_int
+from trainer.options import positive_int
 from trainer_datasets._seeding import global_stream
 from trainer_datasets.errors import DatasetError
 from trainer_datasets.image_files import check_labels, read_image_rgb, read_label_map, read_mask, write_png_file

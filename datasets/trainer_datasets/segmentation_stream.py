@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.cache_folder import cache_folder
-from trainer.every import positive_int
+from trainer.options import positive_int
 from trainer_datasets.errors import DatasetError
 from trainer_datasets.fingerprint import data_files
 from trainer_datasets.image_files import is_system_file

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer.every import positive_int
+from trainer.options import positive_int
 from trainer_datasets._seeding import generator
 from trainer_datasets.errors import DatasetError
 

@@ -13,8 +13,9 @@ from trainer.callbacks.monitor import check_mode, check_monitor, decides_at_vali
 from trainer.checkpoint import atomic_save
 from trainer.distributed import is_rank_zero
 from trainer.errors import NonFiniteLossError, TrainingInterrupted
-from trainer.every import Every, positive_int
+from trainer.every import Every
 from trainer.model_spec import is_plain, record_model
+from trainer.options import positive_int
 from trainer.sampler import RESUMABLE_LOADERS, resumable
 from trainer.trained_model import describe, weights_only
 

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import atomic_write_text
 from trainer.callback import Callback
-from trainer.checkpoint import atomic_write_text
 
 
 class CSVLogger(Callback):

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from tensorboard.compat.proto.event_pb2 import Event
 
-from trainer.amp import evaluating
 from trainer.batch import split_batch
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, take_batch
 from trainer.graph_def import first_line, graph_def
+from trainer.precision import evaluating
 
 
 class GraphCallback(TensorBoardWriterCallback):

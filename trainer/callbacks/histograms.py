@@ -7,7 +7,7 @@ import os
 import torch
 
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback
-from trainer.every import positive_int
+from trainer.options import positive_int
 
 
 class HistogramCallback(TensorBoardWriterCallback):

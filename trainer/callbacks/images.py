@@ -13,7 +13,8 @@ from trainer.batch import split_batch
 from trainer.callbacks.figures import image_with_legend
 from trainer.callbacks.palette import class_names, colour_masks, is_label_batch, label_masks
 from trainer.callbacks.tensorboard import TensorBoardWriterCallback, denormalize, stretch_contrast, take_batch
-from trainer.every import Every, positive_int
+from trainer.every import Every
+from trainer.options import positive_int
 
 #: The grey of the lines between tiles: neither the black background nor a white mask.
 BORDER = 0.5

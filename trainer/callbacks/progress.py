@@ -8,7 +8,8 @@ from tqdm.std import tqdm as text_bar
 
 from trainer.board.notebook import has_widgets, in_notebook
 from trainer.callback import Callback
-from trainer.every import Every, renamed_option
+from trainer.every import Every
+from trainer.options import renamed_option
 from trainer.running import RunningLoss
 
 

@@ -28,7 +28,8 @@ from trainer.callbacks.hparams import MAIN_HPARAMS, hparams_summaries
 from trainer.callbacks.monitor import check_mode
 from trainer.distributed import get_world_size, is_rank_zero
 from trainer.event_files import EVENT_FILE_PATTERN
-from trainer.every import Every, renamed_option
+from trainer.every import Every
+from trainer.options import renamed_option
 from trainer.running import RunningLoss
 
 

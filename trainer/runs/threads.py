@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.cpus import local_processes, usable_cpus
-from trainer.every import positive_int
+from trainer.options import positive_int
 
 __all__ = ["ThreadChoice", "choose_threads", "use_threads"]
 
