@@ -71,6 +71,8 @@ def mover(device: torch.device, channels_last: bool = False) -> Callable[[Any], 
     def move_batch(batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
             return move(batch)
+        if type(batch) in (list, tuple) and all(isinstance(item, torch.Tensor) for item in batch):
+            return type(batch)([move(item) for item in batch])  # most batches: (inputs, targets)
         return map_tensors(batch, move)
 
     return move_batch

@@ -194,7 +194,7 @@ class TrainingLoop:
         batch = trainer._move(batch)
         for fn in hooks["on_batch_start"]:
             fn(trainer, batch)
-        with self._gradient_sync(batch_idx) if accumulate > 1 else contextlib.nullcontext():
+        with self._gradient_sync(batch_idx) if accumulate > 1 else _SYNCED:
             with amp.loop_autocast:
                 out = trainer.train_step(batch)
             amp.backward(out.loss / accumulate if accumulate > 1 else out.loss)
@@ -389,6 +389,10 @@ class TrainingLoop:
                     fn(trainer, batch, out)
         sums[-1] = samples
         return sums
+
+
+#: The gradient-sync context of a batch an optimizer step always follows: nothing to do (reusable).
+_SYNCED = contextlib.nullcontext()
 
 
 def _training_batch(epoch: int) -> Callable[[int], str]:
