@@ -19,7 +19,7 @@ REFERENCE = ROOT / "docs" / "reference.md"
 RECIPE_MODULES = tuple(
     f"recipes.{info.name}" for info in pkgutil.iter_modules([str(ROOT / "recipes")]) if not info.ispkg
 )
-PACKAGES = ("trainer", "trainer.callbacks", "models", "trainer_datasets", *sorted(RECIPE_MODULES))
+PACKAGES = ("trainer", "trainer.callbacks", "trainer.board", "models", "trainer_datasets", *sorted(RECIPE_MODULES))
 
 
 def exported() -> list[tuple[str, str, object]]:
@@ -163,8 +163,8 @@ def render() -> str:
     lines = [
         "# Reference",
         "",
-        "Every class and function that `trainer`, `trainer.callbacks`, `models`, `trainer_datasets` and",
-        "the modules of `recipes` export, with all their arguments. Made from the docstrings by",
+        "Every class and function that `trainer`, `trainer.callbacks`, `trainer.board`, `models`, `trainer_datasets`",
+        "and the modules of `recipes` export, with all their arguments. Made from the docstrings by",
         "`python -m docs.make_reference`; the test suite checks that it matches them.",
         "",
     ]

@@ -34,6 +34,7 @@ from trainer.board import registry as board_registry
 from trainer.board import servers as board_servers
 from trainer.board.frontends import script_json
 from trainer.callbacks import GraphCallback, ImageGridCallback, ModelCheckpoint, TensorBoardCallback
+from trainer.event_files import find_event_files
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # bound on every wait for the server; it normally answers in well under a second
@@ -194,11 +195,11 @@ def runs(tmp_path_factory, module_mocker) -> Path:
 # ----------------------------------------------------------------------------------- tests
 def test_find_event_files(runs, tmp_path):
     """The event files in or below a folder, or the file itself; none in a folder without them."""
-    found = board.find_event_files(runs)
+    found = find_event_files(runs)
     assert len(found) == 1 and found[0].parent == runs / "tiny"
     assert found[0].name.startswith("events.out.tfevents.")
-    assert board.find_event_files(found[0]) == found
-    assert board.find_event_files(tmp_path) == []
+    assert find_event_files(found[0]) == found
+    assert find_event_files(tmp_path) == []
 
 
 def test_start_serves_a_run_directory_named_after_its_folder_and_stop_frees_the_port(runs):

@@ -42,24 +42,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.board.server import Board, check_logdir, run_name, start
-from trainer.event_files import EVENT_FILE_PATTERN, find_event_files, holds_events
+from trainer.board.server import Board, check_logdir, start
 
 if TYPE_CHECKING:
     from trainer.board.servers import BoardServer
 
-__all__ = [
-    "EVENT_FILE_PATTERN",
-    "Board",
-    "check_logdir",
-    "find_event_files",
-    "holds_events",
-    "run_name",
-    "show",
-    "start",
-    "stop",
-    "stop_all",
-]
+__all__ = ["Board", "check_logdir", "show", "start", "stop", "stop_all"]
 
 #: The height of the live TensorBoard frame in a notebook cell, in pixels.
 DEFAULT_HEIGHT = 1000
@@ -129,6 +117,10 @@ def stop(path: str | os.PathLike) -> bool:
     """End the server `show` started on `path`; returns whether one was running. Only a process
     proven to be that server is stopped (`trainer.board.servers.is_board_server`). Folders of links
     that killed servers left behind are removed, and the registry folder once it is empty.
+
+    Args:
+        path: the run directory or folder of runs given to `show` (the same folder by another
+            path also matches).
 
     Raises:
         PermissionError: the registry folder is not private.

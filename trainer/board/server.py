@@ -45,6 +45,9 @@ _LINKS_PREFIX = "trainer-board-links-"
 def check_logdir(path: str | os.PathLike) -> Path:
     """`path` as a `Path` if it holds event files; else a one-line error naming it.
 
+    Args:
+        path: a run directory or a folder of runs.
+
     Raises:
         FileNotFoundError: `path` does not exist.
         ValueError: `path` is not a directory or holds no event files.
@@ -75,7 +78,17 @@ def folder_id(path: str | os.PathLike) -> str:
 
 
 class Board:
-    """A TensorBoard server running in the background on `path`; `stop()` shuts it down.
+    """A TensorBoard server running in the background on `path`; `stop()` shuts it down. Made by
+    `start`, not by hand.
+
+    Args:
+        path: the run directory or folder of runs it serves.
+        url: where to open it.
+        port: the TCP port it listens on.
+        host: the address it is bound to.
+        server: TensorBoard's server object, which `stop` shuts down.
+        ingester: TensorBoard's data ingester, which `stop` ends.
+        links: the temporary folder of links that names a single run after its folder, or None.
 
     Attributes:
         path: the run directory or folder of runs it serves.
