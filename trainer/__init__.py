@@ -24,11 +24,11 @@ if TYPE_CHECKING:
     from trainer.options import resolve_device
     from trainer.precision import PrecisionChoice
     from trainer.precision_probe import choose_precision
+    from trainer.rng import seed_everything
     from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
     from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
-    from trainer.state import seed_everything
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
 
@@ -37,7 +37,7 @@ _MODULES = {
     "move_to_device": "trainer.batch",
     "HOOKS": "trainer.callback",
     "Callback": "trainer.callback",
-    "seed_everything": "trainer.state",
+    "seed_everything": "trainer.rng",
     "Trainer": "trainer.core",
     "BatchLoadError": "trainer.errors",
     "NonFiniteLossError": "trainer.errors",

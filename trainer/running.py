@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.errors import NonFiniteLossError
-
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
+    from trainer.errors import NonFiniteLossError
 
 
 class EpochLoss:
@@ -40,10 +39,31 @@ class EpochLoss:
         self.samples += samples
         self.added += samples
 
+    def mean(self, single: bool, where: str) -> float:
+        """The epoch's mean loss: one device sync, and with several processes (not `single`) one
+        all-reduce over every rank's sums, which all ranks make together. A NaN or infinite mean
+        raises `non_finite_loss` found `where` (on every rank alike, the sums being every rank's);
+        an epoch that added nothing, a ValueError."""
+        if self.samples == 0:
+            raise ValueError("the training loader yielded no batches")
+        if single:
+            total, samples = self.total.item(), self.samples
+        else:
+            from trainer.distributed import all_reduce
+
+            count = torch.tensor(float(self.samples), device=self.device)
+            total, samples = all_reduce(torch.stack([self.total, count])).tolist()
+        mean = total / samples
+        if not math.isfinite(mean):
+            raise non_finite_loss(mean, where)
+        return mean
+
 
 def non_finite_loss(value: float, where: str) -> NonFiniteLossError:
     """The error of a training loss `value` that is NaN or infinite, found `where` (e.g. ``at
     global step 12 (epoch 2/5)``)."""
+    from trainer.errors import NonFiniteLossError
+
     return NonFiniteLossError(
         f"training loss is {value} {where}; lower the learning rate, clip gradients or check the data"
     )
