@@ -585,10 +585,11 @@ def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linea
 def test_importing_the_trainer_loads_the_core_only():
     """``import trainer.core`` loads the core alone. What a fit does not always need loads when it is
     used: torchrun's parts, the precision probe and its cache, checkpoints and their state
-    (`trainer.state`), the random generators (`trainer.rng`), durations, the loop's errors."""
+    (`trainer.state`), the random generators (`trainer.rng`), durations, the loop's errors, the
+    callbacks' `RunningLoss`."""
     code = "import sys, trainer.core; print(' '.join(sorted(m for m in sys.modules if m.startswith('trainer.'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    core = ("batch", "callback", "core", "loop", "openmp", "options", "precision", "running", "scheduling")
+    core = ("batch", "callback", "core", "epoch_loss", "loop", "openmp", "options", "precision", "scheduling")
     assert out.stdout.split() == [f"trainer.{name}" for name in core]
 
 
@@ -603,4 +604,5 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith("trainer."))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     loaded = set(out.stdout.split())
     assert "trainer.loop" in loaded
-    assert not loaded & {"trainer.state", "trainer.rng", "trainer.errors", "trainer.durations", "trainer.checkpoint"}
+    later = ("state", "rng", "errors", "durations", "checkpoint", "running")
+    assert not loaded & {f"trainer.{name}" for name in later}

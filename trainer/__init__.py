@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from trainer.callback import Callback
     from trainer.callback import FitResources as FitResources
     from trainer.core import Trainer
+    from trainer.epoch_loss import EpochLoss as EpochLoss
     from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
     from trainer.every import Every
     from trainer.model_spec import ModelSpecError
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from trainer.precision import PrecisionChoice
     from trainer.precision_probe import choose_precision
     from trainer.rng import seed_everything
-    from trainer.running import EpochLoss as EpochLoss
     from trainer.running import RunningLoss as RunningLoss
     from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
@@ -51,7 +51,7 @@ _MODULES = {
     "FitResources": "trainer.callback",
     "RunLock": "trainer.runs.lock",
     "RunLockedError": "trainer.runs.lock",
-    "EpochLoss": "trainer.running",
+    "EpochLoss": "trainer.epoch_loss",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",
     "StepOutput": "trainer.batch",

@@ -15,11 +15,11 @@ from torch import nn
 
 from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batch, split_batch
 from trainer.callback import Callback, CallbackList, FitResources
+from trainer.epoch_loss import EpochLoss
 from trainer.loop import TrainingLoop
 from trainer.openmp import warn_late_import
 from trainer.options import check_batch_limit, check_options, precision_options, resolve_device
 from trainer.precision import Precision, PrecisionChoice
-from trainer.running import EpochLoss
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.state import CheckpointState

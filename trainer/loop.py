@@ -1,6 +1,6 @@
 """`TrainingLoop`: the epochs of a trainer's fits and the progress they make. It owns that progress
 (epoch, global step, batch, history), the position inside the epoch (`LoopPosition`),
-the epoch's running loss (`trainer.running.EpochLoss`) and the scheduler rule
+the epoch's running loss (`trainer.epoch_loss.EpochLoss`) and the scheduler rule
 (`trainer.scheduling.SchedulerStepping`); the `Trainer` holds the parts (model, optimizer,
 callbacks, precision) and reads its progress here.
 
@@ -23,8 +23,8 @@ import torch
 
 from trainer.batch import StepOutput, batch_size, detach, last_output, loaded
 from trainer.callback import FitResources
+from trainer.epoch_loss import EpochLoss, non_finite_loss
 from trainer.options import batches_taken
-from trainer.running import EpochLoss, non_finite_loss
 from trainer.scheduling import SchedulerStepping
 
 if TYPE_CHECKING:  # pragma: no cover

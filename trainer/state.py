@@ -73,7 +73,7 @@ class CheckpointState:
         generator back and logs that epoch's loss exactly. Every rank must call it at the same
         point of the loop; in a single process it does nothing."""
         from trainer.distributed import all_gather, is_distributed
-        from trainer.running import non_finite_loss
+        from trainer.epoch_loss import non_finite_loss
 
         if not is_distributed():
             return
