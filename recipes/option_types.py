@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from trainer.cpus import affinity_cpus
-from trainer.options import parse_duration
+from trainer.durations import parse_duration
+from trainer.openmp import affinity_cpus
 from trainer.options import positive_int as check_positive_int
 
 __all__ = [

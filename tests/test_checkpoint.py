@@ -19,7 +19,7 @@ from tests.helpers import Validations, make
 from trainer import Callback, Trainer, load_model
 from trainer.callbacks import EarlyStopping, ModelCheckpoint, TensorBoardCallback
 from trainer.checkpoint import atomic_save, load_checkpoint
-from trainer.state import rng_state, set_rng_state
+from trainer.rng import rng_state, set_rng_state
 
 
 def build(callbacks, epochs, init_seed=0):

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-import trainer.cpus as cpus_module
+import trainer.openmp as openmp_module
 import trainer.precision_probe as precision_module
 from models import BCEDiceLoss, CEDiceLoss, DeepSupervisionLoss
 from recipes import fashion_mnist, nested_unet
@@ -222,8 +222,8 @@ def test_start_line_is_short_with_a_long_cache_path_and_long_reasons(mocker, mon
     choice = choose_precision(model, torch.device("cpu"), torch.rand(2, 3, 8, 8), cache=cache)  # reads the cache
     assert len(choice.reason) > 400 and str(cache) in choice.reason and " ms" in choice.reason
 
-    mocker.patch.object(cpus_module, "affinity_cpus", return_value=1024)
-    mocker.patch.object(cpus_module, "cpu_quota", return_value=1000.5)
+    mocker.patch.object(openmp_module, "affinity_cpus", return_value=1024)
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=1000.5)
     threads = []
     monkeypatch.setenv("OMP_NUM_THREADS", "128")
     threads.append(choose_threads())

@@ -583,11 +583,26 @@ def test_gradient_hooks_see_each_backward_and_the_gradients_each_step_uses(linea
 
 
 def test_importing_the_trainer_loads_the_core_only():
-    """What a fit on one process never needs (torchrun, the precision probe and its cache, checkpoint
-    files) loads when it is used, not with ``import trainer.core``."""
+    """``import trainer.core`` loads the core alone. What a fit does not always need loads when it is
+    used: torchrun's parts, the precision probe and its cache, checkpoints and their state
+    (`trainer.state`), the random generators (`trainer.rng`), durations, the loop's errors, the
+    callbacks' `RunningLoss`."""
     code = "import sys, trainer.core; print(' '.join(sorted(m for m in sys.modules if m.startswith('trainer.'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    core = ("batch", "callback", "core", "epoch_loss", "loop", "openmp", "options", "precision", "scheduling")
+    assert out.stdout.split() == [f"trainer.{name}" for name in core]
+
+
+def test_a_fit_without_checkpoints_seed_or_validation_loads_none_of_their_modules():
+    code = """
+import sys, trainer.core, torch
+model = torch.nn.Linear(2, 1)
+data = [(torch.ones(4, 2), torch.zeros(4, 1))] * 2
+trainer.core.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(), device="cpu").fit(data)
+print(" ".join(sorted(m for m in sys.modules if m.startswith("trainer."))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     loaded = set(out.stdout.split())
-    assert {"trainer.core", "trainer.loop", "trainer.state", "trainer.callback", "trainer.precision"} <= loaded
-    torchrun, probe = {"trainer.distributed", "trainer.sampler"}, {"trainer.precision_probe", "trainer.probe_cache"}
-    assert not loaded & (torchrun | probe | {"trainer.native", "trainer.checkpoint", "trainer.atomic"})
+    assert "trainer.loop" in loaded
+    later = ("state", "rng", "errors", "durations", "checkpoint", "running")
+    assert not loaded & {f"trainer.{name}" for name in later}

@@ -10,7 +10,7 @@ from tests.helpers import make
 from trainer import Callback, TimeLimitReached
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
-from trainer.options import format_duration, parse_duration
+from trainer.durations import format_duration, parse_duration
 
 
 # ------------------------------------------------------------------------------------------ debug limits

@@ -1,5 +1,5 @@
-"""trainer.cpus and trainer.runs.threads: thread counts from the affinity mask, the container's CPU quota (cgroup v1 and
-v2 files written by the test) and torchrun's local processes."""
+"""trainer.openmp's CPU count and trainer.runs.threads: thread counts from the affinity mask, the container's CPU
+quota (cgroup v1 and v2 files written by the test) and torchrun's local processes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.cpus as cpus_module
-from trainer.cpus import cpu_quota
-from trainer.openmp import choose_wait_policy
+import trainer.openmp as openmp_module
+from trainer.openmp import choose_wait_policy, cpu_quota
 from trainer.runs.threads import choose_threads, use_threads
 
 
@@ -68,16 +67,16 @@ def test_no_cgroup_files_means_no_quota(tmp_path):
 
 
 def test_a_quota_caps_the_threads_and_says_so(mocker):
-    mocker.patch.object(cpus_module, "affinity_cpus", return_value=32)
-    mocker.patch.object(cpus_module, "cpu_quota", return_value=1.5)
+    mocker.patch.object(openmp_module, "affinity_cpus", return_value=32)
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=1.5)
     choice = choose_threads()
     assert choice.threads == 2 and "cgroup CPU quota 1.5" in choice.reason and "32 CPUs" in choice.reason
     assert str(choice) == "2 threads (CPU quota)"  # the start line's words; the numbers are in the reason
 
 
 def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
-    mocker.patch.object(cpus_module, "affinity_cpus", return_value=8)
-    mocker.patch.object(cpus_module, "cpu_quota", return_value=None)
+    mocker.patch.object(openmp_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     choice = choose_threads()
     assert choice.threads == 2 and "shared by 4 local processes" in choice.reason
@@ -90,8 +89,8 @@ def test_local_torchrun_processes_share_the_cpus(mocker, monkeypatch):
 def test_omp_num_threads_of_the_user_is_followed_outside_torchrun(mocker, monkeypatch, value, expected):
     """A user's OMP_NUM_THREADS=1 is not overridden; a value OpenMP would ignore is ignored. Under
     torchrun, which sets it to 1 for each of its processes, the share of the CPUs wins."""
-    mocker.patch.object(cpus_module, "affinity_cpus", return_value=8)
-    mocker.patch.object(cpus_module, "cpu_quota", return_value=None)
+    mocker.patch.object(openmp_module, "affinity_cpus", return_value=8)
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     choice = choose_threads()
@@ -116,8 +115,8 @@ def test_the_openmp_decision_before_torch_and_the_thread_count_after_read_one_cp
     """Under a quota of 1.5 CPUs on 32 in the affinity mask, both count 2 threads: with 2 CPUs free
     of other work, 2 threads leave none waiting, so OpenMP keeps spinning (a count of 32, which
     ignored the quota, would have chosen sleeping threads)."""
-    mocker.patch.object(cpus_module, "affinity_cpus", return_value=32)
-    mocker.patch.object(cpus_module, "cpu_quota", return_value=1.5)
+    mocker.patch.object(openmp_module, "affinity_cpus", return_value=32)
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=1.5)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     mocker.patch.dict("sys.modules")
     del sys.modules["torch"]  # as before torch loads

@@ -18,17 +18,17 @@ if TYPE_CHECKING:
     from trainer.callback import Callback
     from trainer.callback import FitResources as FitResources
     from trainer.core import Trainer
+    from trainer.epoch_loss import EpochLoss as EpochLoss
     from trainer.errors import BatchLoadError, NonFiniteLossError, TimeLimitReached, TrainingInterrupted
     from trainer.every import Every
     from trainer.model_spec import ModelSpecError
     from trainer.options import resolve_device
     from trainer.precision import PrecisionChoice
     from trainer.precision_probe import choose_precision
-    from trainer.running import EpochLoss as EpochLoss
+    from trainer.rng import seed_everything
     from trainer.running import RunningLoss as RunningLoss
     from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
-    from trainer.state import seed_everything
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
 
@@ -37,7 +37,7 @@ _MODULES = {
     "move_to_device": "trainer.batch",
     "HOOKS": "trainer.callback",
     "Callback": "trainer.callback",
-    "seed_everything": "trainer.state",
+    "seed_everything": "trainer.rng",
     "Trainer": "trainer.core",
     "BatchLoadError": "trainer.errors",
     "NonFiniteLossError": "trainer.errors",
@@ -51,7 +51,7 @@ _MODULES = {
     "FitResources": "trainer.callback",
     "RunLock": "trainer.runs.lock",
     "RunLockedError": "trainer.runs.lock",
-    "EpochLoss": "trainer.running",
+    "EpochLoss": "trainer.epoch_loss",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",
     "StepOutput": "trainer.batch",

@@ -1,9 +1,10 @@
-"""Batches (nested tuples, lists and dicts of tensors): helpers, and what a step makes of one
-(`StepOutput`)."""
+"""Batches (nested tuples, lists and dicts of tensors): helpers, what a step makes of one
+(`StepOutput`), and `loaded`, which draws them from a loader and names the batch it failed on."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -171,3 +172,40 @@ def last_output(predictions: Any) -> Any:
     if isinstance(predictions, (list, tuple)) and predictions:
         return predictions[-1]
     return predictions
+
+
+def loaded(batches: Iterable, describe: Callable[[int], str], first: int = 0) -> Generator[Any]:
+    """`batches`, with an error of the loader raised as `trainer.errors.BatchLoadError` naming the batch
+    (``describe(index)``, counted from `first`).
+
+    Nothing else holds the loader's iterator: closing this generator (as the loop does on every
+    path) or an error of the loader ends it, and with it a DataLoader's worker processes. Left to
+    a traceback, they would outlive the error, and at the exit of the process Python would wait
+    forever for workers that ignore its SIGTERM (`trainer.ignore_stop_signals`).
+    """
+    iterator = iter(batches)
+    del batches
+    index = first
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            from trainer.errors import BatchLoadError
+
+            del iterator
+            _release_loader_frames(exc.__traceback__)
+            raise BatchLoadError(describe(index), exc) from exc
+        yield batch
+        index += 1
+
+
+def _release_loader_frames(traceback: types.TracebackType | None) -> None:
+    """Clear the local variables of `torch.utils.data`'s finished frames in `traceback`: they hold
+    the DataLoader's iterator. The frames of the user's own code keep theirs."""
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("torch.utils.data"):
+            frame.clear()
+        traceback = traceback.tb_next

@@ -5,33 +5,26 @@ dispatch) and `CheckpointState` (`trainer.state`: what a checkpoint saves and re
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batch, split_batch
 from trainer.callback import Callback, CallbackList, FitResources
-from trainer.errors import NonFiniteLossError, TimeLimitReached, TrainingInterrupted
+from trainer.epoch_loss import EpochLoss
 from trainer.loop import TrainingLoop
 from trainer.openmp import warn_late_import
-from trainer.options import check_batch_limit, check_options, parse_duration, precision_options, resolve_device
+from trainer.options import check_batch_limit, check_options, precision_options, resolve_device
 from trainer.precision import Precision, PrecisionChoice
-from trainer.running import EpochLoss
-from trainer.state import CheckpointState, seed_everything
 
-__all__ = [
-    "Metric",
-    "NonFiniteLossError",
-    "StepOutput",
-    "TimeLimitReached",
-    "Trainer",
-    "TrainingInterrupted",
-    "resolve_device",
-    "seed_everything",
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.state import CheckpointState
+
+__all__ = ["Metric", "StepOutput", "Trainer", "resolve_device"]
 
 
 class Trainer:
@@ -135,7 +128,7 @@ class Trainer:
         self.limit_train_batches = check_batch_limit("limit_train_batches", limit_train_batches)
         self.limit_val_batches = check_batch_limit("limit_val_batches", limit_val_batches)
         #: Seconds a `fit` may train (None: no limit).
-        self.max_time = parse_duration(max_time) if max_time is not None else None
+        self.max_time = _seconds(max_time)
         from trainer.distributed import launched_device
 
         # The process group starts in fit; here only this process's device is worked out.
@@ -150,7 +143,6 @@ class Trainer:
         self.accumulate_grad_batches, self.seed, self.max_epochs = accumulate_grad_batches, seed, max_epochs
         self.val_every_n_steps, self.val_at_epoch_end = val_every_n_steps, val_at_epoch_end
         self._loop = TrainingLoop(self)
-        self._state = CheckpointState(self)
         self._callbacks = CallbackList(self, callbacks)
 
     def _init_precision(self, precision: str, channels_last: bool | str, given: PrecisionChoice | None) -> None:
@@ -383,7 +375,7 @@ class Trainer:
         if state is not None:
             self._state.load_state_dict(state)
         else:
-            self._state.continue_in_place()
+            self._loop.continue_in_place()
         self._loop.prepare(train_loader, val_loader, fresh=state is None)
         with self._amp.kernels():
             self._loop.run(train_loader, val_loader)
@@ -426,6 +418,14 @@ class Trainer:
         return self._loop.validate(loader)
 
     # ----------------------------------------------------------------------------- checkpoint state
+    @functools.cached_property
+    def _state(self) -> CheckpointState:
+        """What a checkpoint saves and restores (`trainer.state`), made when first asked: a fit that
+        writes and reads no checkpoint never loads it."""
+        from trainer.state import CheckpointState
+
+        return CheckpointState(self)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly (see `CheckpointState.state_dict`)."""
         return self._state.state_dict()
@@ -439,3 +439,12 @@ class Trainer:
         """Under torchrun, collect every rank's training loss sums of the epoch so far for the next
         `state_dict` (see `CheckpointState.gather_position`); every rank calls it at the same point."""
         self._state.gather_position()
+
+
+def _seconds(max_time: Any) -> float | None:
+    """The seconds of a `Trainer`'s ``max_time`` (None: no limit), read by `trainer.durations`."""
+    if max_time is None:
+        return None
+    from trainer.durations import parse_duration
+
+    return parse_duration(max_time)

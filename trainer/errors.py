@@ -1,11 +1,7 @@
-"""The exceptions the training loop raises for reasons a user can act on, and `loaded`, which names
-the batch a loader failed on."""
+"""The exceptions the training loop raises for reasons a user can act on. The loop imports them
+where it raises them: a fit that fails on none of them never loads this module."""
 
 from __future__ import annotations
-
-import types
-from collections.abc import Callable, Generator, Iterable
-from typing import Any
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,38 +48,3 @@ def one_line_error(error: BaseException) -> str:
         name = qualified.rsplit(".", 1)[-1]
     message = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return f"{name}: {message}" if message else name
-
-
-def loaded(batches: Iterable, describe: Callable[[int], str], first: int = 0) -> Generator[Any]:
-    """`batches`, with an error of the loader raised as `BatchLoadError` naming the batch
-    (``describe(index)``, counted from `first`).
-
-    Nothing else holds the loader's iterator: closing this generator (as the loop does on every
-    path) or an error of the loader ends it, and with it a DataLoader's worker processes. Left to
-    a traceback, they would outlive the error, and at the exit of the process Python would wait
-    forever for workers that ignore its SIGTERM (`trainer.ignore_stop_signals`).
-    """
-    iterator = iter(batches)
-    del batches
-    index = first
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:
-            del iterator
-            _release_loader_frames(exc.__traceback__)
-            raise BatchLoadError(describe(index), exc) from exc
-        yield batch
-        index += 1
-
-
-def _release_loader_frames(traceback: types.TracebackType | None) -> None:
-    """Clear the local variables of `torch.utils.data`'s finished frames in `traceback`: they hold
-    the DataLoader's iterator. The frames of the user's own code keep theirs."""
-    while traceback is not None:
-        frame = traceback.tb_frame
-        if str(frame.f_globals.get("__name__", "")).startswith("torch.utils.data"):
-            frame.clear()
-        traceback = traceback.tb_next

@@ -1,6 +1,6 @@
 """`TrainingLoop`: the epochs of a trainer's fits and the progress they make. It owns that progress
-(epoch, global step, batch, history), the position inside the epoch (`trainer.state.LoopPosition`),
-the epoch's running loss (`trainer.running.EpochLoss`) and the scheduler rule
+(epoch, global step, batch, history), the position inside the epoch (`LoopPosition`),
+the epoch's running loss (`trainer.epoch_loss.EpochLoss`) and the scheduler rule
 (`trainer.scheduling.SchedulerStepping`); the `Trainer` holds the parts (model, optimizer,
 callbacks, precision) and reads its progress here.
 
@@ -11,6 +11,7 @@ the scheduler rule) is built once per fit, before the first batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -20,16 +21,67 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.batch import StepOutput, batch_size, detach, last_output
+from trainer.batch import StepOutput, batch_size, detach, last_output, loaded
 from trainer.callback import FitResources
-from trainer.errors import TimeLimitReached, loaded
-from trainer.options import format_duration
-from trainer.running import EpochLoss, non_finite_loss
+from trainer.epoch_loss import EpochLoss, non_finite_loss
+from trainer.options import batches_taken
 from trainer.scheduling import SchedulerStepping
-from trainer.state import LoopPosition, rng_state, seed_everything, set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
+    from trainer.errors import TimeLimitReached
+
+
+@dataclasses.dataclass
+class LoopPosition:
+    """The position inside the current epoch; one object, reset between epochs.
+
+    Attributes:
+        batches_done: batches of the epoch trained so far; None between epochs.
+        pending: batches whose gradients wait for an optimizer step (gradient accumulation).
+        validated_at: the global step of the last validation inside the epoch (None: none yet).
+        resume: where the next epoch starts when a run resumes inside it: ``{"epoch", "batches",
+            "rng"}``, or None.
+        epoch_end_rng: the random state a resume inside the epoch starts from once its batches are
+            all trained: taken before the epoch-end validation, which a resumed run does again.
+        cuda_rng: every rank's CUDA generator state, and the ``(global_step, epochs done,
+            batches_done)`` they were gathered at (see `trainer.state.CheckpointState.gather_position`).
+    """
+
+    batches_done: int | None = None
+    pending: int = 0
+    validated_at: int | None = None
+    resume: dict[str, Any] | None = None
+    epoch_end_rng: dict[str, Any] | None = None
+    cuda_rng: tuple[tuple[int, int, int | None], list[torch.Tensor]] | None = None
+
+    @property
+    def inside_epoch(self) -> bool:
+        """Whether an epoch is under way (started and not yet ended)."""
+        return self.batches_done is not None
+
+    def start_epoch(self, first: int, fresh: bool) -> None:
+        """Enter an epoch at batch `first`; a `fresh` epoch (not resumed inside) has no pending
+        gradients and no validation yet."""
+        if fresh:
+            self.pending, self.validated_at = 0, None
+        self.batches_done = first
+
+    def end_epoch(self) -> None:
+        """Leave the epoch: nothing left to resume inside it."""
+        self.batches_done, self.epoch_end_rng = None, None
+
+    def rng_now(self, device: torch.device) -> dict[str, Any]:
+        """The generator states a checkpoint taken now holds: before the epoch-end validation, which
+        a resumed run does again, those from before it."""
+        from trainer.rng import rng_state
+
+        return self.epoch_end_rng if self.epoch_end_rng is not None else rng_state(device)
+
+    def take_resume(self, epoch: int) -> dict[str, Any] | None:
+        """The resume point if it is inside `epoch` (then forgotten), else None."""
+        resume, self.resume = (self.resume if self.resume and self.resume["epoch"] == epoch else None), None
+        return resume
 
 
 class TrainingLoop:
@@ -73,6 +125,8 @@ class TrainingLoop:
         if fresh:
             self.should_stop = False  # a resumed run keeps the stop it saved (load_state_dict)
         if trainer.seed is not None and fresh and not self.history and self.global_step == 0:
+            from trainer.rng import seed_everything
+
             seed_everything(trainer.seed)  # only a fresh start: a second fit() continues the random streams
         self.start_step = self.global_step
         self.single = not is_distributed()  # under torchrun: time limit and stop at the epoch's end
@@ -117,6 +171,13 @@ class TrainingLoop:
         self.resources.close()
         return logs
 
+    def continue_in_place(self) -> None:
+        """A `fit` called again after one that stopped inside an epoch continues there."""
+        pos = self.position
+        if pos.inside_epoch:
+            pos.resume = {"epoch": self.epoch, "batches": pos.batches_done, "rng": pos.rng_now(self.trainer.device)}
+            pos.epoch_end_rng = None
+
     def _run_epochs(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
         for epoch in range(len(self.history), self.max_epochs):  # continue after done epochs
             resume = self.position.take_resume(epoch)
@@ -155,6 +216,8 @@ class TrainingLoop:
         self.position.start_epoch(first, fresh=resume is None)
         iterator = iter(self._epoch_batches(loader, first))
         if resume is not None and "rng" in resume:
+            from trainer.rng import set_rng_state
+
             # Again after iter(): a DataLoader draws its workers' base seed from the generator.
             set_rng_state(resume["rng"], self.trainer.device)
         return iterator
@@ -256,8 +319,11 @@ class TrainingLoop:
             self._optimizer_step()
             if trainer.val_every_n_steps is not None:
                 self._maybe_validate_at_step(val_loader, last_batch=True)
-        logs = {"loss": self._epoch_mean_loss()}
+        where = f"in epoch {self.epoch + 1}/{self.max_epochs} (by global step {self.global_step})"
+        logs = {"loss": self.epoch_loss.mean(self.single, where)}
         if val_loader is not None and trainer.val_at_epoch_end and pos.validated_at != self.global_step:
+            from trainer.rng import rng_state
+
             pos.epoch_end_rng = rng_state(trainer.device)  # a stop during the validation saves this one
             logs.update(self._validate(val_loader))
             self.scheduling.after_validation(logs)
@@ -269,24 +335,6 @@ class TrainingLoop:
         trainer._callbacks.fire("on_epoch_end", logs)
         self.resources.flush()
         return logs
-
-    def _epoch_mean_loss(self) -> float:
-        epoch_loss = self.epoch_loss
-        if epoch_loss.samples == 0:
-            raise ValueError("the training loader yielded no batches")
-        if self.single:
-            loss_total, samples = epoch_loss.total.item(), epoch_loss.samples
-        else:
-            from trainer.distributed import all_reduce
-
-            count = torch.tensor(float(epoch_loss.samples), device=self.trainer.device)
-            loss_total, samples = all_reduce(torch.stack([epoch_loss.total, count])).tolist()
-        mean_loss = loss_total / samples
-        if not math.isfinite(mean_loss):  # summed over ranks: every rank raises alike
-            raise non_finite_loss(
-                mean_loss, f"in epoch {self.epoch + 1}/{self.max_epochs} (by global step {self.global_step})"
-            )
-        return mean_loss
 
     def _stop_after_epoch(self, epoch: int) -> bool:
         """Whether training stops after `epoch`; under torchrun every rank agrees (a time limit
@@ -303,6 +351,9 @@ class TrainingLoop:
         return self.should_stop
 
     def _time_limit_reached(self) -> TimeLimitReached:
+        from trainer.durations import format_duration
+        from trainer.errors import TimeLimitReached
+
         where = f"batch {self.batch_idx + 1}" + (f" of {self.num_batches}" if self.num_batches else "")
         max_time = self.trainer.max_time
         assert max_time is not None  # only a fit with a time limit has a deadline
@@ -396,22 +447,5 @@ _SYNCED = contextlib.nullcontext()
 
 
 def _training_batch(epoch: int) -> Callable[[int], str]:
-    """Names the training batches of `epoch` (0-based) for `trainer.errors.loaded`."""
+    """Names the training batches of `epoch` (0-based) for `trainer.batch.loaded`."""
     return lambda index: f"training batch {index + 1} of epoch {epoch + 1}"
-
-
-def batches_taken(loader: Iterable, limit: int | float | None, name: str) -> int | None:
-    """How many batches of `loader` a pass takes under `limit` (see
-    `trainer.options.check_batch_limit`; `name` is the option's): all of them (None for a loader
-    without a length) when there is no limit; a fraction keeps at least one batch."""
-    try:
-        count: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        count = None  # an iterable dataset, a generator
-    if limit is None:
-        return count
-    if isinstance(limit, int):
-        return limit if count is None else min(limit, count)
-    if count is None:
-        raise ValueError(f"{name}={limit} is a fraction, but the loader has no length; give a number of batches")
-    return max(1, int(count * limit))

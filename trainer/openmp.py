@@ -1,14 +1,19 @@
-"""How torch's OpenMP threads wait between parallel regions, decided when `trainer` is first
-imported, before it loads torch.
+"""torch's OpenMP threads on this machine: the CPUs a training process may use, and how the threads
+wait between parallel regions, decided when `trainer` is first imported, before it loads torch.
 
-By default an OpenMP thread that finishes its share keeps the CPU spinning for a while, waiting
-for the next region. On an idle machine that is the fastest. Beside another busy process it is
-the slowest by far: a spinning thread uses up its fair share of the CPU it shares with that
-process, so the scheduler runs the other process first whenever work arrives, and every parallel
-region waits for it (measured on 2 cores beside one CPU-bound process: a NestedUNet step about 3x
-its idle time, against 1.9x for threads that sleep). Threads that sleep at once
-(``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but cost up to 2x on an idle machine for
-small networks, whose parallel regions are short (``python -m bench.wait_policy`` measures each
+The CPUs (`usable_cpus`): the process's affinity mask, capped by its container's CPU quota (cgroup v2
+``cpu.max``, v1 ``cpu.cfs_quota_us``), shared among torchrun's local processes. One count, read
+before torch loads (for the wait policy) and after (the thread count, `trainer.runs.threads`), so
+the two never disagree.
+
+How the threads wait (`WAIT_POLICY`): by default an OpenMP thread that finishes its share keeps the
+CPU spinning for a while, waiting for the next region. On an idle machine that is the fastest.
+Beside another busy process it is the slowest by far: a spinning thread uses up its fair share of
+the CPU it shares with that process, so the scheduler runs the other process first whenever work
+arrives, and every parallel region waits for it (measured on 2 cores beside one CPU-bound process: a
+NestedUNet step about 3x its idle time, against 1.9x for threads that sleep). Threads that sleep at
+once (``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but cost up to 2x on an idle machine
+for small networks, whose parallel regions are short (``python -m bench.wait_policy`` measures each
 setting; no single one is close to the default when idle and to the fair share when busy).
 
 The policy is read once, when the OpenMP runtime loads with torch, so `choose_wait_policy`
@@ -24,14 +29,123 @@ is imported.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from trainer.cpus import usable_cpus
+#: Where cgroup file systems are mounted.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class CPUCount:
+    """The CPUs of each training process (`cpus`, at least 1), why in full (`reason`: the CPUs in
+    the affinity mask, the quota, the processes sharing them) and in a word or two (`summary`:
+    what limits the count)."""
+
+    cpus: int
+    reason: str
+    summary: str
+
+
+def usable_cpus(environ: Mapping[str, str] | None = None) -> CPUCount:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup CPU quota rounded
+    up, shared evenly among the local training processes (`local_processes` of `environ`)."""
+    cpus, summary = affinity_cpus(), "CPU affinity"
+    reasons = [f"{cpus} CPU{'s' if cpus != 1 else ''} in this process's affinity"]
+    quota = cpu_quota()
+    if quota is not None and math.ceil(quota) < cpus:
+        cpus, summary = math.ceil(quota), "CPU quota"
+        reasons.append(f"cgroup CPU quota {quota:g}")
+    processes = local_processes(environ)
+    if processes > 1:
+        reasons.append(f"shared by {processes} local processes")
+        summary = f"{processes} processes"
+    return CPUCount(max(1, cpus // processes), ", ".join(reasons), summary)
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup may use (``docker --cpus 1.5``: 1.5), or None
+    without a quota. Reads cgroup v2 ``cpu.max`` and v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    of the process's own cgroup and of each parent, and keeps the smallest."""
+    quotas = []
+    for directory in _cgroup_dirs(root, proc_cgroup):
+        v2 = directory / "cpu.max"
+        if v2.is_file():
+            fields = _read(v2).split()
+            quotas.append(_ratio(fields[0], fields[1]) if len(fields) == 2 else None)
+            continue
+        quota, period = directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us"
+        if quota.is_file() and period.is_file():
+            quotas.append(_ratio(_read(quota), _read(period)))
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
+    """The process's cgroup folders (v2 unified and v1 ``cpu`` controller), each with its parents."""
+    dirs: list[Path] = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        names = controllers.split(",")
+        if controllers == "":
+            base = root
+        elif "cpu" in names:
+            base = next((root / n for n in (controllers, "cpu,cpuacct", "cpu") if (root / n).is_dir()), root / "cpu")
+        else:
+            continue
+        here = base / path.strip("/")
+        while True:
+            dirs.append(here)
+            if here == base:
+                break
+            here = here.parent
+    if not dirs:
+        dirs.append(root)
+    return dirs
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def affinity_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; all CPUs where the OS has no masks)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_processes(environ: Mapping[str, str] | None = None) -> int:
+    """Training processes sharing this machine: torchrun's ``LOCAL_WORLD_SIZE`` in `environ`
+    (default: this process's environment; 1 outside torchrun)."""
+    environ = os.environ if environ is None else environ
+    try:
+        return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
 
 #: Environment variables with which a user chooses the policy; when one is set it is kept.
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -102,7 +216,7 @@ def choose_wait_policy(
     late and nothing is changed.
 
     Args:
-        threads: the threads this process will run (default: `trainer.cpus.usable_cpus`, the
+        threads: the threads this process will run (default: `usable_cpus`, the
             count the run's threads get: affinity, container CPU quota, torchrun's local processes).
         environ: where to set the policy.
         measure: returns the CPUs busy with other work (see `busy_cpus`).

@@ -1,11 +1,11 @@
-"""The checks of options (positive integers, batch limits, durations, renamed options), those of the
-`Trainer`, and `resolve_device`."""
+"""The checks of options (positive integers, batch limits, renamed options), those of the `Trainer`,
+`batches_taken` (what a batch limit takes of a loader) and `resolve_device`. Durations (``max_time``)
+are read in `trainer.durations`."""
 
 from __future__ import annotations
 
-import math
 import warnings
-from datetime import timedelta
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -56,35 +56,21 @@ def check_batch_limit(name: str, value: Any) -> int | float | None:
     return value
 
 
-def parse_duration(value: Any, name: str = "max_time") -> float:
-    """Seconds of `value`: a positive number of seconds, a `timedelta` or a ``"[D:]HH:MM:SS"``
-    string; else a ValueError naming `name`."""
-    seconds: float | None = None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        parts = value.strip().split(":")
-        if len(parts) in (3, 4) and all(part.isdigit() for part in parts):
-            *days, hours, minutes, secs = (int(part) for part in parts)
-            if minutes < 60 and secs < 60:
-                seconds = timedelta(
-                    days=days[0] if days else 0, hours=hours, minutes=minutes, seconds=secs
-                ).total_seconds()
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(
-            f"{name} must be a positive number of seconds, a timedelta or 'HH:MM:SS' (or 'D:HH:MM:SS'), got {value!r}"
-        )
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """``H:MM:SS`` (with days in front past 24 hours), as `parse_duration` reads it back; a
-    duration that is not whole seconds as ``<seconds> s``."""
-    if seconds != int(seconds):
-        return f"{seconds:g} s"
-    return str(timedelta(seconds=int(seconds))).replace(" days, ", ":").replace(" day, ", ":")
+def batches_taken(loader: Iterable, limit: int | float | None, name: str) -> int | None:
+    """How many batches of `loader` a pass takes under `limit` (see
+    `check_batch_limit`; `name` is the option's): all of them (None for a loader
+    without a length) when there is no limit; a fraction keeps at least one batch."""
+    try:
+        count: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        count = None  # an iterable dataset, a generator
+    if limit is None:
+        return count
+    if isinstance(limit, int):
+        return limit if count is None else min(limit, count)
+    if count is None:
+        raise ValueError(f"{name}={limit} is a fraction, but the loader has no length; give a number of batches")
+    return max(1, int(count * limit))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -1,52 +1,15 @@
-"""The epoch's training loss, accumulated on the device, and `RunningLoss`, which reads it between log points."""
+"""`RunningLoss`: the mean training loss between a callback's log points, read from the trainer's
+`trainer.epoch_loss.EpochLoss` (loaded by the callbacks that log it, not by a fit)."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from trainer.errors import NonFiniteLossError
+from trainer.epoch_loss import non_finite_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
-
-
-class EpochLoss:
-    """The training loss of the epoch so far: the sum of ``loss x batch size`` in a tensor on the
-    device, and the number of samples. The trainer adds every batch (no device sync) and reads
-    the mean at the epoch's end; `RunningLoss` reads it at log points. `added` counts every
-    sample added since the object was made (never reset): throughput is its change over time.
-
-    Args:
-        device: where the sum lives.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.total = torch.zeros((), device=device)
-        self.samples = 0
-        self.added = 0
-
-    def reset(self) -> None:
-        """Start a new epoch."""
-        self.total = torch.zeros((), device=self.device)
-        self.samples = 0
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        """Add one batch: its mean `loss` (a detached 0-dim tensor) over `samples` samples."""
-        self.total.add_(loss, alpha=samples)
-        self.samples += samples
-        self.added += samples
-
-
-def non_finite_loss(value: float, where: str) -> NonFiniteLossError:
-    """The error of a training loss `value` that is NaN or infinite, found `where` (e.g. ``at
-    global step 12 (epoch 2/5)``)."""
-    return NonFiniteLossError(
-        f"training loss is {value} {where}; lower the learning rate, clip gradients or check the data"
-    )
 
 
 class RunningLoss:

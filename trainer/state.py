@@ -1,64 +1,19 @@
 """What a checkpoint holds to continue a run exactly: `CheckpointState` builds and restores it
-(`Trainer.state_dict`, `load_state_dict`), `LoopPosition` is where the loop stands inside an epoch,
-and the random generators' state (with `seed_everything`)."""
+(`Trainer.state_dict`, `load_state_dict`). The trainer makes it on first use, so a fit that writes
+and reads no checkpoint never loads this module."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
+
+from trainer.loop import LoopPosition
+from trainer.rng import set_rng_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.core import Trainer
-
-
-@dataclasses.dataclass
-class LoopPosition:
-    """The position inside the current epoch; one object, reset between epochs.
-
-    Attributes:
-        batches_done: batches of the epoch trained so far; None between epochs.
-        pending: batches whose gradients wait for an optimizer step (gradient accumulation).
-        validated_at: the global step of the last validation inside the epoch (None: none yet).
-        resume: where the next epoch starts when a run resumes inside it: ``{"epoch", "batches",
-            "rng"}``, or None.
-        epoch_end_rng: the random state a resume inside the epoch starts from once its batches are
-            all trained: taken before the epoch-end validation, which a resumed run does again.
-        cuda_rng: every rank's CUDA generator state, and the ``(global_step, epochs done,
-            batches_done)`` they were gathered at (see `CheckpointState.gather_position`).
-    """
-
-    batches_done: int | None = None
-    pending: int = 0
-    validated_at: int | None = None
-    resume: dict[str, Any] | None = None
-    epoch_end_rng: dict[str, Any] | None = None
-    cuda_rng: tuple[tuple[int, int, int | None], list[torch.Tensor]] | None = None
-
-    @property
-    def inside_epoch(self) -> bool:
-        """Whether an epoch is under way (started and not yet ended)."""
-        return self.batches_done is not None
-
-    def start_epoch(self, first: int, fresh: bool) -> None:
-        """Enter an epoch at batch `first`; a `fresh` epoch (not resumed inside) has no pending
-        gradients and no validation yet."""
-        if fresh:
-            self.pending, self.validated_at = 0, None
-        self.batches_done = first
-
-    def end_epoch(self) -> None:
-        """Leave the epoch: nothing left to resume inside it."""
-        self.batches_done, self.epoch_end_rng = None, None
-
-    def take_resume(self, epoch: int) -> dict[str, Any] | None:
-        """The resume point if it is inside `epoch` (then forgotten), else None."""
-        resume, self.resume = (self.resume if self.resume and self.resume["epoch"] == epoch else None), None
-        return resume
 
 
 class CheckpointState:
@@ -118,7 +73,7 @@ class CheckpointState:
         generator back and logs that epoch's loss exactly. Every rank must call it at the same
         point of the loop; in a single process it does nothing."""
         from trainer.distributed import all_gather, is_distributed
-        from trainer.running import non_finite_loss
+        from trainer.epoch_loss import non_finite_loss
 
         if not is_distributed():
             return
@@ -141,12 +96,6 @@ class CheckpointState:
             raise non_finite_loss(total, where)
         self.gathered = ((loop.epoch, batches_done), ranks)
 
-    def _rng_now(self) -> dict[str, Any]:
-        """The generator states a checkpoint taken now holds: before the epoch-end validation, which
-        a resumed run does again, those from before it."""
-        pos = self.trainer._loop.position
-        return pos.epoch_end_rng if pos.epoch_end_rng is not None else rng_state(self.trainer.device)
-
     def _rng_point(self) -> tuple[int, int, int | None]:
         loop = self.trainer._loop
         return loop.global_step, len(loop.history), loop.position.batches_done
@@ -154,18 +103,19 @@ class CheckpointState:
     def _gather_cuda_rng(self) -> None:
         from trainer.distributed import all_gather
 
-        mine = self._rng_now().get("cuda")
+        pos, device = self.trainer._loop.position, self.trainer.device
+        mine = pos.rng_now(device).get("cuda")
         if mine is None:  # CUDA unused: alike on every rank, which all train on the same kind of device
             return
         # The state is a byte tensor of the same size on every rank, on the CPU: NCCL takes device tensors.
-        states = all_gather(mine[0].to(self.trainer.device))
-        self.trainer._loop.position.cuda_rng = (self._rng_point(), [state.cpu() for state in states])
+        states = all_gather(mine[0].to(device))
+        pos.cuda_rng = (self._rng_point(), [state.cpu() for state in states])
 
     def _rng_to_save(self) -> dict[str, Any]:
         """The generator states of a checkpoint: this rank's, with every rank's CUDA state where
         `gather_position` was called at this point."""
-        cuda_rng = self.trainer._loop.position.cuda_rng
-        rng = self._rng_now()
+        pos = self.trainer._loop.position
+        rng, cuda_rng = pos.rng_now(self.trainer.device), pos.cuda_rng
         if "cuda" in rng and cuda_rng is not None and cuda_rng[0] == self._rng_point():
             rng = {**rng, "cuda": cuda_rng[1]}
         return rng
@@ -242,18 +192,6 @@ class CheckpointState:
             param.grad = None if grad is None else grad.to(param.device)
         pos.resume = {"epoch": loop.epoch, "batches": pos.batches_done, "rng": rng}
 
-    def continue_in_place(self) -> None:
-        """A `fit` called again after one that stopped inside an epoch continues there."""
-        loop = self.trainer._loop
-        pos = loop.position
-        if pos.inside_epoch:
-            pos.resume = {
-                "epoch": loop.epoch,
-                "batches": pos.batches_done,
-                "rng": self._rng_now(),
-            }
-            pos.epoch_end_rng = None
-
     def _stretch_schedule(self, saved_epochs: int | None) -> None:
         # A cosine schedule over the saved run's epochs, resumed with more (or fewer) epochs, would
         # climb back up after its end; it continues instead from the current rate down to its
@@ -267,60 +205,3 @@ class CheckpointState:
             and scheduler.T_max == saved_epochs != trainer.max_epochs
         ):
             scheduler.T_max = trainer.max_epochs
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) random generators.
-
-    Args:
-        seed: the seed of every generator.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Python's, NumPy's and torch's generator states: the CPU's and, once CUDA is in use, that of
-    this process's GPU (`device` where it is a CUDA device with an index, else the current one)
-    as ``"cuda"``, a list of one state. Under torchrun `CheckpointState.gather_position` puts every
-    rank's there, in rank order, for the checkpoint rank 0 writes."""
-    # The global generator is an MT19937: its legacy state is always the tuple.
-    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    kind, keys, pos, has_gauss, gauss = legacy
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-        "torch": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [torch.cuda.get_rng_state(_cuda_index(device))]
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore generator states saved by `rng_state`: this rank's CUDA state (the rank-th of
-    ``"cuda"``) to this process's GPU (`device`, else the current one), where CUDA is here.
-
-    A checkpoint written before ``"cuda"`` held one state per rank holds one per GPU the saving
-    process saw; where each process has one GPU, index and rank are the same. A rank with no state
-    saved for it (a run resumed with more processes, a checkpoint saved by one rank alone at an
-    interruption) keeps its CUDA generator as it is; none is ever set on a GPU that is not here."""
-    from trainer.distributed import get_rank
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.random.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    rank = get_rank()
-    if rank < len(cuda) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda[rank], _cuda_index(device))
-
-
-def _cuda_index(device: torch.device | None) -> int:
-    """The index of `device` where it is a CUDA device with one, else of the current CUDA device."""
-    if device is not None and device.type == "cuda" and device.index is not None:
-        return device.index
-    return torch.cuda.current_device()

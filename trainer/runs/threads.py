@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.cpus import local_processes, usable_cpus
+from trainer.openmp import local_processes, usable_cpus
 from trainer.options import positive_int
 
 __all__ = ["ThreadChoice", "choose_threads", "use_threads"]
@@ -42,7 +42,7 @@ class ThreadChoice:
 def choose_threads(requested: int | None = None) -> ThreadChoice:
     """The intra-op thread count for this process: `requested` when given, else the user's
     ``OMP_NUM_THREADS`` (outside torchrun, which sets it to 1 for each of several local processes
-    unless it was set), else `trainer.cpus.usable_cpus`: the CPUs it may use (affinity, capped by
+    unless it was set), else `trainer.openmp.usable_cpus`: the CPUs it may use (affinity, capped by
     the cgroup CPU quota rounded up) shared evenly among the local training processes, at least one."""
     if requested is not None:
         positive_int("threads", requested)
