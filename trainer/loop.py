@@ -442,8 +442,7 @@ class TrainingLoop:
         return sums
 
 
-#: The gradient-sync context of a batch an optimizer step always follows: nothing to do (reusable).
-_SYNCED = contextlib.nullcontext()
+_SYNCED = contextlib.nullcontext()  # a batch that an optimizer step always follows: nothing to enter
 
 
 def _training_batch(epoch: int) -> Callable[[int], str]:
