@@ -10,7 +10,7 @@
 - the project files that importing ``trainer.core`` loads (module-level imports, package
   ``__init__``s included), with their lines.
 
-It exits 1 when a floor is not kept, so it can run beside the linters.
+It exits 1 when a floor is not kept, so it runs beside the linters (``--quiet``: only what breaks one).
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the layout report; return 1 when a floor is not kept."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to read (default: this one)")
+    parser.add_argument("--quiet", action="store_true", help="print only what breaks a floor (for make lint)")
     args = parser.parse_args(argv)
     known = modules(args.root)
     failed = False
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for component in cycles(full):
         print("import cycle: " + " <-> ".join(component))
         failed = True
+    if args.quiet:
+        return 1 if failed else 0
     top = {name: imports(name, path, known, top_level_only=True, parents=True) for name, path in known.items()}
     fit_path = sorted(loaded_by("trainer.core", top))
     total = sum(len(known[name].read_text().splitlines()) for name in fit_path)
