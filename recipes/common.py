@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 import torch
 
@@ -31,19 +31,19 @@ from recipes.run_dir import (
     resume_run,
     start_run_dir,
     write_error_line,
+    write_run_config,
 )
 from trainer import BatchLoadError, Callback, TimeLimitReached, Trainer, resolve_device, seed_everything
-from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint
+from trainer.callbacks import CSVLogger, HistogramCallback, ModelCheckpoint, TensorBoardCallback
 from trainer.callbacks.checkpoint import CHECKPOINT_LAST
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import init_distributed, is_rank_zero
 from trainer.openmp import WaitPolicy
 from trainer.precision import PrecisionChoice
-from trainer.precision_probe import resolve_choice
 from trainer.runs.lock import RunLock
 from trainer.runs.threads import ThreadChoice, use_threads
 
-__all__ = ["Recipe", "choose_run_precision", "print_run_summary", "start_details", "start_line"]
+__all__ = ["Recipe", "RunStart", "print_run_summary", "start_details", "start_line", "trainer_precision"]
 
 
 def start_line(choice: PrecisionChoice, threads: ThreadChoice | None = None, wait: WaitPolicy | None = None) -> str:
@@ -76,55 +76,80 @@ def start_details(choice: PrecisionChoice, threads: ThreadChoice | None = None) 
     return details
 
 
-def choose_run_precision(
-    model: torch.nn.Module, device: torch.device, example: Any, config: RunConfig, threads: ThreadChoice | None = None
-) -> PrecisionChoice:
-    """The precision, memory format and CPU convolution kernels a run trains with, printed in one
-    short line (`start_line`, with the `threads` the process uses and the OpenMP waiting, on the
-    CPU; with ``config.verbose`` the `start_details` below it) and recorded in `config`
-    (``precision``, ``channels_last``, ``onednn``, ``precision_reason``), so that a resumed run,
-    whose `config` already holds them, reuses the choice.
-
-    ``"auto"`` in ``config["precision"]`` or ``config["channels_last"]`` is resolved by the
-    trainer's own decision (`trainer.precision_probe.resolve_choice`) on `model` and `example` (inputs at
-    the training batch's shape): measured once per machine and model, then read from its cache file; explicit values
-    are kept. Under torchrun rank 0 chooses and every rank gets the same.
+def trainer_precision(config: RunConfig) -> str | PrecisionChoice:
+    """The precision a run's `Trainer` is given: a resumed run's recorded choice (``precision``,
+    ``channels_last``, ``onednn`` and ``precision_reason`` of its configuration), which it keeps;
+    else ``--precision`` as asked (``"auto"``: the trainer resolves it at the start of `fit`).
 
     Args:
-        model: the network (probed on a copy).
-        device: where it trains.
-        example: model inputs at the training batch's shape, for the probe.
         config: the run's configuration (new or resumed).
-        threads: the CPU thread count the process uses (`trainer.runs.threads.use_threads`).
     """
-    if config.precision == "16-mixed" and device.type != "cuda":
-        raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
-    saved = None
-    if config.precision_reason is not None:
-        saved = PrecisionChoice(
-            config.precision,
-            config.channels_last,  # type: ignore[arg-type]
-            f"saved with the run: {config.precision_reason}",
-            True if config.onednn is None else config.onednn,
-            "saved with the run",
-        )
-    cpu = threads if device.type == "cpu" else None
+    if config.precision_reason is None:
+        return config.precision
+    return PrecisionChoice(
+        config.precision,
+        config.channels_last is True,
+        f"saved with the run: {config.precision_reason}",
+        True if config.onednn is None else config.onednn,
+        "saved with the run",
+    )
 
-    def announce(choice: PrecisionChoice) -> None:
-        print(start_line(choice, cpu, WAIT_POLICY if cpu is not None else None), flush=True)
-        if config.verbose:
-            for key, value in start_details(choice, cpu).items():
-                print(f"  {key}: {value}", flush=True)
 
-    choice = resolve_choice(model, device, lambda: example, config.precision, config.channels_last, saved, announce)
-    if saved is None:  # a new run records its choice; a resumed one keeps the one it recorded
-        config.update(
-            precision=choice.precision,
-            channels_last=choice.channels_last,
-            onednn=choice.onednn,
-            precision_reason=choice.reason,
-        )
-    return choice
+class RunStart(Callback):
+    """The start of a recipe's fit, once the trainer has its precision (``"auto"`` is resolved
+    at the start of `fit`; `trainer.precision_probe.resolve_choice` is that one decision): prints
+    the start line (`start_line`, with the `threads` and the OpenMP waiting on the CPU; with
+    ``config.verbose`` the `start_details` below it) on rank 0, and a new run records the
+    trainer's choice (``precision``, ``channels_last``, ``onednn``, ``precision_reason``) in
+    `config`, in the options its `ModelCheckpoint` saves and its `TensorBoardCallback` shows,
+    and, with the `start_details`, in `run_dir`'s ``config.json``; a resumed run, whose
+    `config` holds them, keeps the choice it recorded (`trainer_precision`).
+
+    Args:
+        config: the run's configuration (new or resumed).
+        threads: the CPU thread count the process uses (None: not shown, as on a GPU).
+        run_dir: the folder whose ``config.json`` records a new run's choice (None: nothing
+            written, as with ``--fast-dev-run``).
+    """
+
+    order = -2000  # before every callback that prints or writes
+
+    def __init__(self, config: RunConfig, threads: ThreadChoice | None = None, run_dir: Path | None = None) -> None:
+        self.config, self.threads, self.run_dir = config, threads, run_dir
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        choice = trainer.precision_choice
+        if choice is None:  # precision and memory format both given: nothing was left to choose
+            asked = f"precision {trainer.precision} as asked"
+            choice = PrecisionChoice(trainer.precision, trainer.channels_last is True, asked, summary="as asked")
+        if self.config.precision_reason is None:
+            self._record(trainer, choice)
+        if is_rank_zero():
+            print(start_line(choice, self.threads, WAIT_POLICY if self.threads is not None else None), flush=True)
+            if self.config.verbose:
+                for key, value in start_details(choice, self.threads).items():
+                    print(f"  {key}: {value}", flush=True)
+
+    def _record(self, trainer: Trainer, choice: PrecisionChoice) -> None:
+        chosen = {
+            "precision": choice.precision,
+            "channels_last": choice.channels_last,
+            "onednn": choice.onednn,
+            "precision_reason": choice.reason,
+        }
+        self.config.update(**chosen)
+        for callback in trainer.callbacks:  # the options they were given before the choice was made
+            options = (
+                callback.config
+                if isinstance(callback, ModelCheckpoint)
+                else callback.hparams
+                if isinstance(callback, TensorBoardCallback)
+                else None
+            )
+            if options is not None:
+                options.update({key: value for key, value in chosen.items() if key in options})
+        if self.run_dir is not None and is_rank_zero():
+            write_run_config(self.run_dir, self.config, start_details(choice, self.threads))
 
 
 def data_error_line(exc: BatchLoadError, last: Path | None, command: str) -> str:
@@ -173,9 +198,10 @@ class Recipe(Generic[ConfigT, PartsT]):
     `train` parses the command line (`build_parser`), resumes a run (`recipes.run_dir.resume_run`)
     or makes a new configuration (`new_config`), starts the process group under torchrun, seeds
     Python, NumPy and torch once with ``config.seed``, lets `build` make the data, model, loss and
-    optimizer (what the checkpoints record of the data completed by `recorded_data`), chooses the
-    precision (`choose_run_precision`), creates the run directory
-    (`recipes.run_dir.start_run_dir`: ``config.json``, a lock), adds to the recipe's `callbacks`
+    optimizer (what the checkpoints record of the data completed by `recorded_data`), creates the
+    run directory (`recipes.run_dir.start_run_dir`: ``config.json``, a lock), gives the trainer the
+    precision (`trainer_precision`: ``"auto"`` is resolved by the trainer, and `RunStart` prints and
+    records its choice at the start of the fit), adds to the recipe's `callbacks`
     a `CSVLogger` (``metrics.csv``), a `HistogramCallback` with ``--histograms`` and a
     `ModelCheckpoint` on `monitor` (``last.pt``, ``best.pt``; ``--checkpoint-every``), trains
     with Ctrl-C and SIGTERM handled (`training_interrupts`) and ``--val-every``, ``--max-time``
@@ -273,6 +299,8 @@ class Recipe(Generic[ConfigT, PartsT]):
             device = init_distributed(resolve_device(config.device))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if config.precision == "16-mixed" and device.type != "cuda":
+            raise UsageError("--precision 16-mixed needs a CUDA device; use auto, bf16 or 32 on the CPU")
         threads = use_threads(config.threads)
         seed_everything(config.seed)
         parts = self.build(config, device)
@@ -280,15 +308,15 @@ class Recipe(Generic[ConfigT, PartsT]):
         check_optimizer(parts.optimizer)
         if resume_from is not None:
             check_weights(parts.model, load_checkpoint(resume_from), resume_from)
-        choice = choose_run_precision(parts.model, device, parts.example, config, threads)
+        new_run = run_dir is None and not fast
         if fast:  # everything goes to a temporary directory, removed at the end
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fast-dev-run-{self.name}-")))
         elif run_dir is None:
-            record = start_details(choice, threads if device.type == "cpu" else None)
-            run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config, record)
+            run_dir, lock = start_run_dir(config.log_dir, f"runs/{self.name}", config)
             hold_run_dir(stack, lock, type(self).__module__)
+        start = RunStart(config, threads if device.type == "cpu" else None, run_dir if new_run else None)
         callbacks = self._all_callbacks(run_dir, config, parts, lock)
-        trainer = self._trainer(config, parts, device, choice, callbacks)
+        trainer = self._trainer(config, parts, device, [start, *callbacks])
         started = time.monotonic()
         if not self._fit(trainer, config, parts, run_dir, resume_from):
             return 0
@@ -324,12 +352,13 @@ class Recipe(Generic[ConfigT, PartsT]):
         config: ConfigT,
         parts: PartsT,
         device: torch.device,
-        choice: PrecisionChoice,
         callbacks: list[Callback],
     ) -> Trainer:
-        """The `Trainer` of the run (one batch of each kind with ``--fast-dev-run``)."""
+        """The `Trainer` of the run (one batch of each kind with ``--fast-dev-run``), given the
+        precision of `trainer_precision`; `RunStart` says what it is."""
         fast = config.fast_dev_run
-        return Trainer(
+        precision = trainer_precision(config)
+        trainer = Trainer(
             parts.model,
             parts.optimizer,
             parts.loss_fn,
@@ -338,12 +367,15 @@ class Recipe(Generic[ConfigT, PartsT]):
             device=device,
             metrics=parts.metrics,
             scheduler=parts.scheduler,
-            precision=choice,
+            precision=precision,
+            channels_last=None if isinstance(precision, PrecisionChoice) else config.channels_last,
             val_every_n_steps=config.val_every,
             max_time=config.max_time,
             limit_train_batches=1 if fast else None,
             limit_val_batches=1 if fast else None,
         )
+        trainer.announce_precision = lambda choice: None  # RunStart prints it in the run's start line
+        return trainer
 
     def _fit(self, trainer: Trainer, config: ConfigT, parts: PartsT, run_dir: Path, resume_from: Path | None) -> bool:
         """Fit with the signals handled; False when ``--max-time`` stopped it (the resume command

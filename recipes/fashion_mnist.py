@@ -221,7 +221,6 @@ class FashionMNIST(Recipe[FashionMNISTConfig, TutorialParts]):
             optimizer=torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum),
             train_loader=make_loader(train_images, train_labels, config.batch_size, True, config, pin),
             val_loader=make_loader(test_images, test_labels, 1000, False, config, pin),
-            example=normalized(train_images[: config.batch_size]),
             metrics={"acc": accuracy},
             train=(train_images, train_labels),
             test=(test_images, test_labels),

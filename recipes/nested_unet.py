@@ -212,7 +212,6 @@ class NestedUNetRecipe(SegmentationRecipe[NestedUNetConfig, SegmentationParts]):
             train_loader=train_loader,
             val_loader=val_loader,
             metrics=metrics,
-            example=fixed[0][:1].expand(config.batch_size, -1, -1, -1).contiguous(),
             scheduler=scheduler,
             fixed=fixed,
             data={

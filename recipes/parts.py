@@ -27,7 +27,6 @@ class RecipeParts:
         optimizer: an optimizer over the model's parameters.
         train_loader: training batches.
         val_loader: validation batches (or None).
-        example: model inputs at the training batch's shape, on which the precision probe runs.
         metrics: validation metrics, as for `Trainer`.
         scheduler: a learning-rate scheduler (or None).
         data: what the checkpoints record of the data, which ``predict`` reads (see
@@ -43,7 +42,6 @@ class RecipeParts:
     optimizer: torch.optim.Optimizer
     train_loader: Any
     val_loader: Any
-    example: Any
     metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
     scheduler: Any = None
     data: dict[str, Any] = field(default_factory=dict)

@@ -37,6 +37,7 @@ __all__ = [
     "resume_run",
     "start_run_dir",
     "write_error_line",
+    "write_run_config",
 ]
 
 
@@ -262,18 +263,12 @@ def write_error_line(exc: OSError, run_dir: Path | None, command: str | None = N
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def start_run_dir(
-    log_dir: str | None,
-    default_root: str,
-    config: RunConfig,
-    record: Mapping[str, Any] | None = None,
-) -> tuple[Path, RunLock | None]:
+def start_run_dir(log_dir: str | None, default_root: str, config: RunConfig) -> tuple[Path, RunLock | None]:
     """Create a new run's directory (see `make_run_dir`), take its `RunLock` and record the
     configuration there first (atomically) in ``config.json``, so a run killed before its first
-    checkpoint still says what it was, with the entries of `record` beside it (what this command
-    found: why its precision, threads and OpenMP waiting were chosen, see
-    `recipes.common.start_details`; not part of the configuration, so not in the checkpoints).
-    Returns the directory and the lock, which the caller holds until the run ends
+    checkpoint still says what it was (`write_run_config`; once the trainer has chosen the
+    precision, `recipes.common.RunStart` writes it again with the choice and why it, the threads
+    and the OpenMP waiting were chosen). Returns the directory and the lock, which the caller holds until the run ends
     (`hold_run_dir`; None on ranks other than 0).
 
     A directory another live run holds, or one that came to hold a run between the first look
@@ -285,7 +280,6 @@ def start_run_dir(
         log_dir: ``--log-dir`` (None: a new ``<default_root>/<timestamp>``).
         default_root: the folder of new runs (``runs/<recipe>``).
         config: the run's configuration.
-        record: what this command found, saved beside the configuration in ``config.json``.
     """
     result: tuple[Path, RunLock | None] | UsageError | None = None
     if is_rank_zero():
@@ -296,8 +290,7 @@ def start_run_dir(
             if holds_run(path):  # another run wrote it between make_run_dir's look and the lock
                 raise UsageError(f"--log-dir {str(path)!r} already holds a run; choose a new directory")
             try:
-                saved = {**(record or {}), **config.saved()}
-                atomic_write_text(json.dumps(saved, indent=2, sort_keys=True), path / CONFIG_FILE)
+                write_run_config(path, config)
             except OSError as exc:
                 raise UsageError(write_error_line(exc, None)) from None
             result = (path, lock)
@@ -309,6 +302,21 @@ def start_run_dir(
     if isinstance(shared, UsageError):
         raise shared
     return shared, (result[1] if isinstance(result, tuple) else None)  # the lock: rank 0 only
+
+
+def write_run_config(path: Path, config: RunConfig, record: Mapping[str, Any] | None = None) -> None:
+    """Write the run folder `path`'s ``config.json`` atomically: `config`'s saved fields, with the
+    entries of `record` beside them (what this command found, such as why its precision, threads
+    and OpenMP waiting were chosen, see `recipes.common.start_details`: not part of the
+    configuration, so not in the checkpoints).
+
+    Args:
+        path: the run folder.
+        config: the run's configuration.
+        record: what this command found, saved beside the configuration.
+    """
+    saved = {**(record or {}), **config.saved()}
+    atomic_write_text(json.dumps(saved, indent=2, sort_keys=True), path / CONFIG_FILE)
 
 
 def describe_folder(path: Path) -> str:

@@ -126,7 +126,6 @@ class Line(Recipe[LineConfig, RecipeParts]):
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             train_loader=loader,
             val_loader=loader,
-            example=x[:4],
         )
 
 

@@ -274,6 +274,64 @@ def test_verbose_prints_the_measurements_and_config_json_records_them(tmp_path, 
     assert recorded["threads_reason"] == details["threads_reason"]
 
 
+def test_a_run_records_and_resumes_the_choice_its_trainer_made(tmp_path, monkeypatch, mocker, capsys):
+    """The recipe leaves "auto" to the trainer: the choice made at the start of the fit (here a
+    probe that favours channels-last) is the one line printed (and no second line of the trainer's
+    own), and the one config.json, the checkpoints' options and the HParams tab record, with its
+    reason. A resumed run measures nothing: it keeps the recorded choice and reason."""
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.callbacks.hparams import hparam_name
+
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(
+        precision_module,
+        "probe",
+        side_effect=lambda model, device, example, candidates, **kw: {
+            c: 0.5 if c.channels_last else 1.0 for c in candidates
+        },
+    )
+    run = tmp_path / "run"
+    assert run_cli(nested_unet.main, [*tiny_args(precision=None, channels_last=None), "--log-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    [line] = start_lines(out)
+    assert line.startswith("precision: 32, channels-last (no native bf16, measured); ") and "Trainer:" not in out
+    state = load_checkpoint(run / "last.pt")
+    assert state["precision"] == {"precision": "32", "channels_last": True, "onednn": True, "device": "cpu"}
+    recorded = json.loads((run / "config.json").read_text())
+    reason = recorded["precision_reason"]
+    assert "probe on UNet" in reason and "kept in" in reason
+    chosen = {"precision": "32", "channels_last": True, "onednn": True, "precision_reason": reason}
+    assert {key: recorded[key] for key in chosen} == chosen
+    assert {key: state["config"][key] for key in chosen} == chosen
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG]
+    shown = metadata.parse_session_start_info_plugin_data(content).hparams
+    assert shown[hparam_name("precision")].string_value == "32"
+    assert shown["precision_reason"].string_value == reason
+
+    precision_module.probe.side_effect = AssertionError("a resumed run measures nothing")
+    assert run_cli(nested_unet.main, ["--resume", str(run), "--epochs", "2"]) == 0
+    [line] = start_lines(capsys.readouterr().out)
+    assert line.startswith("precision: 32, channels-last (saved with the run); ")
+    state = load_checkpoint(run / "last.pt")
+    assert len(state["history"]) == 2 and state["precision"]["channels_last"] is True
+    assert {key: state["config"][key] for key in chosen} == chosen
+
+
+def test_a_run_given_precision_and_memory_format_records_them_as_asked(tmp_path, capsys):
+    """Nothing left to choose: the start line and config.json say so, and nothing is measured."""
+    run = tmp_path / "run"
+    assert run_cli(nested_unet.main, [*tiny_args(), "--log-dir", str(run)]) == 0
+    [line] = start_lines(capsys.readouterr().out)
+    assert line.startswith("precision: 32, contiguous (as asked); ")
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["precision"], recorded["channels_last"], recorded["onednn"]) == ("32", False, True)
+    assert recorded["precision_reason"] == "precision 32 as asked"
+
+
 # --- what the checkpoints record of the data ------------------------------------------------------
 
 
@@ -302,7 +360,6 @@ class Pixels(Recipe[RunConfig, RecipeParts]):
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             train_loader=loader,
             val_loader=loader,
-            example=images[:4],
             data=dict(self.data),
         )
 
@@ -371,7 +428,6 @@ def test_recorded_data_reads_the_mask_type_from_the_training_data_or_the_loss(tm
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         train_loader=DataLoader(data, batch_size=2),
         val_loader=None,
-        example=torch.zeros(1, 3, 8, 8),
         data={"classes": ["background", "cell"]},
     )
     recorded = recorded_data(parts)

@@ -268,6 +268,38 @@ def test_trainer_auto_resolves_at_fit_prints_and_resume_keeps_it(mocker, tmp_pat
     assert resumed.precision_choice == PrecisionChoice("bf16", True, "saved in the checkpoint")
 
 
+def test_announce_precision_replaces_the_trainer_line_and_sees_the_choice_callbacks_read(
+    mocker, tmp_path, capsys, monkeypatch
+):
+    """A caller that prints the choice its own way (as the recipes do) gets the one choice, before
+    any callback's on_fit_start reads the same in trainer.precision_choice; the trainer prints nothing."""
+    mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)
+    mocker.patch.object(precision_module, "probe", side_effect=fake_probe({("32", False): 1.0, ("32", True): 0.5}))
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
+    seen = []
+
+    class Reads(Callback):
+        def on_fit_start(self, trainer):
+            seen.append(("on_fit_start", trainer.precision_choice))
+
+    model = small_cnn()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        nn.BCEWithLogitsLoss(),
+        [Reads()],
+        device="cpu",
+        precision="auto",
+        channels_last="auto",
+    )
+    trainer.announce_precision = lambda choice: seen.append(("announced", choice))
+    trainer.fit(loaders()[0])
+    assert [event for event, _ in seen] == ["announced", "on_fit_start"]
+    assert seen[0][1] is seen[1][1] is trainer.precision_choice
+    assert (trainer.precision_choice.precision, trainer.precision_choice.channels_last) == ("32", True)
+    assert "precision:" not in capsys.readouterr().out
+
+
 def test_trainer_auto_keeps_explicit_half_of_the_choice(mocker, tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
     mocker.patch.object(precision_module, "cpu_features", return_value=AVX2_ONLY)

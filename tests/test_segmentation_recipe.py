@@ -57,7 +57,6 @@ class Nuclei(SegmentationRecipe[NucleiConfig, RecipeParts]):
             optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
             train_loader=DataLoader(train, batch_size=4, sampler=ResumableSampler(train, seed=config.seed)),
             val_loader=DataLoader(val, batch_size=4),
-            example=torch.zeros(4, 3, 16, 16),
             metrics={"iou": iou},
             data={"classes": ["nucleus"], "image_size": 16, "input_channels": 3},
         )

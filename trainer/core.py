@@ -154,6 +154,8 @@ class Trainer:
         self.precision_choice: PrecisionChoice | None = given
         #: Whether CPU convolutions use oneDNN (False where the probe measured PyTorch's own faster).
         self.onednn = given.onednn if given is not None else True
+        #: Called with the choice on rank 0 when `fit` resolves ``"auto"`` (None: it prints ``Trainer: <choice>``).
+        self.announce_precision: Callable[[PrecisionChoice], None] | None = None
         self._set_precision(None)  # "16-mixed" without CUDA fails here, before the model is moved
 
     # ----------------------------------------------------------------------------- progress (the loop's)
@@ -275,7 +277,9 @@ class Trainer:
             saved = None  # an automatic choice made for another kind of device is made again for this one
         kept = PrecisionChoice.recorded(saved, "saved in the checkpoint") if saved is not None else None
         example = lambda: split_batch(peek_batch(loader))[0]  # noqa: E731
-        choice = resolve_choice(self.module, self.device, example, self.precision, self.channels_last, kept)
+        choice = resolve_choice(
+            self.module, self.device, example, self.precision, self.channels_last, kept, self.announce_precision
+        )
         self.precision, self.channels_last, self.precision_choice = choice.precision, choice.channels_last, choice
         self.onednn = choice.onednn
         self.module.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
