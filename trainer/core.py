@@ -371,7 +371,9 @@ class Trainer:
         train_loader, val_loader = self._distribute(train_loader, val_loader)
         if "auto" in (self.precision, self.channels_last):
             self._resolve_precision(train_loader, (state or {}).get("precision"))
-        self._wrap_model()  # after the memory format is settled: DDP's gradient buckets take the strides here
+        from trainer.distributed import wrap_model
+
+        self.model = wrap_model(self.model, self.device)  # after the memory format is settled: DDP's buckets take it
         self._set_precision(self._amp)
         self._amp.warn_unfused(self.optimizer)
         if self.device.type == "cpu":
@@ -399,14 +401,6 @@ class Trainer:
             shard_loader(train_loader, train=True),
             shard_loader(val_loader, train=False) if val_loader is not None else None,
         )
-
-    def _wrap_model(self) -> None:
-        """Under torchrun: wrap the model in `DistributedDataParallel`, whose buckets take its final strides."""
-        from trainer.distributed import is_distributed
-
-        if is_distributed() and not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on `loader` (in `eval_mode`) and return ``val_loss`` and ``val_<metric>``.

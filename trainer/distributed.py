@@ -337,3 +337,19 @@ def _sharded_batching(loader: DataLoader, train: bool, rank: int, world: int) ->
     # dropping every sample (DistributedSampler gives every rank the same length).
     drop_last = loader.drop_last and loader.batch_size is not None and len(sampler) >= loader.batch_size
     return {"batch_size": loader.batch_size, "sampler": sampler, "drop_last": drop_last}
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torchrun, `model` wrapped in `DistributedDataParallel` (once): wrap it after its
+    memory format is settled, since DDP's gradient buckets take the strides it has then. In a
+    single process, `model` itself.
+
+    Args:
+        model: the network, on `device`.
+        device: this process's device (its GPU, with an index, on CUDA).
+    """
+    if not is_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
