@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import add_arch_option
 from bench.recipe_runs import predict_nested_unet, train_nested_unet
 from models import confusion_iou
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
@@ -65,7 +66,7 @@ def write_crops(image: np.ndarray, labels: np.ndarray, root: Path, count: int, s
 def main(argv: list[str] | None = None) -> None:
     """Build the coins label maps, train, predict the whole image and print the per-class IoU."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["UNet", "NestedUNet"], default="UNet", help="network (default: %(default)s)")
+    add_arch_option(parser)
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default: %(default)s)")
     parser.add_argument("--crops", type=int, default=40, help="training crops (default: %(default)s)")
     parser.add_argument("--side", type=int, default=96, help="crop side, a multiple of 16 (default: %(default)s)")

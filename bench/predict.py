@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.recipe_runs import predict_nested_unet, train_nested_unet
+from recipes.nested_unet_options import ARCHITECTURES
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
 from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=4096, help="image side in pixels (default: %(default)s)")
     parser.add_argument(
-        "--arch", choices=["UNet", "NestedUNet"], action="append", help="architecture (repeatable; default: both)"
+        "--arch", choices=ARCHITECTURES, action="append", help="architecture (repeatable; default: both)"
     )
     parser.add_argument("--tile", type=int, default=None, help="predict's --tile (default: its own)")
     args = parser.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         write_png_file(large_image(args.side), work / "images" / "large.png")
         SyntheticNuclei(8, image_size=32, seed=1).save(work / "tiles")
-        for arch in args.arch or ["UNet", "NestedUNet"]:
+        for arch in args.arch or ARCHITECTURES:
             run_dir = work / f"run-{arch}"
             train_nested_unet(work / "tiles", run_dir, arch, 1, "--precision", "32")
             tile = [] if args.tile is None else ["--tile", str(args.tile)]
