@@ -15,8 +15,6 @@ crops trained on: the figures say how well the recipe fits a real label map, not
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import add_arch_option
+from bench.recipe_runs import predict_nested_unet, train_nested_unet
 from models import confusion_iou
-from tests.processes import ROOT, checkout_env
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
 from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import read_label_map, write_label_map, write_png_file
@@ -64,17 +63,10 @@ def write_crops(image: np.ndarray, labels: np.ndarray, root: Path, count: int, s
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
 
 
-def run(command: list[str]) -> None:
-    """Run a recipe command in a child process; exit with its error output if it fails."""
-    result = subprocess.run(command, cwd=ROOT, env=checkout_env(), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Build the coins label maps, train, predict the whole image and print the per-class IoU."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["UNet", "NestedUNet"], default="UNet", help="network (default: %(default)s)")
+    add_arch_option(parser)
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default: %(default)s)")
     parser.add_argument("--crops", type=int, default=40, help="training crops (default: %(default)s)")
     parser.add_argument("--side", type=int, default=96, help="crop side, a multiple of 16 (default: %(default)s)")
@@ -102,44 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         write_crops(image, labels, work / "data", args.crops, args.side, args.seed)
         write_png_file(torch.from_numpy(image).expand(3, -1, -1).contiguous(), work / "whole" / "coins.png")
         start = time.perf_counter()
-        run(
-            [
-                sys.executable,
-                "-m",
-                "recipes.nested_unet",
-                "--data",
-                str(work / "data"),
-                "--arch",
-                args.arch,
-                "--epochs",
-                str(args.epochs),
-                "--batch-size",
-                "4",
-                "--lr",
-                "0.003",
-                "--seed",
-                str(args.seed),
-                "--log-dir",
-                str(work / "run"),
-            ]
-        )
+        options = ["--batch-size", "4", "--lr", "0.003", "--seed", str(args.seed)]
+        train_nested_unet(work / "data", work / "run", args.arch, args.epochs, *options)
         trained = time.perf_counter() - start
-        run(
-            [
-                sys.executable,
-                "-m",
-                "recipes.nested_unet",
-                "predict",
-                "--checkpoint",
-                str(work / "run" / CHECKPOINT_BEST),
-                "--images",
-                str(work / "whole"),
-                "--out",
-                str(work / "out"),
-                "--device",
-                "cpu",
-            ]
-        )
+        predict_nested_unet(work / "run" / CHECKPOINT_BEST, work / "whole", work / "out")
         predicted = read_label_map(work / "out" / "coins.png")
     truth = torch.from_numpy(labels.astype(np.int64))
     matrix = torch.bincount(truth.flatten() * 3 + predicted.flatten(), minlength=9).view(3, 3)

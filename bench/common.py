@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from recipes.nested_unet_options import ARCHITECTURES
+
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--threads`` (torch threads; 0 keeps torch's default)."""
@@ -17,6 +19,14 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="torch threads (0: torch's default); 1 keeps timings stable on a busy machine",
+    )
+
+
+def add_arch_option(parser: argparse.ArgumentParser, trained: str = "network") -> None:
+    """Add ``--arch``: the ``recipes.nested_unet`` network of the benchmark's runs (default UNet,
+    the faster one); `trained` says what it picks."""
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, default="UNet", help=f"{trained} (default: %(default)s, the faster one)"
     )
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from tests.processes import ROOT, checkout_env
+from bench.recipe_runs import predict_nested_unet, train_nested_unet
+from recipes.nested_unet_options import ARCHITECTURES
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST
 from trainer.native import cpu_features, describe_cpu
 from trainer_datasets import SyntheticNuclei, write_png_file
@@ -35,22 +34,11 @@ def large_image(side: int) -> torch.Tensor:
     return mosaic[:, :side, :side].contiguous()
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """Run `command` as a child process; its wall seconds and peak resident memory in GiB."""
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=checkout_env(), capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    # Children are run one at a time, so the largest peak so far is this one's (ru_maxrss in KiB on Linux).
-    return elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=4096, help="image side in pixels (default: %(default)s)")
     parser.add_argument(
-        "--arch", choices=["UNet", "NestedUNet"], action="append", help="architecture (repeatable; default: both)"
+        "--arch", choices=ARCHITECTURES, action="append", help="architecture (repeatable; default: both)"
     )
     parser.add_argument("--tile", type=int, default=None, help="predict's --tile (default: its own)")
     args = parser.parse_args(argv)
@@ -63,42 +51,15 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         write_png_file(large_image(args.side), work / "images" / "large.png")
         SyntheticNuclei(8, image_size=32, seed=1).save(work / "tiles")
-        for arch in args.arch or ["UNet", "NestedUNet"]:
+        for arch in args.arch or ARCHITECTURES:
             run_dir = work / f"run-{arch}"
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "recipes.nested_unet",
-                    "--data",
-                    str(work / "tiles"),
-                    "--arch",
-                    arch,
-                    "--epochs",
-                    "1",
-                    "--precision",
-                    "32",
-                    "--log-dir",
-                    str(run_dir),
-                ]
-            )
-            command = [
-                sys.executable,
-                "-m",
-                "recipes.nested_unet",
-                "predict",
-                "--checkpoint",
-                str(run_dir / CHECKPOINT_BEST),
-                "--images",
-                str(work / "images"),
-                "--out",
-                str(work / f"out-{arch}"),
-                "--device",
-                "cpu",
-            ]
-            if args.tile is not None:
-                command += ["--tile", str(args.tile)]
-            seconds, peak = run(command)
+            train_nested_unet(work / "tiles", run_dir, arch, 1, "--precision", "32")
+            tile = [] if args.tile is None else ["--tile", str(args.tile)]
+            start = time.perf_counter()
+            predict_nested_unet(run_dir / CHECKPOINT_BEST, work / "images", work / f"out-{arch}", *tile)
+            seconds = time.perf_counter() - start
+            # Children are run one at a time, so the largest peak so far is this one's (ru_maxrss in KiB on Linux).
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
             print(
                 f"{arch:>10}: {args.side}x{args.side} image predicted in {seconds:.1f} s, "
                 f"peak resident memory {peak:.2f} GiB"

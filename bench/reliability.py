@@ -66,6 +66,7 @@ every trial passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import json
@@ -89,6 +90,7 @@ from typing import Any, NamedTuple
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bench.common import add_arch_option
 from models import FashionCNN, UNet
 from tests.processes import RecipeProcess, checkout_env
 from trainer.callbacks.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST
@@ -835,19 +837,11 @@ def trial_board_planted_pid(run_dir: Path) -> Trial:
 # ----------------------------------------------------------------------------------------- full disk
 def fill(path: Path) -> None:
     """Write zeros to `path` until its file system is full."""
-    block = bytes(1 << 20)
     with open(path, "wb", buffering=0) as file:
-        try:
-            while True:
-                file.write(block)
-        except OSError:
-            pass
-        block = bytes(4096)
-        try:
-            while True:
-                file.write(block)
-        except OSError:
-            pass
+        for block in (bytes(1 << 20), bytes(4096)):  # megabytes, then what is left of the last one
+            with contextlib.suppress(OSError):
+                while True:
+                    file.write(block)
 
 
 def trial_full_disk(run_dir: Path, config: list[str], reference: Reference, rng: random.Random, epochs: int) -> Trial:
@@ -937,13 +931,33 @@ def trial_default_under_load(
 # ----------------------------------------------------------------------------------------- bad input
 class BadInput(NamedTuple):
     """A command line with one fault and the text its error line must contain; `code` runs
-    instead of ``recipes.nested_unet`` (`FASHION`), `log_dir` adds a fresh ``--log-dir``."""
+    instead of ``recipes.nested_unet`` (`FASHION`). A training command line gets a fresh
+    ``--log-dir`` where it names none (`takes_log_dir`)."""
 
     fault: str
     args: list[str]
     expected: str
     code: str | None = None
-    log_dir: bool = True
+
+
+def fashion_fault(fault: str, data_dir: Path, expected: str) -> BadInput:
+    """A fault of ``recipes.fashion_mnist`` training one epoch on the data folder `data_dir`."""
+    return BadInput(f"Fashion-MNIST: {fault}", ["--data-dir", str(data_dir), "--epochs", "1"], expected, code=FASHION)
+
+
+def takes_log_dir(args: list[str]) -> bool:
+    """Whether the command line `args` trains into a new run folder, so takes ``--log-dir``: not a
+    predict, nor a ``--resume`` (which writes into the run it resumes)."""
+    return args[0] != "predict" and "--resume" not in args
+
+
+def predict_args(predict: list[str], checkpoint: Path, out: Path, images: Path | None = None) -> list[str]:
+    """The predict command line `predict` with `checkpoint` (and `images`) for its own, writing into `out`."""
+    args = [*predict, "--out", str(out)]
+    for option, value in (("--checkpoint", checkpoint), ("--images", images)):
+        if value is not None:
+            args[args.index(option) + 1] = str(value)
+    return args
 
 
 def fashion_folder(root: Path, damage: Callable[[Path], None]) -> Path:
@@ -983,11 +997,9 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
     ``..``; a ``.lock`` that links to another file; a weights-only ``last.pt``; a ``.gz`` bomb."""
     root.mkdir(parents=True)
     state = load_checkpoint(checkpoint)
-    out = [*predict[:2], "CHECKPOINT", *predict[3:], "--out", "OUT"]
 
     def predicting(name: str, change: Callable[[dict[str, Any]], None]) -> list[str]:
-        path = hostile_checkpoint(root, name, state, change)
-        return [str(path) if arg == "CHECKPOINT" else str(root / f"out-{name}") if arg == "OUT" else arg for arg in out]
+        return predict_args(predict, hostile_checkpoint(root, name, state, change), root / f"out-{name}")
 
     def nested(spec: dict[str, Any]) -> None:
         value: Any = 1
@@ -1039,61 +1051,51 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
             "predict: a checkpoint whose class name is '../escape'",
             predicting("dotdot.pt", lambda s: s["data"].update(classes=["../escape"])),
             "records the class name '../escape' (class 0), which holds a path separator",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint whose class name is an absolute path",
             predicting("absolute.pt", lambda s: s["data"].update(classes=[str(root / "elsewhere")])),
             "which holds a path separator '/'",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint naming 3 classes for a 1-map model",
             predicting("count.pt", lambda s: s["data"].update(classes=["a", "b", "c"])),
             "records 3 class names (a, b, c) for a model that predicts 1 map",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint whose model_spec asks for base_filters 10**7",
             predicting("filters.pt", lambda s: s["model_spec"]["kwargs"].update(base_filters=10**7)),
             "'base_filters' of UNet is 10000000, above 1048576",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint naming a UNet of 20000 base filters (1e11 weights), none stored",
             predicting("wide.pt", linear),
             "do not fit UNet built from its model_spec: conv0_0.conv1.weight is (32, 3, 3, 3) in the file",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint whose image_size is 10**6",
             predicting("image-size.pt", lambda s: s["data"].update(image_size=10**6)),
             "gives image_size 1000000 in its data",
-            log_dir=False,
         ),
         BadInput(
             "predict: a model_spec nested 150 levels deep",
             predicting("nested.pt", nested),
             "nested more than 100 levels deep",
-            log_dir=False,
         ),
         BadInput(
             "predict: a pickle whose loading would call os.system",
-            [*out[:2], str(root / "pickle.pt"), *out[3:-1], str(root / "out-pickle")],
+            predict_args(predict, root / "pickle.pt", root / "out-pickle"),
             "refused as unsafe",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint re-packed with compressed records (a zip bomb's shape)",
-            [*out[:2], str(root / "deflated.pt"), *out[3:-1], str(root / "out-deflated")],
+            predict_args(predict, root / "deflated.pt", root / "out-deflated"),
             "records are compressed",
-            log_dir=False,
         ),
         BadInput(
             "predict, 2 classes: images cell.png and cell_prob.png (one's probability map, the other's mask)",
-            [*out[:2], str(pair), "--images", str(clashing), *out[5:-1], str(root / "out-clash")],
+            predict_args(predict, pair, root / "out-clash", images=clashing),
             "is planned twice",
-            log_dir=False,
         ),
         BadInput(
             "label maps with no labelled pixel (every pixel the ignore index)",
@@ -1105,20 +1107,17 @@ def hostile_inputs(root: Path, checkpoint: Path, predict: list[str]) -> list[Bad
             "--resume of a run whose last.pt is an exported weights-only file",
             ["--resume", str(weights_only)],
             "holds a weights-only checkpoint",
-            log_dir=False,
         ),
         BadInput(
             "--resume of a run whose .lock is a symbolic link to another file",
             ["--resume", str(linked)],
             ".lock is a symbolic link",
-            log_dir=False,
         ),
         BadInput("--threads 100000", ["--threads", "100000"], "argument --threads: expected 1 to"),
-        BadInput(
-            "Fashion-MNIST: a .gz bomb (200 MB of zeros behind a 20-image header)",
-            ["--data-dir", str(bomb), "--epochs", "1"],
+        fashion_fault(
+            "a .gz bomb (200 MB of zeros behind a 20-image header)",
+            bomb,
             "holds more than the 15696 bytes its header declares",
-            code=FASHION,
         ),
     ]
 
@@ -1196,35 +1195,22 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     magic_idx = fashion_folder(root / "fashion-magic", wrong_magic)
     data = ["--epochs", "1", "--batch-size", "4"]
     images, masks = "images", Path("masks") / "0"
+
+    def on_data(fault: str, folder: Path, expected: str) -> BadInput:
+        """A fault of training one epoch on the data folder `folder`."""
+        return BadInput(fault, ["--data", str(folder), *data], expected)
+
     faults = [
-        BadInput("missing data folder", ["--data", str(root / "nope"), *data], f"{root / 'nope'} does not exist"),
-        BadInput("empty data folder", ["--data", str(empty), *data], f"no images in {empty / images}"),
-        BadInput(
-            "unpaired files", ["--data", str(unpaired), *data], "images without a mask in every class: images/0002.png"
+        on_data("missing data folder", root / "nope", f"{root / 'nope'} does not exist"),
+        on_data("empty data folder", empty, f"no images in {empty / images}"),
+        on_data("unpaired files", unpaired, "images without a mask in every class: images/0002.png"),
+        on_data("corrupt image (truncated PNG)", truncated, f"cannot decode {truncated / images / '0001.png'}"),
+        on_data(
+            "corrupt image (PNG signature, broken header)", damaged, f"cannot decode {damaged / images / '0001.png'}"
         ),
-        BadInput(
-            "corrupt image (truncated PNG)",
-            ["--data", str(truncated), *data],
-            f"cannot decode {truncated / images / '0001.png'}",
-        ),
-        BadInput(
-            "corrupt image (PNG signature, broken header)",
-            ["--data", str(damaged), *data],
-            f"cannot decode {damaged / images / '0001.png'}",
-        ),
-        BadInput(
-            "colour-coded mask",
-            ["--data", str(colour_coded), *data],
-            f"mask {colour_coded / masks / '0003.png'} is colour-coded",
-        ),
-        BadInput(
-            "mask of the wrong size",
-            ["--data", str(wrong_size), *data],
-            f"mask {wrong_size / masks / '0004.png'} is 8x8",
-        ),
-        BadInput(
-            "mixed image sizes without --image-size", ["--data", str(mixed), *data], "images have different sizes"
-        ),
+        on_data("colour-coded mask", colour_coded, f"mask {colour_coded / masks / '0003.png'} is colour-coded"),
+        on_data("mask of the wrong size", wrong_size, f"mask {wrong_size / masks / '0004.png'} is 8x8"),
+        on_data("mixed image sizes without --image-size", mixed, "images have different sizes"),
         BadInput("--epochs 0", ["--epochs", "0"], "argument --epochs: expected a positive integer"),
         BadInput("--batch-size 0", ["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
         BadInput("--lr 0", ["--lr", "0"], "argument --lr: expected a positive number"),
@@ -1237,51 +1223,42 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
             f"cannot create the log directory '{unwritable}'",
         ),
         BadInput("--image-size 30 (not a multiple of 16)", ["--image-size", "30"], "not a multiple of 16; try 32"),
-        BadInput("a FIFO in images/", ["--data", str(fifo), *data], "a FIFO"),
+        on_data("a FIFO in images/", fifo, "a FIFO"),
         BadInput("--device meta", ["--device", "meta"], "argument --device: expected"),
         BadInput("--seed 99999999999999999999999", ["--seed", "99999999999999999999999"], "argument --seed"),
         BadInput("--lr 1e300", ["--lr", "1e300"], "argument --lr: expected a positive number up to"),
-        BadInput(
-            "Fashion-MNIST: truncated IDX images file",
-            ["--data-dir", str(truncated_idx), "--epochs", "1"],
-            "train-images-idx3-ubyte is not a valid IDX images file",
-            code=FASHION,
+        fashion_fault(
+            "truncated IDX images file", truncated_idx, "train-images-idx3-ubyte is not a valid IDX images file"
         ),
-        BadInput(
-            "Fashion-MNIST: IDX labels file with a wrong magic number",
-            ["--data-dir", str(magic_idx), "--epochs", "1"],
+        fashion_fault(
+            "IDX labels file with a wrong magic number",
+            magic_idx,
             "train-labels-idx1-ubyte is not a valid IDX labels file",
-            code=FASHION,
         ),
         BadInput(
             "--resume of a folder without last.pt (only config.json)",
             ["--resume", str(no_last)],
             f"no {CHECKPOINT_LAST}",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint of another recipe",
-            [*predict[:2], str(other), *predict[3:], "--out", str(root / "out-other")],
+            predict_args(predict, other, root / "out-other"),
             "(a checkpoint of FashionCNN) takes 1-channel inputs; predict feeds RGB images",
-            log_dir=False,
         ),
         BadInput(
             "predict: a checkpoint that is not a dict",
-            [*predict[:2], str(not_dict), *predict[3:], "--out", str(root / "out-list")],
+            predict_args(predict, not_dict, root / "out-list"),
             str(not_dict),
-            log_dir=False,
         ),
         BadInput(
             "predict --out onto existing outputs, no --overwrite",
             [*predict, "--out", str(predicted)],
             "already holds",
-            log_dir=False,
         ),
         BadInput(
             "predict --out inside a training data folder",
             [*predict, "--out", str(fifo / "masks" / "0")],
             f"{fifo}",
-            log_dir=False,
         ),
     ]
     if not torch.cuda.is_available():
@@ -1291,7 +1268,9 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
 
 def check_bad_input(fault: BadInput, log_dir: Path) -> list[str]:
     """Run one faulty command line; problems with its exit code, message or writes."""
-    args = [*fault.args, "--log-dir", str(log_dir)] if fault.log_dir and "--log-dir" not in fault.args else fault.args
+    args = fault.args
+    if takes_log_dir(args) and "--log-dir" not in args:
+        args = [*args, "--log-dir", str(log_dir)]
     watched = [
         Path(args[args.index(option) + 1])
         for option in ("--log-dir", "--data", "--data-dir", "--resume", "--out", "--checkpoint")
@@ -1346,12 +1325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=2, help="trials per interruption fault (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random moments (default: %(default)s)")
-    parser.add_argument(
-        "--arch",
-        choices=["UNet", "NestedUNet"],
-        default="UNet",
-        help="network of the interrupted runs (default: %(default)s, the faster one)",
-    )
+    add_arch_option(parser, "network of the interrupted runs")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the interrupted runs (default: %(default)s)")
     parser.add_argument(
         "--quick",

@@ -21,9 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.recipe_runs import run_checkout
+from tests.processes import checkout_env
 
 #: name -> the environment variables of the setting (the default sets none).
 SETTINGS: dict[str, dict[str, str]] = {
@@ -77,18 +77,9 @@ def worker(workload: str, seconds: float) -> None:
 
 def measure(workload: str, setting: str) -> float:
     """The median step time of `workload` in a fresh process with `setting`'s environment."""
-    env = {key: value for key, value in os.environ.items() if key not in WAIT_VARIABLES}
-    env.update(SETTINGS[setting])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.wait_policy", "--worker", workload],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["step"])
+    env = {key: value for key, value in checkout_env().items() if key not in WAIT_VARIABLES}
+    output = run_checkout([sys.executable, "-m", "bench.wait_policy", "--worker", workload], env | SETTINGS[setting])
+    return float(json.loads(output.strip().splitlines()[-1])["step"])
 
 
 def busy_processes(count: int) -> list[subprocess.Popen[bytes]]:

@@ -47,6 +47,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from docs.screenshots import CHROMIUM_PATHS, find_chromium, headless_chromium
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "images"
 SITUATIONS = ("local", "remote", "tunnel", "restarted", "saved")
@@ -265,18 +267,15 @@ def chromium(url: str, out: Path, profile: Path, proxy: int | None, expect: str,
     import websocket  # websocket-client, a dependency of jupyter_server
 
     debug = free_port()
-    command = [
-        shutil.which("chromium") or "/usr/bin/chromium",
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        "--window-size=1400,1250",
+    command = headless_chromium(
+        find_chromium() or CHROMIUM_PATHS[0],
+        profile,
+        1400,
+        1250,
         f"--remote-debugging-port={debug}",
         "--remote-allow-origins=*",
         "about:blank",
-    ]
+    )
     if proxy is not None:  # everything, loopback included, through the gate
         command[1:1] = [f"--proxy-server=http://127.0.0.1:{proxy}", "--proxy-bypass-list=<-loopback>"]
     shutil.rmtree(profile, ignore_errors=True)
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the PNGs (default: docs/images)")
     args = parser.parse_args(argv)
-    if not shutil.which("chromium") and not Path("/usr/bin/chromium").exists():
+    if find_chromium() is None:
         print("error: needs Chromium at /usr/bin/chromium (the Debian chromium package)", file=sys.stderr)
         return 2
     for module in ("jupyterlab", "jupyter_server_proxy", "nbclient", "ipykernel"):

@@ -85,6 +85,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def headless_chromium(chromium: str, profile: Path, width: int, height: int, *flags: str) -> list[str]:
+    """The command line of headless `chromium` (`find_chromium`) with the profile folder `profile`,
+    in a `width` x `height` window, without scroll bars, then `flags`."""
+    return [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        *flags,
+    ]
+
+
 def child_env() -> dict[str, str]:
     """The environment for the recipe and board subprocesses: PYTHONPATH holds the repo and datasets/."""
     env = dict(os.environ)
@@ -268,18 +283,9 @@ def capture(chromium: str, url: str, out: Path, width: int, height: int, budget_
     `budget_ms` is Chromium's virtual time budget: how long the page may load and run scripts
     before the capture. `profile` is a fresh Chromium profile folder. Tries twice.
     """
-    command = [
-        chromium,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        f"--window-size={width},{height}",
-        f"--virtual-time-budget={budget_ms}",
-        f"--screenshot={out}",
-        url,
-    ]
+    command = headless_chromium(
+        chromium, profile, width, height, f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url
+    )
     error = ""
     for _ in range(2):
         out.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from models.predict import (
 from recipes.errors import UsageError
 from recipes.option_types import non_negative_int, positive_int
 from recipes.prediction_files import INCOMPLETE_FILE, READ_ERRORS, ImageFile, output_paths
-from trainer.atomic import atomic_write_text, temporary_path
+from trainer.atomic import atomic_path, atomic_write_text
 from trainer.callbacks.palette import png_palette
 from trainer.native import native_bf16
 from trainer_datasets import read_image_rgb, write_label_map, write_png_file
@@ -343,15 +343,8 @@ def write_label_prediction(
 
 
 def _write_png_atomically(image: torch.Tensor, path: Path, label_map: bool = False) -> None:
-    tmp = temporary_path(path)
-    try:
+    with atomic_path(path) as tmp:
         if label_map:
             write_label_map(image, tmp, palette=png_palette())
         else:
             write_png_file(image, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)

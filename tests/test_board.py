@@ -96,6 +96,7 @@ def read_line(proc: subprocess.Popen) -> str:
 
 #: The modules of the board (`trainer.board` and what it imports), all a server process loads of `trainer`.
 BOARD_MODULES = (
+    "atomic",
     "board",
     *(f"board.{name}" for name in ("cell", "cli", "frontends", "notebook", "processes")),
     *(f"board.{name}" for name in ("registry", "server", "servers", "snapshot")),

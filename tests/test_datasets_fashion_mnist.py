@@ -57,6 +57,7 @@ def test_written_files_are_real_gzip_idx(fashion_dir):
     with gzip.open(raw / "train-labels-idx1-ubyte.gz", "rb") as f:
         data = f.read()
     assert int.from_bytes(data[:4], "big") == 2049 and int.from_bytes(data[4:8], "big") == 50
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{name}.gz" for name in FILES)  # no temporary file
 
 
 def test_load_reads_back_through_torchvision(fashion_dir, mocker):
@@ -204,9 +205,10 @@ def test_a_gz_file_is_checked_by_its_header_before_more_than_it_declares_is_writ
     root, _, _ = fashion_dir
     packed = raw_folder(root) / "train-images-idx3-ubyte.gz"
     packed.write_bytes(gzip.compress(change(gzip.decompress(packed.read_bytes())), compresslevel=1))
+    before = sorted(raw_folder(root).iterdir())
     with pytest.raises(DatasetError, match=re.escape(message)):
         load_fashion_mnist(root)
-    assert sorted(p.name for p in raw_folder(root).iterdir() if p.name.startswith("train-images")) == [packed.name]
+    assert sorted(raw_folder(root).iterdir()) == before  # no partial copy, no hidden temporary file
 
 
 def test_a_corrupt_deflate_stream_is_named(fashion_dir):
@@ -217,7 +219,7 @@ def test_a_corrupt_deflate_stream_is_named(fashion_dir):
     packed.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=rf"cannot decompress {packed}: its deflate stream is corrupt"):
         load_fashion_mnist(root)
-    assert not (raw_folder(root) / "train-images-idx3-ubyte").exists()  # no half-written copy left
+    assert sorted(p.name for p in raw_folder(root).iterdir()) == sorted(f"{name}.gz" for name in FILES)  # nothing left
 
 
 def test_the_recipe_reports_a_damaged_idx_file_in_one_line_and_writes_nothing(fashion_dir, tmp_path, capsys):

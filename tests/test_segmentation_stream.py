@@ -121,6 +121,7 @@ def test_a_second_start_reuses_the_index(folder, tmp_path, monkeypatch):
     first = SegmentationStream(folder, index_dir=tmp_path)
     assert len(opened) == 24 and len(set(opened)) == 24  # 12 images and 12 masks, each once
     assert json.loads(index_file(folder, tmp_path).read_text())["files"]["images/0000.png"][0] > 0
+    assert [p.name for p in tmp_path.iterdir()] == [index_file(folder, tmp_path).name]  # no temporary file left
 
     opened.clear()
     second = SegmentationStream(folder, index_dir=tmp_path, augment=True)
@@ -128,6 +129,19 @@ def test_a_second_start_reuses_the_index(folder, tmp_path, monkeypatch):
     assert second.ids == first.ids and second.size == (32, 32)
     second[5]
     assert sorted(Path(p).name for p in opened) == ["0005.png", "0005.png"]
+
+
+def test_an_index_folder_that_cannot_be_written_only_costs_a_new_check(folder, tmp_path, monkeypatch):
+    """The index is a cache: where its folder cannot be made (here a file stands at its path) the
+    stream still gives every item, and the next start checks the folder again."""
+    blocked = tmp_path / "index"
+    blocked.write_text("not a folder")
+    opened = count_decodes(monkeypatch)
+    stream = SegmentationStream(folder, index_dir=blocked)
+    assert len(stream) == 12 and len(opened) == 24 and stream[3][0].shape == (3, 32, 32)
+    opened.clear()
+    SegmentationStream(folder, index_dir=blocked)
+    assert len(opened) == 24 and blocked.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("change", ["file added", "file rewritten", "file spoiled"])

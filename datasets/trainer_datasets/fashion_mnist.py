@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import torch
 import torch.nn.functional as F
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from trainer.atomic import atomic_path, atomic_write
 from trainer_datasets._seeding import generator
 from trainer_datasets.errors import DataNotFoundError, DatasetError
 
@@ -206,11 +208,7 @@ def write_fashion_mnist_idx(
     written = []
     for name, data in parts.items():
         path = raw / f"{name}.gz"
-        tmp = path.with_name(path.name + ".tmp")
-        # Level 1: the set is rewritten by benchmarks; smaller files are not worth the time.
-        with open(tmp, "wb") as raw_file, gzip.GzipFile(fileobj=raw_file, mode="wb", compresslevel=1, mtime=0) as gz:
-            gz.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, functools.partial(_gzip, data))
         (raw / name).unlink(missing_ok=True)
         written.append(path)
     return written
@@ -266,6 +264,13 @@ def _templates() -> torch.Tensor:
     return stacked.clamp(0, 1)
 
 
+def _gzip(data: bytes, file: IO[bytes]) -> None:
+    """Write `data` gzipped into `file`; level 1: the set is rewritten by benchmarks, smaller files
+    are not worth the time."""
+    with gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1, mtime=0) as gz:
+        gz.write(data)
+
+
 def _idx_header(magic: int, *dims: int) -> bytes:
     return b"".join(v.to_bytes(4, "big") for v in (magic, *dims))
 
@@ -277,39 +282,38 @@ def _gunzip_if_needed(path: Path) -> None:
     packed = path.with_name(path.name + ".gz")
     if path.is_file() or not packed.is_file():
         return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with gzip.open(packed, "rb") as src:
-            header = src.read(_header_size(path))
-            expected = _expected_size(packed, header, None)
-            free = shutil.disk_usage(path.parent).free
-            if expected > free:
-                raise DatasetError(
-                    f"cannot decompress {packed}: its header asks for {expected / 1e9:.1f} GB and {path.parent} "
-                    f"has {free / 1e9:.1f} GB free; {_FIX}"
-                )
-            with open(tmp, "wb") as dst:
-                dst.write(header)
-                written = len(header)
-                while written < expected and (chunk := src.read(min(1 << 20, expected - written))):
-                    dst.write(chunk)
-                    written += len(chunk)
-            longer = bool(src.read(1))
-        if written != expected or longer:
-            count = int.from_bytes(header[4:8], "big")
-            what = f"more than the {expected} bytes" if longer else f"only {written} of the {expected} bytes"
-            raise DatasetError(
-                f"cannot decompress {packed}: it holds {what} its header declares ({count} items); it is "
-                f"damaged: {_FIX}"
-            )
-    except DatasetError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except (OSError, EOFError, zlib.error) as exc:
-        tmp.unlink(missing_ok=True)
-        reason = f"its deflate stream is corrupt ({exc})" if isinstance(exc, zlib.error) else str(exc)
-        raise DatasetError(f"cannot decompress {packed}: {reason}; replace it with a good copy") from exc
-    os.replace(tmp, path)  # atomic: another process never sees a half-written file
+    with atomic_path(path) as tmp:  # another process never sees a half-written file
+        try:
+            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                _decompress(packed, path, src, dst)
+        except (OSError, EOFError, zlib.error) as exc:
+            reason = f"its deflate stream is corrupt ({exc})" if isinstance(exc, zlib.error) else str(exc)
+            raise DatasetError(f"cannot decompress {packed}: {reason}; replace it with a good copy") from exc
+
+
+def _decompress(packed: Path, path: Path, src: gzip.GzipFile, dst: IO[bytes]) -> None:
+    """Copy the IDX file `path` from `src` (`packed` opened by gzip) to `dst`: its header checked
+    first, no more than the size that header declares, after checking that the disk has room."""
+    header = src.read(_header_size(path))
+    expected = _expected_size(packed, header, None)
+    free = shutil.disk_usage(path.parent).free
+    if expected > free:
+        raise DatasetError(
+            f"cannot decompress {packed}: its header asks for {expected / 1e9:.1f} GB and {path.parent} "
+            f"has {free / 1e9:.1f} GB free; {_FIX}"
+        )
+    dst.write(header)
+    written = len(header)
+    while written < expected and (chunk := src.read(min(1 << 20, expected - written))):
+        dst.write(chunk)
+        written += len(chunk)
+    longer = bool(src.read(1))
+    if written != expected or longer:
+        count = int.from_bytes(header[4:8], "big")
+        what = f"more than the {expected} bytes" if longer else f"only {written} of the {expected} bytes"
+        raise DatasetError(
+            f"cannot decompress {packed}: it holds {what} its header declares ({count} items); it is damaged: {_FIX}"
+        )
 
 
 def _missing_message(raw: Path, missing: list[str], data_dir: str | os.PathLike) -> str:

@@ -22,10 +22,10 @@ shared cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.atomic import atomic_write_text
 from trainer.cache_folder import cache_folder
 from trainer.options import positive_int
 from trainer_datasets.errors import DatasetError
@@ -254,15 +255,8 @@ def _build(root: Path, masks: dict[str, Any]) -> SegmentationIndex:
 def _write(path: Path, content: dict[str, Any]) -> None:
     """Write `content` as JSON atomically; a cache folder that cannot be written only costs the
     next start a new check."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp", delete=False
-        ) as file:
-            json.dump(content, file)
-        os.replace(file.name, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic_write_text(json.dumps(content), path)
 
 
 class SegmentationStream(SegmentationItems):

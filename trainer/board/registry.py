@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import atomic_write_text
+
 #: The largest registry entry read (an entry is about 200 bytes).
 MAX_ENTRY_BYTES = 64 * 1024
 
@@ -89,20 +91,7 @@ def write_entry(folder: str | os.PathLike, fields: dict[str, Any]) -> Path:
     """Record `fields` for the server on `folder`: a private (0600) file, written atomically (a
     reader never sees half a file), in the checked `private_registry_dir`."""
     private_registry_dir()
-    path = entry_path(folder)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    nofollow = getattr(os, "O_NOFOLLOW", 0)
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | nofollow, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(json.dumps(fields))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(json.dumps(fields), entry_path(folder), mode=0o600)
 
 
 def discard(path: Path) -> None:
