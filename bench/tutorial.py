@@ -66,7 +66,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from bench.common import interleaved, print_ratios  # noqa: E402
 from models import FashionCNN, accuracy  # noqa: E402
-from recipes.fashion_mnist import make_loader, normalized, tutorial_callbacks  # noqa: E402
+from recipes.fashion_mnist import FashionMNISTConfig, make_loader, normalized, tutorial_callbacks  # noqa: E402
 from trainer import Trainer, choose_precision  # noqa: E402
 from trainer_datasets import (  # noqa: E402
     CLASSES,
@@ -238,7 +238,16 @@ def run_recipe(data_dir: str, log_dir: str, steps: int, initial: dict[str, torch
     train_images, train_labels = load_fashion_mnist(data_dir, train=True)
     # The recipe reads the test split for its fixed figure batch; its images are not trained on.
     test_images, test_labels = load_fashion_mnist(data_dir, train=False)
-    config = {"workers": 0, "seed": SEED}
+    config = FashionMNISTConfig(
+        epochs=1,
+        batch_size=BATCH_SIZE,
+        lr=0.001,
+        momentum=0.9,
+        log_every=LOG_EVERY,
+        data_dir=data_dir,
+        workers=0,
+        seed=SEED,
+    )
     loader = FirstBatches(make_loader(train_images, train_labels, BATCH_SIZE, True, config, pin_memory=False), steps)
     model = FashionCNN()
     model.load_state_dict(initial)

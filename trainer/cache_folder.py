@@ -8,7 +8,7 @@ from pathlib import Path
 
 def cache_folder() -> Path:
     """The project's cache folder: ``$TRAINER_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainer``, else
-    ``~/.cache/trainer``. It holds the precision measurements (`trainer.precision.cache_path`) and
+    ``~/.cache/trainer``. It holds the precision measurements (`trainer.probe_cache.cache_path`) and
     the index files of streamed segmentation folders; nothing in it is needed to resume a run."""
     root = os.environ.get("TRAINER_CACHE_DIR")
     if root:

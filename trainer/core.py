@@ -434,8 +434,9 @@ class Trainer:
         self._state.load_state_dict(state)
 
     def gather_position(self) -> None:
-        """Under torchrun, collect every rank's training loss sums of the epoch so far for the next
-        `state_dict` (see `CheckpointState.gather_position`); every rank calls it at the same point."""
+        """Under torchrun, collect every rank's CUDA generator state and training loss sums of the
+        epoch so far for the next `state_dict` (see `CheckpointState.gather_position`); every rank
+        calls it at the same point."""
         self._state.gather_position()
 
 
