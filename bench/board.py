@@ -124,6 +124,7 @@ def stop_all(root: Path) -> None:
         for index in range(4)
     ]
     for kernel in kernels:
+        assert kernel.stdout is not None
         kernel.stdout.readline(), kernel.stdout.readline()
     began = time.monotonic()
     count = trainer.board.stop_all()

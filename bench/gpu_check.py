@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # isort: off
 import recipes  # noqa: F401 - first, as python -m recipes.NAME: it sets OpenMP's wait policy before torch loads
@@ -208,7 +209,7 @@ def two_gpu_rng(device: torch.device) -> Row:
 
 
 @contextlib.contextmanager
-def sync_guard(device: torch.device, batches: int) -> Iterator[Callback]:
+def sync_guard(device: torch.device, batches: int) -> Iterator[Any]:
     """A callback that guards the validation's `batches` batches against host syncs: CUDA's sync
     debug mode "error" on a GPU, `HostSyncGuard` on the CPU."""
     cpu_guard = HostSyncGuard()

@@ -105,9 +105,10 @@ def long_functions(path: Path) -> list[tuple[str, int]]:
     def visit(node: ast.AST, prefix: str) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                lines = child.end_lineno - child.lineno + 1
+                lines = (child.end_lineno or child.lineno) - child.lineno + 1
                 if ast.get_docstring(child, clean=False) is not None:
-                    lines -= child.body[0].end_lineno - child.body[0].lineno + 1
+                    doc = child.body[0]
+                    lines -= (doc.end_lineno or doc.lineno) - doc.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     found.append((prefix + child.name, lines))
                 visit(child, f"{prefix}{child.name}.")

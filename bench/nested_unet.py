@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"median of {args.repeats}"
     )
     print_ratios(medians, "fp32 eager", work=args.steps * args.batch_size)
-    fastest = min(SETTINGS, key=medians.get)
+    fastest = min(SETTINGS, key=lambda name: medians[name])
     gap = medians[auto_name] / medians[fastest]
     print(
         f"automatic choice vs the fastest fixed setting ({fastest}): {gap:.3f}x the time "

@@ -404,7 +404,7 @@ def trial_random_kills(
     A moment is a random milestone still ahead of the process (its run directory being recorded,
     an epoch's start) plus a random part of the time to the next milestone in the reference run.
     """
-    notes = []
+    notes: list[str] = []
     for attempt in range(2):
         done = epochs_done(run_dir)
         if attempt and done == epochs:
@@ -1150,9 +1150,9 @@ def bad_inputs(root: Path, checkpoint: Path) -> list[BadInput]:
     mixed = folder("mixed")
     big = SyntheticNuclei(3, image_size=32, seed=2, offset=100)
     for i in range(len(big)):
-        image, mask = big[i]
-        write_png_file(image.mul(255).round().to(torch.uint8), mixed / "images" / f"big{i}.png")
-        write_png_file(mask.to(torch.uint8) * 255, mixed / "masks" / "0" / f"big{i}.png")
+        big_image, big_mask = big[i]
+        write_png_file(big_image.mul(255).round().to(torch.uint8), mixed / "images" / f"big{i}.png")
+        write_png_file(big_mask.to(torch.uint8) * 255, mixed / "masks" / "0" / f"big{i}.png")
     if os.geteuid() == 0:  # root may write into read-only folders: put the log folder under a file
         (root / "a-file").write_text("")
         unwritable, how = root / "a-file" / "run", "under a file"

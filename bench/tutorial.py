@@ -150,7 +150,7 @@ def plot_classes_preds(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
     preds, probs = images_to_probs(net, images)
     # plot the images in the batch, along with predicted and true labels
     fig = plt.figure(figsize=(12, 48))
-    for idx in np.arange(4):
+    for idx in range(4):
         ax = fig.add_subplot(1, 4, idx + 1, xticks=[], yticks=[])
         matplotlib_imshow(images[idx], one_channel=True)
         ax.set_title(
