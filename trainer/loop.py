@@ -44,8 +44,6 @@ class LoopPosition:
             "rng"}``, or None.
         epoch_end_rng: the random state a resume inside the epoch starts from once its batches are
             all trained: taken before the epoch-end validation, which a resumed run does again.
-        cuda_rng: every rank's CUDA generator state, and the ``(global_step, epochs done,
-            batches_done)`` they were gathered at (see `trainer.state.CheckpointState.gather_position`).
     """
 
     batches_done: int | None = None
@@ -53,7 +51,6 @@ class LoopPosition:
     validated_at: int | None = None
     resume: dict[str, Any] | None = None
     epoch_end_rng: dict[str, Any] | None = None
-    cuda_rng: tuple[tuple[int, int, int | None], list[torch.Tensor]] | None = None
 
     @property
     def inside_epoch(self) -> bool:

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class CheckpointState:
     """The checkpoint state of one trainer: its parts' states (model, optimizer, scheduler, grad
-    scaler, callbacks) and its loop's progress and position. It owns every rank's loss sums that
-    `gather_position` collected for the next `state_dict`.
+    scaler, callbacks) and its loop's progress and position. It owns what `gather_position`
+    collected from every rank for the next `state_dict`: loss sums and CUDA generator states.
 
     Args:
         trainer: the trainer whose state this is.
@@ -30,6 +30,9 @@ class CheckpointState:
         #: Every rank's (loss sum, samples) of the epoch so far, and the ``(epoch, batches_done)``
         #: they were gathered at (see `gather_position`).
         self.gathered: tuple[tuple[int, int], list[tuple[torch.Tensor, int]]] | None = None
+        #: Every rank's CUDA generator state, and the ``(global_step, epochs done, batches_done)``
+        #: they were gathered at (see `gather_position`).
+        self.gathered_cuda_rng: tuple[tuple[int, int, int | None], list[torch.Tensor]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: model, optimizer, scheduler, grad
@@ -103,19 +106,18 @@ class CheckpointState:
     def _gather_cuda_rng(self) -> None:
         from trainer.distributed import all_gather
 
-        pos, device = self.trainer._loop.position, self.trainer.device
-        mine = pos.rng_now(device).get("cuda")
+        device = self.trainer.device
+        mine = self.trainer._loop.position.rng_now(device).get("cuda")
         if mine is None:  # CUDA unused: alike on every rank, which all train on the same kind of device
             return
         # The state is a byte tensor of the same size on every rank, on the CPU: NCCL takes device tensors.
         states = all_gather(mine[0].to(device))
-        pos.cuda_rng = (self._rng_point(), [state.cpu() for state in states])
+        self.gathered_cuda_rng = (self._rng_point(), [state.cpu() for state in states])
 
     def _rng_to_save(self) -> dict[str, Any]:
         """The generator states of a checkpoint: this rank's, with every rank's CUDA state where
         `gather_position` was called at this point."""
-        pos = self.trainer._loop.position
-        rng, cuda_rng = pos.rng_now(self.trainer.device), pos.cuda_rng
+        rng, cuda_rng = self.trainer._loop.position.rng_now(self.trainer.device), self.gathered_cuda_rng
         if "cuda" in rng and cuda_rng is not None and cuda_rng[0] == self._rng_point():
             rng = {**rng, "cuda": cuda_rng[1]}
         return rng
@@ -160,7 +162,7 @@ class CheckpointState:
         loop.global_step = state["global_step"]
         loop.should_stop = bool(state.get("should_stop", False))
         loop.epoch = max(len(loop.history) - 1, 0)
-        loop.position, self.gathered = LoopPosition(), None
+        loop.position, self.gathered, self.gathered_cuda_rng = LoopPosition(), None, None
         if state.get("position") is not None:
             self._restore_position(state["position"], state["rng"])
         set_rng_state(state["rng"], trainer.device)
