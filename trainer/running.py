@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from trainer.distributed import is_distributed
 from trainer.epoch_loss import non_finite_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,11 +41,7 @@ class RunningLoss:
             return None
         mean = (total - self._sum) / (samples - self._samples)
         self._sum, self._samples = total, samples
-        if not math.isfinite(mean):
-            from trainer.distributed import is_distributed
-
-            if is_distributed():
-                return mean
+        if not math.isfinite(mean) and not is_distributed():  # torchrun: every rank raises it together later
             raise non_finite_loss(
                 mean, f"at global step {trainer.global_step} (epoch {trainer.epoch + 1}/{trainer.max_epochs})"
             )
