@@ -100,7 +100,6 @@ BOARD_MODULES = (
     "board",
     *(f"board.{name}" for name in ("cell", "cli", "frontends", "notebook", "processes")),
     *(f"board.{name}" for name in ("registry", "server", "servers", "snapshot")),
-    "cpus",
     "event_files",
     "openmp",
 )
