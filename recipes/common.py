@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
@@ -139,13 +139,13 @@ class RunStart(Callback):
         }
         self.config.update(**chosen)
         for callback in trainer.callbacks:  # the options they were given before the choice was made
-            options = (
-                callback.config
-                if isinstance(callback, ModelCheckpoint)
-                else callback.hparams
-                if isinstance(callback, TensorBoardCallback)
-                else None
-            )
+            options: dict[str, Any] | None
+            if isinstance(callback, ModelCheckpoint):
+                options = callback.config
+            elif isinstance(callback, TensorBoardCallback):
+                options = callback.hparams
+            else:
+                continue
             if options is not None:
                 options.update({key: value for key, value in chosen.items() if key in options})
         if self.run_dir is not None and is_rank_zero():
