@@ -56,6 +56,9 @@ MIN_LAYOUT_GAIN = 1.05
 #: Timed passes of each setting, round-robin; each setting's fastest counts, so a moment of load
 #: on the machine does not decide.
 REPEATS = 5
+#: A setting whose fastest pass is this many times the fastest setting's is not timed again: no
+#: margin above (`MIN_GAIN`, `MIN_LAYOUT_GAIN`) could make it the choice.
+OUT_OF_RACE = 1.5
 
 
 class Setting(NamedTuple):
@@ -303,41 +306,70 @@ def probe(
     repeats: int = 1,
 ) -> dict[Setting, float]:
     """Seconds of one training pass (forward and backward, train mode) of a copy of `model` on
-    `example` (its first `samples` samples, if given), for each `Setting` in `candidates`: the best
-    of `repeats` passes, run round-robin across the candidates after one warm-up pass each, so a
-    moment of load on the machine does not decide.
+    `example` (its first `samples` samples, if given), for the settings in `candidates`: the
+    best of up to `repeats` passes, run round-robin across the candidates after one warm-up pass
+    each, so a moment of load on the machine does not decide.
+
+    Settings out of the race are not timed again: one whose warm-up takes over five times the
+    first candidate's (e.g. bf16 emulated in software) keeps its warm-up time, one whose fastest
+    pass is `OUT_OF_RACE` times the fastest setting's keeps its fastest so far. PyTorch's own
+    convolution kernels (``onednn=False``) are timed only while a setting of their precision is in
+    the race after the first timed round; otherwise (and with one repeat) they are left out of
+    the result. A candidate whose
+    pass raises (an operation without a kernel for that precision, say) gets an infinite time.
 
     The copies are thrown away, so `model`'s weights, gradients and batch-norm statistics are left
-    untouched; torch's random generator is restored. A candidate whose warm-up takes over five
-    times the first candidate's (e.g. bf16 emulated in software) is not timed again: its warm-up
-    time stands as its result. A candidate whose pass raises (an operation without a kernel for
-    that precision, say) gets an infinite time.
+    untouched; torch's random generator is restored.
     """
     inputs = example if samples is None else map_tensors(example, lambda t: t[:samples] if t.dim() > 0 else t)
-    replicas: dict[bool, tuple[nn.Module, Any]] = {}
-    runs: dict[Setting, Callable[[], None]] = {}
+    runs = _runs(model, device, inputs, list(map(Setting._make, candidates)))
+    later = [setting for setting in runs if not setting.onednn]
     timings: dict[Setting, float] = {}
     rng = torch.random.get_rng_state()
     try:
-        for setting in map(Setting._make, candidates):
-            if setting.channels_last not in replicas:
-                fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
-                replicas[setting.channels_last] = (
-                    copy.deepcopy(model).to(memory_format=fmt).train(),
-                    map_tensors(inputs, functools.partial(_to, device=device, fmt=fmt)),
-                )
-            runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
-        timed: list[Setting] = []
-        for candidate, run in runs.items():
-            timings[candidate] = _timed(run)
-            if math.isfinite(timings[candidate]) and timings[candidate] <= 5 * timings[Setting._make(candidates[0])]:
-                timed.append(candidate)
-        for _ in range(repeats):
-            for candidate in timed:
-                timings[candidate] = min(timings[candidate], _timed(runs[candidate]))
+        racing = _warm_up(runs, [setting for setting in runs if setting not in later], timings)
+        for round_ in range(repeats):
+            if round_ > 0:  # warm-up times alone are too rough to leave a setting out
+                best = min((timings[setting] for setting in racing), default=math.inf)
+                racing = [setting for setting in racing if timings[setting] <= OUT_OF_RACE * best]
+            if round_ == 1 and later:
+                precisions = {setting.precision for setting in racing}
+                racing += _warm_up(runs, [s for s in later if s.precision in precisions], timings)
+            for setting in racing:
+                timings[setting] = min(timings[setting], _timed(runs[setting]))
     finally:
         torch.random.set_rng_state(rng)
     return timings
+
+
+def _runs(
+    model: nn.Module, device: torch.device, inputs: Any, settings: list[Setting]
+) -> dict[Setting, Callable[[], None]]:
+    """A training pass of a copy of `model` for each setting (one copy per memory format)."""
+    replicas: dict[bool, tuple[nn.Module, Any]] = {}
+    runs: dict[Setting, Callable[[], None]] = {}
+    for setting in settings:
+        if setting.channels_last not in replicas:
+            fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+            replicas[setting.channels_last] = (
+                copy.deepcopy(model).to(memory_format=fmt).train(),
+                map_tensors(inputs, functools.partial(_to, device=device, fmt=fmt)),
+            )
+        runs[setting] = _pass(*replicas[setting.channels_last], setting, device)
+    return runs
+
+
+def _warm_up(
+    runs: dict[Setting, Callable[[], None]], settings: list[Setting], timings: dict[Setting, float]
+) -> list[Setting]:
+    """Run each of `settings` once, recording its time in `timings`; return those to time again:
+    those that trained, in at most five times the first warm-up's time."""
+    kept = []
+    for setting in settings:
+        timings[setting] = _timed(runs[setting])
+        if math.isfinite(timings[setting]) and timings[setting] <= 5 * timings[settings[0]]:
+            kept.append(setting)
+    return kept
 
 
 def _pass(model: nn.Module, inputs: Any, setting: Setting, device: torch.device) -> Callable[[], None]:
