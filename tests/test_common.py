@@ -232,9 +232,11 @@ def test_start_line_is_short_with_a_long_cache_path_and_long_reasons(mocker, mon
     mocker.patch.dict(sys.modules)
     sys.modules.pop("torch")  # as before torch loads
     waits = [
-        choose_wait_policy(128, {}, measure=lambda: 900.0),
-        choose_wait_policy(128, {"GOMP_SPINCOUNT": "1" * 80}, measure=lambda: 0.0),
+        choose_wait_policy(128, {}, measure=lambda: 900.0, cpus=range(1024)),
+        choose_wait_policy(128, {"GOMP_SPINCOUNT": "1" * 80}, measure=lambda: 0.0, cpus=range(1024)),
     ]
+    mocker.patch.object(openmp_module, "cpu_quota", return_value=None)
+    waits.append(choose_wait_policy(1024, {}, cpus=range(1024)))  # each thread on a CPU of its own
     assert [str(t) for t in threads] == ["128 threads (OMP_NUM_THREADS)", "62 threads (16 processes)"]
     for thread_choice in threads:
         for wait in waits:

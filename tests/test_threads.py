@@ -120,9 +120,9 @@ def test_the_openmp_decision_before_torch_and_the_thread_count_after_read_one_cp
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     mocker.patch.dict("sys.modules")
     del sys.modules["torch"]  # as before torch loads
-    policy = choose_wait_policy(environ={}, measure=lambda: (os.cpu_count() or 1) - 2.0)
+    policy = choose_wait_policy(environ={}, measure=lambda: (os.cpu_count() or 1) - 2.0, cpus=range(32))
     assert choose_threads().threads == 2 and policy.summary == "OpenMP spins (idle)"
     # 2 local processes share the 2 threads: one each, and one CPU free of other work is enough
     assert choose_wait_policy(
-        environ={"LOCAL_WORLD_SIZE": "2"}, measure=lambda: (os.cpu_count() or 1) - 1.0
+        environ={"LOCAL_WORLD_SIZE": "2"}, measure=lambda: (os.cpu_count() or 1) - 1.0, cpus=range(32)
     ).summary == ("OpenMP spins (idle)")

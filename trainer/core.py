@@ -17,7 +17,7 @@ from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batc
 from trainer.callback import Callback, CallbackList, FitResources
 from trainer.epoch_loss import EpochLoss
 from trainer.loop import TrainingLoop
-from trainer.openmp import warn_late_import
+from trainer.openmp import threads_at_work
 from trainer.options import check_batch_limit, check_options, precision_options, resolve_device
 from trainer.precision import Precision, PrecisionChoice
 
@@ -376,14 +376,13 @@ class Trainer:
         self.model = wrap_model(self.model, self.device)  # after the memory format is settled: DDP's buckets take it
         self._set_precision(self._amp)
         self._amp.warn_unfused(self.optimizer)
-        if self.device.type == "cpu":
-            warn_late_import(torch.get_num_threads())  # torch imported before trainer, on a busy machine
         if state is not None:
             self._state.load_state_dict(state)
         else:
             self._loop.continue_in_place()
         self._loop.prepare(train_loader, val_loader, fresh=state is None)
-        with self._amp.kernels():
+        cpu = threads_at_work(torch.get_num_threads()) if self.device.type == "cpu" else contextlib.nullcontext()
+        with self._amp.kernels(), cpu:
             self._loop.run(train_loader, val_loader)
         from trainer.distributed import wait_for_all
 

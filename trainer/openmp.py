@@ -6,35 +6,40 @@ The CPUs (`usable_cpus`): the process's affinity mask, capped by its container's
 before torch loads (for the wait policy) and after (the thread count, `trainer.runs.threads`), so
 the two never disagree.
 
-How the threads wait (`WAIT_POLICY`): by default an OpenMP thread that finishes its share keeps the
-CPU spinning for a while, waiting for the next region. On an idle machine that is the fastest.
-Beside another busy process it is the slowest by far: a spinning thread uses up its fair share of
-the CPU it shares with that process, so the scheduler runs the other process first whenever work
-arrives, and every parallel region waits for it (measured on 2 cores beside one CPU-bound process: a
-NestedUNet step about 3x its idle time, against 1.9x for threads that sleep). Threads that sleep at
-once (``OMP_WAIT_POLICY=PASSIVE``) are woken at once instead, but cost up to 2x on an idle machine
-for small networks, whose parallel regions are short (``python -m bench.wait_policy`` measures each
-setting; no single one is close to the default when idle and to the fair share when busy).
+Where the threads run and how they wait (`WAIT_POLICY`): by default an OpenMP thread that
+finishes its share keeps its CPU spinning for a while, waiting for the next parallel region, and
+the scheduler moves threads between CPUs freely. On an idle machine that is the fastest. Beside
+another busy process it is the slowest by far: whenever the scheduler puts that process on a CPU
+one of the threads was using, every parallel region waits for that thread to run again (measured
+on 2 cores beside one CPU-bound process: a NestedUNet step in bf16 about 3.5x its idle time,
+where the fair share is 2x). Threads that sleep while waiting (``OMP_WAIT_POLICY=PASSIVE``) help
+little there and cost up to 2x on an idle machine for small networks. Threads bound to one CPU
+each (`choose_placement`) do not: the other process settles on one CPU and shares it with one
+thread, and the step takes about 2x, while idle they run as fast as unbound ones. So where each
+thread can have a CPU of its own, threads are bound and keep the spinning default, whatever the
+load, now or later; elsewhere (a container's CPU quota, torchrun's processes, fewer threads than
+CPUs), threads sleep while waiting when the machine is busy at the start. ``python -m
+bench.wait_policy`` measures every setting.
 
-The policy is read once, when the OpenMP runtime loads with torch, so `choose_wait_policy`
-decides it at the first ``import trainer`` (which ``import recipes`` and every recipe command
-do first), whatever the user's file imports next: passive when other processes keep the CPUs
-busy, else the default. Where torch was imported before `trainer`, it is too late: a fit on the
-CPU of a busy machine then says so in one line with the fix (`late_import_warning`). The policy
-changes timing only, never results: the thread count (see `trainer.runs.threads`) is what decides
-how work is split. This module uses the standard library only, so that it can run before torch
-is imported.
+Both are read once, when the OpenMP runtime loads with torch, so `choose_wait_policy` decides
+them at the first ``import trainer`` (which ``import recipes`` and every recipe command do
+first), whatever the user's file imports next. Where torch was imported before `trainer`, it is
+too late: a fit on the CPU of a busy machine then says so in one line with the fix
+(`late_import_warning`). Neither changes results: the thread count (see `trainer.runs.threads`)
+is what decides how work is split. This module uses the standard library only, so that it can
+run before torch is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +58,11 @@ class CPUCount:
     summary: str
 
 
-def usable_cpus(environ: Mapping[str, str] | None = None) -> CPUCount:
-    """The CPUs this process may use: its affinity mask, capped by the cgroup CPU quota rounded
-    up, shared evenly among the local training processes (`local_processes` of `environ`)."""
-    cpus, summary = affinity_cpus(), "CPU affinity"
+def usable_cpus(environ: Mapping[str, str] | None = None, affinity: int | None = None) -> CPUCount:
+    """The CPUs this process may use: its affinity mask (`affinity` CPUs; default: this process's
+    mask), capped by the cgroup CPU quota rounded up, shared evenly among the local training
+    processes (`local_processes` of `environ`)."""
+    cpus, summary = affinity_cpus() if affinity is None else affinity, "CPU affinity"
     reasons = [f"{cpus} CPU{'s' if cpus != 1 else ''} in this process's affinity"]
     quota = cpu_quota()
     if quota is not None and math.ceil(quota) < cpus:
@@ -149,6 +155,11 @@ def local_processes(environ: Mapping[str, str] | None = None) -> int:
 
 #: Environment variables with which a user chooses the policy; when one is set it is kept.
 USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+#: Environment variables with which a user places OpenMP threads on CPUs; when one is set it is kept.
+USER_PLACEMENT = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+#: Holds the ``OMP_PLACES`` this package set, so that a child process that inherits the
+#: environment and imports `trainer` tells it from a user's and decides for its own CPUs.
+PLACEMENT_MARK = "TRAINER_OPENMP_PLACES"
 #: Other processes must keep at least this many more CPUs busy than this process's threads leave
 #: free for threads to wait passively.
 BUSY_MARGIN = 0.5
@@ -156,17 +167,81 @@ BUSY_MARGIN = 0.5
 
 @dataclass(frozen=True)
 class WaitPolicy:
-    """How OpenMP threads wait, as `choose_wait_policy` decided it: in a few words for the line
-    printed at the start of a run (`summary`, also ``str()``: ``"OpenMP sleeps (busy)"``) and in
-    full, with the load measured (`reason`). `too_late` is True when torch was loaded before the
-    decision, with whatever policy its environment held."""
+    """How OpenMP threads wait and where they run, as `choose_wait_policy` decided it: in a few
+    words for the line printed at the start of a run (`summary`, also ``str()``: ``"OpenMP
+    pinned"``) and in full, with the load measured (`reason`). `too_late` is True when torch was
+    loaded before the decision, with whatever policy its environment held. `placed` holds the
+    CPUs when each thread beyond the first was bound to one of them (the first, which runs the
+    user's code and starts child processes, keeps every CPU but during a fit, see
+    `threads_at_work`); empty when threads are not bound."""
 
     summary: str
     reason: str
     too_late: bool = False
+    placed: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         return self.summary
+
+
+def one_cpu_each(cpus: Sequence[int]) -> str:
+    """``OMP_PLACES`` for one OpenMP thread per CPU of `cpus`: the first place holds them all
+    (OpenMP binds the initial thread to it: the main thread, and the processes it starts,
+    keep every CPU), each next place one CPU, from the second on (``{0,1,2},{1},{2}``)."""
+    ordered = sorted(cpus)
+    return ",".join(["{" + ",".join(map(str, ordered)) + "}", *("{" + str(cpu) + "}" for cpu in ordered[1:])])
+
+
+def choose_placement(environ: MutableMapping[str, str], cpus: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Bind torch's OpenMP threads to one CPU each (``OMP_PROC_BIND=true`` and `one_cpu_each` as
+    ``OMP_PLACES`` in `environ`) when they will use every CPU of the process alone, and return
+    those CPUs; else leave `environ` as it is and return ``()``.
+
+    Bound threads keep their parallel regions in step beside other busy processes: an unbound
+    thread that the scheduler moves onto a CPU another process holds stalls every region until
+    it runs again (measured on 2 cores beside one CPU-bound process: a NestedUNet step about
+    2.1x its idle time bound, 3.5x unbound, and the same on an idle machine). Threads are not
+    bound where that could put two processes' threads on one CPU while others idle: a
+    container's CPU quota below the CPUs it sees, torchrun's local processes,
+    ``OMP_NUM_THREADS`` below the CPUs, a single CPU, or placement the user chose
+    (`USER_PLACEMENT`); a placement inherited from a parent process (`PLACEMENT_MARK`) is
+    decided again for this one.
+
+    Args:
+        environ: the environment torch will read when it loads.
+        cpus: the process's CPUs (default: its affinity mask).
+    """
+    inherited = environ.get(PLACEMENT_MARK)
+    if inherited is not None:
+        if environ.get("OMP_PLACES") == inherited:
+            environ.pop("OMP_PLACES", None)
+            environ.pop("OMP_PROC_BIND", None)
+        environ.pop(PLACEMENT_MARK)
+    if any(environ.get(name) for name in USER_PLACEMENT) or "torch" in sys.modules:
+        return ()
+    mask = sorted(_affinity() if cpus is None else cpus)
+    count = usable_cpus(environ, len(mask)).cpus
+    if len(mask) < 2 or count != len(mask) or omp_num_threads(environ) not in (None, count):
+        return ()
+    places = one_cpu_each(mask)
+    environ.update({"OMP_PROC_BIND": "true", "OMP_PLACES": places, PLACEMENT_MARK: places})
+    return tuple(mask)
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set()  # no masks here: threads are not bound
+
+
+def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` asks for (its first level) in `environ` (default: this
+    process's environment), or None when it is not set or not a positive integer (OpenMP ignores
+    such a value too)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def busy_cpus(seconds: float = 0.1, stat: str = "/proc/stat") -> float | None:
@@ -209,28 +284,43 @@ def choose_wait_policy(
     threads: int | None = None,
     environ: MutableMapping[str, str] | None = None,
     measure: Callable[[], float | None] = busy_cpus,
+    cpus: Sequence[int] | None = None,
 ) -> WaitPolicy:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` in `environ` (default: this process's environment) when
-    other processes keep more CPUs busy than `threads` threads leave free, and return what was
-    chosen and why (`WaitPolicy`). A policy the user set is kept; after torch is loaded it is too
-    late and nothing is changed.
+    """Decide, in `environ` (default: this process's environment) before torch loads, where
+    torch's OpenMP threads run and how they wait, and return what was chosen and why.
+
+    Where each thread can have a CPU of its own (`choose_placement`), threads are bound to
+    them and wait as OpenMP does by default (spinning a while): the fastest when idle and,
+    bound, near the fair share beside busy processes, whenever their load starts. Otherwise
+    threads sleep while waiting (``OMP_WAIT_POLICY=PASSIVE``) when other processes keep more
+    CPUs busy than `threads` threads leave free at the start. Variables the user set are kept;
+    after torch is loaded it is too late and nothing is changed.
 
     Args:
         threads: the threads this process will run (default: `usable_cpus`, the
             count the run's threads get: affinity, container CPU quota, torchrun's local processes).
         environ: where to set the policy.
         measure: returns the CPUs busy with other work (see `busy_cpus`).
+        cpus: the process's CPUs (default: its affinity mask).
     """
     environ = os.environ if environ is None else environ
     if threads is None:
         threads = usable_cpus(environ).cpus
+    placed = choose_placement(environ, cpus)
+    bound = f", one pinned to each of {_cpu_list(placed)} (the main thread to the first during a fit)" if placed else ""
     given = [name for name in USER_SETTINGS if environ.get(name)]
     if given:
-        return WaitPolicy("OpenMP as set", f"OpenMP waiting as set by {given[0]}={environ[given[0]]}")
+        return WaitPolicy(
+            "OpenMP as set" + (", pinned" if placed else ""),
+            f"OpenMP waiting as set by {given[0]}={environ[given[0]]}{bound}",
+            placed=placed,
+        )
     if "torch" in sys.modules:
         return WaitPolicy(
             "OpenMP as loaded", "OpenMP waiting left as loaded: torch was imported before trainer", too_late=True
         )
+    if placed:
+        return WaitPolicy("OpenMP pinned", f"OpenMP threads spin while waiting{bound}", placed=placed)
     busy = measure()
     if busy is None:
         return WaitPolicy("OpenMP spins", "OpenMP threads spin while waiting (load unknown)")
@@ -243,12 +333,20 @@ def choose_wait_policy(
     return WaitPolicy("OpenMP spins (idle)", f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work")
 
 
+def _cpu_list(cpus: Sequence[int]) -> str:
+    """``CPUs 0-3`` for a run of CPUs, else ``CPUs 0,2,5``."""
+    ordered = sorted(cpus)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"CPUs {ordered[0]}-{ordered[-1]}"
+    return "CPUs " + ",".join(map(str, ordered))
+
+
 def late_import_warning(
     policy: WaitPolicy, threads: int, measure: Callable[[], float | None] = busy_cpus
 ) -> str | None:
     """The line a fit on the CPU prints when torch was imported before `trainer` (`policy` is
-    `WaitPolicy.too_late`) with OpenMP's spinning default and other processes keep the CPUs busy
-    now: why it is slow and how to fix it. None otherwise (also when the load cannot be read).
+    `WaitPolicy.too_late`) with OpenMP's defaults (threads free to move, spinning while they
+    wait) and other processes keep the CPUs busy now: why it is slow and how to fix it. None otherwise (also when the load cannot be read).
 
     Args:
         policy: what `choose_wait_policy` decided at the first ``import trainer``.
@@ -261,9 +359,9 @@ def late_import_warning(
     if busy is None or (os.cpu_count() or 1) - busy >= threads - BUSY_MARGIN:
         return None
     return (
-        f"torch was imported before trainer, so its OpenMP threads spin while they wait, and other work keeps "
-        f"{busy:.1f} CPUs busy: training runs up to 3x slower than with sleeping threads; import trainer (or "
-        "recipes) before torch, or set OMP_WAIT_POLICY=PASSIVE in the environment"
+        f"torch was imported before trainer, so its OpenMP threads are not pinned to CPUs, and other work keeps "
+        f"{busy:.1f} CPUs busy: training may run up to 3x slower; import trainer (or recipes) before torch, or "
+        "set OMP_WAIT_POLICY=PASSIVE in the environment"
     )
 
 
@@ -283,3 +381,62 @@ def warn_late_import(threads: int) -> None:
     line = late_import_warning(WAIT_POLICY, threads)
     if line is not None:
         warnings.warn(line, RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def threads_at_work(threads: int) -> Iterator[None]:
+    """What a fit on the CPU runs its loop in, given torch's thread count (`threads`).
+
+    Where the threads were bound to one CPU each (`WaitPolicy.placed`) and the process runs one
+    thread per CPU, the calling thread (OpenMP's first) is kept on the first CPU until the block
+    ends: a thread left free to move lands now and then on the CPU of a bound one, and both run
+    at half speed (measured beside one busy process on 2 cores: a NestedUNet step 2.3-2.5x its
+    idle time kept, 2.3-4.5x free). Processes forked meanwhile (data-loading workers) get every
+    CPU back. Where the process runs another number of threads (``--threads``,
+    ``torch.set_num_threads``), every thread gets all the CPUs back instead, so that two such
+    processes never share a CPU while another idles. Where torch was imported before `trainer`
+    on a busy machine, `warn_late_import`.
+    """
+    global _kept_on  # noqa: PLW0603 - read by the fork handler, which takes no arguments
+    placed = WAIT_POLICY.placed
+    warn_late_import(threads)
+    if not placed:
+        yield
+        return
+    if threads != len(placed):
+        _release(threads, placed)
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, placed[:1])
+    _kept_on = placed
+    try:
+        yield
+    finally:
+        _kept_on = ()
+        os.sched_setaffinity(0, before)
+
+
+#: The CPUs a forked child gets back while `threads_at_work` keeps the calling thread on one.
+_kept_on: tuple[int, ...] = ()
+
+
+def _free_forked_child() -> None:
+    if _kept_on:
+        os.sched_setaffinity(0, _kept_on)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_free_forked_child)
+
+
+def _release(threads: int, placed: tuple[int, ...]) -> None:
+    """Give every thread of the process all of `placed`, those of a team of `threads` included."""
+    import torch  # loaded by the caller
+
+    torch.empty(threads * 65536).fill_(0.0)  # a parallel region starts this count's threads, to release them too
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), placed)
+        except OSError:  # the thread has ended
+            pass

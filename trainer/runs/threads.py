@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.openmp import local_processes, usable_cpus
+from trainer.openmp import local_processes, omp_num_threads, usable_cpus
 from trainer.options import positive_int
 
 __all__ = ["ThreadChoice", "choose_threads", "use_threads"]
@@ -52,13 +52,6 @@ def choose_threads(requested: int | None = None) -> ThreadChoice:
         return ThreadChoice(asked, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", "OMP_NUM_THREADS")
     count = usable_cpus()
     return ThreadChoice(count.cpus, count.reason, count.summary)
-
-
-def omp_num_threads() -> int | None:
-    """The thread count ``OMP_NUM_THREADS`` asks for (its first level), or None when it is not set
-    or not a positive integer (OpenMP ignores such a value too)."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def use_threads(requested: int | None = None) -> ThreadChoice:
