@@ -10,7 +10,7 @@ channels-last (what the default run chooses on a CPU with native bf16) and in fl
 and of the tutorial's small CNN (batch 4 of 28x28, thousands of tiny parallel regions, where
 waiting costs most). ``OMP_PROC_BIND=true`` binds every thread, the main one included, to a CPU
 of its own; "trainer" is what ``import trainer`` before torch decides on this machine, with the
-steps run as a fit runs them (`trainer.openmp.threads_at_work`). Beside 0, 1 and 2 CPU-bound
+steps run as a fit runs them (`trainer.pinning.threads_at_work`). Beside 0, 1 and 2 CPU-bound
 processes (``while True: pass``), in rounds that interleave the settings, so load and drift fall
 on all of them alike. Prints, per workload, the median step time of each setting and its ratio to
 the default (no variable set) under the same load and to the default's idle time (on 2 cores
@@ -82,9 +82,9 @@ def worker(workload: str, seconds: float) -> None:
         loss.backward()
         optimizer.step()
 
-    as_in_a_fit = contextlib.nullcontext()
+    as_in_a_fit: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if os.environ.get(TRAINER_FIRST):
-        from trainer.openmp import threads_at_work
+        from trainer.pinning import threads_at_work
 
         as_in_a_fit = threads_at_work(torch.get_num_threads())
     times: list[float] = []

@@ -129,9 +129,11 @@ def build_model(
 def build_optimizer(
     config: NestedUNetConfig, model: nn.Module, device: torch.device | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """Optimizer and learning-rate scheduler of the configuration. On CUDA the optimizer is the
-    fused kernel, which also lets a grad scaler skip steps without waiting on the device."""
-    fused = True if device is not None and device.type == "cuda" else None  # None: the optimizer's default
+    """Optimizer and learning-rate scheduler of the configuration. On the CPU and CUDA the
+    optimizer is the fused kernel: on the CPU an Adam step of NestedUNet's 9.2M parameters takes
+    about 6 ms instead of 36 ms (a sixth of a default-run step), and on CUDA it also lets a grad
+    scaler skip steps without waiting on the device."""
+    fused = True if device is None or device.type in ("cpu", "cuda") else None  # None: the optimizer's default
     optimizer: torch.optim.Optimizer
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)

@@ -589,7 +589,18 @@ def test_importing_the_trainer_loads_the_core_only():
     callbacks' `RunningLoss`."""
     code = "import sys, trainer.core; print(' '.join(sorted(m for m in sys.modules if m.startswith('trainer.'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    core = ("batch", "callback", "core", "epoch_loss", "loop", "openmp", "options", "precision", "scheduling")
+    core = (
+        "batch",
+        "callback",
+        "core",
+        "epoch_loss",
+        "loop",
+        "openmp",
+        "options",
+        "pinning",
+        "precision",
+        "scheduling",
+    )
     assert out.stdout.split() == [f"trainer.{name}" for name in core]
 
 

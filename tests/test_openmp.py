@@ -9,16 +9,22 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
+from torch import nn
 
 import trainer.openmp as openmp_module
 from tests.processes import ROOT, checkout_env
+from trainer import Callback, Trainer
 from trainer.openmp import (
     PLACEMENT_MARK,
+    WaitPolicy,
     busy_cpus,
     choose_placement,
     choose_wait_policy,
+    late_import_warning,
     one_cpu_each,
 )
 
@@ -211,7 +217,7 @@ WHERE_THREADS_RUN = """
 import json, os, subprocess, sys
 import trainer
 import torch
-from trainer.openmp import threads_at_work
+from trainer.pinning import threads_at_work
 
 def masks():
     return sorted(sorted(os.sched_getaffinity(int(task))) for task in os.listdir("/proc/self/task"))
@@ -257,3 +263,72 @@ def test_bound_threads_take_one_cpu_each_and_leave_the_main_thread_and_children_
         return
     assert seen["placed"] == cpus and seen["fit"] == cpus[:1]
     assert [mask for mask in seen["bound"] if mask != cpus] == [[cpu] for cpu in cpus[1:]]
+
+
+#: A user's script that imports torch before trainer and trains on the CPU.
+TORCH_FIRST = """
+import torch
+from torch import nn
+from trainer import Trainer
+model = nn.Linear(4, 1)
+data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(2)]
+Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), max_epochs=1, device="cpu").fit(data)
+"""
+
+
+def test_a_fit_after_torch_was_imported_first_on_a_busy_machine_says_why_and_how_to_fix_it():
+    """torch imported before trainer keeps OpenMP's defaults: too late to change; beside busy
+    CPUs the fit says so in one warning with the fix, at the script's line that called fit."""
+    done = run_beside_busy_cpus(TORCH_FIRST)
+    lines = [line for line in done.stderr.splitlines() if "torch was imported before trainer" in line]
+    assert len(lines) == 1 and "import trainer (or recipes) before torch" in lines[0], done.stderr
+    assert "OMP_WAIT_POLICY=PASSIVE" in lines[0] and "not pinned to CPUs" in lines[0]
+    fit_line = next(n for n, line in enumerate(TORCH_FIRST.splitlines(), 1) if ".fit(" in line)
+    assert lines[0].startswith(f"<string>:{fit_line}: RuntimeWarning"), lines[0]
+
+
+def test_the_late_import_warning_only_when_too_late_and_busy(mocker):
+    mocker.patch("os.cpu_count", return_value=2)
+    late = WaitPolicy("OpenMP as loaded", "left as loaded", too_late=True)
+    assert late_import_warning(late, 2, measure=lambda: 1.8) is not None
+    assert late_import_warning(late, 2, measure=lambda: 0.2) is None  # idle: spinning is the fastest
+    assert late_import_warning(late, 2, measure=lambda: None) is None  # load unknown
+    decided = WaitPolicy("OpenMP spins (idle)", "decided before torch")
+    assert late_import_warning(decided, 2, measure=lambda: 1.8) is None
+
+
+class CPUsOfTheWorker(torch.utils.data.Dataset):
+    """Samples that hold how many CPUs the data-loading worker that made them may use."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        return torch.tensor([float(len(os.sched_getaffinity(0)))]), torch.zeros(1)
+
+
+def test_a_fit_keeps_its_thread_on_one_cpu_and_its_data_loading_workers_on_every_cpu():
+    """During a fit with pinned threads, the fit's thread keeps to the first CPU, while the
+    DataLoader workers it starts (training and validation) may use every CPU, and the DataLoader
+    sees them all (no advice to start fewer workers than CPUs); the thread gets every CPU back
+    after the fit."""
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: dict[str, list] = {"thread": [], "workers": []}
+
+    class Spy(Callback):
+        def on_batch_end(self, trainer, batch, outputs):
+            seen["thread"].append(sorted(os.sched_getaffinity(0)))
+            seen["workers"] += batch[0].flatten().tolist()
+
+    loader = torch.utils.data.DataLoader(CPUsOfTheWorker(), batch_size=4, num_workers=len(cpus))
+    model = nn.Linear(1, 1)
+    fit = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), nn.MSELoss(), max_epochs=1, device="cpu", callbacks=[Spy()]
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*worker processes in total")
+        fit.fit(loader, loader)
+    pinned = openmp_module.WAIT_POLICY.placed and torch.get_num_threads() == len(cpus)
+    assert seen["thread"] == [cpus[:1] if pinned else cpus] * 2
+    assert seen["workers"] == [float(len(cpus))] * 8
+    assert sorted(os.sched_getaffinity(0)) == cpus

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+
+from trainer.pinning import every_cpu
 
 #: ``metric(predictions, targets) -> 0-dim tensor``: the batch mean of a validation metric.
 Metric = Callable[[Any, Any], torch.Tensor]
@@ -113,12 +115,19 @@ def head(batch: Any, num: int) -> Any:
     return map_tensors(batch, lambda t: t[:num] if t.dim() > 0 else t)
 
 
+def started(loader: Iterable) -> Iterator:
+    """``iter(loader)``, made with every CPU the process may use (`trainer.pinning.every_cpu`): a
+    DataLoader's worker processes start there."""
+    with every_cpu():
+        return iter(loader)
+
+
 def peek_batch(loader: Any) -> Any:
     """The first batch of `loader`, drawn without disturbing torch's random generator, so a
     seeded run trains the same whether or not something looked at its data first."""
     state = torch.random.get_rng_state()
     try:
-        return next(iter(loader))
+        return next(started(loader))
     except StopIteration:
         raise ValueError(f"the loader ({type(loader).__name__}) yielded no batches") from None
     finally:
@@ -183,7 +192,7 @@ def loaded(batches: Iterable, describe: Callable[[int], str], first: int = 0) ->
     a traceback, they would outlive the error, and at the exit of the process Python would wait
     forever for workers that ignore its SIGTERM (`trainer.ignore_stop_signals`).
     """
-    iterator = iter(batches)
+    iterator = started(batches)
     del batches
     index = first
     while True:

@@ -17,8 +17,8 @@ from trainer.batch import Metric, StepOutput, describe_tensors, mover, peek_batc
 from trainer.callback import Callback, CallbackList, FitResources
 from trainer.epoch_loss import EpochLoss
 from trainer.loop import TrainingLoop
-from trainer.openmp import threads_at_work
 from trainer.options import check_batch_limit, check_options, precision_options, resolve_device
+from trainer.pinning import threads_at_work
 from trainer.precision import Precision, PrecisionChoice
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.batch import StepOutput, batch_size, detach, last_output, loaded
+from trainer.batch import StepOutput, batch_size, detach, last_output, loaded, started
 from trainer.callback import FitResources
 from trainer.epoch_loss import EpochLoss, non_finite_loss
 from trainer.options import batches_taken
@@ -211,7 +211,7 @@ class TrainingLoop:
             self.epoch_loss.reset()
             trainer.optimizer.zero_grad(set_to_none=True)
         self.position.start_epoch(first, fresh=resume is None)
-        iterator = iter(self._epoch_batches(loader, first))
+        iterator = started(self._epoch_batches(loader, first))
         if resume is not None and "rng" in resume:
             from trainer.rng import set_rng_state
 
@@ -421,7 +421,7 @@ class TrainingLoop:
         batch_end = trainer._callbacks.table["on_validation_batch_end"]
         samples = 0
         with trainer.eval_mode():
-            for batch in loader:
+            for batch in started(loader):
                 batch = trainer._move(batch)
                 out = trainer.eval_step(batch)
                 n = batch_size(out.predictions if out.targets is None else out.targets)

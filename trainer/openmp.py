@@ -32,14 +32,13 @@ run before torch is imported.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +172,7 @@ class WaitPolicy:
     loaded before the decision, with whatever policy its environment held. `placed` holds the
     CPUs when each thread beyond the first was bound to one of them (the first, which runs the
     user's code and starts child processes, keeps every CPU but during a fit, see
-    `threads_at_work`); empty when threads are not bound."""
+    `trainer.pinning.threads_at_work`); empty when threads are not bound."""
 
     summary: str
     reason: str
@@ -346,7 +345,8 @@ def late_import_warning(
 ) -> str | None:
     """The line a fit on the CPU prints when torch was imported before `trainer` (`policy` is
     `WaitPolicy.too_late`) with OpenMP's defaults (threads free to move, spinning while they
-    wait) and other processes keep the CPUs busy now: why it is slow and how to fix it. None otherwise (also when the load cannot be read).
+    wait) and other processes keep the CPUs busy now: why it is slow and how to fix it. None
+    otherwise (also when the load cannot be read).
 
     Args:
         policy: what `choose_wait_policy` decided at the first ``import trainer``.
@@ -371,72 +371,15 @@ WAIT_POLICY: WaitPolicy = choose_wait_policy()
 
 
 @functools.cache
-def warn_late_import(threads: int) -> None:
+def warn_late_import(threads: int, stacklevel: int = 3) -> None:
     """Warn (`RuntimeWarning`) with `late_import_warning`'s line, where there is one; once per
-    process and thread count, since it samples the machine's load for 0.1 s. A fit on the CPU calls it.
+    process and thread count, since it samples the machine's load for 0.1 s. A fit on the CPU
+    calls it (through `trainer.pinning.threads_at_work`).
 
     Args:
         threads: the threads this process runs.
+        stacklevel: the frame the warning names, as `warnings.warn` counts (3: the caller's caller).
     """
     line = late_import_warning(WAIT_POLICY, threads)
     if line is not None:
-        warnings.warn(line, RuntimeWarning, stacklevel=3)
-
-
-@contextlib.contextmanager
-def threads_at_work(threads: int) -> Iterator[None]:
-    """What a fit on the CPU runs its loop in, given torch's thread count (`threads`).
-
-    Where the threads were bound to one CPU each (`WaitPolicy.placed`) and the process runs one
-    thread per CPU, the calling thread (OpenMP's first) is kept on the first CPU until the block
-    ends: a thread left free to move lands now and then on the CPU of a bound one, and both run
-    at half speed (measured beside one busy process on 2 cores: a NestedUNet step 2.3-2.5x its
-    idle time kept, 2.3-4.5x free). Processes forked meanwhile (data-loading workers) get every
-    CPU back. Where the process runs another number of threads (``--threads``,
-    ``torch.set_num_threads``), every thread gets all the CPUs back instead, so that two such
-    processes never share a CPU while another idles. Where torch was imported before `trainer`
-    on a busy machine, `warn_late_import`.
-    """
-    global _kept_on  # noqa: PLW0603 - read by the fork handler, which takes no arguments
-    placed = WAIT_POLICY.placed
-    warn_late_import(threads)
-    if not placed:
-        yield
-        return
-    if threads != len(placed):
-        _release(threads, placed)
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, placed[:1])
-    _kept_on = placed
-    try:
-        yield
-    finally:
-        _kept_on = ()
-        os.sched_setaffinity(0, before)
-
-
-#: The CPUs a forked child gets back while `threads_at_work` keeps the calling thread on one.
-_kept_on: tuple[int, ...] = ()
-
-
-def _free_forked_child() -> None:
-    if _kept_on:
-        os.sched_setaffinity(0, _kept_on)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_free_forked_child)
-
-
-def _release(threads: int, placed: tuple[int, ...]) -> None:
-    """Give every thread of the process all of `placed`, those of a team of `threads` included."""
-    import torch  # loaded by the caller
-
-    torch.empty(threads * 65536).fill_(0.0)  # a parallel region starts this count's threads, to release them too
-    for task in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(task), placed)
-        except OSError:  # the thread has ended
-            pass
+        warnings.warn(line, RuntimeWarning, stacklevel=stacklevel)

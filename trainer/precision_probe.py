@@ -55,7 +55,7 @@ MIN_GAIN = 1.10
 MIN_LAYOUT_GAIN = 1.05
 #: Timed passes of each setting, round-robin; each setting's fastest counts, so a moment of load
 #: on the machine does not decide.
-REPEATS = 5
+REPEATS = 3
 #: A setting whose fastest pass is this many times the fastest setting's is not timed again: no
 #: margin above (`MIN_GAIN`, `MIN_LAYOUT_GAIN`) could make it the choice.
 OUT_OF_RACE = 1.5

@@ -30,6 +30,7 @@ from trainer.distributed import get_world_size, is_rank_zero
 from trainer.event_files import EVENT_FILE_PATTERN
 from trainer.every import Every
 from trainer.options import renamed_option
+from trainer.pinning import every_cpu
 from trainer.running import RunningLoss
 
 
@@ -84,7 +85,8 @@ def _writer_read_last(log_dir: str, purge_step: int | None) -> SummaryWriter:
     within a second of the previous writer's) is removed at once and made again in the next second.
     """
     before = set(glob.glob(os.path.join(glob.escape(log_dir), EVENT_FILE_PATTERN)))
-    writer = SummaryWriter(log_dir, purge_step=purge_step)
+    with every_cpu():  # the writer's thread starts here: not on the one CPU a fit keeps its thread on
+        writer = SummaryWriter(log_dir, purge_step=purge_step)
     made = set(glob.glob(os.path.join(glob.escape(log_dir), EVENT_FILE_PATTERN))) - before
     if not before or not made or min(made) > max(before):
         return writer
