@@ -79,21 +79,24 @@ def test_passive_only_when_other_work_leaves_too_few_cpus(mocker, before_torch):
     assert "spin" in choose_wait_policy(1, environ, measure=lambda: 1.0, cpus=[0]).summary and environ == {}
 
 
-def test_threads_with_a_cpu_each_spin_whatever_the_load(before_torch):
-    """Threads that use every CPU of the process alone are bound one to a CPU and keep OpenMP's
-    spinning default, busy machine or not: no load is read (it may start later)."""
+def test_pinned_threads_spin_unless_other_work_keeps_every_cpu_busy(mocker, before_torch):
+    """Threads that use every CPU of the process alone are bound one to a CPU, and keep OpenMP's
+    spinning default beside busy processes while a CPU is free of them; when none is (another
+    training run), they sleep while waiting, still pinned."""
+    mocker.patch("os.cpu_count", return_value=4)
     environ: dict[str, str] = {}
-    policy = choose_wait_policy(4, environ, measure=lambda: pytest.fail("load read"), cpus=[4, 5, 6, 7])
+    policy = choose_wait_policy(4, environ, measure=lambda: 3.0, cpus=[4, 5, 6, 7])
     assert policy.placed == (4, 5, 6, 7) and policy.summary == "OpenMP pinned"
-    assert (
-        policy.reason == "OpenMP threads spin while waiting, one pinned to each of CPUs 4-7 "
+    assert policy.reason == (
+        "OpenMP threads spin while waiting: 3.0 CPUs busy with other work, one pinned to each of CPUs 4-7 "
         "(the main thread to the first during a fit)"
     )
-    assert environ == {
-        "OMP_PROC_BIND": "true",
-        "OMP_PLACES": "{4,5,6,7},{5},{6},{7}",
-        PLACEMENT_MARK: environ["OMP_PLACES"],
-    }
+    places = "{4,5,6,7},{5},{6},{7}"
+    assert environ == {"OMP_PROC_BIND": "true", "OMP_PLACES": places, PLACEMENT_MARK: places}
+    environ = {}
+    policy = choose_wait_policy(4, environ, measure=lambda: 3.8, cpus=[4, 5, 6, 7])
+    assert policy.placed == (4, 5, 6, 7) and policy.summary == "OpenMP pinned, sleeps"
+    assert environ["OMP_WAIT_POLICY"] == "PASSIVE" and environ["OMP_PLACES"] == places
 
 
 def test_the_first_place_holds_every_cpu_and_each_next_one_cpu():
@@ -190,21 +193,21 @@ def run_beside_busy_cpus(code: str, busy: int = 2, **variables: str) -> subproce
 
 
 def test_importing_trainer_decides_before_torch_loads():
-    """Beside two busy CPUs, ``import trainer`` (which ``import recipes`` and every recipe command
+    """With every CPU busy, ``import trainer`` (which ``import recipes`` and every recipe command
     do first) sets the variables before torch is imported, so torch's OpenMP runtime reads them:
-    threads bound one to a CPU where each has one of its own, else (here: the user chose not to
-    bind) sleeping while they wait."""
-    done = run_beside_busy_cpus("import trainer; import torch; print(trainer.WAIT_POLICY.reason)")
+    threads bound one to a CPU where each has one of its own, and sleeping while they wait; where
+    the user chose not to bind, sleeping while they wait."""
+    busy = os.cpu_count() or 1
+    done = run_beside_busy_cpus("import trainer; import torch; print(trainer.WAIT_POLICY.reason)", busy)
     words, seen = done.stdout.splitlines()[-2:]
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2 and (openmp_module.cpu_quota() or math.inf) > len(cpus) - 1:  # a CPU for each thread
-        assert words.startswith("OpenMP threads spin while waiting, one pinned to each of CPUs")
+        assert words.startswith("OpenMP threads sleep while waiting") and "one pinned to each of CPUs" in words
         places = one_cpu_each(cpus)
-        assert (
-            seen == f"at torch import: {{'OMP_WAIT_POLICY': None, 'OMP_PROC_BIND': 'true', 'OMP_PLACES': '{places}'}}"
-        )
+        expected = f"{{'OMP_WAIT_POLICY': 'PASSIVE', 'OMP_PROC_BIND': 'true', 'OMP_PLACES': '{places}'}}"
+        assert seen == f"at torch import: {expected}"
     done = run_beside_busy_cpus(
-        "import trainer; import torch; print(trainer.WAIT_POLICY.reason)", OMP_PROC_BIND="false"
+        "import trainer; import torch; print(trainer.WAIT_POLICY.reason)", busy, OMP_PROC_BIND="false"
     )
     words, seen = done.stdout.splitlines()[-2:]
     assert words.startswith("OpenMP threads sleep while waiting")

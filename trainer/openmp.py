@@ -11,13 +11,15 @@ finishes its share keeps its CPU spinning for a while, waiting for the next para
 the scheduler moves threads between CPUs freely. On an idle machine that is the fastest. Beside
 another busy process it is the slowest by far: whenever the scheduler puts that process on a CPU
 one of the threads was using, every parallel region waits for that thread to run again (measured
-on 2 cores beside one CPU-bound process: a NestedUNet step in bf16 about 3.5x its idle time,
+on 2 cores beside one CPU-bound process: a NestedUNet step in bf16 about 3.2x its idle time,
 where the fair share is 2x). Threads that sleep while waiting (``OMP_WAIT_POLICY=PASSIVE``) help
 little there and cost up to 2x on an idle machine for small networks. Threads bound to one CPU
-each (`choose_placement`) do not: the other process settles on one CPU and shares it with one
-thread, and the step takes about 2x, while idle they run as fast as unbound ones. So where each
-thread can have a CPU of its own, threads are bound and keep the spinning default, whatever the
-load, now or later; elsewhere (a container's CPU quota, torchrun's processes, fewer threads than
+each (`choose_placement`, and `trainer.pinning` during a fit) do not: the other process settles
+on one CPU and shares it with one thread, and the step takes about 2.1x (``python -m
+bench.wait_policy``), while idle they run as fast as unbound ones. So where each thread can have
+a CPU of its own, threads are bound and keep the spinning default beside busy processes, now or
+later, unless every CPU is busy at the start (another training run, say: then they sleep while
+they wait too); elsewhere (a container's CPU quota, torchrun's processes, fewer threads than
 CPUs), threads sleep while waiting when the machine is busy at the start. ``python -m
 bench.wait_policy`` measures every setting.
 
@@ -199,7 +201,7 @@ def choose_placement(environ: MutableMapping[str, str], cpus: Sequence[int] | No
     Bound threads keep their parallel regions in step beside other busy processes: an unbound
     thread that the scheduler moves onto a CPU another process holds stalls every region until
     it runs again (measured on 2 cores beside one CPU-bound process: a NestedUNet step about
-    2.1x its idle time bound, 3.5x unbound, and the same on an idle machine). Threads are not
+    2.1x its idle time bound, 3.2x unbound, and the same on an idle machine). Threads are not
     bound where that could put two processes' threads on one CPU while others idle: a
     container's CPU quota below the CPUs it sees, torchrun's local processes,
     ``OMP_NUM_THREADS`` below the CPUs, a single CPU, or placement the user chose
@@ -290,9 +292,11 @@ def choose_wait_policy(
 
     Where each thread can have a CPU of its own (`choose_placement`), threads are bound to
     them and wait as OpenMP does by default (spinning a while): the fastest when idle and,
-    bound, near the fair share beside busy processes, whenever their load starts. Otherwise
-    threads sleep while waiting (``OMP_WAIT_POLICY=PASSIVE``) when other processes keep more
-    CPUs busy than `threads` threads leave free at the start. Variables the user set are kept;
+    bound, near the fair share beside busy processes, whenever their load starts; only when other
+    work keeps every CPU busy at the start (another training run, say: two pinned runs that both
+    spin take twice as long each as when the second sleeps), they sleep while waiting
+    (``OMP_WAIT_POLICY=PASSIVE``). Threads that are not bound sleep while waiting when other
+    processes keep more CPUs busy than `threads` threads leave free at the start. Variables the user set are kept;
     after torch is loaded it is too late and nothing is changed.
 
     Args:
@@ -318,18 +322,28 @@ def choose_wait_policy(
         return WaitPolicy(
             "OpenMP as loaded", "OpenMP waiting left as loaded: torch was imported before trainer", too_late=True
         )
-    if placed:
-        return WaitPolicy("OpenMP pinned", f"OpenMP threads spin while waiting{bound}", placed=placed)
     busy = measure()
     if busy is None:
-        return WaitPolicy("OpenMP spins", "OpenMP threads spin while waiting (load unknown)")
+        return WaitPolicy(
+            "OpenMP pinned" if placed else "OpenMP spins",
+            f"OpenMP threads spin while waiting (load unknown){bound}",
+            placed=placed,
+        )
     free = (os.cpu_count() or 1) - busy
-    if free < threads - BUSY_MARGIN:
+    # Pinned threads spin while a CPU is left free of other work: a busy process then shares one
+    # thread's CPU. When none is (another training run, say), they sleep, so that both runs go on.
+    if free < (BUSY_MARGIN if placed else threads - BUSY_MARGIN):
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return WaitPolicy(
-            "OpenMP sleeps (busy)", f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy"
+            "OpenMP pinned, sleeps" if placed else "OpenMP sleeps (busy)",
+            f"OpenMP threads sleep while waiting: other work keeps {busy:.1f} CPUs busy{bound}",
+            placed=placed,
         )
-    return WaitPolicy("OpenMP spins (idle)", f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work")
+    return WaitPolicy(
+        "OpenMP pinned" if placed else "OpenMP spins (idle)",
+        f"OpenMP threads spin while waiting: {busy:.1f} CPUs busy with other work{bound}",
+        placed=placed,
+    )
 
 
 def _cpu_list(cpus: Sequence[int]) -> str:
