@@ -1,5 +1,6 @@
-"""torch's OpenMP threads on this machine: the CPUs a training process may use, and how the threads
-wait between parallel regions, decided when `trainer` is first imported, before it loads torch.
+"""torch's OpenMP threads on this machine: the CPUs a training process may use, where the threads
+run and how they wait between parallel regions, decided when `trainer` is first imported, before
+it loads torch.
 
 The CPUs (`usable_cpus`): the process's affinity mask, capped by its container's CPU quota (cgroup v2
 ``cpu.max``, v1 ``cpu.cfs_quota_us``), shared among torchrun's local processes. One count, read

@@ -19,11 +19,11 @@ def threads_at_work(threads: int) -> Iterator[None]:
     thread per CPU, the calling thread (OpenMP's first) is kept on the first CPU until the block
     ends: a thread left free to move lands now and then on the CPU of a bound one, and both run
     at half speed (measured beside one busy process on 2 cores: a NestedUNet step 2.3-2.5x its
-    idle time kept, 2.3-4.5x free). Processes forked meanwhile get every CPU back, and the
-    loop makes its loaders' iterators (which start their worker processes) and the TensorBoard
-    writer (which starts a thread) under `every_cpu`. Where the process runs another number of threads (``--threads``,
-    ``torch.set_num_threads``), every thread gets all the CPUs back instead, so that two such
-    processes never share a CPU while another idles. Where torch was imported before `trainer`
+    idle time kept, 2.3-4.5x free). Processes forked meanwhile get every CPU back, and the loop
+    makes its loaders' iterators (which start their worker processes) and the TensorBoard writer
+    (which starts a thread) under `every_cpu`. Where the process runs another number of threads
+    (``--threads``, ``torch.set_num_threads``), every thread gets all the CPUs back instead, so
+    that two such processes never share a CPU while another idles. Where torch was imported before `trainer`
     on a busy machine, `warn_late_import`.
     """
     global _kept_on  # noqa: PLW0603 - read by the fork handler, which takes no arguments
