@@ -139,10 +139,15 @@ def _ratio(quota: str, period: str) -> float | None:
 
 def affinity_cpus() -> int:
     """CPUs this process may run on (its affinity mask; all CPUs where the OS has no masks)."""
+    return len(_affinity()) or os.cpu_count() or 1
+
+
+def _affinity() -> set[int]:
+    """The CPUs of this process's affinity mask; empty where the OS has no masks."""
     try:
-        return len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set()
 
 
 def local_processes(environ: Mapping[str, str] | None = None) -> int:
@@ -230,13 +235,6 @@ def choose_placement(environ: MutableMapping[str, str], cpus: Sequence[int] | No
     return tuple(mask)
 
 
-def _affinity() -> set[int]:
-    try:
-        return os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return set()  # no masks here: threads are not bound
-
-
 def omp_num_threads(environ: Mapping[str, str] | None = None) -> int | None:
     """The thread count ``OMP_NUM_THREADS`` asks for (its first level) in `environ` (default: this
     process's environment), or None when it is not set or not a positive integer (OpenMP ignores
@@ -297,8 +295,8 @@ def choose_wait_policy(
     work keeps every CPU busy at the start (another training run, say: two pinned runs that both
     spin take twice as long each as when the second sleeps), they sleep while waiting
     (``OMP_WAIT_POLICY=PASSIVE``). Threads that are not bound sleep while waiting when other
-    processes keep more CPUs busy than `threads` threads leave free at the start. Variables the user set are kept;
-    after torch is loaded it is too late and nothing is changed.
+    processes keep more CPUs busy than `threads` threads leave free at the start. Variables the
+    user set are kept; after torch is loaded it is too late and nothing is changed.
 
     Args:
         threads: the threads this process will run (default: `usable_cpus`, the
@@ -308,8 +306,6 @@ def choose_wait_policy(
         cpus: the process's CPUs (default: its affinity mask).
     """
     environ = os.environ if environ is None else environ
-    if threads is None:
-        threads = usable_cpus(environ).cpus
     placed = choose_placement(environ, cpus)
     bound = f", one pinned to each of {_cpu_list(placed)} (the main thread to the first during a fit)" if placed else ""
     given = [name for name in USER_SETTINGS if environ.get(name)]
@@ -333,6 +329,7 @@ def choose_wait_policy(
     free = (os.cpu_count() or 1) - busy
     # Pinned threads spin while a CPU is left free of other work: a busy process then shares one
     # thread's CPU. When none is (another training run, say), they sleep, so that both runs go on.
+    threads = threads or (0 if placed else usable_cpus(environ).cpus)  # counted only for threads not pinned
     if free < (BUSY_MARGIN if placed else threads - BUSY_MARGIN):
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return WaitPolicy(

@@ -23,8 +23,8 @@ def threads_at_work(threads: int) -> Iterator[None]:
     makes its loaders' iterators (which start their worker processes) and the TensorBoard writer
     (which starts a thread) under `every_cpu`. Where the process runs another number of threads
     (``--threads``, ``torch.set_num_threads``), every thread gets all the CPUs back instead, so
-    that two such processes never share a CPU while another idles. Where torch was imported before `trainer`
-    on a busy machine, `warn_late_import`.
+    that two such processes never share a CPU while another idles. Where torch was imported
+    before `trainer` on a busy machine, `warn_late_import`.
     """
     global _kept_on  # noqa: PLW0603 - read by the fork handler, which takes no arguments
     placed = WAIT_POLICY.placed

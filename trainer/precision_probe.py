@@ -315,8 +315,8 @@ def probe(
     pass is `OUT_OF_RACE` times the fastest setting's keeps its fastest so far. PyTorch's own
     convolution kernels (``onednn=False``) are timed only while a setting of their precision is in
     the race after the first timed round; otherwise (and with one repeat) they are left out of
-    the result. A candidate whose
-    pass raises (an operation without a kernel for that precision, say) gets an infinite time.
+    the result. A candidate whose pass raises (an operation without a kernel for that precision,
+    say) gets an infinite time.
 
     The copies are thrown away, so `model`'s weights, gradients and batch-norm statistics are left
     untouched; torch's random generator is restored.
