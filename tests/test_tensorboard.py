@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from tests.helpers import TinyNet, TinySegNet, accuracy, fit_visuals, image_data, make, read_logged, seg_data
-from trainer import Callback, Trainer, move_to_device
+from trainer import Callback, Trainer, WarmupCosineLR, move_to_device
 from trainer.callbacks import (
     GraphCallback,
     ImageGridCallback,
@@ -57,6 +57,37 @@ def test_scalars_equal_history(tmp_path):
         *EPOCH_TAGS.values(),
     }  # nothing else, no one-point values
     assert len(event_files(tmp_path)) == 1
+
+
+def test_a_schedule_stepped_per_step_logs_its_rate_at_every_log_point(tmp_path):
+    """A warm-up over 4 of 12 steps: the learning rate at each log point (after the scheduler's
+    step), once per step where a log point ends an epoch; other tags as before."""
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rates = {}
+
+    class Rates(Callback):
+        order = 500  # after the TensorBoard callback's point
+
+        def on_batch_end(self, trainer, batch, outputs):
+            rates[trainer.global_step] = trainer.optimizer.param_groups[0]["lr"]
+
+    trainer = Trainer(
+        model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        callbacks=[TensorBoardCallback(tmp_path, every_n_steps=2), Rates()],
+        max_epochs=2,
+        device="cpu",
+        scheduler=WarmupCosineLR(optimizer, total_steps=12, warmup_steps=4),
+        scheduler_interval="step",
+    )
+    data = image_data()
+    history = trainer.fit(DataLoader(data, batch_size=4))  # 6 steps an epoch
+    events = read_logged(tmp_path).Scalars("learning rate")
+    assert [e.step for e in events] == [2, 4, 6, 8, 10, 12]
+    assert [e.value for e in events] == pytest.approx([rates[step] for step in (2, 4, 6, 8, 10, 12)])
+    assert events[0].value == pytest.approx(0.075) and events[-1].value == pytest.approx(history[-1]["lr"])
 
 
 def test_epoch_tags_of_the_scheme():

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from trainer.running import RunningLoss as RunningLoss
     from trainer.runs.lock import RunLock, RunLockedError
     from trainer.sampler import ResumableSampler
+    from trainer.schedules import WarmupCosineLR
     from trainer.trained_model import load_model
     from trainer.workers import ignore_stop_signals
 
@@ -54,6 +55,7 @@ _MODULES = {
     "EpochLoss": "trainer.epoch_loss",
     "RunningLoss": "trainer.running",
     "ResumableSampler": "trainer.sampler",
+    "WarmupCosineLR": "trainer.schedules",
     "StepOutput": "trainer.batch",
     "load_model": "trainer.trained_model",
     "ignore_stop_signals": "trainer.workers",
@@ -90,6 +92,7 @@ __all__ = [
     "TimeLimitReached",
     "Trainer",
     "TrainingInterrupted",
+    "WarmupCosineLR",
     "choose_precision",
     "ignore_stop_signals",
     "load_model",

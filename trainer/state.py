@@ -197,13 +197,17 @@ class CheckpointState:
     def _stretch_schedule(self, saved_epochs: int | None) -> None:
         # A cosine schedule over the saved run's epochs, resumed with more (or fewer) epochs, would
         # climb back up after its end; it continues instead from the current rate down to its
-        # minimum at the new last epoch (the chained cosine step follows T_max from here on).
+        # minimum at the new last epoch (the chained cosine step follows T_max from here on). A
+        # scheduler with a `stretch(scale)` method (`trainer.schedules.WarmupCosineLR`) does the same itself.
         trainer = self.trainer
         scheduler = trainer.scheduler
-        if (
+        if not saved_epochs or saved_epochs == trainer.max_epochs:
+            return
+        if callable(getattr(scheduler, "stretch", None)):
+            scheduler.stretch(trainer.max_epochs / saved_epochs)
+        elif (
             isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
             and trainer.scheduler_interval == "epoch"
-            and saved_epochs
-            and scheduler.T_max == saved_epochs != trainer.max_epochs
+            and scheduler.T_max == saved_epochs
         ):
             scheduler.T_max = trainer.max_epochs

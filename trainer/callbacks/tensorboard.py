@@ -265,8 +265,9 @@ class TensorBoardCallback(TensorBoardWriterCallback):
     - Every `every_n_steps` optimizer steps: the mean training loss since the previous point,
       under `running_loss_tag` (``Loss/training loss``; x axis: global step), and the training
       samples per second of wall time since the previous point (of all processes under
-      torchrun), under `throughput_tag`. Nothing is done between log points; the throughput
-      needs no device sync.
+      torchrun), under `throughput_tag`; with a scheduler stepped per step
+      (``scheduler_interval="step"``), the learning rate too, so its warm-up shows. Nothing is
+      done between log points; the throughput needs no device sync.
     - Every epoch end: each value of the epoch's logs at the global step, so one x axis serves
       all curves: ``loss`` as ``Loss/training (epoch mean)``, ``val_loss`` as
       ``Loss/validation``, ``val_<metric>`` as ``Validation/<metric>``, ``lr`` as
@@ -321,6 +322,7 @@ class TensorBoardCallback(TensorBoardWriterCallback):
         self.running_loss_tag = running_loss_tag
         self.throughput_tag = throughput_tag
         self._clock = (0.0, 0)  # wall time and samples trained at the last point (or the fit's start)
+        self._rate_logged_at = -1  # the global step of the last learning-rate point
         self.tags = dict(tags or {})
         self.hparams = hparams
         self.monitor, self.mode = monitor, mode
@@ -362,6 +364,10 @@ class TensorBoardCallback(TensorBoardWriterCallback):
                 rate = (added - self._clock[1]) * get_world_size() / (now - self._clock[0])
                 self._rank_zero_writer().add_scalar(self.throughput_tag, rate, trainer.global_step)
             self._clock = (now, added)
+            if trainer.scheduler is not None and trainer.scheduler_interval == "step":
+                rate = trainer.optimizer.param_groups[0]["lr"]
+                self._rank_zero_writer().add_scalar(self.tag("lr"), rate, trainer.global_step)
+                self._rate_logged_at = trainer.global_step
 
     def on_validation_end(self, trainer, logs) -> None:
         if trainer.in_step_validation:
@@ -370,6 +376,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
 
     def on_epoch_end(self, trainer, logs) -> None:
         for key, value in logs.items():
+            if key == "lr" and self._rate_logged_at == trainer.global_step:
+                continue  # the step's point holds it already
             self._rank_zero_writer().add_scalar(self.tag(key, logs), value, trainer.global_step)
 
     def metric_tags(self, keys: Sequence[str]) -> list[str]:
