@@ -367,6 +367,7 @@ class Recipe(Generic[ConfigT, PartsT]):
             device=device,
             metrics=parts.metrics,
             scheduler=parts.scheduler,
+            scheduler_interval=parts.scheduler_interval,
             precision=precision,
             channels_last=None if isinstance(precision, PrecisionChoice) else config.channels_last,
             val_every_n_steps=config.val_every,

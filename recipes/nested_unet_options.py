@@ -18,14 +18,18 @@ from trainer_datasets.segmentation_stream import DATA_MODES
 __all__ = ["build_parser"]
 
 ARCHITECTURES = ("NestedUNet", "UNet")
+#: The ``--scheduler`` choices; warmup-cosine steps after each optimizer step, the others per epoch.
+SCHEDULERS = ("warmup-cosine", "cosine", "plateau", "none")
 RUNS_ROOT = "runs/nested_unet"
 # The default run, sized for the slower kind of 2-core CPU (AVX2, no native bf16, so float32):
-# NestedUNet passes 0.90 validation IoU on the built-in data in under 3 minutes there.
-BUILTIN_TRAIN_SAMPLES = 192
+# NestedUNet passes 0.90 validation IoU on the built-in data within 90 s there, first run
+# included. 144 steps with the warm-up and per-step cosine of --scheduler warmup-cosine end at
+# 0.91-0.93 IoU over seeds and precisions; more images seen once or twice beat fewer seen often.
+BUILTIN_TRAIN_SAMPLES = 288
 BUILTIN_VAL_SAMPLES = 64
 BUILTIN_IMAGE_SIZE = 64
 DEFAULT_BATCH_SIZE = 4
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 2
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -92,10 +96,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scheduler",
-        choices=["cosine", "plateau", "none"],
-        default="cosine",
-        help="learning-rate schedule: cosine annealing over the epochs, x0.1 when the "
-        "validation loss plateaus for 2 epochs, or constant (default: %(default)s)",
+        choices=list(SCHEDULERS),
+        default="warmup-cosine",
+        help="learning-rate schedule: warmup-cosine rises over the first tenth of the steps, then "
+        "anneals to 1%% of --lr by the last step, step by step; cosine anneals epoch by epoch; "
+        "plateau multiplies it by 0.1 when the validation loss plateaus for 2 epochs; none keeps it "
+        "(default: %(default)s)",
     )
 
 
@@ -190,7 +196,7 @@ class NestedUNetConfig(RunConfig):
         lr: initial learning rate.
         weight_decay: L2 weight decay.
         optimizer: ``adam`` or ``sgd``.
-        scheduler: ``cosine``, ``plateau`` or ``none``.
+        scheduler: ``warmup-cosine``, ``cosine``, ``plateau`` or ``none``.
         image_size: square side images are resized to (None: a folder's own size).
         val_fraction: share of a folder held out for validation.
         train_samples: training images of the built-in data.

@@ -29,6 +29,8 @@ class RecipeParts:
         val_loader: validation batches (or None).
         metrics: validation metrics, as for `Trainer`.
         scheduler: a learning-rate scheduler (or None).
+        scheduler_interval: when it steps: ``"epoch"`` (at each epoch's end) or ``"step"``
+            (after each optimizer step, as `trainer.WarmupCosineLR` wants).
         data: what the checkpoints record of the data, which ``predict`` reads (see
             docs/extending.md): ``classes`` (a name per output map), ``image_size`` (the square
             side images were resized to; None: each image's own size), ``input_channels``,
@@ -44,6 +46,7 @@ class RecipeParts:
     val_loader: Any
     metrics: dict[str, Callable[[Any, Any], torch.Tensor]] = field(default_factory=dict)
     scheduler: Any = None
+    scheduler_interval: str = "epoch"
     data: dict[str, Any] = field(default_factory=dict)
 
 

@@ -22,11 +22,12 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, TensorDataset
 
+from recipes import nested_unet
 from recipes.cli import run_cli
 from tests.distributed_worker import KillAt, Killed, accuracy, tiny_problem
 from tests.helpers import tiny_args
 from tests.processes import ROOT, checkout_env
-from trainer import Callback, Trainer
+from trainer import Callback, ResumableSampler, Trainer
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import FORCE_VARIABLE, PROCESS_GROUP_TIMEOUT, end_process, init_distributed, shard_loader
@@ -336,6 +337,14 @@ def test_a_loader_built_with_a_batch_sampler_keeps_its_batches(rank_one_of_two):
     assert [b[0].tolist() for b in train] == [[3, 4], [8], [0, 1, 2]] and len(train) == 3
     val = shard_loader(loader, train=False)
     assert [b[0].tolist() for b in val] == [[3, 4], [8]] and len(val) == 2
+
+
+def test_the_recipes_schedule_counts_the_steps_of_this_ranks_shard(rank_one_of_two):
+    """The segmentation recipe's warm-up and cosine span the steps this process takes: under
+    torchrun an epoch of 40 samples in batches of 4 is 5 steps on each of 2 ranks, not 10."""
+    data = TensorDataset(torch.arange(40))
+    loader = DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=0))
+    assert nested_unet.steps_per_epoch(loader) == len(shard_loader(loader, train=True)) == 5
 
 
 def test_the_rebuilt_loader_keeps_every_setting(rank_one_of_two):

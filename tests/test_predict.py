@@ -190,7 +190,10 @@ def test_tiled_and_whole_predictions_agree(whole):
     # ...while tiles that merely abut show their zero-padded edges as seams.
     seams = (predict_image(model, image, tile=256, overlap=0) - untiled).abs()
     print(f"measured: abutting tiles: max |p| difference {seams.max():.4f}, mean {seams.mean():.6f}")
-    assert seams.max() > 50 * difference.max() and seams.mean() > 10 * difference.mean()
+    # Measured: seams 14-38x (max) and 37-48x (mean) the blended tiles' differences under native,
+    # AVX2 and default kernels with the recipe's warm-up and cosine (310x and 200x with the per-epoch
+    # cosine it had before: how far edge effects reach depends on the training).
+    assert seams.max() > 5 * difference.max() and seams.mean() > 10 * difference.mean()
 
 
 class SmallFCN(nn.Module):

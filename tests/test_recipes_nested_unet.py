@@ -15,10 +15,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes import nested_unet
-from recipes.cli import run_cli
+from recipes.cli import parse_command_line, run_cli
 from recipes.nested_unet_options import NestedUNetConfig
 from tests.helpers import tiny_args, undocumented_options
-from trainer import Trainer
+from trainer import Trainer, WarmupCosineLR
 from trainer.callbacks import ModelCheckpoint
 from trainer.callbacks.palette import class_colours
 from trainer.checkpoint import load_checkpoint
@@ -59,6 +59,29 @@ def test_tiny_run_writes_every_tag(tiny_run, capsys):
     assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
     history = load_checkpoint(tiny_run / "last.pt")["history"]
     assert [e.value for e in read(tiny_run).Scalars("Validation/IoU")] == pytest.approx([h["val_iou"] for h in history])
+
+
+def parts_of(argv):
+    """What the recipe builds for the command line `argv`."""
+    recipe = nested_unet.NestedUNetRecipe()
+    config = recipe.new_config(parse_command_line(recipe.build_parser(), argv))
+    return recipe.build(config, torch.device("cpu"))
+
+
+def test_the_default_schedule_warms_up_then_anneals_step_by_step_over_the_run():
+    parts = parts_of(tiny_args(train_samples=40, epochs=3))  # 10 steps an epoch
+    schedule = parts.scheduler
+    assert isinstance(schedule, WarmupCosineLR) and parts.scheduler_interval == "step"
+    assert (schedule.total_steps, schedule.warmup_steps) == (30, 3)
+    assert schedule.get_last_lr() == pytest.approx([3e-3 / 3])  # the first step: a third of --lr
+    per_epoch = parts_of(tiny_args(scheduler="cosine"))
+    assert isinstance(per_epoch.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert per_epoch.scheduler_interval == "epoch"
+
+
+def test_a_run_ends_at_a_hundredth_of_its_learning_rate(tiny_run):
+    history = load_checkpoint(tiny_run / "last.pt")["history"]
+    assert history[0]["lr"] > 1e-3 and history[-1]["lr"] == pytest.approx(3e-5)
 
 
 def test_summary_lines(tmp_path, capsys):
