@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import make_classification
 from trainer import Callback, ResumableSampler, Trainer
+from trainer.callbacks import ModelCheckpoint
 
 #: The segmentation recipe's quickest run: a UNet of width 4 on 8 synthetic 16x16 images (2 steps an
 #: epoch) and 4 for validation, one epoch, with float32 and contiguous tensors asked for (so no
@@ -115,6 +116,32 @@ def read(run_dir):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     return events
+
+
+class CrashAfter(Callback):
+    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
+
+    order = 200
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer, logs):
+        if trainer.epoch + 1 == self.epochs:
+            raise RuntimeError("killed")
+
+
+def scheduled_run(tmp_path, epochs, schedule, callbacks=(), resume=False, crash_after=None, **options):
+    """`make`'s classifier under ``schedule(optimizer)``, with `ModelCheckpoint` in `tmp_path`: a
+    fit from the start, killed after epoch `crash_after`, or resumed from `tmp_path`'s last.pt; the trainer."""
+    crash = [CrashAfter(crash_after)] if crash_after else []
+    callbacks = [*callbacks, ModelCheckpoint(tmp_path, monitor=None), *crash]
+    trainer, train, _ = make(callbacks, epochs=epochs, scheduler=schedule, **options)
+    try:
+        trainer.fit(train, resume_from=tmp_path / "last.pt" if resume else None)
+    except RuntimeError:
+        pass
+    return trainer
 
 
 class Validations(Callback):

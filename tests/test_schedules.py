@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers import make
+from tests.helpers import scheduled_run
 from trainer import Callback, WarmupCosineLR
-from trainer.callbacks import ModelCheckpoint
 
 
 def rates(scheduler: WarmupCosineLR, steps: int) -> list[float]:
@@ -77,33 +76,15 @@ class Rates(Callback):
         self.seen.append(trainer.optimizer.param_groups[0]["lr"])
 
 
-class CrashAfter(Callback):
-    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
-
-    order = 200
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_epoch_end(self, trainer, logs):
-        if trainer.epoch + 1 == self.epochs:
-            raise RuntimeError("killed")
-
-
 def fit(tmp_path, epochs, resume=False, crash_after=None):
     """The test helper's classifier (10 steps an epoch) under a schedule of `epochs` * 10 steps,
     stepped per step; the rate of each of its steps."""
     seen = Rates()
-    callbacks = [seen, ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
 
     def schedule(optimizer):
         return WarmupCosineLR(optimizer, total_steps=epochs * 10, warmup_steps=3, final_factor=0.01)
 
-    trainer, train, _ = make(callbacks, epochs=epochs, scheduler=schedule, scheduler_interval="step")
-    try:
-        trainer.fit(train, resume_from=tmp_path / "last.pt" if resume else None)
-    except RuntimeError:
-        pass
+    scheduled_run(tmp_path, epochs, schedule, [seen], resume, crash_after, scheduler_interval="step")
     return seen.seen
 
 

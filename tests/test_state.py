@@ -6,36 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make, make_trainer
-from trainer import Callback
+from tests.helpers import make, make_trainer, scheduled_run
 from trainer.callbacks import EarlyStopping, ModelCheckpoint
 
 
-class CrashAfter(Callback):
-    """Raises at the end of epoch `epochs`, after the checkpoint (order 100) was written."""
-
-    order = 200
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_epoch_end(self, trainer, logs):
-        if trainer.epoch + 1 == self.epochs:
-            raise RuntimeError("killed")
-
-
 def cosine_run(tmp_path, epochs, resume=False, crash_after=None):
-    callbacks = [ModelCheckpoint(tmp_path, monitor=None)] + ([CrashAfter(crash_after)] if crash_after else [])
-
     def cosine(optimizer):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01)
 
-    trainer, train, _ = make(callbacks, epochs=epochs, n=16, scheduler=cosine)
-    try:
-        trainer.fit(train, resume_from=tmp_path / "last.pt" if resume else None)
-    except RuntimeError:
-        pass
-    return trainer.history
+    return scheduled_run(tmp_path, epochs, cosine, resume=resume, crash_after=crash_after, n=16).history
 
 
 def test_early_stopped_run_resumed_trains_no_further_epoch(tmp_path):
