@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from trainer.options import positive_int
+
 __all__ = ["WarmupCosineLR"]
 
 
@@ -38,8 +40,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         final_factor: float = 0.01,
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        positive_int("total_steps", total_steps)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
             raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
         if not 0.0 <= final_factor <= 1.0:

@@ -365,8 +365,8 @@ class TensorBoardCallback(TensorBoardWriterCallback):
                 self._rank_zero_writer().add_scalar(self.throughput_tag, rate, trainer.global_step)
             self._clock = (now, added)
             if trainer.scheduler is not None and trainer.scheduler_interval == "step":
-                rate = trainer.optimizer.param_groups[0]["lr"]
-                self._rank_zero_writer().add_scalar(self.tag("lr"), rate, trainer.global_step)
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                self._rank_zero_writer().add_scalar(self.tag("lr"), lr, trainer.global_step)
                 self._rate_logged_at = trainer.global_step
 
     def on_validation_end(self, trainer, logs) -> None:
